@@ -1,0 +1,126 @@
+"""Audio I/O: read anything libsndfile reads, downmix, resample to 16 kHz; write WAV/FLAC.
+
+Internal format everywhere in speechlm: float32 mono numpy arrays at 16 kHz.
+``soundfile`` reads and writes, ``soxr`` resamples (torchaudio is not used: it
+does not import on CPU-only machines).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from .errors import AudioError
+
+SAMPLE_RATE = 16_000
+WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
+
+
+def resample(audio: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample ``audio`` of shape (T,) or (T, C) from ``sr_in`` to ``sr_out`` Hz (soxr HQ)."""
+    if sr_in == sr_out:
+        return np.asarray(audio, dtype=np.float32)
+    if sr_in <= 0:
+        raise AudioError(f"invalid sample rate {sr_in}")
+    return soxr.resample(np.asarray(audio, dtype=np.float32), sr_in, sr_out, quality="HQ").astype(np.float32)
+
+
+def load_audio(
+    path: str | os.PathLike,
+    sample_rate: int | None = SAMPLE_RATE,
+    mono: bool = True,
+    min_seconds: float = 0.0,
+) -> np.ndarray:
+    """Read an audio file as float32.
+
+    Args:
+        path: any format libsndfile reads (WAV, FLAC, OGG/Vorbis, Opus, MP3 with libsndfile >= 1.1).
+        sample_rate: resample to this rate; ``None`` keeps the file's rate.
+        mono: downmix by averaging channels.
+        min_seconds: reject files shorter than this (after resampling).
+
+    Returns:
+        ``(T,)`` when ``mono`` else ``(T, C)``.
+
+    Raises:
+        AudioError: missing, unreadable, corrupt or empty file (one-line message).
+    """
+    audio, _ = load_audio_with_rate(path, sample_rate=sample_rate, mono=mono, min_seconds=min_seconds)
+    return audio
+
+
+def load_audio_with_rate(
+    path: str | os.PathLike,
+    sample_rate: int | None = SAMPLE_RATE,
+    mono: bool = True,
+    min_seconds: float = 0.0,
+) -> tuple[np.ndarray, int]:
+    """Like :func:`load_audio` but also returns the rate of the returned array."""
+    p = Path(path)
+    if not p.exists():
+        raise AudioError(f"audio file not found: {p}")
+    if p.is_dir():
+        raise AudioError(f"expected an audio file, got a directory: {p}")
+    if p.stat().st_size == 0:
+        raise AudioError(f"audio file is empty (0 bytes): {p}")
+    try:
+        audio, sr = sf.read(str(p), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"cannot read {p} as audio (corrupt or unsupported format): {e}") from None
+    if audio.shape[0] == 0:
+        raise AudioError(f"audio file has no samples: {p}")
+    if mono:
+        audio = audio.mean(axis=1)
+    if sample_rate is not None and sr != sample_rate:
+        audio = resample(audio, sr, sample_rate)
+        sr = sample_rate
+    if not np.all(np.isfinite(audio)):
+        raise AudioError(f"audio file holds NaN or infinite samples: {p}")
+    if audio.shape[0] < min_seconds * sr:
+        raise AudioError(f"audio too short: {audio.shape[0] / sr:.3f} s < {min_seconds:.3f} s in {p}")
+    return np.ascontiguousarray(audio, dtype=np.float32), sr
+
+
+def save_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
+    """Write ``audio`` ((T,) or (T, C), float in [-1, 1]) as 16-bit PCM WAV/FLAC, atomically.
+
+    The format follows the suffix (``.wav``, ``.flac``, ``.ogg``). The file is written
+    to a temporary name first and renamed, so a killed process never leaves half a file.
+    """
+    p = Path(path)
+    fmt = WRITE_FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise AudioError(f"cannot write {p}: use one of {', '.join(WRITE_FORMATS)}")
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim not in (1, 2):
+        raise AudioError(f"audio must be (T,) or (T, C), got shape {audio.shape}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    subtype = "VORBIS" if fmt == "OGG" else "PCM_16"
+    sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+    os.replace(tmp, p)
+    return p
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    """float32 (T,) in [-1, 1] -> little-endian PCM16 bytes."""
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+def from_pcm16(data: bytes) -> np.ndarray:
+    """little-endian PCM16 bytes -> float32 (T,)."""
+    if len(data) % 2:
+        raise AudioError(f"PCM16 data must have an even number of bytes, got {len(data)}")
+    return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768.0
+
+
+def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
+    """True when the RMS level of ``audio`` is below ``threshold_db`` dBFS (or it is empty)."""
+    if audio.size == 0:
+        return True
+    rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
+    return rms <= 10 ** (threshold_db / 20)

@@ -1,0 +1,168 @@
+"""The ``speechlm`` command line: one entry point, subcommands, one-line errors.
+
+Every handler raises :class:`SpeechLMError` (or ``FileNotFoundError``) for bad input;
+``main`` prints it as ``speechlm: error: ...`` and exits 2.  ``--debug`` shows the
+traceback instead.  Heavy imports happen inside handlers so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .codec.errors import SpeechLMError
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+# --- data ---------------------------------------------------------------------------------
+
+
+def _load_items(args: argparse.Namespace) -> list[dict]:
+    from .training import textgen
+
+    if args.texts and args.builtin:
+        raise SpeechLMError("give either --texts FILE or --builtin SOURCES, not both")
+    if args.texts:
+        path = Path(args.texts)
+        if not path.is_file():
+            raise SpeechLMError(f"texts file not found: {path}")
+        try:
+            items = list(textgen.iter_text_file(path))
+        except UnicodeDecodeError:
+            raise SpeechLMError(f"texts file is not UTF-8 text: {path}") from None
+        except ValueError as e:
+            raise SpeechLMError(str(e)) from None
+        if not items:
+            raise SpeechLMError(f"texts file has no lines of text: {path}")
+        return items
+    if args.builtin:
+        items = []
+        for source in args.builtin.split(","):
+            try:
+                items += textgen.generate(source.strip(), args.count, split=args.split, seed=args.seed)
+            except ValueError as e:
+                raise SpeechLMError(str(e)) from None
+        return items
+    raise SpeechLMError("no texts: give --texts FILE or --builtin SOURCES (see --help)")
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    from .training.textgen import SOURCES, SPLITS
+
+    p.add_argument("--texts", help="text file (one utterance per line) or .jsonl with a 'text' field per line")
+    p.add_argument("--builtin", metavar="SOURCES", help=f"comma-separated built-in sources: {', '.join(SOURCES)}")
+    p.add_argument("--count", type=_positive_int, default=100, help="items per built-in source (default 100)")
+    p.add_argument("--split", choices=SPLITS, default="train", help="split of built-in texts (default train)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def cmd_data_texts(args: argparse.Namespace) -> int:
+    from .training.textgen import write_jsonl
+
+    items = _load_items(args)
+    write_jsonl(items, args.out)
+    print(f"wrote {len(items)} texts to {args.out}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from .training.synth import SynthConfig, synthesize_corpus
+    from .training.teachers import parse_voices
+
+    voices = parse_voices(args.voices)
+    items = _load_items(args)
+    config = SynthConfig(voices=voices, seed=args.seed, voices_per_text=args.voices_per_text, shard_size=args.shard_size)
+    summary = synthesize_corpus(items, args.out, config, workers=args.workers, progress=not args.quiet)
+    print(
+        f"{summary.utterances} utterances ({summary.failed} failed), {summary.hours:.4f} h of audio "
+        f"in {summary.wall_seconds:.1f} s ({summary.hours_per_minute:.3f} h/min"
+        + (f"; {summary.shards_done_before} shards already done" if summary.shards_done_before else "")
+        + f") -> {Path(args.out) / 'manifest.jsonl'}"
+    )
+    return 0
+
+
+def cmd_data_dialogues(args: argparse.Namespace) -> int:
+    from .training.dialogues import DialogueConfig, synthesize_dialogues
+    from .training.teachers import parse_voices
+
+    items = _load_items(args)
+    config = DialogueConfig(
+        user_voices=parse_voices(args.user_voices),
+        assistant_voices=parse_voices(args.assistant_voices),
+        seed=args.seed,
+        shard_size=args.shard_size,
+    )
+    summary = synthesize_dialogues(items, args.out, config, workers=args.workers, progress=not args.quiet)
+    print(f"{summary.utterances} dialogues ({summary.failed} failed), {summary.hours:.4f} h in {summary.wall_seconds:.1f} s -> {Path(args.out) / 'manifest.jsonl'}")
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="speechlm", description="Streaming interleaved speech-text language models.")
+    parser.add_argument("--version", action="version", version=f"speechlm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = sub.add_parser("data", help="synthetic data: texts, speech, dialogues").add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = data.add_parser("texts", help="write built-in or user texts (with splits) to a .jsonl")
+    _add_text_args(p)
+    p.add_argument("-o", "--out", required=True, help="output .jsonl")
+    p.set_defaults(func=cmd_data_texts)
+
+    p = data.add_parser("synth", help="texts -> speech with word timestamps (resumable, parallel)")
+    _add_text_args(p)
+    p.add_argument("--voices", required=True, help="comma-separated voices, e.g. espeak:en-us,espeak:en-gb+f3,piper:joe")
+    p.add_argument("--out", required=True, help="output directory (re-run to resume)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
+    p.add_argument("--voices-per-text", type=_positive_int, default=1, help="voices that speak each text (default 1)")
+    p.add_argument("--shard-size", type=_positive_int, default=50, help="utterances per shard (default 50)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_synth)
+
+    p = data.add_parser("dialogues", help="two-voice, two-channel dialogues with overlaps, interruptions and backchannels")
+    _add_text_args(p)
+    p.set_defaults(builtin=None)
+    p.add_argument("--user-voices", default="espeak:en-us,espeak:en-gb+f3,espeak:en-us+m3", help="voices of speaker A (channel 0)")
+    p.add_argument("--assistant-voices", default="piper:joe", help="voices of speaker B (channel 1)")
+    p.add_argument("--out", required=True, help="output directory (re-run to resume)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
+    p.add_argument("--shard-size", type=_positive_int, default=20, help="dialogues per shard (default 20)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_dialogues)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (SpeechLMError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"speechlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("speechlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

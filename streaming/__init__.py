@@ -1,0 +1,1 @@
+"""speechlm.streaming: full-duplex websocket server, scheduler, protocol and clients."""

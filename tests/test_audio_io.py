@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import soundfile as sf
+from speechlm.codec.audio import SAMPLE_RATE, from_pcm16, is_silent, load_audio, save_audio, to_pcm16
+from speechlm.codec.errors import AudioError
+
+
+def test_roundtrip_wav_and_flac(tmp_path):
+    audio = 0.5 * np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32)
+    for suffix in (".wav", ".flac"):
+        path = save_audio(tmp_path / f"a{suffix}", audio)
+        back = load_audio(path)
+        assert back.shape == audio.shape
+        assert np.abs(back - audio).max() < 1e-3
+
+
+def test_downmix_and_resample(tmp_path):
+    t = np.arange(8000) / 8000
+    stereo = np.stack([np.sin(2 * np.pi * 200 * t), np.zeros_like(t)], axis=1).astype(np.float32) * 0.5
+    sf.write(tmp_path / "s.wav", stereo, 8000)
+    out = load_audio(tmp_path / "s.wav")
+    assert out.ndim == 1 and abs(len(out) - SAMPLE_RATE) <= 1
+    assert 0.2 < np.abs(out).max() < 0.3  # averaged with the silent channel
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "not found"), (b"", "empty"), (b"this is not audio at all" * 10, "cannot read")],
+)
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.wav"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(AudioError, match=message):
+        load_audio(path)
+
+
+def test_too_short_and_unsupported_suffix(tmp_path):
+    save_audio(tmp_path / "short.wav", np.zeros(100, np.float32))
+    with pytest.raises(AudioError, match="too short"):
+        load_audio(tmp_path / "short.wav", min_seconds=0.5)
+    with pytest.raises(AudioError, match="cannot write"):
+        save_audio(tmp_path / "x.mp4", np.zeros(10, np.float32))
+
+
+def test_pcm16_and_silence():
+    x = np.array([0.0, 0.5, -0.5, 1.0], np.float32)
+    assert np.abs(from_pcm16(to_pcm16(x)) - x).max() < 1e-4
+    with pytest.raises(AudioError):
+        from_pcm16(b"abc")
+    assert is_silent(np.zeros(100, np.float32)) and not is_silent(x)

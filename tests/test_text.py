@@ -1,0 +1,47 @@
+from speechlm.training import textgen
+from speechlm.training.textnorm import normalize_text, number_to_words, ordinal_to_words, spoken_words
+
+
+def test_numbers():
+    assert number_to_words(0) == "zero"
+    assert number_to_words(412) == "four hundred twelve"
+    assert number_to_words(1_000_001) == "one million one"
+    assert ordinal_to_words(21) == "twenty first" and ordinal_to_words(40) == "fortieth" and ordinal_to_words(12) == "twelfth"
+
+
+def test_normalize():
+    assert normalize_text("At 3:05 pay $12.50, 1,000 or 15%.") == "At three oh five pay twelve dollars and fifty cents, one thousand or fifteen percent."
+    assert spoken_words(normalize_text("Don't stop at the 2nd x-ray!")) == ["Don't", "stop", "at", "the", "second", "x", "ray"]
+
+
+def test_generators_deterministic_and_split():
+    for source in textgen.SOURCES:
+        a = textgen.generate(source, 20, split="train", seed=3)
+        b = textgen.generate(source, 20, split="train", seed=3)
+        assert a == b and len(a) == 20
+        test = textgen.generate(source, 10, split="test", seed=3)
+        assert test and not {x["text"] for x in a} & {x["text"] for x in test}
+        assert all(textgen.text_split(x["text"]) == "test" for x in test)
+        assert all(not any(ch.isdigit() for ch in x["text"]) for x in a + test), "built-in texts are spoken form"
+
+
+def test_qa_items_have_answers():
+    for item in textgen.generate("arithmetic", 30) + textgen.generate("facts", 30):
+        assert item["answer_value"].lower() in item["answer"].lower()
+    for item in textgen.generate("dialogues", 5):
+        assert [s for s, _ in item["turns"]][:2] == ["A", "B"]
+
+
+def test_voice_split():
+    assert textgen.voice_split("espeak:en-us") == "train"
+    assert textgen.voice_split("espeak:en-gb+f4") == "test"
+    assert textgen.voice_split("espeak:en-029+m2") == "test"
+    assert textgen.voice_split("piper:joe") == "train"
+
+
+def test_user_text_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("Hello there.\n\n  Second line.  \n")
+    items = list(textgen.iter_text_file(p))
+    assert [i["text"] for i in items] == ["Hello there.", "Second line."]
+    assert len({i["id"] for i in items}) == 2

@@ -1,0 +1,1 @@
+"""speechlm.training: synthetic data, interleaving, datasets and training loops."""

@@ -1,0 +1,260 @@
+"""Built-in text sources for synthetic speech, with deterministic held-out splits.
+
+Each source is a generator of *items* (dicts with at least ``text``; QA sources add
+``answer``; dialogues add ``turns``).  Every item belongs to a split decided by a
+stable hash of its normalised text, so a sentence never changes sides between runs
+and "unseen text" means the same thing to every later benchmark.
+
+Voices are split the same way (:func:`voice_split`): a fixed list of espeak-ng
+variants is held out of training, so benchmarks can report on unseen voices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .textnorm import normalize_text, number_to_words, ordinal_to_words
+
+SPLITS = ("train", "valid", "test")
+# Percent of the hash space given to each held-out split.
+_HELDOUT_PERCENT = {"valid": 5, "test": 10}
+
+
+def stable_hash(text: str) -> int:
+    """A hash of ``text`` that is the same on every machine and Python run."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8")).digest()[:8], "big")
+
+
+def text_split(text: str) -> str:
+    """'train', 'valid' or 'test' for a text (by hash of its lower-cased normalised form)."""
+    bucket = stable_hash(normalize_text(text).lower()) % 100
+    if bucket < _HELDOUT_PERCENT["test"]:
+        return "test"
+    if bucket < _HELDOUT_PERCENT["test"] + _HELDOUT_PERCENT["valid"]:
+        return "valid"
+    return "train"
+
+
+# espeak-ng variants that never appear in training data (unseen voices for benchmarks).
+HELDOUT_ESPEAK_VARIANTS = frozenset({"f4", "m7", "klatt3", "Annie", "edward", "Michael", "steph2", "zac"})
+HELDOUT_ESPEAK_LANGUAGES = frozenset({"en-029"})
+
+
+def voice_split(voice: str) -> str:
+    """'train' or 'test' for a voice spec such as ``espeak:en-gb+f4`` or ``piper:joe``."""
+    backend, _, name = voice.partition(":")
+    if backend == "espeak":
+        language, _, variant = name.partition("+")
+        variant = variant.split("/")[0]
+        if variant in HELDOUT_ESPEAK_VARIANTS or language in HELDOUT_ESPEAK_LANGUAGES:
+            return "test"
+    return "train"
+
+
+# --- word lists ---------------------------------------------------------------------------
+
+_NAMES = "Anna Ben Carla David Emma Frank Grace Henry Isla Jack Kate Leo Maya Noah Olivia Paul Quinn Rosa Sam Tara Uma Victor Wendy Yusuf Zoe".split()
+_OBJECTS = "book cup phone key lamp chair bag coat ticket letter box bottle pen clock map jacket umbrella basket plate candle".split()
+_PLACES = "kitchen garden office station library market park school bridge beach hospital museum bakery garage hallway".split()
+_COLORS = "red blue green yellow black white orange purple brown grey".split()
+_ADJECTIVES = "small big old new heavy light warm cold quiet bright".split()
+_VERBS_PAST = "found lost moved opened closed painted carried cleaned bought sold borrowed dropped".split()
+_TIMES_OF_DAY = "this morning|last night|yesterday|on Sunday|after lunch|before dinner|at noon|today".split("|")
+_MONTHS = "January February March April May June July August September October November December".split()
+_WEEKDAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+_DEVICES = "lights|heater|fan|music|television|radio|oven|alarm".split("|")
+_ROOMS = "kitchen|bedroom|living room|bathroom|office|garage|hall".split("|")
+
+_CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
+    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
+    "Greece": "Athens", "Ireland": "Dublin", "Portugal": "Lisbon", "Austria": "Vienna", "Poland": "Warsaw",
+    "Russia": "Moscow", "China": "Beijing", "India": "New Delhi", "Mexico": "Mexico City", "Chile": "Santiago",
+    "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Cuba": "Havana", "Thailand": "Bangkok",
+}
+_ANIMAL_SOUNDS = {"dog": "barks", "cat": "meows", "cow": "moos", "duck": "quacks", "lion": "roars", "sheep": "bleats", "horse": "neighs", "owl": "hoots", "snake": "hisses", "bee": "buzzes"}
+_OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "happy": "sad", "early": "late", "open": "closed", "light": "dark", "full": "empty", "old": "young", "loud": "quiet", "wet": "dry"}
+_COLORS_OF = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black", "a tomato": "red", "an orange": "orange", "chocolate": "brown"}
+_COUNTS = {"days in a week": 7, "months in a year": 12, "hours in a day": 24, "minutes in an hour": 60, "legs on a spider": 8, "legs on a dog": 4, "sides on a triangle": 3, "wheels on a bicycle": 2, "days in a leap year": 366, "seconds in a minute": 60}
+_BACKCHANNELS = ["mm-hm", "yeah", "right", "okay", "uh-huh", "I see", "sure"]
+
+
+def _numbers(rng: random.Random) -> dict:
+    n = rng.choice([rng.randint(0, 20), rng.randint(21, 999), rng.randint(1000, 99999)])
+    template = rng.choice([
+        "The number is {n}.", "I counted {n} of them.", "Please enter {n}.", "Room {n} is on the left.",
+        "There were {n} people at the meeting.", "It costs {n} dollars.", "Your code is {n}.", "We drove {n} miles.",
+    ])
+    return {"text": template.format(n=number_to_words(n))}
+
+
+def _dates_times(rng: random.Random) -> dict:
+    kind = rng.randrange(3)
+    if kind == 0:
+        day = ordinal_to_words(rng.randint(1, 28))
+        text = rng.choice(["The meeting is on {m} {d}.", "My birthday is {m} {d}.", "We leave on {w}, {m} {d}.", "The shop opens again on {m} {d}."]).format(
+            m=rng.choice(_MONTHS), d=day, w=rng.choice(_WEEKDAYS))
+    elif kind == 1:
+        hour, minute = rng.randint(1, 12), rng.choice([0, 5, 10, 15, 20, 30, 40, 45, 50])
+        spoken = number_to_words(hour) + (" o'clock" if minute == 0 else (" oh " if minute < 10 else " ") + number_to_words(minute))
+        text = rng.choice(["It is {t}.", "The train leaves at {t}.", "Wake me up at {t}.", "The film starts at {t} tonight.", "Lunch is at {t}."]).format(t=spoken)
+    else:
+        year = rng.randint(1900, 2030)
+        spoken = number_to_words(year // 100) + " " + ("hundred" if year % 100 == 0 else ("oh " if year % 100 < 10 else "") + number_to_words(year % 100))
+        text = rng.choice(["She was born in {y}.", "The house was built in {y}.", "That happened in {y}."]).format(y=spoken)
+    return {"text": text}
+
+
+def _arithmetic(rng: random.Random) -> dict:
+    op = rng.choice(["plus", "minus", "times"])
+    if op == "plus":
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        c = a + b
+    elif op == "minus":
+        a = rng.randint(0, 60)
+        b = rng.randint(0, a)
+        c = a - b
+    else:
+        a, b = rng.randint(0, 12), rng.randint(0, 12)
+        c = a * b
+    aw, bw, cw = number_to_words(a), number_to_words(b), number_to_words(c)
+    question = rng.choice(["What is {a} {op} {b}?", "How much is {a} {op} {b}?", "Can you tell me what {a} {op} {b} is?"]).format(a=aw, op=op, b=bw)
+    answer = rng.choice(["{a} {op} {b} is {c}.", "The answer is {c}.", "It is {c}."]).format(a=aw.capitalize(), op=op, b=bw, c=cw)
+    return {"text": question, "answer": answer, "answer_value": cw}
+
+
+def _facts(rng: random.Random) -> dict:
+    kind = rng.randrange(5)
+    if kind == 0:
+        country = rng.choice(sorted(_CAPITALS))
+        city = _CAPITALS[country]
+        q, a, v = f"What is the capital of {country}?", f"The capital of {country} is {city}.", city
+    elif kind == 1:
+        animal = rng.choice(sorted(_ANIMAL_SOUNDS))
+        q, a, v = f"What sound does a {animal} make?", f"A {animal} {_ANIMAL_SOUNDS[animal]}.", _ANIMAL_SOUNDS[animal]
+    elif kind == 2:
+        word = rng.choice(sorted(_OPPOSITES))
+        q, a, v = f"What is the opposite of {word}?", f"The opposite of {word} is {_OPPOSITES[word]}.", _OPPOSITES[word]
+    elif kind == 3:
+        thing = rng.choice(sorted(_COLORS_OF))
+        q, a, v = f"What color is {thing}?", f"{thing[0].upper() + thing[1:]} is {_COLORS_OF[thing]}.", _COLORS_OF[thing]
+    else:
+        what = rng.choice(sorted(_COUNTS))
+        n = number_to_words(_COUNTS[what])
+        q, a, v = f"How many {what} are there?", f"There are {n} {what}.", n
+    return {"text": q, "answer": a, "answer_value": v}
+
+
+def _everyday(rng: random.Random) -> dict:
+    name, other = rng.sample(_NAMES, 2)
+    obj, place = rng.choice(_OBJECTS), rng.choice(_PLACES)
+    text = rng.choice([
+        "{name} {verb} the {adj} {obj} in the {place} {time}.",
+        "Have you seen my {color} {obj}? I left it in the {place}.",
+        "{name} and {other} walked to the {place} {time}.",
+        "The {obj} on the table belongs to {name}.",
+        "I think the {place} closes early {time}.",
+        "{name} asked {other} to bring a {color} {obj}.",
+        "Could you put the {obj} back in the {place}, please?",
+        "It was a {adj} day, so we stayed near the {place}.",
+        "{name} said the {obj} was too {adj} to carry.",
+        "We met {other} outside the {place} {time}.",
+    ]).format(name=name, other=other, verb=rng.choice(_VERBS_PAST), adj=rng.choice(_ADJECTIVES), obj=obj,
+              place=place, time=rng.choice(_TIMES_OF_DAY), color=rng.choice(_COLORS))
+    return {"text": text}
+
+
+def _commands(rng: random.Random) -> dict:
+    text = rng.choice([
+        "Turn on the {room} {device}.", "Turn off the {device} in the {room}.", "Set a timer for {n} minutes.",
+        "Remind me to call {name} at {h} o'clock.", "Play some quiet music in the {room}.", "Add a {obj} to my shopping list.",
+        "Open the {room} door.", "Call {name} back in {n} minutes.", "Turn the {device} up a little.", "Cancel my alarm for tomorrow.",
+    ]).format(room=rng.choice(_ROOMS), device=rng.choice(_DEVICES), n=number_to_words(rng.randint(1, 45)),
+              name=rng.choice(_NAMES), h=number_to_words(rng.randint(1, 12)), obj=rng.choice(_OBJECTS))
+    return {"text": text}
+
+
+def _dialogues(rng: random.Random) -> dict:
+    """A short two-person exchange: A asks or says something, B answers, maybe a follow-up."""
+    name = rng.choice(_NAMES)
+    opener = rng.choice(["Hi {n}.", "Hello there.", "Good morning.", "Hey, do you have a minute?", "Excuse me."]).format(n=name)
+    reply = rng.choice(["Hi, how can I help?", "Sure, what is it?", "Good morning to you too.", "Yes, go ahead."])
+    qa = rng.choice([_arithmetic, _facts])(rng)
+    turns = [["A", opener], ["B", reply], ["A", qa["text"]], ["B", qa["answer"]]]
+    if rng.random() < 0.5:
+        turns += [["A", rng.choice(["Thanks a lot.", "Great, thank you.", "Perfect, thanks."])], ["B", rng.choice(["You're welcome.", "Any time.", "Glad to help."])]]
+    return {"text": " ".join(t for _, t in turns), "turns": turns, "answer_value": qa["answer_value"]}
+
+
+SOURCES: dict[str, Callable[[random.Random], dict]] = {
+    "numbers": _numbers,
+    "dates_times": _dates_times,
+    "arithmetic": _arithmetic,
+    "facts": _facts,
+    "everyday": _everyday,
+    "commands": _commands,
+    "dialogues": _dialogues,
+}
+
+
+def generate(source: str, count: int, split: str = "train", seed: int = 0, max_tries_per_item: int = 200) -> list[dict]:
+    """``count`` distinct items of ``source`` in ``split`` (fewer if the source runs dry).
+
+    Deterministic for (source, count, split, seed). Each item gets ``id``, ``source``
+    and ``split`` fields.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown text source {source!r}; choose from {', '.join(SOURCES)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    rng = random.Random(f"{source}:{seed}")
+    seen: set[str] = set()
+    items: list[dict] = []
+    tries = 0
+    while len(items) < count and tries < count * max_tries_per_item:
+        tries += 1
+        item = SOURCES[source](rng)
+        key = item["text"].lower()
+        if key in seen or text_split(item["text"]) != split:
+            continue
+        seen.add(key)
+        item.update(id=f"{source}-{split}-{stable_hash(key) % 10**10:010d}", source=source, split=split)
+        items.append(item)
+    return items
+
+
+def iter_text_file(path: str | Path) -> Iterator[dict]:
+    """Items from a user file: ``.jsonl`` (objects with ``text``) or plain text (one per line).
+
+    Blank lines are skipped; ids default to a hash of the text; extra JSON fields pass through.
+    """
+    p = Path(path)
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if p.suffix == ".jsonl":
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                    raise ValueError(f"{p}:{lineno}: expected an object with a 'text' string")
+            else:
+                item = {"text": line}
+            item.setdefault("id", f"utt-{stable_hash(item['text']) % 10**10:010d}")
+            item.setdefault("split", text_split(item["text"]))
+            yield item
+
+
+def write_jsonl(items: list[dict], path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with p.open("w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
