@@ -75,6 +75,14 @@ def cmd_data_texts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_voices(args: argparse.Namespace) -> int:
+    from .training.textgen import voice_catalog
+
+    voices = voice_catalog(args.split, tuple(args.backends.split(",")))
+    print(",".join(voices) if args.comma else "\n".join(voices))
+    return 0
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from .training.synth import SynthConfig, synthesize_corpus
     from .training.teachers import parse_voices
@@ -125,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(p)
     p.add_argument("-o", "--out", required=True, help="output .jsonl")
     p.set_defaults(func=cmd_data_texts)
+
+    p = data.add_parser("voices", help="list the voice catalogue (train voices, or held-out test voices)")
+    p.add_argument("--split", choices=["train", "test"], help="only voices of this split")
+    p.add_argument("--backends", default="espeak,piper", help="comma-separated: espeak,piper")
+    p.add_argument("--comma", action="store_true", help="one comma-separated line (to pass to --voices)")
+    p.set_defaults(func=cmd_data_voices)
 
     p = data.add_parser("synth", help="texts -> speech with word timestamps (resumable, parallel)")
     _add_text_args(p)

@@ -55,6 +55,25 @@ def voice_split(voice: str) -> str:
     return "train"
 
 
+# English espeak-ng languages and variants that make up the voice catalogue.
+ESPEAK_LANGUAGES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc", "en-029")
+ESPEAK_VARIANTS = (
+    "", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "klatt2", "klatt3",
+    "Andy", "Annie", "Denis", "Gene", "Lee", "Mike", "Michael", "Storm", "adam", "anika", "benjamin", "david",
+    "edward", "john", "linda", "max", "paul", "robert", "steph", "steph2", "travis", "victor", "zac",
+)
+
+
+def voice_catalog(split: str | None = None, backends: tuple[str, ...] = ("espeak", "piper")) -> list[str]:
+    """Voice specs of the catalogue (espeak languages x variants, and Piper), optionally of one split."""
+    voices = []
+    if "espeak" in backends:
+        voices += [f"espeak:{lang}" + (f"+{v}" if v else "") for lang in ESPEAK_LANGUAGES for v in ESPEAK_VARIANTS]
+    if "piper" in backends:
+        voices += ["piper:joe"]
+    return [v for v in voices if split is None or voice_split(v) == split]
+
+
 # --- word lists ---------------------------------------------------------------------------
 
 _NAMES = "Anna Ben Carla David Emma Frank Grace Henry Isla Jack Kate Leo Maya Noah Olivia Paul Quinn Rosa Sam Tara Uma Victor Wendy Yusuf Zoe".split()
