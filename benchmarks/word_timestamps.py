@@ -18,7 +18,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-
 from speechlm.training.teachers import get_teacher
 from speechlm.training.textgen import generate
 

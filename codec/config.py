@@ -67,11 +67,11 @@ class CodecConfig:
     encoder_stft_dim: int = 128
     encoder_stft_blocks: int = 2
     encoder_frame_dim: int = 256
-    encoder_frame_blocks: int = 2
-    latent_dim: int = 128
+    encoder_frame_blocks: int = 1
+    latent_dim: int = 64  # 32 per group: small codebook vectors keep the per-frame search cheap
     # Decoder: frame-rate blocks -> upsample to STFT rate -> STFT-rate blocks -> log-magnitude + phase.
     decoder_frame_dim: int = 256
-    decoder_frame_blocks: int = 4
+    decoder_frame_blocks: int = 2
     decoder_stft_dim: int = 128
     decoder_stft_blocks: int = 2
     # Group-residual VQ.

