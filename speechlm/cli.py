@@ -116,6 +116,16 @@ def cmd_data_dialogues(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenize(args: argparse.Namespace) -> int:
+    from .training.tokenize import tokenize_corpus
+
+    codec = _load_codec(args.codec)
+    s = tokenize_corpus(args.corpus, args.out, codec, args.codec, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"{s.utterances} utterances, {s.frames} frames ({s.frames / codec.config.frame_rate / 3600:.3f} h)"
+          + (f"; {s.chunks_done_before} chunks already done" if s.chunks_done_before else "") + f" -> {Path(args.out) / 'index.jsonl'}")
+    return 0
+
+
 # --- codec --------------------------------------------------------------------------------
 
 DEFAULT_CODEC = "codec-16k"
@@ -266,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=_positive_int, default=20, help="dialogues per shard (default 20)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_dialogues)
+
+    p = data.add_parser("tokenize", help="a synth or dialogue corpus -> codec tokens for LM training (resumable)")
+    p.add_argument("corpus", help="directory with manifest.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--codec", default=DEFAULT_CODEC, help=f"codec directory or shipped name (default {DEFAULT_CODEC})")
+    p.add_argument("--chunk-size", type=_positive_int, default=500, help="utterances per codes file")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_data_tokenize)
 
     codec = sub.add_parser("codec", help="the GRVQ speech codec: encode, decode, roundtrip, eval").add_subparsers(dest="codec_command", metavar="SUBCOMMAND", required=True)
     model_help = f"codec directory or shipped name (default {DEFAULT_CODEC})"
