@@ -113,3 +113,35 @@ class MultiResolutionSTFTLoss(nn.Module):
             log_magnitude = F.l1_loss(mag_recon.clamp(min=self.log_floor).log(), mag_target.clamp(min=self.log_floor).log())
             total = total + spectral_convergence + log_magnitude
         return total / len(self.stfts)
+
+
+def _phase_distance(a: Tensor, b: Tensor, floor: float = 1e-4) -> Tensor:
+    """1 - cos(angle(a) - angle(b)) for complex tensors, without atan2 (whose gradient explodes near 0)."""
+    return 1 - (a * b.conj()).real / (a.abs().clamp(min=floor) * b.abs().clamp(min=floor))
+
+
+class PhaseLoss(nn.Module):
+    """Phase losses after APNet, weighted by the target's magnitude.
+
+    Instantaneous phase, group delay (phase difference between neighbouring frequency bins)
+    and instantaneous frequency (difference between neighbouring frames), each measured as
+    1 - cos(phase error), which is smooth and needs no unwrapping.  The spectral losses see
+    only magnitudes, so without this an iSTFT decoder's phase is supervised by nothing but
+    the discriminator; the weight (target magnitude / its mean) ignores near-silent bins.
+    """
+
+    def __init__(self, n_fft: int = 320, hop_length: int = 160):
+        super().__init__()
+        self.n_fft, self.hop_length = n_fft, hop_length
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    def forward(self, recon: Tensor, target: Tensor) -> Tensor:
+        """recon, target: (B, T) -> scalar."""
+        r = torch.stft(recon, self.n_fft, self.hop_length, window=self.window, return_complex=True)  # (B, F, N)
+        t = torch.stft(target, self.n_fft, self.hop_length, window=self.window, return_complex=True)
+        w = t.abs()
+        w = (w / w.mean(dim=(1, 2), keepdim=True).clamp(min=1e-5)).detach()
+        ip = (w * _phase_distance(r, t)).mean()
+        gd = (w[:, 1:] * _phase_distance(r[:, 1:] * r[:, :-1].conj(), t[:, 1:] * t[:, :-1].conj())).mean()
+        iaf = (w[:, :, 1:] * _phase_distance(r[:, :, 1:] * r[:, :, :-1].conj(), t[:, :, 1:] * t[:, :, :-1].conj())).mean()
+        return ip + gd + iaf

@@ -212,7 +212,7 @@ def cmd_train_codec(args: argparse.Namespace) -> int:
             raise SpeechLMError(f"--codec-config is neither a JSON file nor JSON: {e}") from None
     config = CodecTrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, crop_seconds=args.crop_seconds, lr=args.lr,
-        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, checkpoint_every=args.checkpoint_every,
+        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, phase_weight=args.phase_weight, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads, codec=overrides,
     )
     trainer = CodecTrainer(config)
@@ -315,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--unquantized-steps", type=int, default=300, help="autoencoder warm-up before the VQ")
     p.add_argument("--disc-start", type=int, default=3000, help="step at which the adversarial losses start")
+    p.add_argument("--phase-weight", type=float, default=1.0, help="weight of the APNet-style phase losses (0 = off)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=500)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--codec-config", help="JSON (or a JSON file) of CodecConfig overrides")

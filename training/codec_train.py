@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..codec.config import CodecConfig
 from ..codec.discriminator import MultiResolutionSTFTDiscriminator, discriminator_loss, feature_matching_loss, generator_adversarial_loss
 from ..codec.errors import SpeechLMError
-from ..codec.losses import MultiResolutionMelLoss, MultiResolutionSTFTLoss
+from ..codec.losses import MultiResolutionMelLoss, MultiResolutionSTFTLoss, PhaseLoss
 from ..codec.model import Codec
 from .audio_data import AudioPool
 
@@ -52,6 +52,7 @@ class CodecTrainConfig:
     disc_start: int = 3000
     mel_weight: float = 1.0
     stft_weight: float = 1.0
+    phase_weight: float = 0.0  # APNet-style phase losses (PhaseLoss); 0 = off
     disc_batch: int = 4  # crops of the batch the discriminator sees (it dominates step time on a CPU)
     adv_weight: float = 0.1
     feature_weight: float = 1.0
@@ -113,6 +114,7 @@ class CodecTrainer:
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=config.disc_lr, betas=(0.8, 0.99), weight_decay=0.0)
         self.mel_loss = MultiResolutionMelLoss(sample_rate=self.codec.sample_rate)
         self.stft_loss = MultiResolutionSTFTLoss()
+        self.phase_loss = PhaseLoss(self.codec.config.n_fft, self.codec.config.hop_length)
         self.step = 0
         self.crop = int(config.crop_seconds * self.codec.sample_rate) // self.codec.frame_length * self.codec.frame_length
         if self.crop <= 0:
@@ -184,6 +186,10 @@ class CodecTrainer:
         commit = vq_losses["commitment"]
         g_loss = c.mel_weight * mel + c.stft_weight * stft + commit
         log = {"mel": mel.item(), "stft": stft.item(), "commitment": commit.item()}
+        if c.phase_weight > 0:
+            phase = self.phase_loss(recon, wav)
+            g_loss = g_loss + c.phase_weight * phase
+            log["phase"] = phase.item()
         n_disc = max(1, c.disc_batch // self.world_size)
         if adversarial:
             self.disc.requires_grad_(False)
