@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from speechlm.codec.audio import load_audio, resample
 from speechlm.codec.compress import decode_codes, encode_audio
 from speechlm.codec.metrics import all_metrics

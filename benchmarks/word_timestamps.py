@@ -18,6 +18,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+
 from speechlm.training.teachers import get_teacher
 from speechlm.training.textgen import generate
 

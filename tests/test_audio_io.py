@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import soundfile as sf
+
 from speechlm.codec.audio import SAMPLE_RATE, from_pcm16, is_silent, load_audio, save_audio, to_pcm16
 from speechlm.codec.errors import AudioError
 

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import soundfile as sf
+
 from speechlm.codec.audio import save_audio
 from speechlm.codec.config import CodecConfig
 from speechlm.codec.model import Codec

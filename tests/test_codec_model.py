@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from speechlm.codec.config import CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.losses import MultiResolutionMelLoss, MultiResolutionSTFTLoss, hz_to_mel, mel_filterbank, mel_to_hz

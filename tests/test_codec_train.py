@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from speechlm.codec.audio import save_audio
 from speechlm.codec.model import Codec
 from speechlm.training.codec_train import CodecTrainConfig, CodecTrainer

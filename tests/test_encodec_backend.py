@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from speechlm.codec import encodec_backend
 from speechlm.codec.errors import SpeechLMError
 

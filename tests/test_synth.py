@@ -6,6 +6,7 @@ import random
 import numpy as np
 import pytest
 import soundfile as sf
+
 from speechlm.training.dialogues import DialogueConfig, synthesize_dialogues
 from speechlm.training.synth import SynthConfig, read_manifest, synthesize_corpus
 from speechlm.training.teachers import get_teacher

@@ -2,6 +2,7 @@
 
 import numpy as np
 import torch
+
 from speechlm.codec.audio import load_audio
 from speechlm.codec.config import CodecConfig
 from speechlm.codec.model import Codec
