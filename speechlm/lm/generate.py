@@ -1,0 +1,471 @@
+"""Decoding: batched, KV-cached generation of text tokens and audio frames, with MCTP.
+
+The pieces, bottom up:
+
+``Sampling`` / ``sample_logits``
+    temperature (0 = greedy), top-k, top-p, repetition penalty (text only); a seed makes a
+    run repeatable (one ``torch.Generator`` per call).
+``PromptBatch``
+    left-padded prompts: token ids, and the codes of the prompt's audio positions (the
+    positions holding ``<|audio|>``).
+``Decoder``
+    the incremental state of one batch: every *known* position's input embedding (fed to the
+    backbone, or predicted and waiting to be fed), the backbone's ``DynamicCache``, and per
+    MCTP module its KV caches and the hidden states of the level below that it has not read
+    yet. ``backbone_step`` feeds all waiting positions in one forward; ``mctp_step(j)`` runs
+    module j. ``use_cache=False`` recomputes everything from scratch at every step (the
+    reference that cached decoding must equal).
+``iter_audio`` / ``tts_frames``
+    one speech segment after the prompt (which should end with ``<|speech_start|>``). Each
+    *step* = one backbone forward over the frames of the previous step, which predicts the
+    frame at offset 1, then ``schedule[step]`` MCTP modules, module j predicting offset j + 1.
+    So with N modules the very first backbone forward after the prompt already yields N + 1
+    frames (positions). A row ends when codebook 0 predicts the empty code (or at
+    ``max_frames``); with the delay pattern its remaining delayed codebooks are flushed first.
+``iter_text`` / ``text_generate``
+    text tokens until a stop token or ``max_new_tokens``.
+
+All rows of a batch advance in lock-step; finished rows keep computing (their outputs
+forced to padding / empty codes) until every row is done.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from speechlm.codec.errors import SpeechLMError
+
+from .layers import KVCache
+from .model import SpeechLM, check_codes, check_token_ids
+
+# -- sampling -------------------------------------------------------------------------------
+
+
+@dataclass
+class Sampling:
+    """How logits become tokens. ``temperature=0`` is greedy (top-k/top-p then do nothing)."""
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (text only)
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
+            raise SpeechLMError(
+                f"bad sampling parameters: temperature {self.temperature} (>= 0), top_k {self.top_k} (>= 0), "
+                f"top_p {self.top_p} (in (0, 1]), repetition_penalty {self.repetition_penalty} (> 0)"
+            )
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+def sample_logits(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, V) -> ids (B,)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k > 0 and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL-style: divide positive / multiply negative logits of ``seen`` (B, V) bool tokens by ``penalty``."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seed))
+    return generator
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts. ``audio_codes`` hold the empty code at non-audio positions."""
+
+    input_ids: Tensor  # (B, L)
+    audio_codes: Tensor  # (B, L, Q)
+    audio_mask: Tensor  # (B, L) bool
+    attention_mask: Tensor  # (B, L) bool, False at left padding
+
+    @classmethod
+    def build(cls, model: SpeechLM, input_ids, audio_codes: Sequence[Tensor | None] | None = None) -> PromptBatch:
+        """``input_ids``: one sequence of ints or a list of them (or a (B, L) tensor without padding).
+        ``audio_codes``: per row, the codes of its ``<|audio|>`` positions in order, (A, Q) in the
+        model's layout (see ``SpeechLM.audio_layout``), or None for a row without audio."""
+        rows = _as_rows(input_ids)
+        if not rows:
+            raise SpeechLMError("no prompts given")
+        if audio_codes is None or isinstance(audio_codes, Tensor) and audio_codes.ndim == 2 and len(rows) == 1:
+            audio_codes = [audio_codes] if isinstance(audio_codes, Tensor) else [None] * len(rows)
+        if len(audio_codes) != len(rows):
+            raise SpeechLMError(f"got {len(rows)} prompts but audio codes for {len(audio_codes)}")
+        cfg, device = model.config, model.device
+        B, L = len(rows), max(len(r) for r in rows)
+        ids = torch.full((B, L), model.vocab.pad, dtype=torch.long)
+        codes = torch.full((B, L, cfg.num_codebooks), cfg.empty_code, dtype=torch.long)
+        attention = torch.zeros(B, L, dtype=torch.bool)
+        for b, (row, row_codes) in enumerate(zip(rows, audio_codes)):
+            if not row:
+                raise SpeechLMError(f"prompt {b} is empty")
+            ids[b, L - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention[b, L - len(row) :] = True
+            where_audio = (ids[b] == model.vocab.audio) & attention[b]
+            count = int(where_audio.sum())
+            if row_codes is None:
+                if count:
+                    raise SpeechLMError(f"prompt {b} has {count} audio positions but no audio codes")
+                continue
+            check_codes(row_codes, cfg, leading=(count,))
+            codes[b, where_audio] = row_codes.long().cpu()
+        check_token_ids(ids, model.backbone.get_input_embeddings().weight.shape[0])
+        audio_mask = (ids == model.vocab.audio) & attention
+        return cls(ids.to(device), codes.to(device), audio_mask.to(device), attention.to(device))
+
+
+def _as_rows(input_ids) -> list[list[int]]:
+    if isinstance(input_ids, Tensor):
+        if input_ids.ndim == 1:
+            return [input_ids.tolist()]
+        if input_ids.ndim == 2:
+            return input_ids.tolist()
+        raise SpeechLMError(f"prompt ids must be 1-D or 2-D, got shape {tuple(input_ids.shape)}")
+    rows = list(input_ids)
+    if rows and all(isinstance(x, int) for x in rows):
+        return [rows]
+    return [list(r) for r in rows]
+
+
+def speech_segment(model: SpeechLM, frames: Tensor) -> tuple[list[int], Tensor]:
+    """Frames (F, Q) -> (token ids ``<|speech_start|> <|audio|> x P <|speech_end|>``, codes (P, Q)):
+    a speech segment to put in a prompt (P = F, or F + max delay for the delay pattern)."""
+    check_codes(frames, model.config, leading=(frames.shape[0] if isinstance(frames, Tensor) else 0,))
+    layout = model.audio_layout(frames.long())
+    v = model.vocab
+    return [v.speech_start, *([v.audio] * layout.shape[0]), v.speech_end], layout
+
+
+# -- incremental state --------------------------------------------------------------------------
+
+
+@dataclass
+class Decoder:
+    """Incremental decoding state of one batch (see the module docstring)."""
+
+    model: SpeechLM = field(repr=False)
+    known_embeds: Tensor  # (B, K, D)
+    known_valid: Tensor  # (B, K) bool, False at left padding
+    known_positions: Tensor  # (B, K) rotary positions
+    use_cache: bool = True
+    padded: bool = True  # some prompt has left padding (else the MCTP blocks skip their padding masks)
+    backbone_forwards: int = 0
+    fed: int = 0
+    cache: object = None
+    mctp_caches: list[list[KVCache]] = field(default_factory=list)
+    mctp_done: list[int] = field(default_factory=list)  # positions each module has processed
+    mctp_pending: list[Tensor | None] = field(default_factory=list)  # level-below hidden states it has not read
+
+    @classmethod
+    def start(cls, model: SpeechLM, prompt: PromptBatch, *, use_cache: bool = True) -> Decoder:
+        embeds = model.embed(prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
+        positions = (prompt.attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        padded = not bool(prompt.attention_mask.all())
+        decoder = cls(model, embeds, prompt.attention_mask, positions, use_cache=use_cache, padded=padded)
+        decoder.reset()
+        return decoder
+
+    def reset(self) -> None:
+        """Forget every cache: the next backbone step recomputes all known positions."""
+        from transformers import DynamicCache
+
+        self.fed = 0
+        self.cache = DynamicCache(config=self.model.backbone.config)
+        self.mctp_caches = [[KVCache() for _ in module.blocks] for module in self.model.mctp]
+        self.mctp_done = [0] * len(self.model.mctp)
+        self.mctp_pending = [None] * len(self.model.mctp)
+
+    @property
+    def known(self) -> int:
+        return self.known_embeds.shape[1]
+
+    def append(self, embeds: Tensor) -> None:
+        """Add predicted positions (B, n, D); the next backbone step feeds them."""
+        B, n, _ = embeds.shape
+        positions = self.known_positions[:, -1:] + torch.arange(1, n + 1, device=embeds.device)
+        self.known_embeds = torch.cat((self.known_embeds, embeds), dim=1)
+        self.known_valid = torch.cat((self.known_valid, torch.ones(B, n, dtype=torch.bool, device=embeds.device)), dim=1)
+        self.known_positions = torch.cat((self.known_positions, positions), dim=1)
+
+    def backbone_step(self) -> Tensor:
+        """One backbone forward over every position not fed yet -> hidden state of the last one (B, D)."""
+        if not self.use_cache:
+            self.reset()
+        start, end = self.fed, self.known
+        output = self.model.run_backbone(
+            self.known_embeds[:, start:end],
+            attention_mask=self.known_valid[:, :end],
+            position_ids=self.known_positions[:, start:end],
+            past_key_values=self.cache,
+        )
+        hidden = output.last_hidden_state
+        if self.model.mctp:
+            self._push_pending(0, hidden)
+        self.fed = end
+        self.backbone_forwards += 1
+        return hidden[:, -1]
+
+    def mctp_step(self, j: int) -> Tensor:
+        """Run MCTP module j (1-based) up to the last fed position -> its normed hidden there (B, D),
+        from which the audio head predicts the frame at offset j + 1. Needs modules 1 .. j-1 to
+        have run up to the same position and the frames at offsets 1 .. j to be known."""
+        module = self.model.mctp[j - 1]
+        start, end = self.mctp_done[j - 1], self.fed
+        if self.known < end + j or self.mctp_pending[j - 1] is None or self.mctp_pending[j - 1].shape[1] != end - start:
+            raise RuntimeError(f"MCTP module {j} cannot run: modules 1..{j - 1} must run first at this step")
+        hidden, normed = module(
+            self.mctp_pending[j - 1],
+            self.known_embeds[:, start + j : end + j],
+            self.known_positions[:, start:end],
+            valid=self.known_valid[:, start:end] if self.padded else None,
+            caches=self.mctp_caches[j - 1],
+        )
+        self.mctp_pending[j - 1] = None
+        self.mctp_done[j - 1] = end
+        if j < len(self.model.mctp):
+            self._push_pending(j, hidden)
+        return normed[:, -1]
+
+    def _push_pending(self, index: int, hidden: Tensor) -> None:
+        pending = self.mctp_pending[index]
+        self.mctp_pending[index] = hidden if pending is None else torch.cat((pending, hidden), dim=1)
+
+
+def _check_length(model: SpeechLM, prompt: PromptBatch, new_positions: int) -> None:
+    limit = getattr(model.backbone.config, "max_position_embeddings", None)
+    total = prompt.input_ids.shape[1] + new_positions
+    if limit is not None and total > limit:
+        raise SpeechLMError(
+            f"prompt ({prompt.input_ids.shape[1]} positions) plus {new_positions} new ones exceeds the model's limit of {limit}"
+        )
+
+
+def _prompt(model: SpeechLM, prompt, audio_codes=None) -> PromptBatch:
+    return prompt if isinstance(prompt, PromptBatch) else PromptBatch.build(model, prompt, audio_codes)
+
+
+# -- text -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def iter_text(
+    model: SpeechLM,
+    prompt,
+    *,
+    audio_codes: Sequence[Tensor | None] | None = None,
+    max_new_tokens: int = 64,
+    sampling: Sampling | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield ``(tokens (B,), finished (B,))`` per step; a row's stop token is yielded, after it the pad id.
+
+    ``prompt``: a PromptBatch, or token ids (one list or a list of lists) with ``audio_codes``
+    for their ``<|audio|>`` positions. Default stop tokens: eos and ``<|end|>``.
+    """
+    prompt = _prompt(model, prompt, audio_codes)
+    sampling = sampling or Sampling()
+    if max_new_tokens < 1:
+        raise SpeechLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _check_length(model, prompt, max_new_tokens)
+    v = model.vocab
+    stops = torch.tensor(sorted(set(stop_tokens if stop_tokens is not None else (v.eos, v.end_of_turn))), device=model.device)
+    generator = _generator(seed, model.device)
+    decoder = Decoder.start(model, prompt, use_cache=use_cache)
+    B = prompt.input_ids.shape[0]
+    rows = model.backbone.get_output_embeddings().weight.shape[0]
+    seen = torch.zeros(B, rows, dtype=torch.bool, device=model.device)
+    seen.scatter_(1, torch.where(prompt.attention_mask, prompt.input_ids, v.pad), True)
+    finished = torch.zeros(B, dtype=torch.bool, device=model.device)
+    for _ in range(max_new_tokens):
+        logits = model.text_logits(decoder.backbone_step()).float()
+        logits[:, v.size :] = float("-inf")  # embedding rows past the tokenizer (padding to a multiple of 64)
+        logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        tokens = torch.where(finished, v.pad, sample_logits(logits, sampling, generator))
+        seen.scatter_(1, tokens[:, None], True)
+        finished = finished | torch.isin(tokens, stops)
+        yield tokens, finished.clone()
+        if bool(finished.all()):
+            return
+        decoder.append(model.embed(tokens[:, None]))
+
+
+def text_generate(model: SpeechLM, prompt, **kwargs) -> list[list[int]]:
+    """Generate text for each prompt; returns the new token ids per row, stop token excluded.
+    Takes the arguments of :func:`iter_text`."""
+    prompt = _prompt(model, prompt, kwargs.pop("audio_codes", None))
+    out: list[list[int]] = [[] for _ in range(prompt.input_ids.shape[0])]
+    done = [False] * len(out)
+    for tokens, finished in iter_text(model, prompt, **kwargs):
+        for b, (token, stop) in enumerate(zip(tokens.tolist(), finished.tolist())):
+            if not done[b] and not stop:
+                out[b].append(token)
+            done[b] = stop
+    return out
+
+
+# -- audio ------------------------------------------------------------------------------------
+
+
+@dataclass
+class AudioStep:
+    """What one backbone forward (plus its MCTP modules) produced."""
+
+    frames: list[Tensor]  # per row: frames completed in this step, (n, Q) (delayed codebooks undone)
+    positions: int  # audio positions predicted in this step: 1 (backbone) + MCTP modules run
+    backbone_forwards: int  # backbone forwards so far, this one included (the prompt's is the first)
+    finished: Tensor  # (B,) bool
+
+
+@torch.no_grad()
+def iter_audio(
+    model: SpeechLM,
+    prompt,
+    *,
+    audio_codes: Sequence[Tensor | None] | None = None,
+    max_frames: int = 750,
+    min_frames: int = 0,
+    sampling: Sampling | None = None,
+    schedule: Sequence[int] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[AudioStep]:
+    """Generate one speech segment per row after ``prompt`` (which should end with
+    ``<|speech_start|>``); yield an :class:`AudioStep` per backbone forward.
+
+    ``schedule``: MCTP frames after each backbone forward (entry s for forward s, the last
+    repeating; default the config's); ``[0]`` is plain autoregressive decoding. ``min_frames``:
+    the segment may not end earlier; ``max_frames``: it ends there at the latest.
+    """
+    prompt = _prompt(model, prompt, audio_codes)
+    cfg = model.config
+    sampling = sampling or Sampling()
+    if max_frames < 1 or min_frames < 0:
+        raise SpeechLMError(f"need max_frames >= 1 and min_frames >= 0, got {max_frames} and {min_frames}")
+    steps = cfg.schedule(list(schedule) if schedule is not None else None)
+    Q, empty, max_delay = cfg.num_codebooks, cfg.empty_code, cfg.max_delay
+    delays = cfg.audio_delays
+    delay_offsets = torch.tensor(delays, device=model.device)[None, :]  # (1, Q)
+    is_empty_class = torch.arange(empty + 1, device=model.device) == empty  # (C+1,)
+    _check_length(model, prompt, max_frames + max_delay + cfg.mctp_modules + 1)
+    device = model.device
+    generator = _generator(seed, device)
+    decoder = Decoder.start(model, prompt, use_cache=use_cache)
+    B = prompt.input_ids.shape[0]
+    audio_ids = torch.full((B, 1), model.vocab.audio, dtype=torch.long, device=device)
+    audio_here = torch.ones(B, 1, dtype=torch.bool, device=device)
+    layout = torch.empty(B, 0, Q, dtype=torch.long, device=device)  # codes of the segment's positions so far
+    end_frame = torch.full((B,), max_frames, dtype=torch.long, device=device)  # frames in each row's segment
+    emitted = [0] * B
+
+    def chooser(p: int):
+        """Codes for segment position p: codebook q there holds frame p - delays[q]."""
+
+        def choose(first_q: int, logits: Tensor) -> Tensor:
+            nonlocal end_frame
+            n = logits.shape[1]
+            frame = p - delay_offsets[0, first_q : first_q + n]  # (n,)
+            # Only codebook 0 may end the segment (pick the empty code), and not before min_frames.
+            no_end = (torch.arange(first_q, first_q + n, device=device) > 0) | (frame < min_frames)
+            logits = logits.float().masked_fill(no_end[None, :, None] & is_empty_class, float("-inf"))
+            code = sample_logits(logits.flatten(0, 1), sampling, generator).view(-1, n)
+            if first_q == 0 and p >= delays[0]:
+                ends_here = code[:, 0] == empty
+                end_frame = torch.where(ends_here, torch.clamp(end_frame, max=p - delays[0]), end_frame)
+            # Not started yet, or ended already (this row's segment is complete, or ends at this frame).
+            forced = (frame[None] < 0) | (frame[None] >= end_frame[:, None])
+            return torch.where(forced, empty, code)
+
+        return choose
+
+    step = 0
+    while True:
+        positions = 0
+        for j in range(steps[min(step, len(steps) - 1)] + 1):
+            hidden = decoder.backbone_step() if j == 0 else decoder.mctp_step(j)
+            codes = model.audio_head.generate(hidden, chooser(layout.shape[1]))  # (B, Q)
+            layout = torch.cat((layout, codes[:, None]), dim=1)
+            decoder.append(model.embed(audio_ids, codes[:, None], audio_here))
+            positions += 1
+            if bool((layout.shape[1] - max_delay >= end_frame).all()):
+                break
+        complete = torch.clamp(end_frame, max=max(layout.shape[1] - max_delay, 0)).tolist()
+        frames = []
+        for b in range(B):
+            # Frame f's codebook q sits at segment position f + delays[q].
+            where = torch.arange(emitted[b], max(complete[b], emitted[b]), device=device)[:, None] + delay_offsets
+            frames.append(layout[b].gather(0, where))
+            emitted[b] = max(emitted[b], complete[b])
+        finished = layout.shape[1] - max_delay >= end_frame
+        yield AudioStep(frames=frames, positions=positions, backbone_forwards=decoder.backbone_forwards, finished=finished)
+        if bool(finished.all()):
+            return
+        step += 1
+
+
+@dataclass
+class TTSResult:
+    frames: list[Tensor]  # per row (F, Q)
+    positions_per_forward: list[int]  # audio positions each backbone forward produced
+    first_frame_forward: int | None  # backbone forward (1 = the prompt's) that completed the first frame of row 0
+
+    @property
+    def backbone_forwards(self) -> int:
+        return len(self.positions_per_forward)
+
+    @property
+    def frames_per_forward(self) -> float:
+        return sum(self.positions_per_forward) / max(len(self.positions_per_forward), 1)
+
+
+def tts_frames(model: SpeechLM, prompt_ids, **kwargs) -> TTSResult:
+    """Generate the speech segment that follows ``prompt_ids`` (one list or a list of lists; a
+    ``<|speech_start|>`` is appended where missing). Takes the arguments of :func:`iter_audio`."""
+    rows = _as_rows(prompt_ids)
+    if not rows or any(not r for r in rows):
+        raise SpeechLMError("empty prompt: give at least one token (e.g. the task tag and the text)")
+    start = model.vocab.speech_start
+    rows = [r if r and r[-1] == start else [*r, start] for r in rows]
+    prompt = PromptBatch.build(model, rows, kwargs.pop("audio_codes", None))
+    frames: list[list[Tensor]] = [[] for _ in rows]
+    per_forward, first = [], None
+    for step in iter_audio(model, prompt, **kwargs):
+        per_forward.append(step.positions)
+        for b, f in enumerate(step.frames):
+            frames[b].append(f)
+        if first is None and len(step.frames[0]):
+            first = step.backbone_forwards
+    return TTSResult([torch.cat(f) for f in frames], per_forward, first)

@@ -1,0 +1,434 @@
+"""SpeechLM: a Hugging Face causal LM extended to read and write audio frames, with MCTP heads.
+
+    input_ids (B, L) ──text embedding──┐
+    audio_codes (B, L, Q) ──AudioEmbedding (masked by audio_mask)──+──► backbone ──► h (B, L, D)
+    h ──lm_head──► text logits (B, L, V)              next text token
+    h ──audio head──► Q codes of position t + 1        next audio frame (offset 1)
+    h, embed(x[t+1]) ──MCTP 1──► h1 ──audio head──►   frame at offset 2
+    h1, embed(x[t+2]) ──MCTP 2──► h2 ──audio head──►  frame at offset 3 ... up to N + 1
+
+See ``heads.py`` for how the two audio heads and the MCTP modules work, ``layout.py`` for
+where codes sit in the sequence, ``generate.py`` for decoding.
+
+Files (``save_pretrained`` / ``from_pretrained``)::
+
+    dir/speechlm_config.json   SpeechLMConfig
+    dir/speech.safetensors     audio embedding, audio head, MCTP modules
+    dir/backbone/              the backbone, via transformers' save_pretrained
+    dir/tokenizer/             the text tokenizer with the special tokens
+
+Training stages (``set_stage``), after VITA-Audio's progressive recipe:
+
+=========  ==================================================  ========================
+stage      trains                                              loss
+=========  ==================================================  ========================
+text       backbone                                            text
+align      backbone, audio embedding, audio head               text + audio
+mctp1      MCTP module 1 (all else frozen)                     MCTP 1
+mctp       every MCTP module (all else frozen)                 mean of MCTP losses
+sft        everything                                          text + audio + MCTP
+=========  ==================================================  ========================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from speechlm.codec.errors import SpeechLMError
+
+from .config import CONFIG_NAME, SpeechLMConfig
+from .heads import AudioEmbedding, DepthHead, MCTPModule, ParallelHead
+from .layout import IGNORE, audio_targets, delay_frames, undelay_frames
+from .vocab import SpeechVocab, add_speech_tokens, load_tokenizer
+
+WEIGHTS_NAME = "speech.safetensors"
+BACKBONE_DIR = "backbone"
+TOKENIZER_DIR = "tokenizer"
+STAGES = ("text", "align", "mctp1", "mctp", "sft")
+
+
+@dataclass
+class SpeechLMOutput:
+    """What :meth:`SpeechLM.forward` returns. Losses are None when not computed in this stage.
+
+    ``loss`` is the weighted sum the current stage trains on. ``audio_logits`` /
+    ``audio_targets`` (N, Q, C+1) / (N, Q) cover only the N positions that have audio targets.
+    """
+
+    loss: Tensor | None
+    text_loss: Tensor | None
+    audio_loss: Tensor | None
+    codebook_losses: Tensor | None  # (Q,)
+    mctp_losses: list[Tensor] = field(default_factory=list)  # per module, offset 2 .. N+1
+    mctp_logits: list[Tensor] = field(default_factory=list)  # per module (N_i, Q, C+1), like audio_logits
+    mctp_targets: list[Tensor] = field(default_factory=list)  # per module (N_i, Q)
+    text_logits: Tensor | None = None  # (B, L, V)
+    audio_logits: Tensor | None = None
+    audio_targets: Tensor | None = None
+    hidden: Tensor | None = None  # (B, L, D) backbone last hidden state
+
+
+class SpeechLM(nn.Module):
+    """A causal-LM backbone plus audio embedding, audio output head and MCTP modules.
+
+    Build one with :meth:`from_backbone` (adds the special tokens, resizes embeddings) or
+    :meth:`from_pretrained`; ``SpeechLM(config, backbone, tokenizer)`` expects a tokenizer
+    that already has the special tokens.
+    """
+
+    def __init__(self, config: SpeechLMConfig, backbone: nn.Module, tokenizer):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.vocab = SpeechVocab.from_tokenizer(tokenizer, config)
+        rows = backbone.get_input_embeddings().weight.shape[0]
+        if self.vocab.size > rows:
+            raise SpeechLMError(f"tokenizer has {self.vocab.size} tokens but the backbone embeds only {rows}; resize its embeddings")
+        bc = backbone.config
+        dim = bc.hidden_size
+        init_std = float(getattr(bc, "initializer_range", 0.02))
+        text_std = float(backbone.get_input_embeddings().weight.detach().float().std())
+        Q, C = config.num_codebooks, config.codebook_size
+
+        self.audio_embedding = AudioEmbedding(num_codebooks=Q, codebook_size=C, dim=dim, scale=config.audio_embed_scale, init_std=text_std)
+        if config.output_head == "depth":
+            self.audio_head = DepthHead(
+                hidden_dim=dim,
+                num_codebooks=Q,
+                codebook_size=C,
+                dim=config.depth_dim,
+                num_layers=config.depth_layers,
+                num_heads=config.depth_heads,
+                init_std=init_std,
+            )
+        else:
+            self.audio_head = ParallelHead(hidden_dim=dim, num_codebooks=Q, codebook_size=C, init_std=init_std)
+        self.mctp = nn.ModuleList(
+            MCTPModule(
+                dim=dim,
+                num_heads=bc.num_attention_heads,
+                mlp_dim=config.mctp_intermediate_size or bc.intermediate_size,
+                num_layers=config.mctp_layers,
+                rope_theta=_rope_theta(bc),
+                eps=float(getattr(bc, "rms_norm_eps", 1e-6)),
+                init_std=init_std,
+            )
+            for _ in range(config.mctp_modules)
+        )
+        self.stage = "sft"
+
+    # -- construction ----------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, backbone, tokenizer, config: SpeechLMConfig | None = None, **overrides) -> SpeechLM:
+        """Extend a text LM: ``backbone`` is a transformers causal LM, a local directory holding one,
+        or a transformers config (random weights); ``tokenizer`` a tokenizer or a local directory.
+
+        Adds the special tokens to the tokenizer and resizes the backbone's embeddings
+        (to a multiple of 64). ``overrides`` replace fields of ``config``.
+        """
+        from transformers import AutoModelForCausalLM, PretrainedConfig
+
+        if isinstance(backbone, (str, os.PathLike)):
+            backbone = _load_backbone(Path(backbone))
+        elif isinstance(backbone, PretrainedConfig):
+            backbone = AutoModelForCausalLM.from_config(backbone)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = load_tokenizer(tokenizer)
+        config = SpeechLMConfig(**{**(config.to_dict() if config else {}), **overrides})
+        add_speech_tokens(tokenizer, config)
+        if len(tokenizer) > backbone.get_input_embeddings().weight.shape[0]:
+            backbone.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        return cls(config, backbone, tokenizer)
+
+    # -- properties ------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    # -- pieces used by training and generation ----------------------------------------
+
+    def embed(self, input_ids: Tensor, audio_codes: Tensor | None = None, audio_mask: Tensor | None = None) -> Tensor:
+        """(B, L) ids (+ (B, L, Q) codes at ``audio_mask``) -> input embeddings (B, L, D)."""
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        if audio_codes is not None and audio_mask is not None:
+            codes = torch.where(audio_mask[..., None], audio_codes, self.config.empty_code)
+            embeds = embeds + self.audio_embedding(codes).to(embeds.dtype) * audio_mask[..., None]
+        return embeds
+
+    def run_backbone(
+        self, embeds: Tensor, *, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, past_key_values=None
+    ):
+        """Backbone on input embeddings -> its output (``last_hidden_state``: (B, L, D), after the final norm)."""
+        return self.backbone.base_model(
+            inputs_embeds=embeds,
+            attention_mask=None if attention_mask is None else attention_mask.long(),
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+
+    def text_logits(self, hidden: Tensor) -> Tensor:
+        return self.backbone.get_output_embeddings()(hidden)
+
+    def audio_layout(self, frames: Tensor) -> Tensor:
+        """Frames (F, Q) -> the codes of a speech segment's positions (delayed for the parallel head)."""
+        if self.config.output_head == "depth":
+            return frames
+        return delay_frames(frames, self.config.audio_delays, self.config.empty_code)
+
+    def frames_from_layout(self, layout: Tensor) -> Tensor:
+        """Inverse of :meth:`audio_layout`."""
+        if self.config.output_head == "depth":
+            return layout
+        return undelay_frames(layout, self.config.audio_delays)
+
+    # -- training ----------------------------------------------------------------------
+
+    def set_stage(self, stage: str) -> list[str]:
+        """Freeze everything but what ``stage`` trains (see the module docstring); return the trainable names."""
+        if stage not in STAGES:
+            raise SpeechLMError(f"unknown training stage {stage!r}; choose from {', '.join(STAGES)}")
+        if stage in ("mctp1", "mctp") and not self.mctp:
+            raise SpeechLMError(f"stage {stage!r} needs MCTP modules, but this model has mctp_modules=0")
+        trainable = {
+            "text": [self.backbone],
+            "align": [self.backbone, self.audio_embedding, self.audio_head],
+            "mctp1": list(self.mctp[:1]),
+            "mctp": list(self.mctp),
+            "sft": [self],
+        }[stage]
+        self.requires_grad_(False)
+        for module in trainable:
+            module.requires_grad_(True)
+        self.stage = stage
+        return [name for name, p in self.named_parameters() if p.requires_grad]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        audio_codes: Tensor | None = None,
+        audio_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        audio_loss_mask: Tensor | None = None,
+        *,
+        all_losses: bool = False,
+    ) -> SpeechLMOutput:
+        """Training forward: teacher-forced losses for the current stage.
+
+        input_ids (B, L): text tokens (``<|audio|>`` at audio positions); audio_codes (B, L, Q) in
+        ``[0, C]`` (C = empty), read only where audio_mask (B, L) is True; attention_mask (B, L)
+        (default all ones); labels (B, L): text targets aligned with the inputs (shifted inside;
+        -100 = ignore; default input_ids at attended positions); audio_loss_mask (B, L): which
+        audio positions are targets (default all). ``all_losses``: also compute the losses the
+        stage does not train on (for logging).
+        """
+        input_ids, audio_codes, audio_mask, attention_mask = self._check_inputs(input_ids, audio_codes, audio_mask, attention_mask, labels)
+        labels = None if labels is None else labels.long().to(self.device)
+        stage = self.stage
+        want_text = all_losses or stage in ("text", "align", "sft")
+        want_audio = all_losses or stage in ("align", "sft")
+        want_mctp = [all_losses or stage in ("mctp", "sft") or (stage == "mctp1" and i == 0) for i in range(len(self.mctp))]
+        if audio_codes is None:
+            want_audio, want_mctp = False, [False] * len(self.mctp)
+
+        embeds = self.embed(input_ids, audio_codes, audio_mask)
+        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trains):
+            hidden = self.run_backbone(embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+
+        out = SpeechLMOutput(loss=None, text_loss=None, audio_loss=None, codebook_losses=None, hidden=hidden)
+        losses = []
+        if want_text:
+            out.text_logits = self.text_logits(hidden)
+            if labels is None:
+                labels = torch.where(attention_mask, input_ids, IGNORE)
+            shifted = out.text_logits[:, :-1].flatten(0, 1).float()
+            out.text_loss = (
+                F.cross_entropy(shifted, labels[:, 1:].flatten(), ignore_index=IGNORE)
+                if (labels[:, 1:] != IGNORE).any()
+                else hidden.sum() * 0
+            )
+            if stage in ("text", "align", "sft"):
+                losses.append(self.config.text_loss_weight * out.text_loss)
+        if want_audio:
+            out.codebook_losses, out.audio_logits, out.audio_targets = self._audio_loss(
+                hidden, audio_codes, audio_mask, audio_loss_mask, offset=1
+            )
+            out.audio_loss = self._weighted_codebooks(out.codebook_losses)
+            if stage in ("align", "sft"):
+                losses.append(self.config.audio_loss_weight * out.audio_loss)
+        if any(want_mctp):
+            valid = attention_mask
+            h = hidden
+            L = input_ids.shape[1]
+            for i, module in enumerate(self.mctp, start=1):
+                if not any(want_mctp[i - 1 :]) or L - i < 2:
+                    break
+                h, normed = module(h[:, : L - i], embeds[:, i:], position_ids[:, : L - i], valid=valid[:, : L - i])
+                codebook_losses, logits, targets = self._audio_loss(normed, audio_codes, audio_mask, audio_loss_mask, offset=i + 1)
+                out.mctp_losses.append(self._weighted_codebooks(codebook_losses))
+                out.mctp_logits.append(logits)
+                out.mctp_targets.append(targets)
+            trained = [loss for i, loss in enumerate(out.mctp_losses) if stage in ("mctp", "sft") or (stage == "mctp1" and i == 0)]
+            if trained:
+                losses.append(self.config.mctp_loss_weight * torch.stack(trained).mean())
+        out.loss = torch.stack(losses).sum() if losses else None
+        return out
+
+    def _audio_loss(self, hidden: Tensor, codes: Tensor, audio_mask: Tensor, loss_mask: Tensor | None, *, offset: int):
+        """Per-codebook CE of predicting the codes at ``offset`` from ``hidden`` (B, L', D), L' >= L - offset."""
+        targets = audio_targets(
+            codes, audio_mask, offset=offset, delays=self.config.audio_delays, empty=self.config.empty_code, loss_mask=loss_mask
+        )
+        rows = (targets != IGNORE).any(-1)  # (B, L - offset): positions with something to learn
+        selected_targets = targets[rows]  # (N, Q)
+        logits = self.audio_head(hidden[:, : targets.shape[1]][rows], selected_targets)  # (N, Q, C+1)
+        per_code = F.cross_entropy(logits.flatten(0, 1).float(), selected_targets.flatten(), ignore_index=IGNORE, reduction="none")
+        per_code = per_code.view_as(selected_targets)
+        counts = (selected_targets != IGNORE).sum(0)
+        codebook_losses = per_code.sum(0) / counts.clamp(min=1)  # (Q,); 0 for a codebook with no targets
+        return codebook_losses, logits, selected_targets
+
+    def _weighted_codebooks(self, codebook_losses: Tensor) -> Tensor:
+        weights = self.config.codebook_loss_weights
+        if weights is None:
+            return codebook_losses.mean()
+        w = torch.tensor(weights, dtype=codebook_losses.dtype, device=codebook_losses.device)
+        return (codebook_losses * w).sum() / w.sum()
+
+    def _check_inputs(self, input_ids, audio_codes, audio_mask, attention_mask, labels):
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int32):
+            shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise SpeechLMError(f"input_ids must be an integer tensor of shape (batch, length), got {shape}")
+        B, L = input_ids.shape
+        if L == 0 or B == 0:
+            raise SpeechLMError("input_ids is empty")
+        input_ids = input_ids.long().to(self.device)
+        check_token_ids(input_ids, self.backbone.get_input_embeddings().weight.shape[0])
+        if attention_mask is None:
+            attention_mask = torch.ones(B, L, dtype=torch.bool, device=self.device)
+        elif tuple(attention_mask.shape) != (B, L):
+            raise SpeechLMError(f"attention_mask must have shape {(B, L)}, got {tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.to(self.device).bool()
+        if labels is not None and tuple(labels.shape) != (B, L):
+            raise SpeechLMError(f"labels must have shape {(B, L)}, got {tuple(labels.shape)}")
+        if audio_codes is None:
+            if audio_mask is not None and audio_mask.any():
+                raise SpeechLMError("audio_mask marks audio positions but no audio_codes were given")
+            return input_ids, None, None, attention_mask
+        if audio_mask is None:
+            audio_mask = input_ids == self.vocab.audio
+        if tuple(audio_mask.shape) != (B, L):
+            raise SpeechLMError(f"audio_mask must have shape {(B, L)}, got {tuple(audio_mask.shape)}")
+        audio_mask = audio_mask.to(self.device).bool() & attention_mask
+        check_codes(audio_codes, self.config, leading=(B, L), mask=audio_mask)
+        return input_ids, audio_codes.long().to(self.device), audio_mask, attention_mask
+
+    # -- files -----------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the config, the speech weights, the backbone and the tokenizer into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(directory / BACKBONE_DIR))
+        self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items() if not name.startswith("backbone.")}
+        weights = directory / WEIGHTS_NAME
+        tmp = weights.with_name(f".{weights.name}.tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"format": "speechlm", "output_head": self.config.output_head})
+        os.replace(tmp, weights)
+        self.config.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> SpeechLM:
+        """Load a directory written by :meth:`save_pretrained`; returns the model in eval mode."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise SpeechLMError(f"speech LM directory not found: {directory}")
+        if not (directory / CONFIG_NAME).is_file():
+            raise SpeechLMError(f"{directory} is not a speech LM directory: it has no {CONFIG_NAME}")
+        config = SpeechLMConfig.load(directory)
+        tokenizer = load_tokenizer(directory / TOKENIZER_DIR)
+        backbone = _load_backbone(directory / BACKBONE_DIR)
+        model = cls(config, backbone, tokenizer).to(backbone.dtype)  # speech modules in the backbone's dtype
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise SpeechLMError(f"speech LM weights not found: {weights}")
+        try:
+            tensors = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise SpeechLMError(f"cannot read speech LM weights {weights} (corrupt or not safetensors): {e}") from None
+        try:
+            missing, unexpected = model.load_state_dict(tensors, strict=False)
+        except RuntimeError as e:
+            raise SpeechLMError(f"speech LM weights {weights} do not match its config: {str(e).splitlines()[0]}") from None
+        missing = [name for name in missing if not name.startswith("backbone.")]
+        if missing or unexpected:
+            raise SpeechLMError(f"speech LM weights {weights} do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.to(device).eval()
+
+
+def check_token_ids(ids: Tensor, vocab_rows: int) -> None:
+    if ids.numel():
+        low, high = torch.aminmax(ids)
+        if low < 0 or high >= vocab_rows:
+            raise SpeechLMError(f"token ids must lie in [0, {vocab_rows}), got values in [{int(low)}, {int(high)}]")
+
+
+def check_codes(codes, config: SpeechLMConfig, *, leading: tuple[int, ...], mask: Tensor | None = None) -> None:
+    """Raise SpeechLMError unless ``codes`` has shape ``leading + (Q,)`` with ints in [0, C] where ``mask``."""
+    Q, C = config.num_codebooks, config.codebook_size
+    expected = (*leading, Q)
+    if not isinstance(codes, Tensor):
+        raise SpeechLMError(f"audio codes must be a torch tensor of shape {expected}, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise SpeechLMError(f"audio codes must be integers, got dtype {codes.dtype}")
+    if tuple(codes.shape) != expected:
+        if codes.ndim == len(expected) and codes.shape[-1] != Q:
+            raise SpeechLMError(f"audio codes have {codes.shape[-1]} codebooks per frame but this model reads {Q}")
+        raise SpeechLMError(f"audio codes must have shape {expected}, got {tuple(codes.shape)}")
+    values = codes if mask is None else codes[mask.to(codes.device)]
+    if values.numel():
+        low, high = torch.aminmax(values)
+        if low < 0 or high > C:
+            raise SpeechLMError(f"audio codes must lie in [0, {C}) (or {C} = empty), got values in [{int(low)}, {int(high)}]")
+
+
+def _rope_theta(backbone_config) -> float:
+    theta = getattr(backbone_config, "rope_theta", None)
+    if theta is None:
+        theta = (getattr(backbone_config, "rope_parameters", None) or {}).get("rope_theta", 10_000.0)
+    return float(theta)
+
+
+def _load_backbone(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise SpeechLMError(f"backbone not found: {path} is not a directory with a config.json")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SpeechLMError(f"cannot load the backbone from {path}: {str(e).splitlines()[0]}") from None

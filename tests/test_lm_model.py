@@ -1,0 +1,243 @@
+"""SpeechLM model: shapes and losses for both heads and both backbone classes, training steps,
+stages, exact save/load, the delay layout, the tokenizer, and errors on bad input."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, Qwen2Config
+from transformers.utils import logging as hf_logging
+
+from speechlm.codec.errors import SpeechLMError
+from speechlm.lm import (
+    SpeechLM,
+    SpeechLMConfig,
+    audio_targets,
+    delay_frames,
+    load_tokenizer,
+    speech_segment,
+    train_bpe_tokenizer,
+    undelay_frames,
+)
+
+torch.set_num_threads(1)
+hf_logging.set_verbosity_error()
+
+Q, C = 4, 16
+TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a speech language model speaks and listens"] * 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(TEXTS, vocab_size=400, min_frequency=1, save_dir=path)
+    return path
+
+
+def backbone_config(kind: str, vocab_size: int):
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    if kind == "llama":
+        return LlamaConfig(**common, max_position_embeddings=256)
+    return Qwen2Config(**common, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def make_model(tokenizer_dir, kind="llama", head="depth", mctp=2, seed=0) -> SpeechLM:
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    return SpeechLM.from_backbone(
+        backbone_config(kind, len(tokenizer)),
+        tokenizer,
+        num_codebooks=Q,
+        codebook_size=C,
+        output_head=head,
+        depth_dim=32,
+        depth_heads=2,
+        mctp_modules=mctp,
+    )
+
+
+def make_batch(model: SpeechLM, seed=0):
+    """Two rows: '<|tts|> text <|speech_start|> audio... <|speech_end|> <|eos|>', the second left-padded."""
+    g = torch.Generator().manual_seed(seed)
+    v, tok = model.vocab, model.tokenizer
+    rows = []
+    for text, frames in (("hello world", 6), ("the quick fox", 4)):
+        ids, codes = speech_segment(model, torch.randint(0, C, (frames, Q), generator=g))
+        rows.append(([v.tasks["<|tts|>"], *tok.encode(text), *ids, v.eos], codes))
+    L = max(len(r) for r, _ in rows)
+    input_ids = torch.full((2, L), v.pad)
+    audio_codes = torch.full((2, L, Q), C)
+    attention = torch.zeros(2, L, dtype=torch.bool)
+    for b, (ids, codes) in enumerate(rows):
+        input_ids[b, L - len(ids) :] = torch.tensor(ids)
+        attention[b, L - len(ids) :] = True
+        audio_codes[b, input_ids[b] == v.audio] = codes
+    return dict(input_ids=input_ids, audio_codes=audio_codes, audio_mask=input_ids == v.audio, attention_mask=attention)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("head", ["depth", "parallel_delay"])
+def test_forward_shapes_and_finite_losses(tokenizer_dir, kind, head):
+    model = make_model(tokenizer_dir, kind, head)
+    batch = make_batch(model)
+    out = model(**batch)
+    B, L = batch["input_ids"].shape
+    assert out.text_logits.shape == (B, L, model.backbone.get_output_embeddings().weight.shape[0])
+    assert out.hidden.shape == (B, L, 32)
+    assert out.codebook_losses.shape == (Q,)
+    assert len(out.mctp_losses) == 2
+    # Targets: frames 6 + 4 (plus delay tail) and one "speech ends" target per segment.
+    tail = model.config.max_delay
+    assert out.audio_targets.shape == (6 + 4 + 2 * tail + 2, Q)
+    assert out.audio_logits.shape == (out.audio_targets.shape[0], Q, C + 1)
+    for loss in (out.loss, out.text_loss, out.audio_loss, *out.mctp_losses):
+        assert torch.isfinite(loss)
+    out.loss.backward()
+    assert model.audio_embedding.table.weight.grad is not None
+
+
+@pytest.mark.parametrize("head", ["depth", "parallel_delay"])
+def test_training_steps_reduce_losses(tokenizer_dir, head):
+    model = make_model(tokenizer_dir, "qwen2", head)
+    batch = make_batch(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = model(**batch)
+    for _ in range(15):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    last = model(**batch)
+    assert last.loss < 0.7 * first.loss
+    assert last.audio_loss < first.audio_loss and last.text_loss < first.text_loss
+    assert all(b < a for a, b in zip(first.mctp_losses, last.mctp_losses))
+
+
+def test_stages_freeze_the_right_parameters(tokenizer_dir):
+    model = make_model(tokenizer_dir, "llama", "depth", mctp=3)
+    batch = make_batch(model)
+
+    def trainable_prefixes():
+        return {
+            name.split(".")[0] + ("." + name.split(".")[1] if name.startswith("mctp.") else "")
+            for name, p in model.named_parameters()
+            if p.requires_grad
+        }
+
+    model.set_stage("text")
+    assert trainable_prefixes() == {"backbone"}
+    model.set_stage("align")
+    assert trainable_prefixes() == {"backbone", "audio_embedding", "audio_head"}
+    assert model(**batch).mctp_losses == []
+    model.set_stage("mctp")
+    assert trainable_prefixes() == {"mctp.0", "mctp.1", "mctp.2"}
+    model.set_stage("sft")
+    assert trainable_prefixes() == {"backbone", "audio_embedding", "audio_head", "mctp.0", "mctp.1", "mctp.2"}
+
+    model.set_stage("mctp1")
+    assert trainable_prefixes() == {"mctp.0"}
+    out = model(**batch)
+    assert out.text_loss is None and out.audio_loss is None and len(out.mctp_losses) == 1
+    assert torch.equal(out.loss, model.config.mctp_loss_weight * out.mctp_losses[0])
+    assert not out.hidden.requires_grad  # the frozen backbone runs without building a graph
+    out.loss.backward()
+    grads = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(name.startswith("mctp.0.") for name in grads)
+    assert len(model(**batch, all_losses=True).mctp_losses) == 3
+    with pytest.raises(SpeechLMError, match="unknown training stage"):
+        model.set_stage("pretrain")
+
+
+@pytest.mark.parametrize("kind,head", [("llama", "depth"), ("qwen2", "parallel_delay")])
+def test_save_load_round_trip_is_exact(tokenizer_dir, tmp_path, kind, head):
+    model = make_model(tokenizer_dir, kind, head).eval()
+    batch = make_batch(model)
+    model.save_pretrained(tmp_path / "lm")
+    loaded = SpeechLM.from_pretrained(tmp_path / "lm")
+    assert loaded.config == model.config and loaded.vocab == model.vocab
+    with torch.no_grad():
+        a, b = model(**batch, all_losses=True), loaded(**batch, all_losses=True)
+    assert torch.equal(a.text_logits, b.text_logits)
+    assert torch.equal(a.audio_logits, b.audio_logits)
+    assert all(torch.equal(x, y) for x, y in zip(a.mctp_losses, b.mctp_losses))
+    assert loaded.tokenizer.encode("hello <|speech_start|>") == model.tokenizer.encode("hello <|speech_start|>")
+
+
+def test_from_pretrained_errors(tokenizer_dir, tmp_path):
+    with pytest.raises(SpeechLMError, match="not found"):
+        SpeechLM.from_pretrained(tmp_path / "missing")
+    model = make_model(tokenizer_dir)
+    model.save_pretrained(tmp_path / "lm")
+    (tmp_path / "lm" / "speech.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SpeechLMError, match="corrupt"):
+        SpeechLM.from_pretrained(tmp_path / "lm")
+
+
+def test_bad_inputs_raise_clear_errors(tokenizer_dir):
+    model = make_model(tokenizer_dir)
+    batch = make_batch(model)
+    with pytest.raises(SpeechLMError, match="empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(SpeechLMError, match="integer tensor"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(SpeechLMError, match="token ids"):
+        model(torch.full((1, 4), 10_000))
+    bad = batch["audio_codes"].clone()
+    bad[batch["audio_mask"]] = C + 1
+    with pytest.raises(SpeechLMError, match="must lie in"):
+        model(**{**batch, "audio_codes": bad})
+    with pytest.raises(SpeechLMError, match="codebooks per frame"):
+        model(**{**batch, "audio_codes": batch["audio_codes"][..., :3]})
+    with pytest.raises(SpeechLMError, match="no audio_codes"):
+        model(batch["input_ids"], audio_mask=batch["audio_mask"])
+    with pytest.raises(SpeechLMError, match="output_head"):
+        SpeechLMConfig(output_head="mlp")
+    with pytest.raises(SpeechLMError, match="delays"):
+        SpeechLMConfig(output_head="parallel_delay", num_codebooks=2, delays=[0, 1, 2])
+
+
+def test_delay_layout_round_trip_and_targets():
+    frames = torch.arange(12).view(4, 3)  # F = 4 frames, Q = 3
+    layout = delay_frames(frames, [0, 1, 2], empty=99)
+    assert layout.shape == (6, 3)
+    assert layout[:, 1].tolist() == [99, 1, 4, 7, 10, 99]
+    assert torch.equal(undelay_frames(layout, [0, 1, 2]), frames)
+
+    # Sequence: text, 6 audio positions, text. Targets at offset 1 for positions 0..6.
+    mask = torch.tensor([[False, True, True, True, True, True, True, False]])
+    codes = torch.full((1, 8, 3), 99)
+    codes[0, 1:7] = layout
+    targets = audio_targets(codes, mask, offset=1, delays=[0, 1, 2], empty=99)
+    assert targets.shape == (1, 7, 3)
+    assert targets[0, 0].tolist() == [0, -100, -100]  # first position: codebooks 1, 2 not started
+    assert targets[0, 1].tolist() == [3, 1, -100]
+    assert targets[0, 4].tolist() == [99, 10, 8]  # codebook 0 has ended: learned as empty
+    assert targets[0, 6].tolist() == [99, 99, 99]  # after the segment: "speech ends"
+    # Offset 2 (MCTP module 1): position t learns position t + 2.
+    assert audio_targets(codes, mask, offset=2, delays=[0, 1, 2], empty=99)[0, 0].tolist() == [3, 1, -100]
+
+
+def test_tokenizer_has_special_tokens(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = SpeechLMConfig()
+    vocab = tokenizer.get_vocab()
+    for token in config.special_tokens:
+        ids = tokenizer.encode(f"hi {token} there")
+        assert vocab[token] in ids  # never split
+    text = "hello <|speech_start|><|audio|><|speech_end|> world"
+    assert tokenizer.decode(tokenizer.encode(text), skip_special_tokens=True) == "hello  world"
+    assert tokenizer.decode(tokenizer.encode("the quick brown fox")) == "the quick brown fox"
+    with pytest.raises(SpeechLMError):
+        train_bpe_tokenizer(["", "  "], vocab_size=400)
+
+
+def test_bfloat16_model_trains_and_round_trips(tokenizer_dir, tmp_path):
+    model = make_model(tokenizer_dir, "qwen2", "parallel_delay").to(torch.bfloat16)
+    batch = make_batch(model)
+    out = model(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    model.eval().save_pretrained(tmp_path / "lm")
+    loaded = SpeechLM.from_pretrained(tmp_path / "lm")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(model(**batch).text_logits, loaded(**batch).text_logits)
