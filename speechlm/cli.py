@@ -126,6 +126,92 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- speech LM: tts / asr / chat ------------------------------------------------------------
+
+DEFAULT_MODEL = "speechlm-default"
+
+
+def _load_pipeline(args: argparse.Namespace):
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .speech import SpeechPipeline
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        return SpeechPipeline.from_pretrained(args.model, codec=args.codec)
+    except SpeechLMError as e:
+        if args.model == DEFAULT_MODEL and "not found" in str(e):
+            raise SpeechLMError("no default speech LM is shipped in this version yet; pass --model DIR (a model trained with speechlm train lm)") from None
+        raise
+
+
+def _generation(args: argparse.Namespace):
+    from .speech import Generation
+
+    return Generation(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds)
+
+
+def cmd_tts(args: argparse.Namespace) -> int:
+    import time
+
+    import soundfile as sf
+
+    pipeline = _load_pipeline(args)
+    out = Path(args.output)
+    if out.suffix.lower() not in (".wav", ".flac"):
+        raise SpeechLMError(f"output must end in .wav or .flac, got {out}")
+    start = time.perf_counter()
+    first, samples = None, 0
+    with sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, subtype="PCM_16") as f:
+        for chunk in pipeline.tts(args.text, stream=True, generation=_generation(args)):
+            first = first if first is not None else time.perf_counter() - start
+            f.write(chunk)
+            samples += len(chunk)
+            if args.stream:
+                f.flush()
+    seconds = samples / pipeline.sample_rate
+    wall = time.perf_counter() - start
+    msg = f"{seconds:.2f} s of speech -> {out} (real-time factor {wall / max(seconds, 1e-9):.2f}"
+    print(msg + (f", first audio after {first * 1000:.0f} ms)" if first is not None else ")"))
+    return 0
+
+
+def cmd_asr(args: argparse.Namespace) -> int:
+    import json
+
+    from .codec.audio import load_audio
+
+    pipeline = _load_pipeline(args)
+    audio = load_audio(args.input, sample_rate=pipeline.sample_rate)
+    text = pipeline.asr(audio, generation=_generation(args))
+    print(json.dumps({"file": args.input, "text": text, "duration": round(len(audio) / pipeline.sample_rate, 3)}) if args.json else text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .codec.audio import load_audio, save_audio
+
+    pipeline = _load_pipeline(args)
+    audio = load_audio(args.input, sample_rate=pipeline.sample_rate)
+    text, reply = pipeline.chat(audio, generation=_generation(args))
+    save_audio(args.output, reply, pipeline.sample_rate)
+    print(text)
+    return 0
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"speech LM directory or shipped name (default {DEFAULT_MODEL})")
+    p.add_argument("--codec", help="codec directory or name (default: the one saved with the model)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, default=30.0, help="longest speech reply")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+
+
 # --- codec --------------------------------------------------------------------------------
 
 DEFAULT_CODEC = "codec-16k"
@@ -242,6 +328,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"speechlm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("tts", help="text -> speech")
+    p.add_argument("text")
+    p.add_argument("-o", "--output", required=True, help=".wav or .flac")
+    p.add_argument("--stream", action="store_true", help="write audio as frames decode (flushes per chunk)")
+    _add_model_arguments(p)
+    p.set_defaults(func=cmd_tts)
+
+    p = sub.add_parser("asr", help="speech -> text (prints the transcript)")
+    p.add_argument("input")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_model_arguments(p)
+    p.set_defaults(func=cmd_asr)
+
+    p = sub.add_parser("chat", help="one spoken turn: prints the reply text, writes the reply speech")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    _add_model_arguments(p)
+    p.set_defaults(func=cmd_chat)
 
     data = sub.add_parser("data", help="synthetic data: texts, speech, dialogues").add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
 

@@ -1,0 +1,61 @@
+"""The sequence formats of the speech LM's tasks, in one place.
+
+Training data (``speechlm.training.lm_data``) and inference (``speechlm.speech``) both build
+their sequences with these functions, so what the model learns is what it is asked::
+
+    TTS   <|tts|> TEXT <|speech_start|> AUDIO... <|speech_end|> <|end|>
+    ASR   <|asr|> <|speech_start|> AUDIO... <|speech_end|> TEXT <|end|>
+    CHAT  <|user|> <|speech_start|> AUDIO... <|speech_end|> <|assistant|> TEXT <|speech_start|> AUDIO... <|speech_end|> <|end|>
+          (or <|user|> TEXT <|assistant|> ... for a typed question)
+
+In a spoken reply the text comes first and the speech follows it in the same turn
+(chain of modality): the speech is conditioned on words already chosen, and the text of
+a short answer costs only a few forwards before the first audio frame.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from speechlm.codec.errors import SpeechLMError
+
+from .generate import speech_segment
+from .model import SpeechLM
+
+MAX_TEXT_CHARS = 2000
+
+
+def text_ids(model: SpeechLM, text: str) -> list[int]:
+    text = text.strip()
+    if not text:
+        raise SpeechLMError("empty text: nothing to say")
+    if len(text) > MAX_TEXT_CHARS:
+        raise SpeechLMError(f"text is {len(text)} characters long; the limit is {MAX_TEXT_CHARS} (split it into sentences)")
+    return model.tokenizer.encode(text, add_special_tokens=False)
+
+
+def tts_prompt(model: SpeechLM, text: str) -> list[int]:
+    """``<|tts|> TEXT <|speech_start|>``: the model continues with the speech."""
+    v = model.vocab
+    return [v.tasks["<|tts|>"], *text_ids(model, text), v.speech_start]
+
+
+def asr_prompt(model: SpeechLM, frames: Tensor) -> tuple[list[int], Tensor]:
+    """``<|asr|> <|speech_start|> AUDIO <|speech_end|>``: the model continues with the transcript."""
+    ids, codes = speech_segment(model, frames)
+    return [model.vocab.tasks["<|asr|>"], *ids], codes
+
+
+def chat_prompt(model: SpeechLM, question: Tensor | str) -> tuple[list[int], Tensor | None]:
+    """A user turn (speech frames (F, Q) or text) and ``<|assistant|>``: the model continues
+    with the reply's text, then ``<|speech_start|>`` and its speech."""
+    v = model.vocab
+    if isinstance(question, str):
+        return [v.roles["<|user|>"], *text_ids(model, question), v.roles["<|assistant|>"]], None
+    ids, codes = speech_segment(model, question)
+    return [v.roles["<|user|>"], *ids, v.roles["<|assistant|>"]], codes
+
+
+def empty_frames(model: SpeechLM) -> Tensor:
+    return torch.zeros(0, model.config.num_codebooks, dtype=torch.long)

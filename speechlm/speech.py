@@ -1,0 +1,170 @@
+"""The speech LM as a user meets it: text or 16 kHz audio in, text and audio out.
+
+    from speechlm.speech import SpeechPipeline
+    sp = SpeechPipeline.from_pretrained("path/to/model")       # a speech LM dir (+ its codec)
+    audio = sp.tts("Hello there.")                              # float32 (T,) at 16 kHz
+    for chunk in sp.tts("Hello there.", stream=True): ...       # PCM chunks as frames decode
+    text = sp.asr(audio)
+    reply_text, reply_audio = sp.chat(audio)                    # one spoken turn
+
+A model directory holds the speech LM (``SpeechLM.save_pretrained``) and, in ``codec/``,
+the codec whose codes it reads and writes (or ``codec.json`` naming a shipped codec).
+Streaming TTS decodes each frame with the streaming codec as soon as the LM completes it,
+so the first PCM chunk leaves after the first backbone forward (MCTP gives several frames
+per forward).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .codec.audio import SAMPLE_RATE, is_silent
+from .codec.errors import AudioError, SpeechLMError
+from .codec.model import Codec
+from .lm.generate import Sampling, iter_audio, text_generate
+from .lm.model import SpeechLM
+from .lm.prompts import asr_prompt, chat_prompt, tts_prompt
+
+CODEC_DIR = "codec"
+CODEC_REF = "codec.json"
+MIN_AUDIO_SECONDS = 0.2
+
+
+@dataclass
+class Generation:
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+    seed: int | None = 0
+    max_seconds: float = 30.0  # of speech per reply
+    max_text_tokens: int = 200
+
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+
+    def text_sampling(self) -> Sampling:
+        # Transcripts and answers: greedy (temperature 0) unless asked otherwise.
+        return Sampling(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=self.repetition_penalty)
+
+
+class SpeechPipeline:
+    def __init__(self, lm: SpeechLM, codec: Codec):
+        if lm.config.num_codebooks != codec.config.codes_per_frame or lm.config.codebook_size != codec.config.codebook_size:
+            raise SpeechLMError(
+                f"the speech LM reads {lm.config.num_codebooks} x {lm.config.codebook_size} codes but the codec makes "
+                f"{codec.config.codes_per_frame} x {codec.config.codebook_size}"
+            )
+        if lm.config.codec_id and lm.config.codec_id != codec.codec_id:
+            raise SpeechLMError(f"the speech LM was trained on codec {lm.config.codec_id!r}, not {codec.codec_id!r}")
+        self.lm, self.codec = lm.eval(), codec.eval()
+        self.sample_rate = codec.sample_rate
+
+    # -- files -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike, codec: str | os.PathLike | None = None) -> SpeechPipeline:
+        path = _resolve(path_or_name)
+        lm = SpeechLM.from_pretrained(path)
+        if codec is None:
+            if (path / CODEC_DIR).is_dir():
+                codec = path / CODEC_DIR
+            elif (path / CODEC_REF).is_file():
+                codec = json.loads((path / CODEC_REF).read_text())["codec"]
+            else:
+                raise SpeechLMError(f"{path} names no codec: add {CODEC_DIR}/ or {CODEC_REF}, or pass codec=")
+        return cls(lm, Codec.from_pretrained(codec))
+
+    def save_pretrained(self, directory: str | os.PathLike, codec_name: str | None = None) -> Path:
+        """Save the LM and its codec (a copy in ``codec/``, or just its shipped name)."""
+        directory = Path(directory)
+        self.lm.save_pretrained(directory)
+        if codec_name:
+            (directory / CODEC_REF).write_text(json.dumps({"codec": codec_name, "codec_id": self.codec.codec_id}))
+        else:
+            self.codec.save_pretrained(directory / CODEC_DIR)
+        return directory
+
+    # -- audio in ------------------------------------------------------------------------------
+
+    def _frames(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        audio = np.asarray(audio, dtype=np.float32)
+        if sample_rate != self.sample_rate:
+            raise AudioError(f"audio must be {self.sample_rate} Hz, got {sample_rate} Hz (resample it, e.g. with speechlm.codec.audio.load_audio)")
+        if audio.ndim != 1:
+            raise AudioError(f"audio must be mono (T,), got shape {audio.shape}")
+        if len(audio) < MIN_AUDIO_SECONDS * self.sample_rate:
+            raise AudioError(f"audio too short: {len(audio) / self.sample_rate:.2f} s (at least {MIN_AUDIO_SECONDS} s)")
+        if not np.all(np.isfinite(audio)):
+            raise AudioError("audio holds NaN or infinite samples")
+        return self.codec.encode(torch.from_numpy(audio)[None])[0]
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def tts(self, text: str, *, stream: bool = False, generation: Generation | None = None) -> np.ndarray | Iterator[np.ndarray]:
+        """Speak ``text``. ``stream=True`` returns an iterator of PCM chunks (float32, 16 kHz)."""
+        chunks = self._speak(tts_prompt(self.lm, text), None, generation or Generation())
+        return chunks if stream else _join(chunks)
+
+    def asr(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> str:
+        """Transcribe 16 kHz mono audio; silence gives an empty transcript."""
+        frames = self._frames(audio, sample_rate)
+        if is_silent(audio):
+            return ""
+        g = generation or Generation()
+        ids, codes = asr_prompt(self.lm, frames)
+        out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(), seed=g.seed)[0]
+        return self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+    def chat(self, question: np.ndarray | str, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> tuple[str, np.ndarray]:
+        """One turn: a spoken (16 kHz audio) or typed question -> (reply text, reply speech)."""
+        g = generation or Generation()
+        if isinstance(question, str):
+            ids, codes = chat_prompt(self.lm, question)
+        else:
+            frames = self._frames(question, sample_rate)
+            if is_silent(question):
+                return "", np.zeros(0, np.float32)
+            ids, codes = chat_prompt(self.lm, frames)
+        v = self.lm.vocab
+        reply = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
+                              stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)[0]
+        text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        if not text:
+            return "", np.zeros(0, np.float32)
+        audio = _join(self._speak([*ids, *reply, v.speech_start], codes, g))
+        return text, audio
+
+    def _speak(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> Iterator[np.ndarray]:
+        """Generate the speech segment after ``ids`` and decode it frame by frame."""
+        state = self.codec.init_state(1)
+        max_frames = max(1, int(g.max_seconds * self.lm.config.frame_rate))
+        with torch.inference_mode():
+            for step in iter_audio(self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), seed=g.seed):
+                for frame in step.frames[0]:
+                    pcm, state = self.codec.decode_step(frame[None].clamp(max=self.codec.config.codebook_size - 1), state)
+                    yield pcm[0].cpu().numpy()
+
+
+def _join(chunks: Iterator[np.ndarray]) -> np.ndarray:
+    parts = list(chunks)
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+def _resolve(path_or_name: str | os.PathLike) -> Path:
+    p = Path(path_or_name)
+    if p.is_dir():
+        return p
+    import importlib.resources
+
+    shipped = Path(str(importlib.resources.files("speechlm") / "models" / str(path_or_name)))
+    if shipped.is_dir():
+        return shipped
+    raise SpeechLMError(f"speech model not found: {path_or_name} (a directory, or a model shipped in speechlm/models)")

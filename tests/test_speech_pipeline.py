@@ -1,0 +1,98 @@
+"""SpeechPipeline (LM + codec): tts / streaming tts / asr / chat end to end on tiny random
+models, save/load with the codec, and bad input."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.utils import logging as hf_logging
+
+from speechlm.codec.config import CodecConfig
+from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.model import Codec
+from speechlm.lm import SpeechLM, load_tokenizer, train_bpe_tokenizer
+from speechlm.speech import Generation, SpeechPipeline
+
+torch.set_num_threads(1)
+hf_logging.set_verbosity_error()
+TINY_CODEC = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
+                  decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2, num_quantizers=2,
+                  codebook_size=16)
+SHORT = Generation(max_seconds=0.4, max_text_tokens=5, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    tok_dir = tmp_path_factory.mktemp("tok")
+    train_bpe_tokenizer(["hello world", "what is two plus three", "the answer is five"] * 5, vocab_size=300, min_frequency=1, save_dir=tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
+    codec = Codec(CodecConfig(**TINY_CODEC)).eval()
+    backbone = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512)
+    lm = SpeechLM.from_backbone(backbone, tokenizer, num_codebooks=4, codebook_size=16, depth_dim=32, depth_heads=2, mctp_modules=2,
+                                codec_id=codec.codec_id)
+    return SpeechPipeline(lm, codec)
+
+
+def test_tts_offline_and_streaming(pipeline):
+    audio = pipeline.tts("hello world", generation=SHORT)
+    assert audio.dtype == np.float32 and len(audio) % 640 == 0 and 0 < len(audio) <= 10 * 640
+    chunks = list(pipeline.tts("hello world", stream=True, generation=SHORT))
+    assert all(len(c) == 640 for c in chunks)
+    assert np.allclose(np.concatenate(chunks), audio), "same seed: streaming equals offline"
+
+
+def test_asr_and_chat(pipeline):
+    speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
+    assert isinstance(pipeline.asr(speech, generation=SHORT), str)
+    text, audio = pipeline.chat(speech, generation=SHORT)
+    assert isinstance(text, str) and audio.dtype == np.float32
+    text, audio = pipeline.chat("what is two plus three", generation=SHORT)
+    assert isinstance(text, str)
+
+
+def test_save_load_roundtrip(pipeline, tmp_path):
+    pipeline.save_pretrained(tmp_path / "m")
+    again = SpeechPipeline.from_pretrained(tmp_path / "m")
+    assert np.array_equal(again.tts("hello world", generation=SHORT), pipeline.tts("hello world", generation=SHORT))
+
+
+def test_bad_input(pipeline):
+    speech = np.zeros(8000, np.float32)
+    assert pipeline.asr(speech) == "", "silence transcribes to nothing"
+    assert pipeline.chat(speech) == ("", pytest.approx(np.zeros(0, np.float32)))
+    with pytest.raises(SpeechLMError, match="empty text"):
+        pipeline.tts("   ")
+    with pytest.raises(SpeechLMError, match="limit is"):
+        pipeline.tts("word " * 1000)
+    with pytest.raises(SpeechLMError, match="16000 Hz"):
+        pipeline.asr(speech, sample_rate=8000)
+    with pytest.raises(SpeechLMError, match="too short"):
+        pipeline.asr(speech[:100])
+    with pytest.raises(SpeechLMError, match="mono"):
+        pipeline.asr(np.zeros((8000, 2), np.float32))
+    with pytest.raises(SpeechLMError, match="NaN"):
+        pipeline.asr(np.full(8000, np.nan, np.float32))
+    with pytest.raises(SpeechLMError, match="not found"):
+        SpeechPipeline.from_pretrained("no-such-model")
+
+
+def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
+    pipeline.save_pretrained(tmp_path / "m")
+    model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1"]
+    r = cli("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", *model)
+    assert r.returncode == 0, r.stderr
+    assert "first audio after" in r.stdout and (tmp_path / "t.wav").stat().st_size > 44
+    speech = tmp_path / "q.wav"
+    from speechlm.codec.audio import save_audio
+
+    save_audio(speech, (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32))
+    r = cli("asr", str(speech), "--json", *model)
+    assert r.returncode == 0 and '"text"' in r.stdout, r.stderr
+    r = cli("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
+    assert r.returncode == 0, r.stderr
+    r = cli("tts", "", "-o", str(tmp_path / "e.wav"), *model)
+    assert r.returncode == 2 and "empty text" in r.stderr and "Traceback" not in r.stderr
+    r = cli("tts", "hello", "-o", str(tmp_path / "e.wav"))
+    assert r.returncode == 2 and "no default speech LM" in r.stderr
