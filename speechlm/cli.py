@@ -318,6 +318,21 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- streaming ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .streaming.server import serve_main
+
+    return serve_main(args)
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from .streaming.client import client_main
+
+    return client_main(args)
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -428,6 +443,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_codec)
+
+    from .streaming.client import add_client_arguments
+    from .streaming.settings import add_serve_arguments
+
+    p = sub.add_parser("serve", help="full-duplex websocket server (/ws) and browser page (/)")
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("client", help="stream a file (or --mic) to a speechlm server; write the reply, print both transcripts")
+    add_client_arguments(p)
+    p.set_defaults(func=cmd_client)
 
     p = sub.add_parser("plot", help="plot a training log.jsonl to PNG")
     p.add_argument("log")

@@ -1,0 +1,513 @@
+"""Python client for the duplex server: a library (:class:`DuplexClient`, :func:`stream_file`,
+:func:`stream_microphone`) and the ``speechlm client`` command.
+
+    async with await DuplexClient.connect("ws://127.0.0.1:8998") as client:
+        await client.send_audio(pcm)                 # float32 16 kHz, any length
+        async for message in client.messages():     # Audio (see client.pcm), Text, Control, Metadata, Error
+            ...
+
+Every failure a user can cause or meet (server down, refused, full, closed with an error)
+raises :class:`ClientError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+
+from ..codec.errors import SpeechLMError
+from . import protocol
+from .protocol import Audio, Control, Error, ErrorCode, Handshake, Metadata, Text
+
+CLIENT_NAME = "speechlm-client/1"
+
+
+class ClientError(SpeechLMError):
+    """The server could not be reached, refused us, or ended the session with an error."""
+
+
+def normalize_url(url: str) -> str:
+    """``host:port``, ``http://...`` or ``ws://host:port`` -> ``ws://host:port/ws``."""
+    if "://" not in url:
+        url = "ws://" + url
+    parts = urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise ClientError(f"not a websocket URL: {url!r} (expected ws://HOST:PORT)")
+    path = parts.path if parts.path not in ("", "/") else "/ws"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+class DuplexClient:
+    """One session with the server. Create with :meth:`connect`."""
+
+    def __init__(self, ws: ClientConnection, server_config: dict[str, Any], codec: str):
+        self.ws = ws
+        self.server_config = server_config
+        self.sample_rate = int(server_config.get("sample_rate", protocol.SAMPLE_RATE))
+        self.frame_length = int(server_config.get("frame_length", protocol.FRAME_LENGTH))
+        self.codec = codec
+        self._send_wire = protocol.wire_codec(codec, self.sample_rate)
+        self._receive_wire = protocol.wire_codec(codec, self.sample_rate) if codec == "opus" else self._send_wire
+        self._pending = np.zeros(0, dtype=np.float32)  # opus: samples waiting for a whole frame
+        self._ping_ids = itertools.count(1)
+        self._pings: dict[int, float] = {}
+        self.round_trips: list[float] = []  # seconds, one per answered ping
+        self.fatal_error: Error | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        token: str | None = None,
+        codec: str = "pcm16",
+        client: str = CLIENT_NAME,
+        open_timeout: float = 10.0,
+        **options: Any,
+    ) -> DuplexClient:
+        """Open ``url``, send the HANDSHAKE, wait for the server's. ``options`` go into the handshake
+        (``autostart``, ``send_text``, ``metadata_interval``)."""
+        url = normalize_url(url)
+        if codec == "opus" and not protocol.opus_available():
+            raise ClientError("--codec opus needs the sphn package (pip install sphn)")
+        try:
+            ws = await connect(url, open_timeout=open_timeout, max_size=2**20, compression=None, close_timeout=2, proxy=None)
+        except InvalidStatus as e:
+            body = (e.response.body or b"").decode("utf-8", "replace").strip()
+            raise ClientError(f"server at {url} refused the connection: HTTP {e.response.status_code} {body}".strip()) from None
+        except InvalidURI:
+            raise ClientError(f"not a websocket URL: {url!r}") from None
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ClientError(f"timed out connecting to {url} after {open_timeout:g} s") from None
+        except (OSError, InvalidHandshake) as e:
+            reason = (
+                "connection refused"
+                if isinstance(e, ConnectionRefusedError)
+                else getattr(e, "strerror", None) or str(e) or type(e).__name__
+            )
+            raise ClientError(f"cannot connect to {url}: {reason} (is `speechlm serve` running there?)") from None
+        config = {"version": protocol.VERSION, "sample_rate": protocol.SAMPLE_RATE, "codec": codec, "client": client, **options}
+        if token:
+            config["token"] = token
+        with contextlib.suppress(ConnectionClosed):  # a server that is full answers before reading: read that below
+            await ws.send(protocol.encode(Handshake(config)))
+        try:
+            reply = protocol.decode(await asyncio.wait_for(ws.recv(), open_timeout), max_bytes=2**20)
+        except (asyncio.TimeoutError, TimeoutError):
+            await ws.close()
+            raise ClientError(f"{url} did not answer the handshake within {open_timeout:g} s") from None
+        except ConnectionClosed as e:
+            raise ClientError(f"server closed the connection during the handshake: {_describe_close(e)}") from None
+        except protocol.ProtocolError as e:
+            await ws.close()
+            raise ClientError(f"server sent a malformed handshake: {e}") from None
+        if isinstance(reply, Error):
+            await ws.close()
+            raise ClientError(f"server refused the session ({reply.code}): {reply.message}")
+        if not isinstance(reply, Handshake):
+            await ws.close()
+            raise ClientError(f"server answered the handshake with {type(reply).__name__}, not HANDSHAKE")
+        return cls(ws, reply.config, codec)
+
+    async def __aenter__(self) -> DuplexClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def send_audio(self, pcm: np.ndarray) -> None:
+        """Send float32 samples (any length) at the server's rate, one AUDIO message per frame."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if self.codec == "opus":  # Opus takes whole frames only
+            pcm = np.concatenate([self._pending, pcm])
+            whole = len(pcm) // self.frame_length * self.frame_length
+            pcm, self._pending = pcm[:whole], pcm[whole:]
+        for start in range(0, len(pcm), self.frame_length):
+            payload = self._send_wire.encode(pcm[start : start + self.frame_length])
+            if payload:
+                await self.ws.send(protocol.encode(Audio(payload)))
+
+    async def send_control(self, action: str, **fields: Any) -> None:
+        await self.ws.send(protocol.encode(Control(action, fields)))
+
+    async def ping(self) -> None:
+        """Send a ping; its round trip lands in :attr:`round_trips` when the pong comes back."""
+        ping_id = next(self._ping_ids)
+        self._pings[ping_id] = time.perf_counter()
+        if len(self._pings) > 100:
+            self._pings.pop(next(iter(self._pings)))
+        await self.send_control("ping", id=ping_id, t=time.time())
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def pcm(self, message: Audio) -> np.ndarray:
+        """The float32 samples of a received AUDIO message."""
+        return self._receive_wire.decode(message.payload)
+
+    async def messages(self) -> AsyncIterator[protocol.Message]:
+        """Decoded server messages until the session ends. Pongs are consumed (see round_trips).
+
+        Raises ClientError when the server ends the session with an error.
+        """
+        while True:
+            try:
+                data = await self.ws.recv()
+            except ConnectionClosed as e:
+                if self.fatal_error is not None:
+                    raise ClientError(f"server ended the session ({self.fatal_error.code}): {self.fatal_error.message}") from None
+                if e.rcvd is None:
+                    if e.sent is not None:
+                        return  # we closed
+                    raise ClientError("connection to the server was lost (no close frame)") from None
+                if e.rcvd.code == 1000:
+                    return
+                raise ClientError(f"server closed the connection: {_describe_close(e)}") from None
+            try:
+                message = protocol.decode(data, max_bytes=2**20)
+            except protocol.ProtocolError:
+                continue  # a newer server's extension we cannot read: ignore
+            if isinstance(message, Control) and message.action == "pong":
+                sent = self._pings.pop(message.fields.get("id"), None)
+                if sent is not None:
+                    self.round_trips.append(time.perf_counter() - sent)
+                continue
+            if isinstance(message, Error) and message.code != ErrorCode.BAD_MESSAGE:
+                self.fatal_error = message
+            yield message
+
+
+def _describe_close(e: ConnectionClosed) -> str:
+    if e.rcvd is None:
+        return "no close frame (connection dropped)"
+    return f"code {e.rcvd.code}" + (f", {e.rcvd.reason}" if e.rcvd.reason else "")
+
+
+# -- conversations ------------------------------------------------------------------------
+
+
+@dataclass
+class Conversation:
+    """What came back from one session."""
+
+    audio: np.ndarray  # model audio, float32 at sample_rate
+    sample_rate: int
+    texts: list[Text] = field(default_factory=list)
+    errors: list[Error] = field(default_factory=list)  # non-fatal ERRORs (bad_message)
+    stats: dict[str, Any] = field(default_factory=dict)  # the server's last METADATA stats
+    server: dict[str, Any] = field(default_factory=dict)  # the server's HANDSHAKE
+    round_trips: list[float] = field(default_factory=list)  # ping round trips, seconds
+    complete: bool = True  # False when the reply stopped short of the audio sent (timed out)
+
+    def transcript(self, speaker: str) -> str:
+        return " ".join(t.text.strip() for t in self.texts if t.speaker == speaker).strip()
+
+
+async def stream_file(
+    url: str,
+    audio: np.ndarray,
+    *,
+    token: str | None = None,
+    realtime: bool = True,
+    listen_seconds: float = 2.0,
+    codec: str = "pcm16",
+    on_text: Callable[[Text], None] | None = None,
+    grace_seconds: float = 5.0,
+) -> Conversation:
+    """Stream ``audio`` (float32, 16 kHz) like a microphone would, then ``listen_seconds`` of silence,
+    and collect the model's reply until as much audio came back as went out.
+
+    ``realtime=False`` sends as fast as the server accepts (its jitter buffer paces us).
+    """
+    async with await DuplexClient.connect(url, token=token, codec=codec) as client:
+        frame = client.frame_length
+        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
+        listen = np.zeros(round(listen_seconds * client.sample_rate), dtype=np.float32)
+        outgoing = np.concatenate([audio, listen])
+        outgoing = np.pad(outgoing, (0, -len(outgoing) % frame))
+        target = len(outgoing) - (2 * frame if codec == "opus" else 0)  # Opus keeps a little in its pipeline
+        result = Conversation(np.zeros(0, np.float32), client.sample_rate, server=client.server_config)
+        received: list[np.ndarray] = []
+        got = 0
+
+        async def send() -> None:
+            start = time.perf_counter()
+            frame_seconds = frame / client.sample_rate
+            for i in range(len(outgoing) // frame):
+                if realtime:
+                    delay = start + i * frame_seconds - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                if i % 25 == 0:
+                    await client.ping()
+                await client.send_audio(outgoing[i * frame : (i + 1) * frame])
+
+        async def receive() -> None:
+            nonlocal got
+            async for message in client.messages():
+                if isinstance(message, Audio):
+                    pcm = client.pcm(message)
+                    received.append(pcm)
+                    got += len(pcm)
+                    if got >= target:
+                        return
+                elif isinstance(message, Text):
+                    result.texts.append(message)
+                    if on_text is not None:
+                        on_text(message)
+                elif isinstance(message, Metadata) and message.data.get("type") == "stats":
+                    result.stats = message.data
+                elif isinstance(message, Error):
+                    result.errors.append(message)
+            raise ClientError(f"server closed the session after {got / client.sample_rate:.2f} s of reply")
+
+        sender = asyncio.create_task(send())
+        receiver = asyncio.create_task(receive())
+        deadline = len(outgoing) / client.sample_rate + grace_seconds
+        try:
+            done, _ = await asyncio.wait({receiver}, timeout=deadline)
+            if sender.done() and sender.exception() is not None and not receiver.done():
+                raise ClientError(f"sending failed: {sender.exception()}")
+            if receiver in done:
+                receiver.result()  # raises ClientError if the server ended the session
+            else:
+                result.complete = False
+        finally:
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+        result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
+        result.round_trips = list(client.round_trips)
+        return result
+
+
+class PlaybackBuffer:
+    """Thread-safe jitter buffer between network frames and a sound card callback.
+
+    Playback starts once ``prebuffer`` samples are queued; on underrun it plays silence
+    and waits for ``prebuffer`` again; beyond ``max_samples`` the oldest samples go.
+    """
+
+    def __init__(self, prebuffer: int = 1280, max_samples: int = 16_000):
+        self.prebuffer, self.max_samples = prebuffer, max_samples
+        self._chunks: collections.deque[np.ndarray] = collections.deque()
+        self._size = 0
+        self._playing = False
+        self._lock = threading.Lock()
+        self.underruns = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, pcm: np.ndarray) -> None:
+        with self._lock:
+            self._chunks.append(np.asarray(pcm, dtype=np.float32))
+            self._size += len(pcm)
+            while self._size > self.max_samples:
+                self._size -= len(old := self._chunks.popleft())
+                self.dropped += len(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._chunks.clear()
+            self._size = 0
+            self._playing = False
+
+    def pull(self, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype=np.float32)
+        with self._lock:
+            if not self._playing:
+                if self._size < self.prebuffer:
+                    return out
+                self._playing = True
+            filled = 0
+            while filled < n and self._chunks:
+                chunk = self._chunks[0]
+                take = min(n - filled, len(chunk))
+                out[filled : filled + take] = chunk[:take]
+                filled += take
+                if take == len(chunk):
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = chunk[take:]
+            self._size -= filled
+            if filled < n:
+                self.underruns += 1
+                self._playing = False
+        return out
+
+
+def import_sounddevice():
+    """sounddevice, or a ClientError that says what to install."""
+    try:
+        import sounddevice
+    except (ImportError, OSError) as e:  # OSError: the module is there but PortAudio is not
+        raise ClientError(
+            f"--mic needs the sounddevice package and the PortAudio library (pip install sounddevice; apt install libportaudio2): {e}"
+        ) from None
+    return sounddevice
+
+
+async def stream_microphone(
+    url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None
+) -> Conversation:
+    """Full duplex with the sound card: microphone to the server, the server to the speakers.
+
+    Runs for ``seconds`` (None: until cancelled, e.g. Ctrl-C). Returns the model audio heard.
+    """
+    sd = import_sounddevice()
+    loop = asyncio.get_running_loop()
+    async with await DuplexClient.connect(url, token=token, codec=codec) as client:
+        rate, frame = client.sample_rate, client.frame_length
+        captured: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
+        playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate)
+        result = Conversation(np.zeros(0, np.float32), rate, server=client.server_config)
+        received: list[np.ndarray] = []
+
+        def on_capture(indata, frames, time_info, status) -> None:  # sound card thread
+            chunk = indata[:, 0].copy()
+            loop.call_soon_threadsafe(lambda: captured.full() or captured.put_nowait(chunk))
+
+        def on_playback(outdata, frames, time_info, status) -> None:  # sound card thread
+            outdata[:, 0] = playback.pull(frames)
+
+        async def send() -> None:
+            for i in itertools.count():
+                await client.send_audio(await captured.get())
+                if i % 25 == 0:
+                    await client.ping()
+
+        async def receive() -> None:
+            async for message in client.messages():
+                if isinstance(message, Audio):
+                    pcm = client.pcm(message)
+                    playback.push(pcm)
+                    received.append(pcm)
+                elif isinstance(message, Text):
+                    result.texts.append(message)
+                    if on_text is not None:
+                        on_text(message)
+                elif isinstance(message, Metadata) and message.data.get("type") == "stats":
+                    result.stats = message.data
+
+        with (
+            sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_capture),
+            sd.OutputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_playback),
+        ):
+            tasks = [asyncio.create_task(send()), asyncio.create_task(receive())]
+            try:
+                done, _ = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    task.result()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
+        result.round_trips = list(client.round_trips)
+        return result
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``speechlm client``; the handler is :func:`client_main`."""
+    parser.add_argument("url", help="server address, e.g. ws://127.0.0.1:8998 (the /ws path is added)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", "-i", help="audio file to speak to the server (any format soundfile reads; resampled to 16 kHz)")
+    source.add_argument("--mic", action="store_true", help="talk through the sound card (needs sounddevice)")
+    parser.add_argument("-o", "--output", help="write the model's audio here (.wav/.flac)")
+    parser.add_argument("--fast", action="store_true", help="send the file as fast as the server accepts instead of in real time")
+    parser.add_argument("--listen-seconds", type=float, default=2.0, help="keep listening this long after the input ends (default 2)")
+    parser.add_argument("--seconds", type=float, help="with --mic: stop after this long (default: until Ctrl-C)")
+    parser.add_argument("--token", help="the server's token, if it has one")
+    parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus needs sphn)")
+    parser.add_argument("--json", action="store_true", help="print transcripts and stats as one JSON object")
+
+
+def client_main(args: argparse.Namespace) -> int:
+    """``speechlm client`` handler. Raises SpeechLMError (ClientError, AudioError) for the CLI to print."""
+    from ..codec.audio import load_audio, save_audio
+
+    if not args.input and not args.mic:
+        raise ClientError("give --input FILE (or --mic to talk live)")
+    if args.listen_seconds < 0:
+        raise ClientError(f"--listen-seconds must be >= 0, got {args.listen_seconds}")
+    normalize_url(args.url)  # fail early on a bad URL
+    if args.output:
+        from ..codec.audio import WRITE_FORMATS
+
+        if not any(args.output.lower().endswith(suffix) for suffix in WRITE_FORMATS):
+            raise ClientError(f"cannot write {args.output}: use one of {', '.join(WRITE_FORMATS)}")
+
+    def show(text: Text) -> None:
+        if not args.json:
+            print(f"[{text.start:7.2f}s] {text.speaker}: {text.text}", flush=True)
+
+    sent_seconds = None
+    if args.mic:
+        try:
+            result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show))
+        except KeyboardInterrupt:
+            return 0
+    else:
+        audio = load_audio(args.input, sample_rate=protocol.SAMPLE_RATE)
+        sent_seconds = len(audio) / protocol.SAMPLE_RATE + args.listen_seconds
+        result = asyncio.run(
+            stream_file(
+                args.url,
+                audio,
+                token=args.token,
+                realtime=not args.fast,
+                listen_seconds=args.listen_seconds,
+                codec=args.codec,
+                on_text=show,
+            )
+        )
+    if args.output:
+        save_audio(args.output, result.audio, result.sample_rate)
+    rtt_ms = 1000 * float(np.median(result.round_trips)) if result.round_trips else None
+    summary = {
+        "user": result.transcript("user"),
+        "model": result.transcript("model"),
+        "reply_seconds": round(len(result.audio) / result.sample_rate, 3),
+        "output": args.output,
+        "round_trip_ms": None if rtt_ms is None else round(rtt_ms, 2),
+        "dropped_frames": result.stats.get("dropped_frames"),
+        "underruns": result.stats.get("underruns"),
+        "errors": [f"{e.code}: {e.message}" for e in result.errors],
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"user:  {summary['user'] or '(no text)'}")
+    print(f"model: {summary['model'] or '(no text)'}")
+    where = f" -> {args.output}" if args.output else ""
+    rtt = f", ping round trip {summary['round_trip_ms']} ms" if rtt_ms is not None else ""
+    print(f"{summary['reply_seconds']:.2f} s of model audio{where}{rtt}")
+    if not result.complete:
+        print(f"warning: the reply stopped short of the {sent_seconds:.2f} s sent (server too slow?)")
+    for error in result.errors:
+        print(f"warning: server said {error.code}: {error.message}")
+    return 0

@@ -1,0 +1,219 @@
+"""Load test: how many sessions one server holds in real time.
+
+The server runs in this process; N clients run in a child process (one event loop, one
+task per session), each sending one 40 ms frame per frame period at absolute deadlines
+and counting what comes back. A load is *held* when over the measured window the frame
+clock had no late and no skipped tick (every output frame was ready before the next
+frame was due) and the clients got back (almost) every frame.
+
+    python -m speechlm.streaming.loadtest --sessions 8,16,32,64 --seconds 5
+    python -m speechlm.streaming.loadtest --model echo --codec path/to/codec --threads 1
+
+Functions for ``benchmarks/``: :func:`measure_load` (one load) and :func:`step_times`
+(the model step alone, per batch size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .models import DuplexModel
+from .server import DuplexServer, ServerConfig
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# -- load generator (child process) -------------------------------------------------------
+
+
+async def _one_client(url: str, seconds: float, frame_seconds: float, payload: bytes, stats: dict) -> None:
+    from websockets.asyncio.client import connect
+
+    handshake = protocol.encode(protocol.Handshake({"version": protocol.VERSION, "client": "loadtest", "metadata_interval": 0}))
+    async with connect(url, compression=None, max_queue=64) as ws:
+        await ws.send(handshake)
+        await ws.recv()
+        received = 0
+        first_audio: float | None = None
+        start = time.perf_counter()
+
+        async def reader() -> None:
+            nonlocal received, first_audio
+            async for data in ws:
+                if data[:1] == b"\x01":
+                    received += 1
+                    if first_audio is None:
+                        first_audio = time.perf_counter() - start
+
+        task = asyncio.create_task(reader())
+        frames = round(seconds / frame_seconds)
+        late = 0
+        for i in range(frames):
+            delay = start + i * frame_seconds - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif delay < -frame_seconds:
+                late += 1
+            await ws.send(payload)
+        await asyncio.sleep(0.3)  # the last replies
+        task.cancel()
+        stats["sent"] += frames
+        stats["received"] += min(received, frames)  # the server keeps talking after we stop: count what answers us
+        stats["client_late_sends"] += late
+        if first_audio is not None:
+            stats["first_audio_ms"].append(1000 * first_audio)
+
+
+def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out) -> None:
+    async def main() -> dict:
+        t = np.arange(frame_length) / sample_rate
+        payload = protocol.encode(protocol.Audio.from_pcm((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)))
+        stats: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0}
+
+        async def guarded() -> None:
+            try:
+                await _one_client(url, seconds, frame_length / sample_rate, payload, stats)
+            except Exception:
+                stats["failed"] += 1
+
+        await asyncio.gather(*(guarded() for _ in range(sessions)))
+        return stats
+
+    out.put(asyncio.run(main()))
+
+
+# -- measurements -------------------------------------------------------------------------
+
+
+async def measure_load(model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0) -> dict[str, Any]:
+    """Hold ``sessions`` clients for ``warmup + seconds``; the numbers cover the last ``seconds``."""
+    config = ServerConfig(port=0, max_sessions=sessions, idle_timeout=60)
+    async with DuplexServer(model, config) as server:
+        rss_before = _rss_mb()
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        process = context.Process(
+            target=_generator, args=(server.url, sessions, warmup + seconds, model.frame_length, model.sample_rate, queue), daemon=True
+        )
+        process.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while server.scheduler.live_sessions < sessions and loop.time() < deadline and process.is_alive():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(warmup)
+        stats = server.scheduler.stats
+        before = (stats.ticks, stats.late_ticks, stats.skipped_ticks)
+        stats.step_seconds.clear()
+        await asyncio.sleep(seconds)
+        ticks, late, skipped = (stats.ticks - before[0], stats.late_ticks - before[1], stats.skipped_ticks - before[2])
+        steps_ms = np.asarray(stats.step_seconds) * 1000
+        sessions_now = [c.session for c in server.connections if c.session is not None]
+        underruns = sum(s.underruns for s in sessions_now)
+        dropped = sum(s.output.dropped for s in sessions_now)
+        rss_after = _rss_mb()
+        clients = await asyncio.to_thread(queue.get, True, 120)
+        await asyncio.to_thread(process.join, 10)
+    frame_ms = 1000 * model.frame_length / model.sample_rate
+    received_ratio = clients["received"] / max(1, clients["sent"])
+    return {
+        "sessions": sessions,
+        "ticks": ticks,
+        "late_ticks": late,
+        "skipped_ticks": skipped,
+        "step_ms_p50": round(float(np.percentile(steps_ms, 50)), 2) if len(steps_ms) else None,
+        "step_ms_p99": round(float(np.percentile(steps_ms, 99)), 2) if len(steps_ms) else None,
+        "step_budget_used_p50": round(float(np.percentile(steps_ms, 50)) / frame_ms, 3) if len(steps_ms) else None,
+        "server_underruns": underruns,
+        "server_dropped": dropped,
+        "client_late_sends": clients["client_late_sends"],
+        "client_failed": clients["failed"],
+        "received_ratio": round(received_ratio, 4),
+        "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
+        "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),
+        "held": late == 0 and skipped == 0 and clients["failed"] == 0 and received_ratio > 0.97,
+    }
+
+
+def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> list[dict[str, float]]:
+    """Median and p90 of one batched ``model.step`` per batch size (silence-free random input)."""
+    import torch
+
+    rows = []
+    for batch in batch_sizes:
+        state = model.init_state(batch)
+        x = 0.1 * torch.randn(batch, model.frame_length)
+        for _ in range(3):
+            _, _, state = model.step(x, state)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            _, _, state = model.step(x, state)
+            times.append(time.perf_counter() - start)
+        median = float(np.median(times))
+        rows.append(
+            {
+                "batch": batch,
+                "step_ms_p50": round(1000 * median, 3),
+                "step_ms_p90": round(1000 * float(np.percentile(times, 90)), 3),
+                "ms_per_session": round(1000 * median / batch, 4),
+            }
+        )
+    return rows
+
+
+def build_model(name: str, codec: str, device: str = "cpu") -> DuplexModel:
+    """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights)."""
+    import torch
+
+    from .models import EchoCodecModel, SilenceModel
+
+    if name == "silence":
+        return SilenceModel()
+    from ..codec.config import CodecConfig
+    from ..codec.model import Codec
+
+    if codec == "random":
+        torch.manual_seed(0)
+        model = Codec(CodecConfig()).eval()
+        model.quantizer.init_random_codebooks_()
+        return EchoCodecModel(model.to(device))
+    return EchoCodecModel(Codec.from_pretrained(codec, device=device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m speechlm.streaming.loadtest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="4,16,64", help="comma-separated loads (default 4,16,64)")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--model", choices=("echo", "silence"), default="echo")
+    parser.add_argument("--codec", default="random", help="codec name or directory, or 'random' (default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--steps-only", action="store_true", help="time the batched step alone, no sockets")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args.model, args.codec)
+    loads = [int(n) for n in args.sessions.split(",")]
+    if args.steps_only:
+        for row in step_times(model, loads):
+            print(json.dumps(row), flush=True)
+        return 0
+    for sessions in loads:
+        print(json.dumps(asyncio.run(measure_load(model, sessions, args.seconds))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

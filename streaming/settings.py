@@ -1,0 +1,113 @@
+"""Settings of ``speechlm serve``: the ServerConfig dataclass and its command-line options.
+
+Kept free of torch so that ``speechlm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..codec.errors import SpeechLMError
+from . import protocol
+
+WEB_DIR = Path(__file__).parent / "web"
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``speechlm serve`` can set. Defaults are safe for a laptop."""
+
+    host: str = "127.0.0.1"
+    port: int = 8998  # 0 picks a free port (see DuplexServer.port)
+    token: str | None = None  # required to bind a non-loopback host
+    allowed_origins: tuple[str, ...] = ()  # extra browser origins ("*" = any); same-origin pages always work
+    max_sessions: int = 32
+    max_message_bytes: int = protocol.MAX_MESSAGE_BYTES  # larger messages: ERROR bad_message, dropped
+    max_frame_bytes: int = 256 * 1024  # websocket frames larger than this close the connection (1009)
+    idle_timeout: float = 30.0  # seconds without any message from the client
+    handshake_timeout: float = 10.0
+    input_seconds: float = 2.0  # per-session jitter buffer (user audio)
+    output_seconds: float = 2.0  # per-session outbound queue; beyond it the oldest frames are dropped
+    max_bad_messages: int = 100  # malformed messages before the session is closed
+    max_pending_events: int = 256  # queued replies (ERROR, pong, METADATA) per session
+    # Model selection for the command line (run_server builds it when no model is passed).
+    model: str = "echo"  # "echo" (codec loopback) or "silence"
+    codec: str = "codec-16k"  # codec name or directory for the echo model
+    device: str = "auto"
+    threads: int | None = None  # torch threads for the model step (None: leave torch's default)
+    web_dir: Path = field(default_factory=lambda: WEB_DIR)
+
+    def check(self) -> None:
+        """Raise SpeechLMError for a config that must not run (e.g. an open bind without a token)."""
+        if not is_loopback(self.host) and not self.token:
+            raise SpeechLMError(
+                f"refusing to bind {self.host or 'all interfaces'} without --token: anyone on the network could use the model; "
+                "pass --token SECRET (clients send it as ?token= or in the handshake) or bind 127.0.0.1"
+            )
+        if self.max_sessions < 1:
+            raise SpeechLMError(f"max_sessions must be >= 1, got {self.max_sessions}")
+        if not 0 <= self.port <= 65535:
+            raise SpeechLMError(f"port must be in 0..65535, got {self.port}")
+        for name in ("idle_timeout", "handshake_timeout", "input_seconds", "output_seconds"):
+            if getattr(self, name) <= 0:
+                raise SpeechLMError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``speechlm serve``; ``config_from_args`` turns them into a ServerConfig."""
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host, help=f"interface to bind (default {d.host}; anything else needs --token)")
+    parser.add_argument("--port", type=int, default=d.port, help=f"TCP port (default {d.port}; 0 picks a free one)")
+    parser.add_argument("--token", help="shared secret clients must present (?token=... or in the handshake)")
+    parser.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="extra browser origin allowed to connect (repeatable; '*' for any)",
+    )
+    parser.add_argument("--model", choices=("echo", "silence"), default=d.model, help="duplex model (default echo: codec loopback)")
+    parser.add_argument("--codec", default=d.codec, help=f"codec name or directory for the echo model (default {d.codec})")
+    parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
+    parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
+    parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=d.idle_timeout, help=f"seconds without a message before closing (default {d.idle_timeout:g})"
+    )
+    parser.add_argument(
+        "--output-seconds",
+        type=float,
+        default=d.output_seconds,
+        help=f"per-session outbound queue; older frames are dropped (default {d.output_seconds:g})",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        allowed_origins=tuple(args.allow_origin),
+        model=args.model,
+        codec=args.codec,
+        device=args.device,
+        threads=args.threads,
+        max_sessions=args.max_sessions,
+        idle_timeout=args.idle_timeout,
+        output_seconds=args.output_seconds,
+    )
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False  # "" / None bind every interface
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve to anything

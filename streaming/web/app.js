@@ -1,0 +1,230 @@
+// The speechlm voice page: websocket protocol (docs/protocol.md), mic capture and playback
+// through audio-worklet.js, transcripts and a latency readout. Plain JS, no build step.
+//
+// URL options: ?token=SECRET fills the token box; ?autoconnect=1 connects on load (tests);
+// window.speechlm exposes the live numbers for automated checks.
+
+const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5 };
+const VERSION = 1;
+const WIRE_RATE = 16000;
+const FRAME_LENGTH = 640;
+
+const $ = (id) => document.getElementById(id);
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+const state = {
+  ws: null,
+  context: null,
+  capture: null,
+  playback: null,
+  mic: null,
+  pingTimer: null,
+  pings: new Map(),
+  nextPing: 1,
+  stats: {
+    connected: false,
+    session: null,
+    framesSent: 0,
+    framesReceived: 0,
+    rttMs: null,
+    playbackMs: 0,
+    playbackUnderruns: 0,
+    server: {},
+    transcripts: { user: "", model: "" },
+    errors: [],
+  },
+};
+window.speechlm = state.stats;
+
+function message(kind, json, version) {
+  const body = encoder.encode(JSON.stringify(json));
+  const head = version === undefined ? [kind] : [kind, version];
+  const out = new Uint8Array(head.length + body.length);
+  out.set(head);
+  out.set(body, head.length);
+  return out;
+}
+
+function send(kind, json, version) {
+  if (state.ws && state.ws.readyState === WebSocket.OPEN) state.ws.send(message(kind, json, version));
+}
+
+function setStatus(text, kind) {
+  $("status").textContent = text;
+  $("status").className = kind || "";
+}
+
+async function connect() {
+  if (state.ws) return;
+  $("connect").disabled = true;
+  setStatus("starting audio…");
+  try {
+    state.context = new AudioContext();
+    await state.context.audioWorklet.addModule("audio-worklet.js");
+    state.playback = new AudioWorkletNode(state.context, "playback-processor", {
+      numberOfInputs: 0,
+      outputChannelCount: [1],
+      processorOptions: { prebufferMs: Number($("prebuffer").value) || 80, maxBufferMs: 1000 },
+    });
+    state.playback.port.onmessage = (event) => {
+      state.stats.playbackMs = event.data.bufferedMs;
+      state.stats.playbackUnderruns = event.data.underruns;
+      render();
+    };
+    state.playback.connect(state.context.destination);
+  } catch (error) {
+    setStatus(`audio failed: ${error}`, "error");
+    teardown();
+    return;
+  }
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const token = $("token").value.trim();
+  const url = `${scheme}://${location.host}/ws` + (token ? `?token=${encodeURIComponent(token)}` : "");
+  setStatus("connecting…");
+  const ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  state.ws = ws;
+  ws.onopen = () => {
+    send(KIND.HANDSHAKE, { version: VERSION, sample_rate: WIRE_RATE, codec: "pcm16", client: "speechlm-web/1" }, VERSION);
+  };
+  ws.onmessage = (event) => onMessage(event.data);
+  ws.onerror = () => setStatus("websocket error (is the server running?)", "error");
+  ws.onclose = (event) => {
+    const why = event.reason ? `${event.code} ${event.reason}` : `${event.code}`;
+    setStatus(`disconnected (${why})`, event.code === 1000 ? "" : "error");
+    teardown();
+  };
+}
+
+async function startMicrophone() {
+  try {
+    state.mic = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+    });
+  } catch (error) {
+    setStatus(`microphone unavailable: ${error.message || error}`, "error");
+    return;
+  }
+  const source = state.context.createMediaStreamSource(state.mic);
+  state.capture = new AudioWorkletNode(state.context, "capture-processor", {
+    numberOfOutputs: 1,
+    processorOptions: { frameLength: FRAME_LENGTH },
+  });
+  state.capture.port.onmessage = (event) => {
+    if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+    const pcm = new Uint8Array(event.data);
+    const out = new Uint8Array(1 + pcm.length);
+    out[0] = KIND.AUDIO;
+    out.set(pcm, 1);
+    state.ws.send(out);
+    state.stats.framesSent++;
+  };
+  const mute = state.context.createGain();
+  mute.gain.value = 0; // the capture node must be pulled by the graph, but not heard
+  source.connect(state.capture).connect(mute).connect(state.context.destination);
+}
+
+function onMessage(data) {
+  const bytes = new Uint8Array(data);
+  if (bytes.length === 0) return;
+  const kind = bytes[0];
+  if (kind === KIND.AUDIO) {
+    const samples = new Int16Array(data.slice(1));
+    const pcm = new Float32Array(samples.length);
+    for (let i = 0; i < samples.length; i++) pcm[i] = samples[i] / 32768;
+    state.playback.port.postMessage({ type: "audio", pcm }, [pcm.buffer]);
+    state.stats.framesReceived++;
+    return;
+  }
+  let body;
+  try {
+    body = JSON.parse(decoder.decode(bytes.subarray(kind === KIND.HANDSHAKE ? 2 : 1)));
+  } catch (error) {
+    return; // not ours to understand
+  }
+  if (kind === KIND.HANDSHAKE) {
+    state.stats.connected = true;
+    state.stats.session = body.session;
+    setStatus(`connected: session ${body.session}, ${body.model}`, "ok");
+    $("disconnect").disabled = false;
+    $("interrupt").disabled = false;
+    startMicrophone();
+    state.pingTimer = setInterval(ping, 1000);
+  } else if (kind === KIND.TEXT) {
+    addText(body.speaker, body.text);
+  } else if (kind === KIND.CONTROL && body.action === "pong") {
+    const sent = state.pings.get(body.id);
+    if (sent !== undefined) {
+      state.pings.delete(body.id);
+      state.stats.rttMs = performance.now() - sent;
+    }
+  } else if (kind === KIND.METADATA && body.type === "stats") {
+    state.stats.server = body;
+  } else if (kind === KIND.ERROR) {
+    state.stats.errors.push(body);
+    setStatus(`server error ${body.code}: ${body.message}`, "error");
+  }
+  render();
+}
+
+function addText(speaker, text) {
+  const who = speaker === "user" ? "user" : "model";
+  state.stats.transcripts[who] += (state.stats.transcripts[who] ? " " : "") + text;
+  $(`${who}-text`).textContent = state.stats.transcripts[who];
+}
+
+function ping() {
+  const id = state.nextPing++;
+  state.pings.set(id, performance.now());
+  if (state.pings.size > 20) state.pings.delete(state.pings.keys().next().value);
+  send(KIND.CONTROL, { action: "ping", id, t: Date.now() / 1000 });
+}
+
+function interrupt() {
+  send(KIND.CONTROL, { action: "interrupt" });
+  if (state.playback) state.playback.port.postMessage({ type: "clear" });
+}
+
+function render() {
+  const s = state.stats;
+  const server = s.server || {};
+  const frameMs = (1000 * FRAME_LENGTH) / WIRE_RATE;
+  const queueMs = (server.output_queue_frames || 0) * frameMs;
+  $("rtt").textContent = s.rttMs === null ? "–" : `${s.rttMs.toFixed(1)} ms`;
+  $("playback").textContent = `${s.playbackMs.toFixed(0)} ms (underruns ${s.playbackUnderruns})`;
+  $("server-queue").textContent = `${queueMs.toFixed(0)} ms, dropped ${server.dropped_frames || 0} frames`;
+  $("server-input").textContent = `${server.input_ms ?? "–"} ms, underruns ${server.underruns ?? "–"}`;
+  $("server-step").textContent = server.server_step_ms_p50 == null ? "–" : `${server.server_step_ms_p50} ms (batch ${server.server_batch})`;
+  // mouth-to-ear: one-way network + server input buffer + one frame of model delay + output queue + playback buffer
+  const oneWay = s.rttMs === null ? 0 : s.rttMs / 2;
+  const total = 2 * oneWay + (server.input_ms || 0) + frameMs + queueMs + s.playbackMs;
+  $("total").textContent = `≈ ${total.toFixed(0)} ms`;
+  $("frames").textContent = `${s.framesSent} sent / ${s.framesReceived} received`;
+}
+
+function teardown() {
+  clearInterval(state.pingTimer);
+  state.pingTimer = null;
+  if (state.mic) state.mic.getTracks().forEach((track) => track.stop());
+  if (state.context) state.context.close();
+  if (state.ws && state.ws.readyState <= WebSocket.OPEN) state.ws.close(1000, "bye");
+  Object.assign(state, { ws: null, context: null, capture: null, playback: null, mic: null });
+  state.stats.connected = false;
+  $("connect").disabled = false;
+  $("disconnect").disabled = true;
+  $("interrupt").disabled = true;
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  const params = new URLSearchParams(location.search);
+  if (params.get("token")) $("token").value = params.get("token");
+  $("connect").onclick = connect;
+  $("disconnect").onclick = () => {
+    setStatus("disconnected");
+    teardown();
+  };
+  $("interrupt").onclick = interrupt;
+  render();
+  if (params.get("autoconnect") === "1") connect();
+});

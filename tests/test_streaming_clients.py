@@ -1,0 +1,215 @@
+"""Clients beyond the file path: the microphone client and the example (with a fake sound card),
+the browser page's AudioWorklet resamplers (under node), and ``serve_main`` as the CLI runs it."""
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from speechlm.codec.config import CodecConfig
+from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.model import Codec
+from speechlm.streaming.client import ClientError, DuplexClient, import_sounddevice, stream_microphone
+from speechlm.streaming.models import EchoCodecModel
+from speechlm.streaming.server import DuplexServer, ServerConfig, add_serve_arguments, serve_main
+
+ROOT = Path(__file__).resolve().parents[1]
+WEB = ROOT / "streaming" / "web"
+TINY = dict(
+    encoder_stft_dim=16,
+    encoder_stft_blocks=1,
+    encoder_frame_dim=32,
+    encoder_frame_blocks=1,
+    latent_dim=16,
+    decoder_frame_dim=32,
+    decoder_frame_blocks=1,
+    decoder_stft_dim=16,
+    decoder_stft_blocks=1,
+    num_quantizers=2,
+    codebook_size=32,
+)
+
+
+@pytest.fixture(scope="module")
+def echo() -> EchoCodecModel:
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig(**TINY)).eval()
+    codec.quantizer.init_random_codebooks_()
+    return EchoCodecModel(codec)
+
+
+class FakeStream:
+    """A sound card stream: calls ``callback`` every block in real time from its own thread."""
+
+    def __init__(self, *, samplerate, blocksize, channels, dtype, callback, is_input, played):
+        self.rate, self.block, self.channels, self.callback = samplerate, blocksize, channels, callback
+        self.is_input, self.played = is_input, played
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(2)
+
+    def _run(self):
+        period, n, start = self.block / self.rate, 0, time.perf_counter()
+        while not self._stop.is_set() and n < 500:
+            if self.is_input:
+                t = (n * self.block + np.arange(self.block)) / self.rate
+                self.callback((0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)[:, None], self.block, None, None)
+            else:
+                out = np.zeros((self.block, self.channels), np.float32)
+                self.callback(out, self.block, None, None)
+                self.played.append(out[:, 0].copy())
+            n += 1
+            time.sleep(max(0.0, start + n * period - time.perf_counter()))
+
+
+@pytest.fixture
+def fake_sounddevice(monkeypatch):
+    module = types.ModuleType("sounddevice")
+    module.played = []
+    module.InputStream = partial(FakeStream, is_input=True, played=module.played)
+    module.OutputStream = partial(FakeStream, is_input=False, played=module.played)
+    monkeypatch.setitem(sys.modules, "sounddevice", module)
+    return module
+
+
+def test_microphone_client_talks_and_plays(echo, fake_sounddevice):
+    async def main():
+        async with DuplexServer(echo, ServerConfig(port=0)) as server:
+            return await stream_microphone(server.url, seconds=1.0)
+
+    result = asyncio.run(asyncio.wait_for(main(), 15))
+    assert 18 * 640 <= len(result.audio) <= 27 * 640  # about a second of replies
+    played = np.concatenate(fake_sounddevice.played)
+    assert np.abs(played).max() > 1e-3  # the echo reached the speakers
+
+
+def test_example_voice_client_runs(echo, fake_sounddevice):
+    spec = importlib.util.spec_from_file_location("voice_client", ROOT / "examples" / "voice_client.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    async def main():
+        async with DuplexServer(echo, ServerConfig(port=0)) as server:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(example.chat(server.url), 1.0)  # a chat runs until closed
+
+    asyncio.run(asyncio.wait_for(main(), 15))
+    assert np.abs(np.concatenate(fake_sounddevice.played)).max() > 1e-3
+
+
+def test_mic_without_sounddevice_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails
+    with pytest.raises(ClientError, match="needs the sounddevice package"):
+        import_sounddevice()
+
+
+WORKLET_HARNESS = r"""
+const fs = require("fs"), vm = require("vm");
+const posted = [];
+class AudioWorkletProcessor { constructor() { this.port = { postMessage: (m) => posted.push(m), onmessage: null }; } }
+const registry = {};
+const context = { AudioWorkletProcessor, registerProcessor: (n, c) => (registry[n] = c), sampleRate: 48000, currentTime: 0, Math, Float32Array, Int16Array };
+vm.createContext(context);
+vm.runInContext(fs.readFileSync(process.argv[2], "utf8"), context);
+// capture: 1 s of a 440 Hz tone at 48 kHz in 128-sample render quanta
+const capture = new registry["capture-processor"]({ processorOptions: { frameLength: 640 } });
+const block = new Float32Array(128);
+for (let q = 0; q < 48000 / 128; q++) {
+  for (let i = 0; i < 128; i++) block[i] = 0.5 * Math.sin((2 * Math.PI * 440 * (q * 128 + i)) / 48000);
+  capture.process([[block]]);
+}
+const frames = posted.filter((m) => m instanceof ArrayBuffer).map((b) => Array.from(new Int16Array(b)));
+const pcm = [].concat(...frames.slice(1, 24));
+let crossings = 0, peak = 0;
+for (let i = 1; i < pcm.length; i++) { if (pcm[i - 1] < 0 && pcm[i] >= 0) crossings++; peak = Math.max(peak, Math.abs(pcm[i])); }
+// playback: 0.5 s of a 16 kHz 300 Hz tone in 640-sample chunks, rendered at 48 kHz
+const playback = new registry["playback-processor"]({ processorOptions: { prebufferMs: 80, maxBufferMs: 1000 } });
+for (let c = 0; c < 12; c++) {
+  const chunk = new Float32Array(640);
+  for (let i = 0; i < 640; i++) chunk[i] = 0.25 * Math.sin((2 * Math.PI * 300 * (c * 640 + i)) / 16000);
+  playback.port.onmessage({ data: { type: "audio", pcm: chunk } });
+}
+const out = [];
+for (let q = 0; q < 48000 / 128; q++) { const o = new Float32Array(128); playback.process([], [[o]]); out.push(...o); }
+let playedPeak = 0, playedCrossings = 0, nonzero = 0;
+for (let i = 1; i < out.length; i++) { if (out[i - 1] < 0 && out[i] >= 0) playedCrossings++; playedPeak = Math.max(playedPeak, Math.abs(out[i])); if (out[i] !== 0) nonzero++; }
+console.log(JSON.stringify({ frames: frames.length, frameLength: frames[0].length, crossingsPerSecond: crossings / (pcm.length / 16000), peak,
+  playedPeak, playedCrossings, playedSeconds: nonzero / 48000, underruns: playback.underruns }));
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_page_scripts_parse_and_worklets_resample(tmp_path):
+    for script in ("app.js", "audio-worklet.js"):
+        subprocess.run(["node", "--check", str(WEB / script)], check=True, timeout=30)
+    harness = tmp_path / "harness.js"
+    harness.write_text(WORKLET_HARNESS)
+    out = subprocess.run(["node", str(harness), str(WEB / "audio-worklet.js")], capture_output=True, text=True, timeout=30, check=True)
+    r = json.loads(out.stdout)
+    assert r["frameLength"] == 640 and 24 <= r["frames"] <= 25  # 48 kHz -> 16 kHz, 40 ms frames
+    assert abs(r["crossingsPerSecond"] - 440) < 5 and 0.45 * 32767 < r["peak"] < 0.52 * 32767
+    assert 0.45 < r["playedSeconds"] < 0.5 and r["underruns"] == 1  # 0.48 s played, then it ran dry once
+    assert 140 <= r["playedCrossings"] <= 146 and 0.23 < r["playedPeak"] <= 0.25  # 300 Hz at 48 kHz
+
+
+def test_serve_main_refuses_an_open_bind_without_token():
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    with pytest.raises(SpeechLMError, match="without --token"):
+        serve_main(parser.parse_args(["--host", "0.0.0.0", "--model", "silence"]))
+
+
+def test_serve_main_serves_until_sigint_and_says_goodbye():
+    code = (
+        "import argparse, sys\n"
+        "from speechlm.streaming.server import add_serve_arguments, serve_main\n"
+        "p = argparse.ArgumentParser(); add_serve_arguments(p)\n"
+        "sys.exit(serve_main(p.parse_args(sys.argv[1:])))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "--port", "0", "--model", "silence"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = process.stdout.readline()  # "speechlm serve: SilenceModel at ws://127.0.0.1:PORT/ws  page: ..."
+        url = next(word for word in line.split() if word.startswith("ws://"))
+
+        async def main():
+            client = await DuplexClient.connect(url)
+            await client.send_audio(np.zeros(1280, np.float32))
+            process.send_signal(signal.SIGINT)
+            with pytest.raises(ClientError, match="shutting_down"):
+                async for _ in client.messages():
+                    pass
+
+        asyncio.run(asyncio.wait_for(main(), 20))
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)

@@ -1,0 +1,485 @@
+"""The websocket server end to end on 127.0.0.1 (ephemeral ports), with the codec-loopback model.
+
+Every test is bounded by ``asyncio.wait_for``; the whole file runs in about 20 s on one core.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from speechlm.codec.config import CodecConfig
+from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.model import Codec
+from speechlm.streaming import protocol
+from speechlm.streaming.client import ClientError, DuplexClient, add_client_arguments, client_main, stream_file
+from speechlm.streaming.models import EchoCodecModel, SilenceModel
+from speechlm.streaming.protocol import Audio, Control, Error, Handshake, Metadata
+from speechlm.streaming.server import DuplexServer, ServerConfig, run_server
+
+TINY = dict(
+    encoder_stft_dim=16,
+    encoder_stft_blocks=1,
+    encoder_frame_dim=32,
+    encoder_frame_blocks=1,
+    latent_dim=16,
+    decoder_frame_dim=32,
+    decoder_frame_blocks=1,
+    decoder_stft_dim=16,
+    decoder_stft_blocks=1,
+    num_quantizers=2,
+    codebook_size=32,
+)
+FRAME = 640
+HANDSHAKE = protocol.encode(Handshake({"version": 1, "sample_rate": 16000, "codec": "pcm16", "client": "test"}))
+
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    torch.manual_seed(0)
+    model = Codec(CodecConfig(**TINY)).eval()
+    model.quantizer.init_random_codebooks_()
+    return model
+
+
+def run(coro, timeout: float = 30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def server(model, **config) -> DuplexServer:
+    return DuplexServer(model, ServerConfig(port=0, **config))
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    """Harmonic tone with a wobble plus noise, quantized to PCM16 (what the wire carries)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * 16_000)) / 16_000
+    f0 = 140 + 30 * np.sin(2 * np.pi * 1.5 * t)
+    x = (
+        0.2 * np.sin(2 * np.pi * np.cumsum(f0) / 16_000)
+        + 0.1 * np.sin(4 * np.pi * np.cumsum(f0) / 16_000)
+        + 0.01 * rng.standard_normal(len(t))
+    )
+    return protocol.Pcm16Wire().decode(protocol.pcm_to_bytes(x.astype(np.float32)))
+
+
+def roundtrip(codec: Codec, audio: np.ndarray) -> np.ndarray:
+    return codec.decode(codec.encode(torch.from_numpy(audio)[None]))[0].numpy()
+
+
+async def wait_until(condition, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+async def handshaken(url: str, **kwargs):
+    ws = await connect(url, compression=None, **kwargs)
+    await ws.send(HANDSHAKE)
+    reply = protocol.decode(await ws.recv())
+    assert isinstance(reply, Handshake), reply
+    return ws
+
+
+# -- the main path ------------------------------------------------------------------------
+
+
+def test_echo_session_returns_the_codec_roundtrip_one_frame_late(codec):
+    audio = speech(1.0)
+
+    async def main():
+        async with server(EchoCodecModel(codec)) as srv:
+            result = await stream_file(srv.url, audio, realtime=False, listen_seconds=0.2)
+            await wait_until(lambda: not srv.connections)
+            return result, srv.scheduler.live_sessions
+
+    result, live = run(main())
+    assert result.complete and not result.errors and live == 0
+    assert len(result.audio) == 16_000 + 3200  # input + listen time, whole frames
+    expected = roundtrip(codec, audio)
+    assert np.abs(result.audio[:FRAME]).max() == 0  # the model's first frame: silence
+    np.testing.assert_allclose(result.audio[FRAME : FRAME + 16_000], expected[:16_000], atol=2e-4)  # PCM16 on the wire
+    assert np.abs(expected).max() > 1e-3  # the comparison is not between two silences
+
+
+def test_sessions_share_one_batched_step(codec):
+    model = EchoCodecModel(codec)
+
+    async def main():
+        async with server(model) as srv:
+            clips = [speech(0.8, seed) for seed in range(3)]
+            results = await asyncio.gather(*(stream_file(srv.url, clip, realtime=False, listen_seconds=0.1) for clip in clips))
+            return clips, results, srv.scheduler.stats.snapshot(0.04)
+
+    clips, results, stats = run(main())
+    assert model.max_batch_seen >= 2 and stats["max_batch"] >= 2
+    for clip, result in zip(clips, results):  # batching did not mix rows up
+        np.testing.assert_allclose(result.audio[FRAME : FRAME + len(clip)], roundtrip(codec, clip)[: len(clip)], atol=2e-4)
+
+
+def test_client_command_writes_the_reply_and_prints_transcripts(codec, tmp_path, capsys):
+    wav = tmp_path / "in.wav"
+    sf.write(wav, speech(0.5), 16_000)
+    parser = argparse.ArgumentParser()
+    add_client_arguments(parser)
+    ready, done = threading.Event(), threading.Event()
+    holder = {}
+
+    def serve_in_thread():
+        async def main():
+            async with server(EchoCodecModel(codec)) as srv:
+                holder["url"] = srv.url
+                ready.set()
+                while not done.is_set():
+                    await asyncio.sleep(0.02)
+
+        run(main(), timeout=30)
+
+    thread = threading.Thread(target=serve_in_thread, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        url = holder["url"].removesuffix("/ws")  # the client adds /ws
+        args = parser.parse_args([url, "--input", str(wav), "-o", str(tmp_path / "reply.wav"), "--fast", "--listen-seconds", "0.3"])
+        assert client_main(args) == 0
+    finally:
+        done.set()
+        thread.join(10)
+    out = capsys.readouterr().out
+    assert "user:" in out and "model:" in out and "s of model audio" in out
+    reply, rate = sf.read(tmp_path / "reply.wav")
+    assert rate == 16_000 and len(reply) == 8000 + 4800
+
+
+# -- malformed input ------------------------------------------------------------------------
+
+
+def expect_error(raw) -> bool:
+    """Whether the server must answer ``raw`` (sent after the handshake) with ERROR bad_message."""
+    try:
+        message = protocol.decode(raw)
+    except protocol.ProtocolError:
+        return True
+    return isinstance(message, Handshake) or (isinstance(message, Audio) and len(message.payload) % 2 == 1)
+
+
+def junk(rng: np.random.Generator, n: int) -> list:
+    valid_text = protocol.encode(protocol.Text("hello", 0.0, 0.5, "user"))
+    out = []
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:  # random bytes, first byte a known kind
+            out.append(bytes([rng.integers(0, 6)]) + rng.bytes(int(rng.integers(0, 200))))
+        elif kind == 1:  # unknown kinds: ignored
+            out.append(bytes([rng.integers(6, 256)]) + rng.bytes(int(rng.integers(0, 50))))
+        elif kind == 2:  # truncated messages
+            out.append(valid_text[: int(rng.integers(1, len(valid_text) - 1))])
+        elif kind == 3:  # over the protocol's size cap, under the websocket frame cap
+            out.append(b"\x01" + rng.bytes(protocol.MAX_MESSAGE_BYTES + 100))
+        elif kind == 4:  # text frames
+            out.append("not binary " + str(i))
+        else:  # bad JSON in every JSON kind
+            out.append(bytes([rng.integers(2, 6)]) + b'{"action": "ping", "id": ' + rng.bytes(5))
+    return out
+
+
+def test_fuzz_does_not_disturb_a_streaming_session(codec):
+    rng = np.random.default_rng(1)
+    audio = speech(2.0, seed=5)
+
+    async def fuzz(url: str, messages: list) -> tuple[int, int]:
+        ws = await handshaken(url)
+        for message in messages:
+            await ws.send(message)
+        await ws.send(protocol.encode(Control("ping", {"id": "after-junk"})))
+        errors = 0
+        async for data in ws:
+            message = protocol.decode(data, max_bytes=2**20)
+            if isinstance(message, Error):
+                assert message.code == protocol.ErrorCode.BAD_MESSAGE, message
+                errors += 1
+            if isinstance(message, Control) and message.action == "pong":
+                break  # the session lived through all of it
+        await ws.close()
+        return errors, sum(map(expect_error, messages))
+
+    async def too_many(url: str) -> Error:
+        ws = await handshaken(url)
+        for _ in range(120):
+            await ws.send(b"\x03not json")
+        last = None
+        with pytest.raises(ConnectionClosed) as info:
+            async for data in ws:
+                last = protocol.decode(data, max_bytes=2**20)
+        assert info.value.rcvd.code == 1008
+        return last
+
+    async def no_handshake(url: str) -> Error:
+        async with connect(url) as ws:
+            await ws.send(b"\x01\x00\x00")
+            reply = protocol.decode(await ws.recv())
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            return reply
+
+    async def huge_frame(url: str) -> int:
+        ws = await handshaken(url, max_size=None)
+        await ws.send(b"\x01" + bytes(300 * 1024))  # over the websocket frame cap: the connection is closed
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await ws.recv()
+        return info.value.rcvd.code if info.value.rcvd else None
+
+    async def main():
+        async with server(EchoCodecModel(codec), max_sessions=16) as srv:
+            normal = asyncio.create_task(stream_file(srv.url, audio, realtime=False, listen_seconds=0.2))
+            await asyncio.sleep(0.2)
+            fuzzers = [fuzz(srv.url, junk(rng, 80)) for _ in range(4)]
+            outcomes = await asyncio.gather(*fuzzers, too_many(srv.url), no_handshake(srv.url), huge_frame(srv.url))
+            result = await normal
+            await wait_until(lambda: not srv.connections)
+            return outcomes, result, srv.stats()
+
+    (*fuzzed, last, first_reply, huge_code), result, stats = run(main(), timeout=40)
+    for errors, expected in fuzzed:
+        assert errors == expected and expected > 30
+    assert isinstance(last, Error) and last.code == protocol.ErrorCode.TOO_MANY_ERRORS
+    assert isinstance(first_reply, Error) and first_reply.code == protocol.ErrorCode.HANDSHAKE_REQUIRED
+    assert huge_code == 1009
+    # The normal session noticed nothing: exact content, no errors, no underruns, nothing dropped.
+    assert result.complete and not result.errors
+    assert result.stats["underruns"] == 0 and result.stats["dropped_frames"] == 0
+    np.testing.assert_allclose(result.audio[FRAME : FRAME + len(audio)], roundtrip(codec, audio)[: len(audio)], atol=2e-4)
+    assert stats["bad_messages"] >= sum(e for e, _ in fuzzed) + 100
+    assert stats["live_sessions"] == 0 and stats["errors"] == 0
+
+
+# -- limits and faults --------------------------------------------------------------------
+
+
+def test_max_sessions_answers_with_an_error_not_a_hang():
+    async def main():
+        async with server(SilenceModel(), max_sessions=2) as srv:
+            first = await DuplexClient.connect(srv.url)
+            second = await DuplexClient.connect(srv.url)
+            with pytest.raises(ClientError, match="server_full"):
+                await DuplexClient.connect(srv.url)
+            await first.close()
+            await wait_until(lambda: len(srv.connections) == 1)
+            third = await DuplexClient.connect(srv.url)  # a freed place can be taken again
+            await second.close()
+            await third.close()
+            return srv.counters["rejected_full"]
+
+    assert run(main(), timeout=15) == 1
+
+
+def test_abrupt_disconnect_frees_the_session(codec):
+    async def main():
+        async with server(EchoCodecModel(codec)) as srv:
+            ws = await handshaken(srv.url)
+            for i in range(10):
+                await ws.send(protocol.encode(Audio.from_pcm(speech(0.04, i))))
+            await wait_until(lambda: srv.scheduler.live_sessions == 1 and srv.scheduler.stats.steps > 3)
+            ws.transport.abort()  # no close frame, mid-stream
+            await wait_until(lambda: srv.scheduler.live_sessions == 0 and not srv.connections and not srv.scheduler.sessions)
+            return srv.scheduler.capacity
+
+    assert run(main(), timeout=15) <= 1
+
+
+def test_a_reader_that_stops_reading_cannot_grow_server_memory():
+    async def main():
+        async with server(SilenceModel(), output_seconds=0.4) as srv:  # 10 frames per session
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", srv.port))
+            ws = await connect(srv.url, sock=sock, max_queue=1, compression=None)
+            await ws.send(HANDSHAKE)
+            await ws.send(protocol.encode(Audio.from_pcm(np.zeros(FRAME, np.float32))))  # joins; then silence forever
+            await wait_until(lambda: srv.connections and next(iter(srv.connections)).session is not None)
+            (connection,) = srv.connections
+            connection.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            session = connection.session
+            peak = 0
+            for _ in range(200):  # never read; watch the queue for up to 4 s
+                await asyncio.sleep(0.02)
+                peak = max(peak, len(session.output))
+                if session.output.dropped > 10:
+                    break
+            frames, dropped = session.frames, session.output.dropped
+            ws.transport.abort()
+            return peak, frames, dropped
+
+    peak, frames, dropped = run(main(), timeout=20)
+    assert peak <= 10  # the bound, whatever the reader does
+    assert dropped > 10 and frames > dropped  # the oldest frames went; the clock never waited for the reader
+
+
+def test_refuses_to_bind_beyond_loopback_without_a_token():
+    for host in ("0.0.0.0", "", "::", "192.168.1.10", "example.com"):
+        with pytest.raises(SpeechLMError, match="without --token"):
+            ServerConfig(host=host).check()
+        with pytest.raises(SpeechLMError, match="without --token"):
+            DuplexServer(SilenceModel(), ServerConfig(host=host, port=0))
+    ServerConfig(host="0.0.0.0", token="secret").check()  # allowed (not bound here)
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        ServerConfig(host=host).check()
+
+
+def test_stopped_server_gives_clients_a_clear_error():
+    async def main():
+        started = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(run_server(ServerConfig(port=0), SilenceModel(), on_ready=started.set_result))
+        port = (await started).port
+        client = await DuplexClient.connect(f"ws://127.0.0.1:{port}")
+        await client.send_audio(np.zeros(FRAME * 2, np.float32))
+        task.cancel()  # like Ctrl-C: the server closes every session with a reason
+        with pytest.raises(ClientError, match="shutting_down"):
+            async for _ in client.messages():
+                pass
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with pytest.raises(ClientError, match="cannot connect"):
+            await stream_file(f"ws://127.0.0.1:{port}", np.zeros(FRAME, np.float32))
+
+    run(main(), timeout=20)
+
+
+def test_idle_sessions_time_out():
+    async def main():
+        async with server(SilenceModel(), idle_timeout=0.3) as srv:
+            client = await DuplexClient.connect(srv.url, metadata_interval=0)
+            with pytest.raises(ClientError, match="idle_timeout"):
+                async for _ in client.messages():
+                    pass
+            await wait_until(lambda: not srv.connections)
+
+    run(main(), timeout=10)
+
+
+def test_controls_ping_interrupt_config_stop_start(codec):
+    async def main():
+        async with server(EchoCodecModel(codec)) as srv:
+            client = await DuplexClient.connect(srv.url, metadata_interval=0)
+            replies = []
+
+            async def read_until(predicate):
+                async for message in client.messages():
+                    replies.append(message)
+                    if predicate(message):
+                        return message
+
+            await client.ping()
+            await client.send_control("config", metadata_interval=0.2, send_text=False)
+            config = await read_until(lambda m: isinstance(m, Metadata) and m.data.get("type") == "config")
+            stats = await read_until(lambda m: isinstance(m, Metadata) and m.data.get("type") == "stats")
+            await client.send_audio(speech(0.4))
+            await read_until(lambda m: isinstance(m, Audio))
+            await client.send_control("interrupt")
+            interrupted = await read_until(lambda m: isinstance(m, Metadata) and m.data.get("type") == "interrupted")
+            await client.send_control("stop")
+            await wait_until(lambda: srv.scheduler.live_sessions == 0)
+            await client.send_audio(speech(0.2))  # ignored while stopped
+            await client.send_control("start")
+            await wait_until(lambda: srv.scheduler.live_sessions == 1)
+            await client.send_control("config", volume=11)
+            bad = await read_until(lambda m: isinstance(m, Error))
+            await client.close()
+            return client.round_trips, config, stats, interrupted, bad
+
+    round_trips, config, stats, interrupted, bad = run(main(), timeout=15)
+    assert len(round_trips) == 1 and 0 < round_trips[0] < 1.0
+    assert config.data == {"type": "config", "metadata_interval": 0.2, "send_text": False}
+    assert {"underruns", "dropped_frames", "output_queue_frames", "server_step_ms_p50"} <= set(stats.data)
+    assert interrupted.data["flushed_frames"] >= 0
+    assert bad.code == "bad_message" and "unknown config option" in bad.message
+
+
+# -- HTTP side, origins, tokens -----------------------------------------------------------
+
+
+async def http_get(port: int, path: str, host: str = "127.0.0.1", extra: str = "") -> tuple[int, dict, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{extra}\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").strip().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    body = await reader.readexactly(int(headers.get("Content-Length", 0)))
+    writer.close()
+    return int(lines[0].split()[1]), headers, body
+
+
+UPGRADE = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+
+
+def test_page_health_and_origin_checks():
+    async def main():
+        async with server(SilenceModel(), allowed_origins=("https://app.example",)) as srv:
+            port = srv.port
+            page = await http_get(port, "/")
+            worklet = await http_get(port, "/audio-worklet.js")
+            health = await http_get(port, "/health")
+            missing = await http_get(port, "/etc/passwd")
+            foreign_origin = await http_get(port, "/ws", extra=UPGRADE + "Origin: http://evil.example\r\n")
+            same_origin = await http_get(port, "/ws", extra=UPGRADE + f"Origin: http://127.0.0.1:{port}\r\n")
+            listed_origin = await http_get(port, "/ws", extra=UPGRADE + "Origin: https://app.example\r\n")
+            rebinding = await http_get(port, "/ws", host="evil.example", extra=UPGRADE)
+            return page, worklet, health, missing, foreign_origin, same_origin, listed_origin, rebinding
+
+    page, worklet, health, missing, foreign_origin, same_origin, listed_origin, rebinding = run(main(), timeout=10)
+    assert page[0] == 200 and page[1]["Content-Type"].startswith("text/html")
+    assert b'<script src="app.js"></script>' in page[2]
+    assert worklet[0] == 200 and "javascript" in worklet[1]["Content-Type"] and b"registerProcessor" in worklet[2]
+    assert health[0] == 200 and json.loads(health[2])["live_sessions"] == 0
+    assert missing[0] == 404
+    assert foreign_origin[0] == 403 and b"not allowed" in foreign_origin[2]
+    assert same_origin[0] == 101 and listed_origin[0] == 101
+    assert rebinding[0] == 403 and b"not a loopback name" in rebinding[2]
+
+
+def test_token_in_query_or_handshake():
+    async def main():
+        async with server(SilenceModel(), token="s3cret") as srv:
+            with pytest.raises(ClientError, match="unauthorized"):
+                await DuplexClient.connect(srv.url)
+            with pytest.raises(ClientError, match="unauthorized"):
+                await DuplexClient.connect(srv.url, token="wrong")
+            with pytest.raises(ClientError, match="HTTP 401"):
+                await DuplexClient.connect(srv.url + "?token=wrong")
+            by_handshake = await DuplexClient.connect(srv.url, token="s3cret")
+            by_query = await DuplexClient.connect(srv.url + "?token=s3cret")
+            health = await http_get(srv.port, "/health")
+            await by_handshake.close()
+            await by_query.close()
+            return health[0], srv.counters["rejected_token"]
+
+    health_status, rejected = run(main(), timeout=10)
+    assert health_status == 401 and rejected == 3
+
+
+@pytest.mark.skipif(not protocol.opus_available(), reason="sphn (Opus) is not installed")
+def test_opus_session(codec):
+    audio = speech(1.0)
+
+    async def main():
+        async with server(EchoCodecModel(codec)) as srv:
+            return await stream_file(srv.url, audio, realtime=False, listen_seconds=0.3, codec="opus")
+
+    result = run(main())
+    assert result.complete and not result.errors and result.server["codec"] == "opus"
+    assert len(result.audio) >= 16_000 + 4800 - 3 * 960
+    assert np.abs(result.audio).max() > 1e-3
