@@ -1,0 +1,15 @@
+"""One spoken turn from Python: a spoken question in, the reply's text and speech out.
+
+    python examples/chat.py path/to/speech-model question.wav reply.wav
+"""
+
+import sys
+
+from speechlm.codec.audio import load_audio, save_audio
+from speechlm.speech import Generation, SpeechPipeline
+
+pipeline = SpeechPipeline.from_pretrained(sys.argv[1])
+question = load_audio(sys.argv[2], sample_rate=pipeline.sample_rate)
+text, speech = pipeline.chat(question, generation=Generation(temperature=0.7, seed=1))
+save_audio(sys.argv[3], speech, pipeline.sample_rate)
+print(text)

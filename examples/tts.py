@@ -1,0 +1,19 @@
+"""Text to speech from Python, streaming: PCM chunks arrive as the model's frames decode.
+
+    python examples/tts.py path/to/speech-model "Hello there, how are you?" out.wav
+"""
+
+import sys
+
+import numpy as np
+
+from speechlm.codec.audio import save_audio
+from speechlm.speech import SpeechPipeline
+
+model, text, out = sys.argv[1], sys.argv[2], sys.argv[3]
+pipeline = SpeechPipeline.from_pretrained(model)
+chunks = []
+for chunk in pipeline.tts(text, stream=True):  # float32 PCM at 16 kHz, 40 ms per chunk
+    chunks.append(chunk)  # a real-time app would play it here
+save_audio(out, np.concatenate(chunks), pipeline.sample_rate)
+print(f"{len(chunks) * 0.04:.2f} s -> {out}")
