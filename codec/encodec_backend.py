@@ -14,6 +14,8 @@ audio in and out, ``encode(wav (B, T)) -> codes (B, F, Q)``, ``decode(codes) -> 
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import sys
 import types
@@ -30,17 +32,31 @@ BANDWIDTHS = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}  # kbps -> codebooks
 
 
 def _import_encodec():
+    """Import EncodecModel; stub torchaudio for the import only when it cannot be imported.
+
+    The stub is removed from ``sys.modules`` right after, so other libraries (transformers
+    probes for torchaudio) never see it.
+    """
+    if importlib.util.find_spec("encodec") is None:
+        raise DependencyError("the EnCodec backend needs the encodec package (pip install --no-deps encodec)")
+    stubbed = False
     try:
         import torchaudio  # noqa: F401
     except Exception:  # not installed, or a CUDA-only build that fails to import
-        stub = types.ModuleType("torchaudio")
-        stub.transforms = types.ModuleType("torchaudio.transforms")
-        sys.modules.setdefault("torchaudio", stub)
-        sys.modules.setdefault("torchaudio.transforms", stub.transforms)
+        for name in ("torchaudio", "torchaudio.transforms"):
+            stub = types.ModuleType(name)
+            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = stub
+        sys.modules["torchaudio"].transforms = sys.modules["torchaudio.transforms"]
+        stubbed = True
     try:
         from encodec import EncodecModel
     except ImportError as e:
         raise DependencyError(f"the EnCodec backend needs the encodec package (pip install --no-deps encodec): {e}") from None
+    finally:
+        if stubbed:
+            sys.modules.pop("torchaudio", None)
+            sys.modules.pop("torchaudio.transforms", None)
     return EncodecModel
 
 
