@@ -310,6 +310,12 @@ def cmd_train_codec(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_lm(args: argparse.Namespace) -> int:
+    from .training.lm_train import train_lm_main
+
+    return train_lm_main(args)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_log
 
@@ -425,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="per-file results too")
     p.set_defaults(func=cmd_codec_eval)
 
-    train = sub.add_parser("train", help="training: codec").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
+    train = sub.add_parser("train", help="training: codec, lm").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
     p = train.add_parser("codec", help="train the GRVQ codec (resumes from OUT/checkpoint.pt; works under torchrun)")
     p.add_argument("--data", nargs="+", required=True, help="sources: manifest:DIR, librispeech:DIR[:train], dir:DIR, each with optional @WEIGHT")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, model/)")
@@ -443,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train_codec)
+
+    from .training.lm_train_config import add_train_lm_arguments
+
+    p = train.add_parser("lm", help="train the speech LM by stages: text, align, mctp1, mctp, sft (resumable; works under torchrun)")
+    add_train_lm_arguments(p)
+    p.set_defaults(func=cmd_train_lm)
 
     from .streaming.client import add_client_arguments
     from .streaming.settings import add_serve_arguments

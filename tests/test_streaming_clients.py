@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -194,6 +195,7 @@ def test_serve_main_serves_until_sigint_and_says_goodbye():
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=tempfile.gettempdir(),  # outside the checkout: import the installed package
     )
     try:
         line = process.stdout.readline()  # "speechlm serve: SilenceModel at ws://127.0.0.1:PORT/ws  page: ..."

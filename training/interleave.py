@@ -114,10 +114,19 @@ def asr_example(codes: np.ndarray, text: str) -> list[Segment]:
 
 
 def spoken_qa_example(question_codes: np.ndarray, answer_ids: list[int], answer_codes: np.ndarray, text_per_chunk: int = 4,
-                      audio_per_chunk: int = 8, first_text: int | None = 1) -> list[Segment]:
-    """User speaks; the assistant answers with fixed-ratio interleaved text and speech."""
-    return [Tag("user"), Tag("speech_start"), Audio(question_codes), Tag("speech_end"), Tag("assistant"),
-            *fixed_ratio_chunks(answer_ids, answer_codes, text_per_chunk, audio_per_chunk, first_text), Tag("speech_end")]
+                      audio_per_chunk: int = 8, first_text: int | None = 1, layout: str = "text_first") -> list[Segment]:
+    """User speaks; the assistant answers in text and speech.
+
+    ``layout="text_first"`` (what ``SpeechPipeline.chat`` generates): the whole answer text, then
+    ``<|speech_start|>`` and its speech.  ``"fixed_ratio"``: text and speech in fixed-ratio chunks
+    (streams audio before the text is finished; needs a mixed text/audio decoding loop).
+    """
+    head = [Tag("user"), Tag("speech_start"), Audio(question_codes), Tag("speech_end"), Tag("assistant")]
+    if layout == "text_first":
+        return [*head, TextIds(list(answer_ids)), Tag("speech_start"), Audio(answer_codes), Tag("speech_end")]
+    if layout == "fixed_ratio":
+        return [*head, *fixed_ratio_chunks(answer_ids, answer_codes, text_per_chunk, audio_per_chunk, first_text), Tag("speech_end")]
+    raise ValueError(f"unknown spoken QA layout {layout!r}: text_first or fixed_ratio")
 
 
 def text_chat_example(question: str, answer: str) -> list[Segment]:

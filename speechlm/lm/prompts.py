@@ -3,10 +3,14 @@
 Training data (``speechlm.training.lm_data``) and inference (``speechlm.speech``) both build
 their sequences with these functions, so what the model learns is what it is asked::
 
-    TTS   <|tts|> TEXT <|speech_start|> AUDIO... <|speech_end|> <|end|>
-    ASR   <|asr|> <|speech_start|> AUDIO... <|speech_end|> TEXT <|end|>
-    CHAT  <|user|> <|speech_start|> AUDIO... <|speech_end|> <|assistant|> TEXT <|speech_start|> AUDIO... <|speech_end|> <|end|>
+    TTS   <|bos|> <|tts|> TEXT <|speech_start|> AUDIO... <|speech_end|> <|eos|>
+    ASR   <|bos|> <|asr|> <|speech_start|> AUDIO... <|speech_end|> TEXT <|eos|>
+    CHAT  <|bos|> <|user|> <|speech_start|> AUDIO... <|speech_end|> <|assistant|>
+              TEXT <|speech_start|> AUDIO... <|speech_end|> <|end|> <|eos|>
           (or <|user|> TEXT <|assistant|> ... for a typed question)
+
+``speechlm.training.lm_data.task_prompt`` returns these prompts and its test checks that each
+is the prefix of the rendered training sequence.
 
 In a spoken reply the text comes first and the speech follows it in the same turn
 (chain of modality): the speech is conditioned on words already chosen, and the text of
@@ -38,13 +42,13 @@ def text_ids(model: SpeechLM, text: str) -> list[int]:
 def tts_prompt(model: SpeechLM, text: str) -> list[int]:
     """``<|tts|> TEXT <|speech_start|>``: the model continues with the speech."""
     v = model.vocab
-    return [v.tasks["<|tts|>"], *text_ids(model, text), v.speech_start]
+    return [v.bos, v.tasks["<|tts|>"], *text_ids(model, text), v.speech_start]
 
 
 def asr_prompt(model: SpeechLM, frames: Tensor) -> tuple[list[int], Tensor]:
     """``<|asr|> <|speech_start|> AUDIO <|speech_end|>``: the model continues with the transcript."""
     ids, codes = speech_segment(model, frames)
-    return [model.vocab.tasks["<|asr|>"], *ids], codes
+    return [model.vocab.bos, model.vocab.tasks["<|asr|>"], *ids], codes
 
 
 def chat_prompt(model: SpeechLM, question: Tensor | str) -> tuple[list[int], Tensor | None]:
@@ -52,9 +56,9 @@ def chat_prompt(model: SpeechLM, question: Tensor | str) -> tuple[list[int], Ten
     with the reply's text, then ``<|speech_start|>`` and its speech."""
     v = model.vocab
     if isinstance(question, str):
-        return [v.roles["<|user|>"], *text_ids(model, question), v.roles["<|assistant|>"]], None
+        return [v.bos, v.roles["<|user|>"], *text_ids(model, question), v.roles["<|assistant|>"]], None
     ids, codes = speech_segment(model, question)
-    return [v.roles["<|user|>"], *ids, v.roles["<|assistant|>"]], codes
+    return [v.bos, v.roles["<|user|>"], *ids, v.roles["<|assistant|>"]], codes
 
 
 def empty_frames(model: SpeechLM) -> Tensor:

@@ -1,0 +1,152 @@
+"""Speech-LM training: the loss falls, exact resume, text -> align -> mctp1 stage switches from
+exported models, and 2 DDP processes (torchrun, gloo) take the same step as one process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.utils import logging as hf_logging
+
+from speechlm.codec.config import CodecConfig
+from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.model import Codec
+from speechlm.lm import SpeechLM, train_bpe_tokenizer
+from speechlm.training.lm_train import LMTrainConfig, LMTrainer, read_stage
+from speechlm.training.synth import SynthConfig, synthesize_corpus
+from speechlm.training.textgen import generate
+from speechlm.training.tokenize import TokenCorpus, tokenize_corpus
+
+torch.set_num_threads(1)
+hf_logging.set_verbosity_error()
+
+TINY_CODEC = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
+                  decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2,
+                  num_quantizers=2, codebook_size=16)  # fmt: skip
+TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256)  # fmt: skip
+SPEECH = dict(output_head="depth", depth_dim=16, depth_heads=2, mctp_modules=2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tokenized espeak corpus (statements and spoken questions with their spoken answers) and a tiny speech LM."""
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig(**TINY_CODEC)).eval()
+    qa = generate("arithmetic", 3, seed=1)
+    items = [{"id": f"s{i}", "text": t} for i, t in enumerate(["Hello there.", "The cat sat on the mat.", "Turn on the lights."])]
+    items += [{"id": f"q{i}", "text": q["text"], "answer": q["answer"]} for i, q in enumerate(qa)]
+    items += [{"id": f"a{i}", "text": q["answer"]} for i, q in enumerate(qa)]
+    synthesize_corpus(items, root / "corpus", SynthConfig(voices=["espeak:en-us"]), progress=False)
+    tokenize_corpus(root / "corpus", root / "tok", codec, "tiny", progress=False)
+    texts = [row["text"] for row in TokenCorpus(root / "tok").rows]
+    tokenizer = train_bpe_tokenizer(texts * 3, vocab_size=300, min_frequency=1, save_dir=root / "tokenizer")
+    model = SpeechLM.from_backbone(
+        LlamaConfig(vocab_size=len(tokenizer), **TINY_LLAMA), tokenizer, num_codebooks=4, codebook_size=16, **SPEECH
+    )
+    model.save_pretrained(root / "base")
+    return root
+
+
+def config(workdir, out, **overrides) -> LMTrainConfig:
+    base = dict(out=str(out), stage="align", data=[str(workdir / "tok")], init_from=str(workdir / "base"), steps=6, batch_size=4,
+                micro_batch_size=2, lr=3e-3, warmup_steps=2, max_length=200, checkpoint_every=1000, log_every=1, seed=0,
+                weights={"tts": 1, "asr": 1, "interleave": 1, "spoken_qa": 1})  # fmt: skip
+    base.update(overrides)
+    return LMTrainConfig(**base)
+
+
+def test_loss_falls(workdir, tmp_path):
+    trainer = LMTrainer(config(workdir, tmp_path / "run", steps=30))
+    assert {"tts", "asr", "interleave", "spoken_qa"} == set(trainer.mixture.weights)
+    losses = [trainer.train_step(all_losses=False)["loss"] for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
+
+
+def test_resume_gives_the_same_next_losses(workdir, tmp_path):
+    straight = LMTrainer(config(workdir, tmp_path / "a"))
+    logs = [straight.train_step() for _ in range(4)]
+    assert {"loss", "text_loss", "audio_loss", "mctp_1", "mctp_2", "lr", "grad_norm", "tokens_per_s"} <= set(logs[0])
+
+    killed = LMTrainer(config(workdir, tmp_path / "b"))
+    for _ in range(2):
+        killed.train_step()
+    killed.save_checkpoint()  # the last checkpoint a killed run left behind
+    resumed = LMTrainer(config(workdir, tmp_path / "b"))
+    assert resumed.step == 2
+    again = [resumed.train_step()["loss"] for _ in range(2)]
+    assert again == pytest.approx([log["loss"] for log in logs[2:]], rel=1e-5, abs=1e-6)
+
+    resumed.train(progress=False)  # on to step 6, logging every step, a checkpoint at the end
+    rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 6] and rows[0]["stage"] == "align"
+    from speechlm.plotting import plot_log
+
+    assert plot_log(tmp_path / "b" / "log.jsonl", tmp_path / "log.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_stage(tmp_path / "b" / "model")["step"] == 6
+    SpeechLM.from_pretrained(tmp_path / "b" / "model")
+    with pytest.raises(SpeechLMError, match="other settings"):
+        LMTrainer(config(workdir, tmp_path / "b", lr=1e-4))
+
+
+def test_text_stage_then_align_then_mctp1(workdir, tmp_path):
+    backbone = json.dumps({"model_type": "llama", **TINY_LLAMA})
+    text = LMTrainer(LMTrainConfig(out=str(tmp_path / "text"), stage="text", backbone=backbone, tokenizer="train-bpe", bpe_vocab_size=400,
+                                   text_count=20, steps=3, batch_size=2, max_length=64, warmup_steps=1, log_every=1))  # fmt: skip
+    assert (tmp_path / "text" / "tokenizer" / "tokenizer.json").is_file()
+    assert text.mixture.weights == {"text": 1.0} and text.mixture.pack_text
+    first = text.train_step()
+    assert first["tokens"] == 2 * 64 and first["text_loss"] == first["loss"]
+    text.train(progress=False)
+    exported = SpeechLM.from_pretrained(tmp_path / "text" / "model")
+    assert read_stage(tmp_path / "text" / "model")["stage"] == "text"
+
+    # align from the text model: its never-trained speech modules are rebuilt for the data's codec
+    align = LMTrainer(config(workdir, tmp_path / "align", init_from=str(tmp_path / "text" / "model"), speech=SPEECH, steps=2))
+    assert (align.model.config.num_codebooks, align.model.config.codebook_size) == (4, 16)
+    for name, value in exported.backbone.state_dict().items():
+        assert torch.equal(align.model.backbone.state_dict()[name], value), name
+    align.train(progress=False)
+
+    # mctp1 from the align model trains only the first MCTP module
+    mctp1 = LMTrainer(config(workdir, tmp_path / "mctp1", stage="mctp1", init_from=str(tmp_path / "align" / "model"), steps=1))
+    before = {k: v.clone() for k, v in mctp1.model.state_dict().items()}
+    log = mctp1.train_step()
+    assert log["loss"] == pytest.approx(log["mctp_1"])
+    changed = {k.split(".")[0] + ("." + k.split(".")[1] if k.startswith("mctp.") else "") for k, v in mctp1.model.state_dict().items()
+               if not torch.equal(v, before[k])}  # fmt: skip
+    assert changed == {"mctp.0"}
+    # a model whose speech modules were trained is not silently rebuilt for another codec
+    with pytest.raises(SpeechLMError, match="does not match"):
+        LMTrainer(config(workdir, tmp_path / "x", init_from=str(tmp_path / "align" / "model"), speech={"mctp_modules": 3}))
+
+
+def test_torchrun_two_processes_equal_one_process(workdir, tmp_path):
+    """`torchrun --nproc_per_node 2` with DDP, and with FSDP2, (gloo) takes the same step as one process on the same global batch."""
+    common = ["-m", "speechlm.training.lm_train", "--stage", "align", "--data", str(workdir / "tok"), "--init-from", str(workdir / "base"),
+              "--steps", "1", "--batch-size", "4", "--micro-batch-size", "1", "--max-length", "200", "--lr", "1e-3",
+              "--weights", "tts=1,asr=1,interleave=1,spoken_qa=1", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for name, command in (("single", [sys.executable]), ("ddp", torchrun), ("fsdp", torchrun)):
+        extra = ["--fsdp"] if name == "fsdp" else []
+        run = subprocess.run(
+            [*command, *common, *extra, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+    single = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
+    for name in ("ddp", "fsdp"):
+        other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)
+        assert single["step"] == other["step"] == 1
+        for key, value in single["model"].items():
+            assert torch.allclose(value.float(), other["model"][key].float(), atol=1e-6, rtol=1e-4), (name, key)
+        logs = [json.loads((tmp_path / run / "log.jsonl").read_text()) for run in ("single", name)]
+        assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-5)
+    ddp = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
+    for index, state in single["optimizer"]["state"].items():  # first Adam moment = the averaged gradient
+        assert torch.allclose(state["exp_avg"], ddp["optimizer"]["state"][index]["exp_avg"], atol=1e-7, rtol=1e-3), index
+    SpeechLM.from_pretrained(tmp_path / "fsdp" / "model")  # exported from the sharded model
