@@ -17,6 +17,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _run_outside_the_checkout(tmp_path_factory):
+    """Subprocesses started with ``python -m`` put the working directory first on sys.path; from the
+    repo root that would import the source folder ``speechlm/`` (which lacks the mapped sub-packages)
+    instead of the installed package. Tests therefore run from a temporary directory."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 @pytest.fixture
 def cli():
     return run_cli
