@@ -46,11 +46,13 @@ def run(model: SpeechLM, ids: list[int], schedule: list[int], frames: int) -> di
     first = None
     positions, forwards = [], 0
     with torch.inference_mode():
-        for step in iter_audio(model, ids, max_frames=frames, min_frames=frames, sampling=GREEDY, schedule=schedule, seed=0):
+        for step in iter_audio(model, ids, max_frames=frames, min_frames=frames, sampling=GREEDY, schedule=schedule, seed=0, per_position=True):
             if first is None and len(step.frames[0]):
                 first = time.perf_counter() - t0
                 first_forward = step.backbone_forwards
-            positions.append(step.positions)
+            if step.backbone_forwards != forwards:
+                positions.append(0)
+            positions[-1] += step.positions
             forwards = step.backbone_forwards
     wall = time.perf_counter() - t0
     return {"first_audio_ms": first * 1000, "first_audio_forward": first_forward, "frames_per_forward": sum(positions) / len(positions),

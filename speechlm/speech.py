@@ -147,7 +147,7 @@ class SpeechPipeline:
         state = self.codec.init_state(1)
         max_frames = max(1, int(g.max_seconds * self.lm.config.frame_rate))
         with torch.inference_mode():
-            for step in iter_audio(self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), seed=g.seed):
+            for step in iter_audio(self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), seed=g.seed, per_position=True):
                 for frame in step.frames[0]:
                     pcm, state = self.codec.decode_step(frame[None].clamp(max=self.codec.config.codebook_size - 1), state)
                     yield pcm[0].cpu().numpy()

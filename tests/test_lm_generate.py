@@ -203,3 +203,16 @@ def test_teacher_forced_forward_predicts_what_generation_produced(tokenizer_dir,
         assert torch.equal(logits[:, :C].argmax(-1)[real], target[real])
         checked += int(real.sum())
     assert checked == 10 * Q
+
+
+def test_per_position_yields_the_same_frames_earlier(tokenizer_dir):
+    """per_position=True hands out each frame as soon as its position is done: same frames, same order."""
+    from speechlm.lm.generate import iter_audio
+
+    model = make_model(tokenizer_dir, head="depth", mctp=2)
+    prompt = [model.vocab.tasks["<|tts|>"], *model.tokenizer.encode("hello world", add_special_tokens=False), model.vocab.speech_start]
+    grouped = [f for step in iter_audio(model, prompt, max_frames=7, min_frames=7, sampling=GREEDY, seed=0) for f in step.frames[0]]
+    steps = list(iter_audio(model, prompt, max_frames=7, min_frames=7, sampling=GREEDY, seed=0, per_position=True))
+    single = [f for step in steps for f in step.frames[0]]
+    assert torch.equal(torch.stack(grouped), torch.stack(single))
+    assert steps[0].positions == 1 and len(steps[0].frames[0]) == 1 and steps[0].backbone_forwards == 1

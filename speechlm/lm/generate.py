@@ -362,9 +362,12 @@ def iter_audio(
     schedule: Sequence[int] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    per_position: bool = False,
 ) -> Iterator[AudioStep]:
     """Generate one speech segment per row after ``prompt`` (which should end with
-    ``<|speech_start|>``); yield an :class:`AudioStep` per backbone forward.
+    ``<|speech_start|>``); yield an :class:`AudioStep` per backbone forward, or with
+    ``per_position=True`` one per audio position (so a streaming consumer gets the backbone's
+    frame before the MCTP modules run; ``positions`` is then 1 and the forward count repeats).
 
     ``schedule``: MCTP frames after each backbone forward (entry s for forward s, the last
     repeating; default the config's); ``[0]`` is plain autoregressive decoding. ``min_frames``:
@@ -411,6 +414,17 @@ def iter_audio(
 
         return choose
 
+    def completed(positions: int) -> AudioStep:
+        complete = torch.clamp(end_frame, max=max(layout.shape[1] - max_delay, 0)).tolist()
+        frames = []
+        for b in range(B):
+            # Frame f's codebook q sits at segment position f + delays[q].
+            where = torch.arange(emitted[b], max(complete[b], emitted[b]), device=device)[:, None] + delay_offsets
+            frames.append(layout[b].gather(0, where))
+            emitted[b] = max(emitted[b], complete[b])
+        finished = layout.shape[1] - max_delay >= end_frame
+        return AudioStep(frames=frames, positions=positions, backbone_forwards=decoder.backbone_forwards, finished=finished)
+
     step = 0
     while True:
         positions = 0
@@ -420,19 +434,19 @@ def iter_audio(
             layout = torch.cat((layout, codes[:, None]), dim=1)
             decoder.append(model.embed(audio_ids, codes[:, None], audio_here))
             positions += 1
-            if bool((layout.shape[1] - max_delay >= end_frame).all()):
+            done = bool((layout.shape[1] - max_delay >= end_frame).all())
+            if per_position:
+                result = completed(1)
+                yield result
+                if done:
+                    return
+            if done:
                 break
-        complete = torch.clamp(end_frame, max=max(layout.shape[1] - max_delay, 0)).tolist()
-        frames = []
-        for b in range(B):
-            # Frame f's codebook q sits at segment position f + delays[q].
-            where = torch.arange(emitted[b], max(complete[b], emitted[b]), device=device)[:, None] + delay_offsets
-            frames.append(layout[b].gather(0, where))
-            emitted[b] = max(emitted[b], complete[b])
-        finished = layout.shape[1] - max_delay >= end_frame
-        yield AudioStep(frames=frames, positions=positions, backbone_forwards=decoder.backbone_forwards, finished=finished)
-        if bool(finished.all()):
-            return
+        if not per_position:
+            result = completed(positions)
+            yield result
+            if bool(result.finished.all()):
+                return
         step += 1
 
 
