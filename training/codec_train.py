@@ -213,6 +213,8 @@ class CodecTrainer:
         log["loss"] = g_loss.item()
         if codes is not None:
             log.update(codebook_usage(codes.detach(), self.codec.config.codebook_size))
+            # entries whose EMA usage fell below the threshold: the library re-seeds them from the batch
+            log["dead_codes"] = self.codec.quantizer.dead_code_fraction()
         self.step += 1
         return log
 
