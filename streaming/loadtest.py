@@ -173,14 +173,19 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
     return rows
 
 
-def build_model(name: str, codec: str, device: str = "cpu") -> DuplexModel:
-    """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights)."""
+def build_model(name: str, codec: str, device: str = "cpu", lm: str | None = None) -> DuplexModel:
+    """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
+    ``duplex`` with ``lm`` = a duplex LM directory and ``codec`` its codec name/dir."""
     import torch
 
     from .models import EchoCodecModel, SilenceModel
 
     if name == "silence":
         return SilenceModel()
+    if name == "duplex":
+        from .duplex_model import build_duplex_model
+
+        return build_duplex_model(lm, codec, device=device)
     from ..codec.config import CodecConfig
     from ..codec.model import Codec
 
@@ -196,15 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m speechlm.streaming.loadtest", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="4,16,64", help="comma-separated loads (default 4,16,64)")
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--model", choices=("echo", "silence"), default="echo")
-    parser.add_argument("--codec", default="random", help="codec name or directory, or 'random' (default)")
+    parser.add_argument("--model", choices=("echo", "silence", "duplex"), default="echo")
+    parser.add_argument("--codec", default="random", help="codec name or directory, or 'random' (default; echo only)")
+    parser.add_argument("--lm", help="--model duplex: the duplex LM directory")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--steps-only", action="store_true", help="time the batched step alone, no sockets")
     args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    model = build_model(args.model, args.codec)
+    model = build_model(args.model, args.codec, lm=args.lm)
     loads = [int(n) for n in args.sessions.split(",")]
     if args.steps_only:
         for row in step_times(model, loads):

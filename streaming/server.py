@@ -498,7 +498,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
         torch.set_num_threads(config.threads)
     if config.model == "silence":
         return SilenceModel()
-    if config.model == "echo":
+    if config.model in ("echo", "duplex"):
         from ..codec.model import Codec
 
         device = config.device
@@ -510,8 +510,12 @@ def build_model(config: ServerConfig) -> DuplexModel:
             raise SpeechLMError(f"bad --device {config.device!r}: {e}") from None
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SpeechLMError(f"--device {device} asked for CUDA, but this machine has none")
+        if config.model == "duplex":
+            from .duplex_model import build_duplex_model
+
+            return build_duplex_model(config.lm, config.codec, device=device)
         return EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
-    raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence)")
+    raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 
 
 async def run_server(config: ServerConfig, model: DuplexModel | None = None, on_ready: Callable[[DuplexServer], Any] | None = None) -> None:

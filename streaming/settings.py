@@ -35,8 +35,9 @@ class ServerConfig:
     max_bad_messages: int = 100  # malformed messages before the session is closed
     max_pending_events: int = 256  # queued replies (ERROR, pong, METADATA) per session
     # Model selection for the command line (run_server builds it when no model is passed).
-    model: str = "echo"  # "echo" (codec loopback) or "silence"
-    codec: str = "codec-16k"  # codec name or directory for the echo model
+    model: str = "echo"  # "echo" (codec loopback), "silence" or "duplex" (a trained duplex LM, needs lm)
+    codec: str = "codec-16k"  # codec name or directory for the echo and duplex models
+    lm: str | None = None  # duplex model directory (speechlm train lm --stage duplex)
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
@@ -48,6 +49,8 @@ class ServerConfig:
                 f"refusing to bind {self.host or 'all interfaces'} without --token: anyone on the network could use the model; "
                 "pass --token SECRET (clients send it as ?token= or in the handshake) or bind 127.0.0.1"
             )
+        if self.model == "duplex" and not self.lm:
+            raise SpeechLMError("--model duplex needs --lm DIR (a model trained with speechlm train lm --stage duplex)")
         if self.max_sessions < 1:
             raise SpeechLMError(f"max_sessions must be >= 1, got {self.max_sessions}")
         if not 0 <= self.port <= 65535:
@@ -70,8 +73,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="extra browser origin allowed to connect (repeatable; '*' for any)",
     )
-    parser.add_argument("--model", choices=("echo", "silence"), default=d.model, help="duplex model (default echo: codec loopback)")
-    parser.add_argument("--codec", default=d.codec, help=f"codec name or directory for the echo model (default {d.codec})")
+    parser.add_argument(
+        "--model", choices=("echo", "silence", "duplex"), default=d.model, help="duplex model (default echo: codec loopback; duplex needs --lm)"
+    )
+    parser.add_argument("--codec", default=d.codec, help=f"codec name or directory for the echo and duplex models (default {d.codec})")
+    parser.add_argument("--lm", help="--model duplex: the duplex LM directory (speechlm train lm --stage duplex)")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
@@ -94,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allowed_origins=tuple(args.allow_origin),
         model=args.model,
         codec=args.codec,
+        lm=getattr(args, "lm", None),
         device=args.device,
         threads=args.threads,
         max_sessions=args.max_sessions,

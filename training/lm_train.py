@@ -8,7 +8,10 @@ local HF directory or built from a JSON LlamaConfig/Qwen2Config, tokenizer from 
 or a byte-level BPE trained on our text corpus); ``align``, ``mctp1``, ``mctp`` and ``sft``
 each start from the previous stage's exported model (``--init-from RUN/model``). A model
 whose speech modules were never trained (a ``text`` stage export) is re-fitted to the codec
-of the data (codebooks, codebook size) with fresh speech modules.
+of the data (codebooks, codebook size) with fresh speech modules. ``duplex`` trains a
+``speechlm.lm.duplex.DuplexLM`` (usually from the ``sft`` export) on two-channel dialogues
+(``speechlm.training.duplex_data``; ``--max-length`` = crop length in frames) and exports it
+with its duplex sidecar files.
 
 Batches are a pure function of (seed, step): the global batch of ``batch_size`` examples is
 cut into micro-batches of ``micro_batch_size``; each process takes its share and accumulates
@@ -47,7 +50,7 @@ from speechlm.lm import SpeechLM, SpeechLMConfig, add_speech_tokens, load_tokeni
 from ..codec.errors import SpeechLMError
 from .codec_train import _atomic_save
 from .lm_data import LMFormat, TaskMixture, build_text_corpus, corpus_audio_settings, train_tokenizer
-from .lm_train_config import STAGE_WEIGHTS, LMTrainConfig, _json_arg, add_train_lm_arguments, config_from_args, parse_weights  # noqa: F401  (re-exported)
+from .lm_train_config import DUPLEX_STAGE, STAGE_WEIGHTS, LMTrainConfig, _json_arg, add_train_lm_arguments, config_from_args, parse_weights  # noqa: F401  (re-exported)
 from .tokenize import TokenCorpus
 
 STAGE_FILE = "train_stage.json"
@@ -191,25 +194,34 @@ class LMTrainer:
             transcripts = [row.get("text", "") for corpus in corpora for row in corpus.rows if row.get("split", "train") == "train"]
             return text_corpus_once(), transcripts
 
-        self.model = build_model(c, audio, tokenizer_texts, rank=self.rank)
+        if c.stage == DUPLEX_STAGE:  # a DuplexLM on two-channel dialogues (speechlm.training.duplex_data)
+            from .duplex_data import DuplexMixture, build_duplex_model
+
+            self.model = build_duplex_model(c, audio, tokenizer_texts, rank=self.rank)
+        else:
+            self.model = build_model(c, audio, tokenizer_texts, rank=self.rank)
         self.model.set_stage(c.stage)
-        max_positions = getattr(self.model.backbone.config, "max_position_embeddings", None)
+        speech_lm = getattr(self.model, "lm", self.model)
+        max_positions = getattr(speech_lm.backbone.config, "max_position_embeddings", None)
         if max_positions is not None and c.max_length > max_positions:
             raise SpeechLMError(f"max_length {c.max_length} exceeds the backbone's max_position_embeddings {max_positions}")
-        self.mixture = TaskMixture(
-            LMFormat.from_model(self.model),
-            corpora,
-            weights,
-            text=text_corpus_once() if weights.get("text", 0) > 0 else None,
-            seed=c.seed,
-            max_length=c.max_length,
-            pack_text=c.stage == "text" if c.pack_text is None else c.pack_text,
-            p_switch=c.p_switch,
-            text_per_chunk=c.text_per_chunk,
-            audio_per_chunk=c.audio_per_chunk,
-            first_text=c.first_text,
-            assistant_voices=c.assistant_voices,
-        )
+        if c.stage == DUPLEX_STAGE:
+            self.mixture = DuplexMixture(self.model, corpora, seed=c.seed, frames=c.max_length, p_from_start=c.p_from_start)
+        else:
+            self.mixture = TaskMixture(
+                LMFormat.from_model(self.model),
+                corpora,
+                weights,
+                text=text_corpus_once() if weights.get("text", 0) > 0 else None,
+                seed=c.seed,
+                max_length=c.max_length,
+                pack_text=c.stage == "text" if c.pack_text is None else c.pack_text,
+                p_switch=c.p_switch,
+                text_per_chunk=c.text_per_chunk,
+                audio_per_chunk=c.audio_per_chunk,
+                first_text=c.first_text,
+                assistant_voices=c.assistant_voices,
+            )
 
         self.step = 0
         checkpoint = self._load_checkpoint()
@@ -303,7 +315,8 @@ class LMTrainer:
             model.load_state_dict(model_state)
         directory = self.out / "model"
         model.save_pretrained(directory)
-        info = {"stage": self.config.stage, "step": self.step, "init_from": self.config.init_from, "codec_id": self.model.config.codec_id}
+        codec_id = getattr(self.model, "lm", self.model).config.codec_id
+        info = {"stage": self.config.stage, "step": self.step, "init_from": self.config.init_from, "codec_id": codec_id}
         (directory / STAGE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         return directory
 
@@ -327,7 +340,7 @@ class LMTrainer:
         lr = c.lr * lr_factor(self.step, c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n_mctp = len(self.model.mctp)
+        n_mctp = len(getattr(self.model, "mctp", ()))  # a DuplexLM has none in use
         keys = ["loss", "text_loss", "audio_loss", *[f"mctp_{i}" for i in range(1, n_mctp + 1)]]
         sums = torch.zeros(len(keys) + 2, dtype=torch.float64)  # + tokens, audio positions
         counts = torch.zeros(len(keys), dtype=torch.float64)
@@ -351,7 +364,7 @@ class LMTrainer:
                     sums[j] += float(value.detach())
                     counts[j] += 1
             sums[-2] += float(batch["attention_mask"].sum())
-            sums[-1] += float(batch["audio_mask"].sum())
+            sums[-1] += float(batch["audio_mask" if "audio_mask" in batch else "attention_mask"].sum())  # duplex: a frame per position
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, c.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()

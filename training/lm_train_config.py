@@ -13,6 +13,10 @@ from ..codec.errors import SpeechLMError
 # Must equal speechlm.lm.model.STAGES and speechlm.training.lm_data.TASKS (a test checks).
 STAGES = ("text", "align", "mctp1", "mctp", "sft")
 TASKS = ("tts", "asr", "interleave", "spoken_qa", "text")
+# Stage "duplex" (speechlm.lm.duplex, speechlm.training.duplex_data) trains a DuplexLM on
+# two-channel dialogues instead of the task mixture; it is not a SpeechLM stage.
+DUPLEX_STAGE = "duplex"
+TRAIN_STAGES = (*STAGES, DUPLEX_STAGE)
 
 STAGE_WEIGHTS: dict[str, dict[str, float]] = {
     "text": {"text": 1.0},
@@ -33,6 +37,8 @@ class LMTrainConfig:
     tokenizer: str | None = None  # fresh start: a tokenizer directory or "train-bpe"; None = the backbone directory's, else train-bpe
     bpe_vocab_size: int = 8192
     speech: dict = field(default_factory=dict)  # SpeechLMConfig overrides (output_head, mctp_modules, ...)
+    duplex: dict = field(default_factory=dict)  # stage duplex: DuplexConfig overrides (text_pad_weight, window, ...)
+    p_from_start: float = 0.25  # stage duplex: share of crops that start at the dialogue's first frame
     weights: dict[str, float] | None = None  # task weights; None = STAGE_WEIGHTS[stage]
     text_files: list[str] = field(default_factory=list)  # extra text for the text task / BPE
     text_count: int = 2000  # items per built-in text source
@@ -61,8 +67,8 @@ class LMTrainConfig:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise SpeechLMError(f"unknown stage {self.stage!r}; choose from {', '.join(STAGES)}")
+        if self.stage not in TRAIN_STAGES:
+            raise SpeechLMError(f"unknown stage {self.stage!r}; choose from {', '.join(TRAIN_STAGES)}")
         if self.init_from is None and self.backbone is None:
             raise SpeechLMError("give --init-from (the previous stage's RUN/model) or --backbone (to start from a text LM)")
         if self.stage != "text" and not self.data:
@@ -70,11 +76,15 @@ class LMTrainConfig:
         unknown = sorted(set(self.weights or {}) - set(TASKS))
         if unknown:
             raise SpeechLMError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        if self.stage == DUPLEX_STAGE and (self.weights or self.fsdp):
+            raise SpeechLMError("stage duplex trains on dialogues only: no --weights; and it does not support --fsdp yet")
         if self.dtype not in ("float32", "bfloat16"):
             raise SpeechLMError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
     @property
     def task_weights(self) -> dict[str, float]:
+        if self.stage == DUPLEX_STAGE:
+            return {"duplex": 1.0}
         return dict(self.weights) if self.weights is not None else dict(STAGE_WEIGHTS[self.stage])
 
     def to_json(self) -> dict:
@@ -85,7 +95,7 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``speechlm train lm``."""
     d = LMTrainConfig.__dataclass_fields__
     p = parser.add_argument
-    p("--stage", required=True, choices=STAGES, help="training stage: text, align, mctp1, mctp, sft")
+    p("--stage", required=True, choices=TRAIN_STAGES, help="training stage: text, align, mctp1, mctp, sft; duplex (two-channel dialogues)")
     p("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, model/); re-run to resume")
     p("--data", nargs="*", default=[], help="tokenized corpora (speechlm data tokenize)")
     p("--init-from", help="the previous stage's exported model (RUN/model)")
@@ -93,6 +103,8 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--tokenizer", help="fresh start: tokenizer directory or 'train-bpe' (default: the backbone's, else train-bpe)")
     p("--bpe-vocab-size", type=int, default=d["bpe_vocab_size"].default)
     p("--speech-config", help='JSON (or a JSON file) of SpeechLMConfig overrides, e.g. \'{"output_head": "depth", "mctp_modules": 4}\'')
+    p("--duplex-config", help='stage duplex: JSON (or a JSON file) of DuplexConfig overrides, e.g. \'{"text_pad_weight": 0.5}\'')
+    p("--p-from-start", type=float, default=d["p_from_start"].default, help="stage duplex: share of crops starting at frame 0")
     p("--weights", help=f"task weights TASK=W,... over {', '.join(TASKS)} (default per stage: {STAGE_WEIGHTS})")
     p("--text-files", nargs="*", default=[], help="extra text (.txt lines or .jsonl with text/answer) for the text task and the BPE")
     p("--text-count", type=int, default=d["text_count"].default, help="items per built-in text source")
@@ -131,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> LMTrainConfig:
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(
         speech=_json_arg(args.speech_config, "--speech-config"),
+        duplex=_json_arg(getattr(args, "duplex_config", None), "--duplex-config"),
         weights=parse_weights(args.weights),
         assistant_voices=[v.strip() for v in args.assistant_voices.split(",") if v.strip()] if args.assistant_voices else None,
     )

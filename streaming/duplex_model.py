@@ -1,0 +1,153 @@
+"""The full-duplex speech model the server drives: codec encode -> one DuplexLM step -> codec decode.
+
+Per tick, for every row (session) at once::
+
+    user pcm (B, 640) ──codec.encode_step──► user codes (B, Q)
+        ──DuplexLM.step──► the model's text token (B,) and frame (B, Q)
+        ──codec.decode_step──► model pcm (B, 640)
+
+A frame whose codebook 0 is the empty code is silence: its pcm is zeros and that row's
+decoder state is reset, so when the model speaks again its decoder starts as at the start of
+a stream (the decoder never sees the placeholder codes of silent frames). Text comes back as
+decoded word pieces (``" hel"``, ``"lo"``; None for ``<|text_pad|>``).
+
+State (:class:`DuplexSpeechState`): the codec's encoder and decoder halves and the LM's
+:class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
+``select_rows`` (the LM's KV cache has a shared length, so new rows get invalid columns rather
+than a plain concatenation). Memory per session is bounded by the LM's ``window``.
+
+Sampling: Moshi's defaults (text temperature 0.7, top-k 25; audio 0.8, top-k 250); pass
+``GREEDY`` for repeatable output. With sampling, rows draw from one generator, so a session's
+draws depend on who else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..codec.errors import SpeechLMError
+from ..codec.model import Codec, CodecState
+from ..lm.duplex import DuplexLM, DuplexState
+from ..lm.generate import Sampling
+from .models import TextPiece, concat_states, select_rows
+
+TEXT_SAMPLING = Sampling(temperature=0.7, top_k=25)
+AUDIO_SAMPLING = Sampling(temperature=0.8, top_k=250)
+
+
+@dataclass
+class DuplexSpeechState:
+    encoder: CodecState  # only its encoder half is used
+    decoder: CodecState  # only its decoder half is used
+    lm: DuplexState
+
+    @property
+    def batch_size(self) -> int:
+        return self.lm.batch_size
+
+
+class DuplexSpeechModel:
+    """:class:`speechlm.streaming.models.DuplexModel` backed by a :class:`DuplexLM` and a streaming codec."""
+
+    def __init__(
+        self,
+        lm: DuplexLM,
+        codec: Codec,
+        *,
+        device: str | torch.device | None = None,
+        text_sampling: Sampling = TEXT_SAMPLING,
+        audio_sampling: Sampling = AUDIO_SAMPLING,
+        seed: int | None = 0,
+    ):
+        cfg = lm.lm.config
+        if codec.config.codes_per_frame != cfg.num_codebooks or codec.config.codebook_size != cfg.codebook_size:
+            raise SpeechLMError(
+                f"the codec makes {codec.config.codes_per_frame} codes per frame from {codec.config.codebook_size}-entry codebooks, "
+                f"but the duplex LM reads {cfg.num_codebooks} x {cfg.codebook_size}"
+            )
+        if float(codec.config.frame_rate) != float(cfg.frame_rate):
+            raise SpeechLMError(f"the codec runs at {codec.config.frame_rate} frames/s but the duplex LM at {cfg.frame_rate}")
+        if cfg.codec_id is not None and cfg.codec_id != codec.codec_id:
+            raise SpeechLMError(f"the duplex LM was trained on codes of codec {cfg.codec_id}, not {codec.codec_id}")
+        if device is not None:
+            lm, codec = lm.to(device), codec.to(device)
+        self.lm, self.codec = lm.eval(), codec.eval()
+        self.device = lm.device
+        self.frame_length = int(codec.frame_length)
+        self.sample_rate = int(codec.sample_rate)
+        self.text_sampling, self.audio_sampling = text_sampling, audio_sampling
+        self.generator = None
+        if seed is not None:
+            self.generator = torch.Generator(device=self.device)
+            self.generator.manual_seed(int(seed))
+        self.max_batch_seen = 0
+        self._pieces: dict[int, str | None] = {lm.text_pad: None}
+
+    @classmethod
+    def from_pretrained(cls, lm_dir, codec, *, device: str | torch.device = "cpu", **kwargs) -> DuplexSpeechModel:
+        """``lm_dir``: a directory from ``DuplexLM.save_pretrained``; ``codec``: a Codec, or its name/directory."""
+        if not isinstance(codec, Codec):
+            codec = Codec.from_pretrained(codec, device=device)
+        return cls(DuplexLM.from_pretrained(lm_dir, device=device), codec, device=device, **kwargs)
+
+    # -- state ---------------------------------------------------------------------------
+
+    def init_state(self, batch_size: int) -> DuplexSpeechState:
+        return DuplexSpeechState(self.codec.init_state(batch_size), self.codec.init_state(batch_size), self.lm.init_state(batch_size))
+
+    def reset_rows(self, state: DuplexSpeechState, rows: list[int]) -> DuplexSpeechState:
+        if len(rows) == 0:
+            return state
+        state.encoder.reset_rows(rows)
+        state.decoder.reset_rows(rows)
+        return DuplexSpeechState(state.encoder, state.decoder, self.lm.reset_rows(state.lm, rows))
+
+    def grow_state(self, state: DuplexSpeechState, batch_size: int) -> DuplexSpeechState:
+        n = batch_size - state.batch_size
+        if n <= 0:
+            return state
+        return DuplexSpeechState(
+            concat_states(state.encoder, self.codec.init_state(n)),
+            concat_states(state.decoder, self.codec.init_state(n)),
+            self.lm.grow_state(state.lm, batch_size),
+        )
+
+    def select_rows(self, state: DuplexSpeechState, rows: list[int]) -> DuplexSpeechState:
+        return DuplexSpeechState(select_rows(state.encoder, rows), select_rows(state.decoder, rows), self.lm.select_rows(state.lm, rows))
+
+    # -- the step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, user_pcm: Tensor, state: DuplexSpeechState) -> tuple[Tensor, list[TextPiece], DuplexSpeechState]:
+        """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces (None = no new text), state."""
+        batch = user_pcm.shape[0]
+        self.max_batch_seen = max(self.max_batch_seen, batch)
+        user_codes, encoder = self.codec.encode_step(user_pcm.to(self.device, torch.float32), state.encoder)
+        out = self.lm.step(
+            user_codes, state.lm, text_sampling=self.text_sampling, audio_sampling=self.audio_sampling, generator=self.generator
+        )
+        silent = out.frame[:, 0] == self.lm.empty_code
+        codes = out.frame.masked_fill(silent[:, None], 0)  # placeholders; their audio is dropped
+        pcm, decoder = self.codec.decode_step(codes, state.decoder)
+        if bool(silent.any()):
+            pcm = pcm.masked_fill(silent[:, None], 0.0)
+            decoder.reset_rows(silent)
+        texts = [self.piece(int(t)) for t in out.text.tolist()]
+        return pcm, texts, DuplexSpeechState(encoder, decoder, out.state)
+
+    def piece(self, token: int) -> str | None:
+        """Text of one token (cached); None for ``<|text_pad|>``."""
+        if token not in self._pieces:
+            self._pieces[token] = self.lm.tokenizer.decode([token], skip_special_tokens=True) or None
+        return self._pieces[token]
+
+
+def build_duplex_model(lm_dir: str, codec: str, device: str = "cpu", **kwargs: Any) -> DuplexSpeechModel:
+    """For ``speechlm serve --model duplex --lm DIR --codec NAME`` and the load test."""
+    if not lm_dir:
+        raise SpeechLMError("--model duplex needs --lm DIR (a model trained with speechlm train lm --stage duplex)")
+    return DuplexSpeechModel.from_pretrained(lm_dir, codec, device=device, **kwargs)

@@ -1,0 +1,302 @@
+"""DuplexLM: losses and training on aligned streams, incremental decoding equal to the training
+forward, per-row resets / joins / leaves equal to fresh runs, the KV window, silence rules,
+save/load, and the server adapter (codec + LM step) under the scheduler."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.utils import logging as hf_logging
+
+from speechlm.codec.config import CodecConfig
+from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.model import Codec
+from speechlm.lm import GREEDY, SpeechLM, load_tokenizer, train_bpe_tokenizer
+from speechlm.lm.duplex import DuplexConfig, DuplexLM
+from speechlm.streaming.duplex_model import DuplexSpeechModel
+from speechlm.streaming.models import DuplexModel
+from speechlm.streaming.scheduler import Scheduler
+from speechlm.streaming.server import ServerConfig, build_model
+
+torch.set_num_threads(1)
+hf_logging.set_verbosity_error()
+
+Q, C = 4, 16
+TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a speech language model speaks and listens"] * 4
+TINY_CODEC = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
+                  decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2,
+                  num_quantizers=2, codebook_size=C)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tokenizer")
+    train_bpe_tokenizer(TEXTS, vocab_size=400, min_frequency=1, save_dir=path)
+    return path
+
+
+def make_duplex(tokenizer_dir, head="depth", seed=0, **duplex) -> DuplexLM:
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    backbone = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    lm = SpeechLM.from_backbone(
+        backbone, tokenizer, num_codebooks=Q, codebook_size=C, output_head=head, depth_dim=32, depth_heads=2, mctp_modules=1
+    )
+    model = DuplexLM(lm, DuplexConfig(**duplex))
+    with torch.no_grad():  # a trained text condition is not zero: exercise that path
+        model.text_condition.proj.weight.normal_(0, 0.1)
+    return model.eval()
+
+
+def streams(model: DuplexLM, B=2, T=12, seed=1):
+    """Random aligned streams: the model silent in frames 3..5, text pads at every third frame."""
+    g = torch.Generator().manual_seed(seed)
+    user = torch.randint(0, C, (B, T, Q), generator=g)
+    codes = torch.randint(0, C, (B, T, Q), generator=g)
+    codes[:, 3:6] = C
+    text = torch.randint(20, model.vocab.size, (B, T), generator=g)
+    text[:, ::3] = model.text_pad
+    return user, codes, text
+
+
+def test_forward_losses_and_a_few_steps_reduce_them(tokenizer_dir):
+    model = make_duplex(tokenizer_dir).train()
+    model.set_stage("duplex")
+    assert not any(p.requires_grad for p in model.lm.mctp.parameters())
+    user, codes, text = streams(model)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 9:] = False  # right padding
+    out = model(user, codes, text, mask)
+    assert all(torch.isfinite(x) for x in (out.loss, out.text_loss, out.audio_loss))
+    assert out.text_logits.shape[:2] == (2, 12) and out.audio_logits.shape == (21, Q, C + 1)
+    assert (out.audio_targets[:3] != C).all() and (out.audio_targets[3:6] == C).all()  # silent frames: empty targets
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model(user, codes, text, mask)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(float(out.loss.detach()))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+    # the weights do what they say: pad text targets and silent frames count less
+    heavy = DuplexLM(model.lm, DuplexConfig(text_pad_weight=1.0, silence_audio_weight=1.0), init_user_from_audio=True)
+    with torch.no_grad():
+        assert float(heavy(user, codes, text).audio_loss) != pytest.approx(float(model(user, codes, text).audio_loss))
+    with pytest.raises(SpeechLMError, match="audio codes"):
+        model(user[..., :2], codes, text)
+
+
+@pytest.mark.parametrize("head", ["depth", "parallel_delay"])
+def test_incremental_steps_equal_the_training_forward(tokenizer_dir, head):
+    model = make_duplex(tokenizer_dir, head)
+    user, codes, text = streams(model, T=10)
+    with torch.no_grad():
+        full = model(user, codes, text)
+    layout = model.layout(codes)
+    state = model.init_state(2)
+    text_logits, audio_logits = [], []
+    for t in range(10):
+        step = model.step(user[:, t], state, text=text[:, t], codes=layout[:, t])  # teacher-forced
+        state = step.state
+        text_logits.append(step.text_logits)
+        audio_logits.append(step.audio_logits)
+    torch.testing.assert_close(torch.stack(text_logits, 1), full.text_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(audio_logits, 1), full.audio_logits.view(2, 10, Q, C + 1), atol=1e-5, rtol=1e-4)
+    assert state.cache_length == 10 and state.positions.tolist() == [10, 10]
+
+
+def generate(model: DuplexLM, user: torch.Tensor, plan: dict, rows: int):
+    """Greedy ticks over user codes (R, T, Q) for a batch; ``plan[t]``: ("reset", rows) / ("grow", n) /
+    ("select", rows) before tick t; ``user`` row r feeds batch row ``feed[r]``. Returns per tick (text, frame, logits, state)."""
+    state = model.init_state(rows)
+    feed = list(range(rows))
+    ticks = []
+    for t in range(user.shape[1]):
+        for action, arg in plan.get(t, []):
+            if action == "reset":
+                state = model.reset_rows(state, arg)
+            elif action == "grow":
+                state = model.grow_state(state, arg)
+                feed += list(range(len(feed), arg))
+            else:
+                state = model.select_rows(state, arg)
+                feed = [feed[i] for i in arg]
+        step = model.step(user[feed, t], state)
+        state = step.state
+        ticks.append((step.text, step.frame, step.text_logits, state, list(feed)))
+    return ticks
+
+
+@pytest.mark.parametrize("head", ["depth", "parallel_delay"])
+def test_reset_join_and_leave_equal_fresh_single_row_runs(tokenizer_dir, head):
+    model = make_duplex(tokenizer_dir, head)
+    T = 12
+    user = torch.randint(0, C, (4, T, Q), generator=torch.Generator().manual_seed(3))
+    # rows 0..2 start together; row 1 restarts at tick 4; row 3 joins at tick 6; rows 0 and 2 leave at tick 8
+    plan = {4: [("reset", [1])], 6: [("grow", 4), ("reset", [3])], 8: [("select", [1, 3])]}
+    crowd = generate(model, user, plan, 3)
+    for r, start in ((1, 4), (2, 0), (3, 6)):
+        alone = generate(model, user[r : r + 1, start:], {}, 1)
+        compared = 0
+        for t in range(start, T):
+            text, frame, logits, _, feed = crowd[t]
+            if r not in feed:
+                continue
+            b = feed.index(r)
+            s_text, s_frame, s_logits, _, _ = alone[t - start]
+            assert int(text[b]) == int(s_text[0]) and torch.equal(frame[b], s_frame[0]), (r, t)
+            torch.testing.assert_close(logits[b], s_logits[0], atol=1e-5, rtol=1e-4)
+            compared += 1
+        assert compared >= 4
+    # once rows 0 and 2 left, the cache columns before row 1's restart (ticks 0..3) were dropped
+    assert crowd[7][3].cache_length == 8 and crowd[8][3].cache_length == 9 - 4
+    assert crowd[-1][3].valid.any(0).all()
+
+
+def test_kv_window_bounds_the_cache(tokenizer_dir):
+    model = make_duplex(tokenizer_dir, window=4)
+    user = torch.randint(0, C, (2, 10, Q), generator=torch.Generator().manual_seed(4))
+    ticks = generate(model, user, {}, 2)
+    assert [t[3].cache_length for t in ticks] == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
+    assert ticks[-1][3].positions.tolist() == [10, 10]  # rotary positions keep counting
+    assert all(torch.isfinite(t[2]).all() for t in ticks)
+
+
+@pytest.mark.parametrize("head", ["depth", "parallel_delay"])
+def test_a_frame_is_all_empty_or_all_codes(tokenizer_dir, head):
+    model = make_duplex(tokenizer_dir, head)
+    user = torch.randint(0, C, (3, 8, Q), generator=torch.Generator().manual_seed(5))
+    head_module = model.lm.audio_head
+    with torch.no_grad():
+        if head == "depth":
+            head_module.out_bias[0, C] = 50.0  # codebook 0 always says "silent" ...
+            head_module.out_bias[1:, C] = -50.0  # ... the others never would on their own
+        else:
+            head_module.proj.bias.view(Q, C + 1)[0, C] = 50.0
+            head_module.proj.bias.view(Q, C + 1)[1:, C] = -50.0
+    frames = torch.stack([t[1] for t in generate(model, user, {}, 3)], 1)  # (B, T, Q)
+    assert (frames == C).all(), "a silent frame forces its other codebooks empty"
+    with torch.no_grad():
+        if head == "depth":
+            head_module.out_bias[0, C] = -50.0
+            head_module.out_bias[1:, C] = 50.0
+        else:
+            head_module.proj.bias.view(Q, C + 1)[0, C] = -50.0
+            head_module.proj.bias.view(Q, C + 1)[1:, C] = 50.0
+    frames = torch.stack([t[1] for t in generate(model, user, {}, 3)], 1)
+    delay = model.max_delay  # parallel head: the first complete frame appears d_max ticks late
+    assert (frames[:, :delay] == C).all() and (frames[:, delay:] != C).all(), "a speaking frame has no empty code"
+    text = torch.stack([t[0] for t in generate(model, user, {}, 3)], 1)
+    assert model.allowed_text[text].all(), "only word pieces and <|text_pad|> are generated"
+
+
+def test_save_and_load_round_trip(tokenizer_dir, tmp_path):
+    model = make_duplex(tokenizer_dir, "parallel_delay", window=300, text_pad_weight=0.3)
+    model.save_pretrained(tmp_path / "duplex")
+    again = DuplexLM.from_pretrained(tmp_path / "duplex")
+    assert again.config == model.config
+    mine, theirs = model.state_dict(), again.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    user, codes, text = streams(model)
+    with torch.no_grad():
+        assert torch.equal(model(user, codes, text).loss, again(user, codes, text).loss)
+    assert isinstance(SpeechLM.from_pretrained(tmp_path / "duplex"), SpeechLM)  # still a SpeechLM directory
+    model.lm.save_pretrained(tmp_path / "plain")
+    with pytest.raises(SpeechLMError, match="not a duplex model directory"):
+        DuplexLM.from_pretrained(tmp_path / "plain")
+    (tmp_path / "duplex" / "duplex.safetensors").write_bytes(b"junk")
+    with pytest.raises(SpeechLMError, match="cannot read duplex weights"):
+        DuplexLM.from_pretrained(tmp_path / "duplex")
+
+
+# -- the server adapter -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    torch.manual_seed(0)
+    model = Codec(CodecConfig(**TINY_CODEC)).eval()
+    model.quantizer.init_random_codebooks_()
+    return model
+
+
+def speech(frames: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * 640) / 16_000
+    return (0.3 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def run_ticks(scheduler: Scheduler, plan: dict, sessions: dict, inputs: dict, ticks: int) -> None:
+    async def main():
+        for t in range(ticks):
+            for action, name in plan.get(t, []):
+                if action == "join":
+                    sessions[name] = scheduler.open_session()
+                    scheduler.join(sessions[name])
+                else:
+                    scheduler.leave(sessions[name])
+            for name, session in sessions.items():
+                if session.live:
+                    frame = inputs[name][session.frames * 640 : (session.frames + 1) * 640]
+                    await session.input.put(frame if len(frame) else np.zeros(640, np.float32))
+            await scheduler.tick()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def drain(session):
+    frames = [session.output.pop() for _ in range(len(session.output))]
+    return np.concatenate([f.pcm for f in frames]), [f.text for f in frames]
+
+
+def test_server_adapter_sessions_join_and_leave(tokenizer_dir, codec, tmp_path):
+    duplex = make_duplex(tokenizer_dir)
+    model = DuplexSpeechModel(duplex, codec, text_sampling=GREEDY, audio_sampling=GREEDY)
+    assert isinstance(model, DuplexModel) and (model.frame_length, model.sample_rate) == (640, 16_000)
+    inputs = {name: speech(10, seed) for seed, name in enumerate("abc")}
+    solo: dict = {}
+    run_ticks(Scheduler(DuplexSpeechModel(duplex, codec, text_sampling=GREEDY, audio_sampling=GREEDY), use_thread=False, output_seconds=10),
+              {0: [("join", "a")]}, solo, inputs, 10)  # fmt: skip
+    scheduler = Scheduler(model, use_thread=False, output_seconds=10)
+    crowd: dict = {}
+    plan = {0: [("join", "a")], 2: [("join", "b"), ("join", "c")], 5: [("leave", "b")], 7: [("leave", "c")]}
+    run_ticks(scheduler, plan, crowd, inputs, 10)
+    assert model.max_batch_seen == 4 and scheduler.live_sessions == 1
+    pcm, texts = drain(crowd["a"])
+    solo_pcm, solo_texts = drain(solo["a"])
+    np.testing.assert_allclose(pcm, solo_pcm, atol=1e-4)
+    assert texts == solo_texts and len(texts) == 10
+    assert all(t is None or isinstance(t, str) for t in texts) and any(isinstance(t, str) for t in texts)
+    assert np.abs(pcm).max() > 0 and np.isfinite(pcm).all()
+    b_pcm, _ = drain(crowd["b"])
+    assert len(b_pcm) == 3 * 640
+
+    # a silent frame is silence, and the decoder restarts for the next spoken one
+    with torch.no_grad():
+        duplex.lm.audio_head.out_bias[0, C] = 50.0
+    quiet = DuplexSpeechModel(duplex, codec, text_sampling=GREEDY, audio_sampling=GREEDY)
+    pcm, _, state = quiet.step(torch.from_numpy(inputs["a"][:640])[None], quiet.init_state(1))
+    assert pcm.abs().max() == 0
+    torch.testing.assert_close(state.decoder.synthesis, codec.init_state(1).synthesis)
+
+    # --model duplex --lm DIR through the server's model builder
+    with torch.no_grad():
+        duplex.lm.audio_head.out_bias[0, C] = 0.0
+    duplex.save_pretrained(tmp_path / "duplex")
+    codec.save_pretrained(tmp_path / "codec")
+    built = build_model(ServerConfig(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu"))
+    assert isinstance(built, DuplexSpeechModel)
+    pcm, texts, _ = built.step(torch.zeros(2, 640), built.init_state(2))
+    assert pcm.shape == (2, 640) and len(texts) == 2
+    with pytest.raises(SpeechLMError, match="--lm"):
+        ServerConfig(model="duplex").check()
+    wrong = Codec(CodecConfig(**{**TINY_CODEC, "codebook_size": 32}))
+    with pytest.raises(SpeechLMError, match="reads 4 x 16"):
+        DuplexSpeechModel(duplex, wrong)
