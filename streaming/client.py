@@ -219,7 +219,8 @@ class Conversation:
     complete: bool = True  # False when the reply stopped short of the audio sent (timed out)
 
     def transcript(self, speaker: str) -> str:
-        return " ".join(t.text.strip() for t in self.texts if t.speaker == speaker).strip()
+        # TEXT pieces carry their own leading space when they start a word (docs/protocol.md): concatenate.
+        return "".join(t.text for t in self.texts if t.speaker == speaker).strip()
 
 
 async def stream_file(

@@ -170,7 +170,8 @@ function onMessage(data) {
 
 function addText(speaker, text) {
   const who = speaker === "user" ? "user" : "model";
-  state.stats.transcripts[who] += (state.stats.transcripts[who] ? " " : "") + text;
+  // pieces carry their own leading space when they start a word (docs/protocol.md)
+  state.stats.transcripts[who] += text;
   $(`${who}-text`).textContent = state.stats.transcripts[who];
 }
 
