@@ -46,6 +46,14 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+# The smallest sensible architecture: for tests, examples and measuring per-call overhead.
+# Combine with quantizer settings, e.g. ``CodecConfig(**TINY_ARCHITECTURE, num_quantizers=2, codebook_size=32)``.
+TINY_ARCHITECTURE = dict(
+    encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
+    decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1,
+)
+
+
 @dataclass
 class CodecConfig:
     """Architecture and quantizer settings of :class:`speechlm.codec.model.Codec`.

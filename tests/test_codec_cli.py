@@ -5,11 +5,10 @@ import pytest
 import soundfile as sf
 
 from speechlm.codec.audio import save_audio
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
 
-TINY = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
-            decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2, num_quantizers=2, codebook_size=64)
+TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 64}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.losses import MultiResolutionMelLoss, MultiResolutionSTFTLoss, hz_to_mel, mel_filterbank, mel_to_hz
 from speechlm.codec.model import Codec
@@ -16,19 +16,9 @@ from speechlm.codec.quantizer import codebook_usage
 
 torch.set_num_threads(1)
 
-TINY = dict(
-    encoder_stft_dim=16,
-    encoder_stft_blocks=1,
-    encoder_frame_dim=32,
-    encoder_frame_blocks=1,
-    latent_dim=16,
-    decoder_frame_dim=32,
-    decoder_frame_blocks=1,
-    decoder_stft_dim=16,
-    decoder_stft_blocks=1,
-    num_quantizers=2,
-    codebook_size=32,
-)
+TINY = {**TINY_ARCHITECTURE, "num_quantizers": 2, "codebook_size": 32}
+
+
 ATOL = 1e-5
 
 

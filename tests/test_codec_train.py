@@ -10,14 +10,11 @@ import pytest
 import torch
 
 from speechlm.codec.audio import save_audio
+from speechlm.codec.config import TINY_ARCHITECTURE
 from speechlm.codec.model import Codec
 from speechlm.training.codec_train import CodecTrainConfig, CodecTrainer
 
-TINY = {
-    "encoder_stft_dim": 16, "encoder_stft_blocks": 1, "encoder_frame_dim": 32, "encoder_frame_blocks": 1, "latent_dim": 16,
-    "decoder_frame_dim": 32, "decoder_frame_blocks": 1, "decoder_stft_dim": 16, "decoder_stft_blocks": 1,
-    "groups": 2, "num_quantizers": 2, "codebook_size": 16, "kmeans_init": False, "threshold_ema_dead_code": 0.0,
-}
+TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16, "kmeans_init": False, "threshold_ema_dead_code": 0.0}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import SpeechLM, train_bpe_tokenizer
@@ -27,9 +27,9 @@ torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
 
 Q, C = 4, 16
-TINY_CODEC = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
-                  decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2,
-                  num_quantizers=2, codebook_size=C)  # fmt: skip
+TINY_CODEC = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C}
+
+
 ITEMS = [
     {"id": "d0", "text": "", "turns": [
         ["A", "Hello there, can you help me with this please?"],

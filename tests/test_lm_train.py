@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import SpeechLM, train_bpe_tokenizer
@@ -23,9 +23,9 @@ from speechlm.training.tokenize import TokenCorpus, tokenize_corpus
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
 
-TINY_CODEC = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
-                  decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2,
-                  num_quantizers=2, codebook_size=16)  # fmt: skip
+TINY_CODEC = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16}
+
+
 TINY_LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256)  # fmt: skip
 SPEECH = dict(output_head="depth", depth_dim=16, depth_heads=2, mctp_modules=2)

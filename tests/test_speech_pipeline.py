@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.utils import logging as hf_logging
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import SpeechLM, load_tokenizer, train_bpe_tokenizer
@@ -15,9 +15,9 @@ from speechlm.speech import Generation, SpeechPipeline
 
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
-TINY_CODEC = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
-                  decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2, num_quantizers=2,
-                  codebook_size=16)
+TINY_CODEC = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16}
+
+
 SHORT = Generation(max_seconds=0.4, max_text_tokens=5, seed=0)
 
 

@@ -25,14 +25,14 @@ import soundfile as sf
 import torch
 from websockets.asyncio.client import connect
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
 from speechlm.streaming.models import EchoCodecModel
 from speechlm.streaming.server import DuplexServer, ServerConfig
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-TINY = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
-            decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2, num_quantizers=2, codebook_size=32)
+TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 32}
+
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
          "--autoplay-policy=no-user-gesture-required", "--window-size=1100,800", "--remote-debugging-port=0"]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.streaming.client import ClientError, DuplexClient, import_sounddevice, stream_microphone
@@ -30,19 +30,7 @@ from speechlm.streaming.server import DuplexServer, ServerConfig, add_serve_argu
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "streaming" / "web"
-TINY = dict(
-    encoder_stft_dim=16,
-    encoder_stft_blocks=1,
-    encoder_frame_dim=32,
-    encoder_frame_blocks=1,
-    latent_dim=16,
-    decoder_frame_dim=32,
-    decoder_frame_blocks=1,
-    decoder_stft_dim=16,
-    decoder_stft_blocks=1,
-    num_quantizers=2,
-    codebook_size=32,
-)
+TINY = {**TINY_ARCHITECTURE, "num_quantizers": 2, "codebook_size": 32}
 
 
 @pytest.fixture(scope="module")

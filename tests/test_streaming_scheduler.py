@@ -8,24 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
 from speechlm.streaming.models import EchoCodecModel, SilenceModel, concat_states, select_rows, state_batch_size
 from speechlm.streaming.scheduler import InputBuffer, OutputFrame, OutputQueue, Scheduler
 
-TINY = dict(
-    encoder_stft_dim=16,
-    encoder_stft_blocks=1,
-    encoder_frame_dim=32,
-    encoder_frame_blocks=1,
-    latent_dim=16,
-    decoder_frame_dim=32,
-    decoder_frame_blocks=1,
-    decoder_stft_dim=16,
-    decoder_stft_blocks=1,
-    num_quantizers=2,
-    codebook_size=32,
-)
+TINY = {**TINY_ARCHITECTURE, "num_quantizers": 2, "codebook_size": 32}
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.streaming import protocol
@@ -26,19 +26,9 @@ from speechlm.streaming.models import EchoCodecModel, SilenceModel
 from speechlm.streaming.protocol import Audio, Control, Error, Handshake, Metadata
 from speechlm.streaming.server import DuplexServer, ServerConfig, run_server
 
-TINY = dict(
-    encoder_stft_dim=16,
-    encoder_stft_blocks=1,
-    encoder_frame_dim=32,
-    encoder_frame_blocks=1,
-    latent_dim=16,
-    decoder_frame_dim=32,
-    decoder_frame_blocks=1,
-    decoder_stft_dim=16,
-    decoder_stft_blocks=1,
-    num_quantizers=2,
-    codebook_size=32,
-)
+TINY = {**TINY_ARCHITECTURE, "num_quantizers": 2, "codebook_size": 32}
+
+
 FRAME = 640
 HANDSHAKE = protocol.encode(Handshake({"version": 1, "sample_rate": 16000, "codec": "pcm16", "client": "test"}))
 

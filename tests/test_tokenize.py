@@ -4,14 +4,13 @@ import numpy as np
 import torch
 
 from speechlm.codec.audio import load_audio
-from speechlm.codec.config import CodecConfig
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
 from speechlm.training.dialogues import DialogueConfig, synthesize_dialogues
 from speechlm.training.synth import SynthConfig, synthesize_corpus
 from speechlm.training.tokenize import TokenCorpus, tokenize_corpus
 
-TINY = dict(encoder_stft_dim=16, encoder_stft_blocks=1, encoder_frame_dim=32, encoder_frame_blocks=1, latent_dim=16,
-            decoder_frame_dim=32, decoder_frame_blocks=1, decoder_stft_dim=16, decoder_stft_blocks=1, groups=2, num_quantizers=2, codebook_size=64)
+TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 64}
 
 
 def test_tokenize_mono_and_stereo(tmp_path):
