@@ -165,19 +165,27 @@ class SpeechLMConfig:
         return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / CONFIG_NAME
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(directory) / CONFIG_NAME, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> SpeechLMConfig:
-        path = Path(directory) / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SpeechLMError(f"cannot read speech LM config {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise SpeechLMError(f"speech LM config {path} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(Path(directory) / CONFIG_NAME, "speech LM config"))
+
+
+def write_json_atomic(path: Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path``; SpeechLMError naming ``what`` when unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpeechLMError(f"cannot read {what} {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SpeechLMError(f"{what} {path} is not a JSON object")
+    return data

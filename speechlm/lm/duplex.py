@@ -46,7 +46,6 @@ positions it may attend to) and its own rotary position. Policies:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 
 from speechlm.codec.errors import SpeechLMError
 
+from .config import read_json_object, write_json_atomic
 from .generate import GREEDY, Sampling, sample_logits
 from .heads import AudioEmbedding
 from .model import SpeechLM, check_codes, check_token_ids
@@ -107,22 +107,11 @@ class DuplexConfig:
         return cls(**data)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / DUPLEX_CONFIG_NAME
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(Path(directory) / DUPLEX_CONFIG_NAME, self.to_dict())
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> DuplexConfig:
-        path = Path(directory) / DUPLEX_CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SpeechLMError(f"cannot read duplex config {path}: {e}") from None
-        if not isinstance(data, dict):
-            raise SpeechLMError(f"duplex config {path} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(Path(directory) / DUPLEX_CONFIG_NAME, "duplex config"))
 
 
 def is_duplex_dir(directory: str | os.PathLike) -> bool:
