@@ -71,7 +71,7 @@ class CodecState:
         ``rows``: a bool mask of length B, or row indices (int, list or tensor).
         Modifies this state in place (by rebinding its tensors) and returns it.
         """
-        mask = _row_mask(rows, self.batch_size, self.analysis.device)
+        mask = row_mask(rows, self.batch_size, self.analysis.device)
 
         def reset(t: Tensor) -> Tensor:
             return t.masked_fill(mask.view(-1, *([1] * (t.ndim - 1))), 0.0)
@@ -83,7 +83,8 @@ class CodecState:
         return self
 
 
-def _row_mask(rows, batch_size: int, device) -> Tensor:
+def row_mask(rows, batch_size: int, device) -> Tensor:
+    """Rows to reset (indices, or a (B,) bool mask) -> a (B,) bool mask; SpeechLMError when out of range."""
     rows = torch.as_tensor(rows, device=device)
     if rows.dtype == torch.bool:
         if rows.shape != (batch_size,):

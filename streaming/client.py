@@ -222,6 +222,20 @@ class Conversation:
         # TEXT pieces carry their own leading space when they start a word (docs/protocol.md): concatenate.
         return "".join(t.text for t in self.texts if t.speaker == speaker).strip()
 
+    def take(self, message, client: DuplexClient, on_text: Callable[[Text], Any] | None = None) -> np.ndarray | None:
+        """Record one server message; returns the PCM of an AUDIO message (None for the other kinds)."""
+        if isinstance(message, Audio):
+            return client.pcm(message)
+        if isinstance(message, Text):
+            self.texts.append(message)
+            if on_text is not None:
+                on_text(message)
+        elif isinstance(message, Metadata) and message.data.get("type") == "stats":
+            self.stats = message.data
+        elif isinstance(message, Error):
+            self.errors.append(message)
+        return None
+
 
 async def stream_file(
     url: str,
@@ -265,20 +279,12 @@ async def stream_file(
         async def receive() -> None:
             nonlocal got
             async for message in client.messages():
-                if isinstance(message, Audio):
-                    pcm = client.pcm(message)
+                pcm = result.take(message, client, on_text)
+                if pcm is not None:
                     received.append(pcm)
                     got += len(pcm)
                     if got >= target:
                         return
-                elif isinstance(message, Text):
-                    result.texts.append(message)
-                    if on_text is not None:
-                        on_text(message)
-                elif isinstance(message, Metadata) and message.data.get("type") == "stats":
-                    result.stats = message.data
-                elif isinstance(message, Error):
-                    result.errors.append(message)
             raise ClientError(f"server closed the session after {got / client.sample_rate:.2f} s of reply")
 
         sender = asyncio.create_task(send())
@@ -400,16 +406,10 @@ async def stream_microphone(
 
         async def receive() -> None:
             async for message in client.messages():
-                if isinstance(message, Audio):
-                    pcm = client.pcm(message)
+                pcm = result.take(message, client, on_text)
+                if pcm is not None:
                     playback.push(pcm)
                     received.append(pcm)
-                elif isinstance(message, Text):
-                    result.texts.append(message)
-                    if on_text is not None:
-                        on_text(message)
-                elif isinstance(message, Metadata) and message.data.get("type") == "stats":
-                    result.stats = message.data
 
         with (
             sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_capture),

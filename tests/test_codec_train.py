@@ -79,3 +79,12 @@ def test_torchrun_two_processes_equal_one_process(audio_dir, tmp_path):
     for part in ("codec", "disc"):
         for name, value in a[part].items():
             assert torch.allclose(value.float(), b[part][name].float(), atol=1e-5, rtol=1e-4), (part, name)
+
+
+def test_init_from_exported_weights(audio_dir, tmp_path):
+    first = CodecTrainer(_config(audio_dir, tmp_path / "a", steps=3))
+    first.train(progress=False)
+    second = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=3, init_from=str(tmp_path / "a" / "model")))
+    assert second.step == 0
+    for name, value in first.codec.state_dict().items():
+        assert torch.equal(value, second.codec.state_dict()[name]), name

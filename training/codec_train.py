@@ -63,6 +63,7 @@ class CodecTrainConfig:
     seed: int = 0
     threads: int = 1
     codec: dict = field(default_factory=dict)  # CodecConfig overrides
+    init_from: str | None = None  # start a new run from these codec weights (a directory or shipped name)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,7 +120,11 @@ class CodecTrainer:
         self.crop = int(config.crop_seconds * self.codec.sample_rate) // self.codec.frame_length * self.codec.frame_length
         if self.crop <= 0:
             raise SpeechLMError(f"crop of {config.crop_seconds} s is shorter than one codec frame")
-        self.resume()
+        if not self.resume() and config.init_from:
+            start = Codec.from_pretrained(config.init_from)
+            if start.codec_id != self.codec.codec_id:
+                raise SpeechLMError(f"--init-from {config.init_from} is codec {start.codec_id}, but this run builds {self.codec.codec_id}")
+            self.codec.load_state_dict(start.state_dict())
         if self.world_size > 1:
             self.codec_ddp = DistributedDataParallel(self.codec)
             self.disc_ddp = DistributedDataParallel(self.disc)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from ..codec.errors import SpeechLMError
-from .lm_data import LMFormat, corpus_audio_settings
+from .lm_data import LMFormat, check_corpus_codes
 from .tokenize import TokenCorpus
 
 USER, ASSISTANT = 0, 1
@@ -158,14 +158,7 @@ class DuplexMixture:
             raise SpeechLMError(f"duplex crops need at least 2 frames, got {frames}")
         if not 0.0 <= p_from_start <= 1.0:
             raise SpeechLMError(f"p_from_start must lie in [0, 1], got {p_from_start}")
-        cfg = self.lm.config
-        if self.corpora:
-            audio = corpus_audio_settings(self.corpora)
-            if (audio["num_codebooks"], audio["codebook_size"]) != (cfg.num_codebooks, cfg.codebook_size):
-                raise SpeechLMError(
-                    f"the corpora hold {audio['num_codebooks']} codes per frame from {audio['codebook_size']}-entry codebooks, "
-                    f"but the model reads {cfg.num_codebooks} x {cfg.codebook_size}"
-                )
+        check_corpus_codes(self.corpora, self.lm.config)
         self.pool = [(c, r) for c, corpus in enumerate(self.corpora) for r, row in enumerate(corpus.rows) if is_dialogue_row(row)]
         if not self.pool:
             raise SpeechLMError(

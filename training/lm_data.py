@@ -400,6 +400,18 @@ def train_tokenizer(
 # -- the task mixture ------------------------------------------------------------------------------
 
 
+def check_corpus_codes(corpora: Sequence[TokenCorpus], config) -> None:
+    """SpeechLMError when the corpora's codes (Q per frame, C entries) are not what the model reads."""
+    if not corpora:
+        return
+    audio = corpus_audio_settings(corpora)
+    if (audio["num_codebooks"], audio["codebook_size"]) != (config.num_codebooks, config.codebook_size):
+        raise SpeechLMError(
+            f"the corpora hold {audio['num_codebooks']} codes per frame from {audio['codebook_size']}-entry codebooks, "
+            f"but the model reads {config.num_codebooks} x {config.codebook_size}"
+        )
+
+
 def corpus_audio_settings(corpora: Sequence[TokenCorpus]) -> dict:
     """The codec settings shared by tokenized corpora: num_codebooks, codebook_size, frame_rate, codec_id."""
     found = {
@@ -457,14 +469,7 @@ class TaskMixture:
         self.p_switch, self.text_per_chunk, self.audio_per_chunk, self.first_text = p_switch, text_per_chunk, audio_per_chunk, first_text
         if max_length < 8:
             raise SpeechLMError(f"max_length must be at least 8, got {max_length}")
-        cfg = self.lm.config
-        if self.corpora:
-            audio = corpus_audio_settings(self.corpora)
-            if (audio["num_codebooks"], audio["codebook_size"]) != (cfg.num_codebooks, cfg.codebook_size):
-                raise SpeechLMError(
-                    f"the corpora hold {audio['num_codebooks']} codes per frame from {audio['codebook_size']}-entry codebooks, "
-                    f"but the model reads {cfg.num_codebooks} x {cfg.codebook_size}"
-                )
+        check_corpus_codes(self.corpora, self.lm.config)
 
         voices = set(assistant_voices) if assistant_voices else None
         utterances = [(c, r) for c, corpus in enumerate(self.corpora) for r, row in enumerate(corpus.rows) if _trainable_row(row)]

@@ -58,6 +58,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.model import row_mask
 
 from .config import read_json_object, write_json_atomic
 from .generate import GREEDY, Sampling, sample_logits
@@ -360,7 +361,7 @@ class DuplexLM(nn.Module):
 
     def reset_rows(self, state: DuplexState, rows) -> DuplexState:
         """Rows (indices or a (B,) bool mask) restart their stream; the others are untouched. Returns a new state."""
-        mask = _row_mask(rows, state.batch_size, state.positions.device)
+        mask = row_mask(rows, state.batch_size, state.positions.device)
         if not bool(mask.any()):
             return state
         return replace(
@@ -587,17 +588,3 @@ class _AudioChooser:
             sampled = sample_logits(part.flatten(0, 1), self.sampling, self.generator).view(B, -1)
             codes[:, start:] = sampled.masked_fill(silent | self.before_start[:, rest], self.empty)
         return codes
-
-
-def _row_mask(rows, batch_size: int, device) -> Tensor:
-    rows = torch.as_tensor(rows, device=device)
-    if rows.dtype == torch.bool:
-        if rows.shape != (batch_size,):
-            raise SpeechLMError(f"reset mask must have shape ({batch_size},), got {tuple(rows.shape)}")
-        return rows
-    rows = rows.reshape(-1).long()
-    if rows.numel() and (int(rows.min()) < -batch_size or int(rows.max()) >= batch_size):
-        raise SpeechLMError(f"reset rows {rows.tolist()} out of range for a batch of {batch_size}")
-    mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    mask[rows] = True
-    return mask
