@@ -52,6 +52,10 @@ def _load_items(args: argparse.Namespace) -> list[dict]:
                 items += textgen.generate(source.strip(), args.count, split=args.split, seed=args.seed)
             except ValueError as e:
                 raise SpeechLMError(str(e)) from None
+        if getattr(args, "answers", False):
+            items = textgen.answer_items(items)
+            if not items:
+                raise SpeechLMError(f"--answers: none of the sources {args.builtin!r} has answers (try arithmetic,facts)")
         return items
     raise SpeechLMError("no texts: give --texts FILE or --builtin SOURCES (see --help)")
 
@@ -64,6 +68,11 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=_positive_int, default=100, help="items per built-in source (default 100)")
     p.add_argument("--split", choices=SPLITS, default="train", help="split of built-in texts (default train)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--answers",
+        action="store_true",
+        help="built-in QA sources: use each item's answer as the text, deduplicated (the assistant's spoken answers)",
+    )
 
 
 def cmd_data_texts(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import torch
 from .codec.audio import SAMPLE_RATE, is_silent
 from .codec.errors import AudioError, SpeechLMError
 from .codec.model import Codec
-from .lm.generate import Sampling, iter_audio, text_generate
+from .lm.generate import AudioStep, Sampling, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import asr_prompt, chat_prompt, tts_prompt
 
@@ -46,6 +46,7 @@ class Generation:
     seed: int | None = 0
     max_seconds: float = 30.0  # of speech per reply
     max_text_tokens: int = 200
+    mctp_schedule: list[int] | None = None  # MCTP frames after each backbone forward; None = the model's; [0] = off
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
@@ -70,9 +71,13 @@ class SpeechPipeline:
     # -- files -----------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path_or_name: str | os.PathLike, codec: str | os.PathLike | None = None) -> SpeechPipeline:
+    def from_pretrained(
+        cls, path_or_name: str | os.PathLike, codec: str | os.PathLike | None = None, *, dtype: torch.dtype | None = torch.float32
+    ) -> SpeechPipeline:
+        """``dtype``: compute dtype of the LM (weights may be stored in bfloat16 to keep the package
+        small; float32 is the fast and exact choice on CPU); None keeps the stored dtype."""
         path = _resolve(path_or_name)
-        lm = SpeechLM.from_pretrained(path)
+        lm = SpeechLM.from_pretrained(path, dtype=dtype)
         if codec is None:
             if (path / CODEC_DIR).is_dir():
                 codec = path / CODEC_DIR
@@ -143,14 +148,22 @@ class SpeechPipeline:
         return text, audio
 
     def _speak(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> Iterator[np.ndarray]:
-        """Generate the speech segment after ``ids`` and decode it frame by frame."""
+        for _, pcm in self.speak_steps(ids, codes, g):
+            yield pcm
+
+    def speak_steps(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> Iterator[tuple[AudioStep, np.ndarray]]:
+        """Generate the speech segment after ``ids`` (ending with ``<|speech_start|>``) and decode it
+        frame by frame: yields (the LM's step, that frame's PCM (T,)), one per audio frame, so a
+        caller can see how many backbone forwards each frame took."""
         state = self.codec.init_state(1)
         max_frames = max(1, int(g.max_seconds * self.lm.config.frame_rate))
         with torch.inference_mode():
-            for step in iter_audio(self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), seed=g.seed, per_position=True):
+            for step in iter_audio(
+                self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, per_position=True
+            ):
                 for frame in step.frames[0]:
                     pcm, state = self.codec.decode_step(frame[None].clamp(max=self.codec.config.codebook_size - 1), state)
-                    yield pcm[0].cpu().numpy()
+                    yield step, pcm[0].cpu().numpy()
 
 
 def _join(chunks: Iterator[np.ndarray]) -> np.ndarray:

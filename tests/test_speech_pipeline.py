@@ -11,6 +11,7 @@ from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import SpeechLM, load_tokenizer, train_bpe_tokenizer
+from speechlm.lm.prompts import tts_prompt
 from speechlm.speech import Generation, SpeechPipeline
 
 torch.set_num_threads(1)
@@ -50,6 +51,35 @@ def test_asr_and_chat(pipeline):
     assert isinstance(text, str) and audio.dtype == np.float32
     text, audio = pipeline.chat("what is two plus three", generation=SHORT)
     assert isinstance(text, str)
+
+
+def test_mctp_schedule(pipeline):
+    """MCTP gives several frames per backbone forward; schedule [0] is plain decoding."""
+    g = Generation(max_seconds=0.4, seed=0)
+    steps = [step.backbone_forwards for step, _ in pipeline.speak_steps(tts_prompt(pipeline.lm, "hello world"), None, g)]
+    plain = [step.backbone_forwards for step, _ in pipeline.speak_steps(tts_prompt(pipeline.lm, "hello world"), None, Generation(max_seconds=0.4, seed=0, mctp_schedule=[0]))]
+    assert steps[0] == 1, "the first frame comes from the first backbone forward"
+    if len(steps) > 1:
+        assert len(set(steps)) < len(steps), "some forward yields more than one frame"
+    assert plain == sorted(set(plain)), "plain decoding: one frame per forward"
+
+
+def test_ship_speech_lm_in_bfloat16(pipeline, tmp_path):
+    from speechlm.training.ship import ship
+
+    run = tmp_path / "run"
+    pipeline.lm.save_pretrained(run / "model")
+    (run / "train_config.json").write_text('{"stage": "mctp", "init_from": null}')
+    pipeline.codec.save_pretrained(tmp_path / "codec")
+    dst = ship(run, "tiny", models_dir=tmp_path / "models", codec=str(tmp_path / "codec"), dtype="bfloat16")
+    assert (dst / "codec.json").is_file() and (dst / "provenance.json").is_file()
+    assert not (dst / "codec").exists(), "the codec is referenced by name, not copied"
+    shipped = SpeechPipeline.from_pretrained(dst)
+    ours = dict(pipeline.lm.named_parameters())
+    for name, p in shipped.lm.named_parameters():
+        assert p.dtype == torch.float32, "computed in float32 on CPU"
+        assert torch.equal(p, ours[name].to(torch.bfloat16).float()), name
+    assert isinstance(shipped.tts("hello world", generation=SHORT), np.ndarray)
 
 
 def test_save_load_roundtrip(pipeline, tmp_path):

@@ -45,3 +45,16 @@ def test_user_text_file(tmp_path):
     items = list(textgen.iter_text_file(p))
     assert [i["text"] for i in items] == ["Hello there.", "Second line."]
     assert len({i["id"] for i in items}) == 2
+
+
+def test_answer_items_are_distinct_answers(cli, tmp_path):
+    qa = textgen.generate("arithmetic", 40) + textgen.generate("everyday", 5)
+    answers = textgen.answer_items(qa)
+    texts = [a["text"] for a in answers]
+    assert texts and len({t.lower() for t in texts}) == len(texts), "deduplicated"
+    assert set(texts) <= {q.get("answer") for q in qa}, "only answers, nothing from items without one"
+    out = tmp_path / "answers.jsonl"
+    r = cli("data", "texts", "--builtin", "arithmetic,facts", "--count", "20", "--answers", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    r = cli("data", "texts", "--builtin", "everyday", "--count", "5", "--answers", "-o", str(out))
+    assert r.returncode == 2 and "has answers" in r.stderr

@@ -1,11 +1,15 @@
 """Copy a trained model from a run directory into the package, so it loads by name offline.
 
     python -m speechlm.training.ship runs/codec-16k codec-16k
+    python -m speechlm.training.ship runs/lm-mctp speechlm-default --codec codec-16k --dtype bfloat16
 
-copies ``runs/codec-16k/model/*`` to ``speechlm/models/codec-16k/`` (in the source tree
-this module was imported from) and writes ``provenance.json`` beside it: the training step,
-the training config and the date, so the shipped weights can be traced to the command
-that made them.
+A codec run: copies ``RUN/model/*`` to ``speechlm/models/NAME/``.  A speech-LM run: saves
+the LM there (optionally stored in bfloat16 to halve its size; the pipeline computes in
+float32 on CPU) with ``codec.json`` naming the shipped codec it reads and writes.
+
+Either way ``provenance.json`` goes beside it: the training step, the training config and
+the date, and for a staged LM every earlier stage (followed through ``--init-from``), so the
+shipped weights can be traced to the commands that made them.
 """
 
 from __future__ import annotations
@@ -21,17 +25,50 @@ import torch
 MODELS_DIR = Path(__file__).resolve().parent.parent / "speechlm" / "models"
 
 
-def ship(run_dir: str | Path, name: str, models_dir: Path = MODELS_DIR) -> Path:
+def _run_record(run: Path) -> dict:
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False) if (run / "checkpoint.pt").exists() else {}
+    config = ckpt.get("train_config")
+    if config is None and (run / "train_config.json").exists():
+        config = json.loads((run / "train_config.json").read_text())
+    return {"run": str(run), "step": ckpt.get("step"), "train_config": config}
+
+
+def _stages(run: Path, limit: int = 10) -> list[dict]:
+    """This run and the runs it was initialised from (``init_from`` = RUN/model), oldest first."""
+    chain = []
+    while run is not None and len(chain) < limit:
+        record = _run_record(run)
+        chain.append(record)
+        init = (record["train_config"] or {}).get("init_from")
+        parent = Path(init).parent if init else None
+        run = parent if parent is not None and (parent / "train_config.json").exists() else None
+    return chain[::-1]
+
+
+def ship(run_dir: str | Path, name: str, models_dir: Path = MODELS_DIR, *, codec: str | None = None, dtype: str | None = None) -> Path:
     run = Path(run_dir)
     src = run / "model"
     if not src.is_dir():
         raise SystemExit(f"no exported model in {src}")
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False) if (run / "checkpoint.pt").exists() else {}
     dst = models_dir / name
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    provenance = {"name": name, "run": str(run), "step": ckpt.get("step"), "train_config": ckpt.get("train_config"), "shipped": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    provenance = {"name": name, "shipped": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if (src / "speechlm_config.json").exists():
+        from speechlm.codec.model import Codec
+        from speechlm.lm.model import SpeechLM
+        from speechlm.speech import SpeechPipeline
+
+        if codec is None:
+            raise SystemExit("a speech LM ships with the name of its codec: pass --codec NAME (a shipped codec)")
+        lm = SpeechLM.from_pretrained(src)
+        if dtype:
+            lm = lm.to(getattr(torch, dtype))
+        SpeechPipeline(lm, Codec.from_pretrained(codec)).save_pretrained(dst, codec_name=codec)
+        provenance |= {"dtype": dtype or str(next(lm.parameters()).dtype).removeprefix("torch."), "codec": codec, "stages": _stages(run)}
+    else:
+        shutil.copytree(src, dst)
+        provenance |= _run_record(run)
     (dst / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return dst
 
@@ -40,8 +77,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("name")
+    ap.add_argument("--codec", help="speech LM: the shipped codec it was trained on")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="speech LM: store the weights in this dtype")
     args = ap.parse_args()
-    print(f"shipped {ship(args.run_dir, args.name)}")
+    print(f"shipped {ship(args.run_dir, args.name, codec=args.codec, dtype=args.dtype)}")
 
 
 if __name__ == "__main__":

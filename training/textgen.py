@@ -246,6 +246,22 @@ def generate(source: str, count: int, split: str = "train", seed: int = 0, max_t
     return items
 
 
+def answer_items(items: list[dict]) -> list[dict]:
+    """The distinct answers of QA ``items`` as items of their own (``text`` = the answer), for
+    synthesizing the assistant's spoken answers; items without an answer are skipped."""
+    seen: set[str] = set()
+    answers: list[dict] = []
+    for item in items:
+        answer = item.get("answer")
+        if not answer or answer.lower() in seen:
+            continue
+        seen.add(answer.lower())
+        answers.append(
+            {"text": answer, "id": f"answer-{stable_hash(answer.lower()) % 10**10:010d}", "source": f"{item.get('source', 'qa')}_answers", "split": item.get("split", text_split(answer))}
+        )
+    return answers
+
+
 def iter_text_file(path: str | Path) -> Iterator[dict]:
     """Items from a user file: ``.jsonl`` (objects with ``text``) or plain text (one per line).
 

@@ -1,0 +1,209 @@
+"""The speech LM's quality and speed, judged by Whisper tiny.en (needs the [eval] extra).
+
+* TTS: judge WER of our speech on held-out sentences (test split: text never trained on),
+  next to the WER of the teacher (espeak-ng en-us, the assistant voice) on the same sentences
+  in the same run; with MCTP decoding (the default) and without (plain decoding), so the WER
+  cost and the speed-up of MCTP come from the same model and sentences.
+* ASR: WER on held-out voices (espeak variants never trained on) speaking test-split text,
+  and on the real held-out LibriSpeech speakers (>= 7000) against their pseudo-transcripts.
+* Spoken QA: held-out arithmetic and fact questions spoken by held-out voices; a reply is
+  right when the judge hears the expected answer in our spoken reply (and, separately, when
+  the reply's text holds it).
+* Speed (this machine, 1 thread unless --threads): real-time factor of TTS, audio frames per
+  backbone forward, backbone forwards before the first audio frame, text-in -> first PCM.
+
+    python benchmarks/speech_lm.py --model speechlm-default --count 40 --out docs/results/speech_lm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechlm.codec.audio import SAMPLE_RATE, load_audio
+from speechlm.judge import WhisperJudge, word_error_rate
+from speechlm.lm.prompts import tts_prompt
+from speechlm.speech import Generation, SpeechPipeline
+from speechlm.training import textgen
+from speechlm.training.audio_data import list_source_files
+from speechlm.training.teachers import get_teacher
+from speechlm.training.textnorm import words_for_scoring
+
+TTS_SOURCES = ("everyday", "commands", "numbers", "dates_times")
+QA_SOURCES = ("arithmetic", "facts")
+
+
+def corpus_wer(pairs: list[tuple[str, str]]) -> float:
+    """Word errors over all references / reference words (not a mean of per-sentence WERs)."""
+    words = [len(words_for_scoring(ref)) for ref, _ in pairs]
+    errors = [word_error_rate(ref, hyp) * n for (ref, hyp), n in zip(pairs, words)]
+    return float(sum(errors) / max(1, sum(words)))
+
+
+def held_out_texts(sources, count: int) -> list[dict]:
+    per = max(1, -(-count // len(sources)))
+    items = [item for s in sources for item in textgen.generate(s, per, split="test", seed=1)]
+    random.Random(0).shuffle(items)
+    return items[:count]
+
+
+def speak(sp: SpeechPipeline, text: str, g: Generation) -> dict:
+    t0 = time.perf_counter()
+    first_pcm = first_forward = None
+    pcm, forwards = [], 0
+    for step, chunk in sp.speak_steps(tts_prompt(sp.lm, text), None, g):
+        if first_pcm is None:
+            first_pcm, first_forward = time.perf_counter() - t0, step.backbone_forwards
+        pcm.append(chunk)
+        forwards = step.backbone_forwards
+    wall = time.perf_counter() - t0
+    audio = np.concatenate(pcm) if pcm else np.zeros(0, np.float32)
+    frames = len(pcm)
+    return {
+        "audio": audio,
+        "wall_s": wall,
+        "seconds": len(audio) / SAMPLE_RATE,
+        "frames": frames,
+        "backbone_forwards": forwards,
+        "first_pcm_s": first_pcm,
+        "first_audio_forward": first_forward,
+    }
+
+
+def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str) -> dict:
+    items = held_out_texts(TTS_SOURCES, count)
+    teacher = get_teacher(teacher_voice)
+    rng = random.Random(0)
+    rows = {"teacher": [], "mctp": [], "plain": []}
+    runs = {"mctp": Generation(), "plain": Generation(mctp_schedule=[0])}
+    stats = {k: [] for k in runs}
+    for item in items:
+        text = item["text"]
+        rows["teacher"].append((text, judge(teacher.synthesize(text, rng).audio)))
+        for name, g in runs.items():
+            out = speak(sp, text, g)
+            heard = judge(out["audio"]) if len(out["audio"]) >= SAMPLE_RATE // 10 else ""
+            rows[name].append((text, heard))
+            stats[name].append({k: v for k, v in out.items() if k != "audio"} | {"heard": heard})
+    result = {"sentences": len(items), "teacher_voice": teacher_voice, "teacher_wer": corpus_wer(rows["teacher"])}
+    for name, s in stats.items():
+        seconds = sum(x["seconds"] for x in s)
+        wall = sum(x["wall_s"] for x in s)
+        result[name] = {
+            "wer": corpus_wer(rows[name]),
+            "rtf": wall / max(seconds, 1e-9),
+            "frames_per_backbone_forward": sum(x["frames"] for x in s) / max(1, sum(x["backbone_forwards"] for x in s)),
+            "first_audio_forward_max": max((x["first_audio_forward"] or 0) for x in s),
+            "first_pcm_ms_median": 1000 * statistics.median(x["first_pcm_s"] for x in s if x["first_pcm_s"] is not None),
+            "decode_frames_per_s": sum(x["frames"] for x in s) / max(wall, 1e-9),
+            "mean_seconds": seconds / len(s),
+        }
+    result["mctp_speedup"] = result["mctp"]["decode_frames_per_s"] / max(result["plain"]["decode_frames_per_s"], 1e-9)
+    result["mctp_wer_cost"] = result["mctp"]["wer"] - result["plain"]["wer"]
+    result["examples"] = [
+        {"text": t, "teacher": th, "ours": oh} for (t, th), (_, oh) in list(zip(rows["teacher"], rows["mctp"]))[:8]
+    ]
+    return result
+
+
+def bench_asr_synthetic(sp: SpeechPipeline, count: int) -> dict:
+    """Held-out voices speaking unseen (test-split) text, synthesized here."""
+    items = held_out_texts(TTS_SOURCES, count)
+    voices = textgen.voice_catalog("test", ("espeak",))
+    rng = random.Random(1)
+    pairs = []
+    for i, item in enumerate(items):
+        voice = voices[i % len(voices)]
+        audio = get_teacher(voice).synthesize(item["text"], rng).audio
+        pairs.append((item["text"], sp.asr(audio)))
+    return {"utterances": len(pairs), "voices": len({voices[i % len(voices)] for i in range(len(items))}), "wer": corpus_wer(pairs),
+            "examples": [{"ref": r, "hyp": h} for r, h in pairs[:8]]}
+
+
+def bench_asr_librispeech(sp: SpeechPipeline, folder: str, count: int, max_seconds: float) -> dict:
+    files, _ = list_source_files(f"librispeech:{folder}:test")
+    table = {}
+    for line in (Path(folder) / "pseudo_transcripts.tsv").read_text().splitlines()[1:]:
+        name, _, duration, text = line.split("\t", 3)
+        table[name] = (float(duration), text)
+    chosen = [f for f in files if f.name in table and table[f.name][0] <= max_seconds][:count]
+    pairs = []
+    for f in chosen:
+        audio = load_audio(f)
+        pairs.append((table[f.name][1], sp.asr(audio)))
+    return {"utterances": len(pairs), "max_seconds": max_seconds, "wer": corpus_wer(pairs),
+            "examples": [{"ref": r, "hyp": h} for r, h in pairs[:4]]}
+
+
+def answer_heard(expected: str, heard: str) -> bool:
+    want, got = words_for_scoring(expected), words_for_scoring(heard)
+    return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
+
+
+def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int) -> dict:
+    items = held_out_texts(QA_SOURCES, count)
+    voices = textgen.voice_catalog("test", ("espeak",))
+    rng = random.Random(2)
+    rows = []
+    for i, item in enumerate(items):
+        audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio
+        text, reply = sp.chat(audio)
+        heard = judge(reply) if len(reply) >= SAMPLE_RATE // 10 else ""
+        rows.append({"question": item["text"], "expected": item["answer_value"], "reply_text": text, "heard": heard,
+                     "text_right": answer_heard(item["answer_value"], text), "speech_right": answer_heard(item["answer_value"], heard)})
+    by_source = {}
+    for item, row in zip(items, rows):
+        by_source.setdefault(item["source"], []).append(row["speech_right"])
+    return {
+        "questions": len(rows),
+        "spoken_answer_accuracy": sum(r["speech_right"] for r in rows) / len(rows),
+        "text_answer_accuracy": sum(r["text_right"] for r in rows) / len(rows),
+        "spoken_accuracy_by_source": {k: sum(v) / len(v) for k, v in by_source.items()},
+        "examples": rows[:8],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="speechlm-default")
+    ap.add_argument("--count", type=int, default=40, help="sentences / utterances / questions per test")
+    ap.add_argument("--tasks", default="tts,asr,qa")
+    ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
+    ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
+    ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sp = SpeechPipeline.from_pretrained(args.model)
+    judge = WhisperJudge(threads=args.threads)
+    tasks = args.tasks.split(",")
+    result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
+    if "tts" in tasks:
+        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice)
+        print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
+    if "asr" in tasks:
+        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count)
+        print("asr held-out voices WER", result["asr_held_out_voices"]["wer"], flush=True)
+        if Path(args.librispeech).is_dir():
+            result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds)
+            print("asr librispeech WER", result["asr_librispeech"]["wer"], flush=True)
+    if "qa" in tasks:
+        result["spoken_qa"] = bench_qa(sp, judge, args.count)
+        print("spoken QA", {k: v for k, v in result["spoken_qa"].items() if k != "examples"}, flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, default=float) + "\n")
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
