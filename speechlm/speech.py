@@ -76,7 +76,7 @@ class SpeechPipeline:
     ) -> SpeechPipeline:
         """``dtype``: compute dtype of the LM (weights may be stored in bfloat16 to keep the package
         small; float32 is the fast and exact choice on CPU); None keeps the stored dtype."""
-        path = _resolve(path_or_name)
+        path = resolve_model(path_or_name)
         lm = SpeechLM.from_pretrained(path, dtype=dtype)
         if codec is None:
             if (path / CODEC_DIR).is_dir():
@@ -171,7 +171,8 @@ def _join(chunks: Iterator[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
-def _resolve(path_or_name: str | os.PathLike) -> Path:
+def resolve_model(path_or_name: str | os.PathLike) -> Path:
+    """A model directory, or the directory of a model shipped in ``speechlm/models`` by that name."""
     p = Path(path_or_name)
     if p.is_dir():
         return p

@@ -90,9 +90,12 @@ class DuplexSpeechModel:
     @classmethod
     def from_pretrained(cls, lm_dir, codec, *, device: str | torch.device = "cpu", **kwargs) -> DuplexSpeechModel:
         """``lm_dir``: a directory from ``DuplexLM.save_pretrained``; ``codec``: a Codec, or its name/directory."""
+        from ..speech import resolve_model
+
         if not isinstance(codec, Codec):
             codec = Codec.from_pretrained(codec, device=device)
-        return cls(DuplexLM.from_pretrained(lm_dir, device=device), codec, device=device, **kwargs)
+        lm = DuplexLM.from_pretrained(resolve_model(lm_dir), device=device, dtype=torch.float32)
+        return cls(lm, codec, device=device, **kwargs)
 
     # -- state ---------------------------------------------------------------------------
 

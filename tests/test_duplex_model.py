@@ -298,3 +298,25 @@ def test_server_adapter_sessions_join_and_leave(tokenizer_dir, codec, tmp_path):
     wrong = Codec(CodecConfig(**{**TINY_CODEC, "codebook_size": 32}))
     with pytest.raises(SpeechLMError, match="reads 4 x 16"):
         DuplexSpeechModel(duplex, wrong)
+
+
+def test_ship_duplex_without_mctp_in_bfloat16(tokenizer_dir, codec, tmp_path):
+    """Shipping drops the MCTP modules (unused by the one-frame step), stores bfloat16, and the
+    server adapter loads it by directory in float32 with the same step as the bf16-rounded model."""
+    from speechlm.training.ship import ship
+
+    duplex = make_duplex(tokenizer_dir, "parallel_delay")
+    duplex.save_pretrained(tmp_path / "run" / "model")
+    codec.save_pretrained(tmp_path / "codec")
+    dst = ship(tmp_path / "run", "tiny-duplex", models_dir=tmp_path / "models", codec=str(tmp_path / "codec"), dtype="bfloat16")
+    loaded = DuplexSpeechModel.from_pretrained(dst, tmp_path / "codec", text_sampling=GREEDY, audio_sampling=GREEDY)
+    assert len(loaded.lm.lm.mctp) == 0 and loaded.lm.lm.config.mctp_modules == 0
+    assert all(p.dtype == torch.float32 for p in loaded.lm.parameters())
+    duplex.lm.keep_mctp_modules(0)
+    rounded = DuplexSpeechModel(duplex.to(torch.bfloat16).float(), codec, text_sampling=GREEDY, audio_sampling=GREEDY)
+    pcm = torch.from_numpy(speech(1, 0))[None]
+    a, ta, _ = loaded.step(pcm, loaded.init_state(1))
+    b, tb, _ = rounded.step(pcm, rounded.init_state(1))
+    assert torch.allclose(a, b, atol=1e-5) and ta == tb
+    with pytest.raises(SpeechLMError, match="not found"):
+        DuplexSpeechModel.from_pretrained("no-such-duplex", codec)

@@ -93,6 +93,19 @@ def test_resume_gives_the_same_next_losses(workdir, tmp_path):
         LMTrainer(config(workdir, tmp_path / "b", lr=1e-4))
 
 
+def test_stop_at_keeps_the_schedule(workdir, tmp_path):
+    """--stop-at ends a run early (checkpoint + export) without changing the schedule of --steps."""
+    straight = LMTrainer(config(workdir, tmp_path / "a"))
+    logs = [straight.train_step() for _ in range(4)]
+    stopped = LMTrainer(config(workdir, tmp_path / "b", stop_at=2))
+    stopped.train(progress=False)
+    assert stopped.step == 2 and read_stage(tmp_path / "b" / "model")["step"] == 2
+    go_on = LMTrainer(config(workdir, tmp_path / "b"))
+    again = [go_on.train_step() for _ in range(2)]
+    assert [a["lr"] for a in again] == pytest.approx([log["lr"] for log in logs[2:]])
+    assert [a["loss"] for a in again] == pytest.approx([log["loss"] for log in logs[2:]], rel=1e-5, abs=1e-6)
+
+
 def test_text_stage_then_align_then_mctp1(workdir, tmp_path):
     backbone = json.dumps({"model_type": "llama", **TINY_LLAMA})
     text = LMTrainer(LMTrainConfig(out=str(tmp_path / "text"), stage="text", backbone=backbone, tokenizer="train-bpe", bpe_vocab_size=400,

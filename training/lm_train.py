@@ -62,7 +62,7 @@ ARCHITECTURE_FIELDS = (
     "depth_heads", "mctp_modules", "mctp_layers", "mctp_intermediate_size",
 )  # fmt: skip
 # Settings a resumed run may change.
-RESUMABLE = ("steps", "out", "checkpoint_every", "checkpoint_minutes", "log_every", "threads", "device")
+RESUMABLE = ("steps", "stop_at", "out", "checkpoint_every", "checkpoint_minutes", "log_every", "threads", "device")
 
 
 def lr_factor(step: int, config: LMTrainConfig) -> float:
@@ -391,11 +391,12 @@ class LMTrainer:
             (self.out / "train_config.json").write_text(json.dumps(c.to_json(), indent=2))
         last_save = time.time()
         start = time.time()
-        bar = tqdm(total=c.steps, initial=self.step, disable=not progress or self.rank != 0, desc=f"lm {c.stage}", unit="step")
+        end = min(c.steps, c.stop_at) if c.stop_at is not None else c.steps
+        bar = tqdm(total=end, initial=self.step, disable=not progress or self.rank != 0, desc=f"lm {c.stage}", unit="step")
         log_file = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
         try:
-            while self.step < c.steps:
-                log_now = (self.step + 1) % c.log_every == 0 or self.step + 1 == c.steps
+            while self.step < end:
+                log_now = (self.step + 1) % c.log_every == 0 or self.step + 1 == end
                 log = self.train_step(all_losses=log_now)
                 bar.update(1)
                 if log_file is not None and log_now:
@@ -404,7 +405,7 @@ class LMTrainer:
                     log_file.write(json.dumps(row) + "\n")
                     log_file.flush()
                     bar.set_postfix(loss=f"{log['loss']:.3f}")
-                save = self.step % c.checkpoint_every == 0 or time.time() - last_save > c.checkpoint_minutes * 60 or self.step == c.steps
+                save = self.step % c.checkpoint_every == 0 or time.time() - last_save > c.checkpoint_minutes * 60 or self.step == end
                 if c.fsdp and self.world_size > 1:  # every rank must join the gather: rank 0's clock decides
                     flag = torch.tensor([int(save)], device=self.device if self.device.type == "cuda" else "cpu")
                     dist.broadcast(flag, 0)

@@ -50,6 +50,7 @@ class LMTrainConfig:
     first_text: int | None = 1
     assistant_voices: list[str] | None = None  # voices of TTS targets and spoken answers; None = every voice
     steps: int = 10_000
+    stop_at: int | None = None  # stop (checkpoint + export) at this step, keeping the schedule of ``steps``
     batch_size: int = 16  # global batch, in examples
     micro_batch_size: int | None = None  # None = batch_size / processes (no accumulation)
     lr: float = 3e-4
@@ -115,7 +116,8 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--audio-per-chunk", type=int, default=d["audio_per_chunk"].default, help="spoken answers: audio frames per chunk")
     p("--first-text", type=int, default=d["first_text"].default, help="spoken answers: text tokens in the first chunk")
     p("--assistant-voices", help="comma-separated voices for TTS targets and spoken answers (default: every voice)")
-    p("--steps", type=int, default=d["steps"].default)
+    p("--steps", type=int, default=d["steps"].default, help="length of the run (the learning-rate schedule)")
+    p("--stop-at", type=int, help="stop (checkpoint and export) at this step without changing the schedule; re-run later to go on")
     p("--batch-size", type=int, default=d["batch_size"].default, help="global batch in examples (split across torchrun processes)")
     p(
         "--micro-batch-size",

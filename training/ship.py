@@ -5,7 +5,8 @@
 
 A codec run: copies ``RUN/model/*`` to ``speechlm/models/NAME/``.  A speech-LM run: saves
 the LM there (optionally stored in bfloat16 to halve its size; the pipeline computes in
-float32 on CPU) with ``codec.json`` naming the shipped codec it reads and writes.
+float32 on CPU) with ``codec.json`` naming the shipped codec it reads and writes. A duplex LM
+(``--stage duplex``) ships without its MCTP modules, which its one-frame step never runs.
 
 Either way ``provenance.json`` goes beside it: the training step, the training config and
 the date, and for a staged LM every earlier stage (followed through ``--init-from``), so the
@@ -45,7 +46,15 @@ def _stages(run: Path, limit: int = 10) -> list[dict]:
     return chain[::-1]
 
 
-def ship(run_dir: str | Path, name: str, models_dir: Path = MODELS_DIR, *, codec: str | None = None, dtype: str | None = None) -> Path:
+def ship(
+    run_dir: str | Path,
+    name: str,
+    models_dir: Path = MODELS_DIR,
+    *,
+    codec: str | None = None,
+    dtype: str | None = None,
+    mctp_modules: int | None = None,
+) -> Path:
     run = Path(run_dir)
     src = run / "model"
     if not src.is_dir():
@@ -56,16 +65,28 @@ def ship(run_dir: str | Path, name: str, models_dir: Path = MODELS_DIR, *, codec
     provenance = {"name": name, "shipped": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if (src / "speechlm_config.json").exists():
         from speechlm.codec.model import Codec
+        from speechlm.lm.duplex import DuplexLM, is_duplex_dir
         from speechlm.lm.model import SpeechLM
-        from speechlm.speech import SpeechPipeline
+        from speechlm.speech import CODEC_REF, SpeechPipeline
 
         if codec is None:
             raise SystemExit("a speech LM ships with the name of its codec: pass --codec NAME (a shipped codec)")
-        lm = SpeechLM.from_pretrained(src)
+        codec_model = Codec.from_pretrained(codec)
+        if is_duplex_dir(src):  # one frame per step: its MCTP modules are never used
+            model = DuplexLM.from_pretrained(src)
+            model.lm.keep_mctp_modules(0 if mctp_modules is None else mctp_modules)
+        else:
+            model = SpeechLM.from_pretrained(src)
+            if mctp_modules is not None:
+                model.keep_mctp_modules(mctp_modules)
         if dtype:
-            lm = lm.to(getattr(torch, dtype))
-        SpeechPipeline(lm, Codec.from_pretrained(codec)).save_pretrained(dst, codec_name=codec)
-        provenance |= {"dtype": dtype or str(next(lm.parameters()).dtype).removeprefix("torch."), "codec": codec, "stages": _stages(run)}
+            model = model.to(getattr(torch, dtype))
+        if is_duplex_dir(src):
+            model.save_pretrained(dst)
+            (dst / CODEC_REF).write_text(json.dumps({"codec": codec, "codec_id": codec_model.codec_id}))
+        else:
+            SpeechPipeline(model, codec_model).save_pretrained(dst, codec_name=codec)
+        provenance |= {"dtype": dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "codec": codec, "stages": _stages(run)}
     else:
         shutil.copytree(src, dst)
         provenance |= _run_record(run)
@@ -79,8 +100,9 @@ def main() -> None:
     ap.add_argument("name")
     ap.add_argument("--codec", help="speech LM: the shipped codec it was trained on")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="speech LM: store the weights in this dtype")
+    ap.add_argument("--mctp-modules", type=int, help="speech LM: keep only the first N MCTP modules (a duplex LM keeps none)")
     args = ap.parse_args()
-    print(f"shipped {ship(args.run_dir, args.name, codec=args.codec, dtype=args.dtype)}")
+    print(f"shipped {ship(args.run_dir, args.name, codec=args.codec, dtype=args.dtype, mctp_modules=args.mctp_modules)}")
 
 
 if __name__ == "__main__":

@@ -197,6 +197,16 @@ class SpeechLM(nn.Module):
             return layout
         return undelay_frames(layout, self.config.audio_delays)
 
+    def keep_mctp_modules(self, n: int) -> None:
+        """Keep only the first ``n`` MCTP modules (the chain stays valid: module i only reads module
+        i - 1). A duplex model, which decodes one frame per step, ships with ``n = 0``."""
+        if not 0 <= n <= len(self.mctp):
+            raise SpeechLMError(f"this model has {len(self.mctp)} MCTP modules; cannot keep {n}")
+        self.mctp = self.mctp[:n]
+        self.config.mctp_modules = n
+        if self.config.mctp_schedule:
+            self.config.mctp_schedule = [min(s, n) for s in self.config.mctp_schedule]
+
     # -- training ----------------------------------------------------------------------
 
     def set_stage(self, stage: str) -> list[str]:

@@ -1,0 +1,154 @@
+"""The full-duplex model's turn-taking, measured frame by frame (no network: the model's own clock).
+
+For each held-out spoken question (arithmetic and facts, test split, held-out espeak voices):
+
+* **response onset**: the user's question, then silence; the time from the end of the user's
+  speech (its last voiced frame) to the model's first non-silent frame;
+* **answer**: what Whisper tiny.en hears in the model's reply (needs the [eval] extra), and
+  whether it holds the expected answer;
+* **barge-in**: once the model has spoken for ``--barge-after`` seconds, the user talks over it
+  (another held-out utterance); the time from the user's speech onset to the model's silence
+  (its first silent frame that stays silent for ``--quiet-frames``);
+* **quiet while the user talks**: the share of frames during the question where the model speaks.
+
+Frames are 40 ms: every time here is a multiple of one frame.
+
+    python benchmarks/duplex.py --lm duplex-default --count 20 --out docs/results/duplex.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speechlm.codec.audio import SAMPLE_RATE
+from speechlm.lm.generate import GREEDY
+from speechlm.streaming.duplex_model import AUDIO_SAMPLING, TEXT_SAMPLING, DuplexSpeechModel
+from speechlm.training import textgen
+from speechlm.training.teachers import get_teacher
+from speechlm.training.textnorm import words_for_scoring
+
+
+def frames_of(audio: np.ndarray, n: int) -> np.ndarray:
+    """(T,) -> (F, n), zero-padded to whole frames."""
+    pad = (-len(audio)) % n
+    return np.pad(audio, (0, pad)).reshape(-1, n)
+
+
+def voiced(frames: np.ndarray, threshold: float = 0.01) -> np.ndarray:
+    return np.sqrt((frames**2).mean(axis=1)) > threshold
+
+
+def run(model: DuplexSpeechModel, user: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    """Feed ``user`` (F, n) frame by frame to one session -> (model pcm (F, n), text pieces)."""
+    state = model.init_state(1)
+    out, texts = [], []
+    for frame in user:
+        pcm, pieces, state = model.step(torch.from_numpy(frame)[None], state)
+        out.append(pcm[0].cpu().numpy())
+        texts.append(pieces[0] if isinstance(pieces[0], str) else None)
+    return np.stack(out), texts
+
+
+def first(mask: np.ndarray, start: int, quiet: int = 1) -> int | None:
+    """First index >= start where ``mask`` holds for ``quiet`` frames in a row."""
+    for i in range(start, len(mask) - quiet + 1):
+        if mask[i : i + quiet].all():
+            return i
+    return None
+
+
+def answer_heard(expected: str, heard: str) -> bool:
+    want, got = words_for_scoring(expected), words_for_scoring(heard)
+    return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lm", default="duplex-default", help="duplex LM directory or shipped name")
+    ap.add_argument("--codec", default="codec-16k")
+    ap.add_argument("--count", type=int, default=20)
+    ap.add_argument("--listen-seconds", type=float, default=6.0, help="silence after the question")
+    ap.add_argument("--barge-after", type=float, default=0.6, help="seconds of model speech before the user barges in")
+    ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of the server's sampling")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-judge", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sampling = dict(text_sampling=GREEDY, audio_sampling=GREEDY) if args.greedy else dict(text_sampling=TEXT_SAMPLING, audio_sampling=AUDIO_SAMPLING)
+    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, **sampling)
+    n, fps = model.frame_length, model.sample_rate / model.frame_length
+    judge = None
+    if not args.no_judge:
+        from speechlm.judge import WhisperJudge
+
+        judge = WhisperJudge(threads=args.threads)
+    per = -(-args.count // 2)
+    items = [q for s in ("arithmetic", "facts") for q in textgen.generate(s, per, split="test", seed=1)][: args.count]
+    random.Random(0).shuffle(items)
+    voices = textgen.voice_catalog("test", ("espeak",))
+    interruptions = textgen.generate("commands", args.count, split="test", seed=2)
+    rng = random.Random(3)
+    rows = []
+    for i, item in enumerate(items):
+        voice = get_teacher(voices[i % len(voices)])
+        question = frames_of(voice.synthesize(item["text"], rng).audio, n)
+        user = np.concatenate([question, np.zeros((int(args.listen_seconds * fps), n), np.float32)])
+        pcm, texts = run(model, user)
+        user_end = int(np.nonzero(voiced(question))[0][-1]) + 1
+        speaking = voiced(pcm, 1e-4)
+        onset = first(speaking, user_end)
+        reply = pcm[onset:].reshape(-1) if onset is not None else np.zeros(0, np.float32)
+        heard = judge(reply) if judge is not None and len(reply) >= SAMPLE_RATE // 5 else ""
+        row = {
+            "question": item["text"],
+            "expected": item["answer_value"],
+            "onset_ms": None if onset is None else (onset - user_end) * 1000 / fps,
+            "spoke_during_question_share": float(speaking[:user_end].mean()),
+            "model_text": "".join(t for t in texts if t),
+            "heard": heard,
+            "right": answer_heard(item["answer_value"], heard),
+        }
+        # barge-in: replay the same question; once the model has spoken barge_after seconds, talk over it
+        if onset is not None:
+            cut = onset + int(args.barge_after * fps)
+            barge = frames_of(voice.synthesize(interruptions[i % len(interruptions)]["text"], rng).audio, n)
+            user2 = np.concatenate([user[:cut], barge, np.zeros((int(2 * fps), n), np.float32)])
+            pcm2, _ = run(model, user2)
+            barge_start = cut + int(np.nonzero(voiced(barge))[0][0])
+            stop = first(~voiced(pcm2, 1e-4), barge_start, args.quiet_frames)
+            row["barge_in_ms"] = None if stop is None else (stop - barge_start) * 1000 / fps
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    onsets = [r["onset_ms"] for r in rows if r["onset_ms"] is not None]
+    barges = [r["barge_in_ms"] for r in rows if r.get("barge_in_ms") is not None]
+    summary = {
+        "lm": args.lm,
+        "questions": len(rows),
+        "sampling": "greedy" if args.greedy else "server default (text T=0.7 top-k 25, audio T=0.8 top-k 250)",
+        "replied": len(onsets) / len(rows),
+        "onset_ms_median": statistics.median(onsets) if onsets else None,
+        "onset_ms_p90": float(np.percentile(onsets, 90)) if onsets else None,
+        "barge_in_ms_median": statistics.median(barges) if barges else None,
+        "barge_in_stopped": len(barges) / max(1, len(onsets)),
+        "spoke_during_question_share": statistics.mean(r["spoke_during_question_share"] for r in rows),
+        "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
+        "frame_ms": 1000 / fps,
+        "command": "python benchmarks/duplex.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+    }
+    print(json.dumps(summary, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"summary": summary, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
