@@ -173,6 +173,7 @@ def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="speechlm-default")
+    ap.add_argument("--codec", help="codec name or directory (default: the one the model names)")
     ap.add_argument("--count", type=int, default=40, help="sentences / utterances / questions per test")
     ap.add_argument("--tasks", default="tts,asr,qa")
     ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
@@ -182,7 +183,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sp = SpeechPipeline.from_pretrained(args.model)
+    sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec)
     judge = WhisperJudge(threads=args.threads)
     tasks = args.tasks.split(",")
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
