@@ -193,10 +193,22 @@ def cmd_asr(args: argparse.Namespace) -> int:
     from .codec.audio import load_audio
 
     pipeline = _load_pipeline(args)
-    audio = load_audio(args.input, sample_rate=pipeline.sample_rate)
-    text = pipeline.asr(audio, generation=_generation(args))
-    print(json.dumps({"file": args.input, "text": text, "duration": round(len(audio) / pipeline.sample_rate, 3)}) if args.json else text)
-    return 0
+    failed = 0
+    for path in args.inputs:
+        try:
+            audio = load_audio(path, sample_rate=pipeline.sample_rate)
+            text = pipeline.asr(audio, generation=_generation(args))
+        except SpeechLMError as e:
+            if len(args.inputs) == 1:
+                raise
+            print(f"speechlm: error: {path}: {e}", file=sys.stderr)  # the other files go on
+            failed += 1
+            continue
+        if args.json:
+            print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / pipeline.sample_rate, 3)}), flush=True)
+        else:
+            print(text if len(args.inputs) == 1 else f"{path}\t{' '.join(text.split())}", flush=True)  # one line per file
+    return 1 if failed else 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -367,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tts)
 
     p = sub.add_parser("asr", help="speech -> text (prints the transcript)")
-    p.add_argument("input")
+    p.add_argument("inputs", nargs="+", metavar="input", help="audio file(s); with several, one 'FILE<TAB>TEXT' line each")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     _add_model_arguments(p)
     p.set_defaults(func=cmd_asr)

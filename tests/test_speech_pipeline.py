@@ -120,6 +120,9 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     save_audio(speech, (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32))
     r = cli("asr", str(speech), "--json", *model)
     assert r.returncode == 0 and '"text"' in r.stdout, r.stderr
+    (tmp_path / "bad.wav").write_bytes(b"not audio")
+    r = cli("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
+    assert r.returncode == 1 and len(r.stdout.splitlines()) == 2 and "bad.wav" in r.stderr and "Traceback" not in r.stderr
     r = cli("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
     assert r.returncode == 0, r.stderr
     r = cli("tts", "", "-o", str(tmp_path / "e.wav"), *model)
