@@ -1,6 +1,6 @@
 """Speech to text from Python.
 
-    python examples/asr.py path/to/speech-model speech.wav
+    python examples/asr.py speechlm-default speech.wav
 """
 
 import sys

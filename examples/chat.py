@@ -1,6 +1,6 @@
 """One spoken turn from Python: a spoken question in, the reply's text and speech out.
 
-    python examples/chat.py path/to/speech-model question.wav reply.wav
+    python examples/chat.py speechlm-default question.wav reply.wav
 """
 
 import sys

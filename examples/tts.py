@@ -1,6 +1,6 @@
 """Text to speech from Python, streaming: PCM chunks arrive as the model's frames decode.
 
-    python examples/tts.py path/to/speech-model "Hello there, how are you?" out.wav
+    python examples/tts.py speechlm-default "Hello there, how are you?" out.wav
 """
 
 import sys

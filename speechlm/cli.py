@@ -140,20 +140,22 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
 DEFAULT_MODEL = "speechlm-default"
 
 
+def _quiet_transformers() -> None:
+    """No transformers warnings or "Loading weights" bars on a command line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _load_pipeline(args: argparse.Namespace):
     import torch
-    from transformers.utils import logging as hf_logging
 
     from .speech import SpeechPipeline
 
-    hf_logging.set_verbosity_error()
+    _quiet_transformers()
     torch.set_num_threads(max(1, args.threads))
-    try:
-        return SpeechPipeline.from_pretrained(args.model, codec=args.codec)
-    except SpeechLMError as e:
-        if args.model == DEFAULT_MODEL and "not found" in str(e):
-            raise SpeechLMError("no default speech LM is shipped in this version yet; pass --model DIR (a model trained with speechlm train lm)") from None
-        raise
+    return SpeechPipeline.from_pretrained(args.model, codec=args.codec)
 
 
 def _generation(args: argparse.Namespace):
@@ -351,6 +353,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .streaming.server import serve_main
 
+    if args.model == "duplex":
+        _quiet_transformers()
     return serve_main(args)
 
 

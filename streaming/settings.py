@@ -35,9 +35,9 @@ class ServerConfig:
     max_bad_messages: int = 100  # malformed messages before the session is closed
     max_pending_events: int = 256  # queued replies (ERROR, pong, METADATA) per session
     # Model selection for the command line (run_server builds it when no model is passed).
-    model: str = "echo"  # "echo" (codec loopback), "silence" or "duplex" (a trained duplex LM, needs lm)
+    model: str = "duplex"  # "duplex" (a trained duplex LM, see lm), "echo" (codec loopback) or "silence"
     codec: str = "codec-16k"  # codec name or directory for the echo and duplex models
-    lm: str | None = None  # duplex model directory (speechlm train lm --stage duplex)
+    lm: str | None = "duplex-default"  # duplex LM directory or shipped name (speechlm train lm --stage duplex)
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
@@ -74,10 +74,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra browser origin allowed to connect (repeatable; '*' for any)",
     )
     parser.add_argument(
-        "--model", choices=("echo", "silence", "duplex"), default=d.model, help="duplex model (default echo: codec loopback; duplex needs --lm)"
+        "--model", choices=("echo", "silence", "duplex"), default=d.model, help="duplex: the duplex LM named by --lm (default); echo: codec loopback; silence: answers nothing"
     )
     parser.add_argument("--codec", default=d.codec, help=f"codec name or directory for the echo and duplex models (default {d.codec})")
-    parser.add_argument("--lm", help="--model duplex: the duplex LM directory (speechlm train lm --stage duplex)")
+    parser.add_argument("--lm", default=d.lm, help=f"--model duplex: the duplex LM, a directory or shipped name (default {d.lm})")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")

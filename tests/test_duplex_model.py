@@ -294,7 +294,7 @@ def test_server_adapter_sessions_join_and_leave(tokenizer_dir, codec, tmp_path):
     pcm, texts, _ = built.step(torch.zeros(2, 640), built.init_state(2))
     assert pcm.shape == (2, 640) and len(texts) == 2
     with pytest.raises(SpeechLMError, match="--lm"):
-        ServerConfig(model="duplex").check()
+        ServerConfig(model="duplex", lm=None).check()
     wrong = Codec(CodecConfig(**{**TINY_CODEC, "codebook_size": 32}))
     with pytest.raises(SpeechLMError, match="reads 4 x 16"):
         DuplexSpeechModel(duplex, wrong)

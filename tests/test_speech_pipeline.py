@@ -127,5 +127,5 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     r = cli("tts", "", "-o", str(tmp_path / "e.wav"), *model)
     assert r.returncode == 2 and "empty text" in r.stderr and "Traceback" not in r.stderr
-    r = cli("tts", "hello", "-o", str(tmp_path / "e.wav"))
-    assert r.returncode == 2 and "no default speech LM" in r.stderr
+    r = cli("tts", "hello", "-o", str(tmp_path / "e.wav"), "--model", str(tmp_path / "no-such-model"))
+    assert r.returncode == 2 and "no-such-model" in r.stderr and "Traceback" not in r.stderr

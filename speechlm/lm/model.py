@@ -32,6 +32,8 @@ sft        everything                                          text + audio + MC
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,13 +175,19 @@ class SpeechLM(nn.Module):
     def run_backbone(
         self, embeds: Tensor, *, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, past_key_values=None
     ):
-        """Backbone on input embeddings -> its output (``last_hidden_state``: (B, L, D), after the final norm)."""
-        return self.backbone.base_model(
+        """Backbone on input embeddings -> its output (``last_hidden_state``: (B, L, D), after the final norm).
+
+        ``past_key_values``: a transformers Cache, updated in place. transformers >= 5.2x names that
+        argument ``cache`` (``past_key_values`` is deprecated there); older 5.x only knows ``past_key_values``.
+        """
+        base = self.backbone.base_model
+        cache_arg = _cache_argument(type(base))
+        return base(
             inputs_embeds=embeds,
             attention_mask=None if attention_mask is None else attention_mask.long(),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=past_key_values is not None,
+            **{cache_arg: past_key_values},
         )
 
     def text_logits(self, hidden: Tensor) -> Tensor:
@@ -442,3 +450,9 @@ def _load_backbone(path: Path):
         return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise SpeechLMError(f"cannot load the backbone from {path}: {str(e).splitlines()[0]}") from None
+
+
+@functools.cache
+def _cache_argument(backbone_class: type) -> str:
+    """The keyword under which ``backbone_class.forward`` takes its KV cache."""
+    return "cache" if "cache" in inspect.signature(backbone_class.forward).parameters else "past_key_values"

@@ -1,0 +1,104 @@
+"""The shipped defaults load by name, offline, and do their job end to end (README's first command)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from speechlm.codec.audio import SAMPLE_RATE, load_audio
+from speechlm.codec.model import Codec
+from speechlm.lm.generate import GREEDY
+from speechlm.speech import CODEC_REF, Generation, SpeechPipeline, resolve_model
+from speechlm.streaming.duplex_model import DuplexSpeechModel
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def default_pipeline():
+    return SpeechPipeline.from_pretrained("speechlm-default")
+
+
+def test_default_lm_names_the_shipped_codec(default_pipeline):
+    directory = resolve_model("speechlm-default")
+    ref = json.loads((directory / CODEC_REF).read_text())
+    assert ref["codec_id"] == Codec.from_pretrained(ref["codec"]).codec_id == default_pipeline.codec.codec_id
+    provenance = json.loads((directory / "provenance.json").read_text())
+    assert [s["train_config"]["stage"] for s in provenance["stages"]] == ["text", "align", "mctp", "sft"]
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+    codec_size = sum(f.stat().st_size for f in resolve_model(ref["codec"]).rglob("*") if f.is_file())
+    assert size + codec_size <= 60 * 2**20, (size, codec_size)  # the budget for codec + LM: 60 MiB (what du -sh shows)
+
+
+def test_default_tts_streams_what_it_speaks_offline(default_pipeline):
+    g = Generation(temperature=0.0, max_seconds=4.0)
+    offline = default_pipeline.tts("Two plus three is five.", generation=g)
+    chunks = list(default_pipeline.tts("Two plus three is five.", stream=True, generation=g))
+    assert 0.2 * SAMPLE_RATE <= len(offline) <= 4.0 * SAMPLE_RATE
+    np.testing.assert_allclose(np.concatenate(chunks), offline, atol=1e-4)
+    assert np.sqrt(np.mean(offline**2)) > 1e-3  # it speaks, it is not silence
+
+
+def test_default_asr_and_chat_on_silence_give_sensible_results(default_pipeline):
+    silence = np.zeros(SAMPLE_RATE, np.float32)
+    assert isinstance(default_pipeline.asr(silence, generation=Generation(temperature=0.0, max_seconds=2.0)), str)
+    text, reply = default_pipeline.chat(silence, generation=Generation(temperature=0.0, max_seconds=2.0))
+    assert isinstance(text, str) and reply.dtype == np.float32
+
+
+def test_readme_main_job_runs_without_a_model_argument(cli, tmp_path):
+    out = tmp_path / "hello.wav"
+    r = cli("tts", "The capital of France is Paris.", "-o", str(out), "--stream", "--max-seconds", "4")
+    assert r.returncode == 0, r.stderr
+    assert len(load_audio(out)) > 0.2 * SAMPLE_RATE
+    r = cli("asr", str(out))
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+
+
+def test_default_duplex_model_steps_a_batch():
+    model = DuplexSpeechModel.from_pretrained("duplex-default", "codec-16k", text_sampling=GREEDY, audio_sampling=GREEDY)
+    state = model.init_state(2)
+    user = torch.zeros(2, model.frame_length)
+    for _ in range(5):
+        pcm, texts, state = model.step(user, state)
+    assert pcm.shape == (2, model.frame_length) and len(texts) == 2
+
+
+def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
+    """`speechlm serve` (default model: duplex-default) + `speechlm client` over a real socket: the
+    model hears a spoken question and answers with speech and text; Ctrl-C stops the server cleanly."""
+    import os
+    import random
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from speechlm.codec.audio import save_audio
+    from speechlm.training.teachers import get_teacher
+
+    question = tmp_path / "q.wav"
+    save_audio(question, get_teacher("espeak:en-us").synthesize("What is two plus three?", random.Random(0)).audio)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        url, deadline = None, time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = server.stdout.readline()
+            assert line or server.poll() is None, "server exited early"
+            found = re.search(r"DuplexSpeechModel at (ws://\S+)/ws", line)
+            url = found.group(1) if found else None
+        assert url, "the server never said where it listens"
+        r = cli("client", url, "--input", str(question), "-o", str(tmp_path / "reply.wav"), "--fast", "--json", "--listen-seconds", "4")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        assert report["errors"] == [] and report["reply_seconds"] > 0.2 and report["model"].strip()
+        reply = load_audio(tmp_path / "reply.wav")
+        assert np.sqrt(np.mean(reply**2)) > 1e-3  # it spoke
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
