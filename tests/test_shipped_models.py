@@ -1,16 +1,24 @@
 """The shipped defaults load by name, offline, and do their job end to end (README's first command)."""
 
 import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from speechlm.codec.audio import SAMPLE_RATE, load_audio
+from speechlm.codec.audio import SAMPLE_RATE, load_audio, save_audio
 from speechlm.codec.model import Codec
 from speechlm.lm.generate import GREEDY
 from speechlm.speech import CODEC_REF, Generation, SpeechPipeline, resolve_model
 from speechlm.streaming.duplex_model import DuplexSpeechModel
+from speechlm.training.teachers import get_teacher
 
 torch.set_num_threads(1)
 
@@ -68,17 +76,6 @@ def test_default_duplex_model_steps_a_batch():
 def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
     """`speechlm serve` (default model: duplex-default) + `speechlm client` over a real socket: the
     model hears a spoken question and answers with speech and text; Ctrl-C stops the server cleanly."""
-    import os
-    import random
-    import re
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from speechlm.codec.audio import save_audio
-    from speechlm.training.teachers import get_teacher
-
     question = tmp_path / "q.wav"
     save_audio(question, get_teacher("espeak:en-us").synthesize("What is two plus three?", random.Random(0)).audio)
     server = subprocess.Popen(
