@@ -29,7 +29,6 @@ import torch
 
 from speechlm.codec.audio import SAMPLE_RATE, load_audio
 from speechlm.judge import WhisperJudge, word_error_rate
-from speechlm.lm.prompts import tts_prompt
 from speechlm.speech import Generation, SpeechPipeline
 from speechlm.training import textgen
 from speechlm.training.audio_data import list_source_files
@@ -58,7 +57,7 @@ def speak(sp: SpeechPipeline, text: str, g: Generation) -> dict:
     t0 = time.perf_counter()
     first_pcm = first_forward = None
     pcm, forwards = [], 0
-    for step, chunk in sp.speak_steps(tts_prompt(sp.lm, text), None, g):
+    for step, chunk in sp.tts_steps(text, g):
         if first_pcm is None:
             first_pcm, first_forward = time.perf_counter() - t0, step.backbone_forwards
         pcm.append(chunk)

@@ -28,9 +28,9 @@ import torch
 from .codec.audio import SAMPLE_RATE, is_silent
 from .codec.errors import AudioError, SpeechLMError
 from .codec.model import Codec
-from .lm.generate import AudioStep, Sampling, iter_audio, text_generate
+from .lm.generate import AudioStep, Sampling, iter_aligned_audio, iter_audio, text_generate
 from .lm.model import SpeechLM
-from .lm.prompts import asr_prompt, chat_prompt, tts_prompt
+from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
 
 CODEC_DIR = "codec"
 CODEC_REF = "codec.json"
@@ -47,6 +47,7 @@ class Generation:
     max_seconds: float = 30.0  # of speech per reply
     max_text_tokens: int = 200
     mctp_schedule: list[int] | None = None  # MCTP frames after each backbone forward; None = the model's; [0] = off
+    max_seconds_per_word: float = 3.0  # word-aligned models: a word's speech ends here at the latest
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
@@ -115,8 +116,15 @@ class SpeechPipeline:
 
     def tts(self, text: str, *, stream: bool = False, generation: Generation | None = None) -> np.ndarray | Iterator[np.ndarray]:
         """Speak ``text``. ``stream=True`` returns an iterator of PCM chunks (float32, 16 kHz)."""
-        chunks = self._speak(tts_prompt(self.lm, text), None, generation or Generation())
+        chunks = (pcm for _, pcm in self.tts_steps(text, generation or Generation()))
         return chunks if stream else _join(chunks)
+
+    def tts_steps(self, text: str, g: Generation) -> Iterator[tuple[AudioStep, np.ndarray]]:
+        """``speak_steps`` for the TTS prompt of ``text`` (in the model's speech layout)."""
+        if self.lm.config.speech_layout == "word_aligned":
+            ids, chunks = aligned_tts_prompt(self.lm, text)
+            return self.speak_steps(ids, None, g, chunks)
+        return self.speak_steps(tts_prompt(self.lm, text), None, g)
 
     def asr(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> str:
         """Transcribe 16 kHz mono audio; silence gives an empty transcript."""
@@ -144,23 +152,35 @@ class SpeechPipeline:
         text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
         if not text:
             return "", np.zeros(0, np.float32)
-        audio = _join(self._speak([*ids, *reply, v.speech_start], codes, g))
+        chunks = None
+        if self.lm.config.speech_layout == "word_aligned":
+            chunks = chunk_ids(self.lm.tokenizer, word_chunks(text))
+            if not chunks:  # nothing speakable (e.g. only punctuation)
+                return text, np.zeros(0, np.float32)
+        audio = _join(pcm for _, pcm in self.speak_steps([*ids, *reply, v.speech_start], codes, g, chunks))
         return text, audio
 
-    def _speak(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> Iterator[np.ndarray]:
-        for _, pcm in self.speak_steps(ids, codes, g):
-            yield pcm
-
-    def speak_steps(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> Iterator[tuple[AudioStep, np.ndarray]]:
-        """Generate the speech segment after ``ids`` (ending with ``<|speech_start|>``) and decode it
-        frame by frame: yields (the LM's step, that frame's PCM (T,)), one per audio frame, so a
-        caller can see how many backbone forwards each frame took."""
+    def speak_steps(
+        self, ids: list[int], codes: torch.Tensor | None, g: Generation, chunks: list[list[int]] | None = None
+    ) -> Iterator[tuple[AudioStep, np.ndarray]]:
+        """Generate the speech after ``ids`` (ending with ``<|speech_start|>``) and decode it frame by
+        frame: yields (the LM's step, that frame's PCM (T,)), one per audio frame, so a caller can
+        see how many backbone forwards each frame took. ``chunks``: the word chunks' ids to speak
+        one by one (word-aligned models); None = one plain speech segment."""
         state = self.codec.init_state(1)
-        max_frames = max(1, int(g.max_seconds * self.lm.config.frame_rate))
+        frame_rate = self.lm.config.frame_rate
+        max_frames = max(1, int(g.max_seconds * frame_rate))
         with torch.inference_mode():
-            for step in iter_audio(
-                self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, per_position=True
-            ):
+            if chunks is None:
+                steps = iter_audio(
+                    self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, per_position=True
+                )
+            else:
+                steps = iter_aligned_audio(
+                    self.lm, ids, chunks, audio_codes=codes, max_frames=max_frames, max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)),
+                    sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed,
+                )  # fmt: skip
+            for step in steps:
                 for frame in step.frames[0]:
                     pcm, state = self.codec.decode_step(frame[None].clamp(max=self.codec.config.codebook_size - 1), state)
                     yield step, pcm[0].cpu().numpy()

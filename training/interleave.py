@@ -16,6 +16,8 @@ The LM side renders segments to ids and audio masks.  Formats built here:
 * **fixed-ratio chunks** (IST-LM, VITA-Audio's 1:8 then 4:8, GLM-4-Voice's 13:26): n text
   tokens, then m audio frames, repeated, so text leads audio by a bounded amount and audio
   can stream out while the text is still being written;
+* **word-aligned speech** (ELLA-V's idea at the word level): each word's text chunk, then
+  that word's frames, so the model never has to find its place in the text;
 * task formats: TTS, ASR, spoken QA (spoken question -> fixed-ratio text+speech answer),
   text chat.
 """
@@ -102,6 +104,35 @@ def fixed_ratio_chunks(text_ids: list[int], codes: np.ndarray, text_per_chunk: i
             out.append(Audio(codes[a : a + audio_per_chunk]))
             a += audio_per_chunk
         n_text = text_per_chunk
+    return out
+
+
+def word_aligned_speech(chunk_ids: list[list[int]], words: list[dict], codes: np.ndarray) -> list[Segment] | None:
+    """Each word's chunk ids, then its frames: ``TextIds(c_1) Audio(w_1) TextIds(c_2) Audio(w_2) ...``.
+
+    ``chunk_ids``: one id list per word (``speechlm.lm.prompts.word_chunks`` + ``chunk_ids``);
+    ``words``: ``{"start_frame"}`` per word in spoken order; ``codes``: (F, Q). Word i's
+    speech runs from its start frame to the next word's (the first from frame 0, the last to
+    the end), so pauses go with the word before them. A word that starts no later than the
+    one before it (the synthesizer ran them together) joins that one's chunk. None when the
+    chunks and words do not match one to one.
+    """
+    if not words or len(words) != len(chunk_ids) or not len(codes):
+        return None
+    starts = [0] + [min(int(w["start_frame"]), len(codes)) for w in words[1:]] + [len(codes)]
+    out: list[Segment] = []
+    pending: list[int] = []
+    begin = 0
+    for i, ids in enumerate(chunk_ids):
+        pending = pending + list(ids)
+        end = starts[i + 1]
+        if end > begin:
+            out += [TextIds(pending), Audio(codes[begin:end])]
+            pending, begin = [], end
+    if pending:  # the last word(s) had no frames of their own: they go with the word before
+        if not out:
+            return None
+        out[-2] = TextIds(out[-2].ids + pending)
     return out
 
 

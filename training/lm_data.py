@@ -16,6 +16,11 @@ the positions that carry a loss, everything else is context)::
                 or  ... <|assistant|> answer text <|end|>  (no answer speech found)
     text        a plain line, or chat turns <|user|> q <|assistant|> a <|end|> ...   plain: everything; chat: assistant turns
 
+With ``speech_layout="word_aligned"`` (the model's config) the model's own speech in ``tts`` and
+``spoken_qa`` is cut at word boundaries, each word's text chunk (context, forced at inference)
+before its frames: ``<|speech_start|> c1 A..A c2 A..A .. <|speech_end|>`` (rows whose timestamps
+do not match their text keep the plain layout).
+
 Why: TTS learns to speak the prompt, not to predict the prompt text; ASR learns the
 transcript, not to continue the user's speech; the assistant never learns to produce the
 user's turn; word-level interleaving is a modelling objective in itself (every position).
@@ -46,6 +51,7 @@ from torch import Tensor
 
 from speechlm.lm import SpeechLMConfig, SpeechVocab, delay_frames, load_tokenizer, speech_segment, train_bpe_tokenizer
 from speechlm.lm.layout import IGNORE
+from speechlm.lm.prompts import chunk_ids, word_chunks
 
 from ..codec.errors import SpeechLMError
 from .interleave import (
@@ -57,10 +63,11 @@ from .interleave import (
     asr_example,
     spoken_qa_example,
     tts_example,
+    word_aligned_speech,
     word_level_interleave,
 )
 from .textgen import SOURCES, generate, iter_text_file
-from .textnorm import normalize_text
+from .textnorm import normalize_text, word_spans
 from .tokenize import TokenCorpus
 
 TASKS = ("tts", "asr", "interleave", "spoken_qa", "text")
@@ -239,9 +246,29 @@ def _prompt_then_answer(task: str, segments: list[Segment], prompt: int) -> Task
     return TaskSegments(task, segments, [False] * prompt + [True] * (len(segments) - prompt))
 
 
-def tts_task(text: str, codes: np.ndarray) -> TaskSegments:
-    """Loss on the speech (and its end), not on the prompt text."""
-    return _prompt_then_answer("tts", tts_example(text, codes), 3)
+def aligned_speech(text: str, words: list[dict] | None, codes: np.ndarray, tokenizer) -> list[Segment] | None:
+    """Word-aligned segments of an utterance (``text`` as spoken, ``words`` its timestamps from
+    ``speechlm data tokenize``): ``TextIds(chunk) Audio(frames)`` per word; None when the
+    timestamps' words are not the text's words."""
+    if not words or [w.get("word") for w in words] != [w for w, _, _ in word_spans(text)]:
+        return None
+    return word_aligned_speech(chunk_ids(tokenizer, word_chunks(text)), words, codes)
+
+
+def _speech_run(segments: list[Segment]) -> tuple[list[Segment], list[bool]]:
+    """``<|speech_start|>`` + word-aligned segments + ``<|speech_end|>``, trained on the audio and the end."""
+    return [Tag("speech_start"), *segments, Tag("speech_end")], [True, *(isinstance(x, Audio) for x in segments), True]
+
+
+def tts_task(text: str, codes: np.ndarray, *, words: list[dict] | None = None, tokenizer=None) -> TaskSegments:
+    """Loss on the speech (and its end), not on the prompt text. With ``words`` and ``tokenizer``
+    the speech is word-aligned (``speech_layout="word_aligned"``; the chunks are context), else
+    plain (also when the words do not match the text)."""
+    aligned = aligned_speech(text, words, codes, tokenizer) if words and tokenizer is not None else None
+    if aligned is None:
+        return _prompt_then_answer("tts", tts_example(text, codes), 3)
+    run, trained = _speech_run(aligned)
+    return TaskSegments("tts", [Tag("tts"), Text(text), *run], [False, False, False, *trained[1:]])
 
 
 def asr_task(codes: np.ndarray, text: str) -> TaskSegments:
@@ -265,10 +292,22 @@ def spoken_qa_task(
     audio_per_chunk: int = 8,
     first_text: int | None = 1,
     layout: str = "text_first",
+    answer_words: list[dict] | None = None,
+    answer_spoken: str | None = None,
 ) -> TaskSegments:
     """Spoken question -> answer text then its speech (``layout="text_first"``, what ``SpeechPipeline.chat``
-    generates) or fixed-ratio text+speech chunks (``"fixed_ratio"``); text only when ``answer_codes`` is
-    None. Loss on the answer."""
+    generates), the same with word-aligned speech (``"word_aligned"``: needs ``answer_words``, the
+    timestamps of the answer speech, and ``answer_spoken``, its text; falls back to text_first when
+    they do not match), or fixed-ratio text+speech chunks (``"fixed_ratio"``); text only when
+    ``answer_codes`` is None. Loss on the answer (not on the forced word chunks)."""
+    if answer_codes is not None and layout == "word_aligned":
+        aligned = aligned_speech(answer_spoken or answer, answer_words, answer_codes, tokenizer)
+        if aligned is not None:
+            run, trained = _speech_run(aligned)
+            head = [Tag("user"), Tag("speech_start"), Audio(question_codes), Tag("speech_end"), Tag("assistant")]
+            answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+            return TaskSegments("spoken_qa", [*head, TextIds(answer_ids), *run, Tag("end")], [False] * 5 + [True, *trained, True])
+        layout = "text_first"
     if answer_codes is None:
         segments = [Tag("user"), Tag("speech_start"), Audio(question_codes), Tag("speech_end"), Tag("assistant"), Text(answer)]
     else:
@@ -540,17 +579,20 @@ class TaskMixture:
             return self._render(self.text.document(rng.randrange(len(self.text))))
         c, r = self.pools[task][rng.randrange(len(self.pools[task]))]
         row, (codes,) = self.corpora[c][r]
+        aligned = self.lm.config.speech_layout == "word_aligned"
         if task == "tts":
+            if aligned:
+                return self._render(tts_task(row["text"], codes, words=row.get("words"), tokenizer=self.lm.tokenizer))
             return self._render(tts_task(row["text"], codes))
         if task == "asr":
             return self._render(asr_task(codes, row["text"]))
         if task == "interleave":
             return self._render(interleave_task(row["words"], codes, rng, self.p_switch))
-        answer_codes = None
+        answer_codes = answer_row = None
         candidates = self.answers_by_id.get(row.get("id", "")) or self.answers_by_text.get(_text_key(row["answer"]))
         if candidates:
             ac, ar = candidates[rng.randrange(len(candidates))]
-            answer_codes = self.corpora[ac][ar][1][0]
+            answer_row, (answer_codes,) = self.corpora[ac][ar]
         return self._render(
             spoken_qa_task(
                 codes,
@@ -560,6 +602,9 @@ class TaskMixture:
                 text_per_chunk=self.text_per_chunk,
                 audio_per_chunk=self.audio_per_chunk,
                 first_text=self.first_text,
+                layout="word_aligned" if aligned else "text_first",
+                answer_words=answer_row.get("words") if answer_row else None,
+                answer_spoken=answer_row.get("text") if answer_row else None,
             )
         )
 

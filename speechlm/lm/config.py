@@ -18,6 +18,7 @@ from speechlm.codec.errors import SpeechLMError
 
 CONFIG_NAME = "speechlm_config.json"
 OUTPUT_HEADS = ("parallel_delay", "depth")
+SPEECH_LAYOUTS = ("plain", "word_aligned")
 # Bump when the meaning of saved weights or fields changes.
 FORMAT_VERSION = 1
 
@@ -43,6 +44,15 @@ class SpeechLMConfig:
     ``mctp_schedule`` says how many MCTP frames follow each backbone forward during
     generation: entry s for backbone forward s, the last entry repeating; default
     ``[mctp_modules]`` (every module, every forward).
+
+    Speech layout (how the model's own speech follows the text it speaks: TTS, spoken replies):
+
+    * ``"plain"``: the whole text, then one speech segment; the model must learn where in
+      the text it is.
+    * ``"word_aligned"``: the whole text, then each word (with the punctuation before it)
+      followed by its own speech segment, which the model ends when the word is spoken
+      (ELLA-V's idea, at the word level); at inference the words are forced, so speech
+      cannot skip, repeat or drift from the text.
     """
 
     # Audio codes (must match the codec whose codes the LM reads and writes).
@@ -65,6 +75,9 @@ class SpeechLMConfig:
     mctp_layers: int = 1
     mctp_intermediate_size: int | None = None  # None = the backbone's intermediate_size
     mctp_schedule: list[int] | None = None  # None = [mctp_modules]
+
+    # Layout of the model's own speech after its text (see above).
+    speech_layout: str = "plain"
 
     # Special tokens (strings added to the text tokenizer; see speechlm.lm.vocab).
     speech_start_token: str = "<|speech_start|>"
@@ -102,6 +115,8 @@ class SpeechLMConfig:
             problems.append("need mctp_modules >= 0 and mctp_layers >= 1")
         if self.mctp_schedule is not None and (not self.mctp_schedule or min(self.mctp_schedule) < 0):
             problems.append(f"mctp_schedule must be a non-empty list of ints >= 0, got {self.mctp_schedule}")
+        if self.speech_layout not in SPEECH_LAYOUTS:
+            problems.append(f"speech_layout must be one of {', '.join(SPEECH_LAYOUTS)}, got {self.speech_layout!r}")
         if self.codebook_loss_weights is not None and len(self.codebook_loss_weights) != self.num_codebooks:
             problems.append(f"codebook_loss_weights needs {self.num_codebooks} entries, got {len(self.codebook_loss_weights)}")
         if len(set(self.special_tokens)) != len(self.special_tokens):

@@ -22,6 +22,9 @@ The pieces, bottom up:
     So with N modules the very first backbone forward after the prompt already yields N + 1
     frames (positions). A row ends when codebook 0 predicts the empty code (or at
     ``max_frames``); with the delay pattern its remaining delayed codebooks are flushed first.
+``iter_aligned_audio``
+    word-aligned speech: each forced text chunk (a word) is followed by its own run of
+    audio positions, which the model ends when the word is spoken.
 ``iter_text`` / ``text_generate``
     text tokens until a stop token or ``max_new_tokens``.
 
@@ -350,6 +353,67 @@ class AudioStep:
     finished: Tensor  # (B,) bool
 
 
+class _Segment:
+    """The codes of one speech segment per row as they are generated (see :func:`iter_audio`).
+
+    Segment position p holds, in codebook q, frame p - delays[q]; codebook 0 picking the empty
+    code ends the row's segment (not before ``min_frames``, at ``max_frames`` at the latest).
+    """
+
+    def __init__(self, model: SpeechLM, batch: int, max_frames: int, min_frames: int, sampling: Sampling, generator):
+        cfg, device = model.config, model.device
+        self.model, self.sampling, self.generator = model, sampling, generator
+        self.min_frames, self.max_delay = min_frames, cfg.max_delay
+        self.empty = cfg.empty_code
+        self.delay_offsets = torch.tensor(cfg.audio_delays, device=device)[None, :]  # (1, Q)
+        self.is_empty_class = torch.arange(self.empty + 1, device=device) == self.empty  # (C+1,)
+        self.layout = torch.empty(batch, 0, cfg.num_codebooks, dtype=torch.long, device=device)  # codes of the positions so far
+        self.end_frame = torch.full((batch,), max_frames, dtype=torch.long, device=device)  # frames in each row's segment
+        self.emitted = [0] * batch
+
+    def _chooser(self, p: int):
+        """Codes for segment position p: codebook q there holds frame p - delays[q]."""
+        device = self.layout.device
+        first_delay = int(self.delay_offsets[0, 0])
+
+        def choose(first_q: int, logits: Tensor) -> Tensor:
+            n = logits.shape[1]
+            frame = p - self.delay_offsets[0, first_q : first_q + n]  # (n,)
+            # Only codebook 0 may end the segment (pick the empty code), and not before min_frames.
+            no_end = (torch.arange(first_q, first_q + n, device=device) > 0) | (frame < self.min_frames)
+            logits = logits.float().masked_fill(no_end[None, :, None] & self.is_empty_class, float("-inf"))
+            code = sample_logits(logits.flatten(0, 1), self.sampling, self.generator).view(-1, n)
+            if first_q == 0 and p >= first_delay:
+                ends_here = code[:, 0] == self.empty
+                self.end_frame = torch.where(ends_here, torch.clamp(self.end_frame, max=p - first_delay), self.end_frame)
+            # Not started yet, or ended already (this row's segment is complete, or ends at this frame).
+            forced = (frame[None] < 0) | (frame[None] >= self.end_frame[:, None])
+            return torch.where(forced, self.empty, code)
+
+        return choose
+
+    def next_position(self, hidden: Tensor) -> Tensor:
+        """hidden (B, D) at the position before -> the codes (B, Q) of the segment's next position."""
+        codes = self.model.audio_head.generate(hidden, self._chooser(self.layout.shape[1]))
+        self.layout = torch.cat((self.layout, codes[:, None]), dim=1)
+        return codes
+
+    @property
+    def finished(self) -> Tensor:
+        return self.layout.shape[1] - self.max_delay >= self.end_frame  # (B,) bool
+
+    def new_frames(self) -> list[Tensor]:
+        """Per row, the frames (n, Q) completed since the last call (delayed codebooks undone)."""
+        complete = torch.clamp(self.end_frame, max=max(self.layout.shape[1] - self.max_delay, 0)).tolist()
+        frames = []
+        for b in range(len(self.emitted)):
+            # Frame f's codebook q sits at segment position f + delays[q].
+            where = torch.arange(self.emitted[b], max(complete[b], self.emitted[b]), device=self.layout.device)[:, None] + self.delay_offsets
+            frames.append(self.layout[b].gather(0, where))
+            self.emitted[b] = max(self.emitted[b], complete[b])
+        return frames
+
+
 @torch.no_grad()
 def iter_audio(
     model: SpeechLM,
@@ -379,65 +443,34 @@ def iter_audio(
     if max_frames < 1 or min_frames < 0:
         raise SpeechLMError(f"need max_frames >= 1 and min_frames >= 0, got {max_frames} and {min_frames}")
     steps = cfg.schedule(list(schedule) if schedule is not None else None)
-    Q, empty, max_delay = cfg.num_codebooks, cfg.empty_code, cfg.max_delay
-    delays = cfg.audio_delays
-    delay_offsets = torch.tensor(delays, device=model.device)[None, :]  # (1, Q)
-    is_empty_class = torch.arange(empty + 1, device=model.device) == empty  # (C+1,)
-    _check_length(model, prompt, max_frames + max_delay + cfg.mctp_modules + 1)
-    device = model.device
-    generator = _generator(seed, device)
+    _check_length(model, prompt, max_frames + cfg.max_delay + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
     B = prompt.input_ids.shape[0]
-    audio_ids = torch.full((B, 1), model.vocab.audio, dtype=torch.long, device=device)
-    audio_here = torch.ones(B, 1, dtype=torch.bool, device=device)
-    layout = torch.empty(B, 0, Q, dtype=torch.long, device=device)  # codes of the segment's positions so far
-    end_frame = torch.full((B,), max_frames, dtype=torch.long, device=device)  # frames in each row's segment
-    emitted = [0] * B
+    segment = _Segment(model, B, max_frames, min_frames, sampling, _generator(seed, model.device))
+    yield from _segment_steps(model, decoder, segment, steps, per_position)
 
-    def chooser(p: int):
-        """Codes for segment position p: codebook q there holds frame p - delays[q]."""
 
-        def choose(first_q: int, logits: Tensor) -> Tensor:
-            nonlocal end_frame
-            n = logits.shape[1]
-            frame = p - delay_offsets[0, first_q : first_q + n]  # (n,)
-            # Only codebook 0 may end the segment (pick the empty code), and not before min_frames.
-            no_end = (torch.arange(first_q, first_q + n, device=device) > 0) | (frame < min_frames)
-            logits = logits.float().masked_fill(no_end[None, :, None] & is_empty_class, float("-inf"))
-            code = sample_logits(logits.flatten(0, 1), sampling, generator).view(-1, n)
-            if first_q == 0 and p >= delays[0]:
-                ends_here = code[:, 0] == empty
-                end_frame = torch.where(ends_here, torch.clamp(end_frame, max=p - delays[0]), end_frame)
-            # Not started yet, or ended already (this row's segment is complete, or ends at this frame).
-            forced = (frame[None] < 0) | (frame[None] >= end_frame[:, None])
-            return torch.where(forced, empty, code)
-
-        return choose
+def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: list[int], per_position: bool) -> Iterator[AudioStep]:
+    """Run ``decoder`` until every row's ``segment`` is complete (its positions all appended)."""
+    B = segment.layout.shape[0]
+    audio_ids = torch.full((B, 1), model.vocab.audio, dtype=torch.long, device=model.device)
+    audio_here = torch.ones(B, 1, dtype=torch.bool, device=model.device)
 
     def completed(positions: int) -> AudioStep:
-        complete = torch.clamp(end_frame, max=max(layout.shape[1] - max_delay, 0)).tolist()
-        frames = []
-        for b in range(B):
-            # Frame f's codebook q sits at segment position f + delays[q].
-            where = torch.arange(emitted[b], max(complete[b], emitted[b]), device=device)[:, None] + delay_offsets
-            frames.append(layout[b].gather(0, where))
-            emitted[b] = max(emitted[b], complete[b])
-        finished = layout.shape[1] - max_delay >= end_frame
-        return AudioStep(frames=frames, positions=positions, backbone_forwards=decoder.backbone_forwards, finished=finished)
+        frames = segment.new_frames()
+        return AudioStep(frames=frames, positions=positions, backbone_forwards=decoder.backbone_forwards, finished=segment.finished)
 
     step = 0
     while True:
         positions = 0
         for j in range(steps[min(step, len(steps) - 1)] + 1):
             hidden = decoder.backbone_step() if j == 0 else decoder.mctp_step(j)
-            codes = model.audio_head.generate(hidden, chooser(layout.shape[1]))  # (B, Q)
-            layout = torch.cat((layout, codes[:, None]), dim=1)
+            codes = segment.next_position(hidden)
             decoder.append(model.embed(audio_ids, codes[:, None], audio_here))
             positions += 1
-            done = bool((layout.shape[1] - max_delay >= end_frame).all())
+            done = bool(segment.finished.all())
             if per_position:
-                result = completed(1)
-                yield result
+                yield completed(1)
                 if done:
                     return
             if done:
@@ -448,6 +481,62 @@ def iter_audio(
             if bool(result.finished.all()):
                 return
         step += 1
+
+
+@torch.no_grad()
+def iter_aligned_audio(
+    model: SpeechLM,
+    prefix: Sequence[int],
+    chunks: Sequence[Sequence[int]],
+    *,
+    audio_codes: Tensor | None = None,
+    max_frames: int = 750,
+    max_frames_per_chunk: int = 75,
+    sampling: Sampling | None = None,
+    schedule: Sequence[int] | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> Iterator[AudioStep]:
+    """Word-aligned speech (``speech_layout="word_aligned"``, one row): ``prefix`` ends with
+    ``<|speech_start|>``; then the model speaks each text chunk (a word with the punctuation
+    before it) in its own run of audio positions::
+
+        PREFIX <|speech_start|> CHUNK_1 A..A CHUNK_2 A..A ... CHUNK_n A..A <|speech_end|>
+
+    The chunks are forced (they are the text being spoken); the model decides where each
+    chunk's speech ends (codebook 0's empty code), so speech cannot drift from the text.
+    Yields an :class:`AudioStep` per audio position (as ``iter_audio(per_position=True)``);
+    ``finished`` turns True at the last chunk's end. ``max_frames`` caps the utterance,
+    ``max_frames_per_chunk`` each chunk's speech. ``schedule``, ``sampling``, ``seed`` as in
+    :func:`iter_audio`.
+    """
+    chunks = [list(c) for c in chunks]
+    if not chunks or any(not c for c in chunks):
+        raise SpeechLMError("word-aligned speech needs at least one text chunk, none of them empty")
+    if max_frames < 1 or max_frames_per_chunk < 1:
+        raise SpeechLMError(f"need max_frames >= 1 and max_frames_per_chunk >= 1, got {max_frames} and {max_frames_per_chunk}")
+    cfg, device = model.config, model.device
+    sampling = sampling or Sampling()
+    steps = cfg.schedule(list(schedule) if schedule is not None else None)
+    prompt = PromptBatch.build(model, [*prefix, *chunks[0]], None if audio_codes is None else [audio_codes])
+    tail = sum(len(c) for c in chunks[1:])
+    _check_length(model, prompt, tail + min(max_frames, len(chunks) * max_frames_per_chunk) + len(chunks) * cfg.max_delay + cfg.mctp_modules + 1)
+    decoder = Decoder.start(model, prompt, use_cache=use_cache)
+    generator = _generator(seed, device)
+    left = max_frames
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids = torch.tensor([chunk], dtype=torch.long, device=device)
+            decoder.append(model.embed(ids))
+        last = i == len(chunks) - 1
+        segment = _Segment(model, 1, min(max_frames_per_chunk, left), 1, sampling, generator)
+        for step in _segment_steps(model, decoder, segment, steps, per_position=True):
+            left -= len(step.frames[0])
+            end = bool(step.finished.all())
+            step.finished = torch.tensor([end and (last or left <= 0)], device=device)
+            yield step
+        if left <= 0:
+            return
 
 
 @dataclass

@@ -9,6 +9,11 @@ their sequences with these functions, so what the model learns is what it is ask
               TEXT <|speech_start|> AUDIO... <|speech_end|> <|end|> <|eos|>
           (or <|user|> TEXT <|assistant|> ... for a typed question)
 
+With ``speech_layout="word_aligned"`` the model's own speech (TTS, the spoken reply) is cut
+at word boundaries, each word's text chunk forced before its audio (see :func:`word_chunks`)::
+
+    <|speech_start|> CHUNK_1 AUDIO... CHUNK_2 AUDIO... <|speech_end|>
+
 ``speechlm.training.lm_data.task_prompt`` returns these prompts and its test checks that each
 is the prefix of the rendered training sequence.
 
@@ -23,6 +28,7 @@ import torch
 from torch import Tensor
 
 from speechlm.codec.errors import SpeechLMError
+from speechlm.training.textnorm import normalize_text, word_spans
 
 from .generate import speech_segment
 from .model import SpeechLM
@@ -43,6 +49,33 @@ def tts_prompt(model: SpeechLM, text: str) -> list[int]:
     """``<|tts|> TEXT <|speech_start|>``: the model continues with the speech."""
     v = model.vocab
     return [v.bos, v.tasks["<|tts|>"], *text_ids(model, text), v.speech_start]
+
+
+def word_chunks(text: str) -> list[str]:
+    """``text`` cut after each word: chunk i runs from the end of word i-1 to the end of word i,
+    so it holds the space and punctuation before its word; the last chunk also takes what
+    follows the last word. ``"Hi, Ann."`` -> ``["Hi", ", Ann."]``. No words -> ``[]``."""
+    ends = [end for _, _, end in word_spans(text)]
+    if not ends:
+        return []
+    ends[-1] = len(text)
+    return [text[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+
+
+def chunk_ids(tokenizer, chunks: list[str]) -> list[list[int]]:
+    """Token ids of each chunk, tokenized on its own (as training and inference both do)."""
+    return [tokenizer.encode(c, add_special_tokens=False) for c in chunks]
+
+
+def aligned_tts_prompt(model: SpeechLM, text: str) -> tuple[list[int], list[list[int]]]:
+    """Word-aligned TTS: (``<|tts|> TEXT <|speech_start|>``, the chunk ids of TEXT's words).
+    TEXT is normalized first (numbers spelled out), as the training data is."""
+    text = normalize_text(text.strip())
+    prompt = tts_prompt(model, text)
+    chunks = chunk_ids(model.tokenizer, word_chunks(text))
+    if not chunks or any(not c for c in chunks):
+        raise SpeechLMError(f"nothing to say: no words in {text[:80]!r}")
+    return prompt, chunks
 
 
 def asr_prompt(model: SpeechLM, frames: Tensor) -> tuple[list[int], Tensor]:
