@@ -2,7 +2,8 @@
 
 * TTS: judge WER of our speech on held-out sentences (test split: text never trained on),
   next to the WER of the teacher (espeak-ng en-us, the assistant voice) on the same sentences
-  in the same run; with MCTP decoding (the default) and without (plain decoding), so the WER
+  in the same run, and of the teacher's speech through our codec (the floor for speech in
+  these codes); with MCTP decoding (the default) and without (plain decoding), so the WER
   cost and the speed-up of MCTP come from the same model and sentences.
 * ASR: WER on held-out voices (espeak variants never trained on) speaking test-split text,
   and on the real held-out LibriSpeech speakers (>= 7000) against their pseudo-transcripts.
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -76,22 +78,28 @@ def speak(sp: SpeechPipeline, text: str, g: Generation) -> dict:
     }
 
 
-def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str) -> dict:
+def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str, g: Generation) -> dict:
     items = held_out_texts(TTS_SOURCES, count)
     teacher = get_teacher(teacher_voice)
     rng = random.Random(0)
-    rows = {"teacher": [], "mctp": [], "plain": []}
-    runs = {"mctp": Generation(), "plain": Generation(mctp_schedule=[0])}
+    rows = {"teacher": [], "teacher_codec": [], "mctp": [], "plain": []}
+    runs = {"mctp": g, "plain": dataclasses.replace(g, mctp_schedule=[0])}
     stats = {k: [] for k in runs}
     for item in items:
         text = item["text"]
-        rows["teacher"].append((text, judge(teacher.synthesize(text, rng).audio)))
+        spoken = teacher.synthesize(text, rng).audio
+        rows["teacher"].append((text, judge(spoken)))
+        # The teacher through our codec: the floor the LM's speech (in these codes) can reach.
+        with torch.inference_mode():
+            coded = sp.codec.decode(sp.codec.encode(torch.from_numpy(spoken)[None]))[0].numpy()
+        rows["teacher_codec"].append((text, judge(coded)))
         for name, g in runs.items():
             out = speak(sp, text, g)
             heard = judge(out["audio"]) if len(out["audio"]) >= SAMPLE_RATE // 10 else ""
             rows[name].append((text, heard))
             stats[name].append({k: v for k, v in out.items() if k != "audio"} | {"heard": heard})
-    result = {"sentences": len(items), "teacher_voice": teacher_voice, "teacher_wer": corpus_wer(rows["teacher"])}
+    result = {"sentences": len(items), "teacher_voice": teacher_voice, "teacher_wer": corpus_wer(rows["teacher"]),
+              "teacher_codec_wer": corpus_wer(rows["teacher_codec"])}
     for name, s in stats.items():
         seconds = sum(x["seconds"] for x in s)
         wall = sum(x["wall_s"] for x in s)
@@ -146,14 +154,14 @@ def answer_heard(expected: str, heard: str) -> bool:
     return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
 
 
-def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int) -> dict:
+def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation) -> dict:
     items = held_out_texts(QA_SOURCES, count)
     voices = textgen.voice_catalog("test", ("espeak",))
     rng = random.Random(2)
     rows = []
     for i, item in enumerate(items):
         audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio
-        text, reply = sp.chat(audio)
+        text, reply = sp.chat(audio, generation=g)
         heard = judge(reply) if len(reply) >= SAMPLE_RATE // 10 else ""
         rows.append({"question": item["text"], "expected": item["answer_value"], "reply_text": text, "heard": heard,
                      "text_right": answer_heard(item["answer_value"], text), "speech_right": answer_heard(item["answer_value"], heard)})
@@ -179,16 +187,19 @@ def main() -> None:
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--temperature", type=float, help="speech sampling temperature (default: Generation's)")
+    ap.add_argument("--top-k", type=int, help="speech sampling top-k (default: Generation's)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec)
     judge = WhisperJudge(threads=args.threads)
     tasks = args.tasks.split(",")
+    g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k)) if v is not None})
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None)}
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None), "generation": dataclasses.asdict(g)}
     if "tts" in tasks:
-        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice)
+        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count)
@@ -197,7 +208,7 @@ def main() -> None:
             result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds)
             print("asr librispeech WER", result["asr_librispeech"]["wer"], flush=True)
     if "qa" in tasks:
-        result["spoken_qa"] = bench_qa(sp, judge, args.count)
+        result["spoken_qa"] = bench_qa(sp, judge, args.count, g)
         print("spoken QA", {k: v for k, v in result["spoken_qa"].items() if k != "examples"}, flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
