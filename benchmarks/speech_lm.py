@@ -13,7 +13,7 @@
 * Speed (this machine, 1 thread unless --threads): real-time factor of TTS, audio frames per
   backbone forward, backbone forwards before the first audio frame, text-in -> first PCM.
 
-    python benchmarks/speech_lm.py --model speechlm-default --count 40 --out docs/results/speech_lm.json
+    python benchmarks/speech_lm.py --model speechlm-default --count 40 --out docs/results/speech_lm_tts.json
 """
 
 from __future__ import annotations
@@ -100,11 +100,18 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
             stats[name].append({k: v for k, v in out.items() if k != "audio"} | {"heard": heard})
     result = {"sentences": len(items), "teacher_voice": teacher_voice, "teacher_wer": corpus_wer(rows["teacher"]),
               "teacher_codec_wer": corpus_wer(rows["teacher_codec"])}
+    for name in ("teacher", "teacher_codec"):
+        result[f"{name}_median_sentence_wer"] = statistics.median(word_error_rate(t, h) for t, h in rows[name])
+        result[f"{name}_sentences_wer_le_25pct"] = sum(word_error_rate(t, h) <= 0.25 for t, h in rows[name]) / len(rows[name])
     for name, s in stats.items():
         seconds = sum(x["seconds"] for x in s)
         wall = sum(x["wall_s"] for x in s)
         result[name] = {
             "wer": corpus_wer(rows[name]),
+            # The judge loops on unclear speech ("I'm sorry, I'm sorry, ..."), so one sentence can add
+            # dozens of insertions: the median and the share of nearly right sentences are steadier.
+            "median_sentence_wer": statistics.median(word_error_rate(t, h) for t, h in rows[name]),
+            "sentences_wer_le_25pct": sum(word_error_rate(t, h) <= 0.25 for t, h in rows[name]) / len(rows[name]),
             "rtf": wall / max(seconds, 1e-9),
             "frames_per_backbone_forward": sum(x["frames"] for x in s) / max(1, sum(x["backbone_forwards"] for x in s)),
             "first_audio_forward_max": max((x["first_audio_forward"] or 0) for x in s),
@@ -117,6 +124,7 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
     result["examples"] = [
         {"text": t, "teacher": th, "ours": oh} for (t, th), (_, oh) in list(zip(rows["teacher"], rows["mctp"]))[:8]
     ]
+    result["heard"] = {name: [h for _, h in r] for name, r in rows.items()}
     return result
 
 

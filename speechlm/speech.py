@@ -133,7 +133,10 @@ class SpeechPipeline:
             return ""
         g = generation or Generation()
         ids, codes = asr_prompt(self.lm, frames)
-        out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(), seed=g.seed)[0]
+        v = self.lm.vocab
+        # A transcript is text only: a speech token (the model starting to speak) ends it.
+        out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
+                            stop_tokens=[v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio], seed=g.seed)[0]
         return self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
 
     def chat(self, question: np.ndarray | str, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> tuple[str, np.ndarray]:
