@@ -501,7 +501,7 @@ def iter_aligned_audio(
     ``<|speech_start|>``; then the model speaks each text chunk (a word with the punctuation
     before it) in its own run of audio positions::
 
-        PREFIX <|speech_start|> CHUNK_1 A..A CHUNK_2 A..A ... CHUNK_n A..A <|speech_end|>
+        PREFIX (... <|speech_start|>) CHUNK_1 A..A CHUNK_2 A..A ... CHUNK_n A..A
 
     The chunks are forced (they are the text being spoken); the model decides where each
     chunk's speech ends (codebook 0's empty code), so speech cannot drift from the text.
