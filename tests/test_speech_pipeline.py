@@ -129,3 +129,21 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     assert r.returncode == 2 and "empty text" in r.stderr and "Traceback" not in r.stderr
     r = cli("tts", "hello", "-o", str(tmp_path / "e.wav"), "--model", str(tmp_path / "no-such-model"))
     assert r.returncode == 2 and "no-such-model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_asr_transcript_ends_at_a_speech_token(pipeline, monkeypatch):
+    """A transcript is text only: if the model starts to speak (<|speech_start|>), the transcript ends there."""
+    lm, v = pipeline.lm, pipeline.lm.vocab
+    word = lm.tokenizer.encode("hello", add_special_tokens=False)[0]
+    calls = []
+
+    def scripted(hidden):  # a word, then <|speech_start|>, then the word forever
+        logits = torch.zeros(hidden.shape[0], lm.backbone.get_output_embeddings().weight.shape[0])
+        logits[:, v.speech_start if len(calls) == 1 else word] = 10.0
+        calls.append(1)
+        return logits
+
+    monkeypatch.setattr(lm, "text_logits", scripted)
+    speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
+    assert pipeline.asr(speech, generation=Generation(max_text_tokens=8, seed=0)) == lm.tokenizer.decode([word]).strip()
+    assert len(calls) == 2
