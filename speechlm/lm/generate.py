@@ -366,6 +366,7 @@ class _Segment:
         self.min_frames, self.max_delay = min_frames, cfg.max_delay
         self.empty = cfg.empty_code
         self.delay_offsets = torch.tensor(cfg.audio_delays, device=device)[None, :]  # (1, Q)
+        self.first_delay = cfg.audio_delays[0]  # codebook 0's delay, as a Python int (no device sync per position)
         self.is_empty_class = torch.arange(self.empty + 1, device=device) == self.empty  # (C+1,)
         self.layout = torch.empty(batch, 0, cfg.num_codebooks, dtype=torch.long, device=device)  # codes of the positions so far
         self.end_frame = torch.full((batch,), max_frames, dtype=torch.long, device=device)  # frames in each row's segment
@@ -373,8 +374,7 @@ class _Segment:
 
     def _chooser(self, p: int):
         """Codes for segment position p: codebook q there holds frame p - delays[q]."""
-        device = self.layout.device
-        first_delay = int(self.delay_offsets[0, 0])
+        device, first_delay = self.layout.device, self.first_delay
 
         def choose(first_q: int, logits: Tensor) -> Tensor:
             n = logits.shape[1]
