@@ -24,6 +24,33 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _nonnegative_float(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not x >= 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
+    return x
+
+
+def _probability(value: str) -> float:
+    x = _nonnegative_float(value)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
+    return x
+
+
+def _seconds_range(value: str) -> tuple[float, float]:
+    parts = value.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX in seconds, got {value!r}")
+    low, high = (_nonnegative_float(part) for part in parts)
+    if low > high:
+        raise argparse.ArgumentTypeError(f"expected MIN <= MAX, got {value!r}")
+    return low, high
+
+
 # --- data ---------------------------------------------------------------------------------
 
 
@@ -119,6 +146,7 @@ def cmd_data_dialogues(args: argparse.Namespace) -> int:
         assistant_voices=parse_voices(args.assistant_voices),
         seed=args.seed,
         shard_size=args.shard_size,
+        **{k: v for k, v in (("response_gap_range", args.response_gap), ("reaction_time", args.reaction_time), ("p_interrupt", args.p_interrupt)) if v is not None},
     )
     summary = synthesize_dialogues(items, args.out, config, workers=args.workers, progress=not args.quiet)
     print(f"{summary.utterances} dialogues ({summary.failed} failed), {summary.hours:.4f} h in {summary.wall_seconds:.1f} s -> {Path(args.out) / 'manifest.jsonl'}")
@@ -425,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (re-run to resume)")
     p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
     p.add_argument("--shard-size", type=_positive_int, default=20, help="dialogues per shard (default 20)")
+    p.add_argument("--response-gap", type=_seconds_range, metavar="MIN,MAX",
+                   help="seconds of silence before the assistant answers a user turn (default 0.08,0.35)")
+    p.add_argument("--reaction-time", type=_nonnegative_float, help="seconds the assistant keeps talking once the user interrupts (default 0.12)")
+    p.add_argument("--p-interrupt", type=_probability, help="chance that the user interrupts an assistant turn of >= 4 words (default 0.35)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_dialogues)
 

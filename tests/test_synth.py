@@ -186,3 +186,37 @@ def test_dialogues_two_channels(tmp_path):
         assert interrupted["speaker"] == "B"
         next_a = next(t for t in row["turns"] if t["speaker"] == "A" and t["kind"] == "turn" and t["start"] > interrupted["start"])
         assert interrupted["end"] <= next_a["start"] + config.reaction_time + 1e-3
+
+
+def test_dialogue_timing_assistant_answers_fast_and_never_talks_over_the_user(tmp_path):
+    items = [
+        {"id": f"t{i}", "text": "", "turns": [["A", "Hello there."], ["B", "Hi."], ["A", "What is two plus two?"], ["B", "It is four."]]}
+        for i in range(6)
+    ]
+    config = DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-gb+m3"], p_interrupt=0.0, p_backchannel=0.0,
+                            p_overlap=1.0, response_gap_range=(0.05, 0.2), seed=3)
+    synthesize_dialogues(items, tmp_path / "d", config, progress=False)
+    rows = read_manifest(tmp_path / "d")
+    assert len(rows) == 6
+    user_overlaps = 0
+    for row in rows:
+        turns = [t for t in row["turns"] if t["kind"] == "turn"]
+        for prev, turn in zip(turns, turns[1:]):
+            gap = turn["start"] - prev["end"]
+            if turn["speaker"] == "B":
+                assert 0.05 - 1e-3 <= gap <= 0.2 + 1e-3, f"assistant answered {gap:.3f} s after the user"
+            else:
+                user_overlaps += gap < 0  # p_overlap=1: the user may start early on the assistant's end
+    assert user_overlaps > 0
+    assert json.loads((tmp_path / "d" / "synth_config.json").read_text())["response_gap_range"] == [0.05, 0.2]
+
+
+def test_dialogue_timing_flags(tmp_path, cli):
+    r = cli("data", "dialogues", "--builtin", "dialogues", "--count", "1", "--user-voices", "espeak:en-us", "--assistant-voices", "espeak:en-us",
+            "--response-gap", "0.3,0.1", "--out", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 2 and "MIN <= MAX" in r.stderr and "Traceback" not in r.stderr
+    r = cli("data", "dialogues", "--builtin", "dialogues", "--count", "1", "--user-voices", "espeak:en-us", "--assistant-voices", "espeak:en-us",
+            "--response-gap", "0.1,0.2", "--reaction-time", "0.05", "--p-interrupt", "0.5", "--out", str(tmp_path / "o"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "o" / "synth_config.json").read_text())
+    assert (config["response_gap_range"], config["reaction_time"], config["p_interrupt"]) == ([0.1, 0.2], 0.05, 0.5)

@@ -4,7 +4,10 @@ Each dialogue item has ``turns`` (``[["A", text], ["B", text], ...]``); speaker 
 user (channel 0), B the assistant (channel 1).  Turns are synthesized one by one by the
 speakers' teachers and laid on a timeline with, drawn per turn from the seed:
 
-* a gap (silence between turns) or an overlap (the next speaker starts early);
+* a gap (silence between turns) or an overlap (the next speaker starts early). The
+  assistant's gap after a user turn has its own, short range (``response_gap_range``:
+  a voice agent answers within a few hundred ms, as people do, ~200 ms typical), and by
+  default only the user overlaps: the assistant never starts before the user has finished;
 * an interruption: A cuts into B's turn at a word boundary; B stops a reaction time
   later (audio faded out, words after the cut dropped, turn marked ``interrupted``);
 * backchannels ("mm-hm", "yeah") from the listener in a word gap of a long turn.
@@ -33,11 +36,13 @@ class DialogueConfig:
     assistant_voices: list[str]
     seed: int = 0
     shard_size: int = 20
-    gap_range: tuple[float, float] = (0.15, 0.9)  # s of silence between turns
+    gap_range: tuple[float, float] = (0.15, 0.9)  # s of silence before a user turn
+    response_gap_range: tuple[float, float] = (0.08, 0.35)  # s of silence before an assistant turn that follows the user
     p_overlap: float = 0.15
     overlap_range: tuple[float, float] = (0.1, 0.5)  # s the next turn starts early
-    p_interrupt: float = 0.2  # chance that A interrupts a B turn of >= 4 words
-    reaction_time: float = 0.25  # s B keeps talking after A starts
+    assistant_overlaps: bool = False  # may the assistant start before the user's turn ends?
+    p_interrupt: float = 0.35  # chance that A interrupts a B turn of >= 4 words
+    reaction_time: float = 0.12  # s B keeps talking after A starts
     p_backchannel: float = 0.3  # chance of a backchannel in a turn of >= 6 words
     lead_in: float = 0.3  # s of silence at the start
 
@@ -96,10 +101,11 @@ def dialogue_row(job: Job, shard: str, out: Path, seed: int) -> dict:
                 prev["words"] = [w for w in prev["words"] if w["end"] <= cut]
                 prev["interrupted"] = True
                 free_at[prev["channel"]] = prev["start"] + len(prev["audio"]) / SAMPLE_RATE
-            elif prev["speaker"] != speaker and rng.random() < config.p_overlap:
+            elif prev["speaker"] != speaker and (speaker == "A" or config.assistant_overlaps) and rng.random() < config.p_overlap:
                 start = max(prev["start"] + 0.3, prev_end - rng.uniform(*config.overlap_range))
             else:
-                start = prev_end + rng.uniform(*config.gap_range)
+                response = speaker == "B" and prev["speaker"] == "A"
+                start = prev_end + rng.uniform(*(config.response_gap_range if response else config.gap_range))
         start = max(start, free_at[ch] + 0.1)
         words = [{"word": w.word, "start": round(start + w.start, 4), "end": round(start + w.end, 4)} for w in syn.words]
         turn = {"speaker": speaker, "channel": ch, "start": start, "audio": syn.audio, "words": words, "text": text, "kind": "turn", "interrupted": False}
