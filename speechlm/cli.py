@@ -349,7 +349,8 @@ def cmd_train_codec(args: argparse.Namespace) -> int:
             raise SpeechLMError(f"--codec-config is neither a JSON file nor JSON: {e}") from None
     config = CodecTrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, crop_seconds=args.crop_seconds, lr=args.lr,
-        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, phase_weight=args.phase_weight, init_from=args.init_from, checkpoint_every=args.checkpoint_every,
+        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, phase_weight=args.phase_weight, init_from=args.init_from,
+        decoder_only=args.decoder_only, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads, codec=overrides,
     )
     trainer = CodecTrainer(config)
@@ -503,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--codec-config", help="JSON (or a JSON file) of CodecConfig overrides")
     p.add_argument("--init-from", help="start from these codec weights (directory or shipped name), e.g. to continue codec-16k")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="train only the decoder of --init-from: encoder and codebooks frozen, so its codes (and the LMs trained on them) stay valid")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process")
     p.add_argument("--quiet", action="store_true")

@@ -88,3 +88,26 @@ def test_init_from_exported_weights(audio_dir, tmp_path):
     assert second.step == 0
     for name, value in first.codec.state_dict().items():
         assert torch.equal(value, second.codec.state_dict()[name]), name
+
+
+def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
+    """--decoder-only: encoder and codebooks frozen (the codes, and the LMs trained on them, stay valid), decoder trained."""
+    CodecTrainer(_config(audio_dir, tmp_path / "a", steps=3)).train(progress=False)
+    start = Codec.from_pretrained(tmp_path / "a" / "model")
+    trainer = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=4, disc_start=2, init_from=str(tmp_path / "a" / "model"), decoder_only=True))
+    trainer.train(progress=False)
+    tuned = Codec.from_pretrained(tmp_path / "b" / "model")
+    assert tuned.codec_id == start.codec_id
+    before, after = start.state_dict(), tuned.state_dict()
+    frozen = [k for k in before if not k.startswith("decoder.")]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen), "encoder and codebooks must not move"
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.")), "the decoder trains"
+    wav = torch.from_numpy(np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1)[None]
+    assert torch.equal(start.encode(wav), tuned.encode(wav))
+    rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "adv" in rows[-1]
+
+
+def test_decoder_only_needs_a_codec_to_start_from(audio_dir, tmp_path):
+    with pytest.raises(Exception, match="--init-from"):
+        CodecTrainer(_config(audio_dir, tmp_path / "c", decoder_only=True))

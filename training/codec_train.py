@@ -8,6 +8,12 @@ adversarial loss from a multi-resolution complex-STFT discriminator plus feature
 The first ``unquantized_steps`` train the plain autoencoder (no VQ): that warm-up gives the
 k-means codebook init good latents to start from.
 
+``decoder_only`` (``--decoder-only``, with ``--init-from``) trains the decoder alone: the
+encoder and the codebooks stay frozen (eval mode: no EMA updates, no dead-code
+replacement), so every code the start codec gives stays the same and the speech LMs
+trained on its tokens stay valid, while the decoder's sound improves (more steps, the
+phase and adversarial losses). The exported codec has the same ``codec_id``.
+
 Checkpoints (``OUT/checkpoint.pt``) hold models, optimizers, schedulers, the step and the
 torch RNG state, written atomically; a run restarted with the same command resumes where
 the last checkpoint left off and takes exactly the steps an uninterrupted run would have
@@ -64,6 +70,7 @@ class CodecTrainConfig:
     threads: int = 1
     codec: dict = field(default_factory=dict)  # CodecConfig overrides
     init_from: str | None = None  # start a new run from these codec weights (a directory or shipped name)
+    decoder_only: bool = False  # freeze encoder and codebooks (codes unchanged), train the decoder (needs init_from)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,9 +116,15 @@ class CodecTrainer:
         torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.pool = pool if pool is not None else AudioPool(config.data)
+        if config.decoder_only and not config.init_from:
+            raise SpeechLMError("--decoder-only trains the decoder of an existing codec: give --init-from CODEC")
         self.codec = Codec(CodecConfig(**config.codec))
         self.disc = MultiResolutionSTFTDiscriminator()
-        self.opt_g = torch.optim.AdamW(self.codec.parameters(), lr=config.lr, betas=(0.8, 0.99), weight_decay=0.0)
+        if config.decoder_only:
+            self.codec.encoder.requires_grad_(False)
+            self.codec.quantizer.requires_grad_(False)
+        self.trained = self.codec.decoder if config.decoder_only else self.codec  # what the generator optimizer updates
+        self.opt_g = torch.optim.AdamW(self.trained.parameters(), lr=config.lr, betas=(0.8, 0.99), weight_decay=0.0)
         self.opt_d = torch.optim.AdamW(self.disc.parameters(), lr=config.disc_lr, betas=(0.8, 0.99), weight_decay=0.0)
         self.mel_loss = MultiResolutionMelLoss(sample_rate=self.codec.sample_rate)
         self.stft_loss = MultiResolutionSTFTLoss()
@@ -126,10 +139,10 @@ class CodecTrainer:
                 raise SpeechLMError(f"--init-from {config.init_from} is codec {start.codec_id}, but this run builds {self.codec.codec_id}")
             self.codec.load_state_dict(start.state_dict())
         if self.world_size > 1:
-            self.codec_ddp = DistributedDataParallel(self.codec)
+            self.codec_ddp = DistributedDataParallel(self.trained)
             self.disc_ddp = DistributedDataParallel(self.disc)
         else:
-            self.codec_ddp, self.disc_ddp = self.codec, self.disc
+            self.codec_ddp, self.disc_ddp = self.trained, self.disc
 
     # -- checkpoints -------------------------------------------------------------------
 
@@ -181,10 +194,13 @@ class CodecTrainer:
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = (c.lr if opt is self.opt_g else c.disc_lr) * _lr_factor(self.step, c)
-        quantize = self.step >= c.unquantized_steps
+        quantize = self.step >= c.unquantized_steps or c.decoder_only
         adversarial = self.step >= c.disc_start
         self.codec.train()
-        recon, codes, vq_losses = self.codec_ddp(wav, quantize=quantize)
+        if c.decoder_only:
+            recon, codes, vq_losses = self._decode_frozen_codes(wav)
+        else:
+            recon, codes, vq_losses = self.codec_ddp(wav, quantize=quantize)
         recon = recon[:, : wav.shape[1]]
         mel = self.mel_loss(recon, wav)
         stft = self.stft_loss(recon, wav)
@@ -205,7 +221,7 @@ class CodecTrainer:
             log.update(adv=adv.item(), feature=fm.item())
         self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
-        log["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.codec.parameters(), c.grad_clip))
+        log["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.trained.parameters(), c.grad_clip))
         self.opt_g.step()
         if adversarial:
             both = self.disc_ddp(torch.cat([wav[:n_disc], recon[:n_disc].detach()]))
@@ -222,6 +238,15 @@ class CodecTrainer:
             log["dead_codes"] = self.codec.quantizer.dead_code_fraction()
         self.step += 1
         return log
+
+    def _decode_frozen_codes(self, wav: torch.Tensor):
+        """Decoder-only step: the frozen encoder's codes (B, F, Q) -> the decoder's recon (B, F*frame_length)."""
+        self.codec.encoder.eval()
+        self.codec.quantizer.eval()
+        codes = self.codec.encode(wav).clone()  # inference mode inside; clone: a normal tensor for autograd
+        latent = self.codec.quantizer.lookup(codes)  # (B, F, D), no gradient
+        recon, _ = self.codec_ddp(latent)
+        return recon, codes, {"commitment": wav.new_zeros(())}
 
     # -- the loop --------------------------------------------------------------------------
 
