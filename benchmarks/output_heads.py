@@ -8,15 +8,22 @@ Speed: the LM's own decoding (no codec), frames per second, plain and with the m
 schedule, on the same held-out sentences, one thread. (Intelligibility to the judge needs a
 model trained to the end: benchmarks/speech_lm.py.)
 
-Train the models the same way first (same data, init, steps, seed), e.g. from the text stage::
+Train the models the same way first (same data, init, steps, seed), e.g. from the text stage,
+600 steps of TTS each, side by side on the two cores::
 
+    D="data/tok-synth-espeak data/tok-synth-assistant data/tok-synth-assistant2"
     for head in parallel_delay depth; do
-      speechlm train lm --stage align --init-from runs/lm-text/model --data data/tok-synth-espeak data/tok-synth-assistant \\
-        --speech "{\\"output_head\\": \\"$head\\", \\"speech_layout\\": \\"word_aligned\\", \\"mctp_modules\\": 0}" \\
-        --out runs/head-$head --steps 800 --batch-size 16 --lr 5e-4 --threads 1 --quiet &
+      if [ $head = depth ]; then delays=null; else delays="[0, 1, 1, 1, 1, 1, 1, 1]"; fi
+      speechlm train lm --stage align --init-from runs/lm-text/model --data $D --weights tts=1 \
+        --assistant-voices espeak:en-us --out runs/head-$head --steps 600 --batch-size 16 --lr 5e-4 \
+        --warmup-steps 50 --threads 1 --quiet --speech "{\"output_head\": \"$head\", \"delays\": $delays,
+        \"speech_layout\": \"word_aligned\", \"mctp_modules\": 0}" &
     done; wait
-    python benchmarks/output_heads.py --models runs/head-parallel_delay/model runs/head-depth/model \\
-        --data data/tok-test-us --out docs/results/output_heads.json
+    python benchmarks/output_heads.py --models runs/head-parallel_delay/model runs/head-depth/model \
+        --data data/tok-test-us --items 160 --sentences 10 --out docs/results/output_heads.json
+
+(``data/tok-test-us``: ``speechlm data synth --builtin everyday,commands,numbers,dates_times --split test
+--count 40 --voices espeak:en-us --out data/synth-test-us`` then ``speechlm data tokenize``.)
 """
 
 from __future__ import annotations
