@@ -3,7 +3,9 @@
 For each held-out spoken question (arithmetic and facts, test split, held-out espeak voices):
 
 * **response onset**: the user's question, then silence; the time from the end of the user's
-  speech (its last voiced frame) to the model's first non-silent frame;
+  speech (its last voiced frame) to the start of the model's first voiced run at or after it
+  (a sound the model was already making then, e.g. a backchannel, is not the reply: such
+  trials are counted in ``speaking_at_user_end_share``);
 * **answer**: what Whisper tiny.en hears in the model's reply (needs the [eval] extra), and
   whether it holds the expected answer;
 * **barge-in**: once the model has spoken for ``--barge-after`` seconds, the user talks over it
@@ -105,7 +107,10 @@ def main() -> None:
         pcm, texts = run(model, user)
         user_end = int(np.nonzero(voiced(question))[0][-1]) + 1
         speaking = voiced(pcm, 1e-4)
-        onset = first(speaking, user_end)
+        # The reply starts where a voiced run starts at or after the user's end; a sound the model
+        # was already making then (a backchannel, an early start) is not the reply's onset.
+        starts = speaking & ~np.concatenate(([False], speaking[:-1]))
+        onset = first(starts, user_end)
         reply = pcm[onset:].reshape(-1) if onset is not None else np.zeros(0, np.float32)
         heard = judge(reply) if judge is not None and len(reply) >= SAMPLE_RATE // 5 else ""
         row = {
@@ -113,6 +118,7 @@ def main() -> None:
             "expected": item["answer_value"],
             "onset_ms": None if onset is None else (onset - user_end) * 1000 / fps,
             "spoke_during_question_share": float(speaking[:user_end].mean()),
+            "speaking_at_user_end": bool(speaking[user_end - 1]),
             "model_text": "".join(t for t in texts if t),
             "heard": heard,
             "right": answer_heard(item["answer_value"], heard),
@@ -140,6 +146,7 @@ def main() -> None:
         "barge_in_ms_median": statistics.median(barges) if barges else None,
         "barge_in_stopped": len(barges) / max(1, len(onsets)),
         "spoke_during_question_share": statistics.mean(r["spoke_during_question_share"] for r in rows),
+        "speaking_at_user_end_share": statistics.mean(r["speaking_at_user_end"] for r in rows),
         "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
         "frame_ms": 1000 / fps,
         "command": "python benchmarks/duplex.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
