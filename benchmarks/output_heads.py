@@ -16,7 +16,7 @@ Train the models the same way first (same data, init, steps, seed), e.g. from th
       if [ $head = depth ]; then delays=null; else delays="[0, 1, 1, 1, 1, 1, 1, 1]"; fi
       speechlm train lm --stage align --init-from runs/lm-text/model --data $D --weights tts=1 \
         --assistant-voices espeak:en-us --out runs/head-$head --steps 600 --batch-size 16 --lr 5e-4 \
-        --warmup-steps 50 --threads 1 --quiet --speech "{\"output_head\": \"$head\", \"delays\": $delays,
+        --warmup-steps 50 --threads 1 --quiet --speech-config "{\"output_head\": \"$head\", \"delays\": $delays,
         \"speech_layout\": \"word_aligned\", \"mctp_modules\": 0}" &
     done; wait
     python benchmarks/output_heads.py --models runs/head-parallel_delay/model runs/head-depth/model \
