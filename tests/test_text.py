@@ -21,7 +21,9 @@ def test_generators_deterministic_and_split():
         assert a == b and len(a) == 20
         test = textgen.generate(source, 10, split="test", seed=3)
         assert test and not {x["text"] for x in a} & {x["text"] for x in test}
-        assert all(textgen.text_split(x["text"]) == "test" for x in test)
+        assert all(x["split"] == "test" for x in test)
+        if source != "dialogues":  # a dialogue's split is its question's (test below)
+            assert all(textgen.text_split(x["text"]) == "test" for x in test)
         assert all(not any(ch.isdigit() for ch in x["text"]) for x in a + test), "built-in texts are spoken form"
 
 
@@ -58,3 +60,14 @@ def test_answer_items_are_distinct_answers(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("data", "texts", "--builtin", "everyday", "--count", "5", "--answers", "-o", str(out))
     assert r.returncode == 2 and "has answers" in r.stderr
+
+
+def test_dialogues_keep_held_out_questions_out_and_often_open_with_the_question():
+    train = textgen.generate("dialogues", 200, split="train")
+    questions = [turns[0][1] if turns[0][1].endswith("?") else turns[2][1] for turns in (d["turns"] for d in train)]
+    assert all(textgen.text_split(q) == "train" for q in questions), "a held-out question inside a training dialogue"
+    opens_with_question = sum(d["turns"][0][1].endswith("?") and "minute" not in d["turns"][0][1] for d in train)
+    assert 60 <= opens_with_question <= 140
+    assert all("split_text" not in d for d in train)
+    test = textgen.generate("dialogues", 20, split="test")
+    assert test and all(textgen.text_split(next(t for s, t in d["turns"] if s == "A" and t.endswith("?") and "minute" not in t)) == "test" for d in test)

@@ -198,15 +198,20 @@ def _commands(rng: random.Random) -> dict:
 
 
 def _dialogues(rng: random.Random) -> dict:
-    """A short two-person exchange: A asks or says something, B answers, maybe a follow-up."""
+    """A short two-person exchange: maybe a greeting, a question from A, B's answer, maybe thanks.
+
+    Half the dialogues open with the question itself (a voice agent must answer a question it
+    hears first, not greet back). A dialogue belongs to its question's split (``split_text``), so
+    a held-out question never appears inside a training dialogue."""
     name = rng.choice(_NAMES)
     opener = rng.choice(["Hi {n}.", "Hello there.", "Good morning.", "Hey, do you have a minute?", "Excuse me."]).format(n=name)
     reply = rng.choice(["Hi, how can I help?", "Sure, what is it?", "Good morning to you too.", "Yes, go ahead."])
     qa = rng.choice([_arithmetic, _facts])(rng)
-    turns = [["A", opener], ["B", reply], ["A", qa["text"]], ["B", qa["answer"]]]
+    turns = [["A", opener], ["B", reply]] if rng.random() < 0.5 else []
+    turns += [["A", qa["text"]], ["B", qa["answer"]]]
     if rng.random() < 0.5:
         turns += [["A", rng.choice(["Thanks a lot.", "Great, thank you.", "Perfect, thanks."])], ["B", rng.choice(["You're welcome.", "Any time.", "Glad to help."])]]
-    return {"text": " ".join(t for _, t in turns), "turns": turns, "answer_value": qa["answer_value"]}
+    return {"text": " ".join(t for _, t in turns), "turns": turns, "answer_value": qa["answer_value"], "split_text": qa["text"]}
 
 
 SOURCES: dict[str, Callable[[random.Random], dict]] = {
@@ -238,7 +243,8 @@ def generate(source: str, count: int, split: str = "train", seed: int = 0, max_t
         tries += 1
         item = SOURCES[source](rng)
         key = item["text"].lower()
-        if key in seen or text_split(item["text"]) != split:
+        # An item may name the text that decides its split (a dialogue: its question).
+        if key in seen or text_split(item.pop("split_text", item["text"])) != split:
             continue
         seen.add(key)
         item.update(id=f"{source}-{split}-{stable_hash(key) % 10**10:010d}", source=source, split=split)
