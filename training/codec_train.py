@@ -194,7 +194,7 @@ class CodecTrainer:
         for opt in (self.opt_g, self.opt_d):
             for group in opt.param_groups:
                 group["lr"] = (c.lr if opt is self.opt_g else c.disc_lr) * _lr_factor(self.step, c)
-        quantize = self.step >= c.unquantized_steps or c.decoder_only
+        quantize = self.step >= c.unquantized_steps
         adversarial = self.step >= c.disc_start
         self.codec.train()
         if c.decoder_only:
