@@ -128,44 +128,82 @@ def _dates_times(rng: random.Random) -> dict:
     return {"text": text}
 
 
+# Operand ranges of the arithmetic questions: the sums, differences and products a voice
+# assistant is asked (793 in all), few enough for the small default LM to learn them all.
+_ARITHMETIC_RANGES = {"plus": (20, 20), "minus": (20, None), "times": (10, 10)}
+
+
+def _operation(rng: random.Random) -> tuple[int, str, int, int]:
+    """(a, op, b, result) of one arithmetic fact in :data:`_ARITHMETIC_RANGES`."""
+    op = rng.choice(sorted(_ARITHMETIC_RANGES))
+    top_a, top_b = _ARITHMETIC_RANGES[op]
+    a = rng.randint(0, top_a)
+    b = rng.randint(0, a if top_b is None else top_b)  # minus: never negative
+    return a, op, b, {"plus": a + b, "minus": a - b, "times": a * b}[op]
+
+
 def _arithmetic(rng: random.Random) -> dict:
-    op = rng.choice(["plus", "minus", "times"])
-    if op == "plus":
-        a, b = rng.randint(0, 50), rng.randint(0, 50)
-        c = a + b
-    elif op == "minus":
-        a = rng.randint(0, 60)
-        b = rng.randint(0, a)
-        c = a - b
-    else:
-        a, b = rng.randint(0, 12), rng.randint(0, 12)
-        c = a * b
+    a, op, b, c = _operation(rng)
     aw, bw, cw = number_to_words(a), number_to_words(b), number_to_words(c)
     question = rng.choice(["What is {a} {op} {b}?", "How much is {a} {op} {b}?", "Can you tell me what {a} {op} {b} is?"]).format(a=aw, op=op, b=bw)
     answer = rng.choice(["{a} {op} {b} is {c}.", "The answer is {c}.", "It is {c}."]).format(a=aw.capitalize(), op=op, b=bw, c=cw)
     return {"text": question, "answer": answer, "answer_value": cw}
 
 
-def _facts(rng: random.Random) -> dict:
-    kind = rng.randrange(5)
-    if kind == 0:
+def _fact(rng: random.Random) -> tuple[str, str, list[str], list[str]]:
+    """One fact: (kind, its value, question wordings, statement wordings)."""
+    kind = rng.choice(["capital", "sound", "opposite", "color", "count"])
+    if kind == "capital":
         country = rng.choice(sorted(_CAPITALS))
         city = _CAPITALS[country]
-        q, a, v = f"What is the capital of {country}?", f"The capital of {country} is {city}.", city
-    elif kind == 1:
+        questions = [f"What is the capital of {country}?", f"Which city is the capital of {country}?", f"Do you know the capital of {country}?"]
+        statements = [f"The capital of {country} is {city}.", f"{city} is the capital of {country}.", f"The capital city of {country} is {city}."]
+        return kind, city, questions, statements
+    if kind == "sound":
         animal = rng.choice(sorted(_ANIMAL_SOUNDS))
-        q, a, v = f"What sound does a {animal} make?", f"A {animal} {_ANIMAL_SOUNDS[animal]}.", _ANIMAL_SOUNDS[animal]
-    elif kind == 2:
+        sound = _ANIMAL_SOUNDS[animal]
+        questions = [f"What sound does a {animal} make?", f"What does a {animal} say?", f"How does a {animal} sound?"]
+        statements = [f"A {animal} {sound}.", f"The {animal} {sound}.", f"When a {animal} makes a sound, it {sound}."]
+        return kind, sound, questions, statements
+    if kind == "opposite":
         word = rng.choice(sorted(_OPPOSITES))
-        q, a, v = f"What is the opposite of {word}?", f"The opposite of {word} is {_OPPOSITES[word]}.", _OPPOSITES[word]
-    elif kind == 3:
+        other = _OPPOSITES[word]
+        questions = [f"What is the opposite of {word}?", f"What is the opposite of the word {word}?", f"Can you tell me the opposite of {word}?"]
+        statements = [f"The opposite of {word} is {other}.", f"{other.capitalize()} is the opposite of {word}.", f"The word {word} is the opposite of {other}."]
+        return kind, other, questions, statements
+    if kind == "color":
         thing = rng.choice(sorted(_COLORS_OF))
-        q, a, v = f"What color is {thing}?", f"{thing[0].upper() + thing[1:]} is {_COLORS_OF[thing]}.", _COLORS_OF[thing]
+        color = _COLORS_OF[thing]
+        subject = thing[0].upper() + thing[1:]
+        questions = [f"What color is {thing}?", f"What is the color of {thing}?", f"Which color is {thing}?"]
+        statements = [f"{subject} is {color}.", f"The color of {thing} is {color}.", f"{subject} has the color {color}."]
+        return kind, color, questions, statements
+    what = rng.choice(sorted(_COUNTS))
+    n = number_to_words(_COUNTS[what])
+    questions = [f"How many {what} are there?", f"Can you tell me how many {what} there are?", f"Do you know how many {what} there are?"]
+    statements = [f"There are {n} {what}.", f"The number of {what} is {n}.", f"{n.capitalize()} is the number of {what}."]
+    return kind, n, questions, statements
+
+
+def _facts(rng: random.Random) -> dict:
+    kind, value, questions, statements = _fact(rng)
+    answer = statements[0] if rng.random() < 0.7 else f"It is {value}." if kind != "count" else f"There are {value}."
+    return {"text": rng.choice(questions), "answer": answer, "answer_value": value}
+
+
+def _knowledge(rng: random.Random) -> dict:
+    """A statement of one fact or arithmetic result: what the text LM should know.
+
+    The questions of ``arithmetic`` and ``facts`` are split by their wording, so a held-out
+    question is never trained on; what it asks about is here, as a statement, like the facts a
+    text LLM reads in pretraining. Every statement is training text (``always_train``)."""
+    if rng.random() < 0.5:
+        a, op, b, c = _operation(rng)
+        aw, bw, cw = number_to_words(a), number_to_words(b), number_to_words(c)
+        text = rng.choice(["{a} {op} {b} is {c}.", "{a} {op} {b} equals {c}.", "{a} {op} {b} makes {c}."]).format(a=aw.capitalize(), op=op, b=bw, c=cw)
     else:
-        what = rng.choice(sorted(_COUNTS))
-        n = number_to_words(_COUNTS[what])
-        q, a, v = f"How many {what} are there?", f"There are {n} {what}.", n
-    return {"text": q, "answer": a, "answer_value": v}
+        text = rng.choice(_fact(rng)[3])
+    return {"text": text, "always_train": True}
 
 
 def _everyday(rng: random.Random) -> dict:
@@ -222,6 +260,7 @@ SOURCES: dict[str, Callable[[random.Random], dict]] = {
     "everyday": _everyday,
     "commands": _commands,
     "dialogues": _dialogues,
+    "knowledge": _knowledge,
 }
 
 
@@ -243,8 +282,10 @@ def generate(source: str, count: int, split: str = "train", seed: int = 0, max_t
         tries += 1
         item = SOURCES[source](rng)
         key = item["text"].lower()
-        # An item may name the text that decides its split (a dialogue: its question).
-        if key in seen or text_split(item.pop("split_text", item["text"])) != split:
+        # An item may name the text that decides its split (a dialogue: its question), or be
+        # training text whatever its hash (a knowledge statement).
+        item_split = "train" if item.pop("always_train", False) else text_split(item.pop("split_text", item["text"]))
+        if key in seen or item_split != split:
             continue
         seen.add(key)
         item.update(id=f"{source}-{split}-{stable_hash(key) % 10**10:010d}", source=source, split=split)
