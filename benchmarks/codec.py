@@ -6,7 +6,8 @@ delay), bitrate, and the Whisper tiny.en WER of the decoded audio against the ju
 transcript of the original (needs the [eval] extra).
 
 Speed, 1 CPU thread: x real time of offline encode+decode and of frame-by-frame
-(streaming) encode+decode, batch 1.
+(streaming) encode+decode, batch 1, with the eager steps and with the AOTInductor-compiled ones
+(``speechlm.codec.compiled``; compiled once, cached).
 
     python benchmarks/codec.py --model codec-16k --librispeech ../shared/data/librispeech-251 \\
         --synthetic data/synth-test --limit 48 --out docs/results/codec.json
@@ -25,7 +26,9 @@ import numpy as np
 import torch
 
 from speechlm.codec.audio import load_audio, resample
+from speechlm.codec.compiled import CompiledSteps
 from speechlm.codec.compress import decode_codes, encode_audio
+from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.metrics import all_metrics
 from speechlm.codec.model import Codec
 from speechlm.judge import WhisperJudge, word_error_rate
@@ -82,6 +85,7 @@ def quality(systems: dict, files: list[Path], judge: WhisperJudge | None) -> dic
 # --- speed -------------------------------------------------------------------------------
 
 def speed(codec: Codec, seconds: float = 10.0, repeats: int = 3) -> dict:
+    """x real time on one thread: offline, frame by frame (eager), frame by frame (compiled steps)."""
     torch.set_num_threads(1)
     audio = torch.randn(1, int(seconds * SR)) * 0.1
     frames = audio.shape[1] // codec.frame_length
@@ -90,14 +94,22 @@ def speed(codec: Codec, seconds: float = 10.0, repeats: int = 3) -> dict:
     def offline():
         codec.decode(codec.encode(audio))
 
-    def streaming():
-        state = codec.init_state(1)
+    def streaming(steps):
+        state = steps.init_state(1)
         for t in range(frames):
-            codes, state = codec.encode_step(audio[:, t * codec.frame_length : (t + 1) * codec.frame_length], state)
-            _, state = codec.decode_step(codes, state)
+            codes, state = steps.encode_step(audio[:, t * codec.frame_length : (t + 1) * codec.frame_length], state)
+            _, state = steps.decode_step(codes, state)
 
+    runs = {"offline": offline, "frame_by_frame": lambda: streaming(codec)}
     out = {}
-    for name, fn in (("offline", offline), ("frame_by_frame", streaming)):
+    try:
+        t = time.perf_counter()
+        compiled = CompiledSteps.load_or_build(codec)
+        out["compile_or_load_s"] = round(time.perf_counter() - t, 1)
+        runs["frame_by_frame_compiled"] = lambda: streaming(compiled)
+    except SpeechLMError as e:
+        out["frame_by_frame_compiled"] = f"unavailable: {e}"
+    for name, fn in runs.items():
         fn()
         best = min(_timed(fn) for _ in range(repeats))
         out[f"{name}_x_realtime"] = round(seconds / best, 1)

@@ -30,10 +30,11 @@ def main() -> None:
     ap.add_argument("--sessions", default="8,16,32,48")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile-codec", action="store_true", help="the codec's steps compiled with AOTInductor (speechlm.codec.compiled)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model(args.model, args.codec, lm=args.lm)
+    model = build_model(args.model, args.codec, lm=args.lm, compile_codec=args.compile_codec)
     steps = step_times(model, [1, 8, 32, 64, 128])
     for row in steps:
         print("step", row, flush=True)
@@ -43,7 +44,7 @@ def main() -> None:
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
-    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "codec": args.codec, "threads": args.threads, "step_times": steps, "loads": loads,
+    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads, "step_times": steps, "loads": loads,
               "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))
     if args.out:

@@ -173,9 +173,17 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
     return rows
 
 
-def build_model(name: str, codec: str, device: str = "cpu", lm: str | None = None) -> DuplexModel:
+def build_model(name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
-    ``duplex`` with ``lm`` = a duplex LM directory and ``codec`` its codec name/dir."""
+    ``duplex`` with ``lm`` = a duplex LM directory and ``codec`` its codec name/dir.
+    ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``)."""
+    from .models import with_compiled_codec
+
+    model = _build_model(name, codec, device, lm)
+    return with_compiled_codec(model) if compile_codec else model
+
+
+def _build_model(name: str, codec: str, device: str, lm: str | None) -> DuplexModel:
     import torch
 
     from .models import EchoCodecModel, SilenceModel

@@ -208,3 +208,15 @@ class SilenceModel:
         batch = user_pcm.shape[0]
         self.max_batch_seen = max(self.max_batch_seen, batch)
         return torch.zeros(batch, self.frame_length), [None] * batch, state + 1
+
+
+def with_compiled_codec(model: DuplexModel, cache_dir=None) -> DuplexModel:
+    """Swap the model's codec for its AOTInductor-compiled steps (``speechlm.codec.compiled``), in place.
+
+    Models without a codec (``SilenceModel``) are returned unchanged."""
+    from ..codec.compiled import CompiledSteps
+
+    codec = getattr(model, "codec", None)
+    if codec is not None and not isinstance(codec, CompiledSteps):
+        model.codec = CompiledSteps.load_or_build(codec, cache_dir)
+    return model

@@ -492,7 +492,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
     """The model named by ``config.model`` on ``config.device``."""
     import torch
 
-    from .models import EchoCodecModel, SilenceModel
+    from .models import EchoCodecModel, SilenceModel, with_compiled_codec
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -513,8 +513,10 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex":
             from .duplex_model import build_duplex_model
 
-            return build_duplex_model(config.lm, config.codec, device=device)
-        return EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
+            model = build_duplex_model(config.lm, config.codec, device=device)
+        else:
+            model = EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
+        return with_compiled_codec(model) if config.compile_codec else model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 
 

@@ -40,6 +40,7 @@ class ServerConfig:
     lm: str | None = "duplex-default"  # duplex LM directory or shipped name (speechlm train lm --stage duplex)
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
+    compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
 
     def check(self) -> None:
@@ -80,6 +81,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm", default=d.lm, help=f"--model duplex: the duplex LM, a directory or shipped name (default {d.lm})")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
+    parser.add_argument(
+        "--compile-codec",
+        action="store_true",
+        help="run the codec's frame steps compiled with AOTInductor (2-3x faster on CPU; the first run compiles for about a minute and caches it; needs g++)",
+    )
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
     parser.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout, help=f"seconds without a message before closing (default {d.idle_timeout:g})"
@@ -103,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lm=getattr(args, "lm", None),
         device=args.device,
         threads=args.threads,
+        compile_codec=getattr(args, "compile_codec", False),
         max_sessions=args.max_sessions,
         idle_timeout=args.idle_timeout,
         output_seconds=args.output_seconds,

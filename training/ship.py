@@ -34,8 +34,19 @@ def _run_record(run: Path) -> dict:
     return {"run": str(run), "step": ckpt.get("step"), "train_config": config}
 
 
+def _shipped_provenance(init: str) -> dict | None:
+    """The provenance of a shipped model a run started from (a directory or a shipped name)."""
+    for directory in (Path(init), MODELS_DIR / init):
+        if (directory / "provenance.json").is_file():
+            return json.loads((directory / "provenance.json").read_text())
+    return None
+
+
 def _stages(run: Path, limit: int = 10) -> list[dict]:
-    """This run and the runs it was initialised from (``init_from`` = RUN/model), oldest first."""
+    """This run and the runs it was initialised from (``init_from`` = RUN/model), oldest first.
+
+    A chain that starts from a shipped model (``--init-from speechlm-default``) takes that
+    model's recorded stages first."""
     chain = []
     while run is not None and len(chain) < limit:
         record = _run_record(run)
@@ -43,6 +54,8 @@ def _stages(run: Path, limit: int = 10) -> list[dict]:
         init = (record["train_config"] or {}).get("init_from")
         parent = Path(init).parent if init else None
         run = parent if parent is not None and (parent / "train_config.json").exists() else None
+        if run is None and init and (shipped := _shipped_provenance(init)) is not None:
+            return shipped.get("stages", []) + chain[::-1]
     return chain[::-1]
 
 
@@ -60,6 +73,7 @@ def ship(
     if not src.is_dir():
         raise SystemExit(f"no exported model in {src}")
     dst = models_dir / name
+    stages = _stages(run)  # before the old model goes: a run may have started from it
     if dst.exists():
         shutil.rmtree(dst)
     provenance = {"name": name, "shipped": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
@@ -86,7 +100,7 @@ def ship(
             (dst / CODEC_REF).write_text(json.dumps({"codec": codec, "codec_id": codec_model.codec_id}))
         else:
             SpeechPipeline(model, codec_model).save_pretrained(dst, codec_name=codec)
-        provenance |= {"dtype": dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "codec": codec, "stages": _stages(run)}
+        provenance |= {"dtype": dtype or str(next(model.parameters()).dtype).removeprefix("torch."), "codec": codec, "stages": stages}
     else:
         shutil.copytree(src, dst)
         provenance |= _run_record(run)
