@@ -9,7 +9,8 @@ environment that sees the installed speechlm:
     /tmp/anchors/bin/python benchmarks/codec_speed_anchors.py --model codec-16k --out docs/results/codec_speed.json
 
 (`encodec` imports torchaudio at module level only for file I/O we do not use; it is stubbed
-here when torchaudio cannot be imported.)  Each figure is the best of 3 runs over 10 s of audio.
+here when torchaudio cannot be imported.)  EnCodec's and Mimi's figures are the best of 3 runs over 10 s of audio; ours are medians
+of 5 alternating rounds (eager and compiled frame steps side by side, see benchmarks/codec.py).
 """
 
 from __future__ import annotations
@@ -38,33 +39,16 @@ def best_of(fn, repeats: int = 3) -> float:
 
 @torch.inference_mode()
 def ours(name: str) -> dict:
-    from speechlm.codec.compiled import CompiledSteps
-    from speechlm.codec.errors import SpeechLMError
+    """Our codec through benchmarks/codec.py's speed(): offline, frame by frame eager and compiled."""
+    import importlib.util
+
     from speechlm.codec.model import Codec
 
+    spec = importlib.util.spec_from_file_location("codec_benchmark", Path(__file__).resolve().parent / "codec.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     codec = Codec.from_pretrained(name).eval()
-    n = int(SECONDS * codec.sample_rate) // codec.frame_length
-    audio = torch.randn(1, n * codec.frame_length) * 0.1
-
-    def streaming(steps):
-        state = steps.init_state(1)
-        for t in range(n):
-            codes, state = steps.encode_step(audio[:, t * codec.frame_length : (t + 1) * codec.frame_length], state)
-            _, state = steps.decode_step(codes, state)
-
-    result = {
-        "frame_ms": 1000 * codec.frame_length / codec.sample_rate,
-        "offline_x_realtime": SECONDS / best_of(lambda: codec.decode(codec.encode(audio))),
-        "frame_by_frame_x_realtime": SECONDS / best_of(lambda: streaming(codec)),
-    }
-    try:  # AOTInductor-compiled steps (speechlm.codec.compiled), compiled once and cached
-        t = time.perf_counter()
-        compiled = CompiledSteps.load_or_build(codec)
-        result["compile_or_load_s"] = time.perf_counter() - t
-        result["frame_by_frame_compiled_x_realtime"] = SECONDS / best_of(lambda: streaming(compiled))
-    except SpeechLMError as e:
-        result["frame_by_frame_compiled_x_realtime"] = f"unavailable: {e}"
-    return result
+    return {"frame_ms": 1000 * codec.frame_length / codec.sample_rate, **bench.speed(codec, SECONDS)}
 
 
 @torch.inference_mode()

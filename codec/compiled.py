@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .errors import SpeechLMError
 from .model import Codec, CodecState
 
+PROGRAM_VERSION = 1  # bump when what the programs compute changes: old packages are then not reused
 DEFAULT_CACHE = Path(os.environ.get("SPEECHLM_CACHE", Path.home() / ".cache" / "speechlm")) / "aoti"
 
 
@@ -75,7 +76,7 @@ def cache_key(codec: Codec) -> str:
         h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     device = next(codec.parameters()).device
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else torch.backends.cpu.get_cpu_capability()
-    h.update(f"{torch.__version__}|{device.type}|{machine}|{platform.machine()}|{platform.python_version()}".encode())
+    h.update(f"v{PROGRAM_VERSION}|{torch.__version__}|{device.type}|{machine}|{platform.machine()}|{platform.python_version()}".encode())
     return f"{codec.codec_id}-{h.hexdigest()[:12]}"
 
 
