@@ -9,7 +9,7 @@
   and on the real held-out LibriSpeech speakers (>= 7000) against their pseudo-transcripts.
 * Spoken QA: held-out arithmetic and fact questions spoken by held-out voices; a reply is
   right when the judge hears the expected answer in our spoken reply (and, separately, when
-  the reply's text holds it).
+  the reply's text holds it). ``textqa``: the same questions typed, greedy text reply.
 * Speed (this machine, 1 thread unless --threads): real-time factor of TTS, audio frames per
   backbone forward, backbone forwards before the first audio frame, text-in -> first PCM;
   frames per second end to end (LM + streaming codec) and of the LM alone (codec time taken out).
@@ -32,6 +32,8 @@ import torch
 
 from speechlm.codec.audio import SAMPLE_RATE, load_audio
 from speechlm.judge import WhisperJudge, word_error_rate
+from speechlm.lm.generate import GREEDY, text_generate
+from speechlm.lm.prompts import chat_prompt
 from speechlm.speech import Generation, SpeechPipeline
 from speechlm.training import textgen
 from speechlm.training.audio_data import list_source_files
@@ -209,12 +211,29 @@ def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation)
     }
 
 
+def bench_text_qa(sp: SpeechPipeline, count: int) -> dict:
+    """Typed held-out questions (the same sources as spoken QA, no audio in or out): does the reply's
+    text hold the answer? What the LM knows, apart from hearing the question."""
+    lm, v = sp.lm, sp.lm.vocab
+    rows = []
+    for item in held_out_texts(QA_SOURCES, count):
+        ids, codes = chat_prompt(lm, item["text"])
+        reply = text_generate(lm, ids, audio_codes=[codes], max_new_tokens=32, sampling=GREEDY, stop_tokens=[v.speech_start, v.end_of_turn, v.eos])[0]
+        text = lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        rows.append({"question": item["text"], "expected": item["answer_value"], "reply_text": text, "right": answer_heard(item["answer_value"], text), "source": item["source"]})
+    by_source = {}
+    for row in rows:
+        by_source.setdefault(row["source"], []).append(row["right"])
+    return {"questions": len(rows), "accuracy": sum(r["right"] for r in rows) / len(rows),
+            "accuracy_by_source": {k: sum(x) / len(x) for k, x in by_source.items()}, "examples": rows[:8]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="speechlm-default")
     ap.add_argument("--codec", help="codec name or directory (default: the one the model names)")
     ap.add_argument("--count", type=int, default=40, help="sentences / utterances / questions per test")
-    ap.add_argument("--tasks", default="tts,asr,qa")
+    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed)")
     ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
@@ -239,6 +258,9 @@ def main() -> None:
         if Path(args.librispeech).is_dir():
             result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds)
             print("asr librispeech WER", result["asr_librispeech"]["wer"], flush=True)
+    if "textqa" in tasks:
+        result["text_qa"] = bench_text_qa(sp, args.count)
+        print("text QA", {k: v for k, v in result["text_qa"].items() if k != "examples"}, flush=True)
     if "qa" in tasks:
         result["spoken_qa"] = bench_qa(sp, judge, args.count, g)
         print("spoken QA", {k: v for k, v in result["spoken_qa"].items() if k != "examples"}, flush=True)
