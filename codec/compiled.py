@@ -107,14 +107,15 @@ class CompiledSteps:
             directory.mkdir(parents=True, exist_ok=True)
             for part, (module, inputs) in _step_programs(codec).items():
                 batch = torch.export.Dim("batch", min=1, max=max_batch)
+                tmp = paths[part].with_suffix(f".tmp{os.getpid()}.pt2")
                 try:
                     with torch.inference_mode(), warnings.catch_warnings():
                         warnings.simplefilter("ignore")  # inductor's notes on complex and FFT ops, which stay in ATen
                         dynamic = ({0: batch}, {0: batch}, tuple({0: batch} for _ in inputs[2:]))  # (x, tail state, *block states)
                         program = torch.export.export(module, inputs, dynamic_shapes=dynamic)
-                        tmp = paths[part].with_suffix(f".tmp{os.getpid()}.pt2")
                         aoti_compile_and_package(program, package_path=str(tmp))
                 except Exception as e:  # the compiler is missing, or this torch cannot export the step
+                    tmp.unlink(missing_ok=True)  # no half-written package left in the cache
                     raise SpeechLMError(f"cannot compile the codec's {part} step (it needs a C++ compiler such as g++): {str(e).splitlines()[0][:300]}") from None
                 os.replace(tmp, paths[part])  # atomic: a concurrent loader never sees half a package
         try:
