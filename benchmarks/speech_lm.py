@@ -25,6 +25,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -101,29 +102,33 @@ def speak(sp: SpeechPipeline, text: str, g: Generation) -> dict:
     }
 
 
-def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str, g: Generation) -> dict:
+def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str, g: Generation,
+              decodings: Sequence[str] = ("mctp", "plain"), references: bool = True) -> dict:
     items = held_out_texts(TTS_SOURCES, count)
     teacher = get_teacher(teacher_voice)
     rng = random.Random(0)
-    rows = {"teacher": [], "teacher_codec": [], "mctp": [], "plain": []}
-    runs = {"mctp": g, "plain": dataclasses.replace(g, mctp_schedule=[0])}
+    runs = {name: run for name, run in {"mctp": g, "plain": dataclasses.replace(g, mctp_schedule=[0])}.items() if name in decodings}
+    if not runs:
+        raise SystemExit(f"--decodings {','.join(decodings)}: choose from mctp, plain")
+    rows = {name: [] for name in (["teacher", "teacher_codec"] if references else []) + list(runs)}
     stats = {k: [] for k in runs}
     for item in items:
         text = item["text"]
-        spoken = teacher.synthesize(text, rng).audio
-        rows["teacher"].append((text, judge(spoken)))
-        # The teacher through our codec: the floor the LM's speech (in these codes) can reach.
-        with torch.inference_mode():
-            coded = sp.codec.decode(sp.codec.encode(torch.from_numpy(spoken)[None]))[0].numpy()
-        rows["teacher_codec"].append((text, judge(coded)))
+        if references:
+            spoken = teacher.synthesize(text, rng).audio
+            rows["teacher"].append((text, judge(spoken)))
+            # The teacher through our codec: the floor the LM's speech (in these codes) can reach.
+            with torch.inference_mode():
+                coded = sp.codec.decode(sp.codec.encode(torch.from_numpy(spoken)[None]))[0].numpy()
+            rows["teacher_codec"].append((text, judge(coded)))
         for name, g in runs.items():
             out = speak(sp, text, g)
             heard = judge(out["audio"]) if len(out["audio"]) >= SAMPLE_RATE // 10 else ""
             rows[name].append((text, heard))
             stats[name].append({k: v for k, v in out.items() if k != "audio"} | {"heard": heard})
-    result = {"sentences": len(items), "teacher_voice": teacher_voice, "teacher_wer": corpus_wer(rows["teacher"]),
-              "teacher_codec_wer": corpus_wer(rows["teacher_codec"])}
-    for name in ("teacher", "teacher_codec"):
+    result = {"sentences": len(items), "teacher_voice": teacher_voice}
+    for name in ("teacher", "teacher_codec") if references else ():
+        result[f"{name}_wer"] = corpus_wer(rows[name])
         result[f"{name}_median_sentence_wer"] = statistics.median(word_error_rate(t, h) for t, h in rows[name])
         result[f"{name}_sentences_wer_le_25pct"] = sum(word_error_rate(t, h) <= 0.25 for t, h in rows[name]) / len(rows[name])
     for name, s in stats.items():
@@ -144,11 +149,13 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
             "lm_frames_per_s": sum(x["frames"] for x in s) / max(sum(x["lm_s"] for x in s), 1e-9),
             "mean_seconds": seconds / len(s),
         }
-    result["mctp_speedup"] = result["mctp"]["decode_frames_per_s"] / max(result["plain"]["decode_frames_per_s"], 1e-9)
-    result["mctp_lm_speedup"] = result["mctp"]["lm_frames_per_s"] / max(result["plain"]["lm_frames_per_s"], 1e-9)
-    result["mctp_wer_cost"] = result["mctp"]["wer"] - result["plain"]["wer"]
+    if len(runs) == 2:
+        result["mctp_speedup"] = result["mctp"]["decode_frames_per_s"] / max(result["plain"]["decode_frames_per_s"], 1e-9)
+        result["mctp_lm_speedup"] = result["mctp"]["lm_frames_per_s"] / max(result["plain"]["lm_frames_per_s"], 1e-9)
+        result["mctp_wer_cost"] = result["mctp"]["wer"] - result["plain"]["wer"]
+    ours = rows[next(iter(runs))]
     result["examples"] = [
-        {"text": t, "teacher": th, "ours": oh} for (t, th), (_, oh) in list(zip(rows["teacher"], rows["mctp"]))[:8]
+        {"text": t, "teacher": (rows["teacher"][i][1] if references else None), "ours": h} for i, (t, h) in enumerate(ours[:8])
     ]
     result["heard"] = {name: [h for _, h in r] for name, r in rows.items()}
     return result
@@ -240,17 +247,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--temperature", type=float, help="speech sampling temperature (default: Generation's)")
     ap.add_argument("--top-k", type=int, help="speech sampling top-k (default: Generation's)")
+    ap.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
+    ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
+    ap.add_argument("--no-teacher", action="store_true", help="TTS: skip the teacher and teacher-through-codec references")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec)
     judge = WhisperJudge(threads=args.threads)
     tasks = args.tasks.split(",")
-    g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k)) if v is not None})
+    cb_temps = tuple(float(t) for t in args.codebook_temperatures.split(",")) if args.codebook_temperatures else None
+    g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps))
+                      if v is not None})
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None), "generation": dataclasses.asdict(g)}
     if "tts" in tasks:
-        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g)
+        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count)

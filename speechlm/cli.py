@@ -189,7 +189,11 @@ def _load_pipeline(args: argparse.Namespace):
 def _generation(args: argparse.Namespace):
     from .speech import Generation
 
-    return Generation(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds)
+    per_codebook = tuple(float(t) for t in args.codebook_temperatures.split(",")) if args.codebook_temperatures else None
+    return Generation(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
+        codebook_temperatures=per_codebook,
+    )
 
 
 def cmd_tts(args: argparse.Namespace) -> int:
@@ -212,7 +216,10 @@ def cmd_tts(args: argparse.Namespace) -> int:
                 f.flush()
     seconds = samples / pipeline.sample_rate
     wall = time.perf_counter() - start
-    msg = f"{seconds:.2f} s of speech -> {out} (real-time factor {wall / max(seconds, 1e-9):.2f}"
+    if not samples:
+        print(f"the model produced no speech for this text -> {out} (empty)")
+        return 0
+    msg = f"{seconds:.2f} s of speech -> {out} (real-time factor {wall / seconds:.2f}"
     print(msg + (f", first audio after {first * 1000:.0f} ms)" if first is not None else ")"))
     return 0
 
@@ -255,9 +262,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"speech LM directory or shipped name (default {DEFAULT_MODEL})")
     p.add_argument("--codec", help="codec directory or name (default: the one saved with the model)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=0.0, help="speech sampling temperature (0 = greedy, the default)")
+    p.add_argument("--top-k", type=int, default=50, help="speech sampling top-k (with --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=0.95, help="speech sampling top-p (with --temperature > 0)")
+    p.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=30.0, help="longest speech reply")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")

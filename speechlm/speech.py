@@ -39,7 +39,10 @@ MIN_AUDIO_SECONDS = 0.2
 
 @dataclass
 class Generation:
-    temperature: float = 0.8
+    # Speech: greedy by default. On 100 held-out sentences (benchmarks/speech_lm.py, docs/benchmarks.md)
+    # the judge heard greedy speech at 53 % WER and temperature 0.8 / top-k 50 at 75 %: this model's
+    # residual codebooks are uncertain, and sampling them adds noise that costs words.
+    temperature: float = 0.0
     top_k: int = 50
     top_p: float = 0.95
     repetition_penalty: float = 1.0
@@ -48,9 +51,11 @@ class Generation:
     max_text_tokens: int = 200
     mctp_schedule: list[int] | None = None  # MCTP frames after each backbone forward; None = the model's; [0] = off
     max_seconds_per_word: float = 3.0  # word-aligned models: a word's speech ends here at the latest
+    codebook_temperatures: tuple[float, ...] | None = None  # speech: one temperature per codebook (overrides temperature)
 
     def sampling(self) -> Sampling:
-        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                        codebook_temperatures=self.codebook_temperatures)
 
     def text_sampling(self) -> Sampling:
         # Transcripts and answers: greedy (temperature 0) unless asked otherwise.

@@ -14,6 +14,7 @@ from speechlm.lm import (
     SpeechLM,
     iter_audio,
     load_tokenizer,
+    sample_codebooks,
     sample_logits,
     speech_segment,
     text_generate,
@@ -139,6 +140,28 @@ def test_sample_logits_filters():
     assert {sample_logits(logits, Sampling(top_k=2), torch.Generator().manual_seed(i)).item() for i in range(40)} == {1, 3}
     with pytest.raises(SpeechLMError, match="sampling"):
         Sampling(top_p=0)
+
+
+def test_codebook_temperatures():
+    """Per-codebook temperatures: 0 = greedy for that codebook, others sample; the offset picks the codebooks."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9]]).repeat(1, 3, 1)  # (B=1, n=3, V=4)
+    mixed = Sampling(temperature=1.0, codebook_temperatures=(5.0, 0.0, 5.0, 0.0))
+    draws = torch.stack([sample_codebooks(logits, 0, mixed, torch.Generator().manual_seed(i)) for i in range(60)])  # (60, 1, 3)
+    assert (draws[:, 0, 1] == 1).all()  # codebook 1 greedy
+    assert len(set(draws[:, 0, 0].tolist())) > 2 and len(set(draws[:, 0, 2].tolist())) > 2  # hot codebooks spread
+    shifted = torch.stack([sample_codebooks(logits[:, :2], 2, mixed, torch.Generator().manual_seed(i)) for i in range(30)])
+    assert (shifted[:, 0, 1] == 1).all() and len(set(shifted[:, 0, 0].tolist())) > 2  # codebooks 2 (hot) and 3 (greedy)
+    # Equal to plain sampling when unset; the same draws as sample_logits at one shared temperature.
+    plain = Sampling(temperature=0.7, top_k=3)
+    same = Sampling(temperature=0.3, top_k=3, codebook_temperatures=(0.7,) * 4)
+    for i in range(5):
+        a = sample_codebooks(logits, 0, plain, torch.Generator().manual_seed(i))
+        assert torch.equal(a, sample_codebooks(logits, 0, same, torch.Generator().manual_seed(i)))
+        assert torch.equal(a[0], sample_logits(logits[0], plain, torch.Generator().manual_seed(i)))
+    with pytest.raises(SpeechLMError, match="codebook temperatures"):
+        sample_codebooks(logits, 2, Sampling(codebook_temperatures=(1.0, 1.0, 1.0)))
+    with pytest.raises(SpeechLMError, match="codebook temperatures"):
+        Sampling(codebook_temperatures=(1.0, -1.0))
 
 
 def test_prompt_with_audio_cached_equals_uncached(tokenizer_dir):

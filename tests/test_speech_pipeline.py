@@ -19,7 +19,7 @@ hf_logging.set_verbosity_error()
 TINY_CODEC = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16}
 
 
-SHORT = Generation(max_seconds=0.4, max_text_tokens=5, seed=0)
+SHORT = Generation(temperature=0.8, max_seconds=0.4, max_text_tokens=5, seed=0)  # sampled: a random model's greedy speech may end at once
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,9 @@ def test_asr_and_chat(pipeline):
 
 def test_mctp_schedule(pipeline):
     """MCTP gives several frames per backbone forward; schedule [0] is plain decoding."""
-    g = Generation(max_seconds=0.4, seed=0)
+    g = Generation(temperature=0.8, max_seconds=0.4, seed=0)
     steps = [step.backbone_forwards for step, _ in pipeline.speak_steps(tts_prompt(pipeline.lm, "hello world"), None, g)]
-    plain = [step.backbone_forwards for step, _ in pipeline.speak_steps(tts_prompt(pipeline.lm, "hello world"), None, Generation(max_seconds=0.4, seed=0, mctp_schedule=[0]))]
+    plain = [step.backbone_forwards for step, _ in pipeline.speak_steps(tts_prompt(pipeline.lm, "hello world"), None, Generation(temperature=0.8, max_seconds=0.4, seed=0, mctp_schedule=[0]))]
     assert steps[0] == 1, "the first frame comes from the first backbone forward"
     if len(steps) > 1:
         assert len(set(steps)) < len(steps), "some forward yields more than one frame"
@@ -111,9 +111,11 @@ def test_bad_input(pipeline):
 def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     pipeline.save_pretrained(tmp_path / "m")
     model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1"]
-    r = cli("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", *model)
+    r = cli("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", "--temperature", "0.8", *model)
     assert r.returncode == 0, r.stderr
     assert "first audio after" in r.stdout and (tmp_path / "t.wav").stat().st_size > 44
+    r = cli("tts", "hello world", "-o", str(tmp_path / "g.wav"), *model)  # greedy (the default): this random model may say nothing
+    assert r.returncode == 0 and ("first audio after" in r.stdout or "no speech" in r.stdout), r.stderr
     speech = tmp_path / "q.wav"
     from speechlm.codec.audio import save_audio
 

@@ -61,7 +61,7 @@ from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import row_mask
 
 from .config import read_json_object, write_json_atomic
-from .generate import GREEDY, Sampling, sample_logits
+from .generate import GREEDY, Sampling, sample_codebooks, sample_logits
 from .heads import AudioEmbedding
 from .model import SpeechLM, check_codes, check_token_ids
 
@@ -573,7 +573,7 @@ class _AudioChooser:
         codes = torch.empty(B, n, dtype=torch.long, device=logits.device)
         start = 0
         if first_q == 0:  # codebook 0 decides whether frame t - d_0 is silent
-            codes[:, 0] = sample_logits(logits[:, 0], self.sampling, self.generator)
+            codes[:, 0] = sample_codebooks(logits[:, :1], 0, self.sampling, self.generator)[:, 0]
             codes[:, 0] = codes[:, 0].masked_fill(self.before_start[:, 0], self.empty)
             same = self.back == 0
             self.silent = torch.where(same[None, :], (codes[:, :1] == self.empty).expand(B, -1), self.silent)
@@ -585,6 +585,6 @@ class _AudioChooser:
             silent = self.silent[:, rest] & known
             speaking = ~self.silent[:, rest] & known
             part = logits[:, start:].masked_fill(speaking[..., None] & is_empty_class, float("-inf"))
-            sampled = sample_logits(part.flatten(0, 1), self.sampling, self.generator).view(B, -1)
+            sampled = sample_codebooks(part, first_q + start, self.sampling, self.generator)
             codes[:, start:] = sampled.masked_fill(silent | self.before_start[:, rest], self.empty)
         return codes

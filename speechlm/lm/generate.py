@@ -34,6 +34,7 @@ forced to padding / empty codes) until every row is done.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -56,6 +57,9 @@ class Sampling:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output (text only)
+    # Audio only: one temperature per codebook (0 = greedy for that codebook), replacing ``temperature``
+    # there; e.g. the residual levels cooler than the first level of each group. None = ``temperature``.
+    codebook_temperatures: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
@@ -63,6 +67,10 @@ class Sampling:
                 f"bad sampling parameters: temperature {self.temperature} (>= 0), top_k {self.top_k} (>= 0), "
                 f"top_p {self.top_p} (in (0, 1]), repetition_penalty {self.repetition_penalty} (> 0)"
             )
+        if self.codebook_temperatures is not None:
+            self.codebook_temperatures = tuple(float(t) for t in self.codebook_temperatures)
+            if not self.codebook_temperatures or min(self.codebook_temperatures) < 0:
+                raise SpeechLMError(f"bad codebook temperatures {self.codebook_temperatures}: one value >= 0 per codebook")
 
 
 GREEDY = Sampling(temperature=0.0)
@@ -84,6 +92,22 @@ def sample_logits(logits: Tensor, sampling: Sampling, generator: torch.Generator
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_codebooks(logits: Tensor, first_q: int, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
+    """logits (B, n, V) of codebooks ``first_q .. first_q + n - 1`` -> codes (B, n), with each
+    codebook's own temperature when ``sampling.codebook_temperatures`` is set."""
+    B, n, V = logits.shape
+    temps = sampling.codebook_temperatures
+    if temps is None:
+        return sample_logits(logits.flatten(0, 1), sampling, generator).view(B, n)
+    if first_q + n > len(temps):
+        raise SpeechLMError(f"{len(temps)} codebook temperatures given, the model has more codebooks ({first_q + n})")
+    wanted = torch.tensor(temps[first_q : first_q + n], device=logits.device)
+    greedy = wanted == 0
+    scaled = logits.float() / torch.where(greedy, 1.0, wanted)[None, :, None]
+    code = sample_logits(scaled.flatten(0, 1), dataclasses.replace(sampling, temperature=1.0, codebook_temperatures=None), generator)
+    return torch.where(greedy[None], logits.argmax(dim=-1), code.view(B, n))
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -382,7 +406,7 @@ class _Segment:
             # Only codebook 0 may end the segment (pick the empty code), and not before min_frames.
             no_end = (torch.arange(first_q, first_q + n, device=device) > 0) | (frame < self.min_frames)
             logits = logits.float().masked_fill(no_end[None, :, None] & self.is_empty_class, float("-inf"))
-            code = sample_logits(logits.flatten(0, 1), self.sampling, self.generator).view(-1, n)
+            code = sample_codebooks(logits, first_q, self.sampling, self.generator)
             if first_q == 0 and p >= first_delay:
                 ends_here = code[:, 0] == self.empty
                 self.end_frame = torch.where(ends_here, torch.clamp(self.end_frame, max=p - first_delay), self.end_frame)
