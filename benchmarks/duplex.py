@@ -21,6 +21,7 @@ Frames are 40 ms: every time here is a multiple of one frame.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import statistics
@@ -80,12 +81,19 @@ def main() -> None:
     ap.add_argument("--barge-after", type=float, default=0.6, help="seconds of model speech before the user barges in")
     ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of the server's sampling")
+    ap.add_argument("--audio-codebook-temperatures", help="audio: one temperature per codebook, comma-separated (the server's top-k)")
+    ap.add_argument("--text-temperature", type=float, help="text sampling temperature (default: the server's; 0 = greedy)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sampling = dict(text_sampling=GREEDY, audio_sampling=GREEDY) if args.greedy else dict(text_sampling=TEXT_SAMPLING, audio_sampling=AUDIO_SAMPLING)
+    if args.audio_codebook_temperatures:
+        temps = tuple(float(t) for t in args.audio_codebook_temperatures.split(","))
+        sampling["audio_sampling"] = dataclasses.replace(AUDIO_SAMPLING, codebook_temperatures=temps)
+    if args.text_temperature is not None:
+        sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
     model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, **sampling)
     n, fps = model.frame_length, model.sample_rate / model.frame_length
     judge = None
@@ -139,7 +147,7 @@ def main() -> None:
     summary = {
         "lm": args.lm,
         "questions": len(rows),
-        "sampling": "greedy" if args.greedy else "server default (text T=0.7 top-k 25, audio T=0.8 top-k 250)",
+        "sampling": {k: dataclasses.asdict(v) for k, v in sampling.items()},
         "replied": len(onsets) / len(rows),
         "onset_ms_median": statistics.median(onsets) if onsets else None,
         "onset_ms_p90": float(np.percentile(onsets, 90)) if onsets else None,

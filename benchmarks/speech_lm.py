@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
     ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
     ap.add_argument("--no-teacher", action="store_true", help="TTS: skip the teacher and teacher-through-codec references")
+    ap.add_argument("--direct", action="store_true", help="spoken QA: answer the speech directly (default: transcribe it first)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -257,10 +258,12 @@ def main() -> None:
     judge = WhisperJudge(threads=args.threads)
     tasks = args.tasks.split(",")
     cb_temps = tuple(float(t) for t in args.codebook_temperatures.split(",")) if args.codebook_temperatures else None
-    g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps))
+    g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
+                                                     ("transcribe_first", False if args.direct else None))
                       if v is not None})
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None), "generation": dataclasses.asdict(g)}
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not None and v is not False),
+        "generation": dataclasses.asdict(g)}
     if "tts" in tasks:
         result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)

@@ -10,6 +10,6 @@ from speechlm.speech import Generation, SpeechPipeline
 
 pipeline = SpeechPipeline.from_pretrained(sys.argv[1])
 question = load_audio(sys.argv[2], sample_rate=pipeline.sample_rate)
-text, speech = pipeline.chat(question, generation=Generation(temperature=0.7, seed=1))
+text, speech = pipeline.chat(question, generation=Generation(max_seconds=10.0))
 save_audio(sys.argv[3], speech, pipeline.sample_rate)
 print(text)

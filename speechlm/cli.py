@@ -192,7 +192,7 @@ def _generation(args: argparse.Namespace):
     per_codebook = tuple(float(t) for t in args.codebook_temperatures.split(",")) if args.codebook_temperatures else None
     return Generation(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
-        codebook_temperatures=per_codebook,
+        codebook_temperatures=per_codebook, transcribe_first=not getattr(args, "direct", False),
     )
 
 
@@ -428,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="one spoken turn: prints the reply text, writes the reply speech")
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--direct", action="store_true", help="answer the speech directly instead of transcribing it first")
     _add_model_arguments(p)
     p.set_defaults(func=cmd_chat)
 

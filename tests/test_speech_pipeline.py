@@ -1,6 +1,8 @@
 """SpeechPipeline (LM + codec): tts / streaming tts / asr / chat end to end on tiny random
 models, save/load with the codec, and bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -51,6 +53,21 @@ def test_asr_and_chat(pipeline):
     assert isinstance(text, str) and audio.dtype == np.float32
     text, audio = pipeline.chat("what is two plus three", generation=SHORT)
     assert isinstance(text, str)
+
+
+def test_chat_transcribes_first_by_default(pipeline, monkeypatch):
+    """Spoken chat = the model's own transcript answered as typed text (transcribe_first, the default);
+    transcribe_first=False answers the speech itself."""
+    speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
+    monkeypatch.setattr(pipeline, "asr", lambda audio, sample_rate=16000, generation=None: "what is two plus three")
+    text, audio = pipeline.chat(speech, generation=SHORT)
+    typed_text, typed_audio = pipeline.chat("what is two plus three", generation=SHORT)
+    assert text == typed_text and np.array_equal(audio, typed_audio)
+    monkeypatch.setattr(pipeline, "asr", lambda *a, **k: "")
+    text, audio = pipeline.chat(speech, generation=SHORT)
+    assert text == "" and audio.size == 0  # nothing heard: no reply
+    direct = pipeline.chat(speech, generation=dataclasses.replace(SHORT, transcribe_first=False))  # asr not called
+    assert isinstance(direct[0], str)
 
 
 def test_mctp_schedule(pipeline):
