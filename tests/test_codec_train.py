@@ -111,3 +111,23 @@ def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
 def test_decoder_only_needs_a_codec_to_start_from(audio_dir, tmp_path):
     with pytest.raises(Exception, match="--init-from"):
         CodecTrainer(_config(audio_dir, tmp_path / "c", decoder_only=True))
+
+
+def test_ship_codec_run_from_a_shipped_codec_keeps_its_history(tmp_path):
+    """A decoder-only run started from a shipped codec ships with the shipped codec's run before its own."""
+    import json
+
+    from speechlm.training.ship import ship
+
+    models = tmp_path / "models"
+    (models / "base").mkdir(parents=True)
+    (models / "base" / "provenance.json").write_text(json.dumps({"name": "base", "run": "runs/base", "step": 5, "train_config": {"steps": 9}}))
+    run = tmp_path / "runs" / "dec"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "train_config.json").write_text(json.dumps({"init_from": str(models / "base"), "decoder_only": True}))
+    dst = ship(run, "base", models)  # replaces the codec it started from
+    provenance = json.loads((dst / "provenance.json").read_text())
+    assert [s["run"] for s in provenance["stages"]] == ["runs/base", str(run)]
+    assert provenance["stages"][0]["step"] == 5 and provenance["train_config"]["decoder_only"] is True
+    assert (dst / "config.json").is_file()

@@ -55,7 +55,9 @@ def _stages(run: Path, limit: int = 10) -> list[dict]:
         parent = Path(init).parent if init else None
         run = parent if parent is not None and (parent / "train_config.json").exists() else None
         if run is None and init and (shipped := _shipped_provenance(init)) is not None:
-            return shipped.get("stages", []) + chain[::-1]
+            # A shipped codec records its one run at the top level, a speech LM its stages.
+            before = shipped.get("stages") or [{k: shipped[k] for k in ("run", "step", "train_config") if k in shipped}]
+            return before + chain[::-1]
     return chain[::-1]
 
 
@@ -104,6 +106,8 @@ def ship(
     else:
         shutil.copytree(src, dst)
         provenance |= _run_record(run)
+        if len(stages) > 1:  # e.g. a decoder-only run from a shipped codec: the runs before it too
+            provenance["stages"] = stages
     (dst / "provenance.json").write_text(json.dumps(provenance, indent=2))
     return dst
 
