@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from speechlm.codec.audio import SAMPLE_RATE
-from speechlm.lm.generate import GREEDY
+from speechlm.lm.generate import GREEDY, parse_codebook_temperatures
 from speechlm.streaming.duplex_model import AUDIO_SAMPLING, TEXT_SAMPLING, DuplexSpeechModel
 from speechlm.training import textgen
 from speechlm.training.teachers import get_teacher
@@ -90,7 +90,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sampling = dict(text_sampling=GREEDY, audio_sampling=GREEDY) if args.greedy else dict(text_sampling=TEXT_SAMPLING, audio_sampling=AUDIO_SAMPLING)
     if args.audio_codebook_temperatures:
-        temps = tuple(float(t) for t in args.audio_codebook_temperatures.split(","))
+        temps = parse_codebook_temperatures(args.audio_codebook_temperatures)
         sampling["audio_sampling"] = dataclasses.replace(AUDIO_SAMPLING, codebook_temperatures=temps)
     if args.text_temperature is not None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)

@@ -33,7 +33,7 @@ import torch
 
 from speechlm.codec.audio import SAMPLE_RATE, load_audio
 from speechlm.judge import WhisperJudge, word_error_rate
-from speechlm.lm.generate import GREEDY, text_generate
+from speechlm.lm.generate import GREEDY, parse_codebook_temperatures, text_generate
 from speechlm.lm.prompts import chat_prompt
 from speechlm.speech import Generation, SpeechPipeline
 from speechlm.training import textgen
@@ -257,7 +257,7 @@ def main() -> None:
     sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec)
     judge = WhisperJudge(threads=args.threads)
     tasks = args.tasks.split(",")
-    cb_temps = tuple(float(t) for t in args.codebook_temperatures.split(",")) if args.codebook_temperatures else None
+    cb_temps = parse_codebook_temperatures(args.codebook_temperatures)
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
                                                      ("transcribe_first", False if args.direct else None))
                       if v is not None})

@@ -187,12 +187,12 @@ def _load_pipeline(args: argparse.Namespace):
 
 
 def _generation(args: argparse.Namespace):
+    from .lm.generate import parse_codebook_temperatures
     from .speech import Generation
 
-    per_codebook = tuple(float(t) for t in args.codebook_temperatures.split(",")) if args.codebook_temperatures else None
     return Generation(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
-        codebook_temperatures=per_codebook, transcribe_first=not getattr(args, "direct", False),
+        codebook_temperatures=parse_codebook_temperatures(args.codebook_temperatures), transcribe_first=not getattr(args, "direct", False),
     )
 
 

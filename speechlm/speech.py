@@ -54,7 +54,7 @@ class Generation:
     codebook_temperatures: tuple[float, ...] | None = None  # speech: one temperature per codebook (overrides temperature)
     # chat on speech: transcribe the question first (the model's own ASR), then answer the transcript as
     # a typed question (SpeechGPT's chain of modality); False = answer the speech directly. The default:
-    # on 40 held-out spoken questions the shipped model's reply text held the answer 6 times this way,
+    # on 40 held-out spoken questions the shipped model's reply text held the answer 6-7 times this way,
     # 2 times answering the speech directly (docs/benchmarks.md).
     transcribe_first: bool = True
 

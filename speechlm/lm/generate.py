@@ -76,6 +76,16 @@ class Sampling:
 GREEDY = Sampling(temperature=0.0)
 
 
+def parse_codebook_temperatures(text: str | None) -> tuple[float, ...] | None:
+    """``"0.8,0,0,0"`` (a command-line value) -> (0.8, 0.0, 0.0, 0.0); None or "" -> None."""
+    if not text:
+        return None
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise SpeechLMError(f"bad codebook temperatures {text!r}: comma-separated numbers, one per codebook") from None
+
+
 def sample_logits(logits: Tensor, sampling: Sampling, generator: torch.Generator | None = None) -> Tensor:
     """logits (B, V) -> ids (B,)."""
     if sampling.temperature == 0:
