@@ -161,33 +161,42 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
     return result
 
 
-def bench_asr_synthetic(sp: SpeechPipeline, count: int) -> dict:
-    """Held-out voices speaking unseen (test-split) text, synthesized here."""
+def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], decoders: Sequence[str], g: Generation) -> dict:
+    """Each decoder on the same utterances ((reference, audio) pairs): corpus WER, seconds per utterance, examples."""
+    out = {}
+    for decoder in decoders:
+        gd = dataclasses.replace(g, asr_decoder=decoder)
+        pairs, seconds = [], 0.0
+        for ref, audio in utterances:
+            t = time.perf_counter()
+            pairs.append((ref, sp.asr(audio, generation=gd)))
+            seconds += time.perf_counter() - t
+        out[decoder] = {"utterances": len(pairs), "wer": corpus_wer(pairs), "seconds_per_utterance": seconds / max(1, len(pairs)),
+                        "examples": [{"ref": r, "hyp": h} for r, h in pairs[:8]]}
+    return out
+
+
+def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None) -> dict:
+    """Held-out voices speaking unseen (test-split) text, synthesized here; every decoder on the same audio."""
     items = held_out_texts(TTS_SOURCES, count)
     voices = textgen.voice_catalog("test", ("espeak",))
     rng = random.Random(1)
-    pairs = []
-    for i, item in enumerate(items):
-        voice = voices[i % len(voices)]
-        audio = get_teacher(voice).synthesize(item["text"], rng).audio
-        pairs.append((item["text"], sp.asr(audio)))
-    return {"utterances": len(pairs), "voices": len({voices[i % len(voices)] for i in range(len(items))}), "wer": corpus_wer(pairs),
-            "examples": [{"ref": r, "hyp": h} for r, h in pairs[:8]]}
+    utterances = [(item["text"], get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio) for i, item in enumerate(items)]
+    by_decoder = _asr_decoders(sp, utterances, decoders, g or Generation())
+    return {**by_decoder[decoders[0]], "decoder": decoders[0], "voices": len({voices[i % len(voices)] for i in range(len(items))}),
+            "by_decoder": by_decoder}
 
 
-def bench_asr_librispeech(sp: SpeechPipeline, folder: str, count: int, max_seconds: float) -> dict:
+def bench_asr_librispeech(sp: SpeechPipeline, folder: str, count: int, max_seconds: float, decoders: Sequence[str] = ("lm",),
+                          g: Generation | None = None) -> dict:
     files, _ = list_source_files(f"librispeech:{folder}:test")
     table = {}
     for line in (Path(folder) / "pseudo_transcripts.tsv").read_text().splitlines()[1:]:
         name, _, duration, text = line.split("\t", 3)
         table[name] = (float(duration), text)
     chosen = [f for f in files if f.name in table and table[f.name][0] <= max_seconds][:count]
-    pairs = []
-    for f in chosen:
-        audio = load_audio(f)
-        pairs.append((table[f.name][1], sp.asr(audio)))
-    return {"utterances": len(pairs), "max_seconds": max_seconds, "wer": corpus_wer(pairs),
-            "examples": [{"ref": r, "hyp": h} for r, h in pairs[:4]]}
+    by_decoder = _asr_decoders(sp, [(table[f.name][1], load_audio(f)) for f in chosen], decoders, g or Generation())
+    return {**by_decoder[decoders[0]], "decoder": decoders[0], "max_seconds": max_seconds, "by_decoder": by_decoder}
 
 
 def answer_heard(expected: str, heard: str) -> bool:
@@ -251,6 +260,8 @@ def main() -> None:
     ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
     ap.add_argument("--no-teacher", action="store_true", help="TTS: skip the teacher and teacher-through-codec references")
     ap.add_argument("--direct", action="store_true", help="spoken QA: answer the speech directly (default: transcribe it first)")
+    ap.add_argument("--asr-decoders", default="lm", help="ASR: decoders to run side by side on the same audio (lm, ctc, auto); the first is the headline")
+    ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -259,7 +270,8 @@ def main() -> None:
     tasks = args.tasks.split(",")
     cb_temps = parse_codebook_temperatures(args.codebook_temperatures)
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
-                                                     ("transcribe_first", False if args.direct else None))
+                                                     ("transcribe_first", False if args.direct else None),
+                                                     ("asr_decoder", args.asr_decoder))
                       if v is not None})
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not None and v is not False),
@@ -268,11 +280,12 @@ def main() -> None:
         result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
-        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count)
-        print("asr held-out voices WER", result["asr_held_out_voices"]["wer"], flush=True)
+        decoders = args.asr_decoders.split(",")
+        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g)
+        print("asr held-out voices WER", {d: r["wer"] for d, r in result["asr_held_out_voices"]["by_decoder"].items()}, flush=True)
         if Path(args.librispeech).is_dir():
-            result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds)
-            print("asr librispeech WER", result["asr_librispeech"]["wer"], flush=True)
+            result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds, decoders, g)
+            print("asr librispeech WER", {d: r["wer"] for d, r in result["asr_librispeech"]["by_decoder"].items()}, flush=True)
     if "textqa" in tasks:
         result["text_qa"] = bench_text_qa(sp, args.count)
         print("text QA", {k: v for k, v in result["text_qa"].items() if k != "examples"}, flush=True)

@@ -193,6 +193,7 @@ def _generation(args: argparse.Namespace):
     return Generation(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
         codebook_temperatures=parse_codebook_temperatures(args.codebook_temperatures), transcribe_first=not getattr(args, "direct", False),
+        asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
     )
 
 
@@ -404,6 +405,12 @@ def cmd_client(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------
 
 
+def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--asr-decoder", choices=("lm", "ctc", "auto"), default=None,
+                   help="lm: the LM writes the transcript; ctc: the hearing head in one forward (models with one); "
+                        "auto: ctc when the model has a hearing head (default: the Generation default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -422,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("asr", help="speech -> text (prints the transcript)")
     p.add_argument("inputs", nargs="+", metavar="input", help="audio file(s); with several, one 'FILE<TAB>TEXT' line each")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_asr_decoder_argument(p)
     _add_model_arguments(p)
     p.set_defaults(func=cmd_asr)
 
@@ -429,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--direct", action="store_true", help="answer the speech directly instead of transcribing it first")
+    _add_asr_decoder_argument(p)
     _add_model_arguments(p)
     p.set_defaults(func=cmd_chat)
 

@@ -57,6 +57,10 @@ class Generation:
     # on 40 held-out spoken questions the shipped model's reply text held the answer 6-7 times this way,
     # 2 times answering the speech directly (docs/benchmarks.md).
     transcribe_first: bool = True
+    # How ``asr`` (and transcribe-first chat) transcribes: "lm" = the LM writes the transcript after the
+    # speech (autoregressive, greedy); "ctc" = the hearing head, one forward, greedy CTC (models with a
+    # hearing head only); "auto" = "ctc" when the model has a hearing head, else "lm".
+    asr_decoder: str = "lm"
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -142,6 +146,15 @@ class SpeechPipeline:
         if is_silent(audio):
             return ""
         g = generation or Generation()
+        decoder = g.asr_decoder
+        if decoder == "auto":
+            decoder = "ctc" if self.lm.hearing is not None else "lm"
+        if decoder == "ctc":
+            if self.lm.hearing is None:
+                raise SpeechLMError("this speech LM has no hearing head: transcribe with the LM (asr decoder 'lm')")
+            return self.lm.tokenizer.decode(self.lm.hear(frames), skip_special_tokens=True).strip()
+        if decoder != "lm":
+            raise SpeechLMError(f"unknown asr decoder {decoder!r}; choose from lm, ctc, auto")
         ids, codes = asr_prompt(self.lm, frames)
         v = self.lm.vocab
         # A transcript is text only: a speech token (the model starting to speak) ends it.

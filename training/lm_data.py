@@ -122,15 +122,28 @@ class Example:
     labels: Tensor  # (L,) long: text targets (the token itself), IGNORE (-100) where not trained
     audio_loss_mask: Tensor  # (L,) bool: audio positions whose codes are trained
     task: str = ""
+    hearing_mask: Tensor | None = None  # (L,) bool: heard speech the hearing head transcribes (None = none)
+    hearing_targets: Tensor | None = None  # (S,) long: the transcript of that speech (text token ids)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
     def cut(self, max_length: int) -> Example:
+        """The first ``max_length`` positions; heard speech cut short loses its transcript target."""
         if len(self) <= max_length:
             return self
         s = slice(0, max_length)
-        return Example(self.input_ids[s], self.audio_codes[s], self.audio_mask[s], self.labels[s], self.audio_loss_mask[s], self.task)
+        hearing = self.hearing_mask is not None and not bool(self.hearing_mask[max_length:].any())
+        return Example(
+            self.input_ids[s],
+            self.audio_codes[s],
+            self.audio_mask[s],
+            self.labels[s],
+            self.audio_loss_mask[s],
+            self.task,
+            self.hearing_mask[s] if hearing else None,
+            self.hearing_targets if hearing else None,
+        )
 
 
 def tag_id(vocab: SpeechVocab, name: str) -> int:
@@ -163,6 +176,7 @@ def render(
     bos: bool = True,
     eos: bool = True,
     task: str = "",
+    heard: str | None = None,
 ) -> Example:
     """Segments -> an :class:`Example`, using the LM's special tokens and ``speech_segment`` layout.
 
@@ -170,7 +184,9 @@ def render(
     ``trained``: one flag per segment (default all True): a trained text segment's tokens are
     text targets, a trained audio segment's codes are audio targets. ``<|bos|>`` (if ``bos``)
     is never a target; ``<|eos|>`` (if ``eos``) is trained when the last segment is.
-    Text is tokenized without the tokenizer's own special tokens.
+    Text is tokenized without the tokenizer's own special tokens. ``heard``: the transcript of the
+    first context (untrained) speech run, the hearing head's CTC target (``hearing_mask`` /
+    ``hearing_targets``); ignored when there is no such run or the transcript has no tokens.
     """
     tokenizer = tokenizer if tokenizer is not None else lm.tokenizer
     vocab, cfg = lm.vocab, lm.config
@@ -220,6 +236,14 @@ def render(
         labels.append(vocab.eos if flags and flags[-1] else IGNORE)
 
     L, Q = len(ids), cfg.num_codebooks
+    hearing_mask = hearing_targets = None
+    heard_runs = [(start, len(layout)) for start, layout, flag in runs if not flag]
+    heard_ids = tokenizer.encode(heard, add_special_tokens=False) if heard and heard_runs else []
+    if heard_ids:
+        start, length = heard_runs[0]
+        hearing_mask = torch.zeros(L, dtype=torch.bool)
+        hearing_mask[start : start + length] = True
+        hearing_targets = torch.tensor(heard_ids, dtype=torch.long)
     audio_codes = torch.full((L, Q), cfg.empty_code, dtype=torch.long)
     audio_mask = torch.zeros(L, dtype=torch.bool)
     audio_loss_mask = torch.zeros(L, dtype=torch.bool)
@@ -228,7 +252,14 @@ def render(
         audio_mask[start : start + len(layout)] = True
         audio_loss_mask[start : start + len(layout)] = flag
     return Example(
-        torch.tensor(ids, dtype=torch.long), audio_codes, audio_mask, torch.tensor(labels, dtype=torch.long), audio_loss_mask, task
+        torch.tensor(ids, dtype=torch.long),
+        audio_codes,
+        audio_mask,
+        torch.tensor(labels, dtype=torch.long),
+        audio_loss_mask,
+        task,
+        hearing_mask,
+        hearing_targets,
     )
 
 
@@ -240,6 +271,7 @@ class TaskSegments:
     task: str
     segments: list[Segment]
     trained: list[bool]
+    heard: str | None = None  # transcript of the heard (context) speech: the hearing head's target
 
 
 def _prompt_then_answer(task: str, segments: list[Segment], prompt: int) -> TaskSegments:
@@ -272,8 +304,10 @@ def tts_task(text: str, codes: np.ndarray, *, words: list[dict] | None = None, t
 
 
 def asr_task(codes: np.ndarray, text: str) -> TaskSegments:
-    """Loss on the transcript, not on the input speech."""
-    return _prompt_then_answer("asr", asr_example(codes, text), 4)
+    """Loss on the transcript, not on the input speech (the transcript is also what the speech says: ``heard``)."""
+    item = _prompt_then_answer("asr", asr_example(codes, text), 4)
+    item.heard = text
+    return item
 
 
 def interleave_task(words: list[dict], codes: np.ndarray, rng: random.Random, p_switch: float = 0.3) -> TaskSegments:
@@ -589,27 +623,28 @@ class TaskMixture:
         if task == "interleave":
             return self._render(interleave_task(row["words"], codes, rng, self.p_switch))
         answer_codes = answer_row = None
+        question_text = row.get("text")
         candidates = self.answers_by_id.get(row.get("id", "")) or self.answers_by_text.get(_text_key(row["answer"]))
         if candidates:
             ac, ar = candidates[rng.randrange(len(candidates))]
             answer_row, (answer_codes,) = self.corpora[ac][ar]
-        return self._render(
-            spoken_qa_task(
-                codes,
-                row["answer"],
-                answer_codes,
-                self.lm.tokenizer,
-                text_per_chunk=self.text_per_chunk,
-                audio_per_chunk=self.audio_per_chunk,
-                first_text=self.first_text,
-                layout="word_aligned" if aligned else "text_first",
-                answer_words=answer_row.get("words") if answer_row else None,
-                answer_spoken=answer_row.get("text") if answer_row else None,
-            )
+        item = spoken_qa_task(
+            codes,
+            row["answer"],
+            answer_codes,
+            self.lm.tokenizer,
+            text_per_chunk=self.text_per_chunk,
+            audio_per_chunk=self.audio_per_chunk,
+            first_text=self.first_text,
+            layout="word_aligned" if aligned else "text_first",
+            answer_words=answer_row.get("words") if answer_row else None,
+            answer_spoken=answer_row.get("text") if answer_row else None,
         )
+        item.heard = question_text
+        return self._render(item)
 
     def _render(self, item: TaskSegments) -> Example:
-        return render(item.segments, self.lm, trained=item.trained, task=item.task)
+        return render(item.segments, self.lm, trained=item.trained, task=item.task, heard=item.heard)
 
     def _packed_text(self, rng: random.Random) -> Example:
         """Whole text documents end to end, cut to exactly ``max_length`` positions."""
@@ -635,7 +670,9 @@ def collate(examples: Sequence[Example], pad_id: int, empty_code: int) -> dict[s
     """Right-pad examples into a batch: the keyword arguments of ``SpeechLM.forward``.
 
     Returns input_ids (B, L), audio_codes (B, L, Q), audio_mask (B, L), attention_mask (B, L),
-    labels (B, L) and audio_loss_mask (B, L); padding is pad_id / empty code / False / -100.
+    labels (B, L) and audio_loss_mask (B, L); padding is pad_id / empty code / False / -100. Plus
+    hearing_mask (B, L) and hearing_targets (B, S) (-100 after a transcript's end; S >= 1) for the
+    hearing head: all False / -100 in rows without heard speech.
     """
     if not examples:
         raise SpeechLMError("cannot collate an empty batch")
@@ -653,4 +690,11 @@ def collate(examples: Sequence[Example], pad_id: int, empty_code: int) -> dict[s
         for name in _FIELDS:
             batch[name][b, :n] = getattr(e, name)
         batch["attention_mask"][b, :n] = True
+    S = max([1, *(len(e.hearing_targets) for e in examples if e.hearing_targets is not None)])
+    batch["hearing_mask"] = torch.zeros(B, L, dtype=torch.bool)
+    batch["hearing_targets"] = torch.full((B, S), IGNORE, dtype=torch.long)
+    for b, e in enumerate(examples):
+        if e.hearing_mask is not None and e.hearing_targets is not None:
+            batch["hearing_mask"][b, : len(e)] = e.hearing_mask
+            batch["hearing_targets"][b, : len(e.hearing_targets)] = e.hearing_targets
     return batch

@@ -119,7 +119,9 @@ def build_model(config: LMTrainConfig, audio: dict, tokenizer_texts, *, rank: in
                 )
             # A text-stage export: its speech modules never trained; build them for this codec.
             return SpeechLM.from_backbone(model.backbone, model.tokenizer, config=wanted)
-        model.config = wanted  # loss weights, schedule
+        model.config = wanted  # loss weights, schedule, hearing head
+        if wanted.hearing_layer is not None and model.hearing is None:
+            model.add_hearing_head(wanted.hearing_layer)  # a hearing head added to a trained model starts fresh
         return model
 
     out = Path(config.out)
@@ -341,7 +343,7 @@ class LMTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n_mctp = len(getattr(self.model, "mctp", ()))  # a DuplexLM has none in use
-        keys = ["loss", "text_loss", "audio_loss", *[f"mctp_{i}" for i in range(1, n_mctp + 1)]]
+        keys = ["loss", "text_loss", "audio_loss", "hearing_loss", *[f"mctp_{i}" for i in range(1, n_mctp + 1)]]
         sums = torch.zeros(len(keys) + 2, dtype=torch.float64)  # + tokens, audio positions
         counts = torch.zeros(len(keys), dtype=torch.float64)
         autocast = (
@@ -358,7 +360,8 @@ class LMTrainer:
                 if out.loss is None:
                     raise SpeechLMError(f"stage {c.stage!r} has nothing to learn from micro-batch {k} of step {self.step}")
                 (out.loss / len(self.micro_batches)).backward()
-            values = [out.loss, out.text_loss, out.audio_loss, *(out.mctp_losses + [None] * n_mctp)[:n_mctp]]
+            hearing = getattr(out, "hearing_loss", None)  # a DuplexLM's output has none
+            values = [out.loss, out.text_loss, out.audio_loss, hearing, *(out.mctp_losses + [None] * n_mctp)[:n_mctp]]
             for j, value in enumerate(values):
                 if value is not None:
                     sums[j] += float(value.detach())

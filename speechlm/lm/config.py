@@ -53,6 +53,14 @@ class SpeechLMConfig:
       followed by its own speech segment, which the model ends when the word is spoken
       (ELLA-V's idea, at the word level); at inference the words are forced, so speech
       cannot skip, repeat or drift from the text.
+
+    Hearing head (optional, ``hearing_layer`` set): a CTC head on the backbone's hidden state
+    after layer ``hearing_layer`` at the positions of heard speech (ASR input, a spoken
+    question). It predicts the transcript's text tokens (blank = ``<|text_pad|>``) through the
+    tied text output layer, so it costs a norm and a D x D projection. Trained as an auxiliary
+    loss (weight ``hearing_loss_weight``), it asks the lower layers to carry the words of what
+    they hear, frame by frame, for the upper layers to read; at inference it is also a one-pass
+    transcriber (``SpeechLM.hear``).
     """
 
     # Audio codes (must match the codec whose codes the LM reads and writes).
@@ -88,11 +96,15 @@ class SpeechLMConfig:
     role_tokens: list[str] = field(default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>"])
     task_tokens: list[str] = field(default_factory=lambda: ["<|tts|>", "<|asr|>", "<|chat|>", "<|duplex|>"])
 
+    # Hearing head (CTC on heard speech); None = no hearing head.
+    hearing_layer: int | None = None
+
     # Losses (training only).
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
     mctp_loss_weight: float = 1.0
     codebook_loss_weights: list[float] | None = None  # None = equal weights
+    hearing_loss_weight: float = 0.5
 
     format_version: int = FORMAT_VERSION
 
@@ -117,6 +129,8 @@ class SpeechLMConfig:
             problems.append(f"mctp_schedule must be a non-empty list of ints >= 0, got {self.mctp_schedule}")
         if self.speech_layout not in SPEECH_LAYOUTS:
             problems.append(f"speech_layout must be one of {', '.join(SPEECH_LAYOUTS)}, got {self.speech_layout!r}")
+        if self.hearing_layer is not None and self.hearing_layer < 1:
+            problems.append(f"hearing_layer must be a backbone layer number >= 1, got {self.hearing_layer}")
         if self.codebook_loss_weights is not None and len(self.codebook_loss_weights) != self.num_codebooks:
             problems.append(f"codebook_loss_weights needs {self.num_codebooks} entries, got {len(self.codebook_loss_weights)}")
         if len(set(self.special_tokens)) != len(self.special_tokens):

@@ -211,3 +211,23 @@ class MCTPModule(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, positions, valid=valid, cache=None if caches is None else caches[i])
         return x, self.out_norm(x)
+
+
+class HearingHead(nn.Module):
+    """CTC hearing head: a backbone hidden state (..., D) -> a vector (..., D) for the tied text
+    output layer, whose logits over the text vocabulary (blank = ``<|text_pad|>``) are the CTC
+    distribution of the word pieces heard at that position.
+
+    ``norm -> Linear(D, D) -> norm``: the input is an intermediate layer's un-normalised residual
+    stream, the output is scaled like the backbone's final (normalised) hidden state.
+    """
+
+    def __init__(self, *, dim: int, eps: float = 1e-6, init_std: float = 0.02):
+        super().__init__()
+        self.in_norm = nn.RMSNorm(dim, eps=eps)
+        self.proj = nn.Linear(dim, dim)
+        self.out_norm = nn.RMSNorm(dim, eps=eps)
+        init_linear_(self, init_std)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.out_norm(self.proj(self.in_norm(hidden)))

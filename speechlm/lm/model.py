@@ -28,6 +28,10 @@ mctp1      MCTP module 1 (all else frozen)                     MCTP 1
 mctp       every MCTP module (all else frozen)                 mean of MCTP losses
 sft        everything                                          text + audio + MCTP
 =========  ==================================================  ========================
+
+With a hearing head (``SpeechLMConfig.hearing_layer``), every stage that trains the backbone
+(align, sft) adds its CTC loss on heard speech (``hearing_mask`` / ``hearing_targets``), weighted
+by ``hearing_loss_weight``; :meth:`SpeechLM.hear` transcribes with it in one forward.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from torch import Tensor, nn
 from speechlm.codec.errors import SpeechLMError
 
 from .config import CONFIG_NAME, SpeechLMConfig
-from .heads import AudioEmbedding, DepthHead, MCTPModule, ParallelHead
+from .heads import AudioEmbedding, DepthHead, HearingHead, MCTPModule, ParallelHead
 from .layout import IGNORE, audio_targets, delay_frames, undelay_frames
 from .vocab import SpeechVocab, add_speech_tokens, load_tokenizer
 
@@ -76,6 +80,7 @@ class SpeechLMOutput:
     audio_logits: Tensor | None = None
     audio_targets: Tensor | None = None
     hidden: Tensor | None = None  # (B, L, D) backbone last hidden state
+    hearing_loss: Tensor | None = None  # CTC loss of the hearing head (mean over rows with heard speech)
 
 
 class SpeechLM(nn.Module):
@@ -126,6 +131,9 @@ class SpeechLM(nn.Module):
             )
             for _ in range(config.mctp_modules)
         )
+        self.hearing: HearingHead | None = None
+        if config.hearing_layer is not None:
+            self.add_hearing_head(config.hearing_layer)
         self.stage = "sft"
 
     # -- construction ----------------------------------------------------------------
@@ -173,9 +181,16 @@ class SpeechLM(nn.Module):
         return embeds
 
     def run_backbone(
-        self, embeds: Tensor, *, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, past_key_values=None
+        self,
+        embeds: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values=None,
+        output_hidden_states: bool = False,
     ):
-        """Backbone on input embeddings -> its output (``last_hidden_state``: (B, L, D), after the final norm).
+        """Backbone on input embeddings -> its output (``last_hidden_state``: (B, L, D), after the final norm;
+        with ``output_hidden_states``, ``hidden_states[k]`` is the state after layer k, k < number of layers).
 
         ``past_key_values``: a transformers Cache, updated in place. transformers >= 5.2x names that
         argument ``cache`` (``past_key_values`` is deprecated there); older 5.x only knows ``past_key_values``.
@@ -187,6 +202,7 @@ class SpeechLM(nn.Module):
             attention_mask=None if attention_mask is None else attention_mask.long(),
             position_ids=position_ids,
             use_cache=past_key_values is not None,
+            output_hidden_states=output_hidden_states,
             **{cache_arg: past_key_values},
         )
 
@@ -215,6 +231,45 @@ class SpeechLM(nn.Module):
         if self.config.mctp_schedule:
             self.config.mctp_schedule = [min(s, n) for s in self.config.mctp_schedule]
 
+    def add_hearing_head(self, layer: int) -> None:
+        """Give the model a (fresh) CTC hearing head on the hidden state after backbone layer ``layer``."""
+        layers = int(self.backbone.config.num_hidden_layers)
+        if not 1 <= layer <= layers:
+            raise SpeechLMError(f"hearing_layer must be in [1, {layers}] for this {layers}-layer backbone, got {layer}")
+        bc = self.backbone.config
+        weight = self.backbone.get_input_embeddings().weight
+        self.hearing = HearingHead(
+            dim=bc.hidden_size, eps=float(getattr(bc, "rms_norm_eps", 1e-6)), init_std=float(getattr(bc, "initializer_range", 0.02))
+        ).to(device=weight.device, dtype=weight.dtype)
+        self.config.hearing_layer = layer
+
+    def hearing_logits(self, layer_hidden: Tensor) -> Tensor:
+        """Hidden states after layer ``hearing_layer`` (..., D) -> CTC logits over the text vocabulary (..., V)."""
+        if self.hearing is None:
+            raise SpeechLMError("this speech LM has no hearing head (its config sets no hearing_layer)")
+        return self.text_logits(self.hearing(layer_hidden))
+
+    @torch.no_grad()
+    def hear(self, frames: Tensor) -> list[int]:
+        """Greedy CTC transcription of one utterance: frames (F, Q) -> text token ids.
+
+        One backbone forward over the ASR prompt (``<|asr|> <|speech_start|> AUDIO``), the hearing
+        head at its audio positions, best class per position, repeats merged, blanks dropped.
+        """
+        from .prompts import asr_prompt  # prompts imports this module
+
+        if self.hearing is None:
+            raise SpeechLMError("this speech LM has no hearing head (its config sets no hearing_layer)")
+        ids, codes = asr_prompt(self, frames)
+        input_ids = torch.tensor([ids], device=self.device)
+        audio_mask = input_ids == self.vocab.audio
+        full = torch.full((*input_ids.shape, self.config.num_codebooks), self.config.empty_code, dtype=torch.long, device=self.device)
+        full[audio_mask] = codes.to(self.device).long()  # the prompt's codes (A, Q) at its A audio positions
+        embeds = self.embed(input_ids, full, audio_mask)
+        states = self.run_backbone(embeds, output_hidden_states=True).hidden_states
+        logits = self.hearing_logits(states[self.config.hearing_layer][audio_mask])  # (P, V)
+        return ctc_greedy(logits.argmax(-1).tolist(), blank=self.vocab.text_pad)
+
     # -- training ----------------------------------------------------------------------
 
     def set_stage(self, stage: str) -> list[str]:
@@ -225,7 +280,7 @@ class SpeechLM(nn.Module):
             raise SpeechLMError(f"stage {stage!r} needs MCTP modules, but this model has mctp_modules=0")
         trainable = {
             "text": [self.backbone],
-            "align": [self.backbone, self.audio_embedding, self.audio_head],
+            "align": [self.backbone, self.audio_embedding, self.audio_head, *([self.hearing] if self.hearing is not None else [])],
             "mctp1": list(self.mctp[:1]),
             "mctp": list(self.mctp),
             "sft": [self],
@@ -244,6 +299,8 @@ class SpeechLM(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
         audio_loss_mask: Tensor | None = None,
+        hearing_mask: Tensor | None = None,
+        hearing_targets: Tensor | None = None,
         *,
         all_losses: bool = False,
     ) -> SpeechLMOutput:
@@ -253,8 +310,10 @@ class SpeechLM(nn.Module):
         ``[0, C]`` (C = empty), read only where audio_mask (B, L) is True; attention_mask (B, L)
         (default all ones); labels (B, L): text targets aligned with the inputs (shifted inside;
         -100 = ignore; default input_ids at attended positions); audio_loss_mask (B, L): which
-        audio positions are targets (default all). ``all_losses``: also compute the losses the
-        stage does not train on (for logging).
+        audio positions are targets (default all). hearing_mask (B, L): the heard-speech positions
+        the hearing head transcribes, hearing_targets (B, S): each row's transcript (text token ids,
+        -100 after its end; a row with no heard speech has none); used only by a model with a hearing
+        head. ``all_losses``: also compute the losses the stage does not train on (for logging).
         """
         input_ids, audio_codes, audio_mask, attention_mask = self._check_inputs(input_ids, audio_codes, audio_mask, attention_mask, labels)
         labels = None if labels is None else labels.long().to(self.device)
@@ -265,14 +324,28 @@ class SpeechLM(nn.Module):
         if audio_codes is None:
             want_audio, want_mctp = False, [False] * len(self.mctp)
 
+        want_hearing = (
+            self.hearing is not None
+            and hearing_mask is not None
+            and hearing_targets is not None
+            and (all_losses or stage in ("align", "sft"))
+            and bool(hearing_mask.any())
+        )
+
         embeds = self.embed(input_ids, audio_codes, audio_mask)
         position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trains):
-            hidden = self.run_backbone(embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+            result = self.run_backbone(embeds, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=want_hearing)
+            hidden = result.last_hidden_state
 
         out = SpeechLMOutput(loss=None, text_loss=None, audio_loss=None, codebook_losses=None, hidden=hidden)
         losses = []
+        if want_hearing:
+            layer_hidden = result.hidden_states[self.config.hearing_layer]
+            out.hearing_loss = self._hearing_loss(layer_hidden, hearing_mask.to(self.device).bool() & attention_mask, hearing_targets)
+            if stage in ("align", "sft"):
+                losses.append(self.config.hearing_loss_weight * out.hearing_loss)
         if want_text:
             out.text_logits = self.text_logits(hidden)
             if labels is None:
@@ -309,6 +382,32 @@ class SpeechLM(nn.Module):
                 losses.append(self.config.mctp_loss_weight * torch.stack(trained).mean())
         out.loss = torch.stack(losses).sum() if losses else None
         return out
+
+    def _hearing_loss(self, layer_hidden: Tensor, mask: Tensor, targets: Tensor) -> Tensor:
+        """CTC of each row's heard positions (``mask`` (B, L)) against its transcript (``targets`` (B, S));
+        mean over the rows that have both (per-row loss divided by its transcript length, as ``ctc_loss``'s mean)."""
+        targets = targets.long().to(self.device)
+        input_lengths = mask.sum(1)
+        target_lengths = (targets != IGNORE).sum(1)
+        rows = (input_lengths > 0) & (target_lengths > 0)
+        if not rows.any():
+            return layer_hidden.sum() * 0
+        mask, targets = mask[rows], targets[rows]
+        input_lengths, target_lengths = input_lengths[rows], target_lengths[rows]
+        T = int(input_lengths.max())
+        # Heard positions of each row, packed to the left: (R, T, D).
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :T]
+        picked = torch.gather(layer_hidden[rows], 1, order[..., None].expand(-1, -1, layer_hidden.shape[-1]))
+        log_probs = F.log_softmax(self.hearing_logits(picked).float(), dim=-1).transpose(0, 1)  # (T, R, V)
+        return F.ctc_loss(
+            log_probs,
+            targets.clamp(min=0),
+            input_lengths,
+            target_lengths,
+            blank=self.vocab.text_pad,
+            reduction="mean",
+            zero_infinity=True,
+        )
 
     def _audio_loss(self, hidden: Tensor, codes: Tensor, audio_mask: Tensor, loss_mask: Tensor | None, *, offset: int):
         """Per-codebook CE of predicting the codes at ``offset`` from ``hidden`` (B, L', D), L' >= L - offset."""
@@ -406,6 +505,16 @@ class SpeechLM(nn.Module):
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device).eval()
+
+
+def ctc_greedy(best: list[int], *, blank: int) -> list[int]:
+    """Best class per position -> labels: repeats merged, blanks dropped (CTC's greedy decoding)."""
+    labels, previous = [], None
+    for label in best:
+        if label != previous and label != blank:
+            labels.append(label)
+        previous = label
+    return labels
 
 
 def check_token_ids(ids: Tensor, vocab_rows: int) -> None:
