@@ -144,3 +144,41 @@ def test_build_model_adds_a_hearing_head_to_a_trained_model(tokenizer_dir, tmp_p
     # everything the plain model had is unchanged
     for name, tensor in plain.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_pipeline_asr_decoders_and_cli(tokenizer_dir, tmp_path, cli):
+    """asr: 'ctc' uses the hearing head (one forward), 'lm' the LM, 'auto' the head when there is one;
+    a model without a head refuses 'ctc' with a clear error, on the command line too."""
+    import dataclasses
+
+    from speechlm.codec.audio import save_audio
+    from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
+    from speechlm.codec.model import Codec
+    from speechlm.speech import Generation, SpeechPipeline
+
+    torch.manual_seed(0)
+    codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
+    lm = make_model(tokenizer_dir)
+    lm.config.codec_id = codec.codec_id
+    sp = SpeechPipeline(lm, codec)
+    speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
+    g = Generation(max_text_tokens=5)
+    frames_ = sp._frames(speech, 16000)
+    expected = lm.tokenizer.decode(lm.hear(frames_), skip_special_tokens=True).strip()
+    assert sp.asr(speech, generation=dataclasses.replace(g, asr_decoder="ctc")) == expected
+    assert sp.asr(speech, generation=dataclasses.replace(g, asr_decoder="auto")) == expected
+    assert isinstance(sp.asr(speech, generation=dataclasses.replace(g, asr_decoder="lm")), str)
+    with pytest.raises(SpeechLMError, match="unknown asr decoder"):
+        sp.asr(speech, generation=dataclasses.replace(g, asr_decoder="beam"))
+
+    sp.save_pretrained(tmp_path / "m")
+    wav = tmp_path / "q.wav"
+    save_audio(wav, speech)
+    r = cli("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "m"), "--threads", "1")
+    assert r.returncode == 0 and r.stdout.strip() == expected, (r.stdout, r.stderr)
+
+    plain = make_model(tokenizer_dir, hearing_layer=None)
+    plain.config.codec_id = codec.codec_id
+    SpeechPipeline(plain, codec).save_pretrained(tmp_path / "plain")
+    r = cli("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "plain"), "--threads", "1")
+    assert r.returncode == 2 and "no hearing head" in r.stderr and "Traceback" not in r.stderr
