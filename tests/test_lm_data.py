@@ -307,6 +307,11 @@ def test_text_corpus_packing_and_tokenizer(tokenizer_dir, tmp_path):
         user = (row.input_ids == v.roles["<|user|>"]).nonzero().flatten().tolist()
         for u in user:  # a chat's user turn is context
             assert row.labels[u] == IGNORE
+    # shorter packed text rows (text_row_length), other rows still up to max_length
+    short = TaskMixture(model, [], {"text": 1}, text=small, max_length=40, pack_text=True, text_row_length=24)
+    assert {len(short.example(0, i)) for i in range(4)} == {24}
+    with pytest.raises(SpeechLMError, match="at least 8"):
+        TaskMixture(model, [], {"text": 1}, text=small, max_length=40, pack_text=True, text_row_length=4)
     with pytest.raises(SpeechLMError, match="not found"):
         build_text_corpus(1, files=[tmp_path / "missing.txt"])
 

@@ -529,6 +529,7 @@ class TaskMixture:
         seed: int = 0,
         max_length: int = 1024,
         pack_text: bool = False,
+        text_row_length: int | None = None,
         p_switch: float = 0.3,
         text_per_chunk: int = 4,
         audio_per_chunk: int = 8,
@@ -539,9 +540,13 @@ class TaskMixture:
         self.corpora = [c if isinstance(c, TokenCorpus) else TokenCorpus(c) for c in corpora]
         self.text = text
         self.seed, self.max_length, self.pack_text = seed, max_length, pack_text
+        # Packed text rows this long (default max_length): a batch pads to its longest row, so rows near the
+        # speech rows' length waste less (with 256-long text rows among ~100-long speech rows, half of a
+        # batch's positions were padding).
+        self.text_row_length = min(text_row_length or max_length, max_length)
         self.p_switch, self.text_per_chunk, self.audio_per_chunk, self.first_text = p_switch, text_per_chunk, audio_per_chunk, first_text
-        if max_length < 8:
-            raise SpeechLMError(f"max_length must be at least 8, got {max_length}")
+        if max_length < 8 or (text_row_length is not None and text_row_length < 8):
+            raise SpeechLMError(f"max_length and text_row_length must be at least 8, got {max_length} and {text_row_length}")
         check_corpus_codes(self.corpora, self.lm.config)
 
         voices = set(assistant_voices) if assistant_voices else None
@@ -647,13 +652,13 @@ class TaskMixture:
         return render(item.segments, self.lm, trained=item.trained, task=item.task, heard=item.heard)
 
     def _packed_text(self, rng: random.Random) -> Example:
-        """Whole text documents end to end, cut to exactly ``max_length`` positions."""
+        """Whole text documents end to end, cut to exactly ``text_row_length`` positions."""
         parts: list[Example] = []
         length = 0
-        while length < self.max_length:
+        while length < self.text_row_length:
             parts.append(self._render(self.text.document(rng.randrange(len(self.text)))))
             length += len(parts[-1])
-        return Example(*(torch.cat([getattr(p, name) for p in parts]) for name in _FIELDS), task="text").cut(self.max_length)
+        return Example(*(torch.cat([getattr(p, name) for p in parts]) for name in _FIELDS), task="text").cut(self.text_row_length)
 
 
 _FIELDS = ("input_ids", "audio_codes", "audio_mask", "labels", "audio_loss_mask")

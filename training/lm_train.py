@@ -217,6 +217,7 @@ class LMTrainer:
                 text=text_corpus_once() if weights.get("text", 0) > 0 else None,
                 seed=c.seed,
                 max_length=c.max_length,
+                text_row_length=c.text_row_length,
                 pack_text=c.stage == "text" if c.pack_text is None else c.pack_text,
                 p_switch=c.p_switch,
                 text_per_chunk=c.text_per_chunk,

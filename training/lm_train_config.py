@@ -44,6 +44,7 @@ class LMTrainConfig:
     text_count: int = 2000  # items per built-in text source
     max_length: int = 512
     pack_text: bool | None = None  # None = pack in the text stage only
+    text_row_length: int | None = None  # length of a packed text row; None = max_length
     p_switch: float = 0.3
     text_per_chunk: int = 4
     audio_per_chunk: int = 8
@@ -104,12 +105,18 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--tokenizer", help="fresh start: tokenizer directory or 'train-bpe' (default: the backbone's, else train-bpe)")
     p("--bpe-vocab-size", type=int, default=d["bpe_vocab_size"].default)
     p("--speech-config", help='JSON (or a JSON file) of SpeechLMConfig overrides, e.g. \'{"output_head": "depth", "mctp_modules": 4}\'')
-    p("--duplex-config", help='stage duplex: JSON (or a JSON file) of DuplexConfig overrides, e.g. \'{"text_pad_weight": 0.5}\'')
+    p("--duplex-config", help="stage duplex: JSON (or a JSON file) of DuplexConfig overrides, e.g. '{\"text_pad_weight\": 0.5}'")
     p("--p-from-start", type=float, default=d["p_from_start"].default, help="stage duplex: share of crops starting at frame 0")
     p("--weights", help=f"task weights TASK=W,... over {', '.join(TASKS)} (default per stage: {STAGE_WEIGHTS})")
     p("--text-files", nargs="*", default=[], help="extra text (.txt lines or .jsonl with text/answer) for the text task and the BPE")
     p("--text-count", type=int, default=d["text_count"].default, help="items per built-in text source")
     p("--max-length", type=int, default=d["max_length"].default)
+    p(
+        "--text-row-length",
+        type=int,
+        default=None,
+        help="length of a packed text row (default --max-length); near the speech rows' length, batches pad less",
+    )
     p("--pack-text", action=argparse.BooleanOptionalAction, default=None, help="pack text documents into full rows (default: text stage)")
     p("--p-switch", type=float, default=d["p_switch"].default, help="word-level interleaving: switch probability per word boundary")
     p("--text-per-chunk", type=int, default=d["text_per_chunk"].default, help="spoken answers: text tokens per chunk")
