@@ -243,11 +243,16 @@ class SpeechLM(nn.Module):
         ).to(device=weight.device, dtype=weight.dtype)
         self.config.hearing_layer = layer
 
+    def _hearing_head(self) -> HearingHead:
+        if self.hearing is None:
+            raise SpeechLMError(
+                "this speech LM has no hearing head (its config sets no hearing_layer): transcribe with the LM (asr decoder 'lm')"
+            )
+        return self.hearing
+
     def hearing_logits(self, layer_hidden: Tensor) -> Tensor:
         """Hidden states after layer ``hearing_layer`` (..., D) -> CTC logits over the text vocabulary (..., V)."""
-        if self.hearing is None:
-            raise SpeechLMError("this speech LM has no hearing head (its config sets no hearing_layer)")
-        return self.text_logits(self.hearing(layer_hidden))
+        return self.text_logits(self._hearing_head()(layer_hidden))
 
     @torch.no_grad()
     def hear(self, frames: Tensor) -> list[int]:
@@ -256,16 +261,13 @@ class SpeechLM(nn.Module):
         One backbone forward over the ASR prompt (``<|asr|> <|speech_start|> AUDIO``), the hearing
         head at its audio positions, best class per position, repeats merged, blanks dropped.
         """
-        from .prompts import asr_prompt  # prompts imports this module
+        from .generate import PromptBatch  # both import this module
+        from .prompts import asr_prompt
 
-        if self.hearing is None:
-            raise SpeechLMError("this speech LM has no hearing head (its config sets no hearing_layer)")
-        ids, codes = asr_prompt(self, frames)
-        input_ids = torch.tensor([ids], device=self.device)
-        audio_mask = input_ids == self.vocab.audio
-        full = torch.full((*input_ids.shape, self.config.num_codebooks), self.config.empty_code, dtype=torch.long, device=self.device)
-        full[audio_mask] = codes.to(self.device).long()  # the prompt's codes (A, Q) at its A audio positions
-        embeds = self.embed(input_ids, full, audio_mask)
+        self._hearing_head()  # no head: a clear error before the forward
+        prompt = PromptBatch.build(self, *asr_prompt(self, frames))
+        audio_mask = prompt.audio_mask.to(self.device)
+        embeds = self.embed(prompt.input_ids.to(self.device), prompt.audio_codes.to(self.device), audio_mask)
         states = self.run_backbone(embeds, output_hidden_states=True).hidden_states
         logits = self.hearing_logits(states[self.config.hearing_layer][audio_mask])  # (P, V)
         return ctc_greedy(logits.argmax(-1).tolist(), blank=self.vocab.text_pad)
