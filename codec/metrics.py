@@ -2,8 +2,8 @@
 
 SI-SDR and log-mel distance are computed here (numpy/torch only); STOI and PESQ-WB come
 from ``pystoi`` and ``pesq`` (the ``[eval]`` extra) and are skipped when not installed.
-Codecs delay their output; :func:`align` removes a constant lag (found by
-cross-correlation) before scoring, as the benchmarks in DESIGN.md did.
+Codecs delay their output; :func:`align` removes a constant lag (found on magnitude spectra,
+which do not depend on the codec's phase, then refined on the waveform) before scoring.
 """
 
 from __future__ import annotations
@@ -11,19 +11,43 @@ from __future__ import annotations
 import numpy as np
 
 
-def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int = 800) -> tuple[np.ndarray, np.ndarray, int]:
-    """Shift ``estimate`` by the lag in [0, max_lag] that best matches ``reference``; trim both to one length."""
+def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int = 800, hop: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
+    """Shift ``estimate`` by the lag in [0, max_lag] that best matches ``reference``; trim both to one length.
+
+    The lag is found on short-time magnitude spectra (n_fft 256, ``hop`` samples), which do not
+    depend on phase, then refined to the sample by waveform cross-correlation within one hop.
+    Waveform cross-correlation alone fails on codecs that synthesize their own phase (vocoders
+    such as Codec2, and iSTFT decoders such as ours): their output is nearly uncorrelated with
+    the input sample by sample, and the peak lands on an arbitrary lag.
+    """
     n = min(len(reference), len(estimate))
     ref, est = reference[:n].astype(np.float64), estimate[:n].astype(np.float64)
-    best, best_lag = -np.inf, 0
-    size = 1 << int(np.ceil(np.log2(2 * n)))
-    corr = np.fft.irfft(np.fft.rfft(est, size) * np.conj(np.fft.rfft(ref, size)), size)
-    for lag in range(0, min(max_lag, n - 1) + 1):
-        if corr[lag] > best:
-            best, best_lag = corr[lag], lag
+    max_lag = max(0, min(max_lag, n - 1))
+    coarse = _envelope_lag(ref, est, max_lag, hop) if n >= 4 * 256 else 0
+    lo, hi = max(0, coarse - hop), min(max_lag, coarse + hop)
+    best, best_lag = -np.inf, coarse
+    for lag in range(lo, hi + 1):
+        score = float(ref[: n - lag] @ est[lag:])
+        if score > best:
+            best, best_lag = score, lag
     est = est[best_lag:]
     m = min(len(ref), len(est))
     return ref[:m].astype(np.float32), est[:m].astype(np.float32), best_lag
+
+
+def _envelope_lag(ref: np.ndarray, est: np.ndarray, max_lag: int, hop: int, n_fft: int = 256) -> int:
+    """The lag (a multiple of ``hop``) maximizing the correlation of compressed, mean-removed magnitude spectra."""
+
+    def spectra(x: np.ndarray) -> np.ndarray:
+        frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
+        mag = np.abs(np.fft.rfft(frames, axis=1)) ** 0.3
+        return mag - mag.mean(axis=0)
+
+    r, e = spectra(ref), spectra(est)
+    size = 1 << int(np.ceil(np.log2(2 * len(r))))
+    corr = np.fft.irfft(np.fft.rfft(e, size, axis=0) * np.conj(np.fft.rfft(r, size, axis=0)), size, axis=0).sum(axis=1)
+    steps = min(max_lag // hop, len(r) - 1)
+    return int(np.argmax(corr[: steps + 1])) * hop
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
