@@ -176,10 +176,12 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
     return out
 
 
-def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None) -> dict:
-    """Held-out voices speaking unseen (test-split) text, synthesized here; every decoder on the same audio."""
+def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None,
+                        voice_split: str = "test") -> dict:
+    """Held-out voices (or, with ``voice_split="train"``, training voices) speaking unseen (test-split)
+    text, synthesized here; every decoder on the same audio."""
     items = held_out_texts(TTS_SOURCES, count)
-    voices = textgen.voice_catalog("test", ("espeak",))
+    voices = textgen.voice_catalog(voice_split, ("espeak",))
     rng = random.Random(1)
     utterances = [(item["text"], get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio) for i, item in enumerate(items)]
     by_decoder = _asr_decoders(sp, utterances, decoders, g or Generation())
@@ -262,6 +264,8 @@ def main() -> None:
     ap.add_argument("--direct", action="store_true", help="spoken QA: answer the speech directly (default: transcribe it first)")
     ap.add_argument("--asr-decoders", default="lm", help="ASR: decoders to run side by side on the same audio (lm, ctc, auto); the first is the headline")
     ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
+    ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
+                    help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -281,7 +285,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         decoders = args.asr_decoders.split(",")
-        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g)
+        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split)
+        result["asr_held_out_voices"]["voice_split"] = args.asr_voice_split
         print("asr held-out voices WER", {d: r["wer"] for d, r in result["asr_held_out_voices"]["by_decoder"].items()}, flush=True)
         if Path(args.librispeech).is_dir():
             result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds, decoders, g)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int = 800, hop: int = 8) -> tuple[np.ndarray, np.ndarray, int]:
+def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int = 800, hop: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
     """Shift ``estimate`` by the lag in [0, max_lag] that best matches ``reference``; trim both to one length.
 
     The lag is found on short-time magnitude spectra (n_fft 256, ``hop`` samples), which do not
@@ -35,19 +35,23 @@ def align(reference: np.ndarray, estimate: np.ndarray, max_lag: int = 800, hop: 
     return ref[:m].astype(np.float32), est[:m].astype(np.float32), best_lag
 
 
-def _envelope_lag(ref: np.ndarray, est: np.ndarray, max_lag: int, hop: int, n_fft: int = 256) -> int:
-    """The lag (a multiple of ``hop``) maximizing the correlation of compressed, mean-removed magnitude spectra."""
+def _envelope_lag(ref: np.ndarray, est: np.ndarray, max_lag: int, hop: int, n_fft: int = 256, bands: int = 32) -> int:
+    """The lag (a multiple of ``hop``) maximizing the correlation of compressed, mean-removed
+    magnitude spectra (the FFT bins averaged into ``bands`` bands)."""
+    import torch
 
-    def spectra(x: np.ndarray) -> np.ndarray:
-        frames = np.lib.stride_tricks.sliding_window_view(x, n_fft)[::hop] * np.hanning(n_fft)
-        mag = np.abs(np.fft.rfft(frames, axis=1)) ** 0.3
-        return mag - mag.mean(axis=0)
+    window = torch.hann_window(n_fft, dtype=torch.float64)
+
+    def spectra(x: np.ndarray) -> torch.Tensor:
+        spec = torch.stft(torch.from_numpy(x), n_fft, hop, window=window, center=False, return_complex=True).abs()[1:]
+        mag = spec.reshape(bands, -1, spec.shape[-1]).mean(dim=1) ** 0.3  # (bands, frames)
+        return mag - mag.mean(dim=1, keepdim=True)
 
     r, e = spectra(ref), spectra(est)
-    size = 1 << int(np.ceil(np.log2(2 * len(r))))
-    corr = np.fft.irfft(np.fft.rfft(e, size, axis=0) * np.conj(np.fft.rfft(r, size, axis=0)), size, axis=0).sum(axis=1)
-    steps = min(max_lag // hop, len(r) - 1)
-    return int(np.argmax(corr[: steps + 1])) * hop
+    size = 1 << int(np.ceil(np.log2(2 * r.shape[1])))
+    corr = torch.fft.irfft(torch.fft.rfft(e, size) * torch.fft.rfft(r, size).conj(), size).sum(dim=0)
+    steps = min(max_lag // hop, r.shape[1] - 1)
+    return int(torch.argmax(corr[: steps + 1])) * hop
 
 
 def si_sdr(reference: np.ndarray, estimate: np.ndarray) -> float:
