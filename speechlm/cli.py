@@ -358,7 +358,8 @@ def cmd_train_codec(args: argparse.Namespace) -> int:
             raise SpeechLMError(f"--codec-config is neither a JSON file nor JSON: {e}") from None
     config = CodecTrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, crop_seconds=args.crop_seconds, lr=args.lr,
-        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, phase_weight=args.phase_weight, init_from=args.init_from,
+        unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, phase_weight=args.phase_weight,
+        envelope_weight=args.envelope_weight, init_from=args.init_from,
         decoder_only=args.decoder_only, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads, codec=overrides,
     )
@@ -518,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unquantized-steps", type=int, default=300, help="autoencoder warm-up before the VQ")
     p.add_argument("--disc-start", type=int, default=3000, help="step at which the adversarial losses start")
     p.add_argument("--phase-weight", type=float, default=1.0, help="weight of the APNet-style phase losses (0 = off)")
+    p.add_argument("--envelope-weight", type=float, default=0.0,
+                   help="weight of the band-envelope correlation loss, a differentiable STOI stand-in (0 = off)")
     p.add_argument("--checkpoint-every", type=_positive_int, default=500)
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--codec-config", help="JSON (or a JSON file) of CodecConfig overrides")

@@ -10,7 +10,7 @@ import torch
 
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
-from speechlm.codec.losses import MultiResolutionMelLoss, MultiResolutionSTFTLoss, hz_to_mel, mel_filterbank, mel_to_hz
+from speechlm.codec.losses import EnvelopeCorrelationLoss, MultiResolutionMelLoss, MultiResolutionSTFTLoss, hz_to_mel, mel_filterbank, mel_to_hz
 from speechlm.codec.model import Codec
 from speechlm.codec.quantizer import codebook_usage
 
@@ -224,3 +224,21 @@ def test_losses():
         value = loss(noisy, target)
         value.backward()
         assert value.item() > 0 and noisy.grad is not None
+
+
+def test_envelope_correlation_loss():
+    """Zero for the original; blurred band envelopes score worse than a phase change; short crops work."""
+    loss = EnvelopeCorrelationLoss()
+    syllables = torch.sin(2 * torch.pi * 4 * torch.arange(16000) / 16000).clamp(min=0) ** 2  # 4 Hz bursts
+    target = speechlike(2, 25) * syllables
+    assert loss(target, target).item() < 1e-4
+    spec = torch.stft(target, 320, 80, window=torch.hann_window(320), return_complex=True)
+    rephased = torch.istft(spec.abs() * torch.exp(1j * 2 * torch.pi * torch.rand(spec.shape)), 320, 80, window=torch.hann_window(320), length=16000)
+    smeared = torch.nn.functional.avg_pool1d(target.abs()[:, None], 801, 1, 400)[:, 0] * torch.randn_like(target)  # envelope blurred over 50 ms
+    assert loss(rephased, target).item() < loss(smeared, target).item()
+    x = smeared.clone().requires_grad_()
+    value = loss(x, target)
+    value.backward()
+    assert value.item() > 0 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert loss(target[:, :6000], target[:, :6000]).item() < 1e-4  # shorter than one 30-frame segment
+    assert loss(target[:, :300], target[:, :300]).item() == 0.0  # not even two frames

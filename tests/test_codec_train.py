@@ -94,7 +94,8 @@ def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
     """--decoder-only: encoder and codebooks frozen (the codes, and the LMs trained on them, stay valid), decoder trained."""
     CodecTrainer(_config(audio_dir, tmp_path / "a", steps=3)).train(progress=False)
     start = Codec.from_pretrained(tmp_path / "a" / "model")
-    trainer = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=4, disc_start=2, init_from=str(tmp_path / "a" / "model"), decoder_only=True))
+    trainer = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=4, disc_start=2, init_from=str(tmp_path / "a" / "model"), decoder_only=True,
+                                   envelope_weight=1.0))
     trainer.train(progress=False)
     tuned = Codec.from_pretrained(tmp_path / "b" / "model")
     assert tuned.codec_id == start.codec_id
@@ -105,7 +106,7 @@ def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
     wav = torch.from_numpy(np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1)[None]
     assert torch.equal(start.encode(wav), tuned.encode(wav))
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4 and "adv" in rows[-1]
+    assert rows[-1]["step"] == 4 and "adv" in rows[-1] and 0 < rows[-1]["envelope"] < 2
 
 
 def test_decoder_only_needs_a_codec_to_start_from(audio_dir, tmp_path):

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..codec.config import CodecConfig
 from ..codec.discriminator import MultiResolutionSTFTDiscriminator, discriminator_loss, feature_matching_loss, generator_adversarial_loss
 from ..codec.errors import SpeechLMError
-from ..codec.losses import MultiResolutionMelLoss, MultiResolutionSTFTLoss, PhaseLoss
+from ..codec.losses import EnvelopeCorrelationLoss, MultiResolutionMelLoss, MultiResolutionSTFTLoss, PhaseLoss
 from ..codec.model import Codec
 from .audio_data import AudioPool
 
@@ -59,6 +59,7 @@ class CodecTrainConfig:
     mel_weight: float = 1.0
     stft_weight: float = 1.0
     phase_weight: float = 0.0  # APNet-style phase losses (PhaseLoss); 0 = off
+    envelope_weight: float = 0.0  # band-envelope correlation (EnvelopeCorrelationLoss, a STOI stand-in); 0 = off
     disc_batch: int = 4  # crops of the batch the discriminator sees (it dominates step time on a CPU)
     adv_weight: float = 0.1
     feature_weight: float = 1.0
@@ -129,6 +130,7 @@ class CodecTrainer:
         self.mel_loss = MultiResolutionMelLoss(sample_rate=self.codec.sample_rate)
         self.stft_loss = MultiResolutionSTFTLoss()
         self.phase_loss = PhaseLoss(self.codec.config.n_fft, self.codec.config.hop_length)
+        self.envelope_loss = EnvelopeCorrelationLoss(self.codec.config.sample_rate)
         self.step = 0
         self.crop = int(config.crop_seconds * self.codec.sample_rate) // self.codec.frame_length * self.codec.frame_length
         if self.crop <= 0:
@@ -211,6 +213,10 @@ class CodecTrainer:
             phase = self.phase_loss(recon, wav)
             g_loss = g_loss + c.phase_weight * phase
             log["phase"] = phase.item()
+        if c.envelope_weight > 0:
+            envelope = self.envelope_loss(recon, wav)
+            g_loss = g_loss + c.envelope_weight * envelope
+            log["envelope"] = envelope.item()
         n_disc = max(1, c.disc_batch // self.world_size)
         if adversarial:
             self.disc.requires_grad_(False)
