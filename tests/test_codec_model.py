@@ -10,7 +10,14 @@ import torch
 
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
-from speechlm.codec.losses import EnvelopeCorrelationLoss, MultiResolutionMelLoss, MultiResolutionSTFTLoss, hz_to_mel, mel_filterbank, mel_to_hz
+from speechlm.codec.losses import (
+    EnvelopeCorrelationLoss,
+    MultiResolutionMelLoss,
+    MultiResolutionSTFTLoss,
+    hz_to_mel,
+    mel_filterbank,
+    mel_to_hz,
+)
 from speechlm.codec.model import Codec
 from speechlm.codec.quantizer import codebook_usage
 
