@@ -10,7 +10,8 @@ For each held-out spoken question (arithmetic and facts, test split, held-out es
   whether it holds the expected answer;
 * **barge-in**: once the model has spoken for ``--barge-after`` seconds, the user talks over it
   (another held-out utterance); the time from the user's speech onset to the model's silence
-  (its first silent frame that stays silent for ``--quiet-frames``);
+  (its first silent frame that stays silent for ``--quiet-frames``); only trials in which the
+  model is still talking when the user starts count (``barge_in_trials``);
 * **quiet while the user talks**: the share of frames during the question where the model speaks.
 
 Frames are 40 ms: every time here is a multiple of one frame.
@@ -138,12 +139,17 @@ def main() -> None:
             user2 = np.concatenate([user[:cut], barge, np.zeros((int(2 * fps), n), np.float32)])
             pcm2, _ = run(model, user2)
             barge_start = cut + int(np.nonzero(voiced(barge))[0][0])
-            stop = first(~voiced(pcm2, 1e-4), barge_start, args.quiet_frames)
-            row["barge_in_ms"] = None if stop is None else (stop - barge_start) * 1000 / fps
+            speaking2 = voiced(pcm2, 1e-4)
+            # A trial counts only if the model is still talking when the user starts: a reply that
+            # had already ended has nothing to stop (it would read as a 0 ms barge-in).
+            row["speaking_at_barge"] = bool(speaking2[barge_start - 1])
+            stop = first(~speaking2, barge_start, args.quiet_frames)
+            row["barge_in_ms"] = None if stop is None or not row["speaking_at_barge"] else (stop - barge_start) * 1000 / fps
         rows.append(row)
         print(json.dumps(row), flush=True)
     onsets = [r["onset_ms"] for r in rows if r["onset_ms"] is not None]
     barges = [r["barge_in_ms"] for r in rows if r.get("barge_in_ms") is not None]
+    barge_trials = [r for r in rows if r.get("speaking_at_barge")]
     summary = {
         "lm": args.lm,
         "questions": len(rows),
@@ -152,7 +158,9 @@ def main() -> None:
         "onset_ms_median": statistics.median(onsets) if onsets else None,
         "onset_ms_p90": float(np.percentile(onsets, 90)) if onsets else None,
         "barge_in_ms_median": statistics.median(barges) if barges else None,
-        "barge_in_stopped": len(barges) / max(1, len(onsets)),
+        "barge_in_trials": len(barge_trials),  # the model was talking when the user barged in
+        "barge_in_ms_p90": float(np.percentile(barges, 90)) if barges else None,
+        "barge_in_stopped": len(barges) / max(1, len(barge_trials)),
         "spoke_during_question_share": statistics.mean(r["spoke_during_question_share"] for r in rows),
         "speaking_at_user_end_share": statistics.mean(r["speaking_at_user_end"] for r in rows),
         "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
