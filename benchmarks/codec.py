@@ -63,6 +63,11 @@ def opus(audio: np.ndarray, kbps: int) -> np.ndarray:
     return y if y.ndim == 1 else y.mean(axis=1)
 
 
+def roundtrip(codec: Codec):
+    """Audio -> our codec's codes -> audio."""
+    return lambda audio: decode_codes(codec, encode_audio(codec, audio))
+
+
 # --- quality -----------------------------------------------------------------------------
 
 def quality(systems: dict, files: list[Path], judge: WhisperJudge | None) -> dict:
@@ -148,9 +153,8 @@ def main() -> None:
     torch.set_num_threads(1)
     codec = Codec.from_pretrained(args.model).eval()
     systems = {
-        f"speechlm {codec.config.bitrate / 1000:.1f} kbps": lambda a: decode_codes(codec, encode_audio(codec, a)),
-        **{f"speechlm {path}": (lambda other: lambda a: decode_codes(other, encode_audio(other, a)))(Codec.from_pretrained(path).eval())
-           for path in args.also},
+        f"speechlm {codec.config.bitrate / 1000:.1f} kbps": roundtrip(codec),
+        **{f"speechlm {path}": roundtrip(Codec.from_pretrained(path).eval()) for path in args.also},
         "codec2 3.2 kbps": lambda a: codec2(a, "3200"),
         "codec2 2.4 kbps": lambda a: codec2(a, "2400"),
         "codec2 1.6 kbps": lambda a: codec2(a, "1600"),
