@@ -9,6 +9,10 @@ Speed, 1 CPU thread: x real time of offline encode+decode and of frame-by-frame
 (streaming) encode+decode, batch 1, with the eager steps and with the AOTInductor-compiled ones
 (``speechlm.codec.compiled``; compiled once, cached).
 
+Ours (the first system) is also compared with every other system file by file: the mean
+difference of STOI, PESQ-WB and WER with a 95 % bootstrap interval (``paired`` in the JSON; the
+per-file figures under ``files``). The JSON is written after every test set.
+
     python benchmarks/codec.py --model codec-16k --librispeech ../shared/data/librispeech-251 \\
         --synthetic data/synth-test --limit 48 --out docs/results/codec.json
 """
@@ -70,7 +74,8 @@ def roundtrip(codec: Codec):
 
 # --- quality -----------------------------------------------------------------------------
 
-def quality(systems: dict, files: list[Path], judge: WhisperJudge | None) -> dict:
+def quality(systems: dict, files: list[Path], judge: WhisperJudge | None) -> tuple[dict, dict]:
+    """Score every system on every file -> (summary per system, per-file rows per system)."""
     results = {name: [] for name in systems}
     for f in files:
         audio = load_audio(f)
@@ -86,7 +91,22 @@ def quality(systems: dict, files: list[Path], judge: WhisperJudge | None) -> dic
         summary[name] = {k: round(float(np.mean([r[k] for r in rows if r.get(k) is not None])), 4) for k in rows[0] if any(r.get(k) is not None for r in rows)}
         if "wer" in rows[0]:  # one file on which the judge loops can dominate the mean
             summary[name]["wer_median"] = round(float(np.median([r["wer"] for r in rows])), 4)
-    return summary
+    return summary, results
+
+
+def paired(ours: list[dict], other: list[dict], key: str, resamples: int = 2000) -> dict | None:
+    """Ours minus another system on the same files: the mean difference of ``key``, its 95 %
+    bootstrap interval (files resampled), and on how many files ours is better (higher, or
+    lower for WER). A difference whose interval excludes 0 is one the files resolve."""
+    pairs = [(a[key], b[key]) for a, b in zip(ours, other) if a.get(key) is not None and b.get(key) is not None]
+    if len(pairs) < 2:
+        return None
+    d = np.array([a - b for a, b in pairs])
+    rng = np.random.default_rng(0)
+    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    better = (d < 0) if key == "wer" else (d > 0)
+    return {"diff": round(float(d.mean()), 4), "ci95": [round(float(np.percentile(means, 2.5)), 4), round(float(np.percentile(means, 97.5)), 4)],
+            "files_better": int(better.sum()), "files_worse": int(((d > 0) if key == "wer" else (d < 0)).sum()), "files": len(d)}
 
 
 # --- speed -------------------------------------------------------------------------------
@@ -146,37 +166,60 @@ def main() -> None:
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--synthetic", help="a synth corpus of held-out voices (speechlm data synth ... test voices)")
     ap.add_argument("--limit", type=int, default=48, help="files per test set")
+    ap.add_argument("--anchors", default="all", help="comma-separated subset of codec2-3200,codec2-2400,codec2-1600,opus-6,opus-8 (default all)")
     ap.add_argument("--no-judge", action="store_true", help="skip the Whisper WER")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed rounds (quality only)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(1)
     codec = Codec.from_pretrained(args.model).eval()
+    anchors = {
+        "codec2-3200": ("codec2 3.2 kbps", lambda a: codec2(a, "3200")),
+        "codec2-2400": ("codec2 2.4 kbps", lambda a: codec2(a, "2400")),
+        "codec2-1600": ("codec2 1.6 kbps", lambda a: codec2(a, "1600")),
+        "opus-6": ("opus 6 kbps", lambda a: opus(a, 6)),
+        "opus-8": ("opus 8 kbps", lambda a: opus(a, 8)),
+    }
+    chosen = list(anchors) if args.anchors == "all" else [a.strip() for a in args.anchors.split(",") if a.strip()]
+    unknown = sorted(set(chosen) - set(anchors))
+    if unknown:
+        raise SystemExit(f"unknown anchors {unknown}; choose from {', '.join(anchors)}")
     systems = {
         f"speechlm {codec.config.bitrate / 1000:.1f} kbps": roundtrip(codec),
         **{f"speechlm {path}": roundtrip(Codec.from_pretrained(path).eval()) for path in args.also},
-        "codec2 3.2 kbps": lambda a: codec2(a, "3200"),
-        "codec2 2.4 kbps": lambda a: codec2(a, "2400"),
-        "codec2 1.6 kbps": lambda a: codec2(a, "1600"),
-        "opus 6 kbps": lambda a: opus(a, 6),
-        "opus 8 kbps": lambda a: opus(a, 8),
+        **dict(anchors[a] for a in chosen),
     }
     judge = None if args.no_judge else WhisperJudge()
     report = {"model": args.model, "codec_id": codec.codec_id, "bitrate": codec.config.bitrate, "sets": {}}
     sets = {"librispeech held-out speakers (>= 7000)": list_source_files(f"librispeech:{args.librispeech}:test")[0][: args.limit]}
     if args.synthetic:
         sets["synthetic held-out voices"] = list_source_files(f"manifest:{args.synthetic}")[0][: args.limit]
+    ours = next(iter(systems))
     for name, files in sets.items():
         print(f"== {name}: {len(files)} files", flush=True)
-        report["sets"][name] = quality(systems, files, judge)
-        for system, m in report["sets"][name].items():
+        summary, rows = quality(systems, files, judge)
+        report["sets"][name] = summary
+        # ours vs each other system, file by file (a paired difference resolves far smaller gaps than two means)
+        report.setdefault("paired", {})[name] = {
+            other: {key: paired(rows[ours], rows[other], key) for key in ("stoi", "pesq_wb", "wer") if key in rows[ours][0]}
+            for other in systems if other != ours
+        }
+        report.setdefault("files", {})[name] = {system: r for system, r in rows.items()}
+        for system, m in summary.items():
             print(f"{system:>20}: {json.dumps(m)}", flush=True)
+        for other, p in report["paired"][name].items():
+            print(f"{ours} - {other}: {json.dumps(p)}", flush=True)
+        write(report, args.out)  # after every set: a killed run keeps what it measured
     if not args.no_speed:
         report["speed_1_thread"] = speed(codec)
         print("speed:", report["speed_1_thread"])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2))
+    write(report, args.out)
+
+
+def write(report: dict, out: str | None) -> None:
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

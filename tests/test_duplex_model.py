@@ -91,6 +91,29 @@ def test_forward_losses_and_a_few_steps_reduce_them(tokenizer_dir):
         model(user[..., :2], codes, text)
 
 
+def test_stop_weight_counts_the_first_silent_frames_after_speech(tokenizer_dir):
+    model = make_duplex(tokenizer_dir)
+    E = C  # the empty code
+    first = torch.tensor([[5, 5, E, E, E, E, 7, E, E], [E, E, E, 3, E, 4, 4, E, E]])
+    marked = DuplexLM(model.lm, DuplexConfig(stop_weight=4.0, stop_frames=3), init_user_from_audio=True).stop_mask(first)
+    assert marked.tolist() == [
+        [False, False, True, True, True, False, False, True, True],  # the 4th silent frame is past the window
+        [False, False, False, False, True, False, False, True, True],  # silence before any speech is not a stop
+    ]
+    # only codebook 0 of those frames changes the loss: the same weight as silence gives the old loss
+    user, codes, text = streams(model)
+    same = DuplexLM(model.lm, DuplexConfig(stop_weight=0.25), init_user_from_audio=True)
+    heavy = DuplexLM(model.lm, DuplexConfig(stop_weight=8.0), init_user_from_audio=True)
+    for m in (same, heavy):
+        m.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        base = float(model(user, codes, text).audio_loss)
+        assert float(same(user, codes, text).audio_loss) == pytest.approx(base)
+        assert float(heavy(user, codes, text).audio_loss) != pytest.approx(base)
+    with pytest.raises(SpeechLMError, match="stop_frames"):
+        DuplexConfig(stop_frames=0)
+
+
 @pytest.mark.parametrize("head", ["depth", "parallel_delay"])
 def test_incremental_steps_equal_the_training_forward(tokenizer_dir, head):
     model = make_duplex(tokenizer_dir, head)

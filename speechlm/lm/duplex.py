@@ -28,7 +28,10 @@ positions after its codebook 0; :meth:`DuplexLM.step` returns the frame complete
 Losses (``forward``, teacher-forced on aligned streams (B, T)): text cross-entropy at every
 position, ``<|text_pad|>`` targets weighted by ``text_pad_weight``; audio cross-entropy at every
 position and codebook, codes where the model is silent (empty) weighted by
-``silence_audio_weight``. MCTP modules are not used: a duplex tick needs exactly one frame.
+``silence_audio_weight`` — except codebook 0 in the ``stop_frames`` frames right after the model's
+speech ends (an interruption's yield, a turn's end), weighted by ``stop_weight``: those few
+targets decide how fast the model falls silent when the user barges in, and at the silence
+weight they are cheap to miss. MCTP modules are not used: a duplex tick needs exactly one frame.
 
 Incremental decoding (:meth:`DuplexLM.step`): every row advances one position per tick, so all
 rows share one KV cache length S. Per row the state keeps ``valid`` (B, S) (which cached
@@ -76,6 +79,8 @@ class DuplexConfig:
 
     text_pad_weight: float = 0.5  # weight of <|text_pad|> text targets (Moshi: 0.5)
     silence_audio_weight: float = 0.25  # weight of empty-code audio targets (frames where the model is silent)
+    stop_weight: float | None = None  # codebook-0 empty targets in the first stop_frames silent frames (None: silence_audio_weight)
+    stop_frames: int = 5
     text_loss_weight: float = 1.0
     audio_loss_weight: float = 1.0
     text_condition: bool = True  # the audio head reads the text token chosen at the same position
@@ -85,8 +90,11 @@ class DuplexConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if min(self.text_pad_weight, self.silence_audio_weight, self.text_loss_weight, self.audio_loss_weight) < 0:
+        weights = (self.text_pad_weight, self.silence_audio_weight, self.text_loss_weight, self.audio_loss_weight)
+        if min(weights) < 0 or (self.stop_weight is not None and self.stop_weight < 0):
             problems.append("loss weights must be >= 0")
+        if self.stop_frames < 1:
+            problems.append(f"stop_frames must be >= 1, got {self.stop_frames}")
         if self.text_lead < 0:
             problems.append(f"text_lead must be >= 0, got {self.text_lead}")
         if self.window < 2:
@@ -321,12 +329,25 @@ class DuplexLM(nn.Module):
         audio_logits = self.lm.audio_head(audio_in, targets)  # (N, Q, C+1)
         audio_ce = F.cross_entropy(audio_logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view_as(targets)
         audio_w = torch.where(targets == self.empty_code, cfg.silence_audio_weight, 1.0)
+        if cfg.stop_weight is not None:
+            stops = self.stop_mask(layout[..., 0]).flatten()[rows]  # (N,)
+            audio_w[:, 0] = torch.where(stops, cfg.stop_weight, audio_w[:, 0])
         if self.lm.config.codebook_loss_weights is not None:
             audio_w = audio_w * torch.tensor(self.lm.config.codebook_loss_weights, device=audio_w.device)
         audio_loss = (audio_ce * audio_w).sum() / audio_w.sum().clamp(min=1e-6)
 
         loss = cfg.text_loss_weight * text_loss + cfg.audio_loss_weight * audio_loss
         return DuplexOutput(loss, text_loss, audio_loss, text_logits, audio_logits, targets, hidden)
+
+    def stop_mask(self, first_codebook: Tensor) -> Tensor:
+        """(B, T) codebook 0 of the model's frames -> (B, T) bool: the first ``stop_frames``
+        silent frames after a speaking frame (where the model must fall, and stay, silent)."""
+        speaking = first_codebook != self.empty_code
+        k = self.config.stop_frames
+        # spoke[t] = any speaking frame in t-k .. t-1
+        shifted = F.pad(speaking.float(), (k, 0))[:, :-1].unsqueeze(1)  # (B, 1, T + k - 1)
+        spoke = F.max_pool1d(shifted, kernel_size=k, stride=1).squeeze(1)[:, : speaking.shape[1]] > 0
+        return ~speaking & spoke
 
     def _check(self, user_codes, model_codes, text, attention_mask):
         if not isinstance(text, Tensor) or text.ndim != 2 or text.dtype.is_floating_point or text.numel() == 0:
