@@ -51,6 +51,17 @@ def _seconds_range(value: str) -> tuple[float, float]:
     return low, high
 
 
+def _speed_range(value: str) -> tuple[float, float]:
+    parts = value.split(",")
+    try:
+        low, high = (float(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX speed factors with 0 < MIN <= MAX, got {value!r}")
+    return low, high
+
+
 # --- data ---------------------------------------------------------------------------------
 
 
@@ -160,6 +171,14 @@ def cmd_data_tokenize(args: argparse.Namespace) -> int:
     s = tokenize_corpus(args.corpus, args.out, codec, args.codec, chunk_size=args.chunk_size, batch_size=args.batch_size, progress=not args.quiet)
     print(f"{s.utterances} utterances, {s.frames} frames ({s.frames / codec.config.frame_rate / 3600:.3f} h)"
           + (f"; {s.chunks_done_before} chunks already done" if s.chunks_done_before else "") + f" -> {Path(args.out) / 'index.jsonl'}")
+    return 0
+
+
+def cmd_data_perturb(args: argparse.Namespace) -> int:
+    from .training.perturb import perturb_corpus
+
+    s = perturb_corpus(args.corpus, args.out, speeds=args.speed, min_change=args.min_change, count=args.count, seed=args.seed)
+    print(f"{s.rows} perturbed utterances ({s.seconds / 3600:.2f} h; {s.skipped} source rows not used) -> {Path(args.out) / 'manifest.jsonl'}")
     return 0
 
 
@@ -488,6 +507,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_data_tokenize)
+
+    p = data.add_parser("perturb", help="speed-perturbed copy of a synth corpus's training rows (more voices for listening)")
+    p.add_argument("corpus", help="directory with manifest.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--speed", type=_speed_range, default=(0.85, 1.15), metavar="MIN,MAX", help="speed factors drawn per utterance (default 0.85,1.15)")
+    p.add_argument("--min-change", type=_nonnegative_float, default=0.03, help="least |factor - 1| (default 0.03)")
+    p.add_argument("--count", type=_positive_int, help="perturb this many rows (a seeded sample; default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_perturb)
 
     codec = sub.add_parser("codec", help="the GRVQ speech codec: encode, decode, roundtrip, eval").add_subparsers(dest="codec_command", metavar="SUBCOMMAND", required=True)
     model_help = f"codec directory or shipped name (default {DEFAULT_CODEC})"
