@@ -11,7 +11,9 @@ For each held-out spoken question (arithmetic and facts, test split, held-out es
 * **barge-in**: once the model has spoken for ``--barge-after`` seconds, the user talks over it
   (another held-out utterance); the time from the user's speech onset to the model's silence
   (its first silent frame that stays silent for ``--quiet-frames``); only trials in which the
-  model is still talking when the user starts count (``barge_in_trials``);
+  model is still talking when the user starts count (``barge_in_trials``). ``--barge-after``
+  takes several times (``0.4,0.6,0.8``): one trial per question and time, pooled — at 20
+  questions one time gives 10–20 trials, whose median moves by a frame or two between runs;
 * **quiet while the user talks**: the share of frames during the question where the model speaks.
 
 Frames are 40 ms: every time here is a multiple of one frame.
@@ -79,7 +81,7 @@ def main() -> None:
     ap.add_argument("--codec", default="codec-16k")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--listen-seconds", type=float, default=6.0, help="silence after the question")
-    ap.add_argument("--barge-after", type=float, default=0.6, help="seconds of model speech before the user barges in")
+    ap.add_argument("--barge-after", default="0.6", help="seconds of model speech before the user barges in; several, comma-separated, pool their trials")
     ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of the server's sampling")
     ap.add_argument("--audio-codebook-temperatures", help="audio: one temperature per codebook, comma-separated (the server's top-k)")
@@ -89,6 +91,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    barge_after = [float(x) for x in str(args.barge_after).split(",") if x.strip()]
     sampling = dict(text_sampling=GREEDY, audio_sampling=GREEDY) if args.greedy else dict(text_sampling=TEXT_SAMPLING, audio_sampling=AUDIO_SAMPLING)
     if args.audio_codebook_temperatures:
         temps = parse_codebook_temperatures(args.audio_codebook_temperatures)
@@ -133,8 +136,9 @@ def main() -> None:
             "right": answer_heard(item["answer_value"], heard),
         }
         # barge-in: replay the same question; once the model has spoken barge_after seconds, talk over it
-        if onset is not None:
-            cut = onset + int(args.barge_after * fps)
+        row["barge"] = []
+        for after in barge_after if onset is not None else ():
+            cut = onset + int(after * fps)
             barge = frames_of(voice.synthesize(interruptions[i % len(interruptions)]["text"], rng).audio, n)
             user2 = np.concatenate([user[:cut], barge, np.zeros((int(2 * fps), n), np.float32)])
             pcm2, _ = run(model, user2)
@@ -142,14 +146,16 @@ def main() -> None:
             speaking2 = voiced(pcm2, 1e-4)
             # A trial counts only if the model is still talking when the user starts: a reply that
             # had already ended has nothing to stop (it would read as a 0 ms barge-in).
-            row["speaking_at_barge"] = bool(speaking2[barge_start - 1])
+            talking = bool(speaking2[barge_start - 1])
             stop = first(~speaking2, barge_start, args.quiet_frames)
-            row["barge_in_ms"] = None if stop is None or not row["speaking_at_barge"] else (stop - barge_start) * 1000 / fps
+            row["barge"].append({"after_s": after, "speaking_at_barge": talking,
+                                 "barge_in_ms": None if stop is None or not talking else (stop - barge_start) * 1000 / fps})
         rows.append(row)
         print(json.dumps(row), flush=True)
     onsets = [r["onset_ms"] for r in rows if r["onset_ms"] is not None]
-    barges = [r["barge_in_ms"] for r in rows if r.get("barge_in_ms") is not None]
-    barge_trials = [r for r in rows if r.get("speaking_at_barge")]
+    trials = [b for r in rows for b in r["barge"]]
+    barges = [b["barge_in_ms"] for b in trials if b["barge_in_ms"] is not None]
+    barge_trials = [b for b in trials if b["speaking_at_barge"]]
     summary = {
         "lm": args.lm,
         "questions": len(rows),
@@ -165,7 +171,7 @@ def main() -> None:
         "speaking_at_user_end_share": statistics.mean(r["speaking_at_user_end"] for r in rows),
         "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
         "frame_ms": 1000 / fps,
-        "command": "python benchmarks/duplex.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+        "command": "python benchmarks/duplex.py " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (None, False)),
     }
     print(json.dumps(summary, indent=1))
     if args.out:
