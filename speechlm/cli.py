@@ -51,6 +51,17 @@ def _seconds_range(value: str) -> tuple[float, float]:
     return low, high
 
 
+def _share_range(value: str) -> tuple[float, float]:
+    parts = value.split(",")
+    try:
+        low, high = (float(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = high = None
+    if low is None or not 0.0 <= low < high <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX shares with 0 <= MIN < MAX <= 1, got {value!r}")
+    return low, high
+
+
 def _speed_range(value: str) -> tuple[float, float]:
     parts = value.split(",")
     try:
@@ -157,7 +168,8 @@ def cmd_data_dialogues(args: argparse.Namespace) -> int:
         assistant_voices=parse_voices(args.assistant_voices),
         seed=args.seed,
         shard_size=args.shard_size,
-        **{k: v for k, v in (("response_gap_range", args.response_gap), ("reaction_time", args.reaction_time), ("p_interrupt", args.p_interrupt)) if v is not None},
+        **{k: v for k, v in (("response_gap_range", args.response_gap), ("reaction_time", args.reaction_time), ("p_interrupt", args.p_interrupt),
+                                  ("interrupt_window", args.interrupt_window)) if v is not None},
     )
     summary = synthesize_dialogues(items, args.out, config, workers=args.workers, progress=not args.quiet)
     print(f"{summary.utterances} dialogues ({summary.failed} failed), {summary.hours:.4f} h in {summary.wall_seconds:.1f} s -> {Path(args.out) / 'manifest.jsonl'}")
@@ -496,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of silence before the assistant answers a user turn (default 0.08,0.35)")
     p.add_argument("--reaction-time", type=_nonnegative_float, help="seconds the assistant keeps talking once the user interrupts (default 0.12)")
     p.add_argument("--p-interrupt", type=_probability, help="chance that the user interrupts an assistant turn of >= 4 words (default 0.35)")
+    p.add_argument("--interrupt-window", type=_share_range, metavar="MIN,MAX",
+                   help="where in the assistant's turn the user may cut in, as shares of its words (default 0.5,1 = its second half; 0,1 = anywhere)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_dialogues)
 

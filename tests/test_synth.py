@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from speechlm.codec.errors import SpeechLMError
 from speechlm.training.dialogues import DialogueConfig, synthesize_dialogues
 from speechlm.training.synth import SynthConfig, read_manifest, synthesize_corpus
 from speechlm.training.teachers import get_teacher
@@ -186,6 +187,26 @@ def test_dialogues_two_channels(tmp_path):
         assert interrupted["speaker"] == "B"
         next_a = next(t for t in row["turns"] if t["speaker"] == "A" and t["kind"] == "turn" and t["start"] > interrupted["start"])
         assert interrupted["end"] <= next_a["start"] + config.reaction_time + 1e-3
+
+
+def test_dialogue_interrupt_window_sets_where_the_user_cuts_in(tmp_path):
+    items = [{"id": f"w{i}", "text": "", "turns": [["A", "Hello."], ["B", "Hi, how can I help you today my good friend?"], ["A", "Stop."]]}
+             for i in range(4)]
+
+    def kept_words(window, name):
+        config = DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-gb+m3"], p_interrupt=1.0, p_backchannel=0.0,
+                                interrupt_window=window, seed=1)
+        synthesize_dialogues(items, tmp_path / name, config, progress=False)
+        counts = []
+        for row in read_manifest(tmp_path / name):
+            turn = next(t for t in row["turns"] if t["interrupted"])
+            counts.append(sum(turn["start"] - 1e-3 <= w["start"] <= turn["end"] for w in row["channels"][1]["words"]))
+        return counts
+
+    early, late = kept_words((0.0, 0.25), "early"), kept_words((0.5, 1.0), "late")
+    assert max(early) <= 3 and min(late) >= 5, (early, late)  # 10 words: cut after word 1-2 vs after word 5-9
+    with pytest.raises(SpeechLMError, match="interrupt_window"):
+        DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-us"], interrupt_window=(0.6, 0.4))
 
 
 def test_dialogue_timing_assistant_answers_fast_and_never_talks_over_the_user(tmp_path):

@@ -8,8 +8,10 @@ speakers' teachers and laid on a timeline with, drawn per turn from the seed:
   assistant's gap after a user turn has its own, short range (``response_gap_range``:
   a voice agent answers within a few hundred ms, as people do, ~200 ms typical), and by
   default only the user overlaps: the assistant never starts before the user has finished;
-* an interruption: A cuts into B's turn at a word boundary; B stops a reaction time
-  later (audio faded out, words after the cut dropped, turn marked ``interrupted``);
+* an interruption: A cuts into B's turn at a word boundary inside ``interrupt_window`` (a
+  share of the turn's words: (0.5, 1.0) = its second half, the default; (0.0, 1.0) = from
+  its first word on, as real users cut in early — "no, wait"); B stops a reaction time later
+  (audio faded out, words after the cut dropped, turn marked ``interrupted``);
 * backchannels ("mm-hm", "yeah") from the listener in a word gap of a long turn.
 
 The manifest row holds per-channel word timestamps and the turn boundaries, so that a
@@ -43,8 +45,14 @@ class DialogueConfig:
     assistant_overlaps: bool = False  # may the assistant start before the user's turn ends?
     p_interrupt: float = 0.35  # chance that A interrupts a B turn of >= 4 words
     reaction_time: float = 0.12  # s B keeps talking after A starts
+    interrupt_window: tuple[float, float] = (0.5, 1.0)  # where in B's turn (share of its words) A may cut in
     p_backchannel: float = 0.3  # chance of a backchannel in a turn of >= 6 words
     lead_in: float = 0.3  # s of silence at the start
+
+    def __post_init__(self) -> None:
+        lo, hi = self.interrupt_window
+        if not 0.0 <= lo < hi <= 1.0:
+            raise SpeechLMError(f"interrupt_window must be 0 <= MIN < MAX <= 1 (shares of a turn's words), got {lo},{hi}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -92,8 +100,11 @@ def dialogue_row(job: Job, shard: str, out: Path, seed: int) -> dict:
             prev_end = prev["start"] + len(prev["audio"]) / SAMPLE_RATE
             interrupt = speaker == "A" and prev["speaker"] == "B" and len(prev["words"]) >= 4 and rng.random() < config.p_interrupt
             if interrupt:
-                # A starts right after a word of B in the second half; B stops a reaction time later.
-                k = rng.randrange(len(prev["words"]) // 2, len(prev["words"]) - 1)
+                # A starts right after a word of B inside the window (never its last); B stops a reaction time later.
+                n = len(prev["words"])
+                lo, hi = config.interrupt_window
+                first = min(int(lo * n), n - 2)
+                k = rng.randrange(first, max(min(int(hi * n), n - 1), first + 1))
                 start = prev["words"][k]["end"] + rng.uniform(0.0, 0.1)
                 cut = start + config.reaction_time
                 keep = max(0, int(round((cut - prev["start"]) * SAMPLE_RATE)))
