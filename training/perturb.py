@@ -34,7 +34,7 @@ from .synth import read_manifest
 class PerturbSummary:
     rows: int
     seconds: float
-    skipped: int  # rows not in the training split (or voice split)
+    skipped: int  # source rows not perturbed (held-out text or voice, or not drawn by --count)
 
 
 def speed_perturb(audio: np.ndarray, factor: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -98,4 +98,4 @@ def perturb_corpus(src: str | Path, out: str | Path, *, speeds: tuple[float, flo
     os.replace(tmp, out / "manifest.jsonl")
     (out / "perturb_config.json").write_text(json.dumps({"source": str(src.resolve()), "speeds": list(speeds), "min_change": min_change,
                                                          "count": count, "seed": seed}, indent=2))
-    return PerturbSummary(rows=len(new_rows), seconds=seconds, skipped=len(rows) - len(train) if count is None else len(rows) - len(new_rows))
+    return PerturbSummary(rows=len(new_rows), seconds=seconds, skipped=len(rows) - len(new_rows))
