@@ -51,26 +51,24 @@ def _seconds_range(value: str) -> tuple[float, float]:
     return low, high
 
 
-def _share_range(value: str) -> tuple[float, float]:
+def _float_pair(value: str, ok, expected: str) -> tuple[float, float]:
+    """``"MIN,MAX"`` -> (MIN, MAX) if ``ok(MIN, MAX)``; else an argparse error naming ``expected``."""
     parts = value.split(",")
     try:
         low, high = (float(part) for part in parts) if len(parts) == 2 else (None, None)
     except ValueError:
         low = high = None
-    if low is None or not 0.0 <= low < high <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX shares with 0 <= MIN < MAX <= 1, got {value!r}")
+    if low is None or not ok(low, high):
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX {expected}, got {value!r}")
     return low, high
+
+
+def _share_range(value: str) -> tuple[float, float]:
+    return _float_pair(value, lambda lo, hi: 0.0 <= lo < hi <= 1.0, "shares with 0 <= MIN < MAX <= 1")
 
 
 def _speed_range(value: str) -> tuple[float, float]:
-    parts = value.split(",")
-    try:
-        low, high = (float(part) for part in parts) if len(parts) == 2 else (None, None)
-    except ValueError:
-        low = high = None
-    if low is None or not 0 < low <= high:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX speed factors with 0 < MIN <= MAX, got {value!r}")
-    return low, high
+    return _float_pair(value, lambda lo, hi: 0 < lo <= hi, "speed factors with 0 < MIN <= MAX")
 
 
 # --- data ---------------------------------------------------------------------------------
