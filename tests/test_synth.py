@@ -209,6 +209,27 @@ def test_dialogue_interrupt_window_sets_where_the_user_cuts_in(tmp_path):
         DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-us"], interrupt_window=(0.6, 0.4))
 
 
+def test_dialogue_interrupt_anywhere_cuts_in_mid_turn_by_time(tmp_path):
+    """interrupt_anywhere: the user starts at a moment drawn over the window's span of the turn (here its first
+    tenth: 0.1 s to ~0.4 s after the assistant starts), not after a whole word."""
+    items = [{"id": f"m{i}", "text": "", "turns": [["A", "Hello."], ["B", "Hi, how can I help you today my good friend?"], ["A", "Stop."]]}
+             for i in range(6)]
+    config = DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-gb+m3"], p_interrupt=1.0, p_backchannel=0.0,
+                            interrupt_window=(0.0, 0.1), interrupt_anywhere=1.0, reaction_time=0.04, seed=2)
+    synthesize_dialogues(items, tmp_path / "m", config, progress=False)
+    delays = []
+    for row in read_manifest(tmp_path / "m"):
+        turn = next(t for t in row["turns"] if t["interrupted"])
+        user = next(t for t in row["turns"] if t["speaker"] == "A" and t["start"] > turn["start"])
+        delays.append(user["start"] - turn["start"])
+        assert turn["end"] <= user["start"] + config.reaction_time + 1e-3
+        assert sum(turn["start"] - 1e-3 <= w["start"] <= turn["end"] for w in row["channels"][1]["words"]) <= 2
+    assert all(0.1 - 1e-3 <= d <= 0.6 for d in delays), delays
+    assert len({round(d, 3) for d in delays}) > 1, delays  # a drawn moment, not a fixed one
+    with pytest.raises(SpeechLMError, match="interrupt_anywhere"):
+        DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-us"], interrupt_anywhere=1.5)
+
+
 def test_dialogue_timing_assistant_answers_fast_and_never_talks_over_the_user(tmp_path):
     items = [
         {"id": f"t{i}", "text": "", "turns": [["A", "Hello there."], ["B", "Hi."], ["A", "What is two plus two?"], ["B", "It is four."]]}

@@ -10,7 +10,8 @@ speakers' teachers and laid on a timeline with, drawn per turn from the seed:
   default only the user overlaps: the assistant never starts before the user has finished;
 * an interruption: A cuts into B's turn at a word boundary inside ``interrupt_window`` (a
   share of the turn's words: (0.5, 1.0) = its second half, the default; (0.0, 1.0) = from
-  its first word on, as real users cut in early — "no, wait"); B stops a reaction time later
+  its first word on, as real users cut in early — "no, wait"; with ``interrupt_anywhere`` a
+  share of them at any moment, mid-word too, from 0.1 s into the turn); B stops a reaction time later
   (audio faded out, words after the cut dropped, turn marked ``interrupted``);
 * backchannels ("mm-hm", "yeah") from the listener in a word gap of a long turn.
 
@@ -46,6 +47,7 @@ class DialogueConfig:
     p_interrupt: float = 0.35  # chance that A interrupts a B turn of >= 4 words
     reaction_time: float = 0.12  # s B keeps talking after A starts
     interrupt_window: tuple[float, float] = (0.5, 1.0)  # where in B's turn (share of its words) A may cut in
+    interrupt_anywhere: float = 0.0  # share of interruptions cutting in at any moment (mid-word too), not after a word
     p_backchannel: float = 0.3  # chance of a backchannel in a turn of >= 6 words
     lead_in: float = 0.3  # s of silence at the start
 
@@ -53,6 +55,8 @@ class DialogueConfig:
         lo, hi = self.interrupt_window
         if not 0.0 <= lo < hi <= 1.0:
             raise SpeechLMError(f"interrupt_window must be 0 <= MIN < MAX <= 1 (shares of a turn's words), got {lo},{hi}")
+        if not 0.0 <= self.interrupt_anywhere <= 1.0:
+            raise SpeechLMError(f"interrupt_anywhere must be a share in [0, 1], got {self.interrupt_anywhere}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -100,12 +104,19 @@ def dialogue_row(job: Job, shard: str, out: Path, seed: int) -> dict:
             prev_end = prev["start"] + len(prev["audio"]) / SAMPLE_RATE
             interrupt = speaker == "A" and prev["speaker"] == "B" and len(prev["words"]) >= 4 and rng.random() < config.p_interrupt
             if interrupt:
-                # A starts right after a word of B inside the window (never its last); B stops a reaction time later.
+                # A starts right after a word of B inside the window (never its last) or, for a share
+                # interrupt_anywhere, at any moment of the window's span of B's speech (from 0.1 s after
+                # B starts to its last word's start); B stops a reaction time later.
                 n = len(prev["words"])
                 lo, hi = config.interrupt_window
-                first = min(int(lo * n), n - 2)
-                k = rng.randrange(first, max(min(int(hi * n), n - 1), first + 1))
-                start = prev["words"][k]["end"] + rng.uniform(0.0, 0.1)
+                if rng.random() < config.interrupt_anywhere:
+                    begin = prev["words"][0]["start"] + 0.1
+                    span = max(0.0, prev["words"][-1]["start"] - begin)
+                    start = begin + span * rng.uniform(lo, hi)
+                else:
+                    first = min(int(lo * n), n - 2)
+                    k = rng.randrange(first, max(min(int(hi * n), n - 1), first + 1))
+                    start = prev["words"][k]["end"] + rng.uniform(0.0, 0.1)
                 cut = start + config.reaction_time
                 keep = max(0, int(round((cut - prev["start"]) * SAMPLE_RATE)))
                 prev["audio"] = _fade_out(prev["audio"][:keep], int(0.02 * SAMPLE_RATE))
