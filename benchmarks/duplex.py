@@ -14,7 +14,13 @@ For each held-out spoken question (arithmetic and facts, test split, held-out es
   model is still talking when the user starts count (``barge_in_trials``). ``--barge-after``
   takes several times (``0.4,0.6,0.8``): one trial per question and time, pooled — at 20
   questions one time gives 10–20 trials, whose median moves by a frame or two between runs;
-* **quiet while the user talks**: the share of frames during the question where the model speaks.
+* **quiet while the user talks**: the share of frames during the question where the model speaks;
+* **backchannels** (``--backchannel-after``, several times pool): once the model has spoken that long, the user says
+  "mm-hm" (or "yeah", "right", ...) over it; the model should talk on, as the training dialogues
+  do. A trial counts when the undisturbed reply (the first run) goes on through the window from
+  the backchannel's onset to 0.3 s after its end; the model *yielded* if a silence of
+  ``--quiet-frames`` starts inside that window (``yielded_to_backchannel_share``; a pause the
+  reply would have made anyway can count too, so compare versions, not against 0).
 
 Frames are 40 ms: every time here is a multiple of one frame.
 
@@ -70,6 +76,21 @@ def first(mask: np.ndarray, start: int, quiet: int = 1) -> int | None:
     return None
 
 
+def backchannel_trial(model, user, onset, undisturbed, voice, word, after, rng, quiet_frames, fps) -> dict:
+    """The user says ``word`` ``after`` s into the reply; did the model yield?"""
+    n = model.frame_length
+    cut = onset + int(after * fps)
+    bc = frames_of(voice.synthesize(word, rng).audio, n)
+    heard = np.nonzero(voiced(bc))[0]
+    w0, w1 = cut + int(heard[0]), cut + int(heard[-1]) + 1 + int(0.3 * fps)
+    pcm, _ = run(model, np.concatenate([user[:cut], bc, np.zeros((int(3 * fps), n), np.float32)]))
+    alone, disturbed = voiced(undisturbed, 1e-4), voiced(pcm, 1e-4)
+    stop_alone, stop = first(~alone, w0, quiet_frames), first(~disturbed, w0, quiet_frames)
+    # Counts when the undisturbed reply talks on through [w0, w1] and the model talks as the backchannel starts.
+    counts = bool(alone[w0 - 1]) and bool(disturbed[w0 - 1]) and (stop_alone is None or stop_alone > w1) and w1 < len(alone)
+    return {"word": word, "after_s": after, "counts": counts, "yielded": stop is not None and stop <= w1}
+
+
 def answer_heard(expected: str, heard: str) -> bool:
     want, got = words_for_scoring(expected), words_for_scoring(heard)
     return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
@@ -83,6 +104,7 @@ def main() -> None:
     ap.add_argument("--listen-seconds", type=float, default=6.0, help="silence after the question")
     ap.add_argument("--barge-after", default="0.6", help="seconds of model speech before the user barges in; several, comma-separated, pool their trials")
     ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
+    ap.add_argument("--backchannel-after", help="also: a user backchannel this many seconds into the reply (the model should talk on); several, comma-separated, pool")
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of the server's sampling")
     ap.add_argument("--audio-codebook-temperatures", help="audio: one temperature per codebook, comma-separated (the server's top-k)")
     ap.add_argument("--text-temperature", type=float, help="text sampling temperature (default: the server's; 0 = greedy)")
@@ -92,6 +114,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     barge_after = [float(x) for x in str(args.barge_after).split(",") if x.strip()]
+    backchannel_after = [float(x) for x in str(args.backchannel_after or "").split(",") if x.strip()]
     sampling = dict(text_sampling=GREEDY, audio_sampling=GREEDY) if args.greedy else dict(text_sampling=TEXT_SAMPLING, audio_sampling=AUDIO_SAMPLING)
     if args.audio_codebook_temperatures:
         temps = parse_codebook_temperatures(args.audio_codebook_temperatures)
@@ -110,6 +133,7 @@ def main() -> None:
     random.Random(0).shuffle(items)
     voices = textgen.voice_catalog("test", ("espeak",))
     interruptions = textgen.generate("commands", args.count, split="test", seed=2)
+    backchannels = list(textgen.BACKCHANNELS)
     rng = random.Random(3)
     rows = []
     for i, item in enumerate(items):
@@ -150,9 +174,14 @@ def main() -> None:
             stop = first(~speaking2, barge_start, args.quiet_frames)
             row["barge"].append({"after_s": after, "speaking_at_barge": talking,
                                  "barge_in_ms": None if stop is None or not talking else (stop - barge_start) * 1000 / fps})
+        row["backchannel"] = [
+            backchannel_trial(model, user, onset, pcm, voice, backchannels[(i + k) % len(backchannels)], after, rng, args.quiet_frames, fps)
+            for k, after in enumerate(backchannel_after if onset is not None else ())
+        ]
         rows.append(row)
         print(json.dumps(row), flush=True)
     onsets = [r["onset_ms"] for r in rows if r["onset_ms"] is not None]
+    bc_trials = [b for r in rows for b in r["backchannel"] if b["counts"]]
     trials = [b for r in rows for b in r["barge"]]
     barges = [b["barge_in_ms"] for b in trials if b["barge_in_ms"] is not None]
     barge_trials = [b for b in trials if b["speaking_at_barge"]]
@@ -170,6 +199,8 @@ def main() -> None:
         "spoke_during_question_share": statistics.mean(r["spoke_during_question_share"] for r in rows),
         "speaking_at_user_end_share": statistics.mean(r["speaking_at_user_end"] for r in rows),
         "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
+        "backchannel_trials": len(bc_trials),
+        "yielded_to_backchannel_share": statistics.mean(b["yielded"] for b in bc_trials) if bc_trials else None,
         "frame_ms": 1000 / fps,
         "command": "python benchmarks/duplex.py " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (None, False)),
     }

@@ -30,7 +30,7 @@ import numpy as np
 from ..codec.audio import SAMPLE_RATE, save_audio
 from ..codec.errors import SpeechLMError
 from .synth import Job, SynthSummary, run_shards, voice_slug
-from .textgen import _BACKCHANNELS
+from .textgen import BACKCHANNELS
 
 
 @dataclass
@@ -138,7 +138,7 @@ def dialogue_row(job: Job, shard: str, out: Path, seed: int) -> dict:
             listener = "B" if speaker == "A" else "A"
             lch = 1 - ch
             k = rng.randrange(2, len(words) - 2)
-            bc_text = rng.choice(_BACKCHANNELS)
+            bc_text = rng.choice(BACKCHANNELS)
             bc = get_teacher(voices[lch]).synthesize(bc_text, random.Random(f"{seed}:bc:{job.id}:{i}"))
             bc_start = words[k]["end"]
             free_at[lch] = max(free_at[lch], bc_start + len(bc.audio) / SAMPLE_RATE)

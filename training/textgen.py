@@ -99,7 +99,7 @@ _ANIMAL_SOUNDS = {"dog": "barks", "cat": "meows", "cow": "moos", "duck": "quacks
 _OPPOSITES = {"hot": "cold", "up": "down", "big": "small", "fast": "slow", "happy": "sad", "early": "late", "open": "closed", "light": "dark", "full": "empty", "old": "young", "loud": "quiet", "wet": "dry"}
 _COLORS_OF = {"the sky": "blue", "grass": "green", "snow": "white", "a banana": "yellow", "coal": "black", "a tomato": "red", "an orange": "orange", "chocolate": "brown"}
 _COUNTS = {"days in a week": 7, "months in a year": 12, "hours in a day": 24, "minutes in an hour": 60, "legs on a spider": 8, "legs on a dog": 4, "sides on a triangle": 3, "wheels on a bicycle": 2, "days in a leap year": 366, "seconds in a minute": 60}
-_BACKCHANNELS = ["mm-hm", "yeah", "right", "okay", "uh-huh", "I see", "sure"]
+BACKCHANNELS = ["mm-hm", "yeah", "right", "okay", "uh-huh", "I see", "sure"]
 
 
 def _numbers(rng: random.Random) -> dict:
