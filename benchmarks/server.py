@@ -8,6 +8,12 @@ session's frame, batched), which bounds what the server machinery itself costs.
 
     python benchmarks/server.py --codec codec-16k --sessions 8,16,32,48 --out docs/results/server.json
     python benchmarks/server.py --model duplex --lm duplex-default --sessions 1,2,4,8 --out docs/results/server_duplex.json
+    # on a GPU; random:qwen2-0.5b is an untrained duplex LM on Qwen2-0.5B's backbone shape
+    python benchmarks/server.py --model duplex --device cuda --sessions 64,128,256 --batches 1,64,256,512 --out server_gpu.json
+    python benchmarks/server.py --model duplex --lm random:qwen2-0.5b --dtype bfloat16 --device cuda --sessions 32,64,128
+
+Memory per session: host RSS growth over a load; on CUDA also the model state's device bytes
+(KV cache of the LM, codec states) per session, measured and extrapolated to the LM's full window.
 """
 
 from __future__ import annotations
@@ -30,26 +36,75 @@ def main() -> None:
     ap.add_argument("--sessions", default="8,16,32,48")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--model duplex: the LM's dtype")
+    ap.add_argument("--batches", default="1,8,32,64,128", help="batch sizes for the step timings")
+    ap.add_argument("--clients-per-process", type=int, default=64)
     ap.add_argument("--compile-codec", action="store_true", help="the codec's steps compiled with AOTInductor (speechlm.codec.compiled)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = build_model(args.model, args.codec, lm=args.lm, compile_codec=args.compile_codec)
-    steps = step_times(model, [1, 8, 32, 64, 128])
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype)
+    batches = [int(x) for x in args.batches.split(",")]
+    steps = step_times(model, batches)
     for row in steps:
         print("step", row, flush=True)
+    memory = state_memory(model, max(batches))
+    print("memory", memory, flush=True)
     loads = []
     for n in [int(x) for x in args.sessions.split(",")]:
-        result = asyncio.run(measure_load(model, n, seconds=args.seconds))
+        result = asyncio.run(measure_load(model, n, seconds=args.seconds, clients_per_process=args.clients_per_process))
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
-    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads, "step_times": steps, "loads": loads,
-              "most_sessions_held": max(held) if held else 0}
+    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
+              "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
+              "parameters_m": parameters_m(model), "step_times": steps, "memory": memory, "loads": loads, "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+def parameters_m(model) -> float | None:
+    """Millions of parameters of the model's LM and codec (None for models without)."""
+    modules = [m for m in (getattr(model, "lm", None), getattr(model, "codec", None)) if m is not None]
+    return round(sum(p.numel() for m in modules for p in m.parameters()) / 1e6, 2) if modules else None
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(x) for x in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(x) for x in obj.values())
+    if hasattr(obj, "__dict__"):
+        return sum(_tensor_bytes(x) for x in vars(obj).values())
+    return 0
+
+
+def state_memory(model, batch: int, frames: int = 50) -> dict:
+    """The model state's bytes per session after ``frames`` frames, and (duplex) at the LM's full window.
+
+    The duplex LM's KV cache grows by one position per frame up to ``window``; everything else in
+    the state is fixed-size."""
+    state = model.init_state(batch)
+    x = 0.1 * torch.randn(batch, model.frame_length)
+    for _ in range(frames):
+        _, _, state = model.step(x, state)
+    total = _tensor_bytes(state) / batch
+    row = {"batch": batch, "frames": frames, "state_mb_per_session": round(total / 2**20, 3)}
+    lm_state = getattr(state, "lm", None)
+    if lm_state is not None and getattr(lm_state, "keys", None):
+        kv = (_tensor_bytes(lm_state.keys) + _tensor_bytes(lm_state.values)) / batch
+        length = lm_state.keys[0].shape[2]
+        window = model.lm.config.window
+        row.update(cache_frames=length, window=window, state_mb_per_session_full_window=round((total - kv + kv / length * window) / 2**20, 3))
+    if torch.cuda.is_available() and str(getattr(model, "device", "cpu")).startswith("cuda"):
+        row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
 
 
 if __name__ == "__main__":

@@ -88,13 +88,16 @@ class DuplexSpeechModel:
         self._pieces: dict[int, str | None] = {lm.text_pad: None}
 
     @classmethod
-    def from_pretrained(cls, lm_dir, codec, *, device: str | torch.device = "cpu", **kwargs) -> DuplexSpeechModel:
-        """``lm_dir``: a directory from ``DuplexLM.save_pretrained``; ``codec``: a Codec, or its name/directory."""
+    def from_pretrained(
+        cls, lm_dir, codec, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, **kwargs
+    ) -> DuplexSpeechModel:
+        """``lm_dir``: a directory from ``DuplexLM.save_pretrained``; ``codec``: a Codec, or its name/directory.
+        ``dtype``: the LM's (the codec always runs in float32)."""
         from ..speech import resolve_model
 
         if not isinstance(codec, Codec):
             codec = Codec.from_pretrained(codec, device=device)
-        lm = DuplexLM.from_pretrained(resolve_model(lm_dir), device=device, dtype=torch.float32)
+        lm = DuplexLM.from_pretrained(resolve_model(lm_dir), device=device, dtype=dtype)
         return cls(lm, codec, device=device, **kwargs)
 
     # -- state ---------------------------------------------------------------------------
@@ -150,7 +153,61 @@ class DuplexSpeechModel:
 
 
 def build_duplex_model(lm_dir: str, codec: str, device: str = "cpu", **kwargs: Any) -> DuplexSpeechModel:
-    """For ``speechlm serve --model duplex --lm DIR --codec NAME`` and the load test."""
+    """For ``speechlm serve --model duplex --lm DIR --codec NAME`` and the load test.
+
+    ``lm_dir`` = ``random:PRESET`` (a key of :data:`BACKBONE_PRESETS`) builds an untrained duplex LM
+    on that backbone shape, with the shipped default's vocabulary, heads and codec: for measuring
+    what a bigger backbone costs per session, not for listening to."""
     if not lm_dir:
         raise SpeechLMError("--model duplex needs --lm DIR (a model trained with speechlm train lm --stage duplex)")
+    if str(lm_dir).startswith("random:"):
+        dtype = kwargs.pop("dtype", torch.float32)
+        lm = random_duplex_lm(str(lm_dir).removeprefix("random:"), device=device, dtype=dtype)
+        return DuplexSpeechModel(lm, Codec.from_pretrained(codec, device=device), device=device, **kwargs)
     return DuplexSpeechModel.from_pretrained(lm_dir, codec, device=device, **kwargs)
+
+
+# Backbone shapes for capacity measurements (random weights). ``qwen2-0.5b`` is Qwen2-0.5B's
+# (494 M parameters with its 151 936-token embedding, tied).
+BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+    ),
+    # for tests: the shipped default's vocabulary on a 2-layer backbone
+    "tiny": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=1408, tie_word_embeddings=True, max_position_embeddings=2048),
+}
+
+
+def random_duplex_lm(
+    preset: str, *, like: str = "duplex-default", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> DuplexLM:
+    """An untrained :class:`DuplexLM` on the backbone shape ``BACKBONE_PRESETS[preset]``, with the
+    tokenizer, speech config (codebooks, heads, delays) and duplex config of the model ``like``."""
+    from transformers import AutoConfig
+
+    from ..lm.config import SpeechLMConfig
+    from ..lm.duplex import DuplexConfig
+    from ..lm.model import SpeechLM
+    from ..lm.vocab import load_tokenizer
+    from ..speech import resolve_model
+
+    if preset not in BACKBONE_PRESETS:
+        raise SpeechLMError(f"unknown backbone preset {preset!r}; known: {', '.join(BACKBONE_PRESETS)}")
+    directory = resolve_model(like)
+    fields = dict(BACKBONE_PRESETS[preset])
+    backbone_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise where it runs: a 0.5B model's init on the CPU takes a while
+        lm = SpeechLM.from_backbone(backbone_config, load_tokenizer(directory / "tokenizer"), SpeechLMConfig.load(directory))
+        model = DuplexLM(lm, DuplexConfig.load(directory))
+    return model.to(device=device, dtype=dtype).eval()

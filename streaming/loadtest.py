@@ -94,23 +94,41 @@ def _generator(url: str, sessions: int, seconds: float, frame_length: int, sampl
     out.put(asyncio.run(main()))
 
 
+def _merge(parts: list[dict]) -> dict:
+    merged: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0}
+    for part in parts:
+        for key, value in part.items():
+            merged[key] = merged[key] + value
+    return merged
+
+
 # -- measurements -------------------------------------------------------------------------
 
 
-async def measure_load(model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0) -> dict[str, Any]:
-    """Hold ``sessions`` clients for ``warmup + seconds``; the numbers cover the last ``seconds``."""
+async def measure_load(
+    model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0, clients_per_process: int = 64
+) -> dict[str, Any]:
+    """Hold ``sessions`` clients for ``warmup + seconds``; the numbers cover the last ``seconds``.
+
+    The clients run in ``ceil(sessions / clients_per_process)`` child processes, so that at large
+    loads the load generator is not what falls behind."""
     config = ServerConfig(port=0, max_sessions=sessions, idle_timeout=60)
     async with DuplexServer(model, config) as server:
         rss_before = _rss_mb()
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
-        process = context.Process(
-            target=_generator, args=(server.url, sessions, warmup + seconds, model.frame_length, model.sample_rate, queue), daemon=True
-        )
-        process.start()
+        counts = [len(c) for c in np.array_split(np.arange(sessions), -(-sessions // clients_per_process))]
+        processes = [
+            context.Process(
+                target=_generator, args=(server.url, n, warmup + seconds, model.frame_length, model.sample_rate, queue), daemon=True
+            )
+            for n in counts
+        ]
+        for process in processes:
+            process.start()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
-        while server.scheduler.live_sessions < sessions and loop.time() < deadline and process.is_alive():
+        while server.scheduler.live_sessions < sessions and loop.time() < deadline and any(p.is_alive() for p in processes):
             await asyncio.sleep(0.05)
         await asyncio.sleep(warmup)
         stats = server.scheduler.stats
@@ -123,8 +141,9 @@ async def measure_load(model: DuplexModel, sessions: int, seconds: float = 5.0, 
         underruns = sum(s.underruns for s in sessions_now)
         dropped = sum(s.output.dropped for s in sessions_now)
         rss_after = _rss_mb()
-        clients = await asyncio.to_thread(queue.get, True, 120)
-        await asyncio.to_thread(process.join, 10)
+        clients = _merge([await asyncio.to_thread(queue.get, True, 120) for _ in processes])
+        for process in processes:
+            await asyncio.to_thread(process.join, 10)
     frame_ms = 1000 * model.frame_length / model.sample_rate
     received_ratio = clients["received"] / max(1, clients["sent"])
     return {
@@ -142,6 +161,7 @@ async def measure_load(model: DuplexModel, sessions: int, seconds: float = 5.0, 
         "received_ratio": round(received_ratio, 4),
         "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
         "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),
+        "client_processes": len(processes),
         "held": late == 0 and skipped == 0 and clients["failed"] == 0 and received_ratio > 0.97,
     }
 
@@ -157,9 +177,12 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
         for _ in range(3):
             _, _, state = model.step(x, state)
         times = []
+        cuda = torch.cuda.is_available() and str(getattr(model, "device", "cpu")).startswith("cuda")
         for _ in range(steps):
             start = time.perf_counter()
             _, _, state = model.step(x, state)
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         median = float(np.median(times))
         rows.append(
@@ -173,17 +196,21 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
     return rows
 
 
-def build_model(name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False) -> DuplexModel:
+def build_model(
+    name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32"
+) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
-    ``duplex`` with ``lm`` = a duplex LM directory and ``codec`` its codec name/dir.
-    ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``)."""
+    ``duplex`` with ``lm`` = a duplex LM directory (or ``random:PRESET``, see
+    :func:`speechlm.streaming.duplex_model.build_duplex_model`) and ``codec`` its codec name/dir.
+    ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
+    ``dtype``: the duplex LM's (float32 or bfloat16)."""
     from .models import with_compiled_codec
 
-    model = _build_model(name, codec, device, lm)
+    model = _build_model(name, codec, device, lm, dtype)
     return with_compiled_codec(model) if compile_codec else model
 
 
-def _build_model(name: str, codec: str, device: str, lm: str | None) -> DuplexModel:
+def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str = "float32") -> DuplexModel:
     import torch
 
     from .models import EchoCodecModel, SilenceModel
@@ -193,7 +220,7 @@ def _build_model(name: str, codec: str, device: str, lm: str | None) -> DuplexMo
     if name == "duplex":
         from .duplex_model import build_duplex_model
 
-        return build_duplex_model(lm, codec, device=device)
+        return build_duplex_model(lm, codec, device=device, dtype=getattr(torch, dtype))
     from ..codec.config import CodecConfig
     from ..codec.model import Codec
 

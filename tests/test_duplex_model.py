@@ -343,3 +343,18 @@ def test_ship_duplex_without_mctp_in_bfloat16(tokenizer_dir, codec, tmp_path):
     assert torch.allclose(a, b, atol=1e-5) and ta == tb
     with pytest.raises(SpeechLMError, match="not found"):
         DuplexSpeechModel.from_pretrained("no-such-duplex", codec)
+
+
+def test_random_backbone_preset_builds_a_duplex_model_for_capacity_runs():
+    """``--lm random:PRESET`` (benchmarks/server.py on a GPU): an untrained duplex LM of that backbone
+    shape with the shipped model's vocabulary and heads, in the asked dtype, stepping like any other."""
+    from speechlm.streaming.duplex_model import BACKBONE_PRESETS, build_duplex_model
+
+    model = build_duplex_model("random:tiny", "codec-16k", dtype=torch.bfloat16)
+    backbone = model.lm.lm.backbone
+    assert backbone.config.num_hidden_layers == BACKBONE_PRESETS["tiny"]["num_hidden_layers"]
+    assert backbone.dtype == torch.bfloat16 and next(model.codec.parameters()).dtype == torch.float32
+    pcm, texts, state = model.step(torch.zeros(3, 640), model.init_state(3))
+    assert pcm.shape == (3, 640) and pcm.dtype == torch.float32 and len(texts) == 3 and state.batch_size == 3
+    with pytest.raises(SpeechLMError, match="unknown backbone preset"):
+        build_duplex_model("random:nope", "codec-16k")

@@ -473,3 +473,13 @@ def test_opus_session(codec):
     assert result.complete and not result.errors and result.server["codec"] == "opus"
     assert len(result.audio) >= 16_000 + 4800 - 3 * 960
     assert np.abs(result.audio).max() > 1e-3
+
+
+def test_load_test_spreads_clients_over_processes_and_adds_their_counts():
+    """benchmarks/server.py's measure_load with several client processes: every session joins,
+    the counts of all processes are added up, and the load is held by a trivial model."""
+    from speechlm.streaming.loadtest import measure_load
+
+    result = asyncio.run(measure_load(SilenceModel(), 3, seconds=0.6, warmup=0.3, clients_per_process=2))
+    assert result["client_processes"] == 2 and result["client_failed"] == 0
+    assert result["ticks"] > 0 and result["received_ratio"] > 0.9
