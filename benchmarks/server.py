@@ -12,8 +12,8 @@ session's frame, batched), which bounds what the server machinery itself costs.
     python benchmarks/server.py --model duplex --device cuda --sessions 64,128,256 --batches 1,64,256,512 --out server_gpu.json
     python benchmarks/server.py --model duplex --lm random:qwen2-0.5b --dtype bfloat16 --device cuda --sessions 32,64,128
 
-Memory per session: host RSS growth over a load; on CUDA also the model state's device bytes
-(KV cache of the LM, codec states) per session, measured and extrapolated to the LM's full window.
+Memory per session: host RSS growth over a load, and the model state's bytes per session (the
+LM's KV ring at its full window, codec states).
 """
 
 from __future__ import annotations
@@ -86,22 +86,16 @@ def _tensor_bytes(obj) -> int:
 
 
 def state_memory(model, batch: int, frames: int = 50) -> dict:
-    """The model state's bytes per session after ``frames`` frames, and (duplex) at the LM's full window.
-
-    The duplex LM's KV cache grows by one position per frame up to ``window``; everything else in
-    the state is fixed-size."""
+    """The model state's bytes per session after ``frames`` frames (the duplex LM's KV ring is
+    allocated at its full window from the start, so this is also its size at minute 10)."""
     state = model.init_state(batch)
     x = 0.1 * torch.randn(batch, model.frame_length)
     for _ in range(frames):
         _, _, state = model.step(x, state)
-    total = _tensor_bytes(state) / batch
-    row = {"batch": batch, "frames": frames, "state_mb_per_session": round(total / 2**20, 3)}
+    row = {"batch": batch, "frames": frames, "state_mb_per_session": round(_tensor_bytes(state) / batch / 2**20, 3)}
     lm_state = getattr(state, "lm", None)
-    if lm_state is not None and getattr(lm_state, "keys", None):
-        kv = (_tensor_bytes(lm_state.keys) + _tensor_bytes(lm_state.values)) / batch
-        length = lm_state.keys[0].shape[2]
-        window = model.lm.config.window
-        row.update(cache_frames=length, window=window, state_mb_per_session_full_window=round((total - kv + kv / length * window) / 2**20, 3))
+    if lm_state is not None and hasattr(lm_state, "window"):
+        row["window"] = lm_state.window
     if torch.cuda.is_available() and str(getattr(model, "device", "cpu")).startswith("cuda"):
         row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return row

@@ -176,9 +176,10 @@ def test_reset_join_and_leave_equal_fresh_single_row_runs(tokenizer_dir, head):
             torch.testing.assert_close(logits[b], s_logits[0], atol=1e-5, rtol=1e-4)
             compared += 1
         assert compared >= 4
-    # once rows 0 and 2 left, the cache columns before row 1's restart (ticks 0..3) were dropped
-    assert crowd[7][3].cache_length == 8 and crowd[8][3].cache_length == 9 - 4
-    assert crowd[-1][3].valid.any(0).all()
+    # the KV ring keeps its size through joins and leaves; the slots of rows that left or restarted are invalid
+    assert crowd[7][3].cache_length == 8 and crowd[8][3].cache_length == 9
+    assert all(k.shape[2] == model.config.window for k in crowd[-1][3].keys)
+    assert not crowd[8][3].valid[0, :4].any() and crowd[8][3].valid[0, 4:9].all()  # row 1 restarted at tick 4
 
 
 def test_kv_window_bounds_the_cache(tokenizer_dir):
@@ -188,6 +189,33 @@ def test_kv_window_bounds_the_cache(tokenizer_dir):
     assert [t[3].cache_length for t in ticks] == [1, 2, 3, 4, 4, 4, 4, 4, 4, 4]
     assert ticks[-1][3].positions.tolist() == [10, 10]  # rotary positions keep counting
     assert all(torch.isfinite(t[2]).all() for t in ticks)
+    assert all(k.shape[2] == 4 for k in ticks[-1][3].keys)  # the ring never grows
+
+
+def test_kv_ring_wraps_to_exactly_the_last_window_frames(tokenizer_dir):
+    """Past the window, step t attends to frames t-3 .. t (window 4) at their own rotary positions:
+    the teacher-forced steps equal one backbone pass over the whole stream with a banded causal mask."""
+    W, T = 4, 11
+    model = make_duplex(tokenizer_dir, "parallel_delay", window=W)
+    user, codes, text = streams(model, T=T)
+    layout = model.layout(codes)
+    state = model.init_state(2)
+    logits = []
+    for t in range(T):
+        step = model.step(user[:, t], state, text=text[:, t], codes=layout[:, t])
+        state = step.state
+        logits.append(step.text_logits)
+    prev_text = torch.cat((torch.full_like(text[:, :1], model.start_token), text[:, :-1]), dim=1)
+    prev_codes = torch.cat((torch.full_like(layout[:, :1], model.empty_code), layout[:, :-1]), dim=1)
+    i = torch.arange(T)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - W)  # (T, T): query t sees keys t-W+1 .. t
+    with torch.no_grad():
+        hidden = model.lm.run_backbone(
+            model.embed_inputs(prev_text, prev_codes, user), attention_mask=band.expand(2, 1, T, T), position_ids=i.expand(2, T)
+        ).last_hidden_state
+    torch.testing.assert_close(torch.stack(logits, 1), model.lm.text_logits(hidden), atol=1e-5, rtol=1e-4)
+    with pytest.raises(SpeechLMError, match="KV ring"):
+        make_duplex(tokenizer_dir, window=5).step(user[:, 0], state)
 
 
 @pytest.mark.parametrize("head", ["depth", "parallel_delay"])

@@ -34,17 +34,19 @@ targets decide how fast the model falls silent when the user barges in, and at t
 weight they are cheap to miss. MCTP modules are not used: a duplex tick needs exactly one frame.
 
 Incremental decoding (:meth:`DuplexLM.step`): every row advances one position per tick, so all
-rows share one KV cache length S. Per row the state keeps ``valid`` (B, S) (which cached
-positions it may attend to) and its own rotary position. Policies:
+rows share one step count. The KV cache is a ring of ``window`` slots per layer (default 750 =
+30 s), allocated once per state: tick n writes every row's keys and values into slot n mod
+``window`` in place, so a step costs the same at minute 10 as at second 1 and per-session memory
+is fixed (``window`` x layers x 2 x kv_heads x head_dim values). Attention is over the filled
+slots with a per-row mask ``valid`` (B, window); slot order does not matter (each key carries
+its own rotary position). Policies:
 
-* reset (a new session in a row): the row's cached positions become invalid and its rotary
-  positions restart at 0; attention is relative (RoPE), so the row then computes what a fresh
-  single-row run computes (up to float rounding);
-* window: at most ``window`` positions (default 750 = 30 s) stay in the cache; older ones are
-  dropped for every row (each row then sees its last ``window`` frames; rotary positions keep
-  counting, which RoPE's relative attention does not notice); cached columns no row may attend
-  to (after resets / row removal) are dropped too, so per-session memory is bounded by
-  ``window`` x layers x 2 x kv_heads x head_dim values.
+* reset (a new session in a row): the row's slots become invalid and its rotary positions
+  restart at 0; attention is relative (RoPE), so the row then computes what a fresh single-row
+  run computes (up to float rounding);
+* window: each row sees its last ``window`` frames (the slot written now held the frame from
+  ``window`` ticks ago); rotary positions keep counting, which RoPE's relative attention does
+  not notice.
 """
 
 from __future__ import annotations
@@ -146,11 +148,13 @@ class DuplexOutput:
 class DuplexState:
     """Incremental decoding state of B rows (sessions); every tensor has the batch on dim 0.
 
-    ``keys`` / ``values``: per backbone layer (B, kv_heads, S, head_dim), S shared by all rows
-    (empty lists before the first step). ``valid`` (B, S): cached positions the row may attend
-    to. ``positions`` (B,): rotary position (= frames since the row's reset) of the next step.
-    ``prev_text`` (B,), ``prev_codes`` (B, Q): the row's outputs at the previous position (its
-    next input). ``history`` (B, d_max, Q): the last d_max positions' codes (parallel head only).
+    ``keys`` / ``values``: per backbone layer (B, kv_heads, window, head_dim), a ring of slots
+    shared by all rows and written in place by :meth:`DuplexLM.step` (so a state is consumed by
+    the step that takes it). ``valid`` (B, window): slots the row may attend to. ``steps``: ticks
+    taken by the batch (the next write goes to slot ``steps % window``). ``positions`` (B,):
+    rotary position (= frames since the row's reset) of the next step. ``prev_text`` (B,),
+    ``prev_codes`` (B, Q): the row's outputs at the previous position (its next input).
+    ``history`` (B, d_max, Q): the last d_max positions' codes (parallel head only).
     """
 
     keys: list[Tensor]
@@ -160,14 +164,39 @@ class DuplexState:
     prev_text: Tensor
     prev_codes: Tensor
     history: Tensor
+    steps: int = 0
 
     @property
     def batch_size(self) -> int:
         return int(self.positions.shape[0])
 
     @property
-    def cache_length(self) -> int:
+    def window(self) -> int:
         return int(self.valid.shape[1])
+
+    @property
+    def cache_length(self) -> int:
+        """Slots filled so far (positions a row could attend to before this tick's)."""
+        return min(self.steps, self.window)
+
+
+class _RingCache:
+    """What the transformers backbone sees as its KV cache during one :meth:`DuplexLM.step`:
+    ``update`` writes the new position's keys/values into ``slot`` of each layer's ring and returns
+    the whole ring. Used with an explicit 4-D attention mask and explicit position ids, the
+    backbone asks nothing else of it."""
+
+    def __init__(self, keys: list[Tensor], values: list[Tensor], slot: int):
+        self.keys, self.values, self.slot = keys, values, slot
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k[:, :, self.slot] = key_states[:, :, -1]
+        v[:, :, self.slot] = value_states[:, :, -1]
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.keys[layer_idx].shape[2])
 
 
 @dataclass
@@ -368,12 +397,18 @@ class DuplexLM(nn.Module):
     # -- incremental decoding ------------------------------------------------------------
 
     def init_state(self, batch_size: int) -> DuplexState:
-        """Start-of-stream state for ``batch_size`` rows (an empty KV cache)."""
+        """Start-of-stream state for ``batch_size`` rows (the KV ring allocated, no slot valid)."""
         device, Q = self.device, self.num_codebooks
+        bc = self.lm.backbone.config
+        heads = int(getattr(bc, "num_key_value_heads", None) or bc.num_attention_heads)
+        head_dim = int(getattr(bc, "head_dim", None) or bc.hidden_size // bc.num_attention_heads)
+        shape = (batch_size, heads, self.config.window, head_dim)
+        dtype = self.lm.backbone.dtype
+        layers = int(bc.num_hidden_layers)
         return DuplexState(
-            keys=[],
-            values=[],
-            valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+            keys=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            values=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)],
+            valid=torch.zeros(batch_size, self.config.window, dtype=torch.bool, device=device),
             positions=torch.zeros(batch_size, dtype=torch.long, device=device),
             prev_text=torch.full((batch_size,), self.start_token, dtype=torch.long, device=device),
             prev_codes=torch.full((batch_size, Q), self.empty_code, dtype=torch.long, device=device),
@@ -395,26 +430,26 @@ class DuplexLM(nn.Module):
         )
 
     def grow_state(self, state: DuplexState, batch_size: int) -> DuplexState:
-        """``state`` with fresh rows appended up to ``batch_size`` (their cache columns invalid)."""
+        """``state`` with fresh rows appended up to ``batch_size`` (no slot valid for them)."""
         n = batch_size - state.batch_size
         if n <= 0:
             return state
         fresh = self.init_state(n)
-        S = state.cache_length
         return DuplexState(
-            keys=[torch.cat((k, k.new_zeros(n, *k.shape[1:])), 0) for k in state.keys],
-            values=[torch.cat((v, v.new_zeros(n, *v.shape[1:])), 0) for v in state.values],
-            valid=torch.cat((state.valid, torch.zeros(n, S, dtype=torch.bool, device=state.valid.device)), 0),
+            keys=[torch.cat((k, f)) for k, f in zip(state.keys, fresh.keys)],
+            values=[torch.cat((v, f)) for v, f in zip(state.values, fresh.values)],
+            valid=torch.cat((state.valid, fresh.valid)),
             positions=torch.cat((state.positions, fresh.positions)),
             prev_text=torch.cat((state.prev_text, fresh.prev_text)),
             prev_codes=torch.cat((state.prev_codes, fresh.prev_codes)),
             history=torch.cat((state.history, fresh.history)),
+            steps=state.steps,
         )
 
     def select_rows(self, state: DuplexState, rows: list[int]) -> DuplexState:
-        """The sub-batch made of ``rows`` in that order (cache columns no kept row needs are dropped)."""
+        """The sub-batch made of ``rows`` in that order."""
         index = torch.as_tensor(rows, dtype=torch.long, device=state.positions.device)
-        picked = DuplexState(
+        return DuplexState(
             keys=[k.index_select(0, index) for k in state.keys],
             values=[v.index_select(0, index) for v in state.values],
             valid=state.valid.index_select(0, index),
@@ -422,25 +457,7 @@ class DuplexLM(nn.Module):
             prev_text=state.prev_text.index_select(0, index),
             prev_codes=state.prev_codes.index_select(0, index),
             history=state.history.index_select(0, index),
-        )
-        return self._trim(picked, room=0)
-
-    def _trim(self, state: DuplexState, room: int = 1) -> DuplexState:
-        """Drop leading cache columns that no row attends to, and the oldest ones beyond the window
-        (leaving ``room`` for the positions about to be added)."""
-        S = state.cache_length
-        if S == 0:
-            return state
-        used = state.valid.any(0)
-        lead = int(used.float().argmax()) if bool(used.any()) else S
-        drop = max(lead, S + room - self.config.window)
-        if drop <= 0:
-            return state
-        return replace(
-            state,
-            keys=[k[:, :, drop:] for k in state.keys],
-            values=[v[:, :, drop:] for v in state.values],
-            valid=state.valid[:, drop:],
+            steps=state.steps,
         )
 
     @torch.no_grad()
@@ -464,16 +481,17 @@ class DuplexLM(nn.Module):
         B, Q = state.batch_size, self.num_codebooks
         check_codes(user_codes, self.lm.config, leading=(B,))
         user_codes = user_codes.long().to(self.device)
-        state = self._trim(state)
+        if state.window != self.config.window or len(state.keys) != self.lm.backbone.config.num_hidden_layers:
+            raise SpeechLMError(f"this state's KV ring has {state.window} slots, the model's window is {self.config.window}: use init_state")
         embeds = self.embed_inputs(state.prev_text[:, None], state.prev_codes[:, None], user_codes[:, None])
-        valid = torch.cat((state.valid, torch.ones(B, 1, dtype=torch.bool, device=state.valid.device)), dim=1)
-        from transformers import DynamicCache
-
-        if state.keys:
-            cache = DynamicCache(ddp_cache_data=list(zip(state.keys, state.values)))
-        else:
-            cache = DynamicCache(config=self.lm.backbone.config)
-        output = self.lm.run_backbone(embeds, attention_mask=valid, position_ids=state.positions[:, None], past_key_values=cache)
+        # Attention always spans the whole ring (unfilled slots masked): a tick costs the same at
+        # second 1 as at minute 10, and every tick has the same shapes.
+        slot = state.steps % state.window
+        valid = state.valid.clone()
+        valid[:, slot] = True
+        cache = _RingCache(state.keys, state.values, slot)
+        mask = valid[:, None, None, :]  # (B, 1, 1, window): a ready-made 4-D mask, which the backbone uses as is
+        output = self.lm.run_backbone(embeds, attention_mask=mask, position_ids=state.positions[:, None], past_key_values=cache)
         hidden = output.last_hidden_state[:, 0]
 
         text_logits = self.lm.text_logits(hidden)
@@ -495,15 +513,15 @@ class DuplexLM(nn.Module):
 
         window = torch.cat((state.history, codes[:, None]), dim=1)  # (B, d_max + 1, Q): positions t - d_max .. t
         frame = window[:, self.delays, torch.arange(Q, device=window.device)]  # codebook q of frame t - d_max sits at index d_q
-        layers = cache.layers
         new_state = DuplexState(
-            keys=[layer.keys for layer in layers],
-            values=[layer.values for layer in layers],
+            keys=state.keys,
+            values=state.values,
             valid=valid,
             positions=state.positions + 1,
             prev_text=text,
             prev_codes=codes,
             history=window[:, 1:],
+            steps=state.steps + 1,
         )
         return DuplexStep(text=text, codes=codes, frame=frame, text_logits=text_logits, audio_logits=audio_logits, state=new_state)
 

@@ -192,6 +192,8 @@ class SpeechLM(nn.Module):
         """Backbone on input embeddings -> its output (``last_hidden_state``: (B, L, D), after the final norm;
         with ``output_hidden_states``, ``hidden_states[k]`` is the state after layer k, k < number of layers).
 
+        ``attention_mask``: (B, S) padding mask, or a ready (B, 1, L, S) boolean mask used as is.
+
         ``past_key_values``: a transformers Cache, updated in place. transformers >= 5.2x names that
         argument ``cache`` (``past_key_values`` is deprecated there); older 5.x only knows ``past_key_values``.
         """
@@ -199,7 +201,7 @@ class SpeechLM(nn.Module):
         cache_arg = _cache_argument(type(base))
         return base(
             inputs_embeds=embeds,
-            attention_mask=None if attention_mask is None else attention_mask.long(),
+            attention_mask=attention_mask if attention_mask is None or attention_mask.ndim == 4 else attention_mask.long(),
             position_ids=position_ids,
             use_cache=past_key_values is not None,
             output_hidden_states=output_hidden_states,
