@@ -40,12 +40,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--model duplex: the LM's dtype")
     ap.add_argument("--batches", default="1,8,32,64,128", help="batch sizes for the step timings")
     ap.add_argument("--clients-per-process", type=int, default=64)
+    ap.add_argument("--cuda-graphs", action="store_true", help="--model duplex: the LM backbone's forward from CUDA graphs")
     ap.add_argument("--compile-codec", action="store_true", help="the codec's steps compiled with AOTInductor (speechlm.codec.compiled)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype)
+    model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs)
     batches = [int(x) for x in args.batches.split(",")]
     steps = step_times(model, batches)
     for row in steps:
@@ -59,7 +60,7 @@ def main() -> None:
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
     report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
-              "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
+              "cuda_graphs": args.cuda_graphs, "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
               "parameters_m": parameters_m(model), "step_times": steps, "memory": memory, "loads": loads, "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))
     if args.out:

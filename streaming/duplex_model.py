@@ -13,11 +13,12 @@ decoded word pieces (``" hel"``, ``"lo"``; None for ``<|text_pad|>``).
 
 State (:class:`DuplexSpeechState`): the codec's encoder and decoder halves and the LM's
 :class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
-``select_rows`` (the LM's KV cache has a shared length, so new rows get invalid columns rather
-than a plain concatenation). Memory per session is bounded by the LM's ``window``.
+``select_rows`` (the LM's KV cache is a ring of ``window`` slots shared by all rows: a new row's
+slots start invalid). Memory per session is fixed by the LM's ``window``.
 
 Sampling: Moshi's defaults (text temperature 0.7, top-k 25; audio 0.8, top-k 250); pass
-``GREEDY`` for repeatable output. With sampling, rows draw from one generator, so a session's
+``GREEDY`` for repeatable output. ``graphs=True`` replays the LM backbone's forward from CUDA
+graphs on a GPU (``speechlm serve --cuda-graphs``). With sampling, rows draw from one generator, so a session's
 draws depend on who else is in the batch.
 """
 
@@ -62,6 +63,7 @@ class DuplexSpeechModel:
         text_sampling: Sampling = TEXT_SAMPLING,
         audio_sampling: Sampling = AUDIO_SAMPLING,
         seed: int | None = 0,
+        graphs: bool = False,
     ):
         cfg = lm.lm.config
         if codec.config.codes_per_frame != cfg.num_codebooks or codec.config.codebook_size != cfg.codebook_size:
@@ -76,6 +78,7 @@ class DuplexSpeechModel:
         if device is not None:
             lm, codec = lm.to(device), codec.to(device)
         self.lm, self.codec = lm.eval(), codec.eval()
+        self.lm.use_graphs(graphs)  # the LM's backbone forward from CUDA graphs (see DuplexLM.use_graphs)
         self.device = lm.device
         self.frame_length = int(codec.frame_length)
         self.sample_rate = int(codec.sample_rate)

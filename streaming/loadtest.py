@@ -197,20 +197,21 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
 
 
 def build_model(
-    name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32"
+    name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32",
+    graphs: bool = False,
 ) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
     ``duplex`` with ``lm`` = a duplex LM directory (or ``random:PRESET``, see
     :func:`speechlm.streaming.duplex_model.build_duplex_model`) and ``codec`` its codec name/dir.
     ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
-    ``dtype``: the duplex LM's (float32 or bfloat16)."""
+    ``dtype``: the duplex LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs."""
     from .models import with_compiled_codec
 
-    model = _build_model(name, codec, device, lm, dtype)
+    model = _build_model(name, codec, device, lm, dtype, graphs)
     return with_compiled_codec(model) if compile_codec else model
 
 
-def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str = "float32") -> DuplexModel:
+def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str = "float32", graphs: bool = False) -> DuplexModel:
     import torch
 
     from .models import EchoCodecModel, SilenceModel
@@ -220,7 +221,7 @@ def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str 
     if name == "duplex":
         from .duplex_model import build_duplex_model
 
-        return build_duplex_model(lm, codec, device=device, dtype=getattr(torch, dtype))
+        return build_duplex_model(lm, codec, device=device, dtype=getattr(torch, dtype), graphs=graphs)
     from ..codec.config import CodecConfig
     from ..codec.model import Codec
 

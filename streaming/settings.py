@@ -41,6 +41,7 @@ class ServerConfig:
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
+    cuda_graphs: bool = False  # duplex model on CUDA: the LM backbone's forward replayed from CUDA graphs
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
 
     def check(self) -> None:
@@ -86,6 +87,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the codec's frame steps compiled with AOTInductor (2-3x faster on CPU; the first run compiles for about a minute and caches it; needs g++)",
     )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="duplex model on a GPU: replay the LM backbone's forward from CUDA graphs (fewer kernel launches per tick)"
+    )
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
     parser.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout, help=f"seconds without a message before closing (default {d.idle_timeout:g})"
@@ -110,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),
+        cuda_graphs=getattr(args, "cuda_graphs", False),
         max_sessions=args.max_sessions,
         idle_timeout=args.idle_timeout,
         output_seconds=args.output_seconds,

@@ -182,6 +182,21 @@ def test_reset_join_and_leave_equal_fresh_single_row_runs(tokenizer_dir, head):
     assert not crowd[8][3].valid[0, :4].any() and crowd[8][3].valid[0, 4:9].all()  # row 1 restarted at tick 4
 
 
+
+def test_graphed_backbone_steps_equal_eager_steps_through_joins_and_leaves(tokenizer_dir):
+    """``use_graphs`` (CUDA graphs on a GPU; here the same static buffers run directly) gives the
+    eager step's tokens, frames and logits, through resets, a grown and a cut batch (each a new ring
+    storage, so a new entry), with the ring wrapping."""
+    eager = make_duplex(tokenizer_dir, "parallel_delay", window=5)
+    graphed = make_duplex(tokenizer_dir, "parallel_delay", window=5).use_graphs()
+    T = 12
+    user = torch.randint(0, C, (4, T, Q), generator=torch.Generator().manual_seed(5))
+    plan = {4: [("reset", [1])], 6: [("grow", 4), ("reset", [3])], 8: [("select", [1, 3])]}
+    for (text, frame, logits, _, _), (g_text, g_frame, g_logits, _, _) in zip(generate(eager, user, plan, 3), generate(graphed, user, plan, 3)):
+        assert torch.equal(text, g_text) and torch.equal(frame, g_frame)
+        torch.testing.assert_close(g_logits, logits, atol=1e-5, rtol=1e-4)
+    assert len(graphed.graphs.entries) == 3 and graphed.graphs.captures == 0  # three ring storages; no capture on CPU
+
 def test_kv_window_bounds_the_cache(tokenizer_dir):
     model = make_duplex(tokenizer_dir, window=4)
     user = torch.randint(0, C, (2, 10, Q), generator=torch.Generator().manual_seed(4))

@@ -182,21 +182,88 @@ class DuplexState:
 
 class _RingCache:
     """What the transformers backbone sees as its KV cache during one :meth:`DuplexLM.step`:
-    ``update`` writes the new position's keys/values into ``slot`` of each layer's ring and returns
-    the whole ring. Used with an explicit 4-D attention mask and explicit position ids, the
-    backbone asks nothing else of it."""
+    ``update`` writes the new position's keys/values into ``slot`` (a 1-element long tensor) of
+    each layer's ring and returns the whole ring. Used with an explicit 4-D attention mask and
+    explicit position ids, the backbone asks nothing else of it."""
 
-    def __init__(self, keys: list[Tensor], values: list[Tensor], slot: int):
+    def __init__(self, keys: list[Tensor], values: list[Tensor], slot: Tensor):
         self.keys, self.values, self.slot = keys, values, slot
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[:, :, self.slot] = key_states[:, :, -1]
-        v[:, :, self.slot] = value_states[:, :, -1]
+        k.index_copy_(2, self.slot, key_states[:, :, -1:].to(k.dtype))
+        v.index_copy_(2, self.slot, value_states[:, :, -1:].to(v.dtype))
         return k, v
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.keys[layer_idx].shape[2])
+
+
+class _GraphedBackbone:
+    """The backbone's one-position forward over the KV ring with static buffers, replayed from a CUDA
+    graph on CUDA (one capture per batch size and ring storage: ~1 000 kernel launches become one
+    replay); on other devices the same buffers are simply run (what the tests check).
+
+    A graph is tied to the addresses of the ring it was captured on; a state whose ring lives
+    elsewhere (a new state, one grown or cut by the scheduler) gets its own capture. The last
+    ``max_graphs`` captures are kept.
+    """
+
+    def __init__(self, lm: SpeechLM, max_graphs: int = 8):
+        self.lm, self.max_graphs = lm, max_graphs
+        self.entries: dict[tuple, dict[str, Any]] = {}
+        self.captures = 0
+
+    def __call__(self, embeds: Tensor, mask: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor], slot: int) -> Tensor:
+        """embeds (B, 1, D), mask (B, 1, 1, W) bool, positions (B, 1) -> hidden (B, D) (a static buffer: use it before the next call)."""
+        key = (tuple(embeds.shape), embeds.dtype, *(t.data_ptr() for t in keys), *(t.data_ptr() for t in values))
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self._build(embeds, mask, positions, keys, values)
+            while len(self.entries) >= self.max_graphs:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[key] = entry
+        entry["embeds"].copy_(embeds)
+        entry["mask"].copy_(mask)
+        entry["positions"].copy_(positions)
+        entry["slot"].fill_(slot)
+        if entry["graph"] is not None:
+            entry["graph"].replay()
+        else:
+            entry["hidden"] = entry["run"]()
+        return entry["hidden"]
+
+    def _build(self, embeds, mask, positions, keys, values) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "embeds": embeds.clone(),
+            "mask": mask.clone(),
+            "positions": positions.clone(),
+            "slot": torch.zeros(1, dtype=torch.long, device=embeds.device),
+            "graph": None,
+        }
+
+        def run() -> Tensor:
+            cache = _RingCache(keys, values, entry["slot"])
+            out = self.lm.run_backbone(entry["embeds"], attention_mask=entry["mask"], position_ids=entry["positions"], past_key_values=cache)
+            return out.last_hidden_state[:, 0]
+
+        entry["run"] = run
+        if embeds.device.type == "cuda":
+            # Warm-up on a side stream (as CUDA graphs require), then capture. The warm-up writes the
+            # ring slot this tick writes anyway, with the same inputs (the caller fills them next).
+            entry["embeds"].copy_(embeds)
+            stream = torch.cuda.Stream(device=embeds.device)
+            stream.wait_stream(torch.cuda.current_stream(embeds.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream(embeds.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                entry["hidden"] = run()
+            entry["graph"] = graph
+            self.captures += 1
+        return entry
 
 
 @dataclass
@@ -253,7 +320,14 @@ class DuplexLM(nn.Module):
         allowed[v.text_pad] = True
         self.register_buffer("allowed_text", allowed, persistent=False)
         self.register_buffer("delays", torch.tensor(c.audio_delays, dtype=torch.long), persistent=False)
+        self.graphs: _GraphedBackbone | None = None
         self.to(device=lm.device, dtype=lm.backbone.dtype)  # the new modules where the SpeechLM is
+
+    def use_graphs(self, enabled: bool = True) -> DuplexLM:
+        """Run :meth:`step`'s backbone forward from static buffers, captured as CUDA graphs on CUDA
+        (capture on the first step of each batch size; move the model to its device first)."""
+        self.graphs = _GraphedBackbone(self.lm) if enabled else None
+        return self
 
     # -- properties ----------------------------------------------------------------------
 
@@ -489,10 +563,13 @@ class DuplexLM(nn.Module):
         slot = state.steps % state.window
         valid = state.valid.clone()
         valid[:, slot] = True
-        cache = _RingCache(state.keys, state.values, slot)
         mask = valid[:, None, None, :]  # (B, 1, 1, window): a ready-made 4-D mask, which the backbone uses as is
-        output = self.lm.run_backbone(embeds, attention_mask=mask, position_ids=state.positions[:, None], past_key_values=cache)
-        hidden = output.last_hidden_state[:, 0]
+        if self.graphs is not None:
+            hidden = self.graphs(embeds, mask, state.positions[:, None], state.keys, state.values, slot)
+        else:
+            cache = _RingCache(state.keys, state.values, torch.tensor([slot], device=embeds.device))
+            output = self.lm.run_backbone(embeds, attention_mask=mask, position_ids=state.positions[:, None], past_key_values=cache)
+            hidden = output.last_hidden_state[:, 0]
 
         text_logits = self.lm.text_logits(hidden)
         if text is None:
