@@ -196,6 +196,11 @@ def test_graphed_backbone_steps_equal_eager_steps_through_joins_and_leaves(token
         assert torch.equal(text, g_text) and torch.equal(frame, g_frame)
         torch.testing.assert_close(g_logits, logits, atol=1e-5, rtol=1e-4)
     assert len(graphed.graphs.entries) == 3 and graphed.graphs.captures == 0  # three ring storages; no capture on CPU
+    graphed.graphs.max_graphs = 1  # evicting the older entries changes nothing
+    for (text, _, logits, _, _), (g_text, _, g_logits, _, _) in zip(generate(eager, user, plan, 3), generate(graphed, user, plan, 3)):
+        assert torch.equal(text, g_text)
+        torch.testing.assert_close(g_logits, logits, atol=1e-5, rtol=1e-4)
+    assert len(graphed.graphs.entries) == 1
 
 def test_kv_window_bounds_the_cache(tokenizer_dir):
     model = make_duplex(tokenizer_dir, window=4)

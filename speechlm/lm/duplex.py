@@ -51,6 +51,7 @@ its own rotary position). Policies:
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -221,7 +222,7 @@ class _GraphedBackbone:
         if entry is None:
             entry = self._build(embeds, mask, positions, keys, values)
             while len(self.entries) >= self.max_graphs:
-                self.entries.pop(next(iter(self.entries)))
+                self.entries.pop(next(iter(self.entries))).clear()  # frees its graph now (the entry's closure is a cycle)
             self.entries[key] = entry
         entry["embeds"].copy_(embeds)
         entry["mask"].copy_(mask)
@@ -259,8 +260,15 @@ class _GraphedBackbone:
                     run()
             torch.cuda.current_stream(embeds.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                entry["hidden"] = run()
+            # No garbage collection inside the capture: freeing another graph there breaks it. thread_local:
+            # the server captures in its model thread while the event loop's thread may touch CUDA.
+            gc.collect()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    entry["hidden"] = run()
+            finally:
+                gc.enable()
             entry["graph"] = graph
             self.captures += 1
         return entry
