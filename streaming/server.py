@@ -513,7 +513,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex":
             from .duplex_model import build_duplex_model
 
-            model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs)
+            model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=getattr(torch, config.dtype))
         else:
             model = EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
         return with_compiled_codec(model) if config.compile_codec else model
