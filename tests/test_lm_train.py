@@ -163,3 +163,15 @@ def test_torchrun_two_processes_equal_one_process(workdir, tmp_path):
     for index, state in single["optimizer"]["state"].items():  # first Adam moment = the averaged gradient
         assert torch.allclose(state["exp_avg"], ddp["optimizer"]["state"][index]["exp_avg"], atol=1e-7, rtol=1e-3), index
     SpeechLM.from_pretrained(tmp_path / "fsdp" / "model")  # exported from the sharded model
+
+
+def test_bfloat16_autocast_on_cpu_trains_close_to_float32(workdir, tmp_path):
+    """--dtype bfloat16 runs the forward under CPU autocast: the weights stay float32, the first loss
+    is the float32 loss up to bf16 rounding, and the loss still falls."""
+    full = LMTrainer(config(workdir, tmp_path / "f32", steps=20))
+    half = LMTrainer(config(workdir, tmp_path / "bf16", steps=20, dtype="bfloat16"))
+    first_full, first_half = full.train_step()["loss"], half.train_step()["loss"]
+    assert first_half == pytest.approx(first_full, rel=0.03) and first_half != first_full
+    losses = [first_half] + [half.train_step()["loss"] for _ in range(19)]
+    assert all(p.dtype == torch.float32 for p in half.model.parameters())
+    assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses

@@ -26,8 +26,12 @@ plus ``train_stage.json``) and ``tokenizer/`` when the BPE was trained here.
 
 FSDP (``--fsdp``, under torchrun, for backbones that do not fit one device): FSDP2
 ``fully_shard`` per decoder layer and around the whole model; checkpoints gather full state
-dicts to rank 0. Tested on CPU (gloo): it takes the same step as one process. The CUDA paths
-(NCCL, ``--dtype bfloat16`` autocast) are written but were not run here (no GPU).
+dicts to rank 0. Tested on CPU (gloo): it takes the same step as one process. The NCCL path is
+written but was not run here (no GPU).
+
+``--dtype bfloat16``: the forward under bfloat16 autocast (weights, gradients and the optimizer stay
+float32), on CUDA or on the CPU — on a CPU with AMX (this project's machines) a duplex step of 4 x 250
+frames takes 0.55x the float32 time.
 """
 
 from __future__ import annotations
@@ -348,9 +352,7 @@ class LMTrainer:
         sums = torch.zeros(len(keys) + 2, dtype=torch.float64)  # + tokens, audio positions
         counts = torch.zeros(len(keys), dtype=torch.float64)
         autocast = (
-            torch.autocast("cuda", dtype=getattr(torch, c.dtype))
-            if self.device.type == "cuda" and c.dtype != "float32"
-            else contextlib.nullcontext()
+            torch.autocast(self.device.type, dtype=getattr(torch, c.dtype)) if c.dtype != "float32" else contextlib.nullcontext()
         )
         self.optimizer.zero_grad(set_to_none=True)
         for k, indices in enumerate(self.micro_batches):
