@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--audio-codebook-temperatures", help="audio: one temperature per codebook, comma-separated (the server's top-k)")
     ap.add_argument("--text-temperature", type=float, help="text sampling temperature (default: the server's; 0 = greedy)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the LM's compute dtype (speechlm serve --dtype)")
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -121,7 +122,7 @@ def main() -> None:
         sampling["audio_sampling"] = dataclasses.replace(AUDIO_SAMPLING, codebook_temperatures=temps)
     if args.text_temperature is not None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
-    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, **sampling)
+    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling)
     n, fps = model.frame_length, model.sample_rate / model.frame_length
     judge = None
     if not args.no_judge:
