@@ -167,7 +167,8 @@ def cmd_data_dialogues(args: argparse.Namespace) -> int:
         seed=args.seed,
         shard_size=args.shard_size,
         **{k: v for k, v in (("response_gap_range", args.response_gap), ("reaction_time", args.reaction_time), ("p_interrupt", args.p_interrupt),
-                                  ("interrupt_window", args.interrupt_window), ("interrupt_anywhere", args.interrupt_anywhere)) if v is not None},
+                                  ("interrupt_window", args.interrupt_window), ("interrupt_anywhere", args.interrupt_anywhere),
+                                  ("p_user_backchannel", args.user_backchannel), ("user_backchannel_window", args.user_backchannel_window)) if v is not None},
     )
     summary = synthesize_dialogues(items, args.out, config, workers=args.workers, progress=not args.quiet)
     print(f"{summary.utterances} dialogues ({summary.failed} failed), {summary.hours:.4f} h in {summary.wall_seconds:.1f} s -> {Path(args.out) / 'manifest.jsonl'}")
@@ -511,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interrupt-anywhere", type=_probability, metavar="SHARE",
                    help="share of interruptions that cut in at any moment of that window, mid-word too, from 0.1 s into the turn, "
                         "instead of right after a word (default 0)")
+    p.add_argument("--user-backchannel", type=_probability, metavar="P",
+                   help="chance of a user backchannel ('mm-hm', 'yeah') over an assistant turn, which talks on through it (default 0)")
+    p.add_argument("--user-backchannel-window", type=_seconds_range, metavar="MIN,MAX",
+                   help="seconds into the assistant's speech where that backchannel may start (default 0.2,1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_dialogues)
 

@@ -230,6 +230,30 @@ def test_dialogue_interrupt_anywhere_cuts_in_mid_turn_by_time(tmp_path):
         DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-us"], interrupt_anywhere=1.5)
 
 
+
+def test_dialogue_user_backchannel_over_the_assistant_which_talks_on(tmp_path):
+    """p_user_backchannel: the user says a backchannel 0.2-0.6 s into the assistant's speech; the
+    assistant's turn is not cut by it, and an interruption of that turn waits until it has ended."""
+    items = [{"id": f"u{i}", "text": "", "turns": [["A", "Hello."], ["B", "Hi, how can I help you today my good friend?"], ["A", "Stop."]]}
+             for i in range(6)]
+    config = DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-gb+m3"], p_backchannel=0.0, p_user_backchannel=1.0,
+                            user_backchannel_window=(0.2, 0.6), p_interrupt=1.0, interrupt_window=(0.0, 0.1), interrupt_anywhere=1.0,
+                            reaction_time=0.04, seed=4)
+    synthesize_dialogues(items, tmp_path / "u", config, progress=False)
+    onsets = []
+    for row in read_manifest(tmp_path / "u"):
+        reply = next(t for t in row["turns"] if t["speaker"] == "B")
+        bc = next(t for t in row["turns"] if t["kind"] == "backchannel")
+        assert bc["speaker"] == "A" and reply["start"] < bc["start"] < reply["end"]
+        first_word = min(w["start"] for w in row["channels"][1]["words"] if w["start"] >= reply["start"] - 1e-3)
+        onsets.append(bc["start"] - first_word)
+        user = next(t for t in row["turns"] if t["speaker"] == "A" and t["kind"] == "turn" and t["start"] > reply["start"])
+        assert user["start"] >= bc["end"] + 0.2 - 1e-3  # the interruption waited for the backchannel
+    assert all(0.2 - 1e-3 <= d <= 0.6 + 1e-3 for d in onsets), onsets
+    assert len({round(d, 3) for d in onsets}) > 1, onsets
+    with pytest.raises(SpeechLMError, match="p_user_backchannel"):
+        DialogueConfig(user_voices=["espeak:en-us"], assistant_voices=["espeak:en-us"], p_user_backchannel=2.0)
+
 def test_dialogue_timing_assistant_answers_fast_and_never_talks_over_the_user(tmp_path):
     items = [
         {"id": f"t{i}", "text": "", "turns": [["A", "Hello there."], ["B", "Hi."], ["A", "What is two plus two?"], ["B", "It is four."]]}

@@ -13,7 +13,10 @@ speakers' teachers and laid on a timeline with, drawn per turn from the seed:
   its first word on, as real users cut in early — "no, wait"; with ``interrupt_anywhere`` a
   share of them at any moment, mid-word too, from 0.1 s into the turn); B stops a reaction time later
   (audio faded out, words after the cut dropped, turn marked ``interrupted``);
-* backchannels ("mm-hm", "yeah") from the listener in a word gap of a long turn.
+* backchannels ("mm-hm", "yeah") from the listener in a word gap of a long turn, and (with
+  ``p_user_backchannel``) from the user early in an assistant turn, at any moment of
+  ``user_backchannel_window`` (s into its speech): the assistant talks on through it, and the
+  user does not interrupt that turn before the backchannel has ended.
 
 The manifest row holds per-channel word timestamps and the turn boundaries, so that a
 duplex model can be trained on when to speak, when to stop and when to stay quiet.
@@ -49,6 +52,8 @@ class DialogueConfig:
     interrupt_window: tuple[float, float] = (0.5, 1.0)  # where in B's turn (share of its words) A may cut in
     interrupt_anywhere: float = 0.0  # share of interruptions cutting in at any moment (mid-word too), not after a word
     p_backchannel: float = 0.3  # chance of a backchannel in a turn of >= 6 words
+    p_user_backchannel: float = 0.0  # chance of a user backchannel early in an assistant turn (the assistant talks on)
+    user_backchannel_window: tuple[float, float] = (0.2, 1.0)  # s into the assistant's speech where it may start
     lead_in: float = 0.3  # s of silence at the start
 
     def __post_init__(self) -> None:
@@ -57,6 +62,11 @@ class DialogueConfig:
             raise SpeechLMError(f"interrupt_window must be 0 <= MIN < MAX <= 1 (shares of a turn's words), got {lo},{hi}")
         if not 0.0 <= self.interrupt_anywhere <= 1.0:
             raise SpeechLMError(f"interrupt_anywhere must be a share in [0, 1], got {self.interrupt_anywhere}")
+        if not 0.0 <= self.p_user_backchannel <= 1.0:
+            raise SpeechLMError(f"p_user_backchannel must be a share in [0, 1], got {self.p_user_backchannel}")
+        lo, hi = self.user_backchannel_window
+        if not 0.0 <= lo < hi:
+            raise SpeechLMError(f"user_backchannel_window must be 0 <= MIN < MAX seconds, got {lo},{hi}")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,6 +127,7 @@ def dialogue_row(job: Job, shard: str, out: Path, seed: int) -> dict:
                     first = min(int(lo * n), n - 2)
                     k = rng.randrange(first, max(min(int(hi * n), n - 1), first + 1))
                     start = prev["words"][k]["end"] + rng.uniform(0.0, 0.1)
+                start = max(start, prev.get("no_cut_before", 0.0))  # never over the user's own backchannel
                 cut = start + config.reaction_time
                 keep = max(0, int(round((cut - prev["start"]) * SAMPLE_RATE)))
                 prev["audio"] = _fade_out(prev["audio"][:keep], int(0.02 * SAMPLE_RATE))
@@ -133,6 +144,21 @@ def dialogue_row(job: Job, shard: str, out: Path, seed: int) -> dict:
         turn = {"speaker": speaker, "channel": ch, "start": start, "audio": syn.audio, "words": words, "text": text, "kind": "turn", "interrupted": False}
         placed.append(turn)
         free_at[ch] = start + len(syn.audio) / SAMPLE_RATE
+        # A user backchannel early in an assistant turn, at any moment (the assistant talks on through it).
+        lo, hi = config.user_backchannel_window
+        span = min(hi, words[-1]["start"] - words[0]["start"]) - lo if speaker == "B" and words else -1.0
+        if span > 0 and rng.random() < config.p_user_backchannel:
+            bc_text = rng.choice(BACKCHANNELS)
+            bc = get_teacher(voices[0]).synthesize(bc_text, random.Random(f"{seed}:ubc:{job.id}:{i}"))
+            bc_start = max(words[0]["start"] + lo + rng.uniform(0.0, span), free_at[0] + 0.1)
+            bc_end = bc_start + len(bc.audio) / SAMPLE_RATE
+            if bc_end < words[-1]["end"]:
+                free_at[0] = max(free_at[0], bc_end)
+                turn["no_cut_before"] = bc_end + 0.2
+                placed.insert(len(placed) - 1, {
+                    "speaker": "A", "channel": 0, "start": bc_start, "audio": bc.audio, "text": bc_text, "kind": "backchannel", "interrupted": False,
+                    "words": [{"word": w.word, "start": round(bc_start + w.start, 4), "end": round(bc_start + w.end, 4)} for w in bc.words],
+                })
         # A backchannel from the listener inside a long turn, at a word gap.
         if len(words) >= 6 and rng.random() < config.p_backchannel:
             listener = "B" if speaker == "A" else "A"
