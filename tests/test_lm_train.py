@@ -150,7 +150,8 @@ def test_torchrun_two_processes_equal_one_process(workdir, tmp_path):
         run = subprocess.run(
             [*command, *common, *extra, "--out", str(tmp_path / name)], capture_output=True, text=True, env=env, timeout=300
         )
-        assert run.returncode == 0, (name, run.stderr[-3000:])
+        errors = [line for line in run.stderr.splitlines() if "Error" in line or "error" in line][:5]
+        assert run.returncode == 0, (name, errors, run.stderr[-3000:])
     single = torch.load(tmp_path / "single" / "checkpoint.pt", weights_only=False)
     for name in ("ddp", "fsdp"):
         other = torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)

@@ -437,6 +437,8 @@ def train_lm_main(args: argparse.Namespace) -> int:
         print(f"stage {args.stage}: {n_params / 1e6:.2f} M parameters, {n_trained / 1e6:.2f} M trained; starting at step {trainer.step}")
         print(f"data: {trainer.mixture.describe()}")
     trainer.train(progress=not args.quiet)
+    if dist.is_initialized():
+        dist.barrier()  # every rank done (export, last checkpoint) before any tears the process group down
     if trainer.rank == 0:
         print(f"done: {trainer.step} steps; model in {Path(args.out) / 'model'}")
     return 0
