@@ -176,3 +176,21 @@ def test_bfloat16_autocast_on_cpu_trains_close_to_float32(workdir, tmp_path):
     losses = [first_half] + [half.train_step()["loss"] for _ in range(19)]
     assert all(p.dtype == torch.float32 for p in half.model.parameters())
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
+
+
+def test_loader_workers_build_the_same_batches(workdir, tmp_path):
+    """--loader-workers builds the batches ahead in worker processes: the same batches, so the same
+    losses as building them in the loop, and a resumed run's loader starts at the resumed step."""
+    inline = LMTrainer(config(workdir, tmp_path / "inline", steps=4))
+    inline.train(progress=False)
+    workers = LMTrainer(config(workdir, tmp_path / "workers", steps=4, loader_workers=2, stop_at=2))
+    workers.train(progress=False)
+    workers = LMTrainer(config(workdir, tmp_path / "workers", steps=4, loader_workers=2))
+    assert workers.step == 2
+    ahead = list(workers.step_batches(2, 4))
+    assert len(ahead) == 2 and all(len(step) == len(workers.micro_batches) for step in ahead)
+    assert torch.equal(ahead[0][0]["input_ids"], workers.mixture.batch(2, workers.micro_batches[0])["input_ids"])
+    workers.train(progress=False)
+    rows = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] for name in ("inline", "workers")]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in rows[1]] == pytest.approx([r["loss"] for r in rows[0]], rel=1e-5, abs=1e-6)

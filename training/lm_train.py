@@ -66,7 +66,7 @@ ARCHITECTURE_FIELDS = (
     "depth_heads", "mctp_modules", "mctp_layers", "mctp_intermediate_size",
 )  # fmt: skip
 # Settings a resumed run may change.
-RESUMABLE = ("steps", "stop_at", "out", "checkpoint_every", "checkpoint_minutes", "log_every", "threads", "device")
+RESUMABLE = ("steps", "stop_at", "out", "checkpoint_every", "checkpoint_minutes", "log_every", "threads", "loader_workers", "device")
 
 
 def lr_factor(step: int, config: LMTrainConfig) -> float:
@@ -154,6 +154,23 @@ def build_model(config: LMTrainConfig, audio: dict, tokenizer_texts, *, rank: in
 
 
 # -- the trainer ----------------------------------------------------------------------------------
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """The micro-batches of one process for steps ``start..end - 1``, item k = step ``start + k``.
+
+    Built by the mixture from (seed, step, index) alone, so a worker process builds exactly the batch
+    the training loop would have built itself.
+    """
+
+    def __init__(self, mixture, micro_batches: list[list[int]], start: int, end: int):
+        self.mixture, self.micro_batches, self.start, self.end = mixture, micro_batches, start, end
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __getitem__(self, k: int) -> list[dict[str, torch.Tensor]]:
+        return [self.mixture.batch(self.start + k, indices) for indices in self.micro_batches]
 
 
 class LMTrainer:
@@ -337,10 +354,32 @@ class LMTrainer:
             return self.wrapped.no_sync()
         return contextlib.nullcontext()
 
-    def train_step(self, *, all_losses: bool = True) -> dict[str, float]:
+    def step_batches(self, start: int, end: int):
+        """Yields this process's micro-batches of steps ``start..end - 1``, in order; with
+        ``loader_workers`` they are built ahead of the step in worker processes (the same batches)."""
+        dataset = _StepBatches(self.mixture, self.micro_batches, start, end)
+        workers = self.config.loader_workers
+        if workers <= 0:
+            yield from (dataset[k] for k in range(len(dataset)))
+            return
+        import multiprocessing
+
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=4,
+            pin_memory=self.device.type == "cuda",
+            multiprocessing_context=multiprocessing.get_context("fork"),  # the mixture is not pickled
+            worker_init_fn=lambda _: torch.set_num_threads(1),
+        )
+        yield from loader
+
+    def train_step(self, *, all_losses: bool = True, batches: list[dict[str, torch.Tensor]] | None = None) -> dict[str, float]:
         """One optimizer step on global batch ``self.step``; returns its metrics (averaged over processes).
 
         ``all_losses``: also compute (for the log) the losses this stage does not train on.
+        ``batches``: this process's micro-batches of the step (from :meth:`step_batches`); built here if None.
         """
         c = self.config
         started = time.time()
@@ -355,8 +394,10 @@ class LMTrainer:
             torch.autocast(self.device.type, dtype=getattr(torch, c.dtype)) if c.dtype != "float32" else contextlib.nullcontext()
         )
         self.optimizer.zero_grad(set_to_none=True)
-        for k, indices in enumerate(self.micro_batches):
-            batch = {name: t.to(self.device) for name, t in self.mixture.batch(self.step, indices).items()}
+        if batches is None:
+            batches = [self.mixture.batch(self.step, indices) for indices in self.micro_batches]
+        for k, batch in enumerate(batches):
+            batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
             with self._sync_gradients(k == len(self.micro_batches) - 1):
                 with autocast:
                     out = self.wrapped(**batch, all_losses=all_losses)
@@ -400,10 +441,11 @@ class LMTrainer:
         end = min(c.steps, c.stop_at) if c.stop_at is not None else c.steps
         bar = tqdm(total=end, initial=self.step, disable=not progress or self.rank != 0, desc=f"lm {c.stage}", unit="step")
         log_file = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
+        batches = self.step_batches(self.step, end)
         try:
-            while self.step < end:
+            for step_batches in batches:
                 log_now = (self.step + 1) % c.log_every == 0 or self.step + 1 == end
-                log = self.train_step(all_losses=log_now)
+                log = self.train_step(all_losses=log_now, batches=step_batches)
                 bar.update(1)
                 if log_file is not None and log_now:
                     row = {"step": self.step, "time": round(time.time() - start, 2), "stage": c.stage}
@@ -420,6 +462,7 @@ class LMTrainer:
                     self.save_checkpoint()
                     last_save = time.time()
         finally:
+            batches.close()  # stops the loader's workers
             bar.close()
             if log_file is not None:
                 log_file.close()

@@ -64,6 +64,7 @@ class LMTrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int = 1
+    loader_workers: int = 0  # processes that build batches ahead of the step (0: built in the training loop)
     device: str = "auto"  # auto: cuda if available
     dtype: str = "float32"  # autocast dtype of the forward (bfloat16), on CUDA or CPU; weights stay float32
     fsdp: bool = False
@@ -141,6 +142,8 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--log-every", type=int, default=d["log_every"].default)
     p("--seed", type=int, default=d["seed"].default)
     p("--threads", type=int, default=d["threads"].default, help="torch threads per process")
+    p("--loader-workers", type=int, default=d["loader_workers"].default,
+      help="processes that build the next batches while a step runs (a GPU run is data-bound without them); same batches as 0")
     p("--device", default=d["device"].default, help="auto, cpu or cuda")
     p("--dtype", default=d["dtype"].default, choices=["float32", "bfloat16"], help="autocast dtype of the forward, CUDA or CPU (bfloat16: ~1.8x faster steps on CPUs with AMX)")
     p("--fsdp", action="store_true", help="shard the model with FSDP2 (torchrun; for big backbones)")
