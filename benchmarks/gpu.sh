@@ -16,13 +16,7 @@ out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
 device=${DEVICE:-cuda}
 parts=${PARTS:-duplex,duplex_graphs,qwen05b,qwen05b_graphs}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ] && [ -z "${NO_INSTALL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+source benchmarks/gpu_setup.sh
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
 server() {  # name, seconds allowed, then benchmarks/server.py arguments

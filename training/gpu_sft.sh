@@ -26,13 +26,7 @@ dtype=${DTYPE:-bfloat16}
 calib_steps=${CALIB_STEPS:-40}
 work=${WORK:-/tmp/lm-gpu-work}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ] && [ -z "${NO_INSTALL:-}" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
-fi
-command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/gpu_setup.sh
 rm -rf "$work" && mkdir -p "$work/data" && tar xJf "$data" -C "$work/data" || exit 1
 if [ -n "${MODEL_TAR:-}" ]; then  # the model packed as tar.xz (bf16 weights shrink ~30 %) to fit the trip
   mkdir -p "$(dirname "$model")" && tar xJf "$MODEL_TAR" -C "$(dirname "$model")" || exit 1
