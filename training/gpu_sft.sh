@@ -12,7 +12,8 @@
 # OUT_DIR receives lm-gpu.tar.part-* (at most 15 MiB each) and log.jsonl; here:
 #   cat OUT/lm-gpu.tar.part-* | tar x -C runs/    # -> runs/lm-gpu/{model,checkpoint.pt,train_config.json,log.jsonl}
 #   python -m speechlm.training.ship runs/lm-gpu NAME --codec codec-16k --dtype bfloat16
-# (checkpoint.pt there holds the step and the training config only: the provenance for `ship`.)
+# (checkpoint.pt there holds the step and the training config only: the provenance for `ship`, naming the
+# model it started from INIT_NAME, default MODEL's folder name, and the corpora as data/tok-*.)
 # DEVICE=cpu with a small SECONDS_BUDGET and BATCH rehearses it on a CPU.
 set -u
 out=${1:?usage: training/gpu_sft.sh OUT_DIR}
@@ -58,7 +59,7 @@ echo "train exit: $?"
 cp "$work/run/log.jsonl" "$out/log.jsonl"
 
 # 3. pack: bfloat16 weights (from the export, or the last checkpoint if the net was hit), step + config
-python3 - "$work/run" "$work/back/lm-gpu" <<'EOF' || exit 1
+python3 - "$work/run" "$work/back/lm-gpu" "${INIT_NAME:-$(basename "$model")}" "$work/data/" <<'EOF' || exit 1
 import json, shutil, sys
 from pathlib import Path
 import torch
@@ -73,8 +74,10 @@ model.to(torch.bfloat16).save_pretrained(back / "model")
 for name in ("train_stage.json",):
     if (run / "model" / name).exists():
         shutil.copy(run / "model" / name, back / "model" / name)
-torch.save({"step": ckpt["step"], "train_config": ckpt["train_config"]}, back / "checkpoint.pt")
-shutil.copy(run / "train_config.json", back / "train_config.json")
+# the provenance as it reads here: the shipped model it started from by name, the corpora as data/tok-*
+config.update(init_from=sys.argv[3], data=[d.removeprefix(sys.argv[4]) for d in config["data"]])
+torch.save({"step": ckpt["step"], "train_config": config}, back / "checkpoint.pt")
+(back / "train_config.json").write_text(json.dumps(config, indent=2))
 shutil.copy(run / "log.jsonl", back / "log.jsonl")
 print(f"packed step {ckpt['step']}")
 EOF
