@@ -194,3 +194,20 @@ def test_loader_workers_build_the_same_batches(workdir, tmp_path):
     rows = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] for name in ("inline", "workers")]
     assert [r["step"] for r in rows[1]] == [1, 2, 3, 4]
     assert [r["loss"] for r in rows[1]] == pytest.approx([r["loss"] for r in rows[0]], rel=1e-5, abs=1e-6)
+
+
+def test_time_budget_fits_the_schedule_in_warm_up(workdir, tmp_path):
+    """--time-budget-minutes times warm-up steps and sets --steps (an upper bound) to what fits: a budget
+    too small for more ends the run right after the timed steps, with its export; the learning rate of
+    those steps is the one of any schedule (warm-up does not depend on --steps)."""
+    fitted = LMTrainer(config(workdir, tmp_path / "fit", steps=1000, warmup_steps=12, time_budget_minutes=1e-9))
+    fitted.train(progress=False)
+    assert fitted.step == fitted.config.steps == 13 and read_stage(tmp_path / "fit" / "model")["step"] == 13
+    plain = LMTrainer(config(workdir, tmp_path / "plain", steps=13, warmup_steps=12))
+    plain.train(progress=False)
+    rows = [[json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()] for name in ("fit", "plain")]
+    assert [r["lr"] for r in rows[0][:12]] == pytest.approx([r["lr"] for r in rows[1][:12]])
+    again = LMTrainer(config(workdir, tmp_path / "fit", steps=1000, warmup_steps=12, time_budget_minutes=1e-9))
+    assert again.step == 13 and again.config.steps == 13  # resumed: the fitted schedule, not the upper bound
+    with pytest.raises(SpeechLMError, match="warmup-steps of at least 10"):
+        LMTrainer(config(workdir, tmp_path / "short", steps=100, warmup_steps=4, time_budget_minutes=1.0)).train(progress=False)

@@ -1,14 +1,15 @@
 #!/bin/bash
-# Fine-tune the shipped speech LM on a lent GPU for a fixed time, in one command, and pack the
-# result (bfloat16 weights + the run's config, step and log) for the trip back.
+# Fine-tune a shipped model on a lent GPU for a fixed time, in one command, and pack the result
+# (bfloat16 weights + the run's config, step and log) for the trip back.
 #
 #   MODEL=.xfer/speechlm-default DATA=.xfer/lmdata.tar.xz bash training/gpu_sft.sh OUT_DIR
 #   (MODEL_TAR=.xfer/model.tar.xz: unpack MODEL's folder from this tar.xz first)
 #
 # On the GPU machine (PyTorch and transformers there, our other packages as wheels in .whl/, as
-# for benchmarks/gpu.sh), from the repository root. DATA: a tar.xz of tokenized corpora
-# (data/tok-*, `speechlm data tokenize`). A short calibration run (CALIB_STEPS steps) times a step;
-# the real run gets the steps that fill SECONDS_BUDGET, so its learning-rate schedule ends on time.
+# for benchmarks/gpu.sh), from the repository root. DATA: a tar.xz of tokenized corpora (data/tok-*,
+# `speechlm data tokenize`). STAGE=sft (default: the speech LM's mixture) or duplex (two-channel
+# dialogues; MODEL a speech LM or a duplex LM). The run times its warm-up steps and fits its
+# learning-rate schedule to SECONDS_BUDGET (`--time-budget-minutes`), so it ends on time.
 # OUT_DIR receives lm-gpu.tar.part-* (at most 15 MiB each) and log.jsonl; here:
 #   cat OUT/lm-gpu.tar.part-* | tar x -C runs/    # -> runs/lm-gpu/{model,checkpoint.pt,train_config.json,log.jsonl}
 #   python -m speechlm.training.ship runs/lm-gpu NAME --codec codec-16k --dtype bfloat16
@@ -19,12 +20,12 @@ set -u
 out=${1:?usage: training/gpu_sft.sh OUT_DIR}
 model=${MODEL:-.xfer/speechlm-default}
 data=${DATA:-.xfer/lmdata.tar.xz}
+stage=${STAGE:-sft}
 budget=${SECONDS_BUDGET:-360}
 batch=${BATCH:-128}
 lr=${LR:-6e-4}
 device=${DEVICE:-cuda}
 dtype=${DTYPE:-bfloat16}
-calib_steps=${CALIB_STEPS:-40}
 work=${WORK:-/tmp/lm-gpu-work}
 mkdir -p "$out"
 source benchmarks/gpu_setup.sh
@@ -34,47 +35,40 @@ if [ -n "${MODEL_TAR:-}" ]; then  # the model packed as tar.xz (bf16 weights shr
 fi
 corpora=$(find "$work/data" -name index.jsonl -printf '%h\n' | sort | tr '\n' ' ')
 echo "corpora: $corpora"
-common=(--stage sft --data $corpora --init-from "$model" --batch-size "$batch" --lr "$lr" --warmup-steps 100
-  --weights tts=2,asr=1,interleave=0.3,spoken_qa=1.5,text=1.5 --pack-text --text-count 3000 --max-length 256
-  --assistant-voices espeak:en-us --dtype "$dtype" --device "$device" --loader-workers "${WORKERS:-8}" --threads 4 --quiet)
+default_duplex_config='{"stop_weight": 3.0, "stop_frames": 5}'
+case $stage in
+  sft) stage_args=(--stage sft --weights tts=2,asr=1,interleave=0.3,spoken_qa=1.5,text=1.5 --pack-text --text-count 3000
+         --max-length 256 --assistant-voices espeak:en-us --warmup-steps "${WARMUP:-100}") ;;
+  duplex) stage_args=(--stage duplex --max-length 250 --p-from-start 0.5 --warmup-steps "${WARMUP:-50}"
+         --duplex-config "${DUPLEX_CONFIG:-$default_duplex_config}") ;;
+  *) echo "STAGE: sft or duplex, not $stage"; exit 1 ;;
+esac
 
-# 1. calibration: seconds per step after the first 10 (allocator, autotuning)
-python3 -m speechlm train lm "${common[@]}" --out "$work/calib" --steps 100000 --stop-at "$calib_steps" --log-every 10 \
-  --checkpoint-every 1000000 || exit 1
-steps=$(python3 - "$work/calib/log.jsonl" "$budget" <<'EOF'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-first, last = rows[0], rows[-1]
-per_step = (last["time"] - first["time"]) / (last["step"] - first["step"])
-print(max(20, int(float(sys.argv[2]) / per_step)), file=sys.stdout)
-print(f"calibration: {per_step * 1000:.0f} ms a step at this batch", file=sys.stderr)
-EOF
-) || exit 1
-echo "steps: $steps"
-
-# 2. the run, on a fresh schedule of that many steps (a timeout as a net: the 2-minute checkpoints remain)
-timeout $((budget + 50)) python3 -m speechlm train lm "${common[@]}" --out "$work/run" --steps "$steps" --log-every 20 \
-  --checkpoint-minutes 2 --checkpoint-every 1000000
+# the run: --steps is an upper bound, the schedule fitted to the budget during warm-up (a timeout as a
+# net: the 2-minute checkpoints, each with its export, remain)
+timeout $((budget + 60)) python3 -m speechlm train lm "${stage_args[@]}" --data $corpora --init-from "$model" \
+  --batch-size "$batch" --lr "$lr" --dtype "$dtype" --device "$device" --loader-workers "${WORKERS:-8}" --threads 4 --quiet \
+  --out "$work/run" --steps "${STEPS:-1000000}" --time-budget-minutes "$(python3 -c "print($budget / 60)")" \
+  --log-every 20 --checkpoint-minutes 2 --checkpoint-every 1000000
 echo "train exit: $?"
 cp "$work/run/log.jsonl" "$out/log.jsonl"
 
-# 3. pack: bfloat16 weights (from the export, or the last checkpoint if the net was hit), step + config
+# pack: the last export in bfloat16, its step and the config
 python3 - "$work/run" "$work/back/lm-gpu" "${INIT_NAME:-$(basename "$model")}" "$work/data/" <<'EOF' || exit 1
 import json, shutil, sys
 from pathlib import Path
 import torch
+from speechlm.lm.duplex import DuplexLM, is_duplex_dir
 from speechlm.lm.model import SpeechLM
 run, back = Path(sys.argv[1]), Path(sys.argv[2])
 back.mkdir(parents=True)
 ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-config = json.loads((run / "train_config.json").read_text())
-model = SpeechLM.from_pretrained(config["init_from"])
-model.load_state_dict(ckpt["model"])  # the last checkpoint is the exported step when the run ended
+model = (DuplexLM if is_duplex_dir(run / "model") else SpeechLM).from_pretrained(run / "model")  # exported with each checkpoint
 model.to(torch.bfloat16).save_pretrained(back / "model")
-for name in ("train_stage.json",):
-    if (run / "model" / name).exists():
-        shutil.copy(run / "model" / name, back / "model" / name)
+if (run / "model" / "train_stage.json").exists():
+    shutil.copy(run / "model" / "train_stage.json", back / "model" / "train_stage.json")
 # the provenance as it reads here: the shipped model it started from by name, the corpora as data/tok-*
+config = ckpt["train_config"]
 config.update(init_from=sys.argv[3], data=[d.removeprefix(sys.argv[4]) for d in config["data"]])
 torch.save({"step": ckpt["step"], "train_config": config}, back / "checkpoint.pt")
 (back / "train_config.json").write_text(json.dumps(config, indent=2))

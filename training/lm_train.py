@@ -66,7 +66,7 @@ ARCHITECTURE_FIELDS = (
     "depth_heads", "mctp_modules", "mctp_layers", "mctp_intermediate_size",
 )  # fmt: skip
 # Settings a resumed run may change.
-RESUMABLE = ("steps", "stop_at", "out", "checkpoint_every", "checkpoint_minutes", "log_every", "threads", "loader_workers", "device")
+RESUMABLE = ("steps", "stop_at", "time_budget_minutes", "out", "checkpoint_every", "checkpoint_minutes", "log_every", "threads", "loader_workers", "device")
 
 
 def lr_factor(step: int, config: LMTrainConfig) -> float:
@@ -252,6 +252,8 @@ class LMTrainer:
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.step = checkpoint["step"]
+            if c.time_budget_minutes is not None and self.step >= self._budget_steps()[1]:
+                c.steps = checkpoint["train_config"]["steps"]  # the schedule was fitted before the checkpoint
         self.model.to(self.device).train()
         if c.fsdp:
             self.wrapped = self._fully_shard()  # replaces the parameters with sharded ones
@@ -343,6 +345,26 @@ class LMTrainer:
         info = {"stage": self.config.stage, "step": self.step, "init_from": self.config.init_from, "codec_id": codec_id}
         (directory / STAGE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         return directory
+
+    def _budget_steps(self) -> tuple[int, int]:
+        """--time-budget-minutes: the steps timed (from, to), inside warm-up, where the learning rate
+        does not depend on ``steps`` yet."""
+        to = min(self.config.warmup_steps, 30)
+        return to // 3, to
+
+    def _fit_schedule(self, seconds: float, timed_steps: int) -> int:
+        """Sets ``steps`` to what fits the time budget at ``seconds`` per ``timed_steps`` (rank 0's clock)."""
+        c = self.config
+        per_step = torch.tensor([seconds / timed_steps], dtype=torch.float64)
+        if self.world_size > 1:
+            per_step = per_step.to(self.device)
+            dist.broadcast(per_step, 0)
+        fitted = int(c.time_budget_minutes * 60 / float(per_step))
+        c.steps = max(self.step + 1, min(c.steps, fitted))
+        if self.rank == 0:
+            print(f"time budget {c.time_budget_minutes} min at {float(per_step) * 1000:.0f} ms a step: {c.steps} steps")
+            (self.out / "train_config.json").write_text(json.dumps(c.to_json(), indent=2))
+        return c.steps
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -439,13 +461,29 @@ class LMTrainer:
         last_save = time.time()
         start = time.time()
         end = min(c.steps, c.stop_at) if c.stop_at is not None else c.steps
+        time_from, time_to = self._budget_steps()
+        if c.time_budget_minutes is not None and time_to < 10:
+            raise SpeechLMError("--time-budget-minutes times warm-up steps: it needs --warmup-steps of at least 10")
+        fitting = c.time_budget_minutes is not None and self.step < time_to
+        timed_since = None
+        if fitting and self.step >= time_from:  # resumed inside the timed steps: time from here
+            time_from, timed_since = self.step, time.time()
         bar = tqdm(total=end, initial=self.step, disable=not progress or self.rank != 0, desc=f"lm {c.stage}", unit="step")
         log_file = (self.out / "log.jsonl").open("a") if self.rank == 0 else None
         batches = self.step_batches(self.step, end)
         try:
             for step_batches in batches:
+                if self.step >= end:  # a fitted schedule ends before the loader's range
+                    break
                 log_now = (self.step + 1) % c.log_every == 0 or self.step + 1 == end
                 log = self.train_step(all_losses=log_now, batches=step_batches)
+                if fitting and self.step == time_from:
+                    timed_since = time.time()
+                elif fitting and self.step == time_to:
+                    fitting = False
+                    fitted = self._fit_schedule(time.time() - timed_since, time_to - time_from)
+                    end = min(fitted, c.stop_at) if c.stop_at is not None else fitted
+                    bar.total = end
                 bar.update(1)
                 if log_file is not None and log_now:
                     row = {"step": self.step, "time": round(time.time() - start, 2), "stage": c.stage}

@@ -52,6 +52,7 @@ class LMTrainConfig:
     assistant_voices: list[str] | None = None  # voices of TTS targets and spoken answers; None = every voice
     steps: int = 10_000
     stop_at: int | None = None  # stop (checkpoint + export) at this step, keeping the schedule of ``steps``
+    time_budget_minutes: float | None = None  # fit ``steps`` (an upper bound then) to this much training time, timed in warm-up
     batch_size: int = 16  # global batch, in examples
     micro_batch_size: int | None = None  # None = batch_size / processes (no accumulation)
     lr: float = 3e-4
@@ -142,6 +143,8 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--log-every", type=int, default=d["log_every"].default)
     p("--seed", type=int, default=d["seed"].default)
     p("--threads", type=int, default=d["threads"].default, help="torch threads per process")
+    p("--time-budget-minutes", type=float, default=None,
+      help="train for about this long: steps of warm-up are timed and the schedule (--steps, then an upper bound) is fitted to it")
     p("--loader-workers", type=int, default=d["loader_workers"].default,
       help="processes that build the next batches while a step runs (a GPU run is data-bound without them); same batches as 0")
     p("--device", default=d["device"].default, help="auto, cpu or cuda")
