@@ -417,7 +417,7 @@ class LMTrainer:
         )
         self.optimizer.zero_grad(set_to_none=True)
         if batches is None:
-            batches = [self.mixture.batch(self.step, indices) for indices in self.micro_batches]
+            batches = _StepBatches(self.mixture, self.micro_batches, self.step, self.step + 1)[0]
         for k, batch in enumerate(batches):
             batch = {name: t.to(self.device, non_blocking=True) for name, t in batch.items()}
             with self._sync_gradients(k == len(self.micro_batches) - 1):
