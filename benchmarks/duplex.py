@@ -57,14 +57,18 @@ def voiced(frames: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     return np.sqrt((frames**2).mean(axis=1)) > threshold
 
 
-def run(model: DuplexSpeechModel, user: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
-    """Feed ``user`` (F, n) frame by frame to one session -> (model pcm (F, n), text pieces)."""
+def run(model: DuplexSpeechModel, user: np.ndarray, heard: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
+    """Feed ``user`` (F, n) frame by frame to one session -> (model pcm (F, n), text pieces).
+    ``heard`` collects the user transcripts the model sends (answer assist)."""
     state = model.init_state(1)
     out, texts = [], []
     for frame in user:
         pcm, pieces, state = model.step(torch.from_numpy(frame)[None], state)
         out.append(pcm[0].cpu().numpy())
-        texts.append(pieces[0] if isinstance(pieces[0], str) else None)
+        piece = pieces[0]["model"] if isinstance(pieces[0], dict) else pieces[0]
+        if isinstance(pieces[0], dict) and heard is not None:
+            heard.append(pieces[0]["user"])
+        texts.append(piece or None)
     return np.stack(out), texts
 
 
@@ -110,6 +114,8 @@ def main() -> None:
     ap.add_argument("--text-temperature", type=float, help="text sampling temperature (default: the server's; 0 = greedy)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the LM's compute dtype (speechlm serve --dtype)")
+    ap.add_argument("--assist", help="answer assist: this speech LM (directory or shipped name) writes the duplex model's words (speechlm serve --assist)")
+    ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"], help="with --assist: who says the reply")
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -123,6 +129,10 @@ def main() -> None:
     if args.text_temperature is not None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
     model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling)
+    if args.assist:
+        from speechlm.streaming.assist import AssistConfig, build_assisted_model
+
+        model = build_assisted_model(model, args.assist, config=AssistConfig(voice=args.assist_voice))
     n, fps = model.frame_length, model.sample_rate / model.frame_length
     judge = None
     if not args.no_judge:
@@ -141,7 +151,8 @@ def main() -> None:
         voice = get_teacher(voices[i % len(voices)])
         question = frames_of(voice.synthesize(item["text"], rng).audio, n)
         user = np.concatenate([question, np.zeros((int(args.listen_seconds * fps), n), np.float32)])
-        pcm, texts = run(model, user)
+        transcripts: list[str] = []
+        pcm, texts = run(model, user, transcripts)
         user_end = int(np.nonzero(voiced(question))[0][-1]) + 1
         speaking = voiced(pcm, 1e-4)
         # The reply starts where a voiced run starts at or after the user's end; a sound the model
@@ -157,6 +168,7 @@ def main() -> None:
             "spoke_during_question_share": float(speaking[:user_end].mean()),
             "speaking_at_user_end": bool(speaking[user_end - 1]),
             "model_text": "".join(t for t in texts if t),
+            **({"user_transcripts": transcripts} if args.assist else {}),
             "heard": heard,
             "right": answer_heard(item["answer_value"], heard),
         }

@@ -173,9 +173,7 @@ class SpeechPipeline:
                 heard = self.asr(question, sample_rate, g)
                 return self.chat(heard, generation=g) if heard else ("", np.zeros(0, np.float32))
             ids, codes = chat_prompt(self.lm, frames)
-        v = self.lm.vocab
-        reply = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
-                              stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)[0]
+        reply = self._reply_ids(ids, codes, g)
         text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
         if not text:
             return "", np.zeros(0, np.float32)
@@ -184,8 +182,21 @@ class SpeechPipeline:
             chunks = chunk_ids(self.lm.tokenizer, word_chunks(text))
             if not chunks:  # nothing speakable (e.g. only punctuation)
                 return text, np.zeros(0, np.float32)
-        audio = _join(pcm for _, pcm in self.speak_steps([*ids, *reply, v.speech_start], codes, g, chunks))
+        audio = _join(pcm for _, pcm in self.speak_steps([*ids, *reply, self.lm.vocab.speech_start], codes, g, chunks))
         return text, audio
+
+    def reply_text(self, question: str, generation: Generation | None = None) -> str:
+        """The text of the model's reply to a typed question (what :meth:`chat` would say, unspoken)."""
+        if not question.strip():
+            return ""
+        g = generation or Generation()
+        ids, codes = chat_prompt(self.lm, question)
+        return self.lm.tokenizer.decode(self._reply_ids(ids, codes, g), skip_special_tokens=True).strip()
+
+    def _reply_ids(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> list[int]:
+        v = self.lm.vocab
+        return text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
+                             stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)[0]
 
     def speak_steps(
         self, ids: list[int], codes: torch.Tensor | None, g: Generation, chunks: list[list[int]] | None = None

@@ -24,6 +24,7 @@ draws depend on who else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,16 @@ class DuplexSpeechState:
     @property
     def batch_size(self) -> int:
         return self.lm.batch_size
+
+
+@dataclass
+class DuplexTick:
+    """One :meth:`DuplexSpeechModel.tick` for B rows."""
+
+    pcm: Tensor  # (B, frame_length) the model's audio (zeros where silent)
+    text: Tensor  # (B,) the model's text token ids (``<|text_pad|>`` = no new text)
+    silent: Tensor  # (B,) bool: the frame is silence (codebook 0 empty)
+    state: DuplexSpeechState
 
 
 class DuplexSpeechModel:
@@ -130,23 +141,29 @@ class DuplexSpeechModel:
 
     # -- the step --------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def step(self, user_pcm: Tensor, state: DuplexSpeechState) -> tuple[Tensor, list[TextPiece], DuplexSpeechState]:
         """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces (None = no new text), state."""
+        tick = self.tick(user_pcm, state)
+        return tick.pcm, [self.piece(int(t)) for t in tick.text.tolist()], tick.state
+
+    @torch.inference_mode()
+    def tick(self, user_pcm: Tensor, state: DuplexSpeechState, text_filter: Callable[[Tensor], Tensor] | None = None) -> DuplexTick:
+        """:meth:`step` with the details: the text token ids and which rows were silent.
+        ``text_filter``: see :meth:`speechlm.lm.duplex.DuplexLM.step`."""
         batch = user_pcm.shape[0]
         self.max_batch_seen = max(self.max_batch_seen, batch)
         user_codes, encoder = self.codec.encode_step(user_pcm.to(self.device, torch.float32), state.encoder)
         out = self.lm.step(
-            user_codes, state.lm, text_sampling=self.text_sampling, audio_sampling=self.audio_sampling, generator=self.generator
-        )
+            user_codes, state.lm, text_sampling=self.text_sampling, audio_sampling=self.audio_sampling, generator=self.generator,
+            text_filter=text_filter,
+        )  # fmt: skip
         silent = out.frame[:, 0] == self.lm.empty_code
         codes = out.frame.masked_fill(silent[:, None], 0)  # placeholders; their audio is dropped
         pcm, decoder = self.codec.decode_step(codes, state.decoder)
         if bool(silent.any()):
             pcm = pcm.masked_fill(silent[:, None], 0.0)
             decoder.reset_rows(silent)
-        texts = [self.piece(int(t)) for t in out.text.tolist()]
-        return pcm, texts, DuplexSpeechState(encoder, decoder, out.state)
+        return DuplexTick(pcm, out.text, silent, DuplexSpeechState(encoder, decoder, out.state))
 
     def piece(self, token: int) -> str | None:
         """Text of one token (cached); None for ``<|text_pad|>``."""

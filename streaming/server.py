@@ -516,7 +516,12 @@ def build_model(config: ServerConfig) -> DuplexModel:
             model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=getattr(torch, config.dtype))
         else:
             model = EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
-        return with_compiled_codec(model) if config.compile_codec else model
+        model = with_compiled_codec(model) if config.compile_codec else model
+        if config.model == "duplex" and config.assist:
+            from .assist import AssistConfig, build_assisted_model
+
+            model = build_assisted_model(model, config.assist, config=AssistConfig(voice=config.assist_voice))
+        return model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 
 

@@ -38,6 +38,10 @@ class ServerConfig:
     model: str = "duplex"  # "duplex" (a trained duplex LM, see lm), "echo" (codec loopback) or "silence"
     codec: str = "codec-16k"  # codec name or directory for the echo and duplex models
     lm: str | None = "duplex-default"  # duplex LM directory or shipped name (speechlm train lm --stage duplex)
+    # answer assist (speechlm.streaming.assist): this speech LM hears the question and writes the duplex
+    # model's words; None = the duplex model says its own words
+    assist: str | None = "speechlm-default"
+    assist_voice: str = "speech_lm"  # who says the assisted reply: "speech_lm" (its TTS) or "duplex" (the duplex model)
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
@@ -83,6 +87,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--codec", default=d.codec, help=f"codec name or directory for the echo and duplex models (default {d.codec})")
     parser.add_argument("--lm", default=d.lm, help=f"--model duplex: the duplex LM, a directory or shipped name (default {d.lm})")
+    parser.add_argument(
+        "--assist",
+        default=d.assist,
+        help=f"--model duplex: a speech LM (directory or shipped name) that hears each question and writes the duplex model's words; "
+        f"'none' = the duplex model alone (default {d.assist})",
+    )
+    parser.add_argument(
+        "--assist-voice",
+        choices=("speech_lm", "duplex"),
+        default=d.assist_voice,
+        help=f"who says the assisted reply: the speech LM's TTS or the duplex model's own voice (default {d.assist_voice})",
+    )
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
     parser.add_argument(
@@ -120,6 +136,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model,
         codec=args.codec,
         lm=getattr(args, "lm", None),
+        assist=None if str(getattr(args, "assist", None) or "none").lower() == "none" else args.assist,
+        assist_voice=getattr(args, "assist_voice", "speech_lm"),
         device=args.device,
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),

@@ -360,11 +360,11 @@ def test_server_adapter_sessions_join_and_leave(tokenizer_dir, codec, tmp_path):
         duplex.lm.audio_head.out_bias[0, C] = 0.0
     duplex.save_pretrained(tmp_path / "duplex")
     codec.save_pretrained(tmp_path / "codec")
-    built = build_model(ServerConfig(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu"))
+    built = build_model(ServerConfig(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu", assist=None))
     assert isinstance(built, DuplexSpeechModel)
     pcm, texts, _ = built.step(torch.zeros(2, 640), built.init_state(2))
     assert pcm.shape == (2, 640) and len(texts) == 2
-    half = build_model(ServerConfig(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu", dtype="bfloat16"))
+    half = build_model(ServerConfig(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu", dtype="bfloat16", assist=None))
     assert half.lm.lm.backbone.dtype == torch.bfloat16 and next(half.codec.parameters()).dtype == torch.float32
     pcm, texts, _ = half.step(torch.zeros(2, 640), half.init_state(2))
     assert pcm.shape == (2, 640) and pcm.dtype == torch.float32 and len(texts) == 2

@@ -1,5 +1,6 @@
 """The shipped defaults load by name, offline, and do their job end to end (README's first command)."""
 
+import importlib.util
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from speechlm.lm.generate import GREEDY
 from speechlm.speech import CODEC_REF, Generation, SpeechPipeline, resolve_model
 from speechlm.streaming.duplex_model import DuplexSpeechModel
 from speechlm.training.teachers import get_teacher
+from speechlm.training.textnorm import words_for_scoring
 
 torch.set_num_threads(1)
 
@@ -90,7 +92,7 @@ def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
         while url is None and time.monotonic() < deadline:
             line = server.stdout.readline()
             assert line or server.poll() is None, "server exited early"
-            found = re.search(r"DuplexSpeechModel at (ws://\S+)/ws", line)
+            found = re.search(r"(?:AssistedDuplexModel|DuplexSpeechModel) at (ws://\S+)/ws", line)
             url = found.group(1) if found else None
         assert url, "the server never said where it listens"
         r = cli("client", url, "--input", str(question), "-o", str(tmp_path / "reply.wav"), "--fast", "--json", "--listen-seconds", "4")
@@ -99,6 +101,13 @@ def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
         assert report["errors"] == [] and report["reply_seconds"] > 0.2 and report["model"].strip()
         reply = load_audio(tmp_path / "reply.wav")
         assert np.sqrt(np.mean(reply**2)) > 1e-3  # it spoke
+        # answer assist (the default): the speech LM heard the question and wrote the reply
+        assert "two plus three" in report["user"].lower() and "five" in report["model"].lower(), report
+        if importlib.util.find_spec("faster_whisper") is not None:  # the [eval] extra: the judge hears the answer
+            from speechlm.judge import WhisperJudge
+
+            heard = WhisperJudge(threads=1)(reply)
+            assert "five" in words_for_scoring(heard), heard
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0

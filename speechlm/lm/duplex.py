@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -553,11 +554,14 @@ class DuplexLM(nn.Module):
         generator: torch.Generator | None = None,
         text: Tensor | None = None,
         codes: Tensor | None = None,
+        text_filter: Callable[[Tensor], Tensor] | None = None,
     ) -> DuplexStep:
         """One position for every row: user_codes (B, Q) of this frame -> the model's text token and codes.
 
         ``text`` (B,) / ``codes`` (B, Q) teacher-force the outputs instead of sampling them (the
-        logits are then those of the training forward). Rows sample jointly: with a random
+        logits are then those of the training forward). ``text_filter`` maps the sampled text
+        tokens (B,) to the ones the model says (B,) before its audio is chosen: a caller steers
+        the inner monologue with it (see :mod:`speechlm.streaming.assist`). Rows sample jointly: with a random
         ``Sampling`` a row's draws depend on the batch; greedy decoding does not.
         """
         B, Q = state.batch_size, self.num_codebooks
@@ -583,6 +587,9 @@ class DuplexLM(nn.Module):
         if text is None:
             masked = text_logits.float().masked_fill(~self.allowed_text, float("-inf"))
             text = sample_logits(masked, text_sampling, generator)
+            if text_filter is not None:
+                text = text_filter(text).long().to(self.device).view(B)
+                check_token_ids(text, self.allowed_text.shape[0])
         else:
             text = text.long().to(self.device).view(B)
             check_token_ids(text, self.allowed_text.shape[0])

@@ -1,0 +1,306 @@
+"""Answer assist: the duplex model decides *when* to speak, the speech LM decides *what* (and says it).
+
+The duplex model alone takes its turn about 200 ms after the user stops, stays quiet while the user
+talks and stops when interrupted, but it hears questions too poorly to answer them, and its voice
+says words the judge cannot make out (docs/benchmarks.md). The speech LM under it hears better in
+its ASR task, answers typed questions well and speaks more clearly. This wrapper joins the two,
+one session per row, behind the same batched step the server drives::
+
+    every tick      user frame -> the row's "heard" buffer (the user's audio since the last turn began)
+    the duplex model samples its text token; before its audio is chosen (DuplexLM.step's text_filter):
+      · mid-word            -> the planned word's next piece (a word's pieces fill consecutive frames)
+      · pad                 -> pad (the model decides when words start, and whether it speaks at all);
+                               but with words of the plan left, the user quiet and the model fallen
+                               silent -> the next planned word (its sense of a reply's length is not the plan's)
+      · a word, no turn yet -> if the user is quiet: the turn starts: speech LM ASR of the heard audio
+                               (trimmed to its voiced part) -> its text reply -> the plan (the reply's
+                               words, numbers spelled out); say the plan's first word
+      · a word, in a turn   -> the plan's next word; pad once the plan is said
+
+Whose voice says the plan (``AssistConfig.voice``):
+
+* ``"speech_lm"`` (default): the speech LM's streaming TTS of the reply, frame by frame from the
+  turn's first frame; the duplex model's own audio is not played. It yields like the duplex model:
+  the rest of the reply is dropped when the duplex model falls silent while the user talks. With
+  nothing to answer (nothing voiced, or the ASR hears nothing) there is no turn and no sound, and
+  the duplex model's words over the user (backchannels) are not said.
+* ``"duplex"``: the duplex model's audio head reads the plan as its inner monologue (one voice,
+  one model speaking); with nothing to answer the model says its own words.
+
+The turn ends when the output has been silent for ``end_frames`` frames (the reply is said, or the
+model yielded): what is left of the plan is dropped and the next heard audio is the next question.
+The user's transcript goes out with the turn's first piece of model text (``{"model": ..., "user": ...}``).
+
+Cost: the ASR and the text reply run inside the tick in which a turn starts (one speech LM prefill
+of the question and ~10-20 decode steps: ~0.1-0.3 s on one CPU thread, once per turn; that tick is
+late by as much for every row of the batch); with the ``speech_lm`` voice each speaking row also
+runs its own TTS (unbatched, MCTP: about a fifth of real time per row on one CPU thread).
+
+    model = AssistedDuplexModel(DuplexSpeechModel.from_pretrained("duplex-default", "codec-16k"),
+                                SpeechPipeline.from_pretrained("speechlm-default"))
+    pcm, texts, state = model.step(user_pcm, state)      # the DuplexModel contract
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..codec.errors import SpeechLMError
+from ..speech import Generation, SpeechPipeline
+from ..training.textnorm import normalize_text, word_spans
+from .duplex_model import DuplexSpeechModel, DuplexSpeechState
+from .models import TextPiece
+
+log = logging.getLogger(__name__)
+
+# The speech LM's side: greedy (repeatable), short.
+ASSIST_GENERATION = Generation(max_text_tokens=48)
+
+
+VOICES = ("speech_lm", "duplex")
+
+
+@dataclass
+class AssistConfig:
+    max_question_seconds: float = 15.0  # the heard buffer keeps the user's last this many seconds
+    end_frames: int = 10  # silent frames after speech that end the model's turn (10 = 0.4 s at 25 Hz)
+    voiced_rms: float = 0.01  # a heard frame with this RMS is speech (for trimming the question)
+    margin_frames: int = 3  # frames of context kept around the voiced part of the question
+    talk_frames: int = 3  # the user is talking if one of their last this many frames is speech
+    # whose voice says the plan: "speech_lm" = the speech LM's streaming TTS (the duplex model's own
+    # audio is not played; it still decides when the turn starts and when it yields to the user);
+    # "duplex" = the duplex model's audio head, reading the plan as its inner monologue
+    voice: str = "speech_lm"
+
+    def __post_init__(self) -> None:
+        if self.voice not in VOICES:
+            raise SpeechLMError(f"unknown assist voice {self.voice!r}; choose from {', '.join(VOICES)}")
+
+
+@dataclass
+class _Row:
+    """One session's bookkeeping (Python side; rows move with the scheduler's surgery)."""
+
+    heard: deque = field(default_factory=deque)  # user frames (frame_length,) since the turn before
+    plan: list[list[int]] | None = None  # the turn's words still to say (piece ids); None = no turn
+    free: bool = False  # this turn the model says its own words (the ASR heard nothing)
+    word: list[int] = field(default_factory=list)  # pieces of the word in progress
+    spoke: bool = False  # the model has made a sound this turn
+    silent_run: int = 0
+    user_text: str | None = None  # the question's transcript, sent with the turn's first piece
+    voice: Iterator[np.ndarray] | None = None  # voice "speech_lm": the reply's frames still to play
+
+    @property
+    def in_turn(self) -> bool:
+        return self.plan is not None or self.free
+
+
+@dataclass
+class AssistedState:
+    inner: DuplexSpeechState
+    rows: list[_Row]
+
+    @property
+    def batch_size(self) -> int:
+        return self.inner.batch_size
+
+
+class AssistedDuplexModel:
+    """A :class:`DuplexSpeechModel` whose words come from a :class:`SpeechPipeline` (see the module doc)."""
+
+    def __init__(self, duplex: DuplexSpeechModel, speech: SpeechPipeline, config: AssistConfig | None = None,
+                 generation: Generation = ASSIST_GENERATION):  # fmt: skip
+        if speech.sample_rate != duplex.sample_rate:
+            raise SpeechLMError(f"the speech LM runs at {speech.sample_rate} Hz but the duplex model at {duplex.sample_rate} Hz")
+        self.duplex, self.speech = duplex, speech
+        self.config = config or AssistConfig()
+        # a reply's speech must fit the speech LM's positions (prompt and text take the first ~128)
+        limit = getattr(speech.lm.backbone.config, "max_position_embeddings", None) if hasattr(speech, "lm") else None
+        if limit:
+            generation = dataclasses.replace(generation, max_seconds=min(generation.max_seconds, max(1.0, (limit - 128) / speech.lm.config.frame_rate)))
+        self.generation = generation
+        self.frame_length, self.sample_rate = duplex.frame_length, duplex.sample_rate
+        self.pad = duplex.lm.text_pad
+        self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
+        self.turns = 0  # answers planned (for stats and tests)
+
+    @property
+    def max_batch_seen(self) -> int:
+        return self.duplex.max_batch_seen
+
+    # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
+
+    def _row(self) -> _Row:
+        return _Row(heard=deque(maxlen=self.max_heard))
+
+    def init_state(self, batch_size: int) -> AssistedState:
+        return AssistedState(self.duplex.init_state(batch_size), [self._row() for _ in range(batch_size)])
+
+    def reset_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
+        fresh = list(state.rows)
+        for r in rows:
+            fresh[r] = self._row()
+        return AssistedState(self.duplex.reset_rows(state.inner, rows), fresh)
+
+    def grow_state(self, state: AssistedState, batch_size: int) -> AssistedState:
+        extra = [self._row() for _ in range(batch_size - state.batch_size)]
+        return AssistedState(self.duplex.grow_state(state.inner, batch_size), state.rows + extra)
+
+    def select_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
+        return AssistedState(self.duplex.select_rows(state.inner, rows), [state.rows[r] for r in rows])
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self, user_pcm: Tensor, state: AssistedState) -> tuple[Tensor, list[TextPiece], AssistedState]:
+        """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces, state."""
+        rows = state.rows
+        for row, frame in zip(rows, user_pcm.detach().float().cpu().numpy()):
+            row.heard.append(frame)
+
+        def steer(sampled: Tensor) -> Tensor:
+            return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
+
+        tick = self.duplex.tick(user_pcm, state.inner, text_filter=steer)
+        pcm = tick.pcm
+        if self.config.voice == "speech_lm":  # the speech LM's voice replaces the duplex model's audio
+            pcm = torch.zeros_like(tick.pcm)
+            for i, (row, silent) in enumerate(zip(rows, tick.silent.tolist())):
+                frame = self._voice_frame(row, bool(silent))
+                if frame is not None:
+                    pcm[i] = torch.as_tensor(frame, dtype=pcm.dtype, device=pcm.device)
+            silences = [bool(x) for x in (pcm == 0).all(dim=1).tolist()]
+        else:
+            silences = [bool(x) for x in tick.silent.tolist()]
+        texts: list[TextPiece] = []
+        for row, token, silent in zip(rows, tick.text.tolist(), silences):
+            self._after(row, silent)
+            piece = self.duplex.piece(int(token))
+            if row.user_text is not None:
+                texts.append({"model": piece or "", "user": row.user_text})
+                row.user_text = None
+            else:
+                texts.append(piece)
+        return pcm, texts, AssistedState(tick.state, rows)
+
+    def _voice_frame(self, row: _Row, duplex_silent: bool) -> np.ndarray | None:
+        """The next frame of the reply's speech, or None (silence): the reply ends, or the duplex
+        model has fallen silent while the user talks (it yields: the rest is dropped)."""
+        if row.voice is None:
+            return None
+        if duplex_silent and self.user_talking(row):
+            row.voice = None
+            return None
+        try:
+            frame = next(row.voice, None)
+        except SpeechLMError as e:
+            log.warning("assist: the reply's speech stopped: %s", e)
+            frame = None
+        if frame is None:
+            row.voice = None
+        return frame
+
+    def _choose(self, row: _Row, sampled: int) -> int:
+        """The text token the model says this frame, given the one it sampled."""
+        if row.word:
+            return row.word.pop(0)
+        user_talking = self.user_talking(row)
+        if sampled == self.pad:
+            # The model ended its words: with words of the plan left, the user quiet and the model
+            # fallen silent, it goes on with the plan (its own sense of a reply's length is not the
+            # plan's); if the user talks, it yields, and the turn ends (see _after).
+            if row.plan and row.spoke and row.silent_run > 0 and not user_talking:
+                return self._next_word(row)
+            return sampled
+        quiet = self.pad if self.config.voice == "speech_lm" else sampled  # no turn: the duplex voice may say its own word
+        if not row.in_turn:
+            if user_talking or not self._start_turn(row):
+                return quiet  # a backchannel over the user, or nothing to answer
+        if row.free:
+            return sampled
+        if not row.plan:
+            return self.pad  # the plan is said: no new words
+        return self._next_word(row)
+
+    def _next_word(self, row: _Row) -> int:
+        word = row.plan.pop(0)
+        row.word = word[1:]
+        return word[0]
+
+    def user_talking(self, row: _Row) -> bool:
+        """The user's last ``talk_frames`` frames hold speech."""
+        recent = list(row.heard)[-self.config.talk_frames :]
+        return any(float(np.sqrt((f**2).mean())) > self.config.voiced_rms for f in recent)
+
+    def _start_turn(self, row: _Row) -> bool:
+        """The model wants to speak: hear the question, plan the reply. False = no turn (voice
+        "speech_lm" with nothing to say); with the duplex voice, nothing heard = a turn in its own words."""
+        question = self.question_audio(row)
+        row.heard.clear()
+        try:
+            heard = self.speech.asr(question, self.sample_rate, self.generation) if question is not None else ""
+            reply = self.speech.reply_text(heard, self.generation) if heard else ""
+        except SpeechLMError as e:  # a question the speech LM cannot take (e.g. too long): no answer, the session goes on
+            log.warning("assist: no answer this turn: %s", e)
+            heard = reply = ""
+        plan = self.plan(reply)
+        if not plan and self.config.voice == "speech_lm":
+            return False
+        row.plan, row.free = plan or None, not plan
+        row.spoke, row.silent_run = False, 0
+        row.user_text = heard or None
+        if plan and self.config.voice == "speech_lm":
+            row.voice = iter(self.speech.tts(reply, stream=True, generation=self.generation))
+        self.turns += 1
+        return True
+
+    def _after(self, row: _Row, silent: bool) -> None:
+        if not row.in_turn:
+            return
+        if silent:
+            row.silent_run += 1
+        else:
+            row.spoke, row.silent_run = True, 0
+        # the turn is over once the model has been quiet a while after speaking (or never began)
+        if not row.word and row.silent_run >= (self.config.end_frames if row.spoke else 3 * self.config.end_frames):
+            row.plan, row.free, row.word, row.voice = None, False, [], None
+
+    # -- pieces -----------------------------------------------------------------------------
+
+    def question_audio(self, row: _Row) -> np.ndarray | None:
+        """The heard audio trimmed to its voiced part (plus a margin); None if nothing was voiced."""
+        if not row.heard:
+            return None
+        frames = np.stack(list(row.heard))
+        voiced = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > self.config.voiced_rms)[0]
+        if len(voiced) == 0:
+            return None
+        m = self.config.margin_frames
+        audio = frames[max(0, voiced[0] - m) : voiced[-1] + 1 + m].reshape(-1)
+        return audio if len(audio) >= 0.3 * self.sample_rate else None
+
+    def plan(self, reply: str) -> list[list[int]]:
+        """The reply's words as the duplex text stream lays them: ``" word"`` tokenized, one list per word
+        (numbers spelled out, as in training)."""
+        tokenizer = self.duplex.lm.tokenizer
+        words = [w for w, _, _ in word_spans(normalize_text(reply.strip()))] if reply.strip() else []
+        return [ids for ids in (tokenizer.encode(" " + w, add_special_tokens=False) for w in words) if ids]
+
+
+def build_assisted_model(duplex: DuplexSpeechModel, speech_lm: str, **kwargs: Any) -> AssistedDuplexModel:
+    """``speechlm serve --assist NAME``: ``speech_lm`` is a speech LM directory or shipped name,
+    loaded on the duplex model's device with the duplex model's codec."""
+    from ..lm.model import SpeechLM
+    from ..speech import resolve_model
+
+    lm = SpeechLM.from_pretrained(resolve_model(speech_lm), dtype=torch.float32).to(duplex.device)
+    codec = getattr(duplex.codec, "codec", duplex.codec)  # the plain codec under compiled steps (--compile-codec)
+    return AssistedDuplexModel(duplex, SpeechPipeline(lm, codec), **kwargs)

@@ -1,0 +1,197 @@
+"""Answer assist (speechlm.streaming.assist): the duplex model's turn starts ask the speech LM,
+its words become the duplex model's inner monologue; turns end, yield and restart; rows keep their
+bookkeeping through the scheduler's joins and leaves; the server builds it from --assist."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: reach the duplex tests' helpers
+from test_duplex_model import TEXTS, C, codec, drain, make_duplex, run_ticks, speech, tokenizer_dir  # noqa: E402, F401  (fixtures)
+
+from speechlm.codec.errors import SpeechLMError
+from speechlm.lm import GREEDY
+from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState
+from speechlm.streaming.duplex_model import DuplexSpeechModel
+from speechlm.streaming.models import DuplexModel
+from speechlm.streaming.scheduler import Scheduler
+from speechlm.streaming.server import ServerConfig, build_model
+from speechlm.streaming.settings import add_serve_arguments, config_from_args
+
+N = 640
+
+
+class FakeSpeech:
+    """Stands in for the speech LM: records what it is asked, answers with fixed text."""
+
+    sample_rate = 16_000
+
+    def __init__(self, transcript="hello world", reply="the quick brown fox"):
+        self.transcript, self.reply = transcript, reply
+        self.questions: list[np.ndarray] = []
+        self.asked: list[str] = []
+
+    def asr(self, audio, sample_rate=16_000, generation=None):
+        self.questions.append(np.asarray(audio))
+        return self.transcript
+
+    def reply_text(self, question, generation=None):
+        self.asked.append(question)
+        return self.reply
+
+    def tts(self, text, stream=True, generation=None):
+        """Two frames a word; frame k of the reply's speech is a constant 0.1 * (k + 1)."""
+        assert stream and text == self.reply
+        return (np.full(N, 0.1 * (k + 1), np.float32) for k in range(2 * len(text.split())))
+
+
+def assisted(tokenizer_dir, codec, *, talkative=True, mute=False, speech_lm=None, **config):  # noqa: F811
+    duplex = make_duplex(tokenizer_dir)
+    if talkative:  # the model would start a word every frame: the plan decides what it says
+        duplex.allowed_text[duplex.text_pad] = False
+    if mute:  # the model never makes a sound
+        with torch.no_grad():
+            duplex.lm.audio_head.out_bias[0, C] = 50.0
+    inner = DuplexSpeechModel(duplex, codec, text_sampling=GREEDY, audio_sampling=GREEDY)
+    return AssistedDuplexModel(inner, speech_lm or FakeSpeech(), AssistConfig(**config))
+
+
+def run(model, user: np.ndarray):
+    state, texts, pcm = model.init_state(1), [], []
+    for frame in user.reshape(-1, N):
+        out, pieces, state = model.step(torch.from_numpy(frame)[None], state)
+        texts.append(pieces[0])
+        pcm.append(out[0].numpy())
+    return np.concatenate(pcm), texts, state
+
+
+def words(model, text):
+    return [model.duplex.piece(i) for w in text.split() for i in model.duplex.lm.tokenizer.encode(" " + w, add_special_tokens=False)]
+
+
+def test_a_turn_asks_the_speech_lm_and_says_its_words(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, voice="duplex")
+    assert isinstance(model, DuplexModel)
+    user = np.concatenate([speech(10, 0), np.zeros(15 * N, np.float32)])
+    _, texts, state = run(model, user)
+    fake = model.speech
+    # while the user talks, the model's words are its own (a backchannel) and no turn starts;
+    # 3 quiet frames later (talk_frames) the turn starts and asks about the voiced question
+    assert all(isinstance(t, str) for t in texts[:12]) and model.turns == 1
+    assert len(fake.questions) == 1 and fake.asked == ["hello world"]
+    np.testing.assert_array_equal(fake.questions[0], user[: 13 * N])  # voiced frames 0..9 + a 3-frame margin
+    assert texts[12] == {"model": words(model, "the")[0], "user": "hello world"}
+    said = [texts[12]["model"], *texts[13:]]
+    plan = words(model, fake.reply)
+    assert said[: len(plan)] == plan
+    assert all(t is None for t in said[len(plan) :])  # the plan is said: no more words
+    assert state.rows[0].plan == [] and len(state.rows[0].heard) == 25 - 13  # heard anew from the turn's start (the next question)
+
+
+def test_a_silent_model_ends_its_turn_and_nothing_heard_means_its_own_words(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, mute=True, end_frames=2, voice="duplex")
+    user = np.concatenate([speech(8, 1), np.zeros(20 * N, np.float32)])
+    pcm, texts, state = run(model, user)
+    assert np.abs(pcm).max() == 0
+    # turn 1 at frame 11 never made a sound: it ends after 3 x end_frames silent frames; turn 2
+    # hears only silence: no question to the speech LM, the model says its own words (a "free" turn)
+    assert model.turns >= 2 and len(model.speech.questions) == 1
+    assert all(isinstance(t, str) for t in texts[-3:])  # its own words (a plan said out would give pads)
+
+
+def test_the_plan_goes_on_when_the_model_pauses_and_stops_when_the_user_talks(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, talkative=False, end_frames=3, voice="duplex")
+    pad = model.pad
+    state = model.init_state(1)
+    row = state.rows[0]
+    row.plan, row.spoke, row.silent_run = [[7, 8], [9]], True, 1
+    row.heard.extend([np.zeros(N, np.float32)] * 3)
+    # the model sampled pad after falling silent, the user is quiet: the next planned word starts
+    assert model._choose(row, pad) == 7 and model._choose(row, pad) == 8 and row.plan == [[9]]
+    # the user talks over it: the model may yield (pad), and after end_frames silent frames the turn is over
+    row.heard.append(speech(1, 2))
+    assert model._choose(row, pad) == pad
+    for _ in range(3):
+        model._after(row, silent=True)
+    assert not row.in_turn and row.plan is None
+
+
+def test_the_speech_lm_voices_the_reply_until_the_user_talks_over_a_silent_duplex_model(tokenizer_dir, codec):  # noqa: F811
+    # the duplex model would start words every frame but never makes a sound itself
+    model = assisted(tokenizer_dir, codec, mute=True)
+    user = np.concatenate([speech(8, 4), np.zeros(6 * N, np.float32), speech(4, 5), np.zeros(8 * N, np.float32)])
+    pcm, texts, _ = run(model, user)
+    frames = pcm.reshape(-1, N)
+    # nothing is said or sounded while the user asks (no backchannel words in this voice)
+    assert all(t is None for t in texts[:10]) and np.abs(frames[:10]).max() == 0
+    # the turn starts once the user's last 3 frames are quiet: the reply's speech plays frame by frame ...
+    assert texts[10]["user"] == "hello world" and model.speech.asked[0] == "hello world"
+    np.testing.assert_allclose(frames[10:14, 0], [0.1, 0.2, 0.3, 0.4])
+    # ... until the user talks over it (frame 14) while the duplex model is silent: it yields, the rest is dropped
+    assert np.abs(frames[14:24]).max() == 0
+    # the turn ends after end_frames (10) of silence; the next turn hears the second question (+ margins)
+    assert model.turns == 2 and texts[24]["user"] == "hello world" and frames[24, 0] == np.float32(0.1)
+    np.testing.assert_array_equal(model.speech.questions[1], user[11 * N : 21 * N])
+    # a question the speech LM hears as nothing gives no turn (and no words) in this voice
+    quiet = assisted(tokenizer_dir, codec, mute=True, speech_lm=FakeSpeech(transcript=""))
+    pcm, texts, _ = run(quiet, user)
+    assert quiet.turns == 0 and np.abs(pcm).max() == 0 and all(t is None for t in texts)
+    with pytest.raises(SpeechLMError, match="voice"):
+        AssistConfig(voice="robot")
+
+
+class BrokenSpeech(FakeSpeech):
+    def asr(self, audio, sample_rate=16_000, generation=None):
+        raise SpeechLMError("prompt (5000 positions) exceeds the model's limit")
+
+
+def test_a_speech_lm_error_costs_the_turn_not_the_session(tokenizer_dir, codec, caplog):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, speech_lm=BrokenSpeech())
+    user = np.concatenate([speech(8, 6), np.zeros(6 * N, np.float32)])
+    pcm, texts, state = run(model, user)
+    assert model.turns == 0 and np.abs(pcm).max() == 0 and all(t is None for t in texts)
+    assert "no answer this turn" in caplog.text and state.batch_size == 1
+
+
+def test_rows_keep_their_plans_through_joins_and_leaves(tokenizer_dir, codec):  # noqa: F811
+    inputs = {name: np.concatenate([speech(6, seed), np.zeros(8 * N, np.float32)]) for seed, name in enumerate("abc")}
+    solo: dict = {}
+    run_ticks(Scheduler(assisted(tokenizer_dir, codec), use_thread=False, output_seconds=10), {0: [("join", "a")]}, solo, inputs, 14)
+    model = assisted(tokenizer_dir, codec)
+    crowd: dict = {}
+    plan = {0: [("join", "a")], 1: [("join", "b"), ("join", "c")], 6: [("leave", "b")], 9: [("leave", "c")]}
+    run_ticks(Scheduler(model, use_thread=False, output_seconds=10), plan, crowd, inputs, 14)
+    pcm, texts = drain(crowd["a"])
+    solo_pcm, solo_texts = drain(solo["a"])
+    assert texts == solo_texts and any(isinstance(t, dict) for t in texts)
+    np.testing.assert_allclose(pcm, solo_pcm, atol=1e-4)
+    state = model.select_rows(model.init_state(3), [2, 0])
+    assert isinstance(state, AssistedState) and state.batch_size == 2 and len(state.rows) == 2
+
+
+def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_dir, codec, tmp_path):  # noqa: F811
+    duplex = make_duplex(tokenizer_dir)
+    duplex.save_pretrained(tmp_path / "duplex")
+    duplex.lm.save_pretrained(tmp_path / "speech")  # any speech LM on the same codec
+    codec.save_pretrained(tmp_path / "codec")
+    config = dict(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu")
+    built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech")))
+    assert isinstance(built, AssistedDuplexModel)
+    state = built.init_state(2)
+    for frame in np.concatenate([speech(6, 3), np.zeros(6 * N, np.float32)]).reshape(-1, N):
+        pcm, texts, state = built.step(torch.from_numpy(np.stack([frame, frame])), state)
+        assert pcm.shape == (2, N) and len(texts) == 2
+    assert isinstance(build_model(ServerConfig(**config, assist=None)), DuplexSpeechModel)
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
+    assert config_from_args(parser.parse_args([])).assist == "speechlm-default"
+    with pytest.raises(Exception, match="not found|no such|does not exist|speech LM"):
+        build_model(ServerConfig(**config, assist=str(tmp_path / "missing")))
+
+
+assert TEXTS  # the tokenizer's corpus (imported for the fixture's vocabulary)
