@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 from pathlib import Path
 
@@ -42,11 +43,26 @@ def main() -> None:
     ap.add_argument("--clients-per-process", type=int, default=64)
     ap.add_argument("--cuda-graphs", action="store_true", help="--model duplex: the LM backbone's forward from CUDA graphs")
     ap.add_argument("--compile-codec", action="store_true", help="the codec's steps compiled with AOTInductor (speechlm.codec.compiled)")
+    ap.add_argument("--assist", help="--model duplex: answer assist by this speech LM (speechlm serve --assist)")
+    ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"])
+    ap.add_argument("--speech", action="store_true", help="clients loop a spoken question and a pause (espeak-ng) instead of a steady tone")
+    ap.add_argument("--pause", type=float, default=3.0, help="--speech: seconds of silence after the question")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs)
+    model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs,
+                        assist=args.assist, assist_voice=args.assist_voice)  # fmt: skip
+    speech = None
+    if args.speech:
+        import random
+
+        import numpy as np
+
+        from speechlm.training.teachers import get_teacher
+
+        question = get_teacher("espeak:en-us").synthesize("What is two plus three?", random.Random(0)).audio
+        speech = np.concatenate([question, np.zeros(int(args.pause * 16000), np.float32)])
     batches = [int(x) for x in args.batches.split(",")]
     steps = step_times(model, batches)
     for row in steps:
@@ -55,11 +71,11 @@ def main() -> None:
     print("memory", memory, flush=True)
     loads = []
     for n in [int(x) for x in args.sessions.split(",")]:
-        result = asyncio.run(measure_load(model, n, seconds=args.seconds, clients_per_process=args.clients_per_process))
+        result = asyncio.run(measure_load(model, n, seconds=args.seconds, clients_per_process=args.clients_per_process, speech=speech))
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
-    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
+    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "speech": args.speech, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
               "cuda_graphs": args.cuda_graphs, "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
               "parameters_m": parameters_m(model), "step_times": steps, "memory": memory, "loads": loads, "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))
@@ -70,14 +86,18 @@ def main() -> None:
 
 def parameters_m(model) -> float | None:
     """Millions of parameters of the model's LM and codec (None for models without)."""
-    modules = [m for m in (getattr(model, "lm", None), getattr(model, "codec", None)) if m is not None]
+    parts = [model, getattr(model, "duplex", None), getattr(model, "speech", None)]  # the assisted model: the duplex model and the speech LM
+    modules = [m for part in parts if part is not None for m in (getattr(part, "lm", None), getattr(part, "codec", None)) if isinstance(m, torch.nn.Module)]
     return round(sum(p.numel() for m in modules for p in m.parameters()) / 1e6, 2) if modules else None
 
 
 def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors and arrays in a state (the answer assist's rows keep numpy audio)."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, (list, tuple)):
+    if type(obj).__module__ == "numpy" and hasattr(obj, "nbytes"):
+        return int(obj.nbytes)
+    if isinstance(obj, (list, tuple, collections.deque)):
         return sum(_tensor_bytes(x) for x in obj)
     if isinstance(obj, dict):
         return sum(_tensor_bytes(x) for x in obj.values())
@@ -94,7 +114,7 @@ def state_memory(model, batch: int, frames: int = 50) -> dict:
     for _ in range(frames):
         _, _, state = model.step(x, state)
     row = {"batch": batch, "frames": frames, "state_mb_per_session": round(_tensor_bytes(state) / batch / 2**20, 3)}
-    lm_state = getattr(state, "lm", None)
+    lm_state = getattr(getattr(state, "inner", state), "lm", None)
     if lm_state is not None and hasattr(lm_state, "window"):
         row["window"] = lm_state.window
     if torch.cuda.is_available() and str(getattr(model, "device", "cpu")).startswith("cuda"):

@@ -43,10 +43,12 @@ runs its own TTS (unbatched, MCTP: about a fifth of real time per row on one CPU
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import threading
 from collections import deque
-from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,8 +66,6 @@ log = logging.getLogger(__name__)
 
 # The speech LM's side: greedy (repeatable), short.
 ASSIST_GENERATION = Generation(max_text_tokens=48)
-
-
 VOICES = ("speech_lm", "duplex")
 
 
@@ -80,28 +80,56 @@ class AssistConfig:
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue
     voice: str = "speech_lm"
+    # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
+    # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
+    background: bool = False
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
             raise SpeechLMError(f"unknown assist voice {self.voice!r}; choose from {', '.join(VOICES)}")
 
 
+class _Job:
+    """One turn's work for the speech LM: hear the question, write the reply, speak it (voice
+    "speech_lm"). Runs inline or on the assist thread; the tick reads it without waiting."""
+
+    def __init__(self, question: np.ndarray | None, heard_at: int):
+        self.question = question
+        self.heard_at = heard_at  # the row's count of heard frames when the question was taken
+        self.transcript = ""
+        self.reply = ""
+        self.planned = threading.Event()  # transcript and reply are set
+        self.done = threading.Event()  # every frame of the reply's speech is made (or it stopped)
+        self.frames: deque[np.ndarray] = deque()  # the reply's speech, made ahead of playback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.frames.clear()
+
+
 @dataclass
 class _Row:
     """One session's bookkeeping (Python side; rows move with the scheduler's surgery)."""
 
-    heard: deque = field(default_factory=deque)  # user frames (frame_length,) since the turn before
+    heard: deque = field(default_factory=deque)  # user frames (frame_length,), the last max_question_seconds
+    heard_total: int = 0  # frames ever heard
+    job: _Job | None = None  # the speech LM's work for the coming or current turn
     plan: list[list[int]] | None = None  # the turn's words still to say (piece ids); None = no turn
-    free: bool = False  # this turn the model says its own words (the ASR heard nothing)
+    free: bool = False  # this turn the model says its own words (duplex voice, the ASR heard nothing)
     word: list[int] = field(default_factory=list)  # pieces of the word in progress
     spoke: bool = False  # the model has made a sound this turn
     silent_run: int = 0
     user_text: str | None = None  # the question's transcript, sent with the turn's first piece
-    voice: Iterator[np.ndarray] | None = None  # voice "speech_lm": the reply's frames still to play
 
     @property
     def in_turn(self) -> bool:
         return self.plan is not None or self.free
+
+    def drop_job(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.job = None
 
 
 @dataclass
@@ -131,11 +159,18 @@ class AssistedDuplexModel:
         self.frame_length, self.sample_rate = duplex.frame_length, duplex.sample_rate
         self.pad = duplex.lm.text_pad
         self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
-        self.turns = 0  # answers planned (for stats and tests)
+        self.turns = 0  # turns with a plan or free words (for stats and tests)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def max_batch_seen(self) -> int:
         return self.duplex.max_batch_seen
+
+    def close(self) -> None:
+        """Stop the assist thread (queued work is dropped; a reply being spoken stops at its next frame)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
 
@@ -148,6 +183,7 @@ class AssistedDuplexModel:
     def reset_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
         fresh = list(state.rows)
         for r in rows:
+            fresh[r].drop_job()
             fresh[r] = self._row()
         return AssistedState(self.duplex.reset_rows(state.inner, rows), fresh)
 
@@ -156,6 +192,8 @@ class AssistedDuplexModel:
         return AssistedState(self.duplex.grow_state(state.inner, batch_size), state.rows + extra)
 
     def select_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
+        for i in set(range(len(state.rows))) - set(rows):
+            state.rows[i].drop_job()  # a session that left: its speech LM work stops
         return AssistedState(self.duplex.select_rows(state.inner, rows), [state.rows[r] for r in rows])
 
     # -- the step ---------------------------------------------------------------------------
@@ -165,6 +203,7 @@ class AssistedDuplexModel:
         rows = state.rows
         for row, frame in zip(rows, user_pcm.detach().float().cpu().numpy()):
             row.heard.append(frame)
+            row.heard_total += 1
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
@@ -191,39 +230,36 @@ class AssistedDuplexModel:
                 texts.append(piece)
         return pcm, texts, AssistedState(tick.state, rows)
 
-    def _voice_frame(self, row: _Row, duplex_silent: bool) -> np.ndarray | None:
-        """The next frame of the reply's speech, or None (silence): the reply ends, or the duplex
-        model has fallen silent while the user talks (it yields: the rest is dropped)."""
-        if row.voice is None:
-            return None
-        if duplex_silent and self.user_talking(row):
-            row.voice = None
-            return None
-        try:
-            frame = next(row.voice, None)
-        except SpeechLMError as e:
-            log.warning("assist: the reply's speech stopped: %s", e)
-            frame = None
-        if frame is None:
-            row.voice = None
-        return frame
-
     def _choose(self, row: _Row, sampled: int) -> int:
         """The text token the model says this frame, given the one it sampled."""
         if row.word:
             return row.word.pop(0)
-        user_talking = self.user_talking(row)
+        talking = self.user_talking(row)
+        if row.job is not None and not row.in_turn:  # a turn being planned
+            if talking:
+                row.drop_job()  # the user goes on: the question was not over
+            elif row.job.planned.is_set():
+                self._begin_turn(row)
         if sampled == self.pad:
             # The model ended its words: with words of the plan left, the user quiet and the model
             # fallen silent, it goes on with the plan (its own sense of a reply's length is not the
             # plan's); if the user talks, it yields, and the turn ends (see _after).
-            if row.plan and row.spoke and row.silent_run > 0 and not user_talking:
+            if row.plan and row.spoke and row.silent_run > 0 and not talking:
                 return self._next_word(row)
             return sampled
         quiet = self.pad if self.config.voice == "speech_lm" else sampled  # no turn: the duplex voice may say its own word
         if not row.in_turn:
-            if user_talking or not self._start_turn(row):
-                return quiet  # a backchannel over the user, or nothing to answer
+            if talking:
+                return quiet  # a backchannel over the user
+            if row.job is None:
+                question = self.question_audio(row)
+                if question is None and self.config.voice == "speech_lm":
+                    return quiet  # nothing to answer
+                row.job = self._submit(question, row.heard_total)
+                if row.job.planned.is_set():
+                    self._begin_turn(row)
+            if not row.in_turn:
+                return quiet  # still planning, or nothing to say
         if row.free:
             return sampled
         if not row.plan:
@@ -235,45 +271,90 @@ class AssistedDuplexModel:
         row.word = word[1:]
         return word[0]
 
-    def user_talking(self, row: _Row) -> bool:
-        """The user's last ``talk_frames`` frames hold speech."""
-        recent = list(row.heard)[-self.config.talk_frames :]
-        return any(float(np.sqrt((f**2).mean())) > self.config.voiced_rms for f in recent)
-
-    def _start_turn(self, row: _Row) -> bool:
-        """The model wants to speak: hear the question, plan the reply. False = no turn (voice
-        "speech_lm" with nothing to say); with the duplex voice, nothing heard = a turn in its own words."""
-        question = self.question_audio(row)
-        row.heard.clear()
-        try:
-            heard = self.speech.asr(question, self.sample_rate, self.generation) if question is not None else ""
-            reply = self.speech.reply_text(heard, self.generation) if heard else ""
-        except SpeechLMError as e:  # a question the speech LM cannot take (e.g. too long): no answer, the session goes on
-            log.warning("assist: no answer this turn: %s", e)
-            heard = reply = ""
-        plan = self.plan(reply)
+    def _begin_turn(self, row: _Row) -> None:
+        """The planned job's reply becomes the turn (or, with nothing to say in the speech LM's voice, no turn)."""
+        job = row.job
+        keep = row.heard_total - job.heard_at  # the next question starts after this one
+        while len(row.heard) > keep:
+            row.heard.popleft()
+        plan = self.plan(job.reply)
         if not plan and self.config.voice == "speech_lm":
-            return False
+            row.job = None
+            return
         row.plan, row.free = plan or None, not plan
         row.spoke, row.silent_run = False, 0
-        row.user_text = heard or None
-        if plan and self.config.voice == "speech_lm":
-            row.voice = iter(self.speech.tts(reply, stream=True, generation=self.generation))
+        row.user_text = job.transcript or None
+        if self.config.voice != "speech_lm":
+            row.job = None
         self.turns += 1
-        return True
+
+    def _voice_frame(self, row: _Row, duplex_silent: bool) -> np.ndarray | None:
+        """The next frame of the reply's speech, or None (silence): not made yet, the reply is over,
+        or the duplex model has fallen silent while the user talks (it yields: the rest is dropped)."""
+        if row.job is None or not row.in_turn:
+            return None
+        if duplex_silent and self.user_talking(row):
+            row.drop_job()
+            return None
+        return row.job.frames.popleft() if row.job.frames else None
 
     def _after(self, row: _Row, silent: bool) -> None:
         if not row.in_turn:
             return
-        if silent:
-            row.silent_run += 1
-        else:
+        waiting = row.job is not None and not row.job.frames and not row.job.done.is_set()  # the voice is behind
+        if not silent:
             row.spoke, row.silent_run = True, 0
+        elif not waiting:
+            row.silent_run += 1
         # the turn is over once the model has been quiet a while after speaking (or never began)
         if not row.word and row.silent_run >= (self.config.end_frames if row.spoke else 3 * self.config.end_frames):
-            row.plan, row.free, row.word, row.voice = None, False, [], None
+            row.plan, row.free, row.word = None, False, []
+            row.drop_job()
+
+    # -- the speech LM's work -----------------------------------------------------------------
+
+    def _submit(self, question: np.ndarray | None, heard_at: int) -> _Job:
+        job = _Job(question, heard_at)
+        if question is None:  # nothing to hear: planned at once, with nothing to say
+            job.planned.set()
+            job.done.set()
+        elif self.config.background:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speechlm-assist")
+            self._pool.submit(self._work, job)
+        else:
+            self._work(job)
+        return job
+
+    def _work(self, job: _Job) -> None:
+        """Hear, reply, speak (on the assist thread or inline). Errors cost the turn, not the session."""
+        try:
+            if not job.cancelled:
+                job.transcript = self.speech.asr(job.question, self.sample_rate, self.generation)
+            if job.transcript and not job.cancelled:
+                job.reply = self.speech.reply_text(job.transcript, self.generation)
+        except Exception as e:  # noqa: BLE001 - e.g. a question too long for the speech LM: no answer, the session goes on
+            log.warning("assist: no answer this turn: %s", e)
+            job.transcript = job.reply = ""
+        finally:
+            job.planned.set()
+        try:
+            if job.reply and self.config.voice == "speech_lm" and not job.cancelled:
+                for frame in self.speech.tts(job.reply, stream=True, generation=self.generation):
+                    if job.cancelled:
+                        break
+                    job.frames.append(np.asarray(frame, dtype=np.float32))
+        except Exception as e:  # noqa: BLE001
+            log.warning("assist: the reply's speech stopped: %s", e)
+        finally:
+            job.done.set()
 
     # -- pieces -----------------------------------------------------------------------------
+
+    def user_talking(self, row: _Row) -> bool:
+        """The user's last ``talk_frames`` frames hold speech."""
+        recent = list(row.heard)[-self.config.talk_frames :]
+        return any(float(np.sqrt((f**2).mean())) > self.config.voiced_rms for f in recent)
 
     def question_audio(self, row: _Row) -> np.ndarray | None:
         """The heard audio trimmed to its voiced part (plus a margin); None if nothing was voiced."""
@@ -297,10 +378,11 @@ class AssistedDuplexModel:
 
 def build_assisted_model(duplex: DuplexSpeechModel, speech_lm: str, **kwargs: Any) -> AssistedDuplexModel:
     """``speechlm serve --assist NAME``: ``speech_lm`` is a speech LM directory or shipped name,
-    loaded on the duplex model's device with the duplex model's codec."""
+    loaded on the duplex model's device, with its own copy of the duplex model's codec (the assist
+    thread decodes while the tick encodes)."""
     from ..lm.model import SpeechLM
     from ..speech import resolve_model
 
     lm = SpeechLM.from_pretrained(resolve_model(speech_lm), dtype=torch.float32).to(duplex.device)
-    codec = getattr(duplex.codec, "codec", duplex.codec)  # the plain codec under compiled steps (--compile-codec)
+    codec = copy.deepcopy(getattr(duplex.codec, "codec", duplex.codec))  # the plain codec under compiled steps (--compile-codec)
     return AssistedDuplexModel(duplex, SpeechPipeline(lm, codec), **kwargs)

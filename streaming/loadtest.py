@@ -38,7 +38,7 @@ def _rss_mb() -> float:
 # -- load generator (child process) -------------------------------------------------------
 
 
-async def _one_client(url: str, seconds: float, frame_seconds: float, payload: bytes, stats: dict) -> None:
+async def _one_client(url: str, seconds: float, frame_seconds: float, payloads: list[bytes], stats: dict, offset: int = 0) -> None:
     from websockets.asyncio.client import connect
 
     handshake = protocol.encode(protocol.Handshake({"version": protocol.VERSION, "client": "loadtest", "metadata_interval": 0}))
@@ -66,7 +66,7 @@ async def _one_client(url: str, seconds: float, frame_seconds: float, payload: b
                 await asyncio.sleep(delay)
             elif delay < -frame_seconds:
                 late += 1
-            await ws.send(payload)
+            await ws.send(payloads[(offset + i) % len(payloads)])
         await asyncio.sleep(0.3)  # the last replies
         task.cancel()
         stats["sent"] += frames
@@ -76,19 +76,24 @@ async def _one_client(url: str, seconds: float, frame_seconds: float, payload: b
             stats["first_audio_ms"].append(1000 * first_audio)
 
 
-def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out) -> None:
+def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out, speech: np.ndarray | None = None, seed: int = 0) -> None:
     async def main() -> dict:
-        t = np.arange(frame_length) / sample_rate
-        payload = protocol.encode(protocol.Audio.from_pcm((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)))
+        if speech is None:  # a steady tone: the user never stops talking
+            t = np.arange(frame_length) / sample_rate
+            payloads = [protocol.encode(protocol.Audio.from_pcm((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)))]
+        else:  # a spoken loop (e.g. a question and a pause), each client from its own point in it
+            frames = np.pad(speech, (0, (-len(speech)) % frame_length)).reshape(-1, frame_length)
+            payloads = [protocol.encode(protocol.Audio.from_pcm(f.astype(np.float32))) for f in frames]
+        rng = np.random.default_rng(seed)
         stats: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0}
 
-        async def guarded() -> None:
+        async def guarded(offset: int) -> None:
             try:
-                await _one_client(url, seconds, frame_length / sample_rate, payload, stats)
+                await _one_client(url, seconds, frame_length / sample_rate, payloads, stats, offset)
             except Exception:
                 stats["failed"] += 1
 
-        await asyncio.gather(*(guarded() for _ in range(sessions)))
+        await asyncio.gather(*(guarded(int(rng.integers(len(payloads)))) for _ in range(sessions)))
         return stats
 
     out.put(asyncio.run(main()))
@@ -106,12 +111,14 @@ def _merge(parts: list[dict]) -> dict:
 
 
 async def measure_load(
-    model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0, clients_per_process: int = 64
+    model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0, clients_per_process: int = 64,
+    speech: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Hold ``sessions`` clients for ``warmup + seconds``; the numbers cover the last ``seconds``.
 
     The clients run in ``ceil(sessions / clients_per_process)`` child processes, so that at large
-    loads the load generator is not what falls behind."""
+    loads the load generator is not what falls behind. They send a steady tone, or ``speech``
+    (16 kHz float32) on a loop, each client from a random point in it."""
     config = ServerConfig(port=0, max_sessions=sessions, idle_timeout=60)
     async with DuplexServer(model, config) as server:
         rss_before = _rss_mb()
@@ -120,9 +127,9 @@ async def measure_load(
         counts = [len(c) for c in np.array_split(np.arange(sessions), -(-sessions // clients_per_process))]
         processes = [
             context.Process(
-                target=_generator, args=(server.url, n, warmup + seconds, model.frame_length, model.sample_rate, queue), daemon=True
+                target=_generator, args=(server.url, n, warmup + seconds, model.frame_length, model.sample_rate, queue, speech, k), daemon=True
             )
-            for n in counts
+            for k, n in enumerate(counts)
         ]
         for process in processes:
             process.start()
@@ -134,7 +141,9 @@ async def measure_load(
         stats = server.scheduler.stats
         before = (stats.ticks, stats.late_ticks, stats.skipped_ticks)
         stats.step_seconds.clear()
+        turns_before = getattr(model, "turns", 0)
         await asyncio.sleep(seconds)
+        turns = getattr(model, "turns", 0) - turns_before
         ticks, late, skipped = (stats.ticks - before[0], stats.late_ticks - before[1], stats.skipped_ticks - before[2])
         steps_ms = np.asarray(stats.step_seconds) * 1000
         sessions_now = [c.session for c in server.connections if c.session is not None]
@@ -161,6 +170,7 @@ async def measure_load(
         "received_ratio": round(received_ratio, 4),
         "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
         "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),
+        **({"assisted_turns": turns} if hasattr(model, "turns") else {}),
         "client_processes": len(processes),
         "held": late == 0 and skipped == 0 and clients["failed"] == 0 and received_ratio > 0.97,
     }
@@ -198,17 +208,23 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
 
 def build_model(
     name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32",
-    graphs: bool = False,
+    graphs: bool = False, assist: str | None = None, assist_voice: str = "speech_lm",
 ) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
     ``duplex`` with ``lm`` = a duplex LM directory (or ``random:PRESET``, see
     :func:`speechlm.streaming.duplex_model.build_duplex_model`) and ``codec`` its codec name/dir.
     ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
-    ``dtype``: the duplex LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs."""
+    ``dtype``: the duplex LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs.
+    ``assist``: a speech LM that answers through the duplex model (``speechlm serve --assist``)."""
     from .models import with_compiled_codec
 
     model = _build_model(name, codec, device, lm, dtype, graphs)
-    return with_compiled_codec(model) if compile_codec else model
+    model = with_compiled_codec(model) if compile_codec else model
+    if name == "duplex" and assist:
+        from .assist import AssistConfig, build_assisted_model
+
+        model = build_assisted_model(model, assist, config=AssistConfig(voice=assist_voice, background=True))
+    return model
 
 
 def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str = "float32", graphs: bool = False) -> DuplexModel:

@@ -520,7 +520,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex" and config.assist:
             from .assist import AssistConfig, build_assisted_model
 
-            model = build_assisted_model(model, config.assist, config=AssistConfig(voice=config.assist_voice))
+            model = build_assisted_model(model, config.assist, config=AssistConfig(voice=config.assist_voice, background=True))
         return model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 
@@ -552,6 +552,9 @@ async def run_server(config: ServerConfig, model: DuplexModel | None = None, on_
         await stop.wait()
     finally:
         await server.stop()
+        close = getattr(model, "close", None)  # e.g. the answer assist's thread
+        if callable(close):
+            close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

@@ -4,6 +4,8 @@ bookkeeping through the scheduler's joins and leaves; the server builds it from 
 
 import argparse
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +144,62 @@ def test_the_speech_lm_voices_the_reply_until_the_user_talks_over_a_silent_duple
     assert quiet.turns == 0 and np.abs(pcm).max() == 0 and all(t is None for t in texts)
     with pytest.raises(SpeechLMError, match="voice"):
         AssistConfig(voice="robot")
+
+
+class SlowSpeech(FakeSpeech):
+    """The speech LM's ASR waits until the test lets it go on."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.go = threading.Event()
+
+    def asr(self, audio, sample_rate=16_000, generation=None):
+        assert self.go.wait(10)
+        return super().asr(audio, sample_rate, generation)
+
+
+def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, mute=True, background=True, speech_lm=SlowSpeech())
+    state = model.init_state(1)
+    user = np.concatenate([speech(8, 7), np.zeros(30 * N, np.float32)]).reshape(-1, N)
+
+    def tick(t):
+        nonlocal state
+        pcm, texts, state = model.step(torch.from_numpy(user[t])[None], state)
+        return pcm[0].numpy(), texts[0]
+
+    for t in range(10):  # the turn is asked for at frame 10; the ASR is held: the ticks go on, silent
+        pcm, text = tick(t)
+    for t in range(10, 15):
+        pcm, text = tick(t)
+        assert text is None and np.abs(pcm).max() == 0
+    job = state.rows[0].job
+    assert job is not None and not job.planned.is_set() and model.turns == 0
+    model.speech.go.set()
+    assert job.planned.wait(10) and job.done.wait(10)
+    pcm, text = tick(15)  # the reply is planned and spoken ahead: the turn starts on the next tick
+    assert text["user"] == "hello world" and pcm[0] == np.float32(0.1) and model.turns == 1
+    model.close()
+
+    # the user talks on while the turn is being planned: the plan is dropped, the question grows
+    model = assisted(tokenizer_dir, codec, mute=True, background=True, speech_lm=SlowSpeech())
+    state = model.init_state(1)
+    user = np.concatenate([speech(8, 7), np.zeros(4 * N, np.float32), speech(8, 8), np.zeros(20 * N, np.float32)]).reshape(-1, N)
+    for t in range(12):
+        tick(t)
+    first = state.rows[0].job
+    assert first is not None
+    tick(12)  # the user talks again
+    assert first.cancelled and state.rows[0].job is None
+    model.speech.go.set()
+    for t in range(13, 32):
+        pcm, text = tick(t)
+        if isinstance(text, dict):
+            break
+        time.sleep(0.02)  # let the assist thread work
+    assert isinstance(text, dict) and model.turns == 1
+    assert len(model.speech.questions[-1]) == (8 + 4 + 8 + 3) * N  # the whole question: both parts and the pause (+ margins)
+    model.close()
 
 
 class BrokenSpeech(FakeSpeech):
