@@ -20,7 +20,9 @@ For each held-out spoken question (arithmetic and facts, test split, held-out es
   do. A trial counts when the undisturbed reply (the first run) goes on through the window from
   the backchannel's onset to 0.3 s after its end; the model *yielded* if a silence of
   ``--quiet-frames`` starts inside that window (``yielded_to_backchannel_share``; a pause the
-  reply would have made anyway can count too, so compare versions, not against 0).
+  reply would have made anyway can count too, so compare versions, not against 0), and whether it
+  *talked on* (spoke again within 1 s of the backchannel's end: no pause, or a pause and a resume;
+  ``talked_on_after_backchannel_share``).
 
 Frames are 40 ms: every time here is a multiple of one frame.
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import random
 import statistics
 from pathlib import Path
@@ -92,7 +95,21 @@ def backchannel_trial(model, user, onset, undisturbed, voice, word, after, rng, 
     stop_alone, stop = first(~alone, w0, quiet_frames), first(~disturbed, w0, quiet_frames)
     # Counts when the undisturbed reply talks on through [w0, w1] and the model talks as the backchannel starts.
     counts = bool(alone[w0 - 1]) and bool(disturbed[w0 - 1]) and (stop_alone is None or stop_alone > w1) and w1 < len(alone)
-    return {"word": word, "after_s": after, "counts": counts, "yielded": stop is not None and stop <= w1}
+    # Talked on: within 1 s after the backchannel ends the model speaks again (a pause and a resume, or no pause).
+    end = cut + int(heard[-1]) + 1
+    talked_on = bool(disturbed[end : end + int(fps)].any())
+    return {"word": word, "after_s": after, "counts": counts, "yielded": stop is not None and stop <= w1, "talked_on": talked_on}
+
+
+class ListHandler(logging.Handler):
+    """Log records -> a list of messages (the answer assist's events of one run)."""
+
+    def __init__(self, out: list[str]):
+        super().__init__()
+        self.out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.out.append(record.getMessage())
 
 
 def answer_heard(expected: str, heard: str) -> bool:
@@ -116,6 +133,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the LM's compute dtype (speechlm serve --dtype)")
     ap.add_argument("--assist", help="answer assist: this speech LM (directory or shipped name) writes the duplex model's words (speechlm serve --assist)")
     ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"], help="with --assist: who says the reply")
+    ap.add_argument("--assist-barge-frames", type=int, default=5, help="with --assist: user frames in a row that pause the reply (0 = only the duplex model's yield)")
+    ap.add_argument("--assist-backchannel-frames", type=int, default=15, help="with --assist: a sound over the reply this short resumes it (0 = every pause drops the rest)")
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -128,11 +147,16 @@ def main() -> None:
         sampling["audio_sampling"] = dataclasses.replace(AUDIO_SAMPLING, codebook_temperatures=temps)
     if args.text_temperature is not None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
+    events: list[str] = []
     model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling)
     if args.assist:
         from speechlm.streaming.assist import AssistConfig, build_assisted_model
 
-        model = build_assisted_model(model, args.assist, config=AssistConfig(voice=args.assist_voice))
+        assist_log = logging.getLogger("speechlm.streaming.assist")
+        assist_log.setLevel(logging.DEBUG)
+        assist_log.addHandler(ListHandler(events))
+        model = build_assisted_model(model, args.assist, config=AssistConfig(
+            voice=args.assist_voice, barge_frames=args.assist_barge_frames, backchannel_frames=args.assist_backchannel_frames))
     n, fps = model.frame_length, model.sample_rate / model.frame_length
     judge = None
     if not args.no_judge:
@@ -152,6 +176,7 @@ def main() -> None:
         question = frames_of(voice.synthesize(item["text"], rng).audio, n)
         user = np.concatenate([question, np.zeros((int(args.listen_seconds * fps), n), np.float32)])
         transcripts: list[str] = []
+        events.clear()
         pcm, texts = run(model, user, transcripts)
         user_end = int(np.nonzero(voiced(question))[0][-1]) + 1
         speaking = voiced(pcm, 1e-4)
@@ -168,7 +193,7 @@ def main() -> None:
             "spoke_during_question_share": float(speaking[:user_end].mean()),
             "speaking_at_user_end": bool(speaking[user_end - 1]),
             "model_text": "".join(t for t in texts if t),
-            **({"user_transcripts": transcripts} if args.assist else {}),
+            **({"user_transcripts": transcripts, "assist_log": list(events)} if args.assist else {}),
             "heard": heard,
             "right": answer_heard(item["answer_value"], heard),
         }
@@ -214,6 +239,7 @@ def main() -> None:
         "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
         "backchannel_trials": len(bc_trials),
         "yielded_to_backchannel_share": statistics.mean(b["yielded"] for b in bc_trials) if bc_trials else None,
+        "talked_on_after_backchannel_share": statistics.mean(b["talked_on"] for b in bc_trials) if bc_trials else None,
         "frame_ms": 1000 / fps,
         "command": "python benchmarks/duplex.py " + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v not in (None, False)),
     }

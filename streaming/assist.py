@@ -80,6 +80,12 @@ class AssistConfig:
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue
     voice: str = "speech_lm"
+    # voice "speech_lm", talking over the reply: the reply pauses when the duplex model falls silent
+    # while the user talks, or once the user has talked barge_frames frames in a row (0 = only the
+    # former). A sound over the reply no longer than backchannel_frames, then quiet, resumes it
+    # ("mm-hm"); a longer one is an interruption: the rest of the reply is dropped.
+    barge_frames: int = 5
+    backchannel_frames: int = 15
     # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
     # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
     background: bool = False
@@ -121,12 +127,16 @@ class _Row:
     spoke: bool = False  # the model has made a sound this turn
     silent_run: int = 0
     user_text: str | None = None  # the question's transcript, sent with the turn's first piece
+    voiced_run: int = 0  # the user's consecutive voiced frames up to now
+    paused: bool = False  # the reply is held while the user talks over it
+    overlap: int = 0  # frames of the user's sound over the paused reply
 
     @property
     def in_turn(self) -> bool:
         return self.plan is not None or self.free
 
     def drop_job(self) -> None:
+        self.paused = False
         if self.job is not None:
             self.job.cancel()
             self.job = None
@@ -204,6 +214,7 @@ class AssistedDuplexModel:
         for row, frame in zip(rows, user_pcm.detach().float().cpu().numpy()):
             row.heard.append(frame)
             row.heard_total += 1
+            row.voiced_run = row.voiced_run + 1 if self.is_voiced(frame) else 0
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
@@ -237,6 +248,7 @@ class AssistedDuplexModel:
         talking = self.user_talking(row)
         if row.job is not None and not row.in_turn:  # a turn being planned
             if talking:
+                log.debug("assist: the user goes on; the planned turn is dropped")
                 row.drop_job()  # the user goes on: the question was not over
             elif row.job.planned.is_set():
                 self._begin_turn(row)
@@ -255,6 +267,7 @@ class AssistedDuplexModel:
                 question = self.question_audio(row)
                 if question is None and self.config.voice == "speech_lm":
                     return quiet  # nothing to answer
+                log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate if question is not None else 0.0)
                 row.job = self._submit(question, row.heard_total)
                 if row.job.planned.is_set():
                     self._begin_turn(row)
@@ -278,6 +291,7 @@ class AssistedDuplexModel:
         while len(row.heard) > keep:
             row.heard.popleft()
         plan = self.plan(job.reply)
+        log.debug("assist: heard %r, reply %r", job.transcript, job.reply)
         if not plan and self.config.voice == "speech_lm":
             row.job = None
             return
@@ -290,24 +304,38 @@ class AssistedDuplexModel:
 
     def _voice_frame(self, row: _Row, duplex_silent: bool) -> np.ndarray | None:
         """The next frame of the reply's speech, or None (silence): not made yet, the reply is over,
-        or the duplex model has fallen silent while the user talks (it yields: the rest is dropped)."""
+        or paused while the user talks over it (see ``AssistConfig.barge_frames``)."""
         if row.job is None or not row.in_turn:
             return None
-        if duplex_silent and self.user_talking(row):
-            row.drop_job()
+        talking = self.user_talking(row)
+        cfg = self.config
+        if row.paused:
+            if talking:
+                row.overlap += 1
+                if row.overlap > cfg.backchannel_frames:  # an interruption: the rest is dropped
+                    log.debug("assist: interrupted; the rest of the reply is dropped")
+                    row.paused = False
+                    row.drop_job()
+                return None
+            row.paused = False  # a short sound, then quiet (a backchannel): the reply goes on
+            log.debug("assist: a backchannel (%d frames); the reply goes on", row.overlap)
+        elif talking and (duplex_silent or 0 < cfg.barge_frames <= row.voiced_run):
+            row.paused, row.overlap = True, row.voiced_run
+            log.debug("assist: the user talks over the reply; paused")
             return None
         return row.job.frames.popleft() if row.job.frames else None
 
     def _after(self, row: _Row, silent: bool) -> None:
         if not row.in_turn:
             return
-        waiting = row.job is not None and not row.job.frames and not row.job.done.is_set()  # the voice is behind
+        waiting = row.paused or (row.job is not None and not row.job.frames and not row.job.done.is_set())  # held, or the voice is behind
         if not silent:
             row.spoke, row.silent_run = True, 0
         elif not waiting:
             row.silent_run += 1
         # the turn is over once the model has been quiet a while after speaking (or never began)
         if not row.word and row.silent_run >= (self.config.end_frames if row.spoke else 3 * self.config.end_frames):
+            log.debug("assist: turn over")
             row.plan, row.free, row.word = None, False, []
             row.drop_job()
 
@@ -351,10 +379,12 @@ class AssistedDuplexModel:
 
     # -- pieces -----------------------------------------------------------------------------
 
+    def is_voiced(self, frame: np.ndarray) -> bool:
+        return float(np.sqrt((frame**2).mean())) > self.config.voiced_rms
+
     def user_talking(self, row: _Row) -> bool:
         """The user's last ``talk_frames`` frames hold speech."""
-        recent = list(row.heard)[-self.config.talk_frames :]
-        return any(float(np.sqrt((f**2).mean())) > self.config.voiced_rms for f in recent)
+        return any(self.is_voiced(f) for f in list(row.heard)[-self.config.talk_frames :])
 
     def question_audio(self, row: _Row) -> np.ndarray | None:
         """The heard audio trimmed to its voiced part (plus a margin); None if nothing was voiced."""
@@ -383,6 +413,9 @@ def build_assisted_model(duplex: DuplexSpeechModel, speech_lm: str, **kwargs: An
     from ..lm.model import SpeechLM
     from ..speech import resolve_model
 
-    lm = SpeechLM.from_pretrained(resolve_model(speech_lm), dtype=torch.float32).to(duplex.device)
-    codec = copy.deepcopy(getattr(duplex.codec, "codec", duplex.codec))  # the plain codec under compiled steps (--compile-codec)
-    return AssistedDuplexModel(duplex, SpeechPipeline(lm, codec), **kwargs)
+    try:
+        lm = SpeechLM.from_pretrained(resolve_model(speech_lm), dtype=torch.float32).to(duplex.device)
+        codec = copy.deepcopy(getattr(duplex.codec, "codec", duplex.codec))  # the plain codec under compiled steps (--compile-codec)
+        return AssistedDuplexModel(duplex, SpeechPipeline(lm, codec), **kwargs)
+    except SpeechLMError as e:
+        raise SpeechLMError(f"answer assist {speech_lm!r}: {e} (--assist none serves the duplex model alone)") from None

@@ -17,7 +17,7 @@ from test_duplex_model import TEXTS, C, codec, drain, make_duplex, run_ticks, sp
 
 from speechlm.codec.errors import SpeechLMError
 from speechlm.lm import GREEDY
-from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState
+from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState, _Job
 from speechlm.streaming.duplex_model import DuplexSpeechModel
 from speechlm.streaming.models import DuplexModel
 from speechlm.streaming.scheduler import Scheduler
@@ -122,10 +122,10 @@ def test_the_plan_goes_on_when_the_model_pauses_and_stops_when_the_user_talks(to
     assert not row.in_turn and row.plan is None
 
 
-def test_the_speech_lm_voices_the_reply_until_the_user_talks_over_a_silent_duplex_model(tokenizer_dir, codec):  # noqa: F811
+def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_for_an_interruption(tokenizer_dir, codec):  # noqa: F811
     # the duplex model would start words every frame but never makes a sound itself
     model = assisted(tokenizer_dir, codec, mute=True)
-    user = np.concatenate([speech(8, 4), np.zeros(6 * N, np.float32), speech(4, 5), np.zeros(8 * N, np.float32)])
+    user = np.concatenate([speech(8, 4), np.zeros(6 * N, np.float32), speech(4, 5), np.zeros(12 * N, np.float32)])
     pcm, texts, _ = run(model, user)
     frames = pcm.reshape(-1, N)
     # nothing is said or sounded while the user asks (no backchannel words in this voice)
@@ -133,11 +133,33 @@ def test_the_speech_lm_voices_the_reply_until_the_user_talks_over_a_silent_duple
     # the turn starts once the user's last 3 frames are quiet: the reply's speech plays frame by frame ...
     assert texts[10]["user"] == "hello world" and model.speech.asked[0] == "hello world"
     np.testing.assert_allclose(frames[10:14, 0], [0.1, 0.2, 0.3, 0.4])
-    # ... until the user talks over it (frame 14) while the duplex model is silent: it yields, the rest is dropped
-    assert np.abs(frames[14:24]).max() == 0
-    # the turn ends after end_frames (10) of silence; the next turn hears the second question (+ margins)
-    assert model.turns == 2 and texts[24]["user"] == "hello world" and frames[24, 0] == np.float32(0.1)
-    np.testing.assert_array_equal(model.speech.questions[1], user[11 * N : 21 * N])
+    # ... pauses while the user makes a short sound over it (frames 14-17; the duplex model is silent) ...
+    assert np.abs(frames[14:20]).max() == 0
+    # ... and goes on once they are quiet again (3 frames): a backchannel
+    np.testing.assert_allclose(frames[20:24, 0], [0.5, 0.6, 0.7, 0.8])
+    assert np.abs(frames[24:]).max() == 0 and model.turns == 1
+
+    # a longer sound (20 frames > backchannel_frames) is an interruption: the rest is dropped, and it is the next question
+    model = assisted(tokenizer_dir, codec, mute=True, end_frames=5)
+    user = np.concatenate([speech(8, 4), np.zeros(6 * N, np.float32), speech(20, 6), np.zeros(14 * N, np.float32)])
+    pcm, texts, _ = run(model, user)
+    frames = pcm.reshape(-1, N)
+    np.testing.assert_allclose(frames[10:14, 0], [0.1, 0.2, 0.3, 0.4])
+    assert np.abs(frames[14:36]).max() == 0
+    assert model.turns == 2 and texts[36]["user"] == "hello world" and frames[36, 0] == np.float32(0.1)
+    np.testing.assert_array_equal(model.speech.questions[1], user[11 * N : 37 * N])
+    # barge_frames: the user talking 5 frames pauses the reply even while the duplex model talks on
+    loud = assisted(tokenizer_dir, codec)
+    state = loud.init_state(1)
+    row = state.rows[0]
+    row.plan, row.job = [], _Job(None, 0)
+    row.job.frames.extend(np.full(N, 0.5, np.float32) for _ in range(10))
+    row.heard.extend(speech(5, 7).reshape(-1, N))
+    row.voiced_run = 4
+    assert loud._voice_frame(row, duplex_silent=False) is not None and not row.paused
+    row.voiced_run = 5
+    assert loud._voice_frame(row, duplex_silent=False) is None and row.paused
+
     # a question the speech LM hears as nothing gives no turn (and no words) in this voice
     quiet = assisted(tokenizer_dir, codec, mute=True, speech_lm=FakeSpeech(transcript=""))
     pcm, texts, _ = run(quiet, user)
