@@ -128,6 +128,7 @@ class _Row:
     silent_run: int = 0
     user_text: str | None = None  # the question's transcript, sent with the turn's first piece
     voiced_run: int = 0  # the user's consecutive voiced frames up to now
+    turn_wanted: bool = False  # the model wanted to speak just as the user stopped: the turn starts once they stay quiet
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
 
@@ -246,23 +247,29 @@ class AssistedDuplexModel:
         if row.word:
             return row.word.pop(0)
         talking = self.user_talking(row)
+        if row.voiced_run > 0:
+            row.turn_wanted = False  # the user speaks (again)
         if row.job is not None and not row.in_turn:  # a turn being planned
             if talking:
                 log.debug("assist: the user goes on; the planned turn is dropped")
                 row.drop_job()  # the user goes on: the question was not over
             elif row.job.planned.is_set():
                 self._begin_turn(row)
+        if sampled != self.pad and talking and row.voiced_run == 0 and not row.in_turn:
+            row.turn_wanted = True  # the user may just have stopped: the turn starts once they stay quiet
         if sampled == self.pad:
             # The model ended its words: with words of the plan left, the user quiet and the model
             # fallen silent, it goes on with the plan (its own sense of a reply's length is not the
             # plan's); if the user talks, it yields, and the turn ends (see _after).
             if row.plan and row.spoke and row.silent_run > 0 and not talking:
                 return self._next_word(row)
-            return sampled
+            if not (row.turn_wanted and not talking and not row.in_turn):
+                return sampled
         quiet = self.pad if self.config.voice == "speech_lm" else sampled  # no turn: the duplex voice may say its own word
         if not row.in_turn:
             if talking:
                 return quiet  # a backchannel over the user
+            row.turn_wanted = False
             if row.job is None:
                 question = self.question_audio(row)
                 if question is None and self.config.voice == "speech_lm":

@@ -237,6 +237,33 @@ def test_a_speech_lm_error_costs_the_turn_not_the_session(tokenizer_dir, codec, 
     assert "no answer this turn" in caplog.text and state.batch_size == 1
 
 
+def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, talkative=False)
+    state = model.init_state(1)
+    row = state.rows[0]
+    row.heard.extend(speech(10, 9).reshape(-1, N))
+    row.heard.append(np.zeros(N, np.float32))  # the user just stopped: still "talking" for the 3-frame window
+    row.voiced_run = 0
+    word = int(model.duplex.lm.tokenizer.encode(" hello", add_special_tokens=False)[0])
+    assert model._choose(row, word) == model.pad and row.turn_wanted and model.turns == 0
+    row.heard.extend([np.zeros(N, np.float32)] * 2)
+    # the model samples pad now, but the turn it wanted starts: the plan's first word
+    assert model._choose(row, model.pad) == words_ids(model, "the")[0] and model.turns == 1 and not row.turn_wanted
+    # a wish cancelled by the user speaking again
+    row2 = model.init_state(1).rows[0]
+    row2.heard.extend(speech(10, 9).reshape(-1, N))
+    row2.heard.append(np.zeros(N, np.float32))
+    model._choose(row2, word)
+    row2.heard.append(speech(1, 10)[:N])
+    row2.voiced_run = 1
+    model._choose(row2, model.pad)
+    assert not row2.turn_wanted
+
+
+def words_ids(model, text):
+    return [i for w in text.split() for i in model.duplex.lm.tokenizer.encode(" " + w, add_special_tokens=False)]
+
+
 def test_rows_keep_their_plans_through_joins_and_leaves(tokenizer_dir, codec):  # noqa: F811
     inputs = {name: np.concatenate([speech(6, seed), np.zeros(8 * N, np.float32)]) for seed, name in enumerate("abc")}
     solo: dict = {}
