@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -355,7 +356,7 @@ class AssistedDuplexModel:
             job.done.set()
         elif self.config.background:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speechlm-assist")
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speechlm-assist", initializer=_lower_priority)
             self._pool.submit(self._work, job)
         else:
             self._work(job)
@@ -374,7 +375,7 @@ class AssistedDuplexModel:
         finally:
             job.planned.set()
         try:
-            if job.reply and self.config.voice == "speech_lm" and not job.cancelled:
+            if job.reply and self.plan(job.reply) and self.config.voice == "speech_lm" and not job.cancelled:
                 for frame in self.speech.tts(job.reply, stream=True, generation=self.generation):
                     if job.cancelled:
                         break
@@ -411,6 +412,15 @@ class AssistedDuplexModel:
         tokenizer = self.duplex.lm.tokenizer
         words = [w for w, _, _ in word_spans(normalize_text(reply.strip()))] if reply.strip() else []
         return [ids for ids in (tokenizer.encode(" " + w, add_special_tokens=False) for w in words) if ids]
+
+
+def _lower_priority() -> None:
+    """Run the assist thread at a lower CPU priority than the frame clock's (Linux: a thread is a
+    schedulable task with its own nice value), so that a turn's work yields the CPU to the tick."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority
+        pass
 
 
 def build_assisted_model(duplex: DuplexSpeechModel, speech_lm: str, **kwargs: Any) -> AssistedDuplexModel:
