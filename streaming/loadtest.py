@@ -38,7 +38,13 @@ def _rss_mb() -> float:
 # -- load generator (child process) -------------------------------------------------------
 
 
-async def _one_client(url: str, seconds: float, frame_seconds: float, payloads: list[bytes], stats: dict, offset: int = 0) -> None:
+async def _one_client(
+    url: str, seconds: float, frame_seconds: float, payloads: list[bytes], stats: dict, offset: int = 0, question_end: int | None = None
+) -> None:
+    """One session: send ``payloads`` on a loop at real-time pace from ``offset``. With ``question_end``
+    (the loop index of the first frame after the spoken question), time each reply: from sending
+    that frame to the first audible frame back (``reply_onset_ms``; none before the next question
+    starts = ``no_reply``)."""
     from websockets.asyncio.client import connect
 
     handshake = protocol.encode(protocol.Handshake({"version": protocol.VERSION, "client": "loadtest", "metadata_interval": 0}))
@@ -47,15 +53,22 @@ async def _one_client(url: str, seconds: float, frame_seconds: float, payloads: 
         await ws.recv()
         received = 0
         first_audio: float | None = None
+        asked: float | None = None  # when the last question ended, until its reply is heard
         start = time.perf_counter()
 
         async def reader() -> None:
-            nonlocal received, first_audio
+            nonlocal received, first_audio, asked
             async for data in ws:
                 if data[:1] == b"\x01":
                     received += 1
+                    now = time.perf_counter()
                     if first_audio is None:
-                        first_audio = time.perf_counter() - start
+                        first_audio = now - start
+                    if asked is not None and len(data) > 1:
+                        pcm = np.frombuffer(data, dtype="<i2", offset=1).astype(np.float32) / 32768
+                        if float(np.sqrt(np.mean(pcm**2))) > 1e-3:
+                            stats["reply_onset_ms"].append(1000 * (now - asked))
+                            asked = None
 
         task = asyncio.create_task(reader())
         frames = round(seconds / frame_seconds)
@@ -66,7 +79,13 @@ async def _one_client(url: str, seconds: float, frame_seconds: float, payloads: 
                 await asyncio.sleep(delay)
             elif delay < -frame_seconds:
                 late += 1
-            await ws.send(payloads[(offset + i) % len(payloads)])
+            k = (offset + i) % len(payloads)
+            if question_end is not None and k == 0 and asked is not None:
+                stats["no_reply"] += 1  # the next question starts: the last one got no reply
+                asked = None
+            await ws.send(payloads[k])
+            if question_end is not None and k == question_end and i > 0:
+                asked = time.perf_counter()
         await asyncio.sleep(0.3)  # the last replies
         task.cancel()
         stats["sent"] += frames
@@ -78,18 +97,21 @@ async def _one_client(url: str, seconds: float, frame_seconds: float, payloads: 
 
 def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out, speech: np.ndarray | None = None, seed: int = 0) -> None:
     async def main() -> dict:
+        question_end = None
         if speech is None:  # a steady tone: the user never stops talking
             t = np.arange(frame_length) / sample_rate
             payloads = [protocol.encode(protocol.Audio.from_pcm((0.2 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)))]
         else:  # a spoken loop (e.g. a question and a pause), each client from its own point in it
             frames = np.pad(speech, (0, (-len(speech)) % frame_length)).reshape(-1, frame_length)
             payloads = [protocol.encode(protocol.Audio.from_pcm(f.astype(np.float32))) for f in frames]
+            voiced = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > 0.01)[0]
+            question_end = int(voiced[-1]) + 1 if len(voiced) and voiced[-1] + 1 < len(frames) else None
         rng = np.random.default_rng(seed)
-        stats: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0}
+        stats: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0, "reply_onset_ms": [], "no_reply": 0}
 
         async def guarded(offset: int) -> None:
             try:
-                await _one_client(url, seconds, frame_length / sample_rate, payloads, stats, offset)
+                await _one_client(url, seconds, frame_length / sample_rate, payloads, stats, offset, question_end)
             except Exception:
                 stats["failed"] += 1
 
@@ -100,7 +122,7 @@ def _generator(url: str, sessions: int, seconds: float, frame_length: int, sampl
 
 
 def _merge(parts: list[dict]) -> dict:
-    merged: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0}
+    merged: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0, "reply_onset_ms": [], "no_reply": 0}
     for part in parts:
         for key, value in part.items():
             merged[key] = merged[key] + value
@@ -171,8 +193,20 @@ async def measure_load(
         "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
         "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),
         **({"assisted_turns": turns} if hasattr(model, "turns") else {}),
+        **(_onsets(clients) if speech is not None else {}),
         "client_processes": len(processes),
         "held": late == 0 and skipped == 0 and clients["failed"] == 0 and received_ratio > 0.97,
+    }
+
+
+def _onsets(clients: dict) -> dict[str, Any]:
+    """Reply onsets the clients timed (end of their question -> first audible frame back)."""
+    onsets = np.asarray(clients["reply_onset_ms"])
+    return {
+        "replies": len(onsets),
+        "no_reply": clients["no_reply"],
+        "reply_onset_ms_p50": round(float(np.percentile(onsets, 50)), 1) if len(onsets) else None,
+        "reply_onset_ms_p90": round(float(np.percentile(onsets, 90)), 1) if len(onsets) else None,
     }
 
 

@@ -483,3 +483,27 @@ def test_load_test_spreads_clients_over_processes_and_adds_their_counts():
     result = asyncio.run(measure_load(SilenceModel(), 3, seconds=0.6, warmup=0.3, clients_per_process=2))
     assert result["client_processes"] == 2 and result["client_failed"] == 0
     assert result["ticks"] > 0 and result["received_ratio"] > 0.9
+
+
+class ReplyAfterQuiet(SilenceModel):
+    """Says a tone once the user has been quiet for 3 frames (a stand-in for a model that answers)."""
+
+    def init_state(self, batch_size):
+        return torch.zeros(batch_size, dtype=torch.long)  # quiet frames in a row, per row
+
+    def step(self, user_pcm, state):
+        quiet = user_pcm.abs().amax(dim=1) < 1e-3
+        state = torch.where(quiet, state + 1, torch.zeros_like(state))
+        tone = 0.2 * torch.sin(torch.arange(self.frame_length) * 0.3)
+        return torch.where((state >= 3)[:, None], tone, torch.zeros(1)), [None] * user_pcm.shape[0], state
+
+
+def test_load_test_clients_can_loop_a_question_and_time_the_replies():
+    from speechlm.streaming.loadtest import measure_load
+
+    rng = np.random.default_rng(0)
+    speech = np.concatenate([0.3 * rng.standard_normal(8 * 640), np.zeros(12 * 640)]).astype(np.float32)  # 0.8 s loop
+    answers = asyncio.run(measure_load(ReplyAfterQuiet(), 2, seconds=2.0, warmup=0.3, speech=speech))
+    assert answers["client_failed"] == 0 and answers["replies"] >= 2 and answers["reply_onset_ms_p50"] is not None
+    silent = asyncio.run(measure_load(SilenceModel(), 2, seconds=2.0, warmup=0.3, speech=speech))
+    assert silent["replies"] == 0 and silent["no_reply"] >= 2
