@@ -87,6 +87,10 @@ class AssistConfig:
     # ("mm-hm"); a longer one is an interruption: the rest of the reply is dropped.
     barge_frames: int = 5
     backchannel_frames: int = 15
+    # plan the reply as soon as the user has been quiet for talk_frames (the duplex model usually
+    # takes its turn a few frames later: the plan is ready sooner); False = once the duplex model
+    # wants to speak. A plan made during a pause in mid-question is dropped when the user goes on.
+    plan_early: bool = True
     # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
     # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
     background: bool = False
@@ -129,7 +133,8 @@ class _Row:
     silent_run: int = 0
     user_text: str | None = None  # the question's transcript, sent with the turn's first piece
     voiced_run: int = 0  # the user's consecutive voiced frames up to now
-    turn_wanted: bool = False  # the model wanted to speak just as the user stopped: the turn starts once they stay quiet
+    turn_wanted: bool = False  # the duplex model wanted to speak since the user's last sound
+    unasked: bool = False  # the user has made a sound that no plan has heard yet
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
 
@@ -217,6 +222,7 @@ class AssistedDuplexModel:
             row.heard.append(frame)
             row.heard_total += 1
             row.voiced_run = row.voiced_run + 1 if self.is_voiced(frame) else 0
+            row.unasked = row.unasked or row.voiced_run > 0
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
@@ -248,44 +254,50 @@ class AssistedDuplexModel:
         if row.word:
             return row.word.pop(0)
         talking = self.user_talking(row)
-        if row.voiced_run > 0:
-            row.turn_wanted = False  # the user speaks (again)
-        if row.job is not None and not row.in_turn:  # a turn being planned
-            if talking:
-                log.debug("assist: the user goes on; the planned turn is dropped")
-                row.drop_job()  # the user goes on: the question was not over
-            elif row.job.planned.is_set():
-                self._begin_turn(row)
-        if sampled != self.pad and talking and row.voiced_run == 0 and not row.in_turn:
-            row.turn_wanted = True  # the user may just have stopped: the turn starts once they stay quiet
-        if sampled == self.pad:
+        wants = sampled != self.pad
+        if not row.in_turn:
+            self._prepare_turn(row, wants, talking)
+            if not row.in_turn:  # no turn (yet): quiet; the duplex voice may say its own word (a backchannel)
+                return sampled if self.config.voice == "duplex" else self.pad
+            if row.plan:
+                return self._next_word(row)  # the turn's first frame: its first word
+        if row.free:
+            return sampled
+        if not wants:
             # The model ended its words: with words of the plan left, the user quiet and the model
             # fallen silent, it goes on with the plan (its own sense of a reply's length is not the
             # plan's); if the user talks, it yields, and the turn ends (see _after).
             if row.plan and row.spoke and row.silent_run > 0 and not talking:
                 return self._next_word(row)
-            if not (row.turn_wanted and not talking and not row.in_turn):
-                return sampled
-        quiet = self.pad if self.config.voice == "speech_lm" else sampled  # no turn: the duplex voice may say its own word
-        if not row.in_turn:
-            if talking:
-                return quiet  # a backchannel over the user
-            row.turn_wanted = False
-            if row.job is None:
-                question = self.question_audio(row)
-                if question is None and self.config.voice == "speech_lm":
-                    return quiet  # nothing to answer
-                log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate if question is not None else 0.0)
-                row.job = self._submit(question, row.heard_total)
-                if row.job.planned.is_set():
-                    self._begin_turn(row)
-            if not row.in_turn:
-                return quiet  # still planning, or nothing to say
-        if row.free:
-            return sampled
+            return self.pad
         if not row.plan:
             return self.pad  # the plan is said: no new words
         return self._next_word(row)
+
+    def _prepare_turn(self, row: _Row, wants: bool, talking: bool) -> None:
+        """Between turns: plan the reply to what the user said (once they are quiet: ``plan_early``,
+        or once the duplex model wants to speak) and begin the turn when the plan is ready and the
+        duplex model wants to speak (now, or since the user's last sound)."""
+        if row.voiced_run > 0:
+            row.turn_wanted = False  # the user speaks (again): a wish to speak over them was a backchannel
+        elif wants:
+            row.turn_wanted = True  # kept while the user stays quiet
+        if talking:
+            if row.job is not None:
+                log.debug("assist: the user goes on; the planned turn is dropped")
+                row.drop_job()  # the question was not over
+            return
+        if row.job is None and row.unasked and (self.config.plan_early or row.turn_wanted):
+            row.unasked = False
+            question = self.question_audio(row)
+            if question is not None:
+                log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate)
+                row.job = self._submit(question, row.heard_total)
+        if row.job is None and row.turn_wanted and self.config.voice == "duplex":
+            row.job = self._submit(None, row.heard_total)  # nothing to answer: a turn in its own words
+        if row.job is not None and row.job.planned.is_set() and row.turn_wanted:
+            row.turn_wanted = False
+            self._begin_turn(row)
 
     def _next_word(self, row: _Row) -> int:
         word = row.plan.pop(0)

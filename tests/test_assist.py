@@ -243,7 +243,7 @@ def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokeni
     row = state.rows[0]
     row.heard.extend(speech(10, 9).reshape(-1, N))
     row.heard.append(np.zeros(N, np.float32))  # the user just stopped: still "talking" for the 3-frame window
-    row.voiced_run = 0
+    row.voiced_run, row.unasked = 0, True
     word = int(model.duplex.lm.tokenizer.encode(" hello", add_special_tokens=False)[0])
     assert model._choose(row, word) == model.pad and row.turn_wanted and model.turns == 0
     row.heard.extend([np.zeros(N, np.float32)] * 2)
@@ -258,6 +258,17 @@ def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokeni
     row2.voiced_run = 1
     model._choose(row2, model.pad)
     assert not row2.turn_wanted
+
+
+def test_the_reply_is_planned_once_the_user_is_quiet_but_said_only_when_the_duplex_model_speaks(tokenizer_dir, codec):  # noqa: F811
+    user = np.concatenate([speech(8, 11), np.zeros(10 * N, np.float32)])
+    for early in (True, False):
+        model = assisted(tokenizer_dir, codec, talkative=False, plan_early=early)
+        model.duplex.lm.allowed_text[:] = False
+        model.duplex.lm.allowed_text[model.pad] = True  # this duplex model never wants to speak
+        pcm, texts, _ = run(model, user)
+        assert model.speech.asked == (["hello world"] if early else []) and model.turns == 0
+        assert np.abs(pcm).max() == 0 and all(t is None for t in texts)
 
 
 def words_ids(model, text):
