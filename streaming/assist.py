@@ -87,10 +87,12 @@ class AssistConfig:
     # ("mm-hm"); a longer one is an interruption: the rest of the reply is dropped.
     barge_frames: int = 5
     backchannel_frames: int = 15
-    # plan the reply as soon as the user has been quiet for talk_frames (the duplex model usually
-    # takes its turn a few frames later: the plan is ready sooner); False = once the duplex model
-    # wants to speak. A plan made during a pause in mid-question is dropped when the user goes on.
+    # plan the reply as soon as the user has been quiet for plan_quiet_frames (the duplex model
+    # takes its turn a few frames later, after talk_frames of quiet at the earliest: the plan is
+    # ready sooner); False = once the duplex model wants to speak. A plan made during a pause in
+    # mid-question is dropped when the user goes on.
     plan_early: bool = True
+    plan_quiet_frames: int = 2
     # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
     # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
     background: bool = False
@@ -135,6 +137,7 @@ class _Row:
     voiced_run: int = 0  # the user's consecutive voiced frames up to now
     turn_wanted: bool = False  # the duplex model wanted to speak since the user's last sound
     unasked: bool = False  # the user has made a sound that no plan has heard yet
+    quiet_run: int = 0  # the user's consecutive quiet frames up to now
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
 
@@ -223,6 +226,7 @@ class AssistedDuplexModel:
             row.heard_total += 1
             row.voiced_run = row.voiced_run + 1 if self.is_voiced(frame) else 0
             row.unasked = row.unasked or row.voiced_run > 0
+            row.quiet_run = 0 if row.voiced_run else row.quiet_run + 1
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
@@ -278,21 +282,23 @@ class AssistedDuplexModel:
         """Between turns: plan the reply to what the user said (once they are quiet: ``plan_early``,
         or once the duplex model wants to speak) and begin the turn when the plan is ready and the
         duplex model wants to speak (now, or since the user's last sound)."""
-        if row.voiced_run > 0:
-            row.turn_wanted = False  # the user speaks (again): a wish to speak over them was a backchannel
-        elif wants:
-            row.turn_wanted = True  # kept while the user stays quiet
-        if talking:
+        if row.voiced_run > 0:  # the user speaks (again)
+            row.turn_wanted = False  # a wish to speak over them was a backchannel
             if row.job is not None:
                 log.debug("assist: the user goes on; the planned turn is dropped")
                 row.drop_job()  # the question was not over
             return
-        if row.job is None and row.unasked and (self.config.plan_early or row.turn_wanted):
+        if wants:
+            row.turn_wanted = True  # kept while the user stays quiet
+        early = self.config.plan_early and row.quiet_run >= self.config.plan_quiet_frames
+        if row.job is None and row.unasked and (early or (row.turn_wanted and not talking)):
             row.unasked = False
             question = self.question_audio(row)
             if question is not None:
                 log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate)
                 row.job = self._submit(question, row.heard_total)
+        if talking:
+            return  # the turn waits for talk_frames of quiet
         if row.job is None and row.turn_wanted and self.config.voice == "duplex":
             row.job = self._submit(None, row.heard_total)  # nothing to answer: a turn in its own words
         if row.job is not None and row.job.planned.is_set() and row.turn_wanted:

@@ -82,16 +82,16 @@ def test_a_turn_asks_the_speech_lm_and_says_its_words(tokenizer_dir, codec):  # 
     _, texts, state = run(model, user)
     fake = model.speech
     # while the user talks, the model's words are its own (a backchannel) and no turn starts;
-    # 3 quiet frames later (talk_frames) the turn starts and asks about the voiced question
+    # after 2 quiet frames the reply is planned, after 3 (talk_frames) the turn starts
     assert all(isinstance(t, str) for t in texts[:12]) and model.turns == 1
     assert len(fake.questions) == 1 and fake.asked == ["hello world"]
-    np.testing.assert_array_equal(fake.questions[0], user[: 13 * N])  # voiced frames 0..9 + a 3-frame margin
+    np.testing.assert_array_equal(fake.questions[0], user[: 12 * N])  # voiced frames 0..9 + what was heard of the margin (2 quiet frames)
     assert texts[12] == {"model": words(model, "the")[0], "user": "hello world"}
     said = [texts[12]["model"], *texts[13:]]
     plan = words(model, fake.reply)
     assert said[: len(plan)] == plan
     assert all(t is None for t in said[len(plan) :])  # the plan is said: no more words
-    assert state.rows[0].plan == [] and len(state.rows[0].heard) == 25 - 13  # heard anew from the turn's start (the next question)
+    assert state.rows[0].plan == [] and len(state.rows[0].heard) == 25 - 12  # heard anew from where the plan was made (the next question)
 
 
 def test_a_silent_model_ends_its_turn_and_nothing_heard_means_its_own_words(tokenizer_dir, codec):  # noqa: F811
@@ -147,7 +147,7 @@ def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_fo
     np.testing.assert_allclose(frames[10:14, 0], [0.1, 0.2, 0.3, 0.4])
     assert np.abs(frames[14:36]).max() == 0
     assert model.turns == 2 and texts[36]["user"] == "hello world" and frames[36, 0] == np.float32(0.1)
-    np.testing.assert_array_equal(model.speech.questions[1], user[11 * N : 37 * N])
+    np.testing.assert_array_equal(model.speech.questions[1], user[11 * N : 36 * N])
     # barge_frames: the user talking 5 frames pauses the reply even while the duplex model talks on
     loud = assisted(tokenizer_dir, codec)
     state = loud.init_state(1)
@@ -190,7 +190,7 @@ def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, 
         pcm, texts, state = model.step(torch.from_numpy(user[t])[None], state)
         return pcm[0].numpy(), texts[0]
 
-    for t in range(10):  # the turn is asked for at frame 10; the ASR is held: the ticks go on, silent
+    for t in range(10):  # the reply is planned at frame 9; the ASR is held: the ticks go on, silent
         pcm, text = tick(t)
     for t in range(10, 15):
         pcm, text = tick(t)
@@ -220,7 +220,7 @@ def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, 
             break
         time.sleep(0.02)  # let the assist thread work
     assert isinstance(text, dict) and model.turns == 1
-    assert len(model.speech.questions[-1]) == (8 + 4 + 8 + 3) * N  # the whole question: both parts and the pause (+ margins)
+    assert len(model.speech.questions[-1]) == (8 + 4 + 8 + 2) * N  # the whole question: both parts and the pause (+ 2 quiet frames)
     model.close()
 
 
