@@ -6,15 +6,17 @@ says words the judge cannot make out (docs/benchmarks.md). The speech LM under i
 its ASR task, answers typed questions well and speaks more clearly. This wrapper joins the two,
 one session per row, behind the same batched step the server drives::
 
-    every tick      user frame -> the row's "heard" buffer (the user's audio since the last turn began)
+    every tick      user frame -> the row's "heard" buffer (the user's audio since the last plan)
+    the user quiet for plan_quiet_frames -> the plan: speech LM ASR of the heard audio (trimmed to its
+                    voiced part) -> its text reply -> the reply's words (numbers spelled out); dropped
+                    if the user goes on talking
     the duplex model samples its text token; before its audio is chosen (DuplexLM.step's text_filter):
+      · no turn yet         -> pad; but a word (now, or since the user's last sound) with the user quiet
+                               for talk_frames and the plan ready: the turn starts with the plan's first word
       · mid-word            -> the planned word's next piece (a word's pieces fill consecutive frames)
-      · pad                 -> pad (the model decides when words start, and whether it speaks at all);
-                               but with words of the plan left, the user quiet and the model fallen
-                               silent -> the next planned word (its sense of a reply's length is not the plan's)
-      · a word, no turn yet -> if the user is quiet: the turn starts: speech LM ASR of the heard audio
-                               (trimmed to its voiced part) -> its text reply -> the plan (the reply's
-                               words, numbers spelled out); say the plan's first word
+      · pad                 -> pad (the model decides when words start); but with words of the plan
+                               left, the user quiet and the model fallen silent -> the next planned word
+                               (its own sense of a reply's length is not the plan's)
       · a word, in a turn   -> the plan's next word; pad once the plan is said
 
 Whose voice says the plan (``AssistConfig.voice``):
@@ -31,10 +33,10 @@ The turn ends when the output has been silent for ``end_frames`` frames (the rep
 model yielded): what is left of the plan is dropped and the next heard audio is the next question.
 The user's transcript goes out with the turn's first piece of model text (``{"model": ..., "user": ...}``).
 
-Cost: the ASR and the text reply run inside the tick in which a turn starts (one speech LM prefill
-of the question and ~10-20 decode steps: ~0.1-0.3 s on one CPU thread, once per turn; that tick is
-late by as much for every row of the batch); with the ``speech_lm`` voice each speaking row also
-runs its own TTS (unbatched, MCTP: about a fifth of real time per row on one CPU thread).
+Cost: per turn, one speech LM prefill of the question and ~10-20 decode steps for the transcript and
+the reply (~0.13 s on one CPU thread), and with the ``speech_lm`` voice the reply's TTS (MCTP: about a
+fifth of real time on one CPU thread). ``background=True`` (the server) runs it on one thread of its
+own, one session after another (not batched); otherwise inside the tick (the offline benchmark, tests).
 
     model = AssistedDuplexModel(DuplexSpeechModel.from_pretrained("duplex-default", "codec-16k"),
                                 SpeechPipeline.from_pretrained("speechlm-default"))
@@ -48,6 +50,7 @@ import dataclasses
 import logging
 import os
 import threading
+import weakref
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -181,6 +184,7 @@ class AssistedDuplexModel:
         self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
         self.turns = 0  # turns with a plan or free words (for stats and tests)
         self._pool: ThreadPoolExecutor | None = None
+        self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)
 
     @property
     def max_batch_seen(self) -> int:
@@ -188,6 +192,8 @@ class AssistedDuplexModel:
 
     def close(self) -> None:
         """Stop the assist thread (queued work is dropped; a reply being spoken stops at its next frame)."""
+        for job in list(self._jobs):
+            job.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -369,6 +375,7 @@ class AssistedDuplexModel:
 
     def _submit(self, question: np.ndarray | None, heard_at: int) -> _Job:
         job = _Job(question, heard_at)
+        self._jobs.add(job)
         if question is None:  # nothing to hear: planned at once, with nothing to say
             job.planned.set()
             job.done.set()

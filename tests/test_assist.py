@@ -221,7 +221,9 @@ def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, 
         time.sleep(0.02)  # let the assist thread work
     assert isinstance(text, dict) and model.turns == 1
     assert len(model.speech.questions[-1]) == (8 + 4 + 8 + 2) * N  # the whole question: both parts and the pause (+ 2 quiet frames)
-    model.close()
+    job = state.rows[0].job
+    model.close()  # the server stops: work in progress stops too
+    assert job.cancelled and model._pool is None
 
 
 class BrokenSpeech(FakeSpeech):
