@@ -141,6 +141,7 @@ class _Row:
     turn_wanted: bool = False  # the duplex model wanted to speak since the user's last sound
     unasked: bool = False  # the user has made a sound that no plan has heard yet
     quiet_run: int = 0  # the user's consecutive quiet frames up to now
+    duplex_sounding: bool = False  # the duplex model's own audio was not silent last tick
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
 
@@ -248,6 +249,8 @@ class AssistedDuplexModel:
             silences = [bool(x) for x in (pcm == 0).all(dim=1).tolist()]
         else:
             silences = [bool(x) for x in tick.silent.tolist()]
+        for row, silent in zip(rows, tick.silent.tolist()):
+            row.duplex_sounding = not silent
         texts: list[TextPiece] = []
         for row, token, silent in zip(rows, tick.text.tolist(), silences):
             self._after(row, silent)
@@ -266,7 +269,8 @@ class AssistedDuplexModel:
         talking = self.user_talking(row)
         wants = sampled != self.pad
         if not row.in_turn:
-            self._prepare_turn(row, wants, talking)
+            # the duplex model wants the turn: it chose a word, or its own (unplayed) audio sounded last tick
+            self._prepare_turn(row, wants or row.duplex_sounding, talking)
             if not row.in_turn:  # no turn (yet): quiet; the duplex voice may say its own word (a backchannel)
                 return sampled if self.config.voice == "duplex" else self.pad
             if row.plan:

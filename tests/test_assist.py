@@ -251,6 +251,12 @@ def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokeni
     row.heard.extend([np.zeros(N, np.float32)] * 2)
     # the model samples pad now, but the turn it wanted starts: the plan's first word
     assert model._choose(row, model.pad) == words_ids(model, "the")[0] and model.turns == 1 and not row.turn_wanted
+    # the duplex model's own (unplayed) audio sounding is a wish for the turn too
+    row3 = model.init_state(1).rows[0]
+    row3.heard.extend(speech(10, 9).reshape(-1, N))
+    row3.heard.extend([np.zeros(N, np.float32)] * 3)
+    row3.unasked, row3.duplex_sounding = True, True
+    assert model._choose(row3, model.pad) == words_ids(model, "the")[0] and row3.in_turn
     # a wish cancelled by the user speaking again
     row2 = model.init_state(1).rows[0]
     row2.heard.extend(speech(10, 9).reshape(-1, N))
