@@ -85,7 +85,7 @@ def test_a_turn_asks_the_speech_lm_and_says_its_words(tokenizer_dir, codec):  # 
     # after 2 quiet frames the reply is planned, after 3 (talk_frames) the turn starts
     assert all(isinstance(t, str) for t in texts[:12]) and model.turns == 1
     assert len(fake.questions) == 1 and fake.asked == ["hello world"]
-    np.testing.assert_array_equal(fake.questions[0], user[: 12 * N])  # voiced frames 0..9 + what was heard of the margin (2 quiet frames)
+    np.testing.assert_array_equal(fake.questions[0], user[: 10 * N])  # voiced frames 0..9 (the margin's frames are digital silence: dropped)
     assert texts[12] == {"model": words(model, "the")[0], "user": "hello world"}
     said = [texts[12]["model"], *texts[13:]]
     plan = words(model, fake.reply)
@@ -147,7 +147,7 @@ def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_fo
     np.testing.assert_allclose(frames[10:14, 0], [0.1, 0.2, 0.3, 0.4])
     assert np.abs(frames[14:36]).max() == 0
     assert model.turns == 2 and texts[36]["user"] == "hello world" and frames[36, 0] == np.float32(0.1)
-    np.testing.assert_array_equal(model.speech.questions[1], user[11 * N : 36 * N])
+    np.testing.assert_array_equal(model.speech.questions[1], user[14 * N : 34 * N])
     # barge_frames: the user talking 5 frames pauses the reply even while the duplex model talks on
     loud = assisted(tokenizer_dir, codec)
     state = loud.init_state(1)
@@ -220,7 +220,7 @@ def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, 
             break
         time.sleep(0.02)  # let the assist thread work
     assert isinstance(text, dict) and model.turns == 1
-    assert len(model.speech.questions[-1]) == (8 + 4 + 8 + 2) * N  # the whole question: both parts and the pause (+ 2 quiet frames)
+    assert len(model.speech.questions[-1]) == (8 + 8) * N  # the whole question: both parts (the zero frames of the pause dropped)
     job = state.rows[0].job
     model.close()  # the server stops: work in progress stops too
     assert job.cancelled and model._pool is None
@@ -279,18 +279,32 @@ def test_the_reply_is_planned_once_the_user_is_quiet_but_said_only_when_the_dupl
         assert np.abs(pcm).max() == 0 and all(t is None for t in texts)
 
 
+def test_the_question_keeps_a_quiet_margin_but_not_digital_silence(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec)
+    row = model.init_state(1).rows[0]
+    hum = 0.001 * np.ones(N, np.float32)  # a quiet room: below the voiced level, not zero
+    voice = speech(8, 12).reshape(-1, N)
+    for f in [np.zeros(N, np.float32), hum, hum, *voice[:4], np.zeros(N, np.float32), *voice[4:], hum, np.zeros(N, np.float32), hum]:
+        row.heard.append(f)
+    question = model.question_audio(row)
+    np.testing.assert_array_equal(question, np.concatenate([hum, hum, *voice, hum, hum]))
+    row.heard.clear()
+    row.heard.extend([hum] * 5)
+    assert model.question_audio(row) is None  # nothing voiced
+
+
 def words_ids(model, text):
     return [i for w in text.split() for i in model.duplex.lm.tokenizer.encode(" " + w, add_special_tokens=False)]
 
 
 def test_rows_keep_their_plans_through_joins_and_leaves(tokenizer_dir, codec):  # noqa: F811
-    inputs = {name: np.concatenate([speech(6, seed), np.zeros(8 * N, np.float32)]) for seed, name in enumerate("abc")}
+    inputs = {name: np.concatenate([speech(8, seed), np.zeros(8 * N, np.float32)]) for seed, name in enumerate("abc")}
     solo: dict = {}
-    run_ticks(Scheduler(assisted(tokenizer_dir, codec), use_thread=False, output_seconds=10), {0: [("join", "a")]}, solo, inputs, 14)
+    run_ticks(Scheduler(assisted(tokenizer_dir, codec), use_thread=False, output_seconds=10), {0: [("join", "a")]}, solo, inputs, 16)
     model = assisted(tokenizer_dir, codec)
     crowd: dict = {}
     plan = {0: [("join", "a")], 1: [("join", "b"), ("join", "c")], 6: [("leave", "b")], 9: [("leave", "c")]}
-    run_ticks(Scheduler(model, use_thread=False, output_seconds=10), plan, crowd, inputs, 14)
+    run_ticks(Scheduler(model, use_thread=False, output_seconds=10), plan, crowd, inputs, 16)
     pcm, texts = drain(crowd["a"])
     solo_pcm, solo_texts = drain(solo["a"])
     assert texts == solo_texts and any(isinstance(t, dict) for t in texts)
