@@ -149,6 +149,14 @@ class _Row:
     def in_turn(self) -> bool:
         return self.plan is not None or self.free
 
+    def hear(self, frame: np.ndarray, voiced: bool) -> None:
+        """One frame of the user's audio (``voiced``: above the speech level)."""
+        self.heard.append(frame)
+        self.heard_total += 1
+        self.voiced_run = self.voiced_run + 1 if voiced else 0
+        self.quiet_run = 0 if voiced else self.quiet_run + 1
+        self.unasked = self.unasked or voiced
+
     def drop_job(self) -> None:
         self.paused = False
         if self.job is not None:
@@ -202,7 +210,7 @@ class AssistedDuplexModel:
     # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
 
     def _row(self) -> _Row:
-        return _Row(heard=deque(maxlen=self.max_heard))
+        return _Row(heard=deque(maxlen=self.max_heard), quiet_run=self.config.talk_frames)  # nothing heard: not talking
 
     def init_state(self, batch_size: int) -> AssistedState:
         return AssistedState(self.duplex.init_state(batch_size), [self._row() for _ in range(batch_size)])
@@ -228,28 +236,25 @@ class AssistedDuplexModel:
     def step(self, user_pcm: Tensor, state: AssistedState) -> tuple[Tensor, list[TextPiece], AssistedState]:
         """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces, state."""
         rows = state.rows
-        for row, frame in zip(rows, user_pcm.detach().float().cpu().numpy()):
-            row.heard.append(frame)
-            row.heard_total += 1
-            row.voiced_run = row.voiced_run + 1 if self.is_voiced(frame) else 0
-            row.unasked = row.unasked or row.voiced_run > 0
-            row.quiet_run = 0 if row.voiced_run else row.quiet_run + 1
+        frames = user_pcm.detach().float().cpu().numpy()
+        voiced = np.sqrt((frames**2).mean(axis=1)) > self.config.voiced_rms
+        for row, frame, is_voiced in zip(rows, frames, voiced.tolist()):
+            row.hear(frame, is_voiced)
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
 
         tick = self.duplex.tick(user_pcm, state.inner, text_filter=steer)
-        pcm = tick.pcm
+        duplex_silent = [bool(x) for x in tick.silent.tolist()]
+        pcm, silences = tick.pcm, duplex_silent
         if self.config.voice == "speech_lm":  # the speech LM's voice replaces the duplex model's audio
-            pcm = torch.zeros_like(tick.pcm)
-            for i, (row, silent) in enumerate(zip(rows, tick.silent.tolist())):
-                frame = self._voice_frame(row, bool(silent))
+            pcm, silences = torch.zeros_like(tick.pcm), []
+            for i, (row, silent) in enumerate(zip(rows, duplex_silent)):
+                frame = self._voice_frame(row, silent)
+                silences.append(frame is None)
                 if frame is not None:
                     pcm[i] = torch.as_tensor(frame, dtype=pcm.dtype, device=pcm.device)
-            silences = [bool(x) for x in (pcm == 0).all(dim=1).tolist()]
-        else:
-            silences = [bool(x) for x in tick.silent.tolist()]
-        for row, silent in zip(rows, tick.silent.tolist()):
+        for row, silent in zip(rows, duplex_silent):
             row.duplex_sounding = not silent
         texts: list[TextPiece] = []
         for row, token, silent in zip(rows, tick.text.tolist(), silences):
@@ -416,12 +421,13 @@ class AssistedDuplexModel:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def is_voiced(self, frame: np.ndarray) -> bool:
-        return float(np.sqrt((frame**2).mean())) > self.config.voiced_rms
+    def hear(self, row: _Row, frame: np.ndarray) -> None:
+        """One frame of the user's audio into ``row`` (what :meth:`step` does for every row, batched)."""
+        row.hear(frame, float(np.sqrt((frame**2).mean())) > self.config.voiced_rms)
 
     def user_talking(self, row: _Row) -> bool:
-        """The user's last ``talk_frames`` frames hold speech."""
-        return any(self.is_voiced(f) for f in list(row.heard)[-self.config.talk_frames :])
+        """One of the user's last ``talk_frames`` frames was speech."""
+        return row.quiet_run < self.config.talk_frames
 
     def question_audio(self, row: _Row) -> np.ndarray | None:
         """The heard audio trimmed to its voiced part (plus a margin), without frames of digital

@@ -65,7 +65,7 @@ async def _one_client(
                     if first_audio is None:
                         first_audio = now - start
                     if asked is not None and len(data) > 1:
-                        pcm = np.frombuffer(data, dtype="<i2", offset=1).astype(np.float32) / 32768
+                        pcm = protocol.Audio(data[1:]).pcm16()
                         if float(np.sqrt(np.mean(pcm**2))) > 1e-3:
                             stats["reply_onset_ms"].append(1000 * (now - asked))
                             asked = None

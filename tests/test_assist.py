@@ -111,11 +111,11 @@ def test_the_plan_goes_on_when_the_model_pauses_and_stops_when_the_user_talks(to
     state = model.init_state(1)
     row = state.rows[0]
     row.plan, row.spoke, row.silent_run = [[7, 8], [9]], True, 1
-    row.heard.extend([np.zeros(N, np.float32)] * 3)
+    hear(model, row, np.zeros(3 * N, np.float32))
     # the model sampled pad after falling silent, the user is quiet: the next planned word starts
     assert model._choose(row, pad) == 7 and model._choose(row, pad) == 8 and row.plan == [[9]]
     # the user talks over it: the model may yield (pad), and after end_frames silent frames the turn is over
-    row.heard.append(speech(1, 2))
+    hear(model, row, speech(1, 2))
     assert model._choose(row, pad) == pad
     for _ in range(3):
         model._after(row, silent=True)
@@ -154,10 +154,10 @@ def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_fo
     row = state.rows[0]
     row.plan, row.job = [], _Job(None, 0)
     row.job.frames.extend(np.full(N, 0.5, np.float32) for _ in range(10))
-    row.heard.extend(speech(5, 7).reshape(-1, N))
-    row.voiced_run = 4
+    voice = speech(5, 7)
+    hear(loud, row, voice[: 4 * N])  # 4 voiced frames in a row
     assert loud._voice_frame(row, duplex_silent=False) is not None and not row.paused
-    row.voiced_run = 5
+    hear(loud, row, voice[4 * N :])  # the 5th
     assert loud._voice_frame(row, duplex_silent=False) is None and row.paused
 
     # a question the speech LM hears as nothing gives no turn (and no words) in this voice
@@ -243,27 +243,25 @@ def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokeni
     model = assisted(tokenizer_dir, codec, talkative=False)
     state = model.init_state(1)
     row = state.rows[0]
-    row.heard.extend(speech(10, 9).reshape(-1, N))
-    row.heard.append(np.zeros(N, np.float32))  # the user just stopped: still "talking" for the 3-frame window
-    row.voiced_run, row.unasked = 0, True
+    hear(model, row, speech(10, 9))
+    hear(model, row, np.zeros(N, np.float32))  # the user just stopped: still "talking" for the 3-frame window
     word = int(model.duplex.lm.tokenizer.encode(" hello", add_special_tokens=False)[0])
     assert model._choose(row, word) == model.pad and row.turn_wanted and model.turns == 0
-    row.heard.extend([np.zeros(N, np.float32)] * 2)
+    hear(model, row, np.zeros(2 * N, np.float32))
     # the model samples pad now, but the turn it wanted starts: the plan's first word
     assert model._choose(row, model.pad) == words_ids(model, "the")[0] and model.turns == 1 and not row.turn_wanted
     # the duplex model's own (unplayed) audio sounding is a wish for the turn too
     row3 = model.init_state(1).rows[0]
-    row3.heard.extend(speech(10, 9).reshape(-1, N))
-    row3.heard.extend([np.zeros(N, np.float32)] * 3)
-    row3.unasked, row3.duplex_sounding = True, True
+    hear(model, row3, speech(10, 9))
+    hear(model, row3, np.zeros(3 * N, np.float32))
+    row3.duplex_sounding = True
     assert model._choose(row3, model.pad) == words_ids(model, "the")[0] and row3.in_turn
     # a wish cancelled by the user speaking again
     row2 = model.init_state(1).rows[0]
-    row2.heard.extend(speech(10, 9).reshape(-1, N))
-    row2.heard.append(np.zeros(N, np.float32))
+    hear(model, row2, speech(10, 9))
+    hear(model, row2, np.zeros(N, np.float32))
     model._choose(row2, word)
-    row2.heard.append(speech(1, 10)[:N])
-    row2.voiced_run = 1
+    hear(model, row2, speech(1, 10))
     model._choose(row2, model.pad)
     assert not row2.turn_wanted
 
@@ -291,6 +289,12 @@ def test_the_question_keeps_a_quiet_margin_but_not_digital_silence(tokenizer_dir
     row.heard.clear()
     row.heard.extend([hum] * 5)
     assert model.question_audio(row) is None  # nothing voiced
+
+
+def hear(model, row, audio):
+    """Feed ``audio`` to ``row`` frame by frame, as a step does."""
+    for frame in audio.reshape(-1, N):
+        model.hear(row, frame)
 
 
 def words_ids(model, text):
