@@ -162,10 +162,15 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
 
 
 def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], decoders: Sequence[str], g: Generation) -> dict:
-    """Each decoder on the same utterances ((reference, audio) pairs): corpus WER, seconds per utterance, examples."""
+    """Each decoder on the same utterances ((reference, audio) pairs): corpus WER, seconds per utterance, examples.
+    A decoder is ``lm``, ``ctc`` or ``auto``, with ``:K`` the LM decoder's number of views (``lm:1`` = plain greedy)
+    and ``:raw`` after it for the audio at its own level (not peak-normalized first): ``lm:1:raw``."""
     out = {}
     for decoder in decoders:
-        gd = dataclasses.replace(g, asr_decoder=decoder)
+        name, _, views = decoder.partition(":")
+        views, _, raw = views.partition(":")
+        gd = dataclasses.replace(g, asr_decoder=name, asr_views=int(views) if views else g.asr_views,
+                                 asr_level=None if raw == "raw" else g.asr_level)
         pairs, seconds = [], 0.0
         for ref, audio in utterances:
             t = time.perf_counter()
@@ -177,15 +182,17 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
 
 
 def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None,
-                        voice_split: str = "test") -> dict:
+                        voice_split: str = "test", gain: float = 1.0) -> dict:
     """Held-out voices (or, with ``voice_split="train"``, training voices) speaking unseen (test-split)
-    text, synthesized here; every decoder on the same audio."""
+    text, synthesized here (peak-normalized, as the training corpus; times ``gain``: e.g. 0.1 for a quiet
+    microphone); every decoder on the same audio."""
     items = held_out_texts(TTS_SOURCES, count)
     voices = textgen.voice_catalog(voice_split, ("espeak",))
     rng = random.Random(1)
-    utterances = [(item["text"], get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio) for i, item in enumerate(items)]
+    utterances = [(item["text"], get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio * gain)
+                  for i, item in enumerate(items)]
     by_decoder = _asr_decoders(sp, utterances, decoders, g or Generation())
-    return {**by_decoder[decoders[0]], "decoder": decoders[0], "voices": len({voices[i % len(voices)] for i in range(len(items))}),
+    return {**by_decoder[decoders[0]], "decoder": decoders[0], "gain": gain, "voices": len({voices[i % len(voices)] for i in range(len(items))}),
             "by_decoder": by_decoder}
 
 
@@ -262,7 +269,10 @@ def main() -> None:
     ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
     ap.add_argument("--no-teacher", action="store_true", help="TTS: skip the teacher and teacher-through-codec references")
     ap.add_argument("--direct", action="store_true", help="spoken QA: answer the speech directly (default: transcribe it first)")
-    ap.add_argument("--asr-decoders", default="lm", help="ASR: decoders to run side by side on the same audio (lm, ctc, auto); the first is the headline")
+    ap.add_argument("--asr-decoders", default="lm",
+                    help="ASR: decoders to run side by side on the same audio (lm, ctc, auto; lm:K = the LM with K views, lm:1 plain greedy); the first is the headline")
+    ap.add_argument("--asr-views", type=int, help="views of the audio the LM decoder listens to (default: Generation's; also for spoken QA)")
+    ap.add_argument("--asr-gain", type=float, default=1.0, help="ASR on held-out voices: scale the (peak-normalized) audio, e.g. 0.1 = a quiet microphone")
     ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
     ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
                     help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
@@ -275,7 +285,7 @@ def main() -> None:
     cb_temps = parse_codebook_temperatures(args.codebook_temperatures)
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
                                                      ("transcribe_first", False if args.direct else None),
-                                                     ("asr_decoder", args.asr_decoder))
+                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views))
                       if v is not None})
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not None and v is not False),
@@ -285,7 +295,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         decoders = args.asr_decoders.split(",")
-        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split)
+        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split, args.asr_gain)
         result["asr_held_out_voices"]["voice_split"] = args.asr_voice_split
         print("asr held-out voices WER", {d: r["wer"] for d, r in result["asr_held_out_voices"]["by_decoder"].items()}, flush=True)
         if Path(args.librispeech).is_dir():

@@ -17,6 +17,7 @@ import soxr
 from .errors import AudioError
 
 SAMPLE_RATE = 16_000
+PEAK_LEVEL = 0.9  # the synthetic corpus's speech is peak-normalized to this (speechlm.training.teachers)
 WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
 
 

@@ -224,6 +224,7 @@ def _generation(args: argparse.Namespace):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_seconds=args.max_seconds,
         codebook_temperatures=parse_codebook_temperatures(args.codebook_temperatures), transcribe_first=not getattr(args, "direct", False),
         asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
+        asr_views=getattr(args, "views", None) or Generation.asr_views,
     )
 
 
@@ -440,6 +441,9 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--asr-decoder", choices=("lm", "ctc", "auto"), default=None,
                    help="lm: the LM writes the transcript; ctc: the hearing head in one forward (models with one); "
                         "auto: ctc when the model has a hearing head (default: the Generation default)")
+    p.add_argument("--views", type=_positive_int, default=None,
+                   help="the LM decoder listens to this many views of the audio (its level changed) and writes one transcript "
+                        "from them; 1 = plain greedy decoding (default: the Generation default)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -139,6 +139,13 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     save_audio(speech, (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32))
     r = cli("asr", str(speech), "--json", *model)
     assert r.returncode == 0 and '"text"' in r.stdout, r.stderr
+    import json
+
+    views = {n: json.loads(cli("asr", str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
+    from speechlm.codec.audio import load_audio
+
+    assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
+    assert cli("asr", str(speech), "--views", "0", *model).returncode == 2
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     r = cli("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
     assert r.returncode == 1 and len(r.stdout.splitlines()) == 2 and "bad.wav" in r.stderr and "Traceback" not in r.stderr

@@ -23,11 +23,9 @@ from functools import cache
 
 import numpy as np
 
-from ..codec.audio import SAMPLE_RATE, resample
+from ..codec.audio import PEAK_LEVEL, SAMPLE_RATE, resample
 from ..codec.errors import DependencyError, SpeechLMError
 from .textnorm import normalize_text, word_spans
-
-PEAK_LEVEL = 0.9
 
 
 @dataclass
