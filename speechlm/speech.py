@@ -125,6 +125,10 @@ class SpeechPipeline:
     # -- audio in ------------------------------------------------------------------------------
 
     def _frames(self, audio: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Checked 16 kHz mono audio (T,) -> its codec frames (F, Q)."""
+        return self.codec.encode(torch.from_numpy(self._checked(audio, sample_rate))[None])[0]
+
+    def _checked(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32)
         if sample_rate != self.sample_rate:
             raise AudioError(f"audio must be {self.sample_rate} Hz, got {sample_rate} Hz (resample it, e.g. with speechlm.codec.audio.load_audio)")
@@ -134,7 +138,7 @@ class SpeechPipeline:
             raise AudioError(f"audio too short: {len(audio) / self.sample_rate:.2f} s (at least {MIN_AUDIO_SECONDS} s)")
         if not np.all(np.isfinite(audio)):
             raise AudioError("audio holds NaN or infinite samples")
-        return self.codec.encode(torch.from_numpy(audio)[None])[0]
+        return audio
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -152,7 +156,7 @@ class SpeechPipeline:
 
     def asr(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> str:
         """Transcribe 16 kHz mono audio; silence gives an empty transcript."""
-        frames = self._frames(audio, sample_rate)
+        audio = self._checked(audio, sample_rate)
         if is_silent(audio):
             return ""
         g = generation or Generation()
@@ -160,16 +164,21 @@ class SpeechPipeline:
         if decoder == "auto":
             decoder = "ctc" if self.lm.hearing is not None else "lm"
         if decoder == "ctc":
-            return self.lm.tokenizer.decode(self.lm.hear(frames), skip_special_tokens=True).strip()
+            return self.lm.tokenizer.decode(self.lm.hear(self._frames(audio, sample_rate)), skip_special_tokens=True).strip()
         if decoder != "lm":
             raise SpeechLMError(f"unknown asr decoder {decoder!r}; choose from lm, ctc, auto")
         if g.asr_views < 1:
             raise SpeechLMError(f"asr_views must be >= 1, got {g.asr_views}")
+        return self.transcribe_views(listening_views(audio, g.asr_views, g.asr_level), g)
+
+    def transcribe_views(self, views: list[np.ndarray], generation: Generation | None = None) -> str:
+        """One transcript from views (T_k,) of one utterance (16 kHz, checked by :meth:`asr`), by the
+        LM decoder: one view = greedy decoding, several = :func:`speechlm.lm.ensemble.ensemble_transcribe`."""
+        g = generation or Generation()
         v = self.lm.vocab
         # A transcript is text only: a speech token (the model starting to speak) ends it.
         stops = [v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio]
-        views = listening_views(np.asarray(audio, dtype=np.float32), g.asr_views, g.asr_level)
-        prompts = [asr_prompt(self.lm, self.codec.encode(torch.from_numpy(view)[None])[0]) for view in views]
+        prompts = [asr_prompt(self.lm, self.codec.encode(torch.from_numpy(np.asarray(view, np.float32))[None])[0]) for view in views]
         if len(prompts) == 1:
             ids, codes = prompts[0]
             out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),

@@ -42,6 +42,7 @@ class ServerConfig:
     # model's words; None = the duplex model says its own words
     assist: str | None = "speechlm-default"
     assist_voice: str = "speech_lm"  # who says the assisted reply: "speech_lm" (its TTS) or "duplex" (the duplex model)
+    assist_views: int = 4  # views of the question's audio the speech LM hears (1 = plain greedy ASR, faster)
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
@@ -99,6 +100,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.assist_voice,
         help=f"who says the assisted reply: the speech LM's TTS or the duplex model's own voice (default {d.assist_voice})",
     )
+    parser.add_argument(
+        "--assist-views",
+        type=int,
+        default=d.assist_views,
+        help=f"views of the question's audio the assist's ASR hears: more transcribe better, 1 answers sooner (default {d.assist_views})",
+    )
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
     parser.add_argument(
@@ -138,6 +145,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lm=getattr(args, "lm", None),
         assist=None if str(getattr(args, "assist", None) or "none").lower() == "none" else args.assist,
         assist_voice=getattr(args, "assist_voice", "speech_lm"),
+        assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
         device=args.device,
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),

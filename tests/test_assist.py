@@ -323,8 +323,8 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     duplex.lm.save_pretrained(tmp_path / "speech")  # any speech LM on the same codec
     codec.save_pretrained(tmp_path / "codec")
     config = dict(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu")
-    built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech")))
-    assert isinstance(built, AssistedDuplexModel)
+    built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=2))
+    assert isinstance(built, AssistedDuplexModel) and built.generation.asr_views == 2
     state = built.init_state(2)
     for frame in np.concatenate([speech(6, 3), np.zeros(6 * N, np.float32)]).reshape(-1, N):
         pcm, texts, state = built.step(torch.from_numpy(np.stack([frame, frame])), state)
@@ -334,6 +334,7 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     add_serve_arguments(parser)
     assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
     assert config_from_args(parser.parse_args([])).assist == "speechlm-default"
+    assert config_from_args(parser.parse_args(["--assist-views", "1"])).assist_views == 1
     with pytest.raises(Exception, match="not found|no such|does not exist|speech LM"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "missing")))
 
