@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--assist", help="answer assist: this speech LM (directory or shipped name) writes the duplex model's words (speechlm serve --assist)")
     ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"], help="with --assist: who says the reply")
     ap.add_argument("--assist-barge-frames", type=int, default=5, help="with --assist: user frames in a row that pause the reply (0 = only the duplex model's yield)")
-    ap.add_argument("--assist-views", type=int, default=4, help="with --assist: views of each question's audio its ASR hears (1 = plain greedy)")
+    ap.add_argument("--assist-views", type=int, help="with --assist: views of each question's audio its ASR hears (default: AssistConfig's; 1 = plain greedy)")
+    ap.add_argument("--assist-plan-quiet-frames", type=int, help="with --assist: plan once the user has been quiet this many frames (default: AssistConfig's)")
     ap.add_argument("--assist-backchannel-frames", type=int, default=15, help="with --assist: a sound over the reply this short resumes it (0 = every pause drops the rest)")
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
@@ -158,7 +159,7 @@ def main() -> None:
         assist_log.addHandler(ListHandler(events))
         model = build_assisted_model(model, args.assist, config=AssistConfig(
             voice=args.assist_voice, barge_frames=args.assist_barge_frames, backchannel_frames=args.assist_backchannel_frames,
-            asr_views=args.assist_views))
+            **{k: v for k, v in (("asr_views", args.assist_views), ("plan_quiet_frames", args.assist_plan_quiet_frames)) if v is not None}))
     n, fps = model.frame_length, model.sample_rate / model.frame_length
     judge = None
     if not args.no_judge:

@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--compile-codec", action="store_true", help="the codec's steps compiled with AOTInductor (speechlm.codec.compiled)")
     ap.add_argument("--assist", help="--model duplex: answer assist by this speech LM (speechlm serve --assist)")
     ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"])
-    ap.add_argument("--assist-views", type=int, default=4, help="--assist: views of each question's audio its ASR hears (1 = plain greedy)")
+    ap.add_argument("--assist-views", type=int, help="--assist: views of each question's audio its ASR hears (default: AssistConfig's; 1 = plain greedy)")
+    ap.add_argument("--assist-options", type=json.loads, default=None, help='--assist: more AssistConfig fields as JSON, e.g. \'{"plan_quiet_frames": 1}\'')
     ap.add_argument("--speech", action="store_true", help="clients loop a spoken question and a pause (espeak-ng) instead of a steady tone")
     ap.add_argument("--pause", type=float, default=3.0, help="--speech: seconds of silence after the question")
     ap.add_argument("--out")
@@ -53,7 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs,
-                        assist=args.assist, assist_voice=args.assist_voice, assist_views=args.assist_views)  # fmt: skip
+                        assist=args.assist, assist_voice=args.assist_voice, assist_views=args.assist_views,
+                        assist_options=args.assist_options)  # fmt: skip
     speech = None
     if args.speech:
         import random
@@ -76,7 +78,7 @@ def main() -> None:
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
-    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "assist_views": args.assist_views if args.assist else None, "speech": args.speech, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
+    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "assist_views": args.assist_views if args.assist else None, "assist_options": args.assist_options, "speech": args.speech, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
               "cuda_graphs": args.cuda_graphs, "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
               "parameters_m": parameters_m(model), "step_times": steps, "memory": memory, "loads": loads, "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))

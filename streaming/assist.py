@@ -95,13 +95,15 @@ class AssistConfig:
     # ready sooner); False = once the duplex model wants to speak. A plan made during a pause in
     # mid-question is dropped when the user goes on.
     plan_early: bool = True
-    plan_quiet_frames: int = 2
+    plan_quiet_frames: int = 1
     # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
     # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
     background: bool = False
     # the speech LM hears the question from this many views of its audio (``Generation.asr_views``,
-    # speechlm.lm.ensemble): 4 transcribe held-out voices better (15 % vs 23 % WER) at ~1.8x the time
-    asr_views: int = 4
+    # speechlm.lm.ensemble): on 80 held-out-voice utterances 1 view 23 % WER, 2 views 19 %, 4 views 15 %;
+    # 2 (with plan_quiet_frames 1) keep the reply's onset through the server about where 1 view had it
+    # (docs/benchmarks.md), 4 cost ~40 ms more on this CPU
+    asr_views: int = 2
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:

@@ -242,7 +242,8 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
 
 def build_model(
     name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32",
-    graphs: bool = False, assist: str | None = None, assist_voice: str = "speech_lm", assist_views: int = 4,
+    graphs: bool = False, assist: str | None = None, assist_voice: str = "speech_lm", assist_views: int | None = None,
+    assist_options: dict | None = None,
 ) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
     ``duplex`` with ``lm`` = a duplex LM directory (or ``random:PRESET``, see
@@ -250,7 +251,7 @@ def build_model(
     ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
     ``dtype``: the duplex LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs.
     ``assist``: a speech LM that answers through the duplex model (``speechlm serve --assist``), hearing
-    ``assist_views`` views of each question."""
+    ``assist_views`` views of each question; ``assist_options``: more :class:`AssistConfig` fields."""
     from .models import with_compiled_codec
 
     model = _build_model(name, codec, device, lm, dtype, graphs)
@@ -258,7 +259,8 @@ def build_model(
     if name == "duplex" and assist:
         from .assist import AssistConfig, build_assisted_model
 
-        model = build_assisted_model(model, assist, config=AssistConfig(voice=assist_voice, background=True, asr_views=assist_views))
+        model = build_assisted_model(model, assist, config=AssistConfig(**{
+            "voice": assist_voice, "background": True, **({"asr_views": assist_views} if assist_views else {}), **(assist_options or {})}))
     return model
 
 

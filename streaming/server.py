@@ -520,7 +520,8 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex" and config.assist:
             from .assist import AssistConfig, build_assisted_model
 
-            model = build_assisted_model(model, config.assist, config=AssistConfig(voice=config.assist_voice, background=True, asr_views=config.assist_views))
+            model = build_assisted_model(model, config.assist, config=AssistConfig(
+                voice=config.assist_voice, background=True, **({"asr_views": config.assist_views} if config.assist_views else {})))
         return model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 

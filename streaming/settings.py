@@ -42,7 +42,7 @@ class ServerConfig:
     # model's words; None = the duplex model says its own words
     assist: str | None = "speechlm-default"
     assist_voice: str = "speech_lm"  # who says the assisted reply: "speech_lm" (its TTS) or "duplex" (the duplex model)
-    assist_views: int = 4  # views of the question's audio the speech LM hears (1 = plain greedy ASR, faster)
+    assist_views: int | None = None  # views of the question's audio the speech LM hears (None = AssistConfig's: 2; 1 = plain greedy, faster)
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
@@ -104,7 +104,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--assist-views",
         type=int,
         default=d.assist_views,
-        help=f"views of the question's audio the assist's ASR hears: more transcribe better, 1 answers sooner (default {d.assist_views})",
+        help="views of the question's audio the assist's ASR hears: more transcribe better, 1 answers sooner (default 2)",
     )
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")

@@ -82,7 +82,7 @@ def test_a_turn_asks_the_speech_lm_and_says_its_words(tokenizer_dir, codec):  # 
     _, texts, state = run(model, user)
     fake = model.speech
     # while the user talks, the model's words are its own (a backchannel) and no turn starts;
-    # after 2 quiet frames the reply is planned, after 3 (talk_frames) the turn starts
+    # after 1 quiet frame (plan_quiet_frames) the reply is planned, after 3 (talk_frames) the turn starts
     assert all(isinstance(t, str) for t in texts[:12]) and model.turns == 1
     assert len(fake.questions) == 1 and fake.asked == ["hello world"]
     np.testing.assert_array_equal(fake.questions[0], user[: 10 * N])  # voiced frames 0..9 (the margin's frames are digital silence: dropped)
@@ -91,7 +91,7 @@ def test_a_turn_asks_the_speech_lm_and_says_its_words(tokenizer_dir, codec):  # 
     plan = words(model, fake.reply)
     assert said[: len(plan)] == plan
     assert all(t is None for t in said[len(plan) :])  # the plan is said: no more words
-    assert state.rows[0].plan == [] and len(state.rows[0].heard) == 25 - 12  # heard anew from where the plan was made (the next question)
+    assert state.rows[0].plan == [] and len(state.rows[0].heard) == 25 - 11  # heard anew from where the plan was made (the next question)
 
 
 def test_a_silent_model_ends_its_turn_and_nothing_heard_means_its_own_words(tokenizer_dir, codec):  # noqa: F811
