@@ -77,6 +77,33 @@ def test_identical_views_change_nothing(model):
     assert ensemble_transcribe(model, same, max_new_tokens=8, stop_tokens=[]) == greedy
 
 
+def test_candidates_are_each_views_greedy_transcript_and_the_joint_one(model):
+    """Rows shared until a view parts from the joint transcript, then forked: each view's own
+    candidate is still exactly its greedy transcript, and the joint one is greedy on the mean."""
+    from speechlm.lm.ensemble import _candidates, _forward, _log_probs, _new_cache
+
+    ids, codes = views(model, (12, 12, 12), seed=5)
+    stops = {model.vocab.eos}
+    batch = PromptBatch.build(model, ids, codes)
+    cache, valid = _new_cache(model), batch.attention_mask
+    with torch.no_grad():
+        hidden = _forward(model, model.embed(batch.input_ids, batch.audio_codes, batch.audio_mask), valid, (valid.long().cumsum(1) - 1), cache)
+        found = _candidates(model, _log_probs(model, hidden[:, -1]), cache, valid, (valid.long().sum(1) - 1)[:, None], 10, stops)
+    own = [text_generate(model, i, audio_codes=[c], max_new_tokens=10, sampling=GREEDY, stop_tokens=list(stops))[0] for i, c in zip(ids, codes)]
+    assert found[:3] == own and len({tuple(o) for o in own}) > 1, "the views part ways (else nothing forks)"
+    joint = []  # greedy on the views' mean, without a cache (the prompts have one length: no padding)
+    prompt = model.embed(batch.input_ids, batch.audio_codes, batch.audio_mask)
+    for _ in range(10):
+        text = model.embed(torch.tensor([joint] * 3, dtype=torch.long))
+        with torch.no_grad():
+            h = model.run_backbone(torch.cat((prompt, text), dim=1)).last_hidden_state[:, -1]
+        token = int(_log_probs(model, h).mean(0).argmax())
+        if token in stops:
+            break
+        joint.append(token)
+    assert found[3] == joint
+
+
 def test_sequence_scores_equal_a_teacher_forced_forward(model):
     """Scores on the prompt cache repeated per candidate (right-padded candidates, left-padded prompts
     of different lengths) equal one uncached forward per (view, candidate)."""

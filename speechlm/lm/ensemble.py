@@ -6,8 +6,9 @@ do the LM's mistakes. Decoding (all rows of one batch, one prompt per view)::
 
     prefill      the K prompts (``<|asr|> <|speech_start|> AUDIO <|speech_end|>``, one per view)
     candidates   each view's own greedy transcript (K), and the ensemble's: greedy on the mean of
-                 the K views' log-probabilities, one token for all rows per step (1); the 2K rows
-                 run as one batch from copies of the prompt cache
+                 the K views' log-probabilities, one token for all rows per step (1); one batch from
+                 a copy of the prompt cache, a view's own transcript sharing its row with the joint
+                 one until the two part (then the row forks)
     choice       (``rescore=True``) the candidate with the highest total log-probability over the
                  K views, end token included (a product of experts, scored exactly per sequence,
                  on the prompt cache repeated once per candidate); else the ensemble's
@@ -83,32 +84,46 @@ def ensemble_transcribe(
 
 
 def _candidates(model, first: Tensor, cache, valid: Tensor, last_position: Tensor, max_new: int, stops: set[int]) -> list[list[int]]:
-    """K views' own greedy transcripts and the ensemble's (last), decoded together as 2K rows."""
+    """The K views' own greedy transcripts and the views' joint one (last).
+
+    One batch row per view follows the joint transcript; a view's own transcript shares that row
+    until it first picks another token, and then forks (the row's cache copied). Views mostly agree,
+    so this decodes about K rows instead of 2K; rows leave the batch when their transcript ends."""
     K = first.shape[0]
-    cache.batch_repeat_interleave(2)  # rows 2k: view k alone; rows 2k + 1: view k in the ensemble
-    valid = valid.repeat_interleave(2, dim=0)
-    position = last_position.repeat_interleave(2, dim=0)
-    own, done = [[] for _ in range(K)], [False] * K
+    own, own_done, forked = [[] for _ in range(K)], [False] * K, [False] * K
     joint, joint_done = [], False
-    log_probs = first.repeat_interleave(2, dim=0)  # (2K, V)
+    rows = [("joint", k) for k in range(K)]  # what each batch row decodes
+    log_probs, position = first, last_position  # (R, V), (R, 1)
     for _ in range(max_new):
-        alone = log_probs[0::2].argmax(dim=-1).tolist()
-        together = int(log_probs[1::2].mean(dim=0).argmax())
-        for k, token in enumerate(alone):
-            if not done[k]:
-                done[k] = token in stops
-                if not done[k]:
-                    own[k].append(token)
-        if not joint_done:
+        where = {row: i for i, row in enumerate(rows)}
+        best = log_probs.argmax(dim=-1).tolist()
+        together = None if joint_done else int(log_probs[[where[("joint", k)] for k in range(K)]].mean(dim=0).argmax())
+        feed: dict[tuple[str, int], tuple[int, int]] = {}  # next row -> (its source row now, the token it is fed)
+        if together is not None:
             joint_done = together in stops
             if not joint_done:
                 joint.append(together)
-        if joint_done and all(done):
+                feed.update({("joint", k): (where[("joint", k)], together) for k in range(K)})
+        for k in range(K):
+            if own_done[k]:
+                continue
+            token = best[where[("own", k) if forked[k] else ("joint", k)]]
+            source = where[("own", k)] if forked[k] else where[("joint", k)]
+            forked[k] = forked[k] or token != together
+            own_done[k] = token in stops
+            if not own_done[k]:
+                own[k].append(token)
+                if forked[k]:
+                    feed[("own", k)] = (source, token)
+        if not feed:
             break
-        tokens = torch.tensor([t for own_token in alone for t in (own_token, together)], device=first.device)
-        position = position + 1
-        valid = torch.cat((valid, torch.ones(2 * K, 1, dtype=torch.bool, device=valid.device)), dim=1)
-        log_probs = _log_probs(model, _forward(model, model.embed(tokens[:, None]), valid, position, cache)[:, -1])
+        rows = list(feed)
+        index = torch.tensor([feed[row][0] for row in rows], device=first.device)
+        cache.batch_select_indices(index)  # keep, copy (a fork) or drop rows
+        valid = torch.cat((valid[index], torch.ones(len(rows), 1, dtype=torch.bool, device=valid.device)), dim=1)
+        position = position[index] + 1
+        tokens = torch.tensor([[feed[row][1]] for row in rows], device=first.device)
+        log_probs = _log_probs(model, _forward(model, model.embed(tokens), valid, position, cache)[:, -1])
     return [*own, joint]
 
 
