@@ -83,12 +83,12 @@ def first(mask: np.ndarray, start: int, quiet: int = 1) -> int | None:
     return None
 
 
-def backchannel_trial(model, user, onset, undisturbed, voice, word, after, rng, quiet_frames, fps) -> dict:
-    """The user says ``word`` ``after`` s into the reply; did the model yield?"""
+def backchannel_trial(model, user, onset, undisturbed, voice, word, after, rng, quiet_frames, fps, gain=1.0) -> dict:
+    """The user says ``word`` ``after`` s into the reply (at ``gain``); did the model yield?"""
     n = model.frame_length
     cut = onset + int(after * fps)
-    bc = frames_of(voice.synthesize(word, rng).audio, n)
-    heard = np.nonzero(voiced(bc))[0]
+    bc = frames_of(voice.synthesize(word, rng).audio * gain, n)
+    heard = np.nonzero(voiced(bc, 0.01 * gain))[0]
     w0, w1 = cut + int(heard[0]), cut + int(heard[-1]) + 1 + int(0.3 * fps)
     pcm, _ = run(model, np.concatenate([user[:cut], bc, np.zeros((int(3 * fps), n), np.float32)]))
     alone, disturbed = voiced(undisturbed, 1e-4), voiced(pcm, 1e-4)
@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--codec", default="codec-16k")
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--listen-seconds", type=float, default=6.0, help="silence after the question")
+    ap.add_argument("--user-gain", type=float, default=1.0, help="scale the user's speech (peak-normalized to 0.9), e.g. 0.25 = a quiet microphone")
     ap.add_argument("--barge-after", default="0.6", help="seconds of model speech before the user barges in; several, comma-separated, pool their trials")
     ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
     ap.add_argument("--backchannel-after", help="also: a user backchannel this many seconds into the reply (the model should talk on); several, comma-separated, pool")
@@ -135,6 +136,7 @@ def main() -> None:
     ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"], help="with --assist: who says the reply")
     ap.add_argument("--assist-barge-frames", type=int, default=5, help="with --assist: user frames in a row that pause the reply (0 = only the duplex model's yield)")
     ap.add_argument("--assist-views", type=int, help="with --assist: views of each question's audio its ASR hears (default: AssistConfig's; 1 = plain greedy)")
+    ap.add_argument("--assist-raw-level", action="store_true", help="with --assist: its ASR hears the question at its own level (not peak-normalized: as before 2026-12-05)")
     ap.add_argument("--assist-plan-quiet-frames", type=int, help="with --assist: plan once the user has been quiet this many frames (default: AssistConfig's)")
     ap.add_argument("--assist-backchannel-frames", type=int, default=15, help="with --assist: a sound over the reply this short resumes it (0 = every pause drops the rest)")
     ap.add_argument("--no-judge", action="store_true")
@@ -152,12 +154,13 @@ def main() -> None:
     events: list[str] = []
     model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling)
     if args.assist:
-        from speechlm.streaming.assist import AssistConfig, build_assisted_model
+        from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig, build_assisted_model
 
         assist_log = logging.getLogger("speechlm.streaming.assist")
         assist_log.setLevel(logging.DEBUG)
         assist_log.addHandler(ListHandler(events))
-        model = build_assisted_model(model, args.assist, config=AssistConfig(
+        generation = dataclasses.replace(ASSIST_GENERATION, asr_level=None) if args.assist_raw_level else ASSIST_GENERATION
+        model = build_assisted_model(model, args.assist, generation=generation, config=AssistConfig(
             voice=args.assist_voice, barge_frames=args.assist_barge_frames, backchannel_frames=args.assist_backchannel_frames,
             **{k: v for k, v in (("asr_views", args.assist_views), ("plan_quiet_frames", args.assist_plan_quiet_frames)) if v is not None}))
     n, fps = model.frame_length, model.sample_rate / model.frame_length
@@ -176,12 +179,12 @@ def main() -> None:
     rows = []
     for i, item in enumerate(items):
         voice = get_teacher(voices[i % len(voices)])
-        question = frames_of(voice.synthesize(item["text"], rng).audio, n)
+        question = frames_of(voice.synthesize(item["text"], rng).audio * args.user_gain, n)
         user = np.concatenate([question, np.zeros((int(args.listen_seconds * fps), n), np.float32)])
         transcripts: list[str] = []
         events.clear()
         pcm, texts = run(model, user, transcripts)
-        user_end = int(np.nonzero(voiced(question))[0][-1]) + 1
+        user_end = int(np.nonzero(voiced(question, 0.01 * args.user_gain))[0][-1]) + 1
         speaking = voiced(pcm, 1e-4)
         # The reply starts where a voiced run starts at or after the user's end; a sound the model
         # was already making then (a backchannel, an early start) is not the reply's onset.
@@ -204,10 +207,10 @@ def main() -> None:
         row["barge"] = []
         for after in barge_after if onset is not None else ():
             cut = onset + int(after * fps)
-            barge = frames_of(voice.synthesize(interruptions[i % len(interruptions)]["text"], rng).audio, n)
+            barge = frames_of(voice.synthesize(interruptions[i % len(interruptions)]["text"], rng).audio * args.user_gain, n)
             user2 = np.concatenate([user[:cut], barge, np.zeros((int(2 * fps), n), np.float32)])
             pcm2, _ = run(model, user2)
-            barge_start = cut + int(np.nonzero(voiced(barge))[0][0])
+            barge_start = cut + int(np.nonzero(voiced(barge, 0.01 * args.user_gain))[0][0])
             speaking2 = voiced(pcm2, 1e-4)
             # A trial counts only if the model is still talking when the user starts: a reply that
             # had already ended has nothing to stop (it would read as a 0 ms barge-in).
@@ -216,7 +219,7 @@ def main() -> None:
             row["barge"].append({"after_s": after, "speaking_at_barge": talking,
                                  "barge_in_ms": None if stop is None or not talking else (stop - barge_start) * 1000 / fps})
         row["backchannel"] = [
-            backchannel_trial(model, user, onset, pcm, voice, backchannels[(i + k) % len(backchannels)], after, rng, args.quiet_frames, fps)
+            backchannel_trial(model, user, onset, pcm, voice, backchannels[(i + k) % len(backchannels)], after, rng, args.quiet_frames, fps, args.user_gain)
             for k, after in enumerate(backchannel_after if onset is not None else ())
         ]
         rows.append(row)
