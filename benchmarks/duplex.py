@@ -60,9 +60,15 @@ def voiced(frames: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     return np.sqrt((frames**2).mean(axis=1)) > threshold
 
 
+ROOM_NOISE = 0.0  # --noise-rms
+
+
 def run(model: DuplexSpeechModel, user: np.ndarray, heard: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Feed ``user`` (F, n) frame by frame to one session -> (model pcm (F, n), text pieces).
-    ``heard`` collects the user transcripts the model sends (answer assist)."""
+    ``heard`` collects the user transcripts the model sends (answer assist). With ``ROOM_NOISE``,
+    white noise of that RMS is added to every frame (seeded by the length: repeatable)."""
+    if ROOM_NOISE:
+        user = (user + ROOM_NOISE * np.random.default_rng(len(user)).standard_normal(user.shape)).astype(np.float32)
     state = model.init_state(1)
     out, texts = [], []
     for frame in user:
@@ -124,6 +130,8 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--listen-seconds", type=float, default=6.0, help="silence after the question")
     ap.add_argument("--user-gain", type=float, default=1.0, help="scale the user's speech (peak-normalized to 0.9), e.g. 0.25 = a quiet microphone")
+    ap.add_argument("--noise-rms", type=float, default=0.0, help="white noise of this RMS added to everything the user sends (a room; 0.001 is about -60 dBFS)")
+    ap.add_argument("--assist-options", type=json.loads, default=None, help='with --assist: more AssistConfig fields as JSON, e.g. \'{"min_voiced_rms": 0.01}\'')
     ap.add_argument("--barge-after", default="0.6", help="seconds of model speech before the user barges in; several, comma-separated, pool their trials")
     ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
     ap.add_argument("--backchannel-after", help="also: a user backchannel this many seconds into the reply (the model should talk on); several, comma-separated, pool")
@@ -142,6 +150,8 @@ def main() -> None:
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
+    global ROOM_NOISE
+    ROOM_NOISE = args.noise_rms
     torch.set_num_threads(args.threads)
     barge_after = [float(x) for x in str(args.barge_after).split(",") if x.strip()]
     backchannel_after = [float(x) for x in str(args.backchannel_after or "").split(",") if x.strip()]
@@ -162,7 +172,8 @@ def main() -> None:
         generation = dataclasses.replace(ASSIST_GENERATION, asr_level=None) if args.assist_raw_level else ASSIST_GENERATION
         model = build_assisted_model(model, args.assist, generation=generation, config=AssistConfig(
             voice=args.assist_voice, barge_frames=args.assist_barge_frames, backchannel_frames=args.assist_backchannel_frames,
-            **{k: v for k, v in (("asr_views", args.assist_views), ("plan_quiet_frames", args.assist_plan_quiet_frames)) if v is not None}))
+            **{k: v for k, v in (("asr_views", args.assist_views), ("plan_quiet_frames", args.assist_plan_quiet_frames)) if v is not None},
+            **(args.assist_options or {})))
     n, fps = model.frame_length, model.sample_rate / model.frame_length
     judge = None
     if not args.no_judge:

@@ -77,7 +77,24 @@ VOICES = ("speech_lm", "duplex")
 class AssistConfig:
     max_question_seconds: float = 15.0  # the heard buffer keeps the user's last this many seconds
     end_frames: int = 10  # silent frames after speech that end the model's turn (10 = 0.4 s at 25 Hz)
-    voiced_rms: float = 0.01  # a heard frame with this RMS is speech (for trimming the question)
+    # A heard frame is speech when its RMS passes the row's gate (used for the user talking, the pause
+    # of a reply talked over, the question's trimming): voiced_rms (about -40 dBFS), or lower for a
+    # quiet microphone in a quiet room: voiced_share of the user's speech level (a decaying maximum of
+    # their frames' RMS, halving in level_half_life_s), but at least noise_margin times the noise floor
+    # (a minimum of the frames' RMS that doubles at most every noise_rise_s; digital silence aside) and
+    # min_voiced_rms (about -50 dBFS). A new session starts with the floor at voiced_rms / noise_margin
+    # (the gate at voiced_rms): a quieter room lowers it from its first frame, a noisier one keeps it.
+    voiced_rms: float = 0.01
+    voiced_share: float = 0.25
+    noise_margin: float = 3.0
+    min_voiced_rms: float = 0.003
+    level_half_life_s: float = 30.0
+    noise_rise_s: float = 2.0
+    # the duplex model hears the user through a noise gate: once the user has been quiet talk_frames
+    # frames (by the gate above), their frames reach it as digital silence until they speak again (it
+    # was trained on dialogues whose pauses are digital silence: with a -60 dBFS room under them it
+    # took 1 turn in 20, docs/benchmarks.md); the speech LM hears the question as it was
+    noise_gate: bool = True
     margin_frames: int = 3  # frames of context kept around the voiced part of the question
     talk_frames: int = 3  # the user is talking if one of their last this many frames is speech
     # whose voice says the plan: "speech_lm" = the speech LM's streaming TTS (the duplex model's own
@@ -151,6 +168,9 @@ class _Row:
     duplex_sounding: bool = False  # the duplex model's own audio was not silent last tick
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
+    level: float = 0.0  # the user's speech level: a decaying maximum of their frames' RMS
+    floor: float = 0.0  # the noise floor: a slowly rising minimum of their frames' RMS
+    gate: float = 0.01  # a frame with an RMS above this is speech (AssistedDuplexModel._voiced)
 
     @property
     def in_turn(self) -> bool:
@@ -199,6 +219,9 @@ class AssistedDuplexModel:
         self.frame_length, self.sample_rate = duplex.frame_length, duplex.sample_rate
         self.pad = duplex.lm.text_pad
         self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
+        frame_s = self.frame_length / self.sample_rate
+        self._level_decay = 0.5 ** (frame_s / self.config.level_half_life_s)  # per frame
+        self._noise_rise = 2.0 ** (frame_s / self.config.noise_rise_s)
         self.turns = 0  # turns with a plan or free words (for stats and tests)
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)
@@ -218,7 +241,8 @@ class AssistedDuplexModel:
     # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
 
     def _row(self) -> _Row:
-        return _Row(heard=deque(maxlen=self.max_heard), quiet_run=self.config.talk_frames)  # nothing heard: not talking
+        cfg = self.config  # nothing heard: not talking
+        return _Row(heard=deque(maxlen=self.max_heard), quiet_run=cfg.talk_frames, gate=cfg.voiced_rms, floor=cfg.voiced_rms / cfg.noise_margin)
 
     def init_state(self, batch_size: int) -> AssistedState:
         return AssistedState(self.duplex.init_state(batch_size), [self._row() for _ in range(batch_size)])
@@ -245,9 +269,13 @@ class AssistedDuplexModel:
         """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces, state."""
         rows = state.rows
         frames = user_pcm.detach().float().cpu().numpy()
-        voiced = np.sqrt((frames**2).mean(axis=1)) > self.config.voiced_rms
-        for row, frame, is_voiced in zip(rows, frames, voiced.tolist()):
-            row.hear(frame, is_voiced)
+        for row, frame, rms in zip(rows, frames, np.sqrt((frames**2).mean(axis=1)).tolist()):
+            row.hear(frame, self._voiced(row, rms))
+        if self.config.noise_gate:
+            closed = [i for i, row in enumerate(rows) if not self.user_talking(row)]
+            if closed:
+                user_pcm = user_pcm.clone()
+                user_pcm[closed] = 0.0
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
@@ -431,7 +459,16 @@ class AssistedDuplexModel:
 
     def hear(self, row: _Row, frame: np.ndarray) -> None:
         """One frame of the user's audio into ``row`` (what :meth:`step` does for every row, batched)."""
-        row.hear(frame, float(np.sqrt((frame**2).mean())) > self.config.voiced_rms)
+        row.hear(frame, self._voiced(row, float(np.sqrt((frame**2).mean()))))
+
+    def _voiced(self, row: _Row, rms: float) -> bool:
+        """Is a user frame of this RMS speech? Updates the row's speech level, noise floor and gate."""
+        cfg = self.config
+        if rms > 0:  # digital silence (exact zeros) says nothing about the room
+            row.level = max(rms, row.level * self._level_decay)
+            row.floor = min(rms, row.floor * self._noise_rise)
+            row.gate = min(cfg.voiced_rms, max(cfg.min_voiced_rms, cfg.noise_margin * row.floor, cfg.voiced_share * row.level))
+        return rms > row.gate
 
     def user_talking(self, row: _Row) -> bool:
         """One of the user's last ``talk_frames`` frames was speech."""
@@ -446,7 +483,7 @@ class AssistedDuplexModel:
         if not row.heard:
             return None
         frames = np.stack(list(row.heard))
-        voiced = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > self.config.voiced_rms)[0]
+        voiced = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > row.gate)[0]
         if len(voiced) == 0:
             return None
         m = self.config.margin_frames

@@ -94,6 +94,55 @@ def test_a_turn_asks_the_speech_lm_and_says_its_words(tokenizer_dir, codec):  # 
     assert state.rows[0].plan == [] and len(state.rows[0].heard) == 25 - 11  # heard anew from where the plan was made (the next question)
 
 
+def room(frames: int, rms: float, seed: int = 7) -> np.ndarray:
+    return (rms * np.random.default_rng(seed).standard_normal(frames * N)).astype(np.float32)
+
+
+def test_the_speech_gate_follows_the_user_and_the_room(tokenizer_dir, codec):  # noqa: F811
+    """A quiet microphone in a quiet room (a question at RMS ~0.007, under the -40 dBFS gate; the room
+    at -66 dBFS) is heard whole, as at full level; with the gate fixed at -40 dBFS it is not heard at
+    all. In a noisy room (RMS 0.006, under -40 dBFS) the noise alone is not speech: no turn."""
+    quiet = np.concatenate([room(4, 5e-4, 1), speech(10, 0) * 0.033 + room(10, 5e-4, 2), room(15, 5e-4, 3)])
+    model = assisted(tokenizer_dir, codec)  # the speech LM's voice: no turn of the model's own before the question
+    run(model, quiet)
+    assert model.turns == 1 and model.speech.asked == ["hello world"]
+    heard = model.speech.questions[0]
+    # the voiced frames, the 3 margin frames before them and the 1 quiet frame heard when it was planned
+    np.testing.assert_array_equal(heard, quiet[1 * N : 15 * N])
+    fixed = assisted(tokenizer_dir, codec, min_voiced_rms=0.01)
+    run(fixed, quiet)
+    assert fixed.speech.questions == []
+    noisy = assisted(tokenizer_dir, codec)
+    pcm, _, state = run(noisy, room(40, 0.006, 4))
+    assert noisy.speech.questions == [] and noisy.turns == 0 and not np.abs(pcm).any()
+    assert state.rows[0].gate == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_the_duplex_model_hears_pauses_as_digital_silence(tokenizer_dir, codec, gate):  # noqa: F811
+    """Noise gate: the room under the user's pauses reaches the duplex model as zeros from the 3rd quiet
+    frame on (talk_frames), their speech unchanged from its first frame; noise_gate=False passes all."""
+    user = np.concatenate([room(6, 0.001, 1), speech(8, 0) + room(8, 0.001, 2), room(10, 0.001, 3)])
+    model = assisted(tokenizer_dir, codec, noise_gate=gate)
+    fed = []
+    tick = model.duplex.tick
+
+    def spy(user_pcm, state, **kwargs):
+        fed.append(user_pcm[0].numpy().copy())
+        return tick(user_pcm, state, **kwargs)
+
+    model.duplex.tick = spy
+    run(model, user)
+    fed = np.stack(fed)
+    frames = user.reshape(-1, N)
+    if not gate:
+        np.testing.assert_array_equal(fed, frames)
+        return
+    np.testing.assert_array_equal(fed[6:14], frames[6:14])  # speech: as it was
+    np.testing.assert_array_equal(fed[14:16], frames[14:16])  # the first quiet frames: still open (the user may go on)
+    assert not fed[16:].any() and not fed[:6].any()  # from the 3rd quiet frame, and before the user spoke: digital silence
+
+
 def test_a_silent_model_ends_its_turn_and_nothing_heard_means_its_own_words(tokenizer_dir, codec):  # noqa: F811
     model = assisted(tokenizer_dir, codec, mute=True, end_frames=2, voice="duplex")
     user = np.concatenate([speech(8, 1), np.zeros(20 * N, np.float32)])
