@@ -260,7 +260,7 @@ def build_model(
         from .assist import AssistConfig, build_assisted_model
 
         model = build_assisted_model(model, assist, config=AssistConfig(**{
-            "voice": assist_voice, "background": True, **({"asr_views": assist_views} if assist_views else {}), **(assist_options or {})}))
+            "voice": assist_voice, "background": True, **({"asr_views": assist_views} if assist_views is not None else {}), **(assist_options or {})}))
     return model
 
 

@@ -521,7 +521,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
             from .assist import AssistConfig, build_assisted_model
 
             model = build_assisted_model(model, config.assist, config=AssistConfig(
-                voice=config.assist_voice, background=True, **({"asr_views": config.assist_views} if config.assist_views else {})))
+                voice=config.assist_voice, background=True, **({"asr_views": config.assist_views} if config.assist_views is not None else {})))
         return model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 

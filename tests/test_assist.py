@@ -374,6 +374,8 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     config = dict(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu")
     built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=2))
     assert isinstance(built, AssistedDuplexModel) and built.generation.asr_views == 2
+    with pytest.raises(SpeechLMError, match="asr_views"):
+        build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=0))
     state = built.init_state(2)
     for frame in np.concatenate([speech(6, 3), np.zeros(6 * N, np.float32)]).reshape(-1, N):
         pcm, texts, state = built.step(torch.from_numpy(np.stack([frame, frame])), state)
