@@ -54,8 +54,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs,
-                        assist=args.assist, assist_voice=args.assist_voice, assist_views=args.assist_views,
-                        assist_options=args.assist_options)  # fmt: skip
+                        assist=args.assist, assist_voice=args.assist_voice,
+                        assist_options={**({"asr_views": args.assist_views} if args.assist_views is not None else {}), **(args.assist_options or {})})  # fmt: skip
     speech = None
     if args.speech:
         import random

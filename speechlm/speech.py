@@ -262,8 +262,8 @@ def listening_views(audio: np.ndarray, count: int, level: float | None = PEAK_LE
     the speech LM was trained on (its teachers' speech is peak-normalized to ``PEAK_LEVEL``: a quiet
     microphone is then heard as well as a loud one; None = as given), then at the other ``VIEW_GAINS``, cycled."""
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    level = audio * (level / peak) if level is not None and peak > 1e-6 else audio
-    return [(level * VIEW_GAINS[i % len(VIEW_GAINS)]).astype(np.float32) for i in range(count)]
+    leveled = audio * (level / peak) if level is not None and peak > 1e-6 else audio
+    return [(leveled * VIEW_GAINS[i % len(VIEW_GAINS)]).astype(np.float32) for i in range(count)]
 
 
 def _join(chunks: Iterator[np.ndarray]) -> np.ndarray:

@@ -241,7 +241,8 @@ class AssistedDuplexModel:
     # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
 
     def _row(self) -> _Row:
-        cfg = self.config  # nothing heard: not talking
+        cfg = self.config
+        # nothing heard yet: not talking; the gate at voiced_rms until the room is heard
         return _Row(heard=deque(maxlen=self.max_heard), quiet_run=cfg.talk_frames, gate=cfg.voiced_rms, floor=cfg.voiced_rms / cfg.noise_margin)
 
     def init_state(self, batch_size: int) -> AssistedState:

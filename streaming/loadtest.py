@@ -242,7 +242,7 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
 
 def build_model(
     name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32",
-    graphs: bool = False, assist: str | None = None, assist_voice: str = "speech_lm", assist_views: int | None = None,
+    graphs: bool = False, assist: str | None = None, assist_voice: str = "speech_lm",
     assist_options: dict | None = None,
 ) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
@@ -250,8 +250,8 @@ def build_model(
     :func:`speechlm.streaming.duplex_model.build_duplex_model`) and ``codec`` its codec name/dir.
     ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
     ``dtype``: the duplex LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs.
-    ``assist``: a speech LM that answers through the duplex model (``speechlm serve --assist``), hearing
-    ``assist_views`` views of each question; ``assist_options``: more :class:`AssistConfig` fields."""
+    ``assist``: a speech LM that answers through the duplex model (``speechlm serve --assist``);
+    ``assist_options``: more :class:`AssistConfig` fields (e.g. ``asr_views``)."""
     from .models import with_compiled_codec
 
     model = _build_model(name, codec, device, lm, dtype, graphs)
@@ -260,7 +260,7 @@ def build_model(
         from .assist import AssistConfig, build_assisted_model
 
         model = build_assisted_model(model, assist, config=AssistConfig(**{
-            "voice": assist_voice, "background": True, **({"asr_views": assist_views} if assist_views is not None else {}), **(assist_options or {})}))
+            "voice": assist_voice, "background": True, **(assist_options or {})}))
     return model
 
 
