@@ -147,6 +147,7 @@ def main() -> None:
     ap.add_argument("--assist-raw-level", action="store_true", help="with --assist: its ASR hears the question at its own level (not peak-normalized: as before 2026-12-05)")
     ap.add_argument("--assist-plan-quiet-frames", type=int, help="with --assist: plan once the user has been quiet this many frames (default: AssistConfig's)")
     ap.add_argument("--assist-backchannel-frames", type=int, default=15, help="with --assist: a sound over the reply this short resumes it (0 = every pause drops the rest)")
+    ap.add_argument("--no-noise-gate", action="store_true", help="the duplex model hears the user's pauses as they are (speechlm serve --no-noise-gate)")
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -162,6 +163,8 @@ def main() -> None:
     if args.text_temperature is not None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
     events: list[str] = []
+    if args.no_noise_gate:
+        sampling["noise_gate"] = None
     model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling)
     if args.assist:
         from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig, build_assisted_model

@@ -64,6 +64,7 @@ from ..codec.errors import SpeechLMError
 from ..speech import Generation, SpeechPipeline
 from ..training.textnorm import normalize_text, word_spans
 from .duplex_model import DuplexSpeechModel, DuplexSpeechState
+from .gate import GateConfig
 from .models import TextPiece
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,12 @@ VOICES = ("speech_lm", "duplex")
 class AssistConfig:
     max_question_seconds: float = 15.0  # the heard buffer keeps the user's last this many seconds
     end_frames: int = 10  # silent frames after speech that end the model's turn (10 = 0.4 s at 25 Hz)
-    # A heard frame is speech when its RMS passes the row's gate (used for the user talking, the pause
-    # of a reply talked over, the question's trimming): voiced_rms (about -40 dBFS), or lower for a
-    # quiet microphone in a quiet room: voiced_share of the user's speech level (a decaying maximum of
-    # their frames' RMS, halving in level_half_life_s), but at least noise_margin times the noise floor
-    # (a minimum of the frames' RMS that doubles at most every noise_rise_s; digital silence aside) and
-    # min_voiced_rms (about -50 dBFS). A new session starts with the floor at voiced_rms / noise_margin
-    # (the gate at voiced_rms): a quieter room lowers it from its first frame, a noisier one keeps it.
+    # A heard frame is speech when its RMS passes the row's speech gate (used for the user talking, the
+    # pause of a reply talked over, the question's trimming; speechlm.streaming.gate, these are its
+    # GateConfig's fields): voiced_rms (about -40 dBFS), or lower for a quiet microphone in a quiet
+    # room: voiced_share of the user's speech level (a decaying maximum of their frames' RMS, halving in
+    # level_half_life_s), but at least noise_margin times the noise floor (a minimum of the frames' RMS
+    # that doubles at most every noise_rise_s; digital silence aside) and min_voiced_rms (about -50 dBFS).
     voiced_rms: float = 0.01
     voiced_share: float = 0.25
     noise_margin: float = 3.0
@@ -168,9 +168,7 @@ class _Row:
     duplex_sounding: bool = False  # the duplex model's own audio was not silent last tick
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
-    level: float = 0.0  # the user's speech level: a decaying maximum of their frames' RMS
-    floor: float = 0.0  # the noise floor: a slowly rising minimum of their frames' RMS
-    gate: float = 0.01  # a frame with an RMS above this is speech (AssistedDuplexModel._voiced)
+    gate: float = 0.01  # a frame with an RMS above this is speech (the speech gate's threshold, speechlm.streaming.gate)
 
     @property
     def in_turn(self) -> bool:
@@ -219,9 +217,9 @@ class AssistedDuplexModel:
         self.frame_length, self.sample_rate = duplex.frame_length, duplex.sample_rate
         self.pad = duplex.lm.text_pad
         self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
-        frame_s = self.frame_length / self.sample_rate
-        self._level_decay = 0.5 ** (frame_s / self.config.level_half_life_s)  # per frame
-        self._noise_rise = 2.0 ** (frame_s / self.config.noise_rise_s)
+        c = self.config
+        self.gate_config = GateConfig(voiced_rms=c.voiced_rms, voiced_share=c.voiced_share, noise_margin=c.noise_margin, min_voiced_rms=c.min_voiced_rms,
+                               level_half_life_s=c.level_half_life_s, noise_rise_s=c.noise_rise_s, talk_frames=c.talk_frames)  # fmt: skip
         self.turns = 0  # turns with a plan or free words (for stats and tests)
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)
@@ -243,7 +241,7 @@ class AssistedDuplexModel:
     def _row(self) -> _Row:
         cfg = self.config
         # nothing heard yet: not talking; the gate at voiced_rms until the room is heard
-        return _Row(heard=deque(maxlen=self.max_heard), quiet_run=cfg.talk_frames, gate=cfg.voiced_rms, floor=cfg.voiced_rms / cfg.noise_margin)
+        return _Row(heard=deque(maxlen=self.max_heard), quiet_run=cfg.talk_frames, gate=cfg.voiced_rms)
 
     def init_state(self, batch_size: int) -> AssistedState:
         return AssistedState(self.duplex.init_state(batch_size), [self._row() for _ in range(batch_size)])
@@ -269,19 +267,14 @@ class AssistedDuplexModel:
     def step(self, user_pcm: Tensor, state: AssistedState) -> tuple[Tensor, list[TextPiece], AssistedState]:
         """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces, state."""
         rows = state.rows
-        frames = user_pcm.detach().float().cpu().numpy()
-        for row, frame, rms in zip(rows, frames, np.sqrt((frames**2).mean(axis=1)).tolist()):
-            row.hear(frame, self._voiced(row, rms))
+        gated = self.hear(state, user_pcm)
         if self.config.noise_gate:
-            closed = [i for i, row in enumerate(rows) if not self.user_talking(row)]
-            if closed:
-                user_pcm = user_pcm.clone()
-                user_pcm[closed] = 0.0
+            user_pcm = gated
 
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
 
-        tick = self.duplex.tick(user_pcm, state.inner, text_filter=steer)
+        tick = self.duplex.tick(user_pcm, state.inner, text_filter=steer, gate=False)
         duplex_silent = [bool(x) for x in tick.silent.tolist()]
         pcm, silences = tick.pcm, duplex_silent
         if self.config.voice == "speech_lm":  # the speech LM's voice replaces the duplex model's audio
@@ -458,18 +451,17 @@ class AssistedDuplexModel:
 
     # -- pieces -----------------------------------------------------------------------------
 
-    def hear(self, row: _Row, frame: np.ndarray) -> None:
-        """One frame of the user's audio into ``row`` (what :meth:`step` does for every row, batched)."""
-        row.hear(frame, self._voiced(row, float(np.sqrt((frame**2).mean()))))
-
-    def _voiced(self, row: _Row, rms: float) -> bool:
-        """Is a user frame of this RMS speech? Updates the row's speech level, noise floor and gate."""
-        cfg = self.config
-        if rms > 0:  # digital silence (exact zeros) says nothing about the room
-            row.level = max(rms, row.level * self._level_decay)
-            row.floor = min(rms, row.floor * self._noise_rise)
-            row.gate = min(cfg.voiced_rms, max(cfg.min_voiced_rms, cfg.noise_margin * row.floor, cfg.voiced_share * row.level))
-        return rms > row.gate
+    def hear(self, state: AssistedState, user_pcm: Tensor) -> Tensor:
+        """The user's frames (B, frame_length) into the rows (their heard audio, runs of voiced and
+        quiet frames, gate), through the duplex model's speech gate (with this config's settings):
+        returns them noise-gated (zeros where the user is not talking)."""
+        gated, voiced = self.duplex.listen(user_pcm, state.inner, self.gate_config)
+        frames = user_pcm.detach().float().cpu().numpy()
+        thresholds = state.inner.gate.thresholds(self.gate_config).tolist()
+        for row, frame, is_voiced, threshold in zip(state.rows, frames, voiced.tolist(), thresholds):
+            row.gate = threshold
+            row.hear(frame, is_voiced)
+        return gated
 
     def user_talking(self, row: _Row) -> bool:
         """One of the user's last ``talk_frames`` frames was speech."""

@@ -11,8 +11,13 @@ decoder state is reset, so when the model speaks again its decoder starts as at 
 a stream (the decoder never sees the placeholder codes of silent frames). Text comes back as
 decoded word pieces (``" hel"``, ``"lo"``; None for ``<|text_pad|>``).
 
-State (:class:`DuplexSpeechState`): the codec's encoder and decoder halves and the LM's
-:class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
+Noise gate (``noise_gate``, on by default; :mod:`speechlm.streaming.gate`): the model was trained on
+dialogues whose pauses are digital silence, and a room under the user's pauses kept it from ever
+taking its turn; so once the user has been quiet a few frames their audio reaches it as zeros until
+they speak again.
+
+State (:class:`DuplexSpeechState`): the codec's encoder and decoder halves, the noise gate's per-row
+level and floor, and the LM's :class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
 ``select_rows`` (the LM's KV cache is a ring of ``window`` slots shared by all rows: a new row's
 slots start invalid). Memory per session is fixed by the LM's ``window``.
 
@@ -35,10 +40,12 @@ from ..codec.errors import SpeechLMError
 from ..codec.model import Codec, CodecState
 from ..lm.duplex import DuplexLM, DuplexState
 from ..lm.generate import Sampling
+from .gate import GateConfig, GateState, noise_gate
 from .models import TextPiece, concat_states, select_rows
 
 TEXT_SAMPLING = Sampling(temperature=0.7, top_k=25)
 AUDIO_SAMPLING = Sampling(temperature=0.8, top_k=250)
+NOISE_GATE = GateConfig()
 
 
 @dataclass
@@ -46,6 +53,7 @@ class DuplexSpeechState:
     encoder: CodecState  # only its encoder half is used
     decoder: CodecState  # only its decoder half is used
     lm: DuplexState
+    gate: GateState  # the noise gate's per-row level, floor and runs
 
     @property
     def batch_size(self) -> int:
@@ -75,6 +83,7 @@ class DuplexSpeechModel:
         audio_sampling: Sampling = AUDIO_SAMPLING,
         seed: int | None = 0,
         graphs: bool = False,
+        noise_gate: GateConfig | None = NOISE_GATE,
     ):
         cfg = lm.lm.config
         if codec.config.codes_per_frame != cfg.num_codebooks or codec.config.codebook_size != cfg.codebook_size:
@@ -93,6 +102,7 @@ class DuplexSpeechModel:
         self.device = lm.device
         self.frame_length = int(codec.frame_length)
         self.sample_rate = int(codec.sample_rate)
+        self.noise_gate = noise_gate  # None: the model hears the user's pauses as they are
         self.text_sampling, self.audio_sampling = text_sampling, audio_sampling
         self.generator = None
         if seed is not None:
@@ -117,14 +127,16 @@ class DuplexSpeechModel:
     # -- state ---------------------------------------------------------------------------
 
     def init_state(self, batch_size: int) -> DuplexSpeechState:
-        return DuplexSpeechState(self.codec.init_state(batch_size), self.codec.init_state(batch_size), self.lm.init_state(batch_size))
+        codec = self.codec
+        return DuplexSpeechState(codec.init_state(batch_size), codec.init_state(batch_size), self.lm.init_state(batch_size), GateState.fresh(batch_size, self.device))
 
     def reset_rows(self, state: DuplexSpeechState, rows: list[int]) -> DuplexSpeechState:
         if len(rows) == 0:
             return state
         state.encoder.reset_rows(rows)
         state.decoder.reset_rows(rows)
-        return DuplexSpeechState(state.encoder, state.decoder, self.lm.reset_rows(state.lm, rows))
+        state.gate.reset_rows(rows)
+        return DuplexSpeechState(state.encoder, state.decoder, self.lm.reset_rows(state.lm, rows), state.gate)
 
     def grow_state(self, state: DuplexSpeechState, batch_size: int) -> DuplexSpeechState:
         n = batch_size - state.batch_size
@@ -134,10 +146,13 @@ class DuplexSpeechModel:
             concat_states(state.encoder, self.codec.init_state(n)),
             concat_states(state.decoder, self.codec.init_state(n)),
             self.lm.grow_state(state.lm, batch_size),
+            concat_states(state.gate, GateState.fresh(n, self.device)),
         )
 
     def select_rows(self, state: DuplexSpeechState, rows: list[int]) -> DuplexSpeechState:
-        return DuplexSpeechState(select_rows(state.encoder, rows), select_rows(state.decoder, rows), self.lm.select_rows(state.lm, rows))
+        return DuplexSpeechState(
+            select_rows(state.encoder, rows), select_rows(state.decoder, rows), self.lm.select_rows(state.lm, rows), select_rows(state.gate, rows)
+        )
 
     # -- the step --------------------------------------------------------------------------
 
@@ -147,12 +162,28 @@ class DuplexSpeechModel:
         return tick.pcm, [self.piece(int(t)) for t in tick.text.tolist()], tick.state
 
     @torch.inference_mode()
-    def tick(self, user_pcm: Tensor, state: DuplexSpeechState, text_filter: Callable[[Tensor], Tensor] | None = None) -> DuplexTick:
+    def listen(self, user_pcm: Tensor, state: DuplexSpeechState, config: GateConfig | None = None) -> tuple[Tensor, Tensor]:
+        """The noise gate (``config``, default the model's own; it must not be None here): user_pcm
+        (B, frame_length) -> (what the LM is to hear (B, frame_length) on the model's device, voiced (B,)
+        bool). Updates ``state.gate``; :meth:`tick` calls it unless told ``gate=False``."""
+        config = config or self.noise_gate
+        if config is None:
+            raise SpeechLMError("this duplex model has no noise gate (noise_gate=None): pass a GateConfig")
+        return noise_gate(user_pcm.to(self.device, torch.float32), state.gate, config, self.frame_length / self.sample_rate)
+
+    @torch.inference_mode()
+    def tick(
+        self, user_pcm: Tensor, state: DuplexSpeechState, text_filter: Callable[[Tensor], Tensor] | None = None, *, gate: bool = True
+    ) -> DuplexTick:
         """:meth:`step` with the details: the text token ids and which rows were silent.
-        ``text_filter``: see :meth:`speechlm.lm.duplex.DuplexLM.step`."""
+        ``text_filter``: see :meth:`speechlm.lm.duplex.DuplexLM.step`. ``gate=False``: ``user_pcm`` is
+        heard as given (a caller that ran :meth:`listen` itself); else through the model's noise gate, if any."""
         batch = user_pcm.shape[0]
         self.max_batch_seen = max(self.max_batch_seen, batch)
-        user_codes, encoder = self.codec.encode_step(user_pcm.to(self.device, torch.float32), state.encoder)
+        user_pcm = user_pcm.to(self.device, torch.float32)
+        if gate and self.noise_gate is not None:
+            user_pcm, _ = self.listen(user_pcm, state)
+        user_codes, encoder = self.codec.encode_step(user_pcm, state.encoder)
         out = self.lm.step(
             user_codes, state.lm, text_sampling=self.text_sampling, audio_sampling=self.audio_sampling, generator=self.generator,
             text_filter=text_filter,
@@ -163,7 +194,7 @@ class DuplexSpeechModel:
         if bool(silent.any()):
             pcm = pcm.masked_fill(silent[:, None], 0.0)
             decoder.reset_rows(silent)
-        return DuplexTick(pcm, out.text, silent, DuplexSpeechState(encoder, decoder, out.state))
+        return DuplexTick(pcm, out.text, silent, DuplexSpeechState(encoder, decoder, out.state, state.gate))
 
     def piece(self, token: int) -> str | None:
         """Text of one token (cached); None for ``<|text_pad|>``."""

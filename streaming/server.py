@@ -513,7 +513,8 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex":
             from .duplex_model import build_duplex_model
 
-            model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=getattr(torch, config.dtype))
+            model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=getattr(torch, config.dtype),
+                                       **({} if config.noise_gate else {"noise_gate": None}))  # fmt: skip
         else:
             model = EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
         model = with_compiled_codec(model) if config.compile_codec else model
@@ -521,7 +522,8 @@ def build_model(config: ServerConfig) -> DuplexModel:
             from .assist import AssistConfig, build_assisted_model
 
             model = build_assisted_model(model, config.assist, config=AssistConfig(
-                voice=config.assist_voice, background=True, **({"asr_views": config.assist_views} if config.assist_views is not None else {})))
+                voice=config.assist_voice, background=True, noise_gate=config.noise_gate,
+                **({"asr_views": config.assist_views} if config.assist_views is not None else {})))
         return model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 

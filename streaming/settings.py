@@ -43,6 +43,9 @@ class ServerConfig:
     assist: str | None = "speechlm-default"
     assist_voice: str = "speech_lm"  # who says the assisted reply: "speech_lm" (its TTS) or "duplex" (the duplex model)
     assist_views: int | None = None  # views of the question's audio the speech LM hears (None = AssistConfig's: 2; 1 = plain greedy, faster)
+    # the duplex model hears the user through a noise gate (speechlm.streaming.gate): their pauses as
+    # digital silence, as in its training dialogues; False = as they are (a faint room kept it from replying)
+    noise_gate: bool = True
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
@@ -106,6 +109,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.assist_views,
         help="views of the question's audio the assist's ASR hears: more transcribe better, 1 answers sooner (default 2)",
     )
+    parser.add_argument(
+        "--no-noise-gate",
+        dest="noise_gate",
+        action="store_false",
+        help="the duplex model hears the user's pauses as they are (default: through a noise gate, as digital silence)",
+    )
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
     parser.add_argument(
@@ -146,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         assist=None if str(getattr(args, "assist", None) or "none").lower() == "none" else args.assist,
         assist_voice=getattr(args, "assist_voice", "speech_lm"),
         assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
+        noise_gate=getattr(args, "noise_gate", True),
         device=args.device,
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),

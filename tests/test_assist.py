@@ -160,11 +160,11 @@ def test_the_plan_goes_on_when_the_model_pauses_and_stops_when_the_user_talks(to
     state = model.init_state(1)
     row = state.rows[0]
     row.plan, row.spoke, row.silent_run = [[7, 8], [9]], True, 1
-    hear(model, row, np.zeros(3 * N, np.float32))
+    hear(model, state, np.zeros(3 * N, np.float32))
     # the model sampled pad after falling silent, the user is quiet: the next planned word starts
     assert model._choose(row, pad) == 7 and model._choose(row, pad) == 8 and row.plan == [[9]]
     # the user talks over it: the model may yield (pad), and after end_frames silent frames the turn is over
-    hear(model, row, speech(1, 2))
+    hear(model, state, speech(1, 2))
     assert model._choose(row, pad) == pad
     for _ in range(3):
         model._after(row, silent=True)
@@ -204,9 +204,9 @@ def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_fo
     row.plan, row.job = [], _Job(None, 0)
     row.job.frames.extend(np.full(N, 0.5, np.float32) for _ in range(10))
     voice = speech(5, 7)
-    hear(loud, row, voice[: 4 * N])  # 4 voiced frames in a row
+    hear(loud, state, voice[: 4 * N])  # 4 voiced frames in a row
     assert loud._voice_frame(row, duplex_silent=False) is not None and not row.paused
-    hear(loud, row, voice[4 * N :])  # the 5th
+    hear(loud, state, voice[4 * N :])  # the 5th
     assert loud._voice_frame(row, duplex_silent=False) is None and row.paused
 
     # a question the speech LM hears as nothing gives no turn (and no words) in this voice
@@ -292,25 +292,27 @@ def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokeni
     model = assisted(tokenizer_dir, codec, talkative=False)
     state = model.init_state(1)
     row = state.rows[0]
-    hear(model, row, speech(10, 9))
-    hear(model, row, np.zeros(N, np.float32))  # the user just stopped: still "talking" for the 3-frame window
+    hear(model, state, speech(10, 9))
+    hear(model, state, np.zeros(N, np.float32))  # the user just stopped: still "talking" for the 3-frame window
     word = int(model.duplex.lm.tokenizer.encode(" hello", add_special_tokens=False)[0])
     assert model._choose(row, word) == model.pad and row.turn_wanted and model.turns == 0
-    hear(model, row, np.zeros(2 * N, np.float32))
+    hear(model, state, np.zeros(2 * N, np.float32))
     # the model samples pad now, but the turn it wanted starts: the plan's first word
     assert model._choose(row, model.pad) == words_ids(model, "the")[0] and model.turns == 1 and not row.turn_wanted
     # the duplex model's own (unplayed) audio sounding is a wish for the turn too
-    row3 = model.init_state(1).rows[0]
-    hear(model, row3, speech(10, 9))
-    hear(model, row3, np.zeros(3 * N, np.float32))
+    state3 = model.init_state(1)
+    row3 = state3.rows[0]
+    hear(model, state3, speech(10, 9))
+    hear(model, state3, np.zeros(3 * N, np.float32))
     row3.duplex_sounding = True
     assert model._choose(row3, model.pad) == words_ids(model, "the")[0] and row3.in_turn
     # a wish cancelled by the user speaking again
-    row2 = model.init_state(1).rows[0]
-    hear(model, row2, speech(10, 9))
-    hear(model, row2, np.zeros(N, np.float32))
+    state2 = model.init_state(1)
+    row2 = state2.rows[0]
+    hear(model, state2, speech(10, 9))
+    hear(model, state2, np.zeros(N, np.float32))
     model._choose(row2, word)
-    hear(model, row2, speech(1, 10))
+    hear(model, state2, speech(1, 10))
     model._choose(row2, model.pad)
     assert not row2.turn_wanted
 
@@ -340,10 +342,10 @@ def test_the_question_keeps_a_quiet_margin_but_not_digital_silence(tokenizer_dir
     assert model.question_audio(row) is None  # nothing voiced
 
 
-def hear(model, row, audio):
-    """Feed ``audio`` to ``row`` frame by frame, as a step does."""
+def hear(model, state, audio):
+    """Feed ``audio`` to the one row of ``state`` frame by frame, as a step does."""
     for frame in audio.reshape(-1, N):
-        model.hear(row, frame)
+        model.hear(state, torch.from_numpy(frame)[None])
 
 
 def words_ids(model, text):
@@ -380,12 +382,17 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     for frame in np.concatenate([speech(6, 3), np.zeros(6 * N, np.float32)]).reshape(-1, N):
         pcm, texts, state = built.step(torch.from_numpy(np.stack([frame, frame])), state)
         assert pcm.shape == (2, N) and len(texts) == 2
-    assert isinstance(build_model(ServerConfig(**config, assist=None)), DuplexSpeechModel)
+    alone = build_model(ServerConfig(**config, assist=None))
+    assert isinstance(alone, DuplexSpeechModel) and alone.noise_gate is not None and built.config.noise_gate
+    # --no-noise-gate: the duplex model alone, and the assist, pass the user's pauses as they are
+    assert build_model(ServerConfig(**config, assist=None, noise_gate=False)).noise_gate is None
+    assert not build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), noise_gate=False)).config.noise_gate
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
     assert config_from_args(parser.parse_args([])).assist == "speechlm-default"
     assert config_from_args(parser.parse_args(["--assist-views", "1"])).assist_views == 1
+    assert config_from_args(parser.parse_args([])).noise_gate and not config_from_args(parser.parse_args(["--no-noise-gate"])).noise_gate
     with pytest.raises(Exception, match="not found|no such|does not exist|speech LM"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "missing")))
 

@@ -1,0 +1,127 @@
+"""The speech gate and noise gate: which of a user's frames are speech, for every session at once.
+
+A microphone is never digitally silent: a room hums under the user's pauses. The duplex model was
+trained on dialogues whose pauses are exact zeros, and with a faint room (-60 dBFS) under the user it
+took its turn once in 20 questions, with -46 dBFS never (docs/benchmarks.md). So the user's audio
+reaches it through a noise gate: once the user has been quiet for ``talk_frames`` frames, their
+frames are replaced by zeros until they speak again (speech passes from its first frame, so barge-in
+is not delayed).
+
+Which frame is speech follows the user and the room, per session (row)::
+
+    level      a decaying maximum of the frames' RMS (halving every level_half_life_s): the user's speech level
+    floor      a minimum of the frames' RMS that may rise by at most 2x every noise_rise_s: the room
+    threshold  min(voiced_rms, max(min_voiced_rms, noise_margin * floor, voiced_share * level))
+    voiced     RMS > threshold
+
+Frames of digital silence (exact zeros: the server's fill for audio that had not arrived) change
+neither level nor floor. A new row starts with the threshold at ``voiced_rms`` and the floor at
+``voiced_rms / noise_margin``: a quieter room lowers the threshold from its first frame, a noisier
+one keeps it. The state is a few (B,) tensors (:class:`GateState`), so the scheduler's row surgery
+(rows joining and leaving) carries it like any other per-row state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..codec.errors import SpeechLMError
+
+NEVER = 1 << 30  # quiet_run of a row that has heard no speech yet (quiet "forever")
+
+
+@dataclass
+class GateConfig:
+    voiced_rms: float = 0.01  # about -40 dBFS: the threshold of a new row, and its highest value
+    voiced_share: float = 0.25  # of the user's speech level
+    noise_margin: float = 3.0  # times the room's noise floor
+    min_voiced_rms: float = 0.003  # about -50 dBFS: the lowest threshold
+    level_half_life_s: float = 30.0
+    noise_rise_s: float = 2.0
+    talk_frames: int = 3  # the user is talking if one of their last this many frames is speech
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_voiced_rms <= self.voiced_rms or self.noise_margin <= 0 or self.voiced_share < 0:
+            raise SpeechLMError(
+                f"bad speech gate: need 0 < min_voiced_rms ({self.min_voiced_rms}) <= voiced_rms ({self.voiced_rms}), "
+                f"noise_margin > 0 ({self.noise_margin}), voiced_share >= 0 ({self.voiced_share})"
+            )
+        if self.level_half_life_s <= 0 or self.noise_rise_s <= 0 or self.talk_frames < 1:
+            raise SpeechLMError("bad speech gate: level_half_life_s and noise_rise_s must be > 0, talk_frames >= 1")
+
+
+@dataclass
+class GateState:
+    """Per row (B,): the user's speech level, the room's noise floor, the current threshold (all RMS;
+    -1 = not yet heard: the config's starting values apply), and the runs of voiced and quiet frames."""
+
+    level: Tensor  # (B,) float32
+    floor: Tensor  # (B,) float32
+    threshold: Tensor  # (B,) float32
+    voiced_run: Tensor  # (B,) int64
+    quiet_run: Tensor  # (B,) int64
+
+    @classmethod
+    def fresh(cls, batch_size: int, device: str | torch.device = "cpu") -> GateState:
+        unset = torch.full((batch_size,), -1.0, device=device)
+        return cls(
+            level=torch.zeros(batch_size, device=device),
+            floor=unset,
+            threshold=unset.clone(),
+            voiced_run=torch.zeros(batch_size, dtype=torch.long, device=device),
+            quiet_run=torch.full((batch_size,), NEVER, dtype=torch.long, device=device),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.level.shape[0])
+
+    def reset_rows(self, rows: list[int] | Tensor) -> None:
+        """Rows back to a new session's state, in place."""
+        fresh = GateState.fresh(1, self.level.device)
+        for name in ("level", "floor", "threshold", "voiced_run", "quiet_run"):
+            getattr(self, name)[rows] = getattr(fresh, name)[0]
+
+    def thresholds(self, config: GateConfig) -> Tensor:
+        """(B,) the threshold each row applies now."""
+        return torch.where(self.threshold < 0, torch.full_like(self.threshold, config.voiced_rms), self.threshold)
+
+
+def frame_rms(pcm: Tensor) -> Tensor:
+    """pcm (B, T) -> RMS (B,) in float32."""
+    return pcm.float().square().mean(dim=1).sqrt()
+
+
+def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float) -> Tensor:
+    """One frame per row: RMS (B,) -> voiced (B,) bool; updates ``state`` in place."""
+    rms = rms.to(state.level.device, torch.float32)
+    decay = 0.5 ** (frame_seconds / config.level_half_life_s)
+    rise = 2.0 ** (frame_seconds / config.noise_rise_s)
+    floor = torch.where(state.floor < 0, torch.full_like(state.floor, config.voiced_rms / config.noise_margin), state.floor)
+    sound = rms > 0  # digital silence says nothing about the room
+    level = torch.where(sound, torch.maximum(rms, state.level * decay), state.level)
+    floor = torch.where(sound, torch.minimum(rms, floor * rise), floor)
+    threshold = torch.maximum(config.noise_margin * floor, config.voiced_share * level).clamp(min=config.min_voiced_rms, max=config.voiced_rms)
+    threshold = torch.where(sound, threshold, state.thresholds(config))
+    voiced = rms > threshold
+    state.level, state.floor, state.threshold = level, floor, threshold
+    state.voiced_run = torch.where(voiced, state.voiced_run + 1, 0)
+    state.quiet_run = torch.where(voiced, 0, (state.quiet_run + 1).clamp(max=NEVER))
+    return voiced
+
+
+def talking(state: GateState, config: GateConfig) -> Tensor:
+    """(B,) bool: one of the row's last ``talk_frames`` frames was speech."""
+    return state.quiet_run < config.talk_frames
+
+
+def noise_gate(pcm: Tensor, state: GateState, config: GateConfig, frame_seconds: float) -> tuple[Tensor, Tensor]:
+    """pcm (B, T) -> (what the model hears (B, T): zeros in rows whose user is not talking, voiced (B,)).
+    Updates ``state`` in place."""
+    voiced = hear(frame_rms(pcm), state, config, frame_seconds)
+    closed = ~talking(state, config).to(pcm.device)
+    return pcm.masked_fill(closed[:, None], 0.0), voiced
+
