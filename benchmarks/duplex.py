@@ -163,9 +163,8 @@ def main() -> None:
     if args.text_temperature is not None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
     events: list[str] = []
-    if args.no_noise_gate:
-        sampling["noise_gate"] = None
-    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling)
+    gate = {"noise_gate": None} if args.no_noise_gate else {}
+    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling, **gate)
     if args.assist:
         from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig, build_assisted_model
 
@@ -247,6 +246,7 @@ def main() -> None:
         "lm": args.lm,
         "questions": len(rows),
         "sampling": {k: dataclasses.asdict(v) for k, v in sampling.items()},
+        "noise_gate": not args.no_noise_gate,
         "replied": len(onsets) / len(rows),
         "onset_ms_median": statistics.median(onsets) if onsets else None,
         "onset_ms_p90": float(np.percentile(onsets, 90)) if onsets else None,

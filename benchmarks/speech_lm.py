@@ -164,13 +164,16 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
 def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], decoders: Sequence[str], g: Generation) -> dict:
     """Each decoder on the same utterances ((reference, audio) pairs): corpus WER, seconds per utterance, examples.
     A decoder is ``lm``, ``ctc`` or ``auto``, with ``:K`` the LM decoder's number of views (``lm:1`` = plain greedy)
-    and ``:raw`` after it for the audio at its own level (not peak-normalized first): ``lm:1:raw``."""
+    and flags after it: ``:raw`` for the audio at its own level (not peak-normalized first), ``:asis`` for its
+    quiet edges and room as they are (``Generation.asr_edges`` off): ``lm:1:raw``, ``lm:4:asis``."""
     out = {}
     for decoder in decoders:
-        name, _, views = decoder.partition(":")
-        views, _, raw = views.partition(":")
+        name, *rest = decoder.split(":")
+        views, flags = (rest[0] if rest else ""), set(rest[1:])
+        if flags - {"raw", "asis"}:
+            raise SystemExit(f"--asr-decoders {decoder}: unknown flags {sorted(flags - {'raw', 'asis'})} (raw, asis)")
         gd = dataclasses.replace(g, asr_decoder=name, asr_views=int(views) if views else g.asr_views,
-                                 asr_level=None if raw == "raw" else g.asr_level)
+                                 asr_level=None if "raw" in flags else g.asr_level, asr_edges="asis" not in flags and g.asr_edges)
         pairs, seconds = [], 0.0
         for ref, audio in utterances:
             t = time.perf_counter()
@@ -182,18 +185,23 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
 
 
 def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None,
-                        voice_split: str = "test", gain: float = 1.0) -> dict:
+                        voice_split: str = "test", gain: float = 1.0, lead_s: float = 0.0, noise_rms: float = 0.0) -> dict:
     """Held-out voices (or, with ``voice_split="train"``, training voices) speaking unseen (test-split)
     text, synthesized here (peak-normalized, as the training corpus; times ``gain``: e.g. 0.1 for a quiet
-    microphone); every decoder on the same audio."""
+    microphone), with ``lead_s`` seconds of quiet before and after (a recording that starts before the
+    speaker) and white noise of RMS ``noise_rms`` under all of it (a room); every decoder on the same audio."""
     items = held_out_texts(TTS_SOURCES, count)
     voices = textgen.voice_catalog(voice_split, ("espeak",))
-    rng = random.Random(1)
-    utterances = [(item["text"], get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio * gain)
-                  for i, item in enumerate(items)]
+    rng, noise = random.Random(1), np.random.default_rng(5)
+    utterances = []
+    for i, item in enumerate(items):
+        audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio * gain
+        pad = np.zeros(int(lead_s * SAMPLE_RATE), np.float32)
+        audio = np.concatenate([pad, audio, pad])
+        utterances.append((item["text"], (audio + noise_rms * noise.standard_normal(len(audio))).astype(np.float32)))
     by_decoder = _asr_decoders(sp, utterances, decoders, g or Generation())
-    return {**by_decoder[decoders[0]], "decoder": decoders[0], "gain": gain, "voices": len({voices[i % len(voices)] for i in range(len(items))}),
-            "by_decoder": by_decoder}
+    return {**by_decoder[decoders[0]], "decoder": decoders[0], "gain": gain, "lead_s": lead_s, "noise_rms": noise_rms,
+            "voices": len({voices[i % len(voices)] for i in range(len(items))}), "by_decoder": by_decoder}
 
 
 def bench_asr_librispeech(sp: SpeechPipeline, folder: str, count: int, max_seconds: float, decoders: Sequence[str] = ("lm",),
@@ -273,6 +281,9 @@ def main() -> None:
                     help="ASR: decoders to run side by side on the same audio (lm, ctc, auto; lm:K = the LM with K views, lm:1 plain greedy); the first is the headline")
     ap.add_argument("--asr-views", type=int, help="views of the audio the LM decoder listens to (default: Generation's; also for spoken QA)")
     ap.add_argument("--asr-gain", type=float, default=1.0, help="ASR on held-out voices: scale the (peak-normalized) audio, e.g. 0.1 = a quiet microphone")
+    ap.add_argument("--asr-lead", type=float, default=0.0, help="ASR on held-out voices: seconds of quiet before and after each utterance")
+    ap.add_argument("--asr-noise-rms", type=float, default=0.0, help="ASR on held-out voices: white noise of this RMS under the audio (0.001 = -60 dBFS)")
+    ap.add_argument("--no-librispeech", action="store_true", help="ASR: skip the LibriSpeech set")
     ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
     ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
                     help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
@@ -295,10 +306,10 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         decoders = args.asr_decoders.split(",")
-        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split, args.asr_gain)
+        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split, args.asr_gain, args.asr_lead, args.asr_noise_rms)
         result["asr_held_out_voices"]["voice_split"] = args.asr_voice_split
         print("asr held-out voices WER", {d: r["wer"] for d, r in result["asr_held_out_voices"]["by_decoder"].items()}, flush=True)
-        if Path(args.librispeech).is_dir():
+        if Path(args.librispeech).is_dir() and not args.no_librispeech:
             result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds, decoders, g)
             print("asr librispeech WER", {d: r["wer"] for d, r in result["asr_librispeech"]["by_decoder"].items()}, flush=True)
     if "textqa" in tasks:

@@ -125,3 +125,42 @@ def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
         return True
     rms = float(np.sqrt(np.mean(np.square(audio, dtype=np.float64))))
     return rms <= 10 ** (threshold_db / 20)
+
+
+
+def sound_span(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, below_peak_db: float = 50.0, noise_margin: float = 3.0,
+               window_s: float = 0.01) -> tuple[int, int] | None:
+    """(start, end) sample indices of ``audio`` (T,) from its first sound to the end of its last, or
+    None when nothing sounds. A sound is a ``window_s`` window whose RMS is within ``below_peak_db``
+    of the loudest window's and ``noise_margin`` times above the quietest tenth of the windows (the room)."""
+    n = max(1, int(window_s * sample_rate))
+    frames = len(audio) // n
+    if frames == 0:
+        return None if is_silent(audio) else (0, len(audio))
+    rms = np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
+    floor = float(np.sort(rms)[: max(1, frames // 10)].mean())
+    threshold = max(float(rms.max()) * 10 ** (-below_peak_db / 20), noise_margin * floor, 1e-5)
+    loud = np.nonzero(rms > threshold)[0]
+    if len(loud) == 0:
+        return None
+    return int(loud[0]) * n, min(len(audio), (int(loud[-1]) + 1) * n)
+
+
+def trim_quiet_edges(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, max_lead_s: float = 0.06, lead_s: float = 0.02,
+                     max_trail_s: float = 0.15, trail_s: float = 0.1) -> np.ndarray:
+    """``audio`` (T,) with a long quiet start or end cut short: more than ``max_lead_s`` of quiet
+    (silence or a room's steady noise) before the first sound becomes ``lead_s``, more than
+    ``max_trail_s`` after the last becomes ``trail_s``; shorter edges stay as they are (see :func:`sound_span`)."""
+    span = sound_span(audio, sample_rate)
+    if span is None:
+        return audio
+    start, end = span
+    if start > max_lead_s * sample_rate:
+        start -= int(lead_s * sample_rate)
+    else:
+        start = 0
+    if len(audio) - end > max_trail_s * sample_rate:
+        end += int(trail_s * sample_rate)
+    else:
+        end = len(audio)
+    return audio[start:end]

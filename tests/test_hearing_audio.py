@@ -1,0 +1,84 @@
+"""What ASR hears (speechlm.speech.hearing_audio): a long quiet start or end is cut short, the room's
+steady noise heard there is suppressed under the speech, and audio that starts at once is untouched."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the ASR-view tests' tiny model
+from test_asr_views import C, model  # noqa: E402, F401  (fixture)
+
+from speechlm.codec.audio import sound_span, trim_quiet_edges
+from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
+from speechlm.codec.model import Codec
+from speechlm.denoise import spectral_denoise
+from speechlm.speech import Generation, SpeechPipeline, hearing_audio
+
+SR = 16_000
+
+
+def voice(seconds: float = 1.0, seed: int = 0) -> np.ndarray:
+    """A voiced sound that starts at once: a 180 Hz tone with a syllable-rate envelope."""
+    t = np.arange(int(seconds * SR)) / SR
+    rng = np.random.default_rng(seed)
+    return (0.5 * np.sin(2 * np.pi * 180 * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t + rng.uniform(0, 1)))).astype(np.float32)
+
+
+def quiet(seconds: float, rms: float = 0.0, seed: int = 1) -> np.ndarray:
+    return (rms * np.random.default_rng(seed).standard_normal(int(seconds * SR))).astype(np.float32)
+
+
+def test_the_quiet_edges_are_cut_short_and_a_prompt_start_is_kept():
+    speech = voice()
+    np.testing.assert_array_equal(trim_quiet_edges(speech), speech)
+    np.testing.assert_array_equal(hearing_audio(speech), speech)
+    padded = np.concatenate([quiet(0.5), speech, quiet(0.5)])
+    assert sound_span(padded) == (int(0.5 * SR), int(1.5 * SR))
+    cut = trim_quiet_edges(padded)  # 20 ms kept before the sound, 100 ms after
+    np.testing.assert_array_equal(cut, padded[int(0.48 * SR) : int(1.6 * SR)])
+    short = np.concatenate([quiet(0.04), speech, quiet(0.1)])  # edges short enough stay
+    np.testing.assert_array_equal(trim_quiet_edges(short), short)
+    assert sound_span(quiet(0.3)) is None and len(trim_quiet_edges(quiet(0.3))) == int(0.3 * SR)
+
+
+def test_the_rooms_noise_heard_before_the_speech_is_suppressed_under_it():
+    room, speech = quiet(2.5, 0.003, 2), voice(1.5)
+    noisy = speech + room[int(0.5 * SR) : int(2.0 * SR)]
+    out = spectral_denoise(np.concatenate([room[: int(0.5 * SR)], noisy]), room[: int(0.5 * SR)])
+    assert out.shape == (int(2.0 * SR),) and out.dtype == np.float32
+    quiet_part, speech_part = out[: int(0.5 * SR)], out[int(0.5 * SR) :]
+    assert np.sqrt(np.mean(quiet_part**2)) < 0.2 * 0.003  # the room alone: down by more than 14 dB
+    err_before = np.sqrt(np.mean((noisy - speech) ** 2))
+    err_after = np.sqrt(np.mean((speech_part - speech) ** 2))
+    assert err_after < 0.7 * err_before  # closer to the clean speech than the noisy input was
+    np.testing.assert_array_equal(spectral_denoise(noisy, quiet(0.5)), noisy)  # digital silence: no noise to take out
+    recorded = np.concatenate([room[: int(0.5 * SR)], noisy, room[int(2.0 * SR) :]])
+    heard = hearing_audio(recorded)
+    assert int(1.5 * SR) < len(heard) < int(1.65 * SR)  # 20 ms before the speech, 100 ms after it
+    assert np.sqrt(np.mean(heard[: int(0.015 * SR)] ** 2)) < 0.003  # the lead kept is the room suppressed
+
+
+def test_asr_hears_a_late_start_as_a_prompt_one(model):  # noqa: F811
+    codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
+    pipeline = SpeechPipeline(model, codec)
+    heard = []
+    transcribe = pipeline.transcribe_views
+    pipeline.transcribe_views = lambda views, g: heard.append(views[0]) or transcribe(views, g)
+    speech = voice(0.8)
+    g = Generation(max_text_tokens=6, asr_views=2)
+    prompt = pipeline.asr(speech, generation=g)
+    late = pipeline.asr(np.concatenate([quiet(0.5), speech]), generation=g)
+    assert len(heard[1]) == len(heard[0]) + int(0.02 * SR)  # only 20 ms of the half second before it
+    np.testing.assert_allclose(heard[1][int(0.02 * SR) :], heard[0], atol=1e-6)
+    assert isinstance(late, str) and isinstance(prompt, str)
+    as_is = pipeline.asr(np.concatenate([quiet(0.5), speech]), generation=Generation(max_text_tokens=6, asr_views=2, asr_edges=False))
+    assert isinstance(as_is, str) and len(heard[2]) == len(speech) + int(0.5 * SR)
+
+
+@pytest.mark.parametrize("n", [0, 100, 511])
+def test_short_inputs_pass(n):
+    audio = quiet(n / SR, 0.01)
+    np.testing.assert_array_equal(spectral_denoise(audio, quiet(0.5, 0.01)), audio)
+    assert len(hearing_audio(audio)) == n
