@@ -225,6 +225,7 @@ def _generation(args: argparse.Namespace):
         codebook_temperatures=parse_codebook_temperatures(args.codebook_temperatures), transcribe_first=not getattr(args, "direct", False),
         asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
         asr_views=getattr(args, "views", None) or Generation.asr_views,
+        asr_edges=not getattr(args, "keep_edges", False),
     )
 
 
@@ -444,6 +445,9 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=_positive_int, default=None,
                    help="the LM decoder listens to this many views of the audio (its level changed) and writes one transcript "
                         "from them; 1 = plain greedy decoding (default: the Generation default)")
+    p.add_argument("--keep-edges", action="store_true",
+                   help="hear the audio's quiet start and end as they are (default: a long quiet start or end is cut short, "
+                        "and the room's steady noise heard there suppressed under the speech)")
 
 
 def build_parser() -> argparse.ArgumentParser:

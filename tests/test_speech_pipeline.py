@@ -145,6 +145,10 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     from speechlm.codec.audio import load_audio
 
     assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
+    late = tmp_path / "late.wav"  # half a second of silence first: --keep-edges hears it, the default cuts it short
+    save_audio(late, np.concatenate([np.zeros(8000, np.float32), load_audio(speech)]))
+    kept = json.loads(cli("asr", str(late), "--json", "--views", "1", "--keep-edges", *model).stdout)["text"]
+    assert kept == pipeline.asr(load_audio(late), generation=Generation(asr_views=1, asr_edges=False))
     assert cli("asr", str(speech), "--views", "0", *model).returncode == 2
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     r = cli("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
