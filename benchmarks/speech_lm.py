@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--temperature", type=float, help="speech sampling temperature (default: Generation's)")
+    ap.add_argument("--guidance", type=float, help="speech: classifier-free guidance on the text (default: Generation's; 0 = off)")
     ap.add_argument("--top-k", type=int, help="speech sampling top-k (default: Generation's)")
     ap.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
     ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
@@ -295,6 +296,7 @@ def main() -> None:
     tasks = args.tasks.split(",")
     cb_temps = parse_codebook_temperatures(args.codebook_temperatures)
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
+                                                     ("guidance", args.guidance),
                                                      ("transcribe_first", False if args.direct else None),
                                                      ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views))
                       if v is not None})

@@ -226,6 +226,7 @@ def _generation(args: argparse.Namespace):
         asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
         asr_views=getattr(args, "views", None) or Generation.asr_views,
         asr_edges=not getattr(args, "keep_edges", False),
+        guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
     )
 
 
@@ -299,6 +300,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50, help="speech sampling top-k (with --temperature > 0)")
     p.add_argument("--top-p", type=float, default=0.95, help="speech sampling top-p (with --temperature > 0)")
     p.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="speech: classifier-free guidance on the text, 0 = off (default: the Generation default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=30.0, help="longest speech reply")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")

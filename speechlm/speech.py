@@ -54,6 +54,9 @@ class Generation:
     mctp_schedule: list[int] | None = None  # MCTP frames after each backbone forward; None = the model's; [0] = off
     max_seconds_per_word: float = 3.0  # word-aligned models: a word's speech ends here at the latest
     codebook_temperatures: tuple[float, ...] | None = None  # speech: one temperature per codebook (overrides temperature)
+    # speech: classifier-free guidance on the text (speechlm.lm.generate): each frame's logits pushed away
+    # from those of the same audio without the text, by this much (0 = off); twice the LM's work per frame
+    guidance: float = 0.0
     # chat on speech: transcribe the question first (the model's own ASR), then answer the transcript as
     # a typed question (SpeechGPT's chain of modality); False = answer the speech directly. The default:
     # on 40 held-out spoken questions the shipped model's reply text held the answer 6-7 times this way,
@@ -243,16 +246,19 @@ class SpeechPipeline:
         one by one (word-aligned models); None = one plain speech segment."""
         state = self.codec.init_state(1)
         frame_rate = self.lm.config.frame_rate
+        v = self.lm.vocab
+        guide = dict(guidance=g.guidance, unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start])  # the speech without its text
         max_frames = max(1, int(g.max_seconds * frame_rate))
         with torch.inference_mode():
             if chunks is None:
                 steps = iter_audio(
-                    self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, per_position=True
+                    self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, per_position=True,
+                    **guide,
                 )
             else:
                 steps = iter_aligned_audio(
                     self.lm, ids, chunks, audio_codes=codes, max_frames=max_frames, max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)),
-                    sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed,
+                    sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, **guide,
                 )  # fmt: skip
             for step in steps:
                 for frame in step.frames[0]:

@@ -28,6 +28,12 @@ The pieces, bottom up:
 ``iter_text`` / ``text_generate``
     text tokens until a stop token or ``max_new_tokens``.
 
+Guidance (``guidance`` > 0, audio): classifier-free guidance on the speech's text. A second
+decoder follows the same audio without the text (``unconditional_prompt``, e.g. ``<|tts|>
+<|speech_start|>``, and no word chunks); each audio position's logits become
+``cond + guidance * (cond - uncond)``, except codebook 0's empty code (a word's or segment's end),
+which stays the conditional model's call. It doubles the backbone and MCTP work per frame.
+
 All rows of a batch advance in lock-step; finished rows keep computing (their outputs
 forced to padding / empty codes) until every row is done.
 """
@@ -426,9 +432,24 @@ class _Segment:
 
         return choose
 
-    def next_position(self, hidden: Tensor) -> Tensor:
-        """hidden (B, D) at the position before -> the codes (B, Q) of the segment's next position."""
-        codes = self.model.audio_head.generate(hidden, self._chooser(self.layout.shape[1]))
+    def next_position(self, hidden: Tensor, unconditional: Tensor | None = None, guidance: float = 0.0) -> Tensor:
+        """hidden (B, D) at the position before -> the codes (B, Q) of the segment's next position.
+        ``unconditional`` (B, D): the same position without the text, for classifier-free guidance
+        (see the module doc)."""
+        choose = self._chooser(self.layout.shape[1])
+        if unconditional is None:
+            codes = self.model.audio_head.generate(hidden, choose)
+        else:
+            B, empty = hidden.shape[0], self.empty
+
+            def guided(first_q: int, logits: Tensor) -> Tensor:  # logits (2B, n, C+1): conditional rows, then unconditional
+                cond, uncond = logits[:B].float(), logits[B:].float()
+                mixed = cond + guidance * (cond - uncond)
+                if first_q == 0:  # the end of the segment stays the conditional model's call
+                    mixed[:, 0, empty] = cond[:, 0, empty]
+                return choose(first_q, mixed).repeat(2, 1)
+
+            codes = self.model.audio_head.generate(torch.cat((hidden, unconditional)), guided)[:B]
         self.layout = torch.cat((self.layout, codes[:, None]), dim=1)
         return codes
 
@@ -461,6 +482,8 @@ def iter_audio(
     seed: int | None = None,
     use_cache: bool = True,
     per_position: bool = False,
+    guidance: float = 0.0,
+    unconditional_prompt: Sequence[int] | None = None,
 ) -> Iterator[AudioStep]:
     """Generate one speech segment per row after ``prompt`` (which should end with
     ``<|speech_start|>``); yield an :class:`AudioStep` per backbone forward, or with
@@ -469,7 +492,8 @@ def iter_audio(
 
     ``schedule``: MCTP frames after each backbone forward (entry s for forward s, the last
     repeating; default the config's); ``[0]`` is plain autoregressive decoding. ``min_frames``:
-    the segment may not end earlier; ``max_frames``: it ends there at the latest.
+    the segment may not end earlier; ``max_frames``: it ends there at the latest. ``guidance``:
+    classifier-free guidance against ``unconditional_prompt`` (one prompt for every row, see the module doc).
     """
     prompt = _prompt(model, prompt, audio_codes)
     cfg = model.config
@@ -480,12 +504,26 @@ def iter_audio(
     _check_length(model, prompt, max_frames + cfg.max_delay + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
     B = prompt.input_ids.shape[0]
+    guide = _guide(model, guidance, unconditional_prompt, B, use_cache)
     segment = _Segment(model, B, max_frames, min_frames, sampling, _generator(seed, model.device))
-    yield from _segment_steps(model, decoder, segment, steps, per_position)
+    yield from _segment_steps(model, decoder, segment, steps, per_position, guide, guidance)
 
 
-def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: list[int], per_position: bool) -> Iterator[AudioStep]:
-    """Run ``decoder`` until every row's ``segment`` is complete (its positions all appended)."""
+def _guide(model: SpeechLM, guidance: float, prompt: Sequence[int] | None, rows: int, use_cache: bool) -> Decoder | None:
+    """The unconditional decoder of classifier-free guidance (None when ``guidance`` is 0)."""
+    if guidance < 0:
+        raise SpeechLMError(f"guidance must be >= 0, got {guidance}")
+    if guidance == 0:
+        return None
+    if not prompt:
+        raise SpeechLMError("guidance needs an unconditional prompt (e.g. <|tts|> <|speech_start|>)")
+    return Decoder.start(model, PromptBatch.build(model, [list(prompt)] * rows), use_cache=use_cache)
+
+
+def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: list[int], per_position: bool,
+                   guide: Decoder | None = None, guidance: float = 0.0) -> Iterator[AudioStep]:
+    """Run ``decoder`` until every row's ``segment`` is complete (its positions all appended);
+    ``guide``: the unconditional decoder of classifier-free guidance, fed the same audio."""
     B = segment.layout.shape[0]
     audio_ids = torch.full((B, 1), model.vocab.audio, dtype=torch.long, device=model.device)
     audio_here = torch.ones(B, 1, dtype=torch.bool, device=model.device)
@@ -499,8 +537,14 @@ def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: 
         positions = 0
         for j in range(steps[min(step, len(steps) - 1)] + 1):
             hidden = decoder.backbone_step() if j == 0 else decoder.mctp_step(j)
-            codes = segment.next_position(hidden)
-            decoder.append(model.embed(audio_ids, codes[:, None], audio_here))
+            if guide is None:
+                codes = segment.next_position(hidden)
+            else:
+                codes = segment.next_position(hidden, guide.backbone_step() if j == 0 else guide.mctp_step(j), guidance)
+            embeds = model.embed(audio_ids, codes[:, None], audio_here)
+            decoder.append(embeds)
+            if guide is not None:
+                guide.append(embeds)
             positions += 1
             done = bool(segment.finished.all())
             if per_position:
@@ -530,6 +574,8 @@ def iter_aligned_audio(
     schedule: Sequence[int] | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    guidance: float = 0.0,
+    unconditional_prompt: Sequence[int] | None = None,
 ) -> Iterator[AudioStep]:
     """Word-aligned speech (``speech_layout="word_aligned"``, one row): ``prefix`` ends with
     ``<|speech_start|>``; then the model speaks each text chunk (a word with the punctuation
@@ -542,7 +588,8 @@ def iter_aligned_audio(
     Yields an :class:`AudioStep` per audio position (as ``iter_audio(per_position=True)``);
     ``finished`` turns True at the last chunk's end. ``max_frames`` caps the utterance,
     ``max_frames_per_chunk`` each chunk's speech. ``schedule``, ``sampling``, ``seed`` as in
-    :func:`iter_audio`.
+    :func:`iter_audio`. ``guidance``: classifier-free guidance against ``unconditional_prompt``
+    followed by the same audio without the chunks (see the module doc).
     """
     chunks = [list(c) for c in chunks]
     if not chunks or any(not c for c in chunks):
@@ -556,6 +603,7 @@ def iter_aligned_audio(
     tail = sum(len(c) for c in chunks[1:])
     _check_length(model, prompt, tail + min(max_frames, len(chunks) * max_frames_per_chunk) + len(chunks) * cfg.max_delay + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
+    guide = _guide(model, guidance, unconditional_prompt, 1, use_cache)
     generator = _generator(seed, device)
     left = max_frames
     for i, chunk in enumerate(chunks):
@@ -564,7 +612,7 @@ def iter_aligned_audio(
             decoder.append(model.embed(ids))
         last = i == len(chunks) - 1
         segment = _Segment(model, 1, min(max_frames_per_chunk, left), 1, sampling, generator)
-        for step in _segment_steps(model, decoder, segment, steps, per_position=True):
+        for step in _segment_steps(model, decoder, segment, steps, per_position=True, guide=guide, guidance=guidance):
             left -= len(step.frames[0])
             end = bool(step.finished.all())
             step.finished = torch.tensor([end and (last or left <= 0)], device=device)
