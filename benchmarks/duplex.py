@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--listen-seconds", type=float, default=6.0, help="silence after the question")
     ap.add_argument("--user-gain", type=float, default=1.0, help="scale the user's speech (peak-normalized to 0.9), e.g. 0.25 = a quiet microphone")
+    ap.add_argument("--lead-seconds", type=float, default=0.0, help="the user is quiet this long before the question (the room's noise only)")
     ap.add_argument("--noise-rms", type=float, default=0.0, help="white noise of this RMS added to everything the user sends (a room; 0.001 is about -60 dBFS)")
     ap.add_argument("--assist-options", type=json.loads, default=None, help='with --assist: more AssistConfig fields as JSON, e.g. \'{"min_voiced_rms": 0.01}\'')
     ap.add_argument("--barge-after", default="0.6", help="seconds of model speech before the user barges in; several, comma-separated, pool their trials")
@@ -144,6 +145,7 @@ def main() -> None:
     ap.add_argument("--assist-voice", default="speech_lm", choices=["speech_lm", "duplex"], help="with --assist: who says the reply")
     ap.add_argument("--assist-barge-frames", type=int, default=5, help="with --assist: user frames in a row that pause the reply (0 = only the duplex model's yield)")
     ap.add_argument("--assist-views", type=int, help="with --assist: views of each question's audio its ASR hears (default: AssistConfig's; 1 = plain greedy)")
+    ap.add_argument("--assist-keep-edges", action="store_true", help="with --assist: its ASR hears the question's quiet start as it is (as before the evening of 2026-12-05)")
     ap.add_argument("--assist-raw-level", action="store_true", help="with --assist: its ASR hears the question at its own level (not peak-normalized: as before 2026-12-05)")
     ap.add_argument("--assist-plan-quiet-frames", type=int, help="with --assist: plan once the user has been quiet this many frames (default: AssistConfig's)")
     ap.add_argument("--assist-backchannel-frames", type=int, default=15, help="with --assist: a sound over the reply this short resumes it (0 = every pause drops the rest)")
@@ -171,7 +173,8 @@ def main() -> None:
         assist_log = logging.getLogger("speechlm.streaming.assist")
         assist_log.setLevel(logging.DEBUG)
         assist_log.addHandler(ListHandler(events))
-        generation = dataclasses.replace(ASSIST_GENERATION, asr_level=None) if args.assist_raw_level else ASSIST_GENERATION
+        generation = dataclasses.replace(ASSIST_GENERATION, **({"asr_level": None} if args.assist_raw_level else {}),
+                                         **({"asr_edges": False} if args.assist_keep_edges else {}))
         model = build_assisted_model(model, args.assist, generation=generation, config=AssistConfig(
             voice=args.assist_voice, barge_frames=args.assist_barge_frames, backchannel_frames=args.assist_backchannel_frames,
             **{k: v for k, v in (("asr_views", args.assist_views), ("plan_quiet_frames", args.assist_plan_quiet_frames)) if v is not None},
@@ -193,6 +196,7 @@ def main() -> None:
     for i, item in enumerate(items):
         voice = get_teacher(voices[i % len(voices)])
         question = frames_of(voice.synthesize(item["text"], rng).audio * args.user_gain, n)
+        question = np.concatenate([np.zeros((int(args.lead_seconds * fps), n), np.float32), question])
         user = np.concatenate([question, np.zeros((int(args.listen_seconds * fps), n), np.float32)])
         transcripts: list[str] = []
         events.clear()

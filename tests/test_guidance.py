@@ -79,3 +79,49 @@ def test_bad_guidance(tokenizer_dir):  # noqa: F811
         tts_frames(model, prompts(model)[:1], max_frames=2, guidance=-1.0, unconditional_prompt=[model.vocab.speech_start])
     with pytest.raises(SpeechLMError, match="unconditional prompt"):
         tts_frames(model, prompts(model)[:1], max_frames=2, guidance=1.0)
+
+
+def test_a_twin_row_that_skips_the_chunks_equals_a_decoder_of_its_own(tokenizer_dir):  # noqa: F811
+    """Decoder.append_where: the unconditional row of a guided batch, with masked placeholders where its
+    twin is fed a word chunk, computes what a decoder of its own sequence (no chunks) does, backbone and
+    every MCTP module (their offsets skip the placeholders); the conditional row what a decoder of its own does."""
+    from speechlm.lm.generate import Decoder, PromptBatch
+
+    N = 3
+    model = make_model(tokenizer_dir, "llama", "parallel_delay", mctp=N)
+    v = model.vocab
+    tok = model.tokenizer
+    cond_prompt = [v.bos, v.tasks["<|tts|>"], *tok.encode("the quick"), v.speech_start, *tok.encode(" the")]
+    uncond_prompt = [v.bos, v.tasks["<|tts|>"], v.speech_start]
+    both = Decoder.start(model, PromptBatch.build(model, [cond_prompt, uncond_prompt]))
+    cond, uncond = (Decoder.start(model, PromptBatch.build(model, [p])) for p in (cond_prompt, uncond_prompt))
+    audio, here = torch.full((2, 1), v.audio), torch.ones(2, 1, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+
+    def frame():
+        codes = torch.randint(0, C, (1, Q), generator=generator).repeat(2, 1)
+        embeds = model.embed(audio, codes[:, None], here)
+        both.append(embeds)
+        cond.append(embeds[:1])
+        uncond.append(embeds[1:])
+
+    def check(j):
+        b = both.backbone_step() if j == 0 else both.mctp_step(j)
+        c = cond.backbone_step() if j == 0 else cond.mctp_step(j)
+        u = uncond.backbone_step() if j == 0 else uncond.mctp_step(j)
+        torch.testing.assert_close(b[0], c[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(b[1], u[0], atol=1e-4, rtol=1e-4)
+
+    with torch.no_grad():
+        for word in (" quick", " brown fox"):
+            for _ in range(2):  # two backbone steps of 1 + N positions each
+                for j in range(N + 1):
+                    check(j)
+                    frame()
+            chunk = torch.tensor([tok.encode(word)] * 2)
+            both.append_where(model.embed(chunk), torch.tensor([True, False]))
+            cond.append(model.embed(chunk[:1]))
+        check(0)
+        for j in range(1, N + 1):
+            frame()
+            check(j)

@@ -28,11 +28,12 @@ The pieces, bottom up:
 ``iter_text`` / ``text_generate``
     text tokens until a stop token or ``max_new_tokens``.
 
-Guidance (``guidance`` > 0, audio): classifier-free guidance on the speech's text. A second
-decoder follows the same audio without the text (``unconditional_prompt``, e.g. ``<|tts|>
-<|speech_start|>``, and no word chunks); each audio position's logits become
-``cond + guidance * (cond - uncond)``, except codebook 0's empty code (a word's or segment's end),
-which stays the conditional model's call. It doubles the backbone and MCTP work per frame.
+Guidance (``guidance`` > 0, audio): classifier-free guidance on the speech's text. Each row gets
+an unconditional twin in the same batch (rows B..2B-1) that hears the same audio without the text
+(``unconditional_prompt``, e.g. ``<|tts|> <|speech_start|>``, and no word chunks: where its twin
+is fed a chunk, it holds masked placeholders, see :meth:`Decoder.append_where`); each audio
+position's logits become ``cond + guidance * (cond - uncond)``, except codebook 0's empty code (a
+word's or segment's end), which stays the conditional model's call. Twice the rows per forward.
 
 All rows of a batch advance in lock-step; finished rows keep computing (their outputs
 forced to padding / empty codes) until every row is done.
@@ -224,6 +225,7 @@ class Decoder:
     known_positions: Tensor  # (B, K) rotary positions
     use_cache: bool = True
     padded: bool = True  # some prompt has left padding (else the MCTP blocks skip their padding masks)
+    holes: bool = False  # some row has masked positions after its start (append_where): offsets skip them
     backbone_forwards: int = 0
     fed: int = 0
     cache: object = None
@@ -262,6 +264,27 @@ class Decoder:
         self.known_valid = torch.cat((self.known_valid, torch.ones(B, n, dtype=torch.bool, device=embeds.device)), dim=1)
         self.known_positions = torch.cat((self.known_positions, positions), dim=1)
 
+    def append_where(self, embeds: Tensor, rows: Tensor) -> None:
+        """Add positions (B, n, D) to the rows where ``rows`` (B,) is True. Every other row gets n
+        masked placeholders (no query attends to them, they take no rotary position) in front of its
+        last known position, which must not be fed yet: the rows stay aligned and all end with a
+        position to feed, whose hidden state ``backbone_step`` returns (a guided decoding's
+        unconditional rows skip the word chunks their twins are fed)."""
+        B, n, _ = embeds.shape
+        if self.fed >= self.known:
+            raise RuntimeError("append_where needs a last position that is not fed yet")
+        keep = rows.to(embeds.device)[:, None]  # (B, 1)
+        last, last_position = self.known_embeds[:, -1:], self.known_positions[:, -1:]
+        ones = torch.ones(B, 1, dtype=torch.bool, device=embeds.device)
+        tail = torch.where(keep[..., None], torch.cat((last, embeds), 1), torch.cat((torch.zeros_like(embeds), last), 1))
+        steps = torch.arange(1, n + 1, device=embeds.device)
+        positions = torch.where(keep, torch.cat((last_position, last_position + steps), 1), last_position.expand(B, n + 1))
+        valid = torch.where(keep, ones.expand(B, n + 1), torch.cat((torch.zeros(B, n, dtype=torch.bool, device=embeds.device), ones), 1))
+        self.known_embeds = torch.cat((self.known_embeds[:, :-1], tail), dim=1)
+        self.known_valid = torch.cat((self.known_valid[:, :-1], valid), dim=1)
+        self.known_positions = torch.cat((self.known_positions[:, :-1], positions), dim=1)
+        self.padded = self.holes = True
+
     def backbone_step(self) -> Tensor:
         """One backbone forward over every position not fed yet -> hidden state of the last one (B, D)."""
         if not self.use_cache:
@@ -290,7 +313,7 @@ class Decoder:
             raise RuntimeError(f"MCTP module {j} cannot run: modules 1..{j - 1} must run first at this step")
         hidden, normed = module(
             self.mctp_pending[j - 1],
-            self.known_embeds[:, start + j : end + j],
+            self._ahead(start, end, j),
             self.known_positions[:, start:end],
             valid=self.known_valid[:, start:end] if self.padded else None,
             caches=self.mctp_caches[j - 1],
@@ -300,6 +323,21 @@ class Decoder:
         if j < len(self.model.mctp):
             self._push_pending(j, hidden)
         return normed[:, -1]
+
+    def _ahead(self, start: int, end: int, j: int) -> Tensor:
+        """The embeddings (B, end - start, D) j positions after each of positions start .. end-1: in a
+        row with masked placeholders (``holes``), j *unmasked* positions after it, so that module j
+        reads what follows in the row's own sequence (a guided decoding's unconditional row has no
+        word chunks between its audio frames)."""
+        if not self.holes:
+            return self.known_embeds[:, start + j : end + j]
+        valid = self.known_valid
+        rank = valid.long().cumsum(1) - 1  # (B, K): the rank of each unmasked position among them
+        at_rank = torch.zeros_like(rank).scatter_(1, torch.where(valid, rank, rank.shape[1] - 1), torch.arange(rank.shape[1], device=rank.device).expand_as(rank))
+        count = valid.long().sum(1, keepdim=True)
+        wanted = (rank[:, start:end] + j).clamp(max=count - 1).clamp(min=0)
+        index = torch.where(valid[:, start:end], at_rank.gather(1, wanted), (torch.arange(start, end, device=rank.device) + j).clamp(max=rank.shape[1] - 1))
+        return self.known_embeds.gather(1, index[..., None].expand(-1, -1, self.known_embeds.shape[-1]))
 
     def _push_pending(self, index: int, hidden: Tensor) -> None:
         pending = self.mctp_pending[index]
@@ -432,15 +470,15 @@ class _Segment:
 
         return choose
 
-    def next_position(self, hidden: Tensor, unconditional: Tensor | None = None, guidance: float = 0.0) -> Tensor:
+    def next_position(self, hidden: Tensor, guidance: float = 0.0) -> Tensor:
         """hidden (B, D) at the position before -> the codes (B, Q) of the segment's next position.
-        ``unconditional`` (B, D): the same position without the text, for classifier-free guidance
-        (see the module doc)."""
+        With ``guidance`` > 0, hidden is (2B, D): the B rows, then their unconditional twins (rows
+        without the text, see the module doc); the codes are the B rows', (B, Q)."""
         choose = self._chooser(self.layout.shape[1])
-        if unconditional is None:
+        if not guidance:
             codes = self.model.audio_head.generate(hidden, choose)
         else:
-            B, empty = hidden.shape[0], self.empty
+            B, empty = self.layout.shape[0], self.empty
 
             def guided(first_q: int, logits: Tensor) -> Tensor:  # logits (2B, n, C+1): conditional rows, then unconditional
                 cond, uncond = logits[:B].float(), logits[B:].float()
@@ -449,7 +487,7 @@ class _Segment:
                     mixed[:, 0, empty] = cond[:, 0, empty]
                 return choose(first_q, mixed).repeat(2, 1)
 
-            codes = self.model.audio_head.generate(torch.cat((hidden, unconditional)), guided)[:B]
+            codes = self.model.audio_head.generate(hidden, guided)[:B]
         self.layout = torch.cat((self.layout, codes[:, None]), dim=1)
         return codes
 
@@ -496,6 +534,11 @@ def iter_audio(
     classifier-free guidance against ``unconditional_prompt`` (one prompt for every row, see the module doc).
     """
     prompt = _prompt(model, prompt, audio_codes)
+    B = prompt.input_ids.shape[0]
+    if _guided(guidance, unconditional_prompt):
+        rows = [row[valid].tolist() for row, valid in zip(prompt.input_ids, prompt.attention_mask)]
+        codes = [c[m] if bool(m.any()) else None for c, m in zip(prompt.audio_codes, prompt.audio_mask)]
+        prompt = PromptBatch.build(model, rows + [list(unconditional_prompt)] * B, codes + [None] * B)
     cfg = model.config
     sampling = sampling or Sampling()
     if max_frames < 1 or min_frames < 0:
@@ -503,30 +546,26 @@ def iter_audio(
     steps = cfg.schedule(list(schedule) if schedule is not None else None)
     _check_length(model, prompt, max_frames + cfg.max_delay + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
-    B = prompt.input_ids.shape[0]
-    guide = _guide(model, guidance, unconditional_prompt, B, use_cache)
     segment = _Segment(model, B, max_frames, min_frames, sampling, _generator(seed, model.device))
-    yield from _segment_steps(model, decoder, segment, steps, per_position, guide, guidance)
+    yield from _segment_steps(model, decoder, segment, steps, per_position, guidance)
 
 
-def _guide(model: SpeechLM, guidance: float, prompt: Sequence[int] | None, rows: int, use_cache: bool) -> Decoder | None:
-    """The unconditional decoder of classifier-free guidance (None when ``guidance`` is 0)."""
+def _guided(guidance: float, unconditional_prompt: Sequence[int] | None) -> bool:
+    """Whether to decode with classifier-free guidance (checked arguments)."""
     if guidance < 0:
         raise SpeechLMError(f"guidance must be >= 0, got {guidance}")
-    if guidance == 0:
-        return None
-    if not prompt:
+    if guidance and not unconditional_prompt:
         raise SpeechLMError("guidance needs an unconditional prompt (e.g. <|tts|> <|speech_start|>)")
-    return Decoder.start(model, PromptBatch.build(model, [list(prompt)] * rows), use_cache=use_cache)
+    return guidance > 0
 
 
 def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: list[int], per_position: bool,
-                   guide: Decoder | None = None, guidance: float = 0.0) -> Iterator[AudioStep]:
+                   guidance: float = 0.0) -> Iterator[AudioStep]:
     """Run ``decoder`` until every row's ``segment`` is complete (its positions all appended);
-    ``guide``: the unconditional decoder of classifier-free guidance, fed the same audio."""
-    B = segment.layout.shape[0]
-    audio_ids = torch.full((B, 1), model.vocab.audio, dtype=torch.long, device=model.device)
-    audio_here = torch.ones(B, 1, dtype=torch.bool, device=model.device)
+    with ``guidance`` the decoder's second half of rows are the unconditional twins, fed the same audio."""
+    rows = decoder.known_embeds.shape[0]
+    audio_ids = torch.full((rows, 1), model.vocab.audio, dtype=torch.long, device=model.device)
+    audio_here = torch.ones(rows, 1, dtype=torch.bool, device=model.device)
 
     def completed(positions: int) -> AudioStep:
         frames = segment.new_frames()
@@ -537,14 +576,8 @@ def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: 
         positions = 0
         for j in range(steps[min(step, len(steps) - 1)] + 1):
             hidden = decoder.backbone_step() if j == 0 else decoder.mctp_step(j)
-            if guide is None:
-                codes = segment.next_position(hidden)
-            else:
-                codes = segment.next_position(hidden, guide.backbone_step() if j == 0 else guide.mctp_step(j), guidance)
-            embeds = model.embed(audio_ids, codes[:, None], audio_here)
-            decoder.append(embeds)
-            if guide is not None:
-                guide.append(embeds)
+            codes = segment.next_position(hidden, guidance)
+            decoder.append(model.embed(audio_ids, codes.repeat(rows // codes.shape[0], 1)[:, None], audio_here))
             positions += 1
             done = bool(segment.finished.all())
             if per_position:
@@ -599,20 +632,25 @@ def iter_aligned_audio(
     cfg, device = model.config, model.device
     sampling = sampling or Sampling()
     steps = cfg.schedule(list(schedule) if schedule is not None else None)
-    prompt = PromptBatch.build(model, [*prefix, *chunks[0]], None if audio_codes is None else [audio_codes])
+    guided = _guided(guidance, unconditional_prompt)
+    rows = [[*prefix, *chunks[0]]] + ([list(unconditional_prompt)] if guided else [])
+    prompt = PromptBatch.build(model, rows, [audio_codes] + [None] * (len(rows) - 1))
     tail = sum(len(c) for c in chunks[1:])
     _check_length(model, prompt, tail + min(max_frames, len(chunks) * max_frames_per_chunk) + len(chunks) * cfg.max_delay + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
-    guide = _guide(model, guidance, unconditional_prompt, 1, use_cache)
+    twin = torch.tensor([True, False], device=device)  # guided: the row is fed the chunks, its twin is not
     generator = _generator(seed, device)
     left = max_frames
     for i, chunk in enumerate(chunks):
         if i:
-            ids = torch.tensor([chunk], dtype=torch.long, device=device)
-            decoder.append(model.embed(ids))
+            ids = torch.tensor([chunk] * len(rows), dtype=torch.long, device=device)
+            if guided:
+                decoder.append_where(model.embed(ids), twin)
+            else:
+                decoder.append(model.embed(ids))
         last = i == len(chunks) - 1
         segment = _Segment(model, 1, min(max_frames_per_chunk, left), 1, sampling, generator)
-        for step in _segment_steps(model, decoder, segment, steps, per_position=True, guide=guide, guidance=guidance):
+        for step in _segment_steps(model, decoder, segment, steps, per_position=True, guidance=guidance if guided else 0.0):
             left -= len(step.frames[0])
             end = bool(step.finished.all())
             step.finished = torch.tensor([end and (last or left <= 0)], device=device)
