@@ -121,6 +121,8 @@ class AssistConfig:
     # 2 (with plan_quiet_frames 1) keep the reply's onset through the server about where 1 view had it
     # (docs/benchmarks.md), 4 cost ~40 ms more on this CPU
     asr_views: int = 2
+    # the reply's speech: classifier-free guidance on its text (``Generation.guidance``); None = the Generation's
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
@@ -208,7 +210,8 @@ class AssistedDuplexModel:
             raise SpeechLMError(f"the speech LM runs at {speech.sample_rate} Hz but the duplex model at {duplex.sample_rate} Hz")
         self.duplex, self.speech = duplex, speech
         self.config = config or AssistConfig()
-        generation = dataclasses.replace(generation, asr_views=self.config.asr_views)
+        generation = dataclasses.replace(generation, asr_views=self.config.asr_views,
+                                         **({} if self.config.guidance is None else {"guidance": self.config.guidance}))
         # a reply's speech must fit the speech LM's positions (prompt and text take the first ~128)
         limit = getattr(speech.lm.backbone.config, "max_position_embeddings", None) if hasattr(speech, "lm") else None
         if limit:

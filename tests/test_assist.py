@@ -398,3 +398,10 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
 
 
 assert TEXTS  # the tokenizer's corpus (imported for the fixture's vocabulary)
+
+
+def test_the_replys_guidance_is_the_generations_unless_the_config_says(tokenizer_dir, codec):  # noqa: F811
+    from speechlm.speech import Generation
+
+    assert assisted(tokenizer_dir, codec).generation.guidance == Generation().guidance
+    assert assisted(tokenizer_dir, codec, guidance=0.0).generation.guidance == 0.0
