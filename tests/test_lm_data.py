@@ -330,3 +330,34 @@ def test_cli_constants_match_the_code():
     from speechlm.training import lm_data, lm_train_config
 
     assert lm_train_config.STAGES == STAGES and lm_train_config.TASKS == lm_data.TASKS
+
+
+def test_text_dropout_trains_the_guidance_twin_and_changes_nothing_else(tokenizer_dir, corpus_dir):
+    """--text-dropout: that share of TTS examples is the unconditional twin's sequence (the prefix guidance
+    decodes against, then the audio, trained on the speech); with 0 the mixture draws the very same examples."""
+    import argparse
+
+    from speechlm.training.lm_train_config import add_train_lm_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_train_lm_arguments(parser)
+    base = ["--stage", "sft", "--out", "runs/x", "--data", "d", "--init-from", "runs/prev/model"]
+    assert config_from_args(parser.parse_args(base)).text_dropout == 0.0
+    assert config_from_args(parser.parse_args([*base, "--text-dropout", "0.1"])).text_dropout == 0.1
+    model = make_model(tokenizer_dir, "parallel_delay")
+    v = model.vocab
+    lm = LMFormat.from_model(model)
+    keys = [(s, i) for s in range(30) for i in range(4)]
+    plain = TaskMixture(lm, [corpus_dir], {"tts": 1}, seed=1, max_length=256)
+    zero = TaskMixture(lm, [corpus_dir], {"tts": 1}, seed=1, max_length=256, text_dropout=0.0)
+    assert all(torch.equal(plain.example(*k).input_ids, zero.example(*k).input_ids) for k in keys)
+    half = TaskMixture(lm, [corpus_dir], {"tts": 1}, seed=1, max_length=256, text_dropout=0.5)
+    twin_prefix = [v.bos, v.tasks["<|tts|>"], v.speech_start]  # SpeechPipeline's unconditional prompt
+    dropped = [e for e in (half.example(*k) for k in keys) if e.input_ids[:3].tolist() == twin_prefix]
+    assert 0.3 * len(keys) < len(dropped) < 0.7 * len(keys)
+    for e in dropped:
+        ids = e.input_ids.tolist()
+        assert set(ids[3:-2]) == {v.audio} and ids[-2:] == [v.speech_end, v.eos]  # no text anywhere: audio, its end
+        assert e.audio_loss_mask.sum() > 0 and e.audio_loss_mask[:3].sum() == 0
+    with pytest.raises(SpeechLMError, match="text_dropout"):
+        TaskMixture(lm, [corpus_dir], {"tts": 1}, text_dropout=1.0)

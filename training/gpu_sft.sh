@@ -8,7 +8,8 @@
 # On the GPU machine (PyTorch and transformers there, our other packages as wheels in .whl/, as
 # for benchmarks/gpu.sh), from the repository root. DATA: a tar.xz of tokenized corpora (data/tok-*,
 # `speechlm data tokenize`). STAGE=sft (default: the speech LM's mixture) or duplex (two-channel
-# dialogues; MODEL a speech LM or a duplex LM). The run times its warm-up steps and fits its
+# dialogues; MODEL a speech LM or a duplex LM); TEXT_DROPOUT (sft, default 0.1): the share of TTS examples
+# trained without their text, for guidance's unconditional twin (0 = as the fifth version). The run times its warm-up steps and fits its
 # learning-rate schedule to SECONDS_BUDGET (`--time-budget-minutes`), so it ends on time.
 # OUT_DIR receives lm-gpu.tar.part-* (at most 15 MiB each) and log.jsonl; here:
 #   cat OUT/lm-gpu.tar.part-* | tar x -C runs/    # -> runs/lm-gpu/{model,checkpoint.pt,train_config.json,log.jsonl}
@@ -38,7 +39,7 @@ echo "corpora: $corpora"
 default_duplex_config='{"stop_weight": 3.0, "stop_frames": 5}'
 case $stage in
   sft) stage_args=(--stage sft --weights tts=2,asr=1,interleave=0.3,spoken_qa=1.5,text=1.5 --pack-text --text-count 3000
-         --max-length 256 --assistant-voices espeak:en-us --warmup-steps "${WARMUP:-100}") ;;
+         --max-length 256 --assistant-voices espeak:en-us --warmup-steps "${WARMUP:-100}" --text-dropout "${TEXT_DROPOUT:-0.1}") ;;
   duplex) stage_args=(--stage duplex --max-length 250 --p-from-start 0.5 --warmup-steps "${WARMUP:-50}"
          --duplex-config "${DUPLEX_CONFIG:-$default_duplex_config}") ;;
   *) echo "STAGE: sft or duplex, not $stage"; exit 1 ;;

@@ -9,6 +9,7 @@ the positions that carry a loss, everything else is context)::
 
     task        sequence                                                           trained
     tts         <|tts|> text <|speech_start|> A..A <|speech_end|>                   audio frames, end of speech, <|speech_end|>, <|eos|>
+                (``text_dropout`` of them: <|tts|> <|speech_start|> A..A <|speech_end|>, guidance's unconditional twin)
     asr         <|asr|> <|speech_start|> A..A <|speech_end|> transcript              transcript, <|eos|>
     interleave  text and speech spans switching at word boundaries (SpiRit-LM)    everything
     spoken_qa   <|user|> <|speech_start|> A..A <|speech_end|> <|assistant|>          the assistant's turn:
@@ -303,6 +304,12 @@ def tts_task(text: str, codes: np.ndarray, *, words: list[dict] | None = None, t
     return TaskSegments("tts", [Tag("tts"), Text(text), *run], [False, False, False, *trained[1:]])
 
 
+def unconditional_tts_task(codes: np.ndarray) -> TaskSegments:
+    """TTS without its text, ``<|tts|> <|speech_start|> AUDIO <|speech_end|>`` (loss on the speech and its
+    end): the unconditional twin that classifier-free guidance decodes against (``Generation.guidance``)."""
+    return _prompt_then_answer("tts", [Tag("tts"), Tag("speech_start"), Audio(codes), Tag("speech_end")], 2)
+
+
 def asr_task(codes: np.ndarray, text: str) -> TaskSegments:
     """Loss on the transcript, not on the input speech (the transcript is also what the speech says: ``heard``)."""
     item = _prompt_then_answer("asr", asr_example(codes, text), 4)
@@ -535,8 +542,12 @@ class TaskMixture:
         audio_per_chunk: int = 8,
         first_text: int | None = 1,
         assistant_voices: Sequence[str] | None = None,
+        text_dropout: float = 0.0,
     ):
         self.lm = lm if isinstance(lm, LMFormat) else LMFormat.from_model(lm)
+        if not 0.0 <= text_dropout < 1.0:
+            raise SpeechLMError(f"text_dropout must be in [0, 1), got {text_dropout}")
+        self.text_dropout = text_dropout
         self.corpora = [c if isinstance(c, TokenCorpus) else TokenCorpus(c) for c in corpora]
         self.text = text
         self.seed, self.max_length, self.pack_text = seed, max_length, pack_text
@@ -620,6 +631,8 @@ class TaskMixture:
         row, (codes,) = self.corpora[c][r]
         aligned = self.lm.config.speech_layout == "word_aligned"
         if task == "tts":
+            if self.text_dropout and rng.random() < self.text_dropout:  # (no draw without dropout: the same examples as before)
+                return self._render(unconditional_tts_task(codes))
             if aligned:
                 return self._render(tts_task(row["text"], codes, words=row.get("words"), tokenizer=self.lm.tokenizer))
             return self._render(tts_task(row["text"], codes))

@@ -245,6 +245,7 @@ class LMTrainer:
                 audio_per_chunk=c.audio_per_chunk,
                 first_text=c.first_text,
                 assistant_voices=c.assistant_voices,
+                text_dropout=c.text_dropout,
             )
 
         self.step = 0

@@ -50,6 +50,9 @@ class LMTrainConfig:
     audio_per_chunk: int = 8
     first_text: int | None = 1
     assistant_voices: list[str] | None = None  # voices of TTS targets and spoken answers; None = every voice
+    # TTS examples drawn without their text (``<|tts|> <|speech_start|> AUDIO <|speech_end|>``), so the model
+    # learns the unconditional twin that classifier-free guidance (Generation.guidance) decodes against
+    text_dropout: float = 0.0
     steps: int = 10_000
     stop_at: int | None = None  # stop (checkpoint + export) at this step, keeping the schedule of ``steps``
     time_budget_minutes: float | None = None  # fit ``steps`` (an upper bound then) to this much training time, timed in warm-up
@@ -124,6 +127,8 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--text-per-chunk", type=int, default=d["text_per_chunk"].default, help="spoken answers: text tokens per chunk")
     p("--audio-per-chunk", type=int, default=d["audio_per_chunk"].default, help="spoken answers: audio frames per chunk")
     p("--first-text", type=int, default=d["first_text"].default, help="spoken answers: text tokens in the first chunk")
+    p("--text-dropout", type=float, default=d["text_dropout"].default,
+      help="share of TTS examples trained without their text: the unconditional speech that guidance (--guidance) pushes away from")
     p("--assistant-voices", help="comma-separated voices for TTS targets and spoken answers (default: every voice)")
     p("--steps", type=int, default=d["steps"].default, help="length of the run (the learning-rate schedule)")
     p("--stop-at", type=int, help="stop (checkpoint and export) at this step without changing the schedule; re-run later to go on")
