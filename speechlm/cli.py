@@ -209,11 +209,12 @@ def _quiet_transformers() -> None:
 def _load_pipeline(args: argparse.Namespace):
     import torch
 
-    from .speech import SpeechPipeline
+    from .speech import SpeechPipeline, fast_dtype
 
     _quiet_transformers()
     torch.set_num_threads(max(1, args.threads))
-    return SpeechPipeline.from_pretrained(args.model, codec=args.codec)
+    dtype = fast_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
+    return SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=dtype)
 
 
 def _generation(args: argparse.Namespace):
@@ -305,6 +306,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seconds", type=float, default=30.0, help="longest speech reply")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the LM's compute dtype: auto = bfloat16 where the CPU computes it natively (faster), else float32")
 
 
 # --- codec --------------------------------------------------------------------------------

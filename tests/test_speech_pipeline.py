@@ -127,7 +127,7 @@ def test_bad_input(pipeline):
 
 def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     pipeline.save_pretrained(tmp_path / "m")
-    model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1"]
+    model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1", "--dtype", "float32"]  # exact: compared below
     r = cli("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", "--temperature", "0.8", *model)
     assert r.returncode == 0, r.stderr
     assert "first audio after" in r.stdout and (tmp_path / "t.wav").stat().st_size > 44
@@ -145,6 +145,8 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     from speechlm.codec.audio import load_audio
 
     assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
+    fast = cli("asr", str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
+    assert fast.returncode == 0 and '"text"' in fast.stdout, fast.stderr
     late = tmp_path / "late.wav"  # half a second of silence first: --keep-edges hears it, the default cuts it short
     save_audio(late, np.concatenate([np.zeros(8000, np.float32), load_audio(speech)]))
     kept = json.loads(cli("asr", str(late), "--json", "--views", "1", "--keep-edges", *model).stdout)["text"]
@@ -177,3 +179,14 @@ def test_asr_transcript_ends_at_a_speech_token(pipeline, monkeypatch):
     speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
     assert pipeline.asr(speech, generation=Generation(max_text_tokens=8, seed=0)) == lm.tokenizer.decode([word]).strip()
     assert len(calls) == 2
+
+
+def test_fast_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
+    from speechlm.speech import fast_dtype
+
+    assert fast_dtype("cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert fast_dtype() == torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert fast_dtype() == torch.bfloat16
