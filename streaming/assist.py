@@ -504,15 +504,15 @@ def _lower_priority() -> None:
         pass
 
 
-def build_assisted_model(duplex: DuplexSpeechModel, speech_lm: str, **kwargs: Any) -> AssistedDuplexModel:
+def build_assisted_model(duplex: DuplexSpeechModel, speech_lm: str, *, dtype: torch.dtype = torch.float32, **kwargs: Any) -> AssistedDuplexModel:
     """``speechlm serve --assist NAME``: ``speech_lm`` is a speech LM directory or shipped name,
-    loaded on the duplex model's device, with its own copy of the duplex model's codec (the assist
-    thread decodes while the tick encodes)."""
+    loaded on the duplex model's device in ``dtype`` (the server's ``--dtype``), with its own copy of
+    the duplex model's codec (the assist thread decodes while the tick encodes)."""
     from ..lm.model import SpeechLM
     from ..speech import resolve_model
 
     try:
-        lm = SpeechLM.from_pretrained(resolve_model(speech_lm), dtype=torch.float32).to(duplex.device)
+        lm = SpeechLM.from_pretrained(resolve_model(speech_lm), dtype=dtype).to(duplex.device)
         codec = copy.deepcopy(getattr(duplex.codec, "codec", duplex.codec))  # the plain codec under compiled steps (--compile-codec)
         return AssistedDuplexModel(duplex, SpeechPipeline(lm, codec), **kwargs)
     except SpeechLMError as e:

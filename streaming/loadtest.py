@@ -249,7 +249,7 @@ def build_model(
     ``duplex`` with ``lm`` = a duplex LM directory (or ``random:PRESET``, see
     :func:`speechlm.streaming.duplex_model.build_duplex_model`) and ``codec`` its codec name/dir.
     ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
-    ``dtype``: the duplex LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs.
+    ``dtype``: the duplex LM's and the assist's speech LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs.
     ``assist``: a speech LM that answers through the duplex model (``speechlm serve --assist``);
     ``assist_options``: more :class:`AssistConfig` fields (e.g. ``asr_views``)."""
     from .models import with_compiled_codec
@@ -257,9 +257,11 @@ def build_model(
     model = _build_model(name, codec, device, lm, dtype, graphs)
     model = with_compiled_codec(model) if compile_codec else model
     if name == "duplex" and assist:
+        import torch
+
         from .assist import AssistConfig, build_assisted_model
 
-        model = build_assisted_model(model, assist, config=AssistConfig(**{
+        model = build_assisted_model(model, assist, dtype=getattr(torch, dtype), config=AssistConfig(**{
             "voice": assist_voice, "background": True, **(assist_options or {})}))
     return model
 

@@ -521,7 +521,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex" and config.assist:
             from .assist import AssistConfig, build_assisted_model
 
-            model = build_assisted_model(model, config.assist, config=AssistConfig(
+            model = build_assisted_model(model, config.assist, dtype=getattr(torch, config.dtype), config=AssistConfig(
                 voice=config.assist_voice, background=True, noise_gate=config.noise_gate,
                 **({"asr_views": config.assist_views} if config.assist_views is not None else {})))
         return model

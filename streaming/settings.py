@@ -50,7 +50,7 @@ class ServerConfig:
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
     cuda_graphs: bool = False  # duplex model on CUDA: the LM backbone's forward replayed from CUDA graphs
-    dtype: str = "float32"  # duplex LM compute dtype: float32 or bfloat16 (the codec runs in float32)
+    dtype: str = "float32"  # the duplex LM's and the assist's compute dtype: float32 or bfloat16 (the codec runs in float32)
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
 
     def check(self) -> None:
@@ -129,7 +129,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("float32", "bfloat16"),
         default=d.dtype,
-        help="duplex LM compute dtype (default float32; bfloat16 is faster on GPUs and on CPUs with AMX once several sessions share a step)",
+        help="compute dtype of the duplex LM and the assist's speech LM (default float32; bfloat16 is faster on GPUs and on CPUs with native bfloat16)",
     )
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
     parser.add_argument(

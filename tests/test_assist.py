@@ -387,6 +387,10 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     # --no-noise-gate: the duplex model alone, and the assist, pass the user's pauses as they are
     assert build_model(ServerConfig(**config, assist=None, noise_gate=False)).noise_gate is None
     assert not build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), noise_gate=False)).config.noise_gate
+    # --dtype: the duplex LM's and the assist's speech LM's
+    assert next(built.speech.lm.parameters()).dtype == torch.float32
+    half = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), dtype="bfloat16"))
+    assert next(half.speech.lm.parameters()).dtype == torch.bfloat16 and next(half.duplex.lm.parameters()).dtype == torch.bfloat16
     parser = argparse.ArgumentParser()
     add_serve_arguments(parser)
     assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
