@@ -80,10 +80,14 @@ class GateState:
         return int(self.level.shape[0])
 
     def reset_rows(self, rows: list[int] | Tensor) -> None:
-        """Rows back to a new session's state, in place."""
-        fresh = GateState.fresh(1, self.level.device)
+        """Rows back to a new session's state (new tensors: those of a tick are inference tensors,
+        which may not be changed in place outside inference mode)."""
+        device = self.level.device
+        chosen = torch.zeros(self.batch_size, dtype=torch.bool, device=device)
+        chosen[torch.as_tensor(rows, dtype=torch.long, device=device)] = True
+        fresh = GateState.fresh(self.batch_size, device)
         for name in ("level", "floor", "threshold", "voiced_run", "quiet_run"):
-            getattr(self, name)[rows] = getattr(fresh, name)[0]
+            setattr(self, name, torch.where(chosen, getattr(fresh, name), getattr(self, name)))
 
     def thresholds(self, config: GateConfig) -> Tensor:
         """(B,) the threshold each row applies now."""

@@ -123,3 +123,15 @@ def test_rows_keep_their_gate_through_joins_and_leaves(tokenizer_dir, codec):  #
     assert float(state.gate.threshold[0]) == learned and float(state.gate.threshold[1]) == -1
     state = model.reset_rows(state, [0])
     assert float(state.gate.threshold[0]) == -1
+
+
+def test_a_row_resets_right_after_a_tick(tokenizer_dir, codec):  # noqa: F811
+    """The scheduler resets a row straight after a tick (a session rejoins): the gate's tensors made inside
+    the tick's inference mode must still take it."""
+    model = duplex_alone(tokenizer_dir, codec)
+    state = model.init_state(2)
+    for frame in np.stack([room(4, 0.003, 1), room(4, 0.003, 2)], axis=1).reshape(4, 2, N)[..., :N]:
+        _, _, state = model.step(torch.from_numpy(np.ascontiguousarray(frame)), state)
+    state = model.reset_rows(state, [1])
+    assert float(state.gate.threshold[1]) == -1 and float(state.gate.threshold[0]) != -1
+    _, _, state = model.step(torch.zeros(2, N), state)
