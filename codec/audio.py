@@ -127,7 +127,6 @@ def is_silent(audio: np.ndarray, threshold_db: float = -60.0) -> bool:
     return rms <= 10 ** (threshold_db / 20)
 
 
-
 def sound_span(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, below_peak_db: float = 50.0, noise_margin: float = 3.0,
                window_s: float = 0.01) -> tuple[int, int] | None:
     """(start, end) sample indices of ``audio`` (T,) from its first sound to the end of its last, or
@@ -147,11 +146,12 @@ def sound_span(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, below_peak_
 
 
 def trim_quiet_edges(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, max_lead_s: float = 0.06, lead_s: float = 0.02,
-                     max_trail_s: float = 0.15, trail_s: float = 0.1) -> np.ndarray:
+                     max_trail_s: float = 0.15, trail_s: float = 0.1, span: tuple[int, int] | None = None) -> np.ndarray:
     """``audio`` (T,) with a long quiet start or end cut short: more than ``max_lead_s`` of quiet
     (silence or a room's steady noise) before the first sound becomes ``lead_s``, more than
-    ``max_trail_s`` after the last becomes ``trail_s``; shorter edges stay as they are (see :func:`sound_span`)."""
-    span = sound_span(audio, sample_rate)
+    ``max_trail_s`` after the last becomes ``trail_s``; shorter edges stay as they are. ``span``: the
+    audio's :func:`sound_span` when the caller has it already."""
+    span = span or sound_span(audio, sample_rate)
     if span is None:
         return audio
     start, end = span

@@ -289,8 +289,10 @@ def hearing_audio(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, max_lead
     the room heard in the quiet before and after the speech) and its quiet edges cut short
     (:func:`speechlm.codec.audio.trim_quiet_edges`); audio that starts at once comes back as it was."""
     span = sound_span(audio, sample_rate)
-    if span is None or span[0] <= max_lead_s * sample_rate:
-        return trim_quiet_edges(audio, sample_rate, max_lead_s=max_lead_s)
+    if span is None:
+        return audio
+    if span[0] <= max_lead_s * sample_rate:
+        return trim_quiet_edges(audio, sample_rate, max_lead_s=max_lead_s, span=span)
     start, end = span
     audio = spectral_denoise(audio, np.concatenate([audio[:start], audio[end:]]))
     return trim_quiet_edges(audio, sample_rate, max_lead_s=max_lead_s)

@@ -84,19 +84,19 @@ class AssistConfig:
     # room: voiced_share of the user's speech level (a decaying maximum of their frames' RMS, halving in
     # level_half_life_s), but at least noise_margin times the noise floor (a minimum of the frames' RMS
     # that doubles at most every noise_rise_s; digital silence aside) and min_voiced_rms (about -50 dBFS).
-    voiced_rms: float = 0.01
-    voiced_share: float = 0.25
-    noise_margin: float = 3.0
-    min_voiced_rms: float = 0.003
-    level_half_life_s: float = 30.0
-    noise_rise_s: float = 2.0
+    voiced_rms: float = GateConfig.voiced_rms
+    voiced_share: float = GateConfig.voiced_share
+    noise_margin: float = GateConfig.noise_margin
+    min_voiced_rms: float = GateConfig.min_voiced_rms
+    level_half_life_s: float = GateConfig.level_half_life_s
+    noise_rise_s: float = GateConfig.noise_rise_s
     # the duplex model hears the user through a noise gate: once the user has been quiet talk_frames
     # frames (by the gate above), their frames reach it as digital silence until they speak again (it
     # was trained on dialogues whose pauses are digital silence: with a -60 dBFS room under them it
     # took 1 turn in 20, docs/benchmarks.md); the speech LM hears the question as it was
     noise_gate: bool = True
     margin_frames: int = 3  # frames of context kept around the voiced part of the question
-    talk_frames: int = 3  # the user is talking if one of their last this many frames is speech
+    talk_frames: int = GateConfig.talk_frames  # the user is talking if one of their last this many frames is speech
     # whose voice says the plan: "speech_lm" = the speech LM's streaming TTS (the duplex model's own
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue
@@ -220,9 +220,7 @@ class AssistedDuplexModel:
         self.frame_length, self.sample_rate = duplex.frame_length, duplex.sample_rate
         self.pad = duplex.lm.text_pad
         self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
-        c = self.config
-        self.gate_config = GateConfig(voiced_rms=c.voiced_rms, voiced_share=c.voiced_share, noise_margin=c.noise_margin, min_voiced_rms=c.min_voiced_rms,
-                               level_half_life_s=c.level_half_life_s, noise_rise_s=c.noise_rise_s, talk_frames=c.talk_frames)  # fmt: skip
+        self.gate_config = GateConfig(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(GateConfig)})
         self.turns = 0  # turns with a plan or free words (for stats and tests)
         self._pool: ThreadPoolExecutor | None = None
         self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)

@@ -638,7 +638,7 @@ def iter_aligned_audio(
     tail = sum(len(c) for c in chunks[1:])
     _check_length(model, prompt, tail + min(max_frames, len(chunks) * max_frames_per_chunk) + len(chunks) * cfg.max_delay + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
-    twin = torch.tensor([True, False], device=device)  # guided: the row is fed the chunks, its twin is not
+    twin = torch.tensor([True, False], device=device) if guided else None  # the row is fed the chunks, its twin is not
     generator = _generator(seed, device)
     left = max_frames
     for i, chunk in enumerate(chunks):
