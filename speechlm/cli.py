@@ -71,6 +71,21 @@ def _speed_range(value: str) -> tuple[float, float]:
     return _float_pair(value, lambda lo, hi: 0 < lo <= hi, "speed factors with 0 < MIN <= MAX")
 
 
+def _seconds_range(value: str) -> tuple[float, float]:
+    return _float_pair(value, lambda lo, hi: 0 <= lo <= hi, "seconds with 0 <= MIN <= MAX")
+
+
+def _db_range(value: str) -> tuple[float, float]:
+    return _float_pair(value, lambda lo, hi: lo <= hi, "decibels with MIN <= MAX")
+
+
+def _share(value: str) -> float:
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {value!r}")
+    return share
+
+
 # --- data ---------------------------------------------------------------------------------
 
 
@@ -190,6 +205,17 @@ def cmd_data_perturb(args: argparse.Namespace) -> int:
 
     s = perturb_corpus(args.corpus, args.out, speeds=args.speed, min_change=args.min_change, count=args.count, seed=args.seed)
     print(f"{s.rows} perturbed utterances ({s.seconds / 3600:.2f} h; {s.skipped} source rows not used) -> {Path(args.out) / 'manifest.jsonl'}")
+    return 0
+
+
+def cmd_data_rooms(args: argparse.Namespace) -> int:
+    from .training.rooms import RoomConfig, room_corpus
+
+    noises = tuple(n.strip() for n in args.noises.split(",") if n.strip())
+    config = RoomConfig(lead=args.lead, lead_share=args.lead_share, tail=args.tail, noise_share=args.noise_share,
+                        snr_db=args.snr_db, noises=noises)
+    s = room_corpus(args.corpus, args.out, config=config, count=args.count, seed=args.seed)
+    print(f"{s.rows} utterances in a room ({s.seconds / 3600:.2f} h; {s.skipped} source rows not used) -> {Path(args.out) / 'manifest.jsonl'}")
     return 0
 
 
@@ -550,6 +576,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_positive_int, help="perturb this many rows (a seeded sample; default all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_perturb)
+
+    p = data.add_parser("rooms", help="a copy of a synth corpus's training rows as a microphone in a room hears them (quiet edges, noise)")
+    p.add_argument("corpus", help="directory with manifest.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--lead", type=_seconds_range, default=(0.05, 1.0), metavar="MIN,MAX", help="seconds of quiet before the speech (default 0.05,1)")
+    p.add_argument("--lead-share", type=_share, default=0.8, help="share of rows with a quiet lead (default 0.8)")
+    p.add_argument("--tail", type=_seconds_range, default=(0.0, 0.6), metavar="MIN,MAX", help="seconds of quiet after it (default 0,0.6)")
+    p.add_argument("--noise-share", type=_share, default=0.7, help="share of rows with a room's noise under them (default 0.7)")
+    p.add_argument("--snr-db", type=_db_range, default=(5.0, 40.0), metavar="MIN,MAX", help="speech over noise, dB (default 5,40)")
+    p.add_argument("--noises", default="white,pink,brown,hum", help="noise kinds to draw from (default white,pink,brown,hum)")
+    p.add_argument("--count", type=_positive_int, help="augment this many rows (a seeded sample; default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_rooms)
 
     codec = sub.add_parser("codec", help="the GRVQ speech codec: encode, decode, roundtrip, eval").add_subparsers(dest="codec_command", metavar="SUBCOMMAND", required=True)
     model_help = f"codec directory or shipped name (default {DEFAULT_CODEC})"
