@@ -270,6 +270,28 @@ def test_mixture_is_a_pure_function_of_seed_step_index(tokenizer_dir, corpus_dir
     assert torch.isfinite(model(**batch).loss)
 
 
+def test_rows_in_a_room_are_heard_never_spoken(tokenizer_dir, tmp_path):
+    """`speechlm data rooms` rows (noise, quiet edges): ASR and spoken questions hear them; TTS, spoken answers and
+    interleaving never learn to say them, even in the assistant's voice or with any voice allowed."""
+    room = {"lead": 0.5, "tail": 0.1, "noise": "pink", "snr_db": 12.0}
+    rows = [
+        utterance(0, "hello world"),
+        utterance(1, "hello world", voice="espeak:en-us@room", room={**room, "source": "u0"}),
+        utterance(2, "what is two plus two?", voice="espeak:en-gb@room", answer="It is four.", room={**room, "source": "q"}),
+        utterance(3, "It is four.", voice="espeak:en-us@room", room={**room, "source": "a"}),
+    ]
+    corpus = write_token_corpus(tmp_path / "rooms", rows)
+    model = make_model(tokenizer_dir, "parallel_delay")
+    for voices in (["espeak:en-us", "espeak:en-us@room"], None):
+        mix = TaskMixture(model, [corpus], {"tts": 1, "asr": 1, "interleave": 1, "spoken_qa": 1}, assistant_voices=voices)
+        assert mix.pools["tts"] == [(0, 0)] and mix.pools["interleave"] == [(0, 0)]
+        assert mix.pools["asr"] == [(0, 0), (0, 1), (0, 2), (0, 3)] and mix.pools["spoken_qa"] == [(0, 2)]
+        assert not mix.answers_by_id and all(r == 0 for _, r in sum(mix.answers_by_text.values(), []))
+        for e in (mix.example(s, i) for s in range(8) for i in range(4)):
+            if e.task == "spoken_qa":
+                assert not e.audio_loss_mask.any()  # the question is heard; its answer has no speech but in a room
+
+
 def test_mixture_drops_tasks_without_data_and_checks_the_codec(tokenizer_dir, corpus_dir, tmp_path):
     model = make_model(tokenizer_dir)
     mix = TaskMixture(model, [corpus_dir], {"tts": 1, "asr": 2, "text": 1}, assistant_voices=["nobody"])

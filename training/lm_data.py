@@ -509,6 +509,12 @@ def _trainable_row(row: dict) -> bool:
     return len(row.get("offsets", ())) == 1 and row.get("split", "train") == "train" and row.get("voice_split", "train") == "train"
 
 
+def _heard_only(row: dict) -> bool:
+    """Rows made for listening only (``speechlm data rooms``: quiet edges and a room's noise): heard in ASR
+    and as spoken questions, never a target of speech the model learns to say (TTS, answers, interleaving)."""
+    return "room" in row
+
+
 class TaskMixture:
     """Examples drawn from weighted tasks, as a pure function of ``(seed, step, index)``.
 
@@ -518,7 +524,9 @@ class TaskMixture:
     (``dropped`` says why); no task left is an error.
 
     Voices: TTS targets and spoken answers use rows in ``assistant_voices`` (None = any voice);
-    ASR, interleaving and spoken questions use every training voice. A spoken-QA row is a row
+    ASR, interleaving and spoken questions use every training voice. Rows made for listening only (rooms:
+    ``speechlm data rooms``) are heard in ASR and spoken questions, never spoken (TTS, answers, interleaving).
+    A spoken-QA row is a row
     with an ``answer``; its answer speech is a row (assistant voice) whose ``answer_to`` is the
     question row's id, or else whose text is the answer text (after normalisation); with
     neither, the answer is text only.
@@ -562,11 +570,12 @@ class TaskMixture:
 
         voices = set(assistant_voices) if assistant_voices else None
         utterances = [(c, r) for c, corpus in enumerate(self.corpora) for r, row in enumerate(corpus.rows) if _trainable_row(row)]
-        speaker = [(c, r) for c, r in utterances if voices is None or self.corpora[c].rows[r].get("voice") in voices]
+        said = [(c, r) for c, r in utterances if not _heard_only(self.corpora[c].rows[r])]  # may be learned as speech
+        speaker = [(c, r) for c, r in said if voices is None or self.corpora[c].rows[r].get("voice") in voices]
         self.pools: dict[str, list[tuple[int, int]]] = {
             "tts": [(c, r) for c, r in speaker if self.corpora[c].rows[r].get("text", "").strip()],
             "asr": [(c, r) for c, r in utterances if self.corpora[c].rows[r].get("text", "").strip()],
-            "interleave": [(c, r) for c, r in utterances if self.corpora[c].rows[r].get("words")],
+            "interleave": [(c, r) for c, r in said if self.corpora[c].rows[r].get("words")],
             "spoken_qa": [(c, r) for c, r in utterances if self.corpora[c].rows[r].get("answer")],
         }
         self.answers_by_id: dict[str, list[tuple[int, int]]] = {}
