@@ -71,19 +71,8 @@ def _speed_range(value: str) -> tuple[float, float]:
     return _float_pair(value, lambda lo, hi: 0 < lo <= hi, "speed factors with 0 < MIN <= MAX")
 
 
-def _seconds_range(value: str) -> tuple[float, float]:
-    return _float_pair(value, lambda lo, hi: 0 <= lo <= hi, "seconds with 0 <= MIN <= MAX")
-
-
 def _db_range(value: str) -> tuple[float, float]:
     return _float_pair(value, lambda lo, hi: lo <= hi, "decibels with MIN <= MAX")
-
-
-def _share(value: str) -> float:
-    share = float(value)
-    if not 0.0 <= share <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1], got {value!r}")
-    return share
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -581,9 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("corpus", help="directory with manifest.jsonl")
     p.add_argument("--out", required=True)
     p.add_argument("--lead", type=_seconds_range, default=(0.05, 1.0), metavar="MIN,MAX", help="seconds of quiet before the speech (default 0.05,1)")
-    p.add_argument("--lead-share", type=_share, default=0.8, help="share of rows with a quiet lead (default 0.8)")
+    p.add_argument("--lead-share", type=_probability, default=0.8, help="share of rows with a quiet lead (default 0.8)")
     p.add_argument("--tail", type=_seconds_range, default=(0.0, 0.6), metavar="MIN,MAX", help="seconds of quiet after it (default 0,0.6)")
-    p.add_argument("--noise-share", type=_share, default=0.7, help="share of rows with a room's noise under them (default 0.7)")
+    p.add_argument("--noise-share", type=_probability, default=0.7, help="share of rows with a room's noise under them (default 0.7)")
     p.add_argument("--snr-db", type=_db_range, default=(5.0, 40.0), metavar="MIN,MAX", help="speech over noise, dB (default 5,40)")
     p.add_argument("--noises", default="white,pink,brown,hum", help="noise kinds to draw from (default white,pink,brown,hum)")
     p.add_argument("--count", type=_positive_int, help="augment this many rows (a seeded sample; default all)")

@@ -28,7 +28,7 @@ class Change:
     """What a row's augmentation did: the new audio, the suffix of its id, its voice's new tag,
     the new row's record of it, and how word times move."""
 
-    audio: np.ndarray
+    audio: Callable[[], np.ndarray]  # made only where the output file is not there yet (a resumed run skips it)
     tag: str  # the new id is "<id>-<tag>"
     voice_tag: str  # the new voice is "<voice>@<voice_tag>"
     record: dict
@@ -63,8 +63,9 @@ def augment_corpus(src: str | Path, out: str | Path, *, name: str, change: Calla
         if path.exists():
             n = len(load_audio(path))
         else:
-            save_audio(path, c.audio, SAMPLE_RATE)  # atomic
-            n = len(c.audio)
+            audio = c.audio()
+            save_audio(path, audio, SAMPLE_RATE)  # atomic
+            n = len(audio)
         duration = n / SAMPLE_RATE
         seconds += duration
         new = {**row, "id": f"{row['id']}-{c.tag}", "audio": str(rel), "duration": round(duration, 4),

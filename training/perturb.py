@@ -54,7 +54,7 @@ def perturb_corpus(src: str | Path, out: str | Path, *, speeds: tuple[float, flo
 
     def change(row: dict, audio: Path, rng: random.Random) -> Change:
         f = draw_factor(rng, speeds, min_change)
-        return Change(audio=speed_perturb(load_audio(audio), f), tag=f"sp{f:.3f}", voice_tag=f"speed{f:.3f}",
+        return Change(audio=lambda: speed_perturb(load_audio(audio), f), tag=f"sp{f:.3f}", voice_tag=f"speed{f:.3f}",
                       record={"speed": round(f, 4)}, word_time=lambda t: t / f)
 
     return augment_corpus(src, out, name="perturb", change=change, settings={"speeds": list(speeds), "min_change": min_change},

@@ -120,6 +120,6 @@ def room_corpus(src: str | Path, out: str | Path, *, config: RoomConfig | None =
 
     def change(row: dict, audio: Path, rng: random.Random) -> Change:
         y, drawn = in_a_room(load_audio(audio), config, rng)
-        return Change(audio=y, tag="room", voice_tag="room", record=drawn, word_time=lambda t: t + drawn["lead"])
+        return Change(audio=lambda: y, tag="room", voice_tag="room", record=drawn, word_time=lambda t: t + drawn["lead"])
 
     return augment_corpus(src, out, name="room", change=change, settings=asdict(config), count=count, seed=seed)
