@@ -488,6 +488,16 @@ def _text_pieces(text: Any) -> list[tuple[str, str]]:
 # -- command line -------------------------------------------------------------------------
 
 
+def model_dtype(name: str, device: str):
+    """The LM compute dtype ``--dtype name`` means on ``device``: ``auto`` = bfloat16 on CUDA and on
+    CPUs that compute it natively, else float32 (:func:`speechlm.speech.fast_dtype`)."""
+    import torch
+
+    from ..speech import fast_dtype
+
+    return fast_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def build_model(config: ServerConfig) -> DuplexModel:
     """The model named by ``config.model`` on ``config.device``."""
     import torch
@@ -510,10 +520,11 @@ def build_model(config: ServerConfig) -> DuplexModel:
             raise SpeechLMError(f"bad --device {config.device!r}: {e}") from None
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise SpeechLMError(f"--device {device} asked for CUDA, but this machine has none")
+        dtype = model_dtype(config.dtype, device)
         if config.model == "duplex":
             from .duplex_model import build_duplex_model
 
-            model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=getattr(torch, config.dtype),
+            model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=dtype,
                                        **({} if config.noise_gate else {"noise_gate": None}))  # fmt: skip
         else:
             model = EchoCodecModel(Codec.from_pretrained(config.codec, device=device))
@@ -521,7 +532,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
         if config.model == "duplex" and config.assist:
             from .assist import AssistConfig, build_assisted_model
 
-            model = build_assisted_model(model, config.assist, dtype=getattr(torch, config.dtype), config=AssistConfig(
+            model = build_assisted_model(model, config.assist, dtype=dtype, config=AssistConfig(
                 voice=config.assist_voice, background=True, noise_gate=config.noise_gate,
                 **({"asr_views": config.assist_views} if config.assist_views is not None else {})))
         return model

@@ -50,7 +50,10 @@ class ServerConfig:
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
     cuda_graphs: bool = False  # duplex model on CUDA: the LM backbone's forward replayed from CUDA graphs
-    dtype: str = "float32"  # the duplex LM's and the assist's compute dtype: float32 or bfloat16 (the codec runs in float32)
+    # the duplex LM's and the assist's compute dtype: float32, bfloat16, or auto = bfloat16 on CUDA and on CPUs that
+    # compute it natively (AVX512-BF16, AMX: more sessions held, the same turn-taking, docs/benchmarks.md), else
+    # float32 (speechlm.speech.fast_dtype). The codec runs in float32.
+    dtype: str = "auto"
     web_dir: Path = field(default_factory=lambda: WEB_DIR)
 
     def check(self) -> None:
@@ -64,8 +67,8 @@ class ServerConfig:
             raise SpeechLMError("--model duplex needs --lm DIR (a model trained with speechlm train lm --stage duplex)")
         if self.max_sessions < 1:
             raise SpeechLMError(f"max_sessions must be >= 1, got {self.max_sessions}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise SpeechLMError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise SpeechLMError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise SpeechLMError(f"port must be in 0..65535, got {self.port}")
         for name in ("idle_timeout", "handshake_timeout", "input_seconds", "output_seconds"):
@@ -127,9 +130,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=("auto", "float32", "bfloat16"),
         default=d.dtype,
-        help="compute dtype of the duplex LM and the assist's speech LM (default float32; bfloat16 is faster on GPUs and on CPUs with native bfloat16)",
+        help="compute dtype of the duplex LM and the assist's speech LM (default auto: bfloat16 on CUDA and on CPUs with native bfloat16, else float32)",
     )
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
     parser.add_argument(
@@ -160,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),
         cuda_graphs=getattr(args, "cuda_graphs", False),
-        dtype=getattr(args, "dtype", "float32"),
+        dtype=getattr(args, "dtype", ServerConfig.dtype),
         max_sessions=args.max_sessions,
         idle_timeout=args.idle_timeout,
         output_seconds=args.output_seconds,

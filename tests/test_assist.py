@@ -17,6 +17,7 @@ from test_duplex_model import TEXTS, C, codec, drain, make_duplex, run_ticks, sp
 
 from speechlm.codec.errors import SpeechLMError
 from speechlm.lm import GREEDY
+from speechlm.speech import fast_dtype
 from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState, _Job
 from speechlm.streaming.duplex_model import DuplexSpeechModel
 from speechlm.streaming.models import DuplexModel
@@ -387,8 +388,10 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     # --no-noise-gate: the duplex model alone, and the assist, pass the user's pauses as they are
     assert build_model(ServerConfig(**config, assist=None, noise_gate=False)).noise_gate is None
     assert not build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), noise_gate=False)).config.noise_gate
-    # --dtype: the duplex LM's and the assist's speech LM's
-    assert next(built.speech.lm.parameters()).dtype == torch.float32
+    # --dtype: the duplex LM's and the assist's speech LM's (default auto: this machine's fast dtype)
+    assert next(built.speech.lm.parameters()).dtype == fast_dtype("cpu")
+    full = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), dtype="float32"))
+    assert next(full.speech.lm.parameters()).dtype == torch.float32 and next(full.duplex.lm.parameters()).dtype == torch.float32
     half = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), dtype="bfloat16"))
     assert next(half.speech.lm.parameters()).dtype == torch.bfloat16 and next(half.duplex.lm.parameters()).dtype == torch.bfloat16
     parser = argparse.ArgumentParser()

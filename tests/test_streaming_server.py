@@ -329,6 +329,22 @@ def test_refuses_to_bind_beyond_loopback_without_a_token():
         ServerConfig(host=host).check()
 
 
+def test_dtype_auto_follows_the_device_and_bad_names_are_refused(monkeypatch):
+    import speechlm.speech as speech
+    from speechlm.streaming.server import model_dtype
+
+    assert ServerConfig().dtype == "auto"
+    assert model_dtype("float32", "cuda") is torch.float32 and model_dtype("bfloat16", "cpu") is torch.bfloat16
+    assert model_dtype("auto", "cuda:0") is torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert speech.fast_dtype("cpu") is torch.float32 and model_dtype("auto", "cpu") is torch.float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    assert model_dtype("auto", "cpu") is torch.bfloat16
+    with pytest.raises(SpeechLMError, match="dtype must be auto, float32 or bfloat16"):
+        ServerConfig(dtype="float16").check()
+
+
 def test_stopped_server_gives_clients_a_clear_error():
     async def main():
         started = asyncio.get_running_loop().create_future()
