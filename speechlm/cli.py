@@ -242,6 +242,7 @@ def _generation(args: argparse.Namespace):
         asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
         asr_views=getattr(args, "views", None) or Generation.asr_views,
         asr_edges=not getattr(args, "keep_edges", False),
+        asr_adapter=None if getattr(args, "no_adapter", False) else Generation.asr_adapter,
         guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
     )
 
@@ -469,6 +470,8 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-edges", action="store_true",
                    help="hear the audio's quiet start and end as they are (default: a long quiet start or end is cut short, "
                         "and the room's steady noise heard there suppressed under the speech)")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="hear with the base model (default: through the model's asr task adapter when it has one)")
 
 
 def build_parser() -> argparse.ArgumentParser:

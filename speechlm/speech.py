@@ -82,6 +82,10 @@ class Generation:
     # synthetic speech that starts at once, and 80 ms of silence before a question took its WER on 80
     # held-out utterances from 15 % to 65 %, half a second to 107 % (27 % cut short; docs/benchmarks.md)
     asr_edges: bool = True
+    # ASR (and transcribe-first chat) hears through the model's task adapter of this name when it has one
+    # (speechlm.lm.adapters: trained on ASR alone, base weights frozen, so TTS is the base model's); None or
+    # a model without it = the base model
+    asr_adapter: str | None = "asr"
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -175,15 +179,21 @@ class SpeechPipeline:
         decoder = g.asr_decoder
         if decoder == "auto":
             decoder = "ctc" if self.lm.hearing is not None else "lm"
-        if decoder == "ctc":
-            return self.lm.tokenizer.decode(self.lm.hear(self._frames(audio, sample_rate)), skip_special_tokens=True).strip()
-        if decoder != "lm":
+        if decoder not in ("lm", "ctc"):
             raise SpeechLMError(f"unknown asr decoder {decoder!r}; choose from lm, ctc, auto")
-        if g.asr_views < 1:
+        if decoder == "lm" and g.asr_views < 1:
             raise SpeechLMError(f"asr_views must be >= 1, got {g.asr_views}")
-        if g.asr_edges:
-            audio = hearing_audio(audio, sample_rate)
-        return self.transcribe_views(listening_views(audio, g.asr_views, g.asr_level), g)
+        with self.lm.adapter(self.asr_adapter(g)):
+            if decoder == "ctc":
+                return self.lm.tokenizer.decode(self.lm.hear(self._frames(audio, sample_rate)), skip_special_tokens=True).strip()
+            if g.asr_edges:
+                audio = hearing_audio(audio, sample_rate)
+            return self.transcribe_views(listening_views(audio, g.asr_views, g.asr_level), g)
+
+    def asr_adapter(self, generation: Generation | None = None) -> str | None:
+        """The task adapter ASR hears through: ``generation.asr_adapter`` if this model has it, else None."""
+        name = (generation or Generation()).asr_adapter
+        return name if name in self.lm.adapters else None
 
     def transcribe_views(self, views: list[np.ndarray], generation: Generation | None = None) -> str:
         """One transcript from views (T_k,) of one utterance (16 kHz, checked by :meth:`asr`), by the

@@ -241,3 +241,51 @@ def test_bfloat16_model_trains_and_round_trips(tokenizer_dir, tmp_path):
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.equal(model(**batch).text_logits, loaded(**batch).text_logits)
+
+
+def test_adapter_starts_as_a_no_op_trains_alone_and_round_trips(tokenizer_dir, tmp_path):
+    from speechlm.lm.adapters import AdapterConfig
+
+    model = make_model(tokenizer_dir, "llama", "parallel_delay")
+    batch = make_batch(model)
+    model.eval()
+    with torch.no_grad():
+        base = model(**batch).loss
+    lora = model.add_adapter(AdapterConfig("asr", rank=4))
+    assert {"backbone__model__layers__0__self_attn__q_proj", "audio_embedding__table"} <= set(lora.A)
+    with torch.no_grad(), model.adapter("asr"):
+        assert torch.equal(model(**batch).loss, base)  # B starts at zero
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not n.startswith("adapters.")}
+    trainable = model.train_adapter("asr")
+    assert trainable and all(n.startswith("adapters.asr.") for n in trainable)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # base weights untouched
+    model.eval()
+    model.active_adapter = None
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, base)  # off: the base model, exactly
+        with model.adapter("asr"):
+            adapted = model(**batch).loss
+    assert adapted < base
+    model.save_pretrained(tmp_path / "lm")
+    assert sorted(p.name for p in (tmp_path / "lm" / "adapters").iterdir()) == ["asr.json", "asr.safetensors"]
+    loaded = SpeechLM.from_pretrained(tmp_path / "lm")
+    assert list(loaded.adapters) == ["asr"] and loaded.active_adapter is None
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).loss, base)
+        with loaded.adapter("asr"):
+            assert torch.equal(loaded(**batch).loss, adapted)
+    with pytest.raises(SpeechLMError, match="no adapter 'tts'"), loaded.adapter("tts"):
+        pass
+    with pytest.raises(SpeechLMError, match="already has an adapter"):
+        loaded.add_adapter(AdapterConfig("asr"))
+    with pytest.raises(SpeechLMError, match="no linear or embedding layer"):
+        loaded.add_adapter(AdapterConfig("x", targets=("nothing_here",)))
+    (tmp_path / "lm" / "adapters" / "asr.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(SpeechLMError, match="cannot read adapter weights"):
+        SpeechLM.from_pretrained(tmp_path / "lm")

@@ -138,6 +138,33 @@ def test_text_stage_then_align_then_mctp1(workdir, tmp_path):
         LMTrainer(config(workdir, tmp_path / "x", init_from=str(tmp_path / "align" / "model"), speech={"mctp_modules": 3}))
 
 
+def test_asr_adapter_trains_alone_resumes_and_leaves_the_base_model(workdir, tmp_path):
+    """--adapter asr --weights asr=1: only the adapter changes; a killed run resumes to the same losses;
+    the export is the base model plus adapters/asr.*, and a second run from it continues that adapter."""
+    kw = dict(stage="sft", weights={"asr": 1}, adapter="asr", adapter_rank=4, lr=1e-2)
+    straight = LMTrainer(config(workdir, tmp_path / "a", **kw))
+    trainable = {n for n, p in straight.model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("adapters.asr.") for n in trainable)
+    logs = [straight.train_step()["loss"] for _ in range(4)]
+    assert logs[-1] < logs[0]
+    killed = LMTrainer(config(workdir, tmp_path / "b", **kw))
+    killed.train_step(), killed.train_step()
+    killed.save_checkpoint()
+    resumed = LMTrainer(config(workdir, tmp_path / "b", **kw))
+    assert [resumed.train_step()["loss"] for _ in range(2)] == pytest.approx(logs[2:], rel=1e-5, abs=1e-6)
+    resumed.train(progress=False)
+    base, exported = SpeechLM.from_pretrained(workdir / "base"), SpeechLM.from_pretrained(tmp_path / "b" / "model")
+    assert list(exported.adapters) == ["asr"] and exported.active_adapter is None
+    for name, value in base.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], value), name
+    assert any(bool(p.abs().sum()) for n, p in exported.adapters["asr"].named_parameters() if n.startswith("B."))
+    more = LMTrainer(config(workdir, tmp_path / "c", **{**kw, "init_from": str(tmp_path / "b" / "model")}))
+    for name, value in exported.adapters.state_dict().items():
+        assert torch.equal(more.model.adapters.state_dict()[name], value), name
+    with pytest.raises(SpeechLMError, match="--adapter trains a task adapter"):
+        config(workdir, tmp_path / "d", **{**kw, "stage": "duplex", "weights": None})
+
+
 def test_torchrun_two_processes_equal_one_process(workdir, tmp_path):
     """`torchrun --nproc_per_node 2` with DDP, and with FSDP2, (gloo) takes the same step as one process on the same global batch."""
     common = ["-m", "speechlm.training.lm_train", "--stage", "align", "--data", str(workdir / "tok"), "--init-from", str(workdir / "base"),

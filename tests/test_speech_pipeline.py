@@ -190,3 +190,33 @@ def test_fast_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
     assert fast_dtype() == torch.float32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
     assert fast_dtype() == torch.bfloat16
+
+
+def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path, monkeypatch):
+    from speechlm.lm.adapters import AdapterConfig
+
+    pipeline.save_pretrained(tmp_path / "sp")
+    own = SpeechPipeline.from_pretrained(tmp_path / "sp")
+    speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
+    before_tts, before_asr = own.tts("hello world", generation=SHORT), own.asr(speech, generation=SHORT)
+    lora = own.lm.add_adapter(AdapterConfig("asr", rank=2))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.5)  # a trained-looking adapter: it changes what the model computes
+    assert own.asr_adapter(SHORT) == "asr" and own.asr_adapter(dataclasses.replace(SHORT, asr_adapter=None)) is None
+    assert np.array_equal(own.tts("hello world", generation=SHORT), before_tts)  # speech: the base model, bit for bit
+    seen = []
+    real = own.transcribe_views
+
+    def spy(views, generation=None):
+        seen.append(own.lm.active_adapter)
+        return real(views, generation)
+
+    monkeypatch.setattr(own, "transcribe_views", spy)
+    own.asr(speech, generation=SHORT)
+    assert own.asr(speech, generation=dataclasses.replace(SHORT, asr_adapter=None)) == before_asr  # off: as before
+    own.chat(speech, generation=SHORT)  # transcribe-first chat hears through it too
+    assert seen == ["asr", None, "asr"] and own.lm.active_adapter is None
+    own.save_pretrained(tmp_path / "with-adapter")
+    assert list(SpeechPipeline.from_pretrained(tmp_path / "with-adapter").lm.adapters) == ["asr"]

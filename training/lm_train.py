@@ -224,6 +224,12 @@ class LMTrainer:
         else:
             self.model = build_model(c, audio, tokenizer_texts, rank=self.rank)
         self.model.set_stage(c.stage)
+        if c.adapter:  # only the task adapter trains; the base model stays as it was
+            from speechlm.lm.adapters import AdapterConfig
+
+            if c.adapter not in self.model.adapters:
+                self.model.add_adapter(AdapterConfig(c.adapter, rank=c.adapter_rank))
+            self.model.train_adapter(c.adapter)
         speech_lm = getattr(self.model, "lm", self.model)
         max_positions = getattr(speech_lm.backbone.config, "max_position_embeddings", None)
         if max_positions is not None and c.max_length > max_positions:

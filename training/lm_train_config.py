@@ -40,6 +40,10 @@ class LMTrainConfig:
     duplex: dict = field(default_factory=dict)  # stage duplex: DuplexConfig overrides (text_pad_weight, window, ...)
     p_from_start: float = 0.25  # stage duplex: share of crops that start at the dialogue's first frame
     weights: dict[str, float] | None = None  # task weights; None = STAGE_WEIGHTS[stage]
+    # train only a task adapter of this name (speechlm.lm.adapters: LoRA on the backbone and the audio
+    # embedding; every base weight frozen), e.g. "asr" with --weights asr=1; continued if init_from has it
+    adapter: str | None = None
+    adapter_rank: int = 16
     text_files: list[str] = field(default_factory=list)  # extra text for the text task / BPE
     text_count: int = 2000  # items per built-in text source
     max_length: int = 512
@@ -87,6 +91,8 @@ class LMTrainConfig:
             raise SpeechLMError("stage duplex trains on dialogues only: no --weights; and it does not support --fsdp yet")
         if self.dtype not in ("float32", "bfloat16"):
             raise SpeechLMError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.adapter is not None and (self.stage == DUPLEX_STAGE or self.fsdp or not self.init_from):
+            raise SpeechLMError("--adapter trains a task adapter on a trained speech LM: give --init-from, a SpeechLM stage, no --fsdp")
 
     @property
     def task_weights(self) -> dict[str, float]:
@@ -113,6 +119,8 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--duplex-config", help="stage duplex: JSON (or a JSON file) of DuplexConfig overrides, e.g. '{\"text_pad_weight\": 0.5}'")
     p("--p-from-start", type=float, default=d["p_from_start"].default, help="stage duplex: share of crops starting at frame 0")
     p("--weights", help=f"task weights TASK=W,... over {', '.join(TASKS)} (default per stage: {STAGE_WEIGHTS})")
+    p("--adapter", help="train only a task adapter of this name (LoRA; base weights frozen), e.g. asr with --weights asr=1")
+    p("--adapter-rank", type=int, default=d["adapter_rank"].default, help="the adapter's rank (default %(default)s)")
     p("--text-files", nargs="*", default=[], help="extra text (.txt lines or .jsonl with text/answer) for the text task and the BPE")
     p("--text-count", type=int, default=d["text_count"].default, help="items per built-in text source")
     p("--max-length", type=int, default=d["max_length"].default)

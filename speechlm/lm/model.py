@@ -36,9 +36,11 @@ by ``hearing_loss_weight``; :meth:`SpeechLM.hear` transcribes with it in one for
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +52,7 @@ from torch import Tensor, nn
 
 from speechlm.codec.errors import SpeechLMError
 
+from .adapters import AdapterConfig, LoRA, read_adapters, save_adapters, target_modules
 from .config import CONFIG_NAME, SpeechLMConfig
 from .heads import AudioEmbedding, DepthHead, HearingHead, MCTPModule, ParallelHead
 from .layout import IGNORE, audio_targets, delay_frames, undelay_frames
@@ -134,6 +137,9 @@ class SpeechLM(nn.Module):
         self.hearing: HearingHead | None = None
         if config.hearing_layer is not None:
             self.add_hearing_head(config.hearing_layer)
+        self.adapters = nn.ModuleDict()  # task adapters by name (speechlm.lm.adapters); none active unless asked
+        self.active_adapter: str | None = None
+        self._adapter_hooks: dict[str, object] = {}
         self.stage = "sft"
 
     # -- construction ----------------------------------------------------------------
@@ -276,6 +282,43 @@ class SpeechLM(nn.Module):
 
     # -- training ----------------------------------------------------------------------
 
+    # -- task adapters (speechlm.lm.adapters) ------------------------------------------------
+
+    def add_adapter(self, config: AdapterConfig) -> LoRA:
+        """A new adapter (its update starts at zero) on the layers ``config.targets`` name."""
+        if config.name in self.adapters:
+            raise SpeechLMError(f"this model already has an adapter named {config.name!r}")
+        layers = target_modules(self, config.targets)
+        if not layers:
+            raise SpeechLMError(f"adapter {config.name!r}: no linear or embedding layer matches {', '.join(config.targets)}")
+        lora = LoRA(config, layers)
+        self.adapters[config.name] = lora
+        me = weakref.ref(self)
+        for path, layer in layers.items():
+            if path not in self._adapter_hooks:
+                self._adapter_hooks[path] = layer.register_forward_hook(functools.partial(_adapter_hook, me, path))
+        return lora
+
+    @contextlib.contextmanager
+    def adapter(self, name: str | None):
+        """Forwards inside the block add adapter ``name``'s update (None: no adapter)."""
+        if name is not None and name not in self.adapters:
+            raise SpeechLMError(f"this model has no adapter {name!r} (it has: {', '.join(self.adapters) or 'none'})")
+        before, self.active_adapter = self.active_adapter, name
+        try:
+            yield self
+        finally:
+            self.active_adapter = before
+
+    def train_adapter(self, name: str) -> list[str]:
+        """Freeze everything but adapter ``name`` and switch it on; return the trainable names."""
+        if name not in self.adapters:
+            raise SpeechLMError(f"this model has no adapter {name!r}")
+        self.requires_grad_(False)
+        self.adapters[name].requires_grad_(True)
+        self.active_adapter = name
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
     def set_stage(self, stage: str) -> list[str]:
         """Freeze everything but what ``stage`` trains (see the module docstring); return the trainable names."""
         if stage not in STAGES:
@@ -338,7 +381,10 @@ class SpeechLM(nn.Module):
 
         embeds = self.embed(input_ids, audio_codes, audio_mask)
         position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        backbone_trains = any(p.requires_grad for p in self.backbone.parameters())
+        adapter = self.adapters[self.active_adapter] if self.active_adapter in self.adapters else None
+        backbone_trains = any(p.requires_grad for p in self.backbone.parameters()) or (
+            adapter is not None and any(p.requires_grad for p in adapter.parameters())
+        )
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_trains):
             result = self.run_backbone(embeds, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=want_hearing)
             hidden = result.last_hidden_state
@@ -470,11 +516,14 @@ class SpeechLM(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(directory / BACKBONE_DIR))
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items() if not name.startswith("backbone.")}
+        tensors = {
+            name: t.detach().cpu().contiguous() for name, t in self.state_dict().items() if not name.startswith(("backbone.", "adapters."))
+        }
         weights = directory / WEIGHTS_NAME
         tmp = weights.with_name(f".{weights.name}.tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"format": "speechlm", "output_head": self.config.output_head})
         os.replace(tmp, weights)
+        save_adapters(self.adapters, directory)
         self.config.save(directory)
         return directory
 
@@ -506,9 +555,24 @@ class SpeechLM(nn.Module):
         missing = [name for name in missing if not name.startswith("backbone.")]
         if missing or unexpected:
             raise SpeechLMError(f"speech LM weights {weights} do not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for adapter_config, adapter_tensors in read_adapters(directory):
+            lora = model.add_adapter(adapter_config)
+            try:
+                lora.load_state_dict(adapter_tensors)
+            except RuntimeError as e:
+                raise SpeechLMError(f"adapter {adapter_config.name!r} does not fit this model: {str(e).splitlines()[0]}") from None
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device).eval()
+
+
+def _adapter_hook(model_ref, path: str, layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+    """Forward hook on an adapted layer: add the active adapter's update, if it covers the layer."""
+    model = model_ref()
+    name = model.active_adapter if model is not None else None
+    if name is None or name not in model.adapters or not model.adapters[name].covers(path):
+        return None
+    return output + model.adapters[name].delta(path, layer, inputs[0]).to(output.dtype)
 
 
 def ctc_greedy(best: list[int], *, blank: int) -> list[int]:
