@@ -192,7 +192,7 @@ def test_fast_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
     assert fast_dtype() == torch.bfloat16
 
 
-def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path, monkeypatch):
+def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path, monkeypatch, cli):
     from speechlm.lm.adapters import AdapterConfig
 
     pipeline.save_pretrained(tmp_path / "sp")
@@ -220,3 +220,14 @@ def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path
     assert seen == ["asr", None, "asr"] and own.lm.active_adapter is None
     own.save_pretrained(tmp_path / "with-adapter")
     assert list(SpeechPipeline.from_pretrained(tmp_path / "with-adapter").lm.adapters) == ["asr"]
+    import json
+
+    from speechlm.codec.audio import load_audio, save_audio
+
+    save_audio(tmp_path / "q.wav", speech)
+    model = ["--json", "--views", "1", "--model", str(tmp_path / "with-adapter"), "--threads", "1", "--dtype", "float32"]
+    for flags, adapter in (([], "asr"), (["--no-adapter"], None)):
+        r = cli("asr", str(tmp_path / "q.wav"), *model, *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["text"] == own.asr(load_audio(tmp_path / "q.wav"), generation=Generation(asr_views=1, asr_adapter=adapter))
+    assert seen[-2:] == ["asr", None]
