@@ -161,6 +161,10 @@ def test_asr_adapter_trains_alone_resumes_and_leaves_the_base_model(workdir, tmp
     more = LMTrainer(config(workdir, tmp_path / "c", **{**kw, "init_from": str(tmp_path / "b" / "model")}))
     for name, value in exported.adapters.state_dict().items():
         assert torch.equal(more.model.adapters.state_dict()[name], value), name
+    full = LMTrainer(config(workdir, tmp_path / "e", init_from=str(tmp_path / "b" / "model")))  # the base trains: the adapter goes
+    assert not len(full.model.adapters)
+    full.train(progress=False)
+    assert not (tmp_path / "e" / "model" / "adapters").exists() or not any((tmp_path / "e" / "model" / "adapters").iterdir())
     with pytest.raises(SpeechLMError, match="--adapter trains a task adapter"):
         config(workdir, tmp_path / "d", **{**kw, "stage": "duplex", "weights": None})
 

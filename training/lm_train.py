@@ -224,6 +224,13 @@ class LMTrainer:
         else:
             self.model = build_model(c, audio, tokenizer_texts, rank=self.rank)
         self.model.set_stage(c.stage)
+        base = getattr(self.model, "lm", self.model)  # a DuplexLM's speech LM
+        stale = [name for name in base.adapters if name != c.adapter]
+        for name in stale:  # an adapter belongs to the base weights it was trained on
+            base.remove_adapter(name)
+        if stale and self.rank == 0:
+            print(f"dropped task adapter(s) {', '.join(stale)} of {c.init_from}: "
+                  "this run changes what they were trained on; train them again with --adapter", file=sys.stderr)
         if c.adapter:  # only the task adapter trains; the base model stays as it was
             from speechlm.lm.adapters import AdapterConfig
 

@@ -299,6 +299,14 @@ class SpeechLM(nn.Module):
                 self._adapter_hooks[path] = layer.register_forward_hook(functools.partial(_adapter_hook, me, path))
         return lora
 
+    def remove_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (its hooks stay and add nothing)."""
+        if name not in self.adapters:
+            raise SpeechLMError(f"this model has no adapter {name!r}")
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
     @contextlib.contextmanager
     def adapter(self, name: str | None):
         """Forwards inside the block add adapter ``name``'s update (None: no adapter)."""
