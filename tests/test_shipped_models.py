@@ -35,13 +35,16 @@ def test_default_lm_names_the_shipped_codec(default_pipeline):
     ref = json.loads((directory / CODEC_REF).read_text())
     assert ref["codec_id"] == Codec.from_pretrained(ref["codec"]).codec_id == default_pipeline.codec.codec_id
     provenance = json.loads((directory / "provenance.json").read_text())
-    assert [s["train_config"]["stage"] for s in provenance["stages"]] == ["text", "align", "mctp", "sft", "sft", "sft", "sft", "sft"]
+    assert [s["train_config"]["stage"] for s in provenance["stages"]] == ["text", "align", "mctp", "sft", "sft", "sft", "sft", "sft", "sft"]
     assert provenance["stages"][4]["train_config"]["speech"] == {"speech_layout": "word_aligned"}  # the layout switch; later stages inherit it
-    assert provenance["stages"][-1]["train_config"]["init_from"] == "speechlm-default"  # the fifth version: a GPU fine-tune of the fourth
+    assert provenance["stages"][-2]["train_config"]["init_from"] == "speechlm-default"  # the fifth version: a GPU fine-tune of the fourth
+    adapter_run = provenance["stages"][-1]["train_config"]  # the ASR adapter: trained alone on the fifth version's frozen base
+    assert adapter_run["adapter"] == "asr" and adapter_run["weights"] == {"asr": 1.0}
+    assert list(default_pipeline.lm.adapters) == ["asr"] and default_pipeline.asr_adapter() == "asr"
     assert default_pipeline.lm.config.speech_layout == "word_aligned"
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
     codec_size = sum(f.stat().st_size for f in resolve_model(ref["codec"]).rglob("*") if f.is_file())
-    assert size + codec_size <= 60 * 2**20, (size, codec_size)  # the budget for codec + LM: 60 MiB (what du -sh shows)
+    assert size + codec_size <= 60 * 2**20, (size, codec_size)  # the budget for codec + LM (its adapter too): 60 MiB (what du -sh shows)
 
 
 def test_default_tts_streams_what_it_speaks_offline(default_pipeline):
