@@ -289,3 +289,35 @@ def test_adapter_starts_as_a_no_op_trains_alone_and_round_trips(tokenizer_dir, t
     (tmp_path / "lm" / "adapters" / "asr.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(SpeechLMError, match="cannot read adapter weights"):
         SpeechLM.from_pretrained(tmp_path / "lm")
+
+
+def test_the_active_adapter_is_per_thread(tokenizer_dir):
+    import threading
+
+    from speechlm.lm.adapters import AdapterConfig
+
+    model = make_model(tokenizer_dir, "llama", "parallel_delay").eval()
+    lora = model.add_adapter(AdapterConfig("asr", rank=2))
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.5)
+    batch = make_batch(model)
+    with torch.no_grad():
+        base = model(**batch).loss
+    inside, outside = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():  # runs while the main thread is inside model.adapter("asr")
+        inside.wait()
+        with torch.no_grad():
+            seen["loss"], seen["active"] = model(**batch).loss, model.active_adapter
+        outside.set()
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    with model.adapter("asr"), torch.no_grad():
+        adapted = model(**batch).loss
+        inside.set()
+        outside.wait(30)
+    worker.join()
+    assert seen["active"] is None and torch.equal(seen["loss"], base) and not torch.equal(adapted, base)

@@ -40,6 +40,7 @@ import contextlib
 import functools
 import inspect
 import os
+import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,7 @@ class SpeechLM(nn.Module):
         if config.hearing_layer is not None:
             self.add_hearing_head(config.hearing_layer)
         self.adapters = nn.ModuleDict()  # task adapters by name (speechlm.lm.adapters); none active unless asked
-        self.active_adapter: str | None = None
+        self._adapter_state = threading.local()  # the active adapter, per thread (see active_adapter)
         self._adapter_hooks: dict[str, object] = {}
         self.stage = "sft"
 
@@ -283,6 +284,16 @@ class SpeechLM(nn.Module):
     # -- training ----------------------------------------------------------------------
 
     # -- task adapters (speechlm.lm.adapters) ------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter this thread's forwards add (None: the base model). Per thread, so that one
+        thread transcribing through an adapter never changes what another thread's speech computes."""
+        return getattr(self._adapter_state, "name", None)
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self._adapter_state.name = name
 
     def add_adapter(self, config: AdapterConfig) -> LoRA:
         """A new adapter (its update starts at zero) on the layers ``config.targets`` name."""
