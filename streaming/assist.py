@@ -123,6 +123,9 @@ class AssistConfig:
     asr_views: int = 2
     # the reply's speech: classifier-free guidance on its text (``Generation.guidance``); None = the Generation's
     guidance: float | None = None
+    # the speech LM hears the question through its task adapter of this name when it has one
+    # (``Generation.asr_adapter``: speechlm-default's ASR adapter); None = the base model
+    asr_adapter: str | None = "asr"
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
@@ -210,7 +213,7 @@ class AssistedDuplexModel:
             raise SpeechLMError(f"the speech LM runs at {speech.sample_rate} Hz but the duplex model at {duplex.sample_rate} Hz")
         self.duplex, self.speech = duplex, speech
         self.config = config or AssistConfig()
-        generation = dataclasses.replace(generation, asr_views=self.config.asr_views,
+        generation = dataclasses.replace(generation, asr_views=self.config.asr_views, asr_adapter=self.config.asr_adapter,
                                          **({} if self.config.guidance is None else {"guidance": self.config.guidance}))
         # a reply's speech must fit the speech LM's positions (prompt and text take the first ~128)
         limit = getattr(speech.lm.backbone.config, "max_position_embeddings", None) if hasattr(speech, "lm") else None

@@ -376,7 +376,7 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     codec.save_pretrained(tmp_path / "codec")
     config = dict(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu")
     built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=2))
-    assert isinstance(built, AssistedDuplexModel) and built.generation.asr_views == 2
+    assert isinstance(built, AssistedDuplexModel) and built.generation.asr_views == 2 and built.generation.asr_adapter == "asr"
     with pytest.raises(SpeechLMError, match="asr_views"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=0))
     state = built.init_state(2)
