@@ -224,11 +224,11 @@ def _quiet_transformers() -> None:
 def _load_pipeline(args: argparse.Namespace):
     import torch
 
-    from .speech import SpeechPipeline, fast_dtype
+    from .speech import SpeechPipeline, resolve_dtype
 
     _quiet_transformers()
     torch.set_num_threads(max(1, args.threads))
-    dtype = fast_dtype() if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = resolve_dtype(args.dtype)
     return SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=dtype)
 
 

@@ -325,6 +325,11 @@ def fast_dtype(device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+def resolve_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """``--dtype NAME`` on ``device``: ``auto`` = :func:`fast_dtype`, else that torch dtype (float32, bfloat16)."""
+    return fast_dtype(device) if name == "auto" else getattr(torch, name)
+
+
 def resolve_model(path_or_name: str | os.PathLike) -> Path:
     """A model directory, or the directory of a model shipped in ``speechlm/models`` by that name."""
     p = Path(path_or_name)

@@ -489,13 +489,10 @@ def _text_pieces(text: Any) -> list[tuple[str, str]]:
 
 
 def model_dtype(name: str, device: str):
-    """The LM compute dtype ``--dtype name`` means on ``device``: ``auto`` = bfloat16 on CUDA and on
-    CPUs that compute it natively, else float32 (:func:`speechlm.speech.fast_dtype`)."""
-    import torch
+    """The LM compute dtype ``--dtype name`` means on ``device`` (:func:`speechlm.speech.resolve_dtype`)."""
+    from ..speech import resolve_dtype
 
-    from ..speech import fast_dtype
-
-    return fast_dtype(device) if name == "auto" else getattr(torch, name)
+    return resolve_dtype(name, device)
 
 
 def build_model(config: ServerConfig) -> DuplexModel:

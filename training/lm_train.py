@@ -224,20 +224,19 @@ class LMTrainer:
         else:
             self.model = build_model(c, audio, tokenizer_texts, rank=self.rank)
         self.model.set_stage(c.stage)
-        base = getattr(self.model, "lm", self.model)  # a DuplexLM's speech LM
-        stale = [name for name in base.adapters if name != c.adapter]
+        speech_lm = getattr(self.model, "lm", self.model)  # a DuplexLM's speech LM
+        stale = [name for name in speech_lm.adapters if name != c.adapter]
         for name in stale:  # an adapter belongs to the base weights it was trained on
-            base.remove_adapter(name)
+            speech_lm.remove_adapter(name)
         if stale and self.rank == 0:
             print(f"dropped task adapter(s) {', '.join(stale)} of {c.init_from}: "
                   "this run changes what they were trained on; train them again with --adapter", file=sys.stderr)
         if c.adapter:  # only the task adapter trains; the base model stays as it was
             from speechlm.lm.adapters import AdapterConfig
 
-            if c.adapter not in self.model.adapters:
-                self.model.add_adapter(AdapterConfig(c.adapter, rank=c.adapter_rank))
-            self.model.train_adapter(c.adapter)
-        speech_lm = getattr(self.model, "lm", self.model)
+            if c.adapter not in speech_lm.adapters:
+                speech_lm.add_adapter(AdapterConfig(c.adapter, rank=c.adapter_rank))
+            speech_lm.train_adapter(c.adapter)
         max_positions = getattr(speech_lm.backbone.config, "max_position_embeddings", None)
         if max_positions is not None and c.max_length > max_positions:
             raise SpeechLMError(f"max_length {c.max_length} exceeds the backbone's max_position_embeddings {max_positions}")
