@@ -94,6 +94,18 @@ def test_deterministic_for_a_seed_and_worker_count(tmp_path):
     assert [r["teacher"] for r in read_manifest(tmp_path / "c")] != [r["teacher"] for r in a]
 
 
+def test_espeak_gives_the_same_samples_whatever_was_said_before():
+    """libespeak-ng carries state from one utterance to the next; each is synthesized from a clean state."""
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    teacher, other = get_teacher("espeak:en-us"), get_teacher("espeak:en-gb+f3")
+    first = teacher.synthesize(text, random.Random(3))
+    for filler in ("Hello there.", "Seven hundred and twelve people were waiting outside in the cold rain."):
+        other.synthesize(filler, random.Random(1))
+        again = teacher.synthesize(text, random.Random(3))
+        assert np.array_equal(first.audio, again.audio) and first.words == again.words
+    assert not np.array_equal(first.audio[: len(first.audio) // 2], other.synthesize(text, random.Random(3)).audio[: len(first.audio) // 2])
+
+
 def test_resume_skips_finished_shards(tmp_path):
     items = [{"id": f"u{i}", "text": f"This is sentence number {i}."} for i in range(6)]
     config = SynthConfig(voices=["espeak:en-us"], seed=1, shard_size=2)

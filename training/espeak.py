@@ -7,6 +7,14 @@ name mark pauses.  That gives word timestamps straight from the synthesizer.
 
 libespeak-ng keeps global state and is not thread safe: use one instance per
 process (``Espeak.instance()``); parallel synthesis uses processes.
+
+That state also carries over from one utterance to the next (the wave generator's
+buffers, its noise from C ``rand()``): synthesized in one process, the same text
+comes out a few samples longer or shorter depending on what was said before.  So
+each utterance is synthesized in a forked child of the initialised library, which
+is never used for synthesis itself, with ``rand()`` seeded from the request: the
+same text, voice, rate and pitch give the same samples whatever came before
+(``isolated=False`` synthesizes in this process, as on systems without ``fork``).
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import pickle
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,8 +178,51 @@ class Espeak:
             raise SpeechLMError(f"unknown espeak-ng voice {name!r} (see: espeak-ng --voices=en; variants: espeak-ng --voices=variant)")
         self._voice = name
 
-    def synthesize(self, text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> EspeakResult:
-        """Speak ``text``; rate in words per minute, pitch and range 0-100."""
+    def synthesize(
+        self, text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_range: int = 50, isolated: bool = True
+    ) -> EspeakResult:
+        """Speak ``text``; rate in words per minute, pitch and range 0-100.
+
+        ``isolated`` (the default where ``os.fork`` exists) synthesizes in a forked child
+        so that the result depends only on the arguments (module docstring).
+        """
+        if isolated and hasattr(os, "fork"):
+            return self._synthesize_forked(text, voice, rate, pitch, pitch_range)
+        return self._synthesize_here(text, voice, rate, pitch, pitch_range)
+
+    def _synthesize_forked(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> EspeakResult:
+        self.set_voice(voice)  # unknown voices fail here, in this process, with their own message
+        seed = zlib.crc32(f"{voice}|{rate}|{pitch}|{pitch_range}|{text}".encode()) or 1
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: synthesize from the parent's untouched state, send the result, leave
+            status = 0
+            try:
+                os.close(read_fd)
+                ctypes.CDLL(None).srand(ctypes.c_uint(seed))
+                self._voice = None  # select the voice again in this state
+                try:
+                    reply: object = self._synthesize_here(text, voice, rate, pitch, pitch_range)
+                except SpeechLMError as e:
+                    reply = e
+                with os.fdopen(write_fd, "wb") as pipe:
+                    pipe.write(pickle.dumps(reply))
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not data:
+            raise SpeechLMError(f"espeak-ng synthesis failed in its child process (wait status {status})")
+        reply = pickle.loads(data)
+        if isinstance(reply, SpeechLMError):
+            raise reply
+        return reply
+
+    def _synthesize_here(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> EspeakResult:
         self.set_voice(voice)
         for param, value in ((_PARAM_RATE, rate), (_PARAM_PITCH, pitch), (_PARAM_RANGE, pitch_range), (_PARAM_VOLUME, 100)):
             self._lib.espeak_SetParameter(param, int(value), 0)
