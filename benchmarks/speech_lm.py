@@ -289,7 +289,8 @@ def main() -> None:
     ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
     ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
                     help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
-    ap.add_argument("--no-adapter", action="store_true", help="ASR and spoken QA: hear with the base model, not its asr task adapter")
+    ap.add_argument("--no-adapter", action="store_true", help="the base model alone: no asr or tts task adapter (ASR, TTS, spoken QA)")
+    ap.add_argument("--no-tts-adapter", action="store_true", help="TTS and spoken replies: speak with the base model, not its tts task adapter")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -301,10 +302,11 @@ def main() -> None:
                                                      ("guidance", args.guidance),
                                                      ("transcribe_first", False if args.direct else None),
                                                      ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views))
-                      if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}))
+                      if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
+                   **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not None and v is not False),
-        "generation": dataclasses.asdict(g), "asr_adapter": sp.asr_adapter(g)}
+        "generation": dataclasses.asdict(g), "asr_adapter": sp.asr_adapter(g), "tts_adapter": sp.tts_adapter(g)}
     if "tts" in tasks:
         result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)

@@ -243,6 +243,7 @@ def _generation(args: argparse.Namespace):
         asr_views=getattr(args, "views", None) or Generation.asr_views,
         asr_edges=not getattr(args, "keep_edges", False),
         asr_adapter=None if getattr(args, "no_adapter", False) else Generation.asr_adapter,
+        tts_adapter=None if getattr(args, "no_adapter", False) else Generation.tts_adapter,
         guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
     )
 
@@ -324,6 +325,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="the LM's compute dtype: auto = bfloat16 where the CPU computes it natively (faster), else float32")
+    p.add_argument("--no-adapter", action="store_true",
+                   help="the base model alone (default: ASR hears through the model's asr task adapter and TTS speaks "
+                        "through its tts adapter, when it has them)")
 
 
 # --- codec --------------------------------------------------------------------------------
@@ -470,8 +474,6 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-edges", action="store_true",
                    help="hear the audio's quiet start and end as they are (default: a long quiet start or end is cut short, "
                         "and the room's steady noise heard there suppressed under the speech)")
-    p.add_argument("--no-adapter", action="store_true",
-                   help="hear with the base model (default: through the model's asr task adapter when it has one)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,6 +86,9 @@ class Generation:
     # (speechlm.lm.adapters: trained on ASR alone, base weights frozen, so TTS is the base model's); None or
     # a model without it = the base model
     asr_adapter: str | None = "asr"
+    # TTS (``tts``, and the server's answer assist, which speaks through it) speaks through the model's
+    # task adapter of this name when it has one (trained on TTS alone, base frozen); None = the base model
+    tts_adapter: str | None = "tts"
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
@@ -165,10 +168,11 @@ class SpeechPipeline:
 
     def tts_steps(self, text: str, g: Generation) -> Iterator[tuple[AudioStep, np.ndarray]]:
         """``speak_steps`` for the TTS prompt of ``text`` (in the model's speech layout)."""
+        adapter = self.tts_adapter(g)
         if self.lm.config.speech_layout == "word_aligned":
             ids, chunks = aligned_tts_prompt(self.lm, text)
-            return self.speak_steps(ids, None, g, chunks)
-        return self.speak_steps(tts_prompt(self.lm, text), None, g)
+            return self.speak_steps(ids, None, g, chunks, adapter=adapter)
+        return self.speak_steps(tts_prompt(self.lm, text), None, g, adapter=adapter)
 
     def asr(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> str:
         """Transcribe 16 kHz mono audio; silence gives an empty transcript."""
@@ -193,6 +197,11 @@ class SpeechPipeline:
     def asr_adapter(self, generation: Generation | None = None) -> str | None:
         """The task adapter ASR hears through: ``generation.asr_adapter`` if this model has it, else None."""
         name = (generation or Generation()).asr_adapter
+        return name if name in self.lm.adapters else None
+
+    def tts_adapter(self, generation: Generation | None = None) -> str | None:
+        """The task adapter TTS speaks through: ``generation.tts_adapter`` if this model has it, else None."""
+        name = (generation or Generation()).tts_adapter
         return name if name in self.lm.adapters else None
 
     def transcribe_views(self, views: list[np.ndarray], generation: Generation | None = None) -> str:
@@ -251,12 +260,15 @@ class SpeechPipeline:
                              stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)[0]
 
     def speak_steps(
-        self, ids: list[int], codes: torch.Tensor | None, g: Generation, chunks: list[list[int]] | None = None
+        self, ids: list[int], codes: torch.Tensor | None, g: Generation, chunks: list[list[int]] | None = None,
+        adapter: str | None = None,
     ) -> Iterator[tuple[AudioStep, np.ndarray]]:
         """Generate the speech after ``ids`` (ending with ``<|speech_start|>``) and decode it frame by
         frame: yields (the LM's step, that frame's PCM (T,)), one per audio frame, so a caller can
         see how many backbone forwards each frame took. ``chunks``: the word chunks' ids to speak
-        one by one (word-aligned models); None = one plain speech segment."""
+        one by one (word-aligned models); None = one plain speech segment. ``adapter``: the task
+        adapter the LM's forwards add (None: the base model); it is on only while a step computes,
+        never while this generator waits between yields (the caller's own forwards stay its own)."""
         state = self.codec.init_state(1)
         frame_rate = self.lm.config.frame_rate
         v = self.lm.vocab
@@ -273,7 +285,11 @@ class SpeechPipeline:
                     self.lm, ids, chunks, audio_codes=codes, max_frames=max_frames, max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)),
                     sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, **guide,
                 )  # fmt: skip
-            for step in steps:
+            while True:
+                with self.lm.adapter(adapter):
+                    step = next(steps, None)
+                if step is None:
+                    break
                 for frame in step.frames[0]:
                     pcm, state = self.codec.decode_step(frame[None].clamp(max=self.codec.config.codebook_size - 1), state)
                     yield step, pcm[0].cpu().numpy()

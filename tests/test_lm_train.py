@@ -140,7 +140,8 @@ def test_text_stage_then_align_then_mctp1(workdir, tmp_path):
 
 def test_asr_adapter_trains_alone_resumes_and_leaves_the_base_model(workdir, tmp_path):
     """--adapter asr --weights asr=1: only the adapter changes; a killed run resumes to the same losses;
-    the export is the base model plus adapters/asr.*, and a second run from it continues that adapter."""
+    the export is the base model plus adapters/asr.*, and a second run from it continues that adapter; a run
+    training another adapter keeps it; a run training the base drops it."""
     kw = dict(stage="sft", weights={"asr": 1}, adapter="asr", adapter_rank=4, lr=1e-2)
     straight = LMTrainer(config(workdir, tmp_path / "a", **kw))
     trainable = {n for n, p in straight.model.named_parameters() if p.requires_grad}
@@ -161,6 +162,13 @@ def test_asr_adapter_trains_alone_resumes_and_leaves_the_base_model(workdir, tmp
     more = LMTrainer(config(workdir, tmp_path / "c", **{**kw, "init_from": str(tmp_path / "b" / "model")}))
     for name, value in exported.adapters.state_dict().items():
         assert torch.equal(more.model.adapters.state_dict()[name], value), name
+    other = LMTrainer(config(workdir, tmp_path / "f", **{**kw, "adapter": "tts", "weights": {"tts": 1}, "init_from": str(tmp_path / "b" / "model")}))
+    assert {n for n, p in other.model.named_parameters() if p.requires_grad} == {n for n, _ in other.model.named_parameters() if n.startswith("adapters.tts.")}
+    other.train(progress=False)  # another adapter trains on the same frozen base: the asr adapter stays as it was
+    kept = SpeechLM.from_pretrained(tmp_path / "f" / "model")
+    assert sorted(kept.adapters) == ["asr", "tts"]
+    for name, value in exported.adapters["asr"].state_dict().items():
+        assert torch.equal(kept.adapters["asr"].state_dict()[name], value), name
     full = LMTrainer(config(workdir, tmp_path / "e", init_from=str(tmp_path / "b" / "model")))  # the base trains: the adapter goes
     assert not len(full.model.adapters)
     full.train(progress=False)

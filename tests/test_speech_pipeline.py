@@ -192,6 +192,37 @@ def test_fast_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
     assert fast_dtype() == torch.bfloat16
 
 
+def test_tts_speaks_through_the_tts_adapter_only_while_a_step_computes(pipeline, tmp_path, cli):
+    from speechlm.codec.audio import load_audio
+    from speechlm.lm.adapters import AdapterConfig
+
+    pipeline.save_pretrained(tmp_path / "sp")
+    own = SpeechPipeline.from_pretrained(tmp_path / "sp")
+    g = SHORT  # sampled (seeded): a random model's greedy speech may end at once
+    base = own.tts("hello world", generation=g)
+    assert len(base)
+    torch.manual_seed(2)
+    for name in ("asr", "tts"):
+        with torch.no_grad():
+            for b in own.lm.add_adapter(AdapterConfig(name, rank=2)).B.values():
+                b.normal_(std=0.5)
+    seen = set()
+    own.lm.backbone.get_decoder().layers[0].register_forward_pre_hook(lambda *_: seen.add(own.lm.active_adapter))
+    between = [own.lm.active_adapter for _ in own.tts("hello world", stream=True, generation=g)]
+    assert seen == {"tts"} and set(between) == {None}  # on while the LM computes, off whenever the caller runs
+    spoken = own.tts("hello world", generation=g)
+    assert not np.array_equal(spoken, base)
+    assert np.array_equal(own.tts("hello world", generation=dataclasses.replace(g, tts_adapter=None)), base)
+    assert own.tts_adapter(g) == "tts" and own.tts_adapter(dataclasses.replace(g, tts_adapter="nope")) is None
+    own.save_pretrained(tmp_path / "two")
+    model = ["--model", str(tmp_path / "two"), "--threads", "1", "--dtype", "float32", "--temperature", "0.8", "--max-seconds", "0.4"]
+    for flags, expected in (([], spoken), (["--no-adapter"], base)):
+        r = cli("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, *flags)
+        assert r.returncode == 0, r.stderr
+        heard = load_audio(tmp_path / "out.wav")
+        assert len(heard) == len(expected) and np.abs(heard - expected).max() < 2e-3
+
+
 def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path, monkeypatch, cli):
     from speechlm.lm.adapters import AdapterConfig
 

@@ -225,8 +225,10 @@ class LMTrainer:
             self.model = build_model(c, audio, tokenizer_texts, rank=self.rank)
         self.model.set_stage(c.stage)
         speech_lm = getattr(self.model, "lm", self.model)  # a DuplexLM's speech LM
-        stale = [name for name in speech_lm.adapters if name != c.adapter]
-        for name in stale:  # an adapter belongs to the base weights it was trained on
+        # an adapter belongs to the base weights it was trained on: a run that trains them drops the model's
+        # adapters; a run that trains one adapter (the base frozen) keeps the others as they are
+        stale = [] if c.adapter else list(speech_lm.adapters)
+        for name in stale:
             speech_lm.remove_adapter(name)
         if stale and self.rank == 0:
             print(f"dropped task adapter(s) {', '.join(stale)} of {c.init_from}: "
