@@ -274,7 +274,8 @@ class Codec(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {**self.config.to_dict(), "codec_id": self.codec_id}
-        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items()}
+        derived = GroupResidualQuantizer.DERIVED_SUFFIX  # recomputed at load (GroupResidualQuantizer.restore_derived)
+        tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items() if not name.endswith(derived)}
         _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"codec_id": self.codec_id}))
         _write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
         return directory
@@ -296,10 +297,15 @@ class Codec(nn.Module):
         except (SafetensorError, OSError) as e:
             raise SpeechLMError(f"cannot read codec weights {weights} (corrupt or not safetensors): {e}") from None
         model = cls(config)
+        state = model.state_dict()
+        left_out = [name for name in state if name.endswith(GroupResidualQuantizer.DERIVED_SUFFIX) and name not in tensors]
+        tensors = {**tensors, **{name: state[name] for name in left_out}}  # any other missing tensor fails below
         try:
             model.load_state_dict(tensors)
         except RuntimeError as e:
             raise SpeechLMError(f"codec weights {weights} do not match its config ({config.codec_id}): {str(e).splitlines()[0]}") from None
+        if left_out:
+            model.quantizer.restore_derived()
         return model.to(device).eval()
 
     # -- helpers ------------------------------------------------------------------------

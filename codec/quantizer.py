@@ -189,6 +189,23 @@ class GroupResidualQuantizer(nn.Module):
 
     # -- codebook health ----------------------------------------------------------------
 
+    # The EMA codebooks keep a running sum of the vectors each entry was assigned (``embed_avg``) beside the
+    # entries themselves: entry = sum / Laplace-smoothed count after every update (and after dead-code
+    # expiry), so the sum is derived data. Files written by ``Codec.save_pretrained`` leave it out (a
+    # quarter of the quantizer's bytes, 1 MB for the shipped codec); loading puts it back.
+    DERIVED_SUFFIX = "._codebook.embed_avg"
+
+    def restore_derived(self) -> None:
+        """Recompute each codebook's ``embed_avg`` from its entries and cluster sizes (the EMA invariant)."""
+        with torch.no_grad():
+            for rvq in self.vq.rvqs:
+                for layer in rvq.layers:
+                    book = layer._codebook
+                    counts = book.cluster_size
+                    total = counts.sum(dim=-1, keepdim=True)
+                    smoothed = (counts + book.eps) / (total + counts.shape[-1] * book.eps) * total
+                    book.embed_avg.copy_(book.embed * smoothed.unsqueeze(-1))
+
     def dead_code_fraction(self) -> float:
         """Fraction of codebook entries whose EMA cluster size is below the dead-code threshold."""
         sizes = torch.stack([layer._codebook.cluster_size for rvq in self.vq.rvqs for layer in rvq.layers])

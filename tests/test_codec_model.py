@@ -141,6 +141,34 @@ def test_save_load_round_trip(codec, tmp_path):
     assert torch.equal(stream(loaded, wav)[1], stream(codec, wav)[1])
 
 
+def test_saved_files_leave_out_the_codebooks_running_sums_and_loading_restores_them(tmp_path):
+    """``embed_avg`` (the EMA codebooks' running sums) is entry x smoothed count: files leave it out, loading
+    recomputes it, so a trained codec comes back with the same state; files that hold it still load."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    trained = Codec(CodecConfig(**TINY)).train()
+    dim = trained.config.latent_dim
+    for _ in range(3):  # k-means init, then EMA updates (and dead-code expiry)
+        trained.quantizer(torch.randn(4, dim, 300))
+    trained.eval().save_pretrained(tmp_path / "new")
+    saved = load_file(str(tmp_path / "new" / "model.safetensors"))
+    assert saved and not any(name.endswith("embed_avg") for name in saved)
+    loaded = Codec.from_pretrained(tmp_path / "new")
+    for name, value in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    wav = speechlike(1, 4)
+    assert torch.equal(loaded.encode(wav), trained.encode(wav))
+    (tmp_path / "old").mkdir()  # a file from before: every buffer in it, loaded as it is
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"))
+    old = Codec.from_pretrained(tmp_path / "old")
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in trained.state_dict().items())
+    save_file({k: v for k, v in saved.items() if not k.startswith("decoder.")}, str(tmp_path / "new" / "model.safetensors"))
+    with pytest.raises(SpeechLMError, match="do not match"):
+        Codec.from_pretrained(tmp_path / "new")
+
+
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(SpeechLMError, match="not found"):
         Codec.from_pretrained("no-such-codec-model")

@@ -87,7 +87,10 @@ def test_init_from_exported_weights(audio_dir, tmp_path):
     second = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=3, init_from=str(tmp_path / "a" / "model")))
     assert second.step == 0
     for name, value in first.codec.state_dict().items():
-        assert torch.equal(value, second.codec.state_dict()[name]), name
+        if name.endswith("embed_avg"):  # left out of exported files, recomputed at load (the EMA invariant)
+            torch.testing.assert_close(second.codec.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(value, second.codec.state_dict()[name]), name
 
 
 def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
