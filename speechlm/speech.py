@@ -86,8 +86,9 @@ class Generation:
     # (speechlm.lm.adapters: trained on ASR alone, base weights frozen, so TTS is the base model's); None or
     # a model without it = the base model
     asr_adapter: str | None = "asr"
-    # TTS (``tts``, and the server's answer assist, which speaks through it) speaks through the model's
-    # task adapter of this name when it has one (trained on TTS alone, base frozen); None = the base model
+    # TTS (``tts``, the speech of ``chat`` replies, the server's answer assist) speaks through the model's task
+    # adapter of this name when it has one (trained on TTS alone, base frozen); None = the base model. The
+    # shipped model has none: one trained on this CPU spoke worse (docs/benchmarks.md, "A TTS adapter")
     tts_adapter: str | None = "tts"
 
     def sampling(self) -> Sampling:
@@ -243,7 +244,8 @@ class SpeechPipeline:
             chunks = chunk_ids(self.lm.tokenizer, word_chunks(text))
             if not chunks:  # nothing speakable (e.g. only punctuation)
                 return text, np.zeros(0, np.float32)
-        audio = _join(pcm for _, pcm in self.speak_steps([*ids, *reply, self.lm.vocab.speech_start], codes, g, chunks))
+        steps = self.speak_steps([*ids, *reply, self.lm.vocab.speech_start], codes, g, chunks, adapter=self.tts_adapter(g))
+        audio = _join(pcm for _, pcm in steps)
         return text, audio
 
     def reply_text(self, question: str, generation: Generation | None = None) -> str:
