@@ -128,6 +128,7 @@ class Espeak:
         self._callback = _Callback(self._on_synth)  # keep a reference: ctypes does not
         self._lib.espeak_SetSynthCallback(self._callback)
         self._voice: str | None = None
+        self._variants: set[str] | None = None
         self.languages = self._language_table()
 
     def _language_table(self) -> dict[str, str]:
@@ -168,6 +169,30 @@ class Espeak:
             i += 1
         return 0
 
+    def check_voice(self, name: str) -> None:
+        """Raise SpeechLMError unless ``name`` (``en-us``, ``en-gb+f3``) is a voice this espeak-ng has, without
+        selecting it: selecting voices changes the library's state, which the forked synthesis relies on being
+        the same for every utterance (a run of variant selections changed how later text was split into words)."""
+        language, _, variant = name.partition("+")
+        known = language in self.languages or language in self.languages.values()
+        if not known or (variant and variant not in self.variants):
+            raise SpeechLMError(f"unknown espeak-ng voice {name!r} (see: espeak-ng --voices=en; variants: espeak-ng --voices=variant)")
+
+    @property
+    def variants(self) -> set[str]:
+        """The voice variants (``m3``, ``f4``, ``klatt``, ``Annie``...) espeak-ng lists."""
+        if self._variants is None:
+            spec = _Voice()
+            spec.languages = ctypes.cast(ctypes.c_char_p(b"variant"), ctypes.c_void_p)
+            voices = self._lib.espeak_ListVoices(ctypes.byref(spec))
+            found, i = set(), 0
+            while voices[i]:
+                ident = (voices[i].contents.identifier or b"").decode()
+                found.add(ident.rsplit("/", 1)[-1])
+                i += 1
+            self._variants = found
+        return self._variants
+
     def set_voice(self, name: str) -> None:
         """Select a voice such as ``en-us`` or ``en-gb+f3`` (language + variant)."""
         if name == self._voice:
@@ -191,7 +216,7 @@ class Espeak:
         return self._synthesize_here(text, voice, rate, pitch, pitch_range)
 
     def _synthesize_forked(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> EspeakResult:
-        self.set_voice(voice)  # unknown voices fail here, in this process, with their own message
+        self.check_voice(voice)  # unknown voices fail here; this process never selects one (see check_voice)
         seed = zlib.crc32(f"{voice}|{rate}|{pitch}|{pitch_range}|{text}".encode()) or 1
         read_fd, write_fd = os.pipe()
         pid = os.fork()

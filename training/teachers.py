@@ -66,7 +66,7 @@ class EspeakTeacher:
 
         self.name = name
         self.espeak = Espeak.instance()
-        self.espeak.set_voice(name)  # fail early on unknown voices
+        self.espeak.check_voice(name)  # fail early on unknown voices
         self.rate, self.rate_jitter, self.pitch, self.pitch_jitter = rate, rate_jitter, pitch, pitch_jitter
 
     def synthesize(self, text: str, rng: random.Random) -> Synthesis:
