@@ -221,17 +221,25 @@ def answer_heard(expected: str, heard: str) -> bool:
     return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
 
 
-def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation) -> dict:
+def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation, teacher_voice: str | None = None) -> dict:
+    """Spoken questions by held-out voices -> the model's reply (text and speech), the answer judged in both.
+    ``teacher_voice``: also the judge on that teacher speaking the model's reply text (the ceiling the model's
+    own speech of the same words could reach with the teacher's clarity)."""
     items = held_out_texts(QA_SOURCES, count)
     voices = textgen.voice_catalog("test", ("espeak",))
-    rng = random.Random(2)
+    rng, teacher_rng = random.Random(2), random.Random(3)
     rows = []
     for i, item in enumerate(items):
         audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio
         text, reply = sp.chat(audio, generation=g)
         heard = judge(reply) if len(reply) >= SAMPLE_RATE // 10 else ""
-        rows.append({"question": item["text"], "expected": item["answer_value"], "reply_text": text, "heard": heard,
-                     "text_right": answer_heard(item["answer_value"], text), "speech_right": answer_heard(item["answer_value"], heard)})
+        row = {"question": item["text"], "expected": item["answer_value"], "reply_text": text, "heard": heard,
+               "text_right": answer_heard(item["answer_value"], text), "speech_right": answer_heard(item["answer_value"], heard)}
+        if teacher_voice:
+            spoken = get_teacher(teacher_voice).synthesize(text, teacher_rng).audio if words_for_scoring(text) else np.zeros(0, np.float32)
+            row["teacher_heard"] = judge(spoken) if len(spoken) >= SAMPLE_RATE // 10 else ""
+            row["teacher_speech_right"] = answer_heard(item["answer_value"], row["teacher_heard"])
+        rows.append(row)
     by_source = {}
     for item, row in zip(items, rows):
         by_source.setdefault(item["source"], []).append(row["speech_right"])
@@ -239,8 +247,10 @@ def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation)
         "questions": len(rows),
         "spoken_answer_accuracy": sum(r["speech_right"] for r in rows) / len(rows),
         "text_answer_accuracy": sum(r["text_right"] for r in rows) / len(rows),
+        **({"teacher_spoken_answer_accuracy": sum(r["teacher_speech_right"] for r in rows) / len(rows)} if teacher_voice else {}),
         "spoken_accuracy_by_source": {k: sum(v) / len(v) for k, v in by_source.items()},
         "examples": rows[:8],
+        "rows": rows,
     }
 
 
@@ -277,8 +287,10 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, help="speech sampling top-k (default: Generation's)")
     ap.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
     ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
-    ap.add_argument("--no-teacher", action="store_true", help="TTS: skip the teacher and teacher-through-codec references")
+    ap.add_argument("--no-teacher", action="store_true",
+                    help="TTS: skip the teacher and teacher-through-codec references; spoken QA: skip the teacher speaking the replies")
     ap.add_argument("--direct", action="store_true", help="spoken QA: answer the speech directly (default: transcribe it first)")
+    ap.add_argument("--reply-speech", choices=("chat", "tts"), help="spoken QA: speak the reply in the chat turn or by the TTS task (default: Generation's)")
     ap.add_argument("--asr-decoders", default="lm",
                     help="ASR: decoders to run side by side on the same audio (lm, ctc, auto; lm:K = the LM with K views, lm:1 plain greedy); the first is the headline")
     ap.add_argument("--asr-views", type=int, help="views of the audio the LM decoder listens to (default: Generation's; also for spoken QA)")
@@ -301,7 +313,7 @@ def main() -> None:
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
                                                      ("guidance", args.guidance),
                                                      ("transcribe_first", False if args.direct else None),
-                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views))
+                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("reply_speech", args.reply_speech))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
@@ -322,7 +334,7 @@ def main() -> None:
         result["text_qa"] = bench_text_qa(sp, args.count)
         print("text QA", {k: v for k, v in result["text_qa"].items() if k != "examples"}, flush=True)
     if "qa" in tasks:
-        result["spoken_qa"] = bench_qa(sp, judge, args.count, g)
+        result["spoken_qa"] = bench_qa(sp, judge, args.count, g, None if args.no_teacher else args.teacher_voice)
         print("spoken QA", {k: v for k, v in result["spoken_qa"].items() if k != "examples"}, flush=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -244,6 +244,7 @@ def _generation(args: argparse.Namespace):
         asr_edges=not getattr(args, "keep_edges", False),
         asr_adapter=None if getattr(args, "no_adapter", False) else Generation.asr_adapter,
         tts_adapter=None if getattr(args, "no_adapter", False) else Generation.tts_adapter,
+        reply_speech=getattr(args, "reply_speech", None) or Generation.reply_speech,
         guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
     )
 
@@ -502,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--direct", action="store_true", help="answer the speech directly instead of transcribing it first")
+    p.add_argument("--reply-speech", choices=("chat", "tts"), default=None,
+                   help="speak the written reply in the chat turn (default) or by the TTS task")
     _add_asr_decoder_argument(p)
     _add_model_arguments(p)
     p.set_defaults(func=cmd_chat)

@@ -64,6 +64,11 @@ class Generation:
     # on 40 held-out spoken questions the shipped model's reply text held the answer 6-7 times this way,
     # 2 times answering the speech directly (docs/benchmarks.md).
     transcribe_first: bool = True
+    # chat: how the reply is spoken once its text is written: "chat" = the speech continues the chat turn
+    # (the reply's text in its context, as trained for spoken answers); "tts" = the reply's text spoken by the
+    # TTS task alone (a fresh TTS prompt, as the server's answer assist does). On 40 held-out spoken questions
+    # the judge heard the answer in 6 vs 7 spoken replies (of 20 right texts; 14 when the teacher speaks them)
+    reply_speech: str = "chat"
     # How ``asr`` (and transcribe-first chat) transcribes: "lm" = the LM writes the transcript after the
     # speech (autoregressive, greedy); "ctc" = the hearing head, one forward, greedy CTC (models with a
     # hearing head only); "auto" = "ctc" when the model has a hearing head, else "lm".
@@ -225,6 +230,8 @@ class SpeechPipeline:
     def chat(self, question: np.ndarray | str, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> tuple[str, np.ndarray]:
         """One turn: a spoken (16 kHz audio) or typed question -> (reply text, reply speech)."""
         g = generation or Generation()
+        if g.reply_speech not in ("chat", "tts"):
+            raise SpeechLMError(f"unknown reply_speech {g.reply_speech!r}; choose chat or tts")
         if isinstance(question, str):
             ids, codes = chat_prompt(self.lm, question)
         else:
@@ -239,6 +246,8 @@ class SpeechPipeline:
         text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
         if not text:
             return "", np.zeros(0, np.float32)
+        if g.reply_speech == "tts":
+            return text, (self.tts(text, generation=g) if word_chunks(text) else np.zeros(0, np.float32))  # nothing speakable: silence
         chunks = None
         if self.lm.config.speech_layout == "word_aligned":
             chunks = chunk_ids(self.lm.tokenizer, word_chunks(text))

@@ -70,6 +70,18 @@ def test_chat_transcribes_first_by_default(pipeline, monkeypatch):
     assert isinstance(direct[0], str)
 
 
+def test_chat_can_speak_its_reply_by_the_tts_task(pipeline):
+    """reply_speech="tts": the reply's text, once written, is spoken by the TTS task (what tts() says for it)."""
+    g = dataclasses.replace(SHORT, max_text_tokens=8)
+    text, audio = pipeline.chat("what is two plus three", generation=dataclasses.replace(g, reply_speech="tts"))
+    same_text, chat_audio = pipeline.chat("what is two plus three", generation=g)
+    assert text == same_text
+    if text.strip(".,!? "):
+        assert np.array_equal(audio, pipeline.tts(text, generation=g))
+    with pytest.raises(SpeechLMError, match="reply_speech"):
+        pipeline.chat("what is two plus three", generation=dataclasses.replace(g, reply_speech="sing"))
+
+
 def test_mctp_schedule(pipeline):
     """MCTP gives several frames per backbone forward; schedule [0] is plain decoding."""
     g = Generation(temperature=0.8, max_seconds=0.4, seed=0)
