@@ -228,6 +228,7 @@ def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation,
     items = held_out_texts(QA_SOURCES, count)
     voices = textgen.voice_catalog("test", ("espeak",))
     rng, teacher_rng = random.Random(2), random.Random(3)
+    teacher = get_teacher(teacher_voice) if teacher_voice else None
     rows = []
     for i, item in enumerate(items):
         audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio
@@ -235,8 +236,8 @@ def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation,
         heard = judge(reply) if len(reply) >= SAMPLE_RATE // 10 else ""
         row = {"question": item["text"], "expected": item["answer_value"], "reply_text": text, "heard": heard,
                "text_right": answer_heard(item["answer_value"], text), "speech_right": answer_heard(item["answer_value"], heard)}
-        if teacher_voice:
-            spoken = get_teacher(teacher_voice).synthesize(text, teacher_rng).audio if words_for_scoring(text) else np.zeros(0, np.float32)
+        if teacher is not None:
+            spoken = teacher.synthesize(text, teacher_rng).audio if words_for_scoring(text) else np.zeros(0, np.float32)
             row["teacher_heard"] = judge(spoken) if len(spoken) >= SAMPLE_RATE // 10 else ""
             row["teacher_speech_right"] = answer_heard(item["answer_value"], row["teacher_heard"])
         rows.append(row)

@@ -202,12 +202,13 @@ class SpeechPipeline:
 
     def asr_adapter(self, generation: Generation | None = None) -> str | None:
         """The task adapter ASR hears through: ``generation.asr_adapter`` if this model has it, else None."""
-        name = (generation or Generation()).asr_adapter
-        return name if name in self.lm.adapters else None
+        return self._own_adapter((generation or Generation()).asr_adapter)
 
     def tts_adapter(self, generation: Generation | None = None) -> str | None:
         """The task adapter TTS speaks through: ``generation.tts_adapter`` if this model has it, else None."""
-        name = (generation or Generation()).tts_adapter
+        return self._own_adapter((generation or Generation()).tts_adapter)
+
+    def _own_adapter(self, name: str | None) -> str | None:
         return name if name in self.lm.adapters else None
 
     def transcribe_views(self, views: list[np.ndarray], generation: Generation | None = None) -> str:
