@@ -102,14 +102,23 @@ def speak(sp: SpeechPipeline, text: str, g: Generation) -> dict:
     }
 
 
+def fresh_texts(sources, count: int, exclude_first: int, pool: int = 200) -> list[dict]:
+    """``count`` held-out sentences of a pool of ``pool`` that are not among the first ``exclude_first``
+    (``held_out_texts(sources, exclude_first)``, e.g. the sentences a setting was chosen on)."""
+    seen = {item["text"] for item in held_out_texts(sources, exclude_first)}
+    return [item for item in held_out_texts(sources, pool) if item["text"] not in seen][:count]
+
+
 def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str, g: Generation,
-              decodings: Sequence[str] = ("mctp", "plain"), references: bool = True) -> dict:
-    items = held_out_texts(TTS_SOURCES, count)
+              decodings: Sequence[str] = ("mctp", "plain"), references: bool = True, exclude_first: int = 0) -> dict:
+    items = fresh_texts(TTS_SOURCES, count, exclude_first) if exclude_first else held_out_texts(TTS_SOURCES, count)
     teacher = get_teacher(teacher_voice)
     rng = random.Random(0)
-    runs = {name: run for name, run in {"mctp": g, "plain": dataclasses.replace(g, mctp_schedule=[0])}.items() if name in decodings}
-    if not runs:
+    first = dataclasses.replace(g, candidates=1)
+    runs = {name: run for name, run in {"mctp": first, "plain": dataclasses.replace(first, mctp_schedule=[0])}.items() if name in decodings}
+    if not runs and g.candidates == 1:
         raise SystemExit(f"--decodings {','.join(decodings)}: choose from mctp, plain")
+    choices, choice_wall = [], 0.0
     rows = {name: [] for name in (["teacher", "teacher_codec"] if references else []) + list(runs)}
     stats = {k: [] for k in runs}
     for item in items:
@@ -126,7 +135,15 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
             heard = judge(out["audio"]) if len(out["audio"]) >= SAMPLE_RATE // 10 else ""
             rows[name].append((text, heard))
             stats[name].append({k: v for k, v in out.items() if k != "audio"} | {"heard": heard})
-    result = {"sentences": len(items), "teacher_voice": teacher_voice}
+        if g.candidates > 1:  # every candidate judged, so the checker's choice is compared with the others in one run
+            t = time.perf_counter()
+            candidates = sp.speech_candidates(text, lambda gk, text=text: speak(sp, text, gk)["audio"], g)
+            choice_wall += time.perf_counter() - t
+            heard = [judge(a) if len(a) >= SAMPLE_RATE // 10 else "" for a, _ in candidates]
+            scores = [score for _, score in candidates]
+            choices.append({"text": text, "heard": heard, "scores": scores, "chosen": scores.index(min(scores)),
+                            "seconds": [len(a) / SAMPLE_RATE for a, _ in candidates]})
+    result = {"sentences": len(items), "teacher_voice": teacher_voice, "excluded_first": exclude_first}
     for name in ("teacher", "teacher_codec") if references else ():
         result[f"{name}_wer"] = corpus_wer(rows[name])
         result[f"{name}_median_sentence_wer"] = statistics.median(word_error_rate(t, h) for t, h in rows[name])
@@ -153,12 +170,55 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
         result["mctp_speedup"] = result["mctp"]["decode_frames_per_s"] / max(result["plain"]["decode_frames_per_s"], 1e-9)
         result["mctp_lm_speedup"] = result["mctp"]["lm_frames_per_s"] / max(result["plain"]["lm_frames_per_s"], 1e-9)
         result["mctp_wer_cost"] = result["mctp"]["wer"] - result["plain"]["wer"]
-    ours = rows[next(iter(runs))]
+    if choices:
+        result["candidates"] = _candidate_summary(choices, choice_wall, g)
+    ours = rows[next(iter(runs))] if runs else [(c["text"], c["heard"][c["chosen"]]) for c in choices]
     result["examples"] = [
         {"text": t, "teacher": (rows["teacher"][i][1] if references else None), "ours": h} for i, (t, h) in enumerate(ours[:8])
     ]
     result["heard"] = {name: [h for _, h in r] for name, r in rows.items()}
     return result
+
+
+def _wilcoxon_less(a: list[float], b: list[float]) -> float | None:
+    """One-sided Wilcoxon signed-rank p that ``a`` is lower than ``b`` (paired); None without scipy or differences."""
+    try:
+        from scipy.stats import wilcoxon
+    except ImportError:
+        return None
+    if not any(x != y for x, y in zip(a, b)):
+        return None
+    return float(wilcoxon(a, b, alternative="less").pvalue)
+
+
+def _candidate_summary(choices: list[dict], wall: float, g: Generation) -> dict:
+    """Judge WER of the checker's choice among ``g.candidates`` renderings per sentence, beside each
+    candidate index's (0 = the configured decoding), a random pick's expectation and the judge's oracle."""
+    n = g.candidates
+
+    def summary(pairs: list[tuple[str, str]]) -> dict:
+        return {"wer": corpus_wer(pairs), "median_sentence_wer": statistics.median(word_error_rate(t, h) for t, h in pairs),
+                "sentences_wer_le_25pct": sum(word_error_rate(t, h) <= 0.25 for t, h in pairs) / len(pairs)}
+
+    chosen = [(c["text"], c["heard"][c["chosen"]]) for c in choices]
+    oracle = [(c["text"], min(c["heard"], key=lambda h, t=c["text"]: word_error_rate(t, h))) for c in choices]
+    each = [summary([(c["text"], c["heard"][k]) for c in choices]) for k in range(n)]
+    per_sentence = [[word_error_rate(c["text"], h) for h in c["heard"]] for c in choices]
+    seconds = sum(c["seconds"][c["chosen"]] for c in choices)
+    return {
+        "count": n, "temperature": g.candidate_temperature, "checker": g.checker,
+        "chosen": summary(chosen), "first": each[0], "each": each, "oracle": summary(oracle),
+        "random_pick_mean_sentence_wer": statistics.mean(statistics.mean(w) for w in per_sentence),
+        "chosen_mean_sentence_wer": statistics.mean(w[c["chosen"]] for w, c in zip(per_sentence, choices)),
+        "first_mean_sentence_wer": statistics.mean(w[0] for w in per_sentence),
+        "chosen_better_worse_than_first": [sum(w[c["chosen"]] < w[0] for w, c in zip(per_sentence, choices)),
+                                           sum(w[c["chosen"]] > w[0] for w, c in zip(per_sentence, choices))],
+        "chosen_vs_first_wilcoxon_p": _wilcoxon_less([w[c["chosen"]] for w, c in zip(per_sentence, choices)], [w[0] for w in per_sentence]),
+        "chosen_index_counts": [sum(c["chosen"] == k for c in choices) for k in range(n)],
+        # generating every candidate and checking them, over the chosen speech's length
+        "rtf": wall / max(seconds, 1e-9),
+        "rows": choices,
+    }
 
 
 def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], decoders: Sequence[str], g: Generation) -> dict:
@@ -287,7 +347,12 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, help="speech: classifier-free guidance on the text (default: Generation's; 0 = off)")
     ap.add_argument("--top-k", type=int, help="speech sampling top-k (default: Generation's)")
     ap.add_argument("--codebook-temperatures", help="speech: one temperature per codebook, comma-separated (overrides --temperature)")
-    ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain")
+    ap.add_argument("--decodings", default="mctp,plain", help="TTS decodings to run: mctp, plain (none: only the candidates)")
+    ap.add_argument("--candidates", type=int, help="TTS: also speak each sentence N times and judge every rendering and the checker's choice")
+    ap.add_argument("--checker", help="pronunciation checker for --candidates (default: Generation's)")
+    ap.add_argument("--candidate-temperature", type=float, help="--candidates: sampling temperature of the others' group-first codebooks")
+    ap.add_argument("--exclude-first", type=int, default=0,
+                    help="TTS: fresh sentences: from a pool of 200 held-out ones, leave out the first K of the usual list (those --count K gives)")
     ap.add_argument("--no-teacher", action="store_true",
                     help="TTS: skip the teacher and teacher-through-codec references; spoken QA: skip the teacher speaking the replies")
     ap.add_argument("--direct", action="store_true", help="spoken QA: answer the speech directly (default: transcribe it first)")
@@ -314,14 +379,16 @@ def main() -> None:
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
                                                      ("guidance", args.guidance),
                                                      ("transcribe_first", False if args.direct else None),
-                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("reply_speech", args.reply_speech))
+                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("reply_speech", args.reply_speech),
+                                                     ("candidates", args.candidates), ("checker", args.checker),
+                                                     ("candidate_temperature", args.candidate_temperature))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not None and v is not False),
         "generation": dataclasses.asdict(g), "asr_adapter": sp.asr_adapter(g), "tts_adapter": sp.tts_adapter(g)}
     if "tts" in tasks:
-        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher)
+        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher, args.exclude_first)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         decoders = args.asr_decoders.split(",")

@@ -246,6 +246,8 @@ def _generation(args: argparse.Namespace):
         tts_adapter=None if getattr(args, "no_adapter", False) else Generation.tts_adapter,
         reply_speech=getattr(args, "reply_speech", None) or Generation.reply_speech,
         guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
+        candidates=getattr(args, "candidates", None) or Generation.candidates,
+        checker=getattr(args, "checker", None) or Generation.checker,
     )
 
 
@@ -258,10 +260,14 @@ def cmd_tts(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix.lower() not in (".wav", ".flac"):
         raise SpeechLMError(f"output must end in .wav or .flac, got {out}")
+    g = _generation(args)
+    if g.candidates > 1 and args.stream:
+        raise SpeechLMError("--stream and --candidates > 1 do not go together: choosing needs each whole rendering")
     start = time.perf_counter()
     first, samples = None, 0
+    chunks = pipeline.tts(args.text, stream=True, generation=g) if g.candidates == 1 else [pipeline.tts(args.text, generation=g)]
     with sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, subtype="PCM_16") as f:
-        for chunk in pipeline.tts(args.text, stream=True, generation=_generation(args)):
+        for chunk in chunks:
             first = first if first is not None else time.perf_counter() - start
             f.write(chunk)
             samples += len(chunk)
@@ -329,6 +335,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-adapter", action="store_true",
                    help="the base model alone (default: ASR hears through the model's asr task adapter and TTS speaks "
                         "through its tts adapter, when it has them)")
+
+
+def _add_candidate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidates", type=_positive_int, default=None,
+                   help="speech: speak it N times and keep the rendering the pronunciation checker hears clearest "
+                        "(not streamed; needs espeak-ng; default: the Generation default, 1)")
+    p.add_argument("--checker", default=None, help="pronunciation checker directory or shipped name (with --candidates)")
 
 
 # --- codec --------------------------------------------------------------------------------
@@ -437,6 +450,23 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     return train_lm_main(args)
 
 
+def cmd_train_checker(args: argparse.Namespace) -> int:
+    from .training.checker_train import CheckerTrainConfig, CheckerTrainer
+
+    config = CheckerTrainConfig(
+        data=args.data, out=args.out, codec=None if args.codec == "none" else args.codec, voice_prefix=args.voice_prefix,
+        codec_voice_prefix=args.codec_voice_prefix,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, held_out=args.held_out, eval_every=args.eval_every,
+        checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads, limit=args.limit,
+    )
+    trainer = CheckerTrainer(config)
+    print(f"{len(trainer.train_clips)} training clips, {len(trainer.held_clips)} held out; "
+          f"{len(trainer.model.config.phonemes)} symbols; starting at step {trainer.step}")
+    trainer.train(progress=not args.quiet)
+    print(f"done: {trainer.step} steps; model in {Path(args.out) / 'model'}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_log
 
@@ -490,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help=".wav or .flac")
     p.add_argument("--stream", action="store_true", help="write audio as frames decode (flushes per chunk)")
     _add_model_arguments(p)
+    _add_candidate_arguments(p)
     p.set_defaults(func=cmd_tts)
 
     p = sub.add_parser("asr", help="speech -> text (prints the transcript)")
@@ -507,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speak the written reply in the chat turn (default) or by the TTS task")
     _add_asr_decoder_argument(p)
     _add_model_arguments(p)
+    _add_candidate_arguments(p)
     p.set_defaults(func=cmd_chat)
 
     data = sub.add_parser("data", help="synthetic data: texts, speech, dialogues").add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -606,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="per-file results too")
     p.set_defaults(func=cmd_codec_eval)
 
-    train = sub.add_parser("train", help="training: codec, lm").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
+    train = sub.add_parser("train", help="training: codec, lm, checker").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
     p = train.add_parser("codec", help="train the GRVQ codec (resumes from OUT/checkpoint.pt; works under torchrun)")
     p.add_argument("--data", nargs="+", required=True, help="sources: manifest:DIR, librispeech:DIR[:train], dir:DIR, each with optional @WEIGHT")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, model/)")
@@ -635,6 +667,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = train.add_parser("lm", help="train the speech LM by stages: text, align, mctp1, mctp, sft (resumable; works under torchrun)")
     add_train_lm_arguments(p)
     p.set_defaults(func=cmd_train_lm)
+
+    p = train.add_parser("checker", help="train the pronunciation checker that picks among TTS candidates (resumable)")
+    p.add_argument("--data", nargs="+", required=True, help="synth corpus directories (manifest.jsonl) of the TTS teacher's voice")
+    p.add_argument("--out", required=True, help="run directory (data.pt, checkpoint.pt, log.jsonl, model/)")
+    p.add_argument("--codec", default=DEFAULT_CODEC, help="add each clip through this codec too ('none': plain clips only)")
+    p.add_argument("--voice-prefix", default="espeak:en-us", help="use the records whose voice starts with this")
+    p.add_argument("--codec-voice-prefix", default="espeak:en-us", help="add the codec's copy of the records whose voice starts with this")
+    p.add_argument("--steps", type=_positive_int, default=3000)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--held-out", type=int, default=200, help="clips kept out for the phoneme error rate")
+    p.add_argument("--eval-every", type=_positive_int, default=250)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--limit", type=_positive_int, help="at most this many records per corpus")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train_checker)
 
     from .streaming.client import add_client_arguments
     from .streaming.settings import add_serve_arguments

@@ -117,3 +117,17 @@ def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
+
+
+def test_shipped_checker_hears_the_teacher_say_its_own_text_best():
+    from speechlm.checker import PronunciationChecker
+
+    checker = PronunciationChecker.from_pretrained("checker-en")
+    texts = ["Set a timer for seventeen minutes.", "Turn off the heater in the bedroom.", "It costs three dollars."]
+    audio = [get_teacher("espeak:en-us").synthesize(t, random.Random(0)).audio for t in texts]  # 16 kHz
+    for i, text in enumerate(texts):
+        phonemes = checker.text_phonemes(text)
+        assert "<unk>" not in [checker.config.phonemes[k] for k in checker.phoneme_ids(phonemes)]
+        scores = checker.score(audio, phonemes)
+        assert min(range(len(texts)), key=scores.__getitem__) == i and scores[i] < 0.5, scores
+        assert checker.recognize(audio[i])[:3] == phonemes[:3]

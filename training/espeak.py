@@ -24,7 +24,7 @@ import ctypes.util
 import os
 import pickle
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -90,6 +90,7 @@ class EspeakResult:
     audio: np.ndarray  # (T,) float32 at ``sample_rate``
     sample_rate: int
     words: list[EspeakWordEvent]
+    phonemes: list[str] = field(default_factory=list)  # the IPA phonemes spoken, in order (pauses left out)
 
 
 def find_library() -> str:
@@ -258,7 +259,8 @@ class Espeak:
             raise SpeechLMError(f"espeak-ng synthesis failed (error {err})")
         self._lib.espeak_Synchronize()
         audio = np.concatenate(self._chunks).astype(np.float32) / 32768.0 if self._chunks else np.zeros(0, np.float32)
-        return EspeakResult(audio=audio, sample_rate=self.sample_rate, words=_word_events(self._events, len(audio)))
+        phonemes = [name.decode("utf-8", "replace") for kind, _, _, name in self._events if kind == _EVENT_PHONEME and name]
+        return EspeakResult(audio=audio, sample_rate=self.sample_rate, words=_word_events(self._events, len(audio)), phonemes=phonemes)
 
 
 def _word_events(events: list[tuple[int, int, int, bytes]], num_samples: int) -> list[EspeakWordEvent]:

@@ -1,0 +1,187 @@
+"""A pronunciation checker: how well does a piece of speech say the phonemes of a text?
+
+The speech LM hears its own speech as it meant it (its ASR, or its likelihood of the text
+given its speech, scores nearly every candidate of a sentence as perfect), so it cannot tell
+which of several renderings of a sentence a listener will understand.  This small model can:
+a CTC phoneme recognizer over log-mel features, trained on the TTS teacher's speech (plain
+and through the codec, ``speechlm train checker``), with no language model in it, so it
+hears sounds, not the words it expects.  ``PronunciationChecker.score`` gives how far the
+text's phonemes (espeak-ng's IPA, the teacher's own pronunciation) fall short of what it hears
+best in each audio, in CTC nats per phoneme; TTS with ``Generation.candidates > 1`` keeps the
+candidate with the lowest score.
+
+Shapes: audio (B, T) at 16 kHz -> log-mel (B, n_mels, F) at 100 Hz -> encoder (B, C, F/2)
+-> log-probabilities (B, F/2, V) over the phoneme vocabulary (index 0 = the CTC blank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .codec.errors import SpeechLMError
+from .codec.losses import mel_filterbank
+
+CONFIG_FILE = "checker_config.json"
+WEIGHTS_FILE = "checker.safetensors"
+BLANK = "<blank>"
+UNKNOWN = "<unk>"
+
+
+@dataclass
+class CheckerConfig:
+    sample_rate: int = 16_000
+    n_fft: int = 400
+    hop_length: int = 160  # 100 feature frames a second; the encoder halves it
+    n_mels: int = 80
+    channels: int = 192
+    blocks: int = 6
+    kernel_size: int = 9
+    expansion: int = 2
+    voice: str = "en-us"  # espeak-ng voice whose phonemes the checker hears (the TTS teacher's)
+    phonemes: list[str] = field(default_factory=lambda: [BLANK, UNKNOWN])  # vocabulary; 0 = blank
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _Block(nn.Module):
+    """ConvNeXt-style 1-D block: depthwise conv, LayerNorm, pointwise MLP, residual. (B, C, F) -> (B, C, F)."""
+
+    def __init__(self, channels: int, kernel_size: int, expansion: int):
+        super().__init__()
+        self.depthwise = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.up = nn.Linear(channels, channels * expansion)
+        self.down = nn.Linear(channels * expansion, channels)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        h = self.depthwise(x * mask).transpose(1, 2)
+        h = self.down(F.gelu(self.up(self.norm(h)))).transpose(1, 2)
+        return x + h * mask
+
+
+class PronunciationChecker(nn.Module):
+    def __init__(self, config: CheckerConfig):
+        super().__init__()
+        self.config = config
+        self.index = {p: i for i, p in enumerate(config.phonemes)}
+        self.register_buffer("mel", mel_filterbank(config.sample_rate, config.n_fft, config.n_mels), persistent=False)
+        self.register_buffer("window", torch.hann_window(config.n_fft), persistent=False)
+        c = config.channels
+        self.stem = nn.Conv1d(config.n_mels, c, 5, stride=2, padding=2)
+        self.blocks = nn.ModuleList(_Block(c, config.kernel_size, config.expansion) for _ in range(config.blocks))
+        self.norm = nn.LayerNorm(c)
+        self.head = nn.Linear(c, len(config.phonemes))
+
+    # -- features ------------------------------------------------------------------------------
+
+    def features(self, audio: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """audio (B, T) float, lengths (B,) samples -> log-mel (B, n_mels, F), normalized per utterance
+        over its own frames (so the level does not matter), and frame counts (B,)."""
+        c = self.config
+        spec = torch.stft(audio.float(), c.n_fft, c.hop_length, window=self.window, center=True, return_complex=True).abs()
+        feats = torch.log(torch.matmul(self.mel, spec) + 1e-5)
+        frames = (lengths // c.hop_length + 1).clamp(max=feats.shape[-1])
+        mask = (torch.arange(feats.shape[-1], device=audio.device)[None] < frames[:, None]).to(feats.dtype)[:, None]
+        count = mask.sum(-1, keepdim=True).clamp(min=1)
+        mean = (feats * mask).sum(-1, keepdim=True) / count
+        std = (((feats - mean) ** 2 * mask).sum(-1, keepdim=True) / count).sqrt().clamp(min=1e-3)
+        return (feats - mean) / std * mask, frames
+
+    def forward(self, feats: Tensor, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """log-mel (B, n_mels, F), frames (B,) -> log-probabilities (B, F', V), output lengths (B,)."""
+        x = self.stem(feats)
+        out = (frames + 1) // 2
+        mask = (torch.arange(x.shape[-1], device=x.device)[None] < out[:, None]).to(x.dtype)[:, None]
+        x = x * mask
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.head(self.norm(x.transpose(1, 2))).log_softmax(-1), out
+
+    # -- phonemes ------------------------------------------------------------------------------
+
+    def phoneme_ids(self, phonemes: list[str]) -> list[int]:
+        unknown = self.index[UNKNOWN]
+        return [self.index.get(p, unknown) for p in phonemes]
+
+    def text_phonemes(self, text: str) -> list[str]:
+        """The phonemes espeak-ng's ``config.voice`` says for ``text`` (needs espeak-ng)."""
+        return text_phonemes(text, self.config.voice)
+
+    # -- use -----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def score(self, audios: list[np.ndarray], phonemes: list[str]) -> list[float]:
+        """How far each audio (T_k,) at 16 kHz falls short of saying ``phonemes``: the CTC negative
+        log-likelihood of ``phonemes`` less that of the checker's own best path through the audio, in
+        nats per phoneme (0 = it hears exactly them; lower = clearer). Audio too short to hold them
+        scores ``inf``."""
+        if not phonemes:
+            raise SpeechLMError("nothing to check: the text has no phonemes")
+        audio, lengths = _pad(audios, self.config.n_fft)
+        logp, out = self(*self.features(audio, lengths))
+        target = torch.tensor(self.phoneme_ids(phonemes))
+        targets = target[None].expand(len(audios), -1)
+        nll = F.ctc_loss(logp.transpose(0, 1), targets, out, torch.full((len(audios),), len(target)), reduction="none", zero_infinity=False)
+        best = torch.stack([logp[i, : int(out[i])].max(-1).values.sum() for i in range(len(audios))])  # log p of the best path
+        return [float(x) / len(target) for x in nll + best]
+
+    @torch.inference_mode()
+    def recognize(self, audio: np.ndarray) -> list[str]:
+        """Greedy CTC phonemes heard in ``audio`` (T,) at 16 kHz."""
+        batch, lengths = _pad([audio], self.config.n_fft)
+        logp, out = self(*self.features(batch, lengths))
+        best = logp[0, : int(out[0])].argmax(-1).tolist()
+        return [self.config.phonemes[i] for k, i in enumerate(best) if i != 0 and (k == 0 or best[k - 1] != i)]
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2, ensure_ascii=False))
+        # float16 on disk (half the size; scoring in float32 from them differs by ~1e-3 nats)
+        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, path_or_name: str | os.PathLike) -> PronunciationChecker:
+        from safetensors.torch import load_file
+
+        from .speech import resolve_model
+
+        directory = resolve_model(path_or_name)
+        if not (directory / CONFIG_FILE).is_file():
+            raise SpeechLMError(f"{directory} holds no pronunciation checker ({CONFIG_FILE} missing)")
+        model = cls(CheckerConfig(**json.loads((directory / CONFIG_FILE).read_text())))
+        state = {k: v.float() for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def text_phonemes(text: str, voice: str = "en-us") -> list[str]:
+    """espeak-ng's IPA phonemes (pauses left out) for ``text`` in ``voice``."""
+    from .training.espeak import Espeak
+
+    return Espeak.instance().synthesize(text, voice).phonemes
+
+
+def _pad(audios: list[np.ndarray], min_length: int = 1) -> tuple[Tensor, Tensor]:
+    """list of (T_k,) -> (B, max(max T, min_length)) zero-padded float32, lengths (B,) (the true ones)."""
+    if not audios:
+        raise SpeechLMError("no audio to check")
+    lengths = torch.tensor([len(a) for a in audios])
+    batch = torch.zeros(len(audios), max(min_length, int(lengths.max())))
+    for i, a in enumerate(audios):
+        batch[i, : len(a)] = torch.from_numpy(np.asarray(a, np.float32))
+    return batch, lengths
