@@ -205,8 +205,8 @@ class SpeechPipeline:
 
     def speech_candidates(self, text: str, speak: Callable[[Generation], np.ndarray], g: Generation) -> list[tuple[np.ndarray, float]]:
         """(audio (T,), checker score) for each candidate generation of ``text`` (``speak(generation)`` makes
-        the audio): the score is the mean negative log-likelihood per phoneme the checker gives the
-        text's phonemes in that audio (lower = clearer; ``inf`` = too short to hold them)."""
+        the audio): :meth:`PronunciationChecker.score`, how far the text's phonemes fall short of what
+        the checker hears best in that audio, in nats per phoneme (lower = clearer; ``inf`` = too short)."""
         audios = [speak(gk) for gk in self.candidate_generations(g)]
         checker = self.checker(g.checker)
         phonemes = checker.text_phonemes(normalize_text(text.strip()))
