@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .codec.errors import SpeechLMError
 from .codec.losses import mel_filterbank
+from .lm.model import ctc_greedy
 
 CONFIG_FILE = "checker_config.json"
 WEIGHTS_FILE = "checker.safetensors"
@@ -131,7 +132,8 @@ class PronunciationChecker(nn.Module):
         target = torch.tensor(self.phoneme_ids(phonemes))
         targets = target[None].expand(len(audios), -1)
         nll = F.ctc_loss(logp.transpose(0, 1), targets, out, torch.full((len(audios),), len(target)), reduction="none", zero_infinity=False)
-        best = torch.stack([logp[i, : int(out[i])].max(-1).values.sum() for i in range(len(audios))])  # log p of the best path
+        valid = torch.arange(logp.shape[1])[None] < out[:, None]
+        best = (logp.max(-1).values * valid).sum(-1)  # log p of each row's best path
         return [float(x) / len(target) for x in nll + best]
 
     @torch.inference_mode()
@@ -139,8 +141,8 @@ class PronunciationChecker(nn.Module):
         """Greedy CTC phonemes heard in ``audio`` (T,) at 16 kHz."""
         batch, lengths = _pad([audio], self.config.n_fft)
         logp, out = self(*self.features(batch, lengths))
-        best = logp[0, : int(out[0])].argmax(-1).tolist()
-        return [self.config.phonemes[i] for k, i in enumerate(best) if i != 0 and (k == 0 or best[k - 1] != i)]
+        labels = ctc_greedy(logp[0, : int(out[0])].argmax(-1).tolist(), blank=self.index[BLANK])
+        return [self.config.phonemes[i] for i in labels]
 
     # -- files ---------------------------------------------------------------------------------
 

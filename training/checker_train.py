@@ -152,8 +152,7 @@ class CheckerTrainer:
             _atomic_save(data, cache)
         clips: list[Clip] = data["clips"]
         order = random.Random(config.seed).sample(range(len(clips)), len(clips))
-        held = {i for i in order if not clips[i].codec}
-        held = set(sorted(held, key=order.index)[: config.held_out])
+        held = set([i for i in order if not clips[i].codec][: config.held_out])  # the first plain clips in a seeded order
         held |= {i + 1 for i in held if i + 1 < len(clips) and clips[i + 1].codec}  # each held clip's codec copy too
         self.train_clips = [c for i, c in enumerate(clips) if i not in held]
         self.held_clips = [c for i, c in enumerate(clips) if i in held]
