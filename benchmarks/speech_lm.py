@@ -137,7 +137,7 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
             stats[name].append({k: v for k, v in out.items() if k != "audio"} | {"heard": heard})
         if g.candidates > 1:  # every candidate judged, so the checker's choice is compared with the others in one run
             t = time.perf_counter()
-            candidates = sp.speech_candidates(text, lambda gk, text=text: speak(sp, text, gk)["audio"], g)
+            candidates = sp.speech_candidates(text, lambda gs, text=text: sp.tts_batch([text] * len(gs), gs), g)  # rows of one batch
             choice_wall += time.perf_counter() - t
             heard = [judge(a) if len(a) >= SAMPLE_RATE // 10 else "" for a, _ in candidates]
             scores = [score for _, score in candidates]

@@ -31,7 +31,7 @@ from .codec.errors import AudioError, SpeechLMError
 from .codec.model import Codec
 from .denoise import spectral_denoise
 from .lm.ensemble import ensemble_transcribe
-from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_audio, text_generate
+from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_aligned_audio_batch, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
 from .training.textnorm import normalize_text
@@ -186,9 +186,59 @@ class SpeechPipeline:
         if g.candidates > 1:
             if stream:
                 raise SpeechLMError("choosing among TTS candidates needs each whole utterance: use stream=False (or candidates=1)")
-            return self.best_speech(text, lambda gk: _join(pcm for _, pcm in self.tts_steps(text, gk)), g)
+            return self.best_speech(text, lambda gs: self.tts_batch([text] * len(gs), gs), g)
+        if not stream and self.lm.config.speech_layout == "word_aligned":
+            return self.tts_batch([text], g)[0]  # the codec decodes the whole utterance at once
         chunks = (pcm for _, pcm in self.tts_steps(text, g))
         return chunks if stream else _join(chunks)
+
+    def tts_batch(self, texts: list[str], generations: Generation | list[Generation] | None = None) -> list[np.ndarray]:
+        """Speak several texts (or one text several ways: one generation per text) in one batch:
+        a word-aligned model decodes them as rows of one batch (:meth:`speak_batch`); the audio (T_i,)
+        of each, float32 at 16 kHz. The generations may differ in sampling and seed only."""
+        gs = generations if isinstance(generations, list) else [generations or Generation()] * len(texts)
+        if len(gs) != len(texts):
+            raise SpeechLMError(f"{len(gs)} generations given for {len(texts)} texts")
+        if not texts:
+            return []
+        if self.lm.config.speech_layout != "word_aligned":
+            return [_join(pcm for _, pcm in self.tts_steps(t, gk)) for t, gk in zip(texts, gs)]
+        prompts = [aligned_tts_prompt(self.lm, t) for t in texts]
+        return self.speak_batch(
+            [ids for ids, _ in prompts], [None] * len(texts), [chunks for _, chunks in prompts], gs, adapter=self.tts_adapter(gs[0])
+        )
+
+    def speak_batch(
+        self,
+        prompts: list[list[int]],
+        codes: list[torch.Tensor | None],
+        chunks: list[list[list[int]]],
+        generations: list[Generation],
+        adapter: str | None = None,
+    ) -> list[np.ndarray]:
+        """Word-aligned speech of several rows in one batch (:func:`iter_aligned_audio_batch`): row i speaks
+        the word chunks ``chunks[i]`` after ``prompts[i]`` (ending with ``<|speech_start|>``, its audio
+        positions' codes ``codes[i]``) as ``generations[i]`` samples and seeds it; the rest of the
+        decoding (guidance, MCTP schedule, length limits) is the first generation's, for every row.
+        Returns each row's audio (T_i,), its frames decoded by the codec at the end."""
+        g = generations[0]
+        shared = ("guidance", "mctp_schedule", "max_seconds", "max_seconds_per_word")
+        if any(getattr(gk, name) != getattr(g, name) for gk in generations for name in shared):
+            raise SpeechLMError(f"the rows of one speech batch must share {', '.join(shared)}")
+        v, frame_rate = self.lm.vocab, self.lm.config.frame_rate
+        frames: list[list[torch.Tensor]] = [[] for _ in prompts]
+        with torch.inference_mode(), self.lm.adapter(adapter):
+            steps = iter_aligned_audio_batch(
+                self.lm, prompts, chunks, audio_codes=codes, max_frames=max(1, int(g.max_seconds * frame_rate)),
+                max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)), sampling=[gk.sampling() for gk in generations],
+                schedule=g.mctp_schedule, seed=[gk.seed for gk in generations], guidance=g.guidance,
+                unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start],
+            )  # fmt: skip
+            for step in steps:
+                for row, new in zip(frames, step.frames):
+                    row.append(new)
+            size = self.codec.config.codebook_size - 1
+            return [self.codec.decode(torch.cat(row)[None].clamp(max=size))[0].cpu().numpy() for row in frames]
 
     # -- choosing among renderings -------------------------------------------------------------
 
@@ -203,11 +253,14 @@ class SpeechPipeline:
         seed = g.seed or 0
         return [first] + [replace(first, codebook_temperatures=temperatures, seed=seed + k) for k in range(1, g.candidates)]
 
-    def speech_candidates(self, text: str, speak: Callable[[Generation], np.ndarray], g: Generation) -> list[tuple[np.ndarray, float]]:
-        """(audio (T,), checker score) for each candidate generation of ``text`` (``speak(generation)`` makes
-        the audio): :meth:`PronunciationChecker.score`, how far the text's phonemes fall short of what
-        the checker hears best in that audio, in nats per phoneme (lower = clearer; ``inf`` = too short)."""
-        audios = [speak(gk) for gk in self.candidate_generations(g)]
+    def speech_candidates(
+        self, text: str, speak: Callable[[list[Generation]], list[np.ndarray]], g: Generation
+    ) -> list[tuple[np.ndarray, float]]:
+        """(audio (T,), checker score) for each candidate generation of ``text`` (``speak(generations)``
+        makes their audio, e.g. as rows of one batch, :meth:`tts_batch`): :meth:`PronunciationChecker.score`,
+        how far the text's phonemes fall short of what the checker hears best in that audio, in nats per
+        phoneme (lower = clearer; ``inf`` = too short)."""
+        audios = speak(self.candidate_generations(g))
         checker = self.checker(g.checker)
         phonemes = checker.text_phonemes(normalize_text(text.strip()))
         if not phonemes:
@@ -310,10 +363,12 @@ class SpeechPipeline:
                 return text, np.zeros(0, np.float32)
         prefix = [*ids, *reply, self.lm.vocab.speech_start]
 
-        def speak(gk: Generation) -> np.ndarray:
-            return _join(pcm for _, pcm in self.speak_steps(prefix, codes, gk, chunks, adapter=self.tts_adapter(gk)))
+        def speak(gs: list[Generation]) -> list[np.ndarray]:
+            if chunks is not None:  # word-aligned: the renderings are rows of one batch
+                return self.speak_batch([prefix] * len(gs), [codes] * len(gs), [chunks] * len(gs), gs, adapter=self.tts_adapter(g))
+            return [_join(pcm for _, pcm in self.speak_steps(prefix, codes, gk, None, adapter=self.tts_adapter(gk))) for gk in gs]
 
-        return text, (self.best_speech(text, speak, g) if g.candidates > 1 else speak(g))
+        return text, (self.best_speech(text, speak, g) if g.candidates > 1 else speak([g])[0])
 
     def reply_text(self, question: str, generation: Generation | None = None) -> str:
         """The text of the model's reply to a typed question (what :meth:`chat` would say, unspoken)."""

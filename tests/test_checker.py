@@ -111,7 +111,7 @@ class _FakeChecker:
 def test_tts_keeps_the_candidate_the_checker_prefers(pipeline):  # noqa: F811
     g = dataclasses.replace(SHORT, temperature=0.0, codebook_temperatures=None, candidates=3, checker="fake")
     checker = pipeline._checkers["fake"] = _FakeChecker([2.0, 0.5, 1.0])
-    candidates = pipeline.speech_candidates("hello world", lambda gk: pipeline.tts("hello world", generation=gk), g)
+    candidates = pipeline.speech_candidates("hello world", lambda gs: pipeline.tts_batch(["hello world"] * len(gs), gs), g)
     assert [s for _, s in candidates] == [2.0, 0.5, 1.0]
     first = pipeline.tts("hello world", generation=dataclasses.replace(g, candidates=1))
     assert np.array_equal(candidates[0][0], first)  # candidate 1 = the configured decoding

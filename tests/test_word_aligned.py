@@ -14,7 +14,7 @@ from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import GREEDY, SpeechLM, SpeechLMConfig, load_tokenizer, train_bpe_tokenizer
-from speechlm.lm.generate import iter_aligned_audio
+from speechlm.lm.generate import Sampling, iter_aligned_audio, iter_aligned_audio_batch
 from speechlm.lm.layout import IGNORE
 from speechlm.lm.prompts import aligned_tts_prompt, chunk_ids, word_chunks
 from speechlm.speech import Generation, SpeechPipeline
@@ -135,6 +135,64 @@ def test_aligned_decoding_cached_equals_uncached_and_limits(model):
         list(iter_aligned_audio(model, prompt, []))
 
 
+
+def rows_of(steps, B):
+    """Per row, the frames a batched decoding completed, and the step at which each row finished."""
+    frames, finished_at = [[] for _ in range(B)], [None] * B
+    for k, step in enumerate(steps):
+        for b in range(B):
+            frames[b] += list(step.frames[b])
+            if finished_at[b] is None and bool(step.finished[b]):
+                finished_at[b] = k
+    return frames, finished_at
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("guided", [False, True])
+def test_batched_rows_speak_as_each_alone(model, guided):
+    """Rows of one batch (other texts, other lengths, other sampling) each speak what decoding that row
+    alone speaks: exactly without MCTP (words end at different positions; the rows' next chunks are laid
+    beside the others' frames with placeholders), and with MCTP for rows that cut their MCTP runs alike."""
+    v = model.vocab
+    kw = dict(max_frames_per_chunk=5, guidance=2.0 if guided else 0.0, unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start])
+    prompts = [aligned_tts_prompt(model, t) for t in ["set a timer for ten minutes", "hello world", "it is four"]]
+    samplings = [GREEDY, Sampling(temperature=0.9, top_k=0, top_p=1.0), GREEDY]
+    seeds = [0, 7, 0]
+    args = ([p for p, _ in prompts], [c for _, c in prompts])
+    batch = list(iter_aligned_audio_batch(model, *args, sampling=samplings, seed=seeds, schedule=[0], **kw))
+    frames, finished_at = rows_of(batch, 3)
+    for b, (prompt, chunks) in enumerate(prompts):
+        alone = frames_of(iter_aligned_audio(model, prompt, chunks, sampling=samplings[b], seed=seeds[b], schedule=[0], **kw))
+        assert same(frames[b], alone), f"row {b}"
+        assert len(chunks) <= len(alone)
+    assert finished_at[2] < finished_at[0] == len(batch) - 1, "a short row finishes first; the batch ends with the last row"
+    # MCTP: identical rows end their words together, so each cuts its runs where decoding it alone does
+    prompt, chunks = prompts[0]
+    alone = list(iter_aligned_audio(model, prompt, chunks, sampling=GREEDY, **kw))
+    twice = list(iter_aligned_audio_batch(model, [prompt] * 2, [chunks] * 2, sampling=GREEDY, **kw))
+    rows, _ = rows_of(twice, 2)
+    assert same(rows[0], frames_of(alone)) and same(rows[1], frames_of(alone))
+    assert twice[-1].backbone_forwards == alone[-1].backbone_forwards < len(rows[0]), "MCTP runs in a batch too"
+    # MCTP with rows whose words end apart: every row speaks each word within its caps, and cached decoding
+    # equals decoding that recomputes every position at each step
+    mixed, _ = rows_of(iter_aligned_audio_batch(model, *args, sampling=GREEDY, **kw), 3)
+    uncached, _ = rows_of(iter_aligned_audio_batch(model, *args, sampling=GREEDY, use_cache=False, **kw), 3)
+    assert all(same(a, b) for a, b in zip(mixed, uncached))
+    assert all(len(c) <= len(f) <= 5 * len(c) for f, (_, c) in zip(mixed, prompts))
+
+
+def test_bad_batches(model):
+    prompt, chunks = aligned_tts_prompt(model, "hello world")
+    with pytest.raises(SpeechLMError, match="one chunk list per prefix"):
+        list(iter_aligned_audio_batch(model, [prompt, prompt], [chunks]))
+    with pytest.raises(SpeechLMError, match="values of seed"):
+        list(iter_aligned_audio_batch(model, [prompt, prompt], [chunks, chunks], seed=[1, 2, 3]))
+    with pytest.raises(SpeechLMError, match="at least one text chunk"):
+        list(iter_aligned_audio_batch(model, [prompt, prompt], [chunks, []]))
+
 def test_pipeline_speaks_word_by_word(model):
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
     lm = SpeechLM(dataclasses.replace(model.config, codec_id=codec.codec_id), model.backbone, model.tokenizer)
@@ -143,12 +201,26 @@ def test_pipeline_speaks_word_by_word(model):
     g = Generation(max_seconds=2.0, max_seconds_per_word=0.2, seed=0)
     audio = sp.tts("Set a timer for 10 minutes.", generation=g)  # digits are spelled out first
     assert audio.dtype == np.float32 and 6 * 640 <= len(audio) <= 6 * 5 * 640
-    assert np.allclose(np.concatenate(list(sp.tts("Set a timer for 10 minutes.", stream=True, generation=g))), audio)
+    assert np.allclose(np.concatenate(list(sp.tts("Set a timer for 10 minutes.", stream=True, generation=g))), audio, atol=1e-6)
     text, reply = sp.chat("what is two plus two", generation=Generation(max_seconds=1.0, max_seconds_per_word=0.2, max_text_tokens=4, seed=0))
     assert isinstance(text, str) and reply.dtype == np.float32
     for bad in ("", "...", "x" * 5000):
         with pytest.raises(SpeechLMError):
             sp.tts(bad, generation=g)
+        with pytest.raises(SpeechLMError):
+            sp.tts_batch(["hello world", bad], g)
+    # several texts in one batch: without MCTP each is what speaking it alone gives
+    plain = dataclasses.replace(g, mctp_schedule=[0])
+    texts = ["Set a timer for 10 minutes.", "hello world", "it is four"]
+    batch = sp.tts_batch(texts, plain)
+    assert all(np.allclose(a, sp.tts(t, generation=plain), atol=1e-5) for a, t in zip(batch, texts))
+    # TTS candidates are rows of one batch (candidate 1 the configured decoding)
+    gens = sp.candidate_generations(dataclasses.replace(plain, candidates=3))
+    assert np.allclose(sp.tts_batch(["hello world"] * 3, gens)[0], sp.tts("hello world", generation=plain), atol=1e-5)
+    with pytest.raises(SpeechLMError, match="must share"):
+        sp.tts_batch(["hello world"] * 2, [g, plain])
+    with pytest.raises(SpeechLMError, match="2 generations given for 1 texts"):
+        sp.tts_batch(["hello world"], [g, g])
 
 
 def test_config_rejects_unknown_layout():

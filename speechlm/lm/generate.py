@@ -22,9 +22,11 @@ The pieces, bottom up:
     So with N modules the very first backbone forward after the prompt already yields N + 1
     frames (positions). A row ends when codebook 0 predicts the empty code (or at
     ``max_frames``); with the delay pattern its remaining delayed codebooks are flushed first.
-``iter_aligned_audio``
+``iter_aligned_audio`` / ``iter_aligned_audio_batch``
     word-aligned speech: each forced text chunk (a word) is followed by its own run of
-    audio positions, which the model ends when the word is spoken.
+    audio positions, which the model ends when the word is spoken; several rows (texts, or
+    renderings of one text) in one batch, each through its own words
+    (:meth:`Decoder.append_rows` lays a row's next chunk beside the others' frames).
 ``iter_text`` / ``text_generate``
     text tokens until a stop token or ``max_new_tokens``.
 
@@ -265,25 +267,50 @@ class Decoder:
         self.known_positions = torch.cat((self.known_positions, positions), dim=1)
 
     def append_where(self, embeds: Tensor, rows: Tensor) -> None:
-        """Add positions (B, n, D) to the rows where ``rows`` (B,) is True. Every other row gets n
-        masked placeholders (no query attends to them, they take no rotary position) in front of its
-        last known position, which must not be fed yet: the rows stay aligned and all end with a
-        position to feed, whose hidden state ``backbone_step`` returns (a guided decoding's
+        """Add positions (B, n, D) to the rows where ``rows`` (B,) is True; the other rows get none
+        (:meth:`append_rows`: they hold n masked placeholders instead; a guided decoding's
         unconditional rows skip the word chunks their twins are fed)."""
-        B, n, _ = embeds.shape
-        if self.fed >= self.known:
-            raise RuntimeError("append_where needs a last position that is not fed yet")
-        keep = rows.to(embeds.device)[:, None]  # (B, 1)
-        last, last_position = self.known_embeds[:, -1:], self.known_positions[:, -1:]
-        ones = torch.ones(B, 1, dtype=torch.bool, device=embeds.device)
-        tail = torch.where(keep[..., None], torch.cat((last, embeds), 1), torch.cat((torch.zeros_like(embeds), last), 1))
-        steps = torch.arange(1, n + 1, device=embeds.device)
-        positions = torch.where(keep, torch.cat((last_position, last_position + steps), 1), last_position.expand(B, n + 1))
-        valid = torch.where(keep, ones.expand(B, n + 1), torch.cat((torch.zeros(B, n, dtype=torch.bool, device=embeds.device), ones), 1))
-        self.known_embeds = torch.cat((self.known_embeds[:, :-1], tail), dim=1)
-        self.known_valid = torch.cat((self.known_valid[:, :-1], valid), dim=1)
-        self.known_positions = torch.cat((self.known_positions[:, :-1], positions), dim=1)
-        self.padded = self.holes = True
+        keep = rows.tolist()
+        self.append_rows([embeds[b] if keep[b] else None for b in range(embeds.shape[0])])
+
+    def append_rows(self, embeds: Sequence[Tensor | None]) -> None:
+        """Add n_b positions (n_b, D) to each row b (None: none), rows of one batch taking different
+        numbers. The positions not fed yet are laid out again, per row: the row's own unfed positions
+        and then its new ones, in order, with masked placeholders (they take no rotary position and
+        no query attends to them) in front of the last, so that the rows stay aligned and every
+        row's last position is its own (``backbone_step`` returns its hidden state): each row needs
+        at least one position to feed."""
+        B, K, D = self.known_embeds.shape
+        if len(embeds) != B:
+            raise SpeechLMError(f"positions for {len(embeds)} rows given, the batch has {B}")
+        start = self.fed
+        tails = []
+        for b, new in enumerate(embeds):
+            valid = self.known_valid[b, start:]
+            own, positions = self.known_embeds[b, start:][valid], self.known_positions[b, start:][valid]
+            n = 0 if new is None else new.shape[0]
+            if n:
+                own = torch.cat((own, new.to(own.dtype)))
+                positions = torch.cat((positions, self.known_positions[b, -1] + torch.arange(1, n + 1, device=positions.device)))
+            if not len(own):
+                raise RuntimeError(f"row {b} has no position to feed")
+            tails.append((own, positions))
+        length = max(len(own) for own, _ in tails)
+        device = self.known_embeds.device
+        embeds_tail = torch.zeros(B, length, D, dtype=self.known_embeds.dtype, device=device)
+        valid_tail = torch.zeros(B, length, dtype=torch.bool, device=device)
+        positions_tail = torch.zeros(B, length, dtype=self.known_positions.dtype, device=device)
+        for b, (own, positions) in enumerate(tails):
+            n = len(own) - 1  # own positions before the placeholders; the last comes after them
+            embeds_tail[b, :n], embeds_tail[b, -1] = own[:n], own[-1]
+            valid_tail[b, :n], valid_tail[b, -1] = True, True
+            positions_tail[b] = positions[-1]  # the placeholders' (unused) rotary position
+            positions_tail[b, :n] = positions[:n]
+        self.known_embeds = torch.cat((self.known_embeds[:, :start], embeds_tail), dim=1)
+        self.known_valid = torch.cat((self.known_valid[:, :start], valid_tail), dim=1)
+        self.known_positions = torch.cat((self.known_positions[:, :start], positions_tail), dim=1)
+        if not bool(valid_tail.all()):
+            self.padded = self.holes = True
 
     def backbone_step(self) -> Tensor:
         """One backbone forward over every position not fed yet -> hidden state of the last one (B, D)."""
@@ -479,17 +506,13 @@ class _Segment:
             codes = self.model.audio_head.generate(hidden, choose)
         else:
             B, empty = self.layout.shape[0], self.empty
-
-            def guided(first_q: int, logits: Tensor) -> Tensor:  # logits (2B, n, C+1): conditional rows, then unconditional
-                cond, uncond = logits[:B].float(), logits[B:].float()
-                mixed = cond + guidance * (cond - uncond)
-                if first_q == 0:  # the end of the segment stays the conditional model's call
-                    mixed[:, 0, empty] = cond[:, 0, empty]
-                return choose(first_q, mixed).repeat(2, 1)
-
-            codes = self.model.audio_head.generate(hidden, guided)[:B]
-        self.layout = torch.cat((self.layout, codes[:, None]), dim=1)
+            codes = self.model.audio_head.generate(hidden, lambda q, logits: choose(q, _guided_logits(logits, q, guidance, B, empty)).repeat(2, 1))[:B]
+        self.push(codes)
         return codes
+
+    def push(self, codes: Tensor) -> None:
+        """Append the codes (B, Q) chosen for the segment's next position."""
+        self.layout = torch.cat((self.layout, codes[:, None]), dim=1)
 
     @property
     def finished(self) -> Tensor:
@@ -505,6 +528,17 @@ class _Segment:
             frames.append(self.layout[b].gather(0, where))
             self.emitted[b] = max(self.emitted[b], complete[b])
         return frames
+
+
+def _guided_logits(logits: Tensor, first_q: int, guidance: float, B: int, empty: int) -> Tensor:
+    """logits (2B, n, C+1) of B rows, then their unconditional twins -> the guided logits (B, n, C+1):
+    ``cond + guidance * (cond - uncond)``, except codebook 0's empty code (a segment's end), which
+    stays the conditional model's call."""
+    cond, uncond = logits[:B].float(), logits[B:].float()
+    mixed = cond + guidance * (cond - uncond)
+    if first_q == 0:
+        mixed[:, 0, empty] = cond[:, 0, empty]
+    return mixed
 
 
 @torch.no_grad()
@@ -594,21 +628,13 @@ def _segment_steps(model: SpeechLM, decoder: Decoder, segment: _Segment, steps: 
         step += 1
 
 
-@torch.no_grad()
 def iter_aligned_audio(
     model: SpeechLM,
     prefix: Sequence[int],
     chunks: Sequence[Sequence[int]],
     *,
     audio_codes: Tensor | None = None,
-    max_frames: int = 750,
-    max_frames_per_chunk: int = 75,
-    sampling: Sampling | None = None,
-    schedule: Sequence[int] | None = None,
-    seed: int | None = None,
-    use_cache: bool = True,
-    guidance: float = 0.0,
-    unconditional_prompt: Sequence[int] | None = None,
+    **kwargs,
 ) -> Iterator[AudioStep]:
     """Word-aligned speech (``speech_layout="word_aligned"``, one row): ``prefix`` ends with
     ``<|speech_start|>``; then the model speaks each text chunk (a word with the punctuation
@@ -619,44 +645,136 @@ def iter_aligned_audio(
     The chunks are forced (they are the text being spoken); the model decides where each
     chunk's speech ends (codebook 0's empty code), so speech cannot drift from the text.
     Yields an :class:`AudioStep` per audio position (as ``iter_audio(per_position=True)``);
-    ``finished`` turns True at the last chunk's end. ``max_frames`` caps the utterance,
-    ``max_frames_per_chunk`` each chunk's speech. ``schedule``, ``sampling``, ``seed`` as in
-    :func:`iter_audio`. ``guidance``: classifier-free guidance against ``unconditional_prompt``
-    followed by the same audio without the chunks (see the module doc).
+    ``finished`` turns True at the last chunk's end. The keyword arguments are those of
+    :func:`iter_aligned_audio_batch` (``max_frames`` caps the utterance, ``max_frames_per_chunk``
+    each chunk's speech; ``schedule``, ``sampling``, ``seed`` as in :func:`iter_audio`;
+    ``guidance``: classifier-free guidance against ``unconditional_prompt`` followed by the same
+    audio without the chunks, see the module doc).
     """
-    chunks = [list(c) for c in chunks]
-    if not chunks or any(not c for c in chunks):
+    return iter_aligned_audio_batch(model, [prefix], [chunks], audio_codes=[audio_codes], **kwargs)
+
+
+@torch.no_grad()
+def iter_aligned_audio_batch(
+    model: SpeechLM,
+    prefixes: Sequence[Sequence[int]],
+    chunks: Sequence[Sequence[Sequence[int]]],
+    *,
+    audio_codes: Sequence[Tensor | None] | None = None,
+    max_frames: int = 750,
+    max_frames_per_chunk: int = 75,
+    sampling: Sampling | Sequence[Sampling] | None = None,
+    schedule: Sequence[int] | None = None,
+    seed: int | None | Sequence[int | None] = None,
+    use_cache: bool = True,
+    guidance: float = 0.0,
+    unconditional_prompt: Sequence[int] | None = None,
+) -> Iterator[AudioStep]:
+    """Word-aligned speech of B rows in one batch (see :func:`iter_aligned_audio`): row b speaks
+    ``chunks[b]`` after ``prefixes[b]`` (with ``audio_codes[b]``), with its own ``sampling[b]`` and
+    ``seed[b]`` where lists are given (one value: every row's). Yields an :class:`AudioStep` per
+    audio position of the batch: ``frames[b]`` row b's frames completed there (often none),
+    ``finished[b]`` whether row b has spoken its last chunk.
+
+    The rows advance in lock-step, each through its own words: a row whose word ends gets its next
+    chunk at the next backbone forward, laid beside the others' positions with masked placeholders
+    (:meth:`Decoder.append_rows`). A step (one backbone forward, then the MCTP modules) ends at the
+    first position where any row's word ends (or where the shortest schedule ends), so every MCTP
+    module reads, in every row, only positions that row has: row b's speech is what decoding it
+    alone gives with its MCTP runs cut at those positions, and with ``schedule=[0]`` (no MCTP)
+    exactly what decoding it alone gives. Rows that have finished keep computing (empty frames)
+    until every row is done.
+    """
+    B = len(prefixes)
+    chunks = [[list(c) for c in row] for row in chunks]
+    if B < 1 or len(chunks) != B:
+        raise SpeechLMError(f"need one chunk list per prefix, got {len(chunks)} for {B} prefixes")
+    if any(not row or any(not c for c in row) for row in chunks):
         raise SpeechLMError("word-aligned speech needs at least one text chunk, none of them empty")
     if max_frames < 1 or max_frames_per_chunk < 1:
         raise SpeechLMError(f"need max_frames >= 1 and max_frames_per_chunk >= 1, got {max_frames} and {max_frames_per_chunk}")
     cfg, device = model.config, model.device
-    sampling = sampling or Sampling()
+    samplings = _per_row(sampling if sampling is not None else Sampling(), B, "sampling")
+    seeds = _per_row(seed, B, "seed")
     steps = cfg.schedule(list(schedule) if schedule is not None else None)
     guided = _guided(guidance, unconditional_prompt)
-    rows = [[*prefix, *chunks[0]]] + ([list(unconditional_prompt)] if guided else [])
-    prompt = PromptBatch.build(model, rows, [audio_codes] + [None] * (len(rows) - 1))
-    tail = sum(len(c) for c in chunks[1:])
-    _check_length(model, prompt, tail + min(max_frames, len(chunks) * max_frames_per_chunk) + len(chunks) * cfg.max_delay + cfg.mctp_modules + 1)
+    rows = [[*p, *c[0]] for p, c in zip(prefixes, chunks)] + ([list(unconditional_prompt)] * B if guided else [])
+    codes = list(audio_codes) if audio_codes is not None else [None] * B
+    if len(codes) != B:
+        raise SpeechLMError(f"audio codes for {len(codes)} rows given, {B} prefixes")
+    prompt = PromptBatch.build(model, rows, codes + [None] * (len(rows) - B))
+    tail = max(sum(len(c) for c in row[1:]) + min(max_frames, len(row) * max_frames_per_chunk) + len(row) * cfg.max_delay for row in chunks)
+    _check_length(model, prompt, tail + cfg.mctp_modules + 1)
     decoder = Decoder.start(model, prompt, use_cache=use_cache)
-    twin = torch.tensor([True, False], device=device) if guided else None  # the row is fed the chunks, its twin is not
-    generator = _generator(seed, device)
-    left = max_frames
-    for i, chunk in enumerate(chunks):
-        if i:
-            ids = torch.tensor([chunk] * len(rows), dtype=torch.long, device=device)
-            if guided:
-                decoder.append_where(model.embed(ids), twin)
+    R, empty = len(rows), cfg.empty_code
+    generators = [_generator(s, device) for s in seeds]
+    left = [max_frames] * B  # frames each row may still speak
+    word = [0] * B  # the chunk each row is speaking
+    done = [False] * B
+    segments = [_Segment(model, 1, min(max_frames_per_chunk, max_frames), 1, samplings[b], generators[b]) for b in range(B)]
+    runs = [0] * B  # backbone forwards into the current chunk (its MCTP schedule entry)
+    audio_ids = torch.full((R, 1), model.vocab.audio, dtype=torch.long, device=device)
+    audio_here = torch.ones(R, 1, dtype=torch.bool, device=device)
+    while True:
+        hidden = decoder.backbone_step()
+        speaking = [b for b in range(B) if not done[b]]
+        positions = min(steps[min(runs[b], len(steps) - 1)] for b in speaking) + 1
+        ended = [False] * B
+        for j in range(positions):
+            if j:
+                hidden = decoder.mctp_step(j)
+            choosers = {b: segments[b]._chooser(segments[b].layout.shape[1]) for b in speaking}
+            chosen = model.audio_head.generate(hidden, _rows_chooser(choosers, B, empty, guidance if guided else 0.0))[:B]  # (B, Q)
+            decoder.append(model.embed(audio_ids, chosen.repeat(R // B, 1)[:, None], audio_here))
+            frames = [chosen.new_zeros(0, cfg.num_codebooks)] * B
+            for b in speaking:
+                segments[b].push(chosen[b : b + 1])
+                frames[b] = segments[b].new_frames()[0]
+                left[b] -= len(frames[b])
+                ended[b] = bool(segments[b].finished.all())
+            finished = [done[b] or (ended[b] and (word[b] == len(chunks[b]) - 1 or left[b] <= 0)) for b in range(B)]
+            yield AudioStep(frames=frames, positions=1, backbone_forwards=decoder.backbone_forwards,
+                            finished=torch.tensor(finished, device=device))
+            if any(ended):
+                break
+        new: list[Tensor | None] = [None] * R
+        for b in speaking:
+            if not ended[b]:
+                runs[b] += 1
+            elif word[b] == len(chunks[b]) - 1 or left[b] <= 0:
+                done[b] = True
             else:
-                decoder.append(model.embed(ids))
-        last = i == len(chunks) - 1
-        segment = _Segment(model, 1, min(max_frames_per_chunk, left), 1, sampling, generator)
-        for step in _segment_steps(model, decoder, segment, steps, per_position=True, guidance=guidance if guided else 0.0):
-            left -= len(step.frames[0])
-            end = bool(step.finished.all())
-            step.finished = torch.tensor([end and (last or left <= 0)], device=device)
-            yield step
-        if left <= 0:
+                word[b] += 1
+                runs[b] = 0
+                segments[b] = _Segment(model, 1, min(max_frames_per_chunk, left[b]), 1, samplings[b], generators[b])
+                new[b] = model.embed(torch.tensor([chunks[b][word[b]]], dtype=torch.long, device=device))[0]
+        if all(done):
             return
+        if any(n is not None for n in new):
+            decoder.append_rows(new)
+
+
+def _rows_chooser(choosers: dict, B: int, empty: int, guidance: float):
+    """The audio head's chooser for a batch of B rows (and with ``guidance`` their B twins after them):
+    row b's codes from ``choosers[b]`` (its segment's), the empty code for rows without one."""
+
+    def choose(first_q: int, logits: Tensor) -> Tensor:
+        mixed = _guided_logits(logits, first_q, guidance, B, empty) if guidance else logits
+        out = torch.full(mixed.shape[:2], empty, dtype=torch.long, device=logits.device)
+        for b, chooser in choosers.items():
+            out[b] = chooser(first_q, mixed[b : b + 1])[0]
+        return out.repeat(2, 1) if guidance else out
+
+    return choose
+
+
+def _per_row(value, B: int, name: str) -> list:
+    """One value per row: a list of B values as given, any other value repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != B:
+            raise SpeechLMError(f"{len(value)} values of {name} given for {B} rows")
+        return list(value)
+    return [value] * B
 
 
 @dataclass
