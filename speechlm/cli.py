@@ -256,6 +256,10 @@ def cmd_tts(args: argparse.Namespace) -> int:
 
     import soundfile as sf
 
+    if (args.text is None) == (args.lines is None):
+        raise SpeechLMError("give the text to speak or --lines FILE (one of them)")
+    if args.lines is not None:
+        return _tts_lines(args)
     pipeline = _load_pipeline(args)
     out = Path(args.output)
     if out.suffix.lower() not in (".wav", ".flac"):
@@ -281,6 +285,48 @@ def cmd_tts(args: argparse.Namespace) -> int:
     msg = f"{seconds:.2f} s of speech -> {out} (real-time factor {wall / seconds:.2f}"
     print(msg + (f", first audio after {first * 1000:.0f} ms)" if first is not None else ")"))
     return 0
+
+
+def _tts_lines(args: argparse.Namespace) -> int:
+    """``speechlm tts --lines FILE -o DIR``: each non-empty line spoken into DIR/NNNNN.wav (NNNNN = its
+    line number), ``--batch-size`` lines decoded as rows of one batch; a line that cannot be spoken is
+    reported on stderr and the others go on (exit status 1 if any failed)."""
+    from .codec.audio import save_audio
+
+    if args.stream:
+        raise SpeechLMError("--stream speaks one text; --lines writes whole files")
+    source = sys.stdin if args.lines == "-" else _open_text(args.lines)
+    lines = [(n, line.strip()) for n, line in enumerate(source, 1) if line.strip()]
+    out = Path(args.output)
+    if out.suffix.lower() in (".wav", ".flac"):
+        raise SpeechLMError(f"with --lines the output is a directory, got {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline, g = _load_pipeline(args), _generation(args)
+    failed = 0
+    for start in range(0, len(lines), args.batch_size):
+        batch = lines[start : start + args.batch_size]
+        try:
+            audios = pipeline.tts_batch([text for _, text in batch], g) if g.candidates == 1 else None
+        except SpeechLMError:
+            audios = None  # some line of this batch cannot be spoken: each on its own, to say which
+        for k, (n, text) in enumerate(batch):
+            path = out / f"{n:05d}.wav"
+            try:
+                audio = audios[k] if audios is not None else pipeline.tts(text, generation=g)
+            except SpeechLMError as e:
+                print(f"speechlm: error: line {n}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            save_audio(path, audio, pipeline.sample_rate)
+            print(f"{path}\t{text}", flush=True)
+    return 1 if failed else 0
+
+
+def _open_text(path: str):
+    try:
+        return open(path, encoding="utf-8")
+    except OSError as e:
+        raise SpeechLMError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
@@ -516,9 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("tts", help="text -> speech")
-    p.add_argument("text")
-    p.add_argument("-o", "--output", required=True, help=".wav or .flac")
+    p.add_argument("text", nargs="?", help="the text (or --lines FILE)")
+    p.add_argument("-o", "--output", required=True, help=".wav or .flac (with --lines: a directory)")
     p.add_argument("--stream", action="store_true", help="write audio as frames decode (flushes per chunk)")
+    p.add_argument("--lines", metavar="FILE",
+                   help="speak every non-empty line of FILE ('-' = stdin) into OUTPUT/NNNNN.wav, --batch-size lines per batch; "
+                        "prints 'FILE<TAB>TEXT' per line spoken")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="--lines: texts decoded together as rows of one batch (default 8)")
     _add_model_arguments(p)
     _add_candidate_arguments(p)
     p.set_defaults(func=cmd_tts)

@@ -193,11 +193,16 @@ def test_bad_batches(model):
     with pytest.raises(SpeechLMError, match="at least one text chunk"):
         list(iter_aligned_audio_batch(model, [prompt, prompt], [chunks, []]))
 
-def test_pipeline_speaks_word_by_word(model):
+@pytest.fixture(scope="module")
+def aligned_pipeline(model):
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
     lm = SpeechLM(dataclasses.replace(model.config, codec_id=codec.codec_id), model.backbone, model.tokenizer)
     lm.load_state_dict(model.state_dict())
-    sp = SpeechPipeline(lm.eval(), codec)
+    return SpeechPipeline(lm.eval(), codec)
+
+
+def test_pipeline_speaks_word_by_word(aligned_pipeline):
+    sp = aligned_pipeline
     g = Generation(max_seconds=2.0, max_seconds_per_word=0.2, seed=0)
     audio = sp.tts("Set a timer for 10 minutes.", generation=g)  # digits are spelled out first
     assert audio.dtype == np.float32 and 6 * 640 <= len(audio) <= 6 * 5 * 640
@@ -221,6 +226,27 @@ def test_pipeline_speaks_word_by_word(model):
         sp.tts_batch(["hello world"] * 2, [g, plain])
     with pytest.raises(SpeechLMError, match="2 generations given for 1 texts"):
         sp.tts_batch(["hello world"], [g, g])
+
+
+def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
+    from speechlm.codec.audio import load_audio
+
+    aligned_pipeline.save_pretrained(tmp_path / "m")
+    model = ["--model", str(tmp_path / "m"), "--max-seconds", "2", "--threads", "1", "--dtype", "float32"]
+    lines = ["hello world", "", "it is four", "...", "set a timer for ten minutes"]  # a blank line, and one with nothing to say
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
+    r = cli("tts", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out"), "--batch-size", "2", *model)
+    assert r.returncode == 1 and "line 4" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001.wav", "00003.wav", "00005.wav"]
+    assert [line.split("\t")[1] for line in r.stdout.splitlines()] == ["hello world", "it is four", "set a timer for ten minutes"]
+    g = Generation(max_seconds=2.0, seed=0)  # lines 1 and 3 were one batch; line 5 spoken alone (line 4 failed its batch)
+    expected = {"00001.wav": aligned_pipeline.tts_batch(["hello world", "it is four"], g)[0],
+                "00005.wav": aligned_pipeline.tts("set a timer for ten minutes", generation=g)}  # fmt: skip
+    for name, audio in expected.items():
+        assert np.abs(load_audio(tmp_path / "out" / name) - audio).max() < 1e-3
+    assert cli("tts", "hello", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "o"), *model).returncode == 2
+    r = cli("tts", "--lines", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), *model)
+    assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_config_rejects_unknown_layout():
