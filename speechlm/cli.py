@@ -722,8 +722,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="synth corpus directories (manifest.jsonl) of the TTS teacher's voice")
     p.add_argument("--out", required=True, help="run directory (data.pt, checkpoint.pt, log.jsonl, model/)")
     p.add_argument("--codec", default=DEFAULT_CODEC, help="add each clip through this codec too ('none': plain clips only)")
-    p.add_argument("--voice-prefix", default="espeak:en-us", help="use the records whose voice starts with this")
-    p.add_argument("--codec-voice-prefix", default="espeak:en-us", help="add the codec's copy of the records whose voice starts with this")
+    p.add_argument("--voice-prefix", default="espeak:en-us", help="use the records whose voice starts with this (comma-separated: any of them)")
+    p.add_argument("--codec-voice-prefix", default="espeak:en-us",
+                   help="add the codec's copy of the records whose voice starts with this (comma-separated: any of them)")
     p.add_argument("--steps", type=_positive_int, default=3000)
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -144,3 +144,13 @@ def test_cli_tts_with_candidates(pipeline, corpus, tmp_path, cli):  # noqa: F811
 def test_checker_config_defaults_are_json_round_trippable():
     config = CheckerConfig(phonemes=["<blank>", "<unk>", "a"])
     assert CheckerConfig(**json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_voice_languages_and_prefixes():
+    from speechlm.training.checker_train import _prefixes
+    from speechlm.training.teachers import espeak_language
+
+    assert espeak_language("espeak:en-gb+f3") == "en-gb" and espeak_language("piper:joe") == "en-us"
+    with pytest.raises(SpeechLMError, match="no espeak-ng language"):
+        espeak_language("piper:nobody")
+    assert _prefixes("espeak:, piper:") == ("espeak:", "piper:") and "piper:joe".startswith(_prefixes("espeak:,piper:"))

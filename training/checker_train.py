@@ -3,9 +3,10 @@ teacher's speech, plain and through the codec (what the speech LM's candidates s
 
     speechlm train checker --data data/synth-assistant data/synth-assistant2 --codec codec-16k --out runs/checker
 
-1. ``prepare``: reads each synth corpus's manifest (only voices starting with ``voice_prefix``),
-   loads the audio, asks espeak-ng for the phonemes of its text in the record's language (the
-   teacher's own pronunciation, so targets and audio agree), and adds a copy of each clip whose
+1. ``prepare``: reads each synth corpus's manifest (only voices starting with ``voice_prefix``, or
+   any of its comma-separated prefixes), loads the audio, asks espeak-ng for the phonemes of its
+   text in the record's language (the teacher's own pronunciation, so targets and audio agree;
+   Piper voices phonemize with espeak-ng too), and adds a copy of each clip whose
    voice starts with ``codec_voice_prefix`` (the TTS teacher's) encoded and decoded by ``codec``. Cached in OUT/data.pt (built once; a resumed run reuses it).
 2. ``train``: AdamW with warm-up and cosine decay, SpecAugment-style masks, CTC loss per phoneme;
    the batch of step s is drawn from a generator seeded by (seed, s), so a resumed run takes the
@@ -32,6 +33,7 @@ from ..checker import BLANK, UNKNOWN, CheckerConfig, PronunciationChecker, _pad
 from ..codec.audio import load_audio
 from ..codec.errors import SpeechLMError
 from .codec_train import _atomic_save
+from .teachers import espeak_language
 
 
 @dataclass
@@ -39,8 +41,8 @@ class CheckerTrainConfig:
     data: list[str]  # synth corpus directories (manifest.jsonl)
     out: str
     codec: str | None = "codec-16k"  # add a copy of clips through this codec (None = plain only)
-    voice_prefix: str = "espeak:en-us"  # records whose voice starts with this
-    codec_voice_prefix: str = "espeak:en-us"  # the codec copies: of the records whose voice starts with this
+    voice_prefix: str = "espeak:en-us"  # records whose voice starts with this (comma-separated: any of these)
+    codec_voice_prefix: str = "espeak:en-us"  # the codec copies: of the records whose voice starts with this (or any of these)
     max_seconds: float = 10.0  # longer clips are left out
     held_out: int = 200  # clips (plain + codec copy) kept for the phoneme error rate
     steps: int = 3000
@@ -81,7 +83,7 @@ def prepare(config: CheckerTrainConfig) -> list[Clip]:
         if not manifest.is_file():
             raise SpeechLMError(f"no manifest.jsonl in {directory} (a `speechlm data synth` corpus)")
         rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["voice"].startswith(config.voice_prefix) and r.get("duration", 0) <= config.max_seconds]
+        rows = [r for r in rows if r["voice"].startswith(_prefixes(config.voice_prefix)) and r.get("duration", 0) <= config.max_seconds]
         records += [(Path(directory), r) for r in rows[: config.limit]]
     if not records:
         raise SpeechLMError(f"no records with a voice starting {config.voice_prefix!r} in {config.data}")
@@ -95,17 +97,21 @@ def prepare(config: CheckerTrainConfig) -> list[Clip]:
         if k and k % 1000 == 0:
             print(f"prepared {k} of {len(records)} records", flush=True)
         audio = load_audio(directory / r["audio"])
-        language = r["voice"].split(":", 1)[1].split("+")[0]
-        phonemes = espeak.synthesize(r["text"], language).phonemes
+        phonemes = espeak.synthesize(r["text"], espeak_language(r["voice"])).phonemes
         if not phonemes:
             continue
         clips.append(Clip(_int16(audio), phonemes, False))
-        if codec is not None and r["voice"].startswith(config.codec_voice_prefix):
+        if codec is not None and r["voice"].startswith(_prefixes(config.codec_voice_prefix)):
             with torch.inference_mode():
                 x = torch.from_numpy(audio)[None]
                 decoded = codec.decode(codec.encode(x))[0, : len(audio)].numpy()
             clips.append(Clip(_int16(decoded), phonemes, True))
     return clips
+
+
+def _prefixes(text: str) -> tuple[str, ...]:
+    """``"espeak:,piper:"`` -> ``("espeak:", "piper:")`` (what ``str.startswith`` takes)."""
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def _int16(audio: np.ndarray) -> np.ndarray:

