@@ -152,36 +152,32 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("guided", [False, True])
-def test_batched_rows_speak_as_each_alone(model, guided):
+@pytest.mark.parametrize("schedule", [[0], None, [1, 2]])
+def test_batched_rows_speak_as_each_alone(model, guided, schedule):
     """Rows of one batch (other texts, other lengths, other sampling) each speak what decoding that row
-    alone speaks: exactly without MCTP (words end at different positions; the rows' next chunks are laid
-    beside the others' frames with placeholders), and with MCTP for rows that cut their MCTP runs alike."""
+    alone speaks, with MCTP too: words end at different positions, a row whose word has ended waits with
+    placeholders while the others run their MCTP modules, and gets its next chunk beside their frames."""
     v = model.vocab
-    kw = dict(max_frames_per_chunk=5, guidance=2.0 if guided else 0.0, unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start])
+    kw = dict(max_frames_per_chunk=5, schedule=schedule, guidance=2.0 if guided else 0.0,
+              unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start])  # fmt: skip
     prompts = [aligned_tts_prompt(model, t) for t in ["set a timer for ten minutes", "hello world", "it is four"]]
     samplings = [GREEDY, Sampling(temperature=0.9, top_k=0, top_p=1.0), GREEDY]
     seeds = [0, 7, 0]
     args = ([p for p, _ in prompts], [c for _, c in prompts])
-    batch = list(iter_aligned_audio_batch(model, *args, sampling=samplings, seed=seeds, schedule=[0], **kw))
+    batch = list(iter_aligned_audio_batch(model, *args, sampling=samplings, seed=seeds, **kw))
     frames, finished_at = rows_of(batch, 3)
+    forwards = 0
     for b, (prompt, chunks) in enumerate(prompts):
-        alone = frames_of(iter_aligned_audio(model, prompt, chunks, sampling=samplings[b], seed=seeds[b], schedule=[0], **kw))
-        assert same(frames[b], alone), f"row {b}"
-        assert len(chunks) <= len(alone)
+        alone = list(iter_aligned_audio(model, prompt, chunks, sampling=samplings[b], seed=seeds[b], **kw))
+        assert same(frames[b], frames_of(alone)), f"row {b}"
+        assert len(chunks) <= len(frames[b]) <= 5 * len(chunks)
+        forwards = max(forwards, alone[-1].backbone_forwards)
     assert finished_at[2] < finished_at[0] == len(batch) - 1, "a short row finishes first; the batch ends with the last row"
-    # MCTP: identical rows end their words together, so each cuts its runs where decoding it alone does
-    prompt, chunks = prompts[0]
-    alone = list(iter_aligned_audio(model, prompt, chunks, sampling=GREEDY, **kw))
-    twice = list(iter_aligned_audio_batch(model, [prompt] * 2, [chunks] * 2, sampling=GREEDY, **kw))
-    rows, _ = rows_of(twice, 2)
-    assert same(rows[0], frames_of(alone)) and same(rows[1], frames_of(alone))
-    assert twice[-1].backbone_forwards == alone[-1].backbone_forwards < len(rows[0]), "MCTP runs in a batch too"
-    # MCTP with rows whose words end apart: every row speaks each word within its caps, and cached decoding
-    # equals decoding that recomputes every position at each step
-    mixed, _ = rows_of(iter_aligned_audio_batch(model, *args, sampling=GREEDY, **kw), 3)
-    uncached, _ = rows_of(iter_aligned_audio_batch(model, *args, sampling=GREEDY, use_cache=False, **kw), 3)
-    assert all(same(a, b) for a, b in zip(mixed, uncached))
-    assert all(len(c) <= len(f) <= 5 * len(c) for f, (_, c) in zip(mixed, prompts))
+    assert forwards <= batch[-1].backbone_forwards < sum(len(f) for f in frames)
+    if schedule != [0]:
+        assert batch[-1].backbone_forwards < max(len(f) for f in frames), "MCTP runs in the batch"
+    uncached, _ = rows_of(iter_aligned_audio_batch(model, *args, sampling=samplings, seed=seeds, use_cache=False, **kw), 3)
+    assert all(same(a, b) for a, b in zip(frames, uncached)), "cached == recomputed from scratch"
 
 
 def test_bad_batches(model):

@@ -233,7 +233,12 @@ class Decoder:
     cache: object = None
     mctp_caches: list[list[KVCache]] = field(default_factory=list)
     mctp_done: list[int] = field(default_factory=list)  # positions each module has processed
-    mctp_pending: list[Tensor | None] = field(default_factory=list)  # level-below hidden states it has not read
+    # per module, the first position it must compute again (None: none): a position whose input j
+    # positions ahead was not known yet in some row (a row waiting, in a batch, for its next word)
+    mctp_stale: list[int | None] = field(default_factory=list)
+    # hidden states of level i (0 = the backbone, i = module i) that module i + 1 has not read, or may
+    # read again (stale): (first position, (B, n, D))
+    levels: list[tuple[int, Tensor] | None] = field(default_factory=list)
 
     @classmethod
     def start(cls, model: SpeechLM, prompt: PromptBatch, *, use_cache: bool = True) -> Decoder:
@@ -252,18 +257,25 @@ class Decoder:
         self.cache = DynamicCache(config=self.model.backbone.config)
         self.mctp_caches = [[KVCache() for _ in module.blocks] for module in self.model.mctp]
         self.mctp_done = [0] * len(self.model.mctp)
-        self.mctp_pending = [None] * len(self.model.mctp)
+        self.mctp_stale = [None] * len(self.model.mctp)
+        self.levels = [None] * len(self.model.mctp)
 
     @property
     def known(self) -> int:
         return self.known_embeds.shape[1]
 
-    def append(self, embeds: Tensor) -> None:
-        """Add predicted positions (B, n, D); the next backbone step feeds them."""
+    def append(self, embeds: Tensor, valid: Tensor | None = None) -> None:
+        """Add predicted positions (B, n, D); the next backbone step feeds them. ``valid`` (B, n): False
+        where a row gets a masked placeholder instead (a row waiting in a batch); a row whose last
+        position is a placeholder needs :meth:`append_rows` before the next backbone step."""
         B, n, _ = embeds.shape
-        positions = self.known_positions[:, -1:] + torch.arange(1, n + 1, device=embeds.device)
-        self.known_embeds = torch.cat((self.known_embeds, embeds), dim=1)
-        self.known_valid = torch.cat((self.known_valid, torch.ones(B, n, dtype=torch.bool, device=embeds.device)), dim=1)
+        if valid is None:
+            valid = torch.ones(B, n, dtype=torch.bool, device=embeds.device)
+        elif not bool(valid.all()):
+            self.padded = self.holes = True
+        positions = self.known_positions[:, -1:] + valid.long().cumsum(1)  # placeholders take the last position's
+        self.known_embeds = torch.cat((self.known_embeds, embeds * valid[..., None]), dim=1)
+        self.known_valid = torch.cat((self.known_valid, valid), dim=1)
         self.known_positions = torch.cat((self.known_positions, positions), dim=1)
 
     def append_where(self, embeds: Tensor, rows: Tensor) -> None:
@@ -325,7 +337,7 @@ class Decoder:
         )
         hidden = output.last_hidden_state
         if self.model.mctp:
-            self._push_pending(0, hidden)
+            self._store(0, start, hidden)
         self.fed = end
         self.backbone_forwards += 1
         return hidden[:, -1]
@@ -333,42 +345,69 @@ class Decoder:
     def mctp_step(self, j: int) -> Tensor:
         """Run MCTP module j (1-based) up to the last fed position -> its normed hidden there (B, D),
         from which the audio head predicts the frame at offset j + 1. Needs modules 1 .. j-1 to
-        have run up to the same position and the frames at offsets 1 .. j to be known."""
-        module = self.model.mctp[j - 1]
-        start, end = self.mctp_done[j - 1], self.fed
-        if self.known < end + j or self.mctp_pending[j - 1] is None or self.mctp_pending[j - 1].shape[1] != end - start:
+        have run up to the same position and the frames at offsets 1 .. j to be known.
+
+        In a batch whose rows wait for each other (a row whose word has ended holds masked
+        placeholders while the others go on), module j may reach positions of a waiting row whose
+        input j positions ahead is not known yet; those positions are computed again at the
+        module's next step (``mctp_stale``), once the row has its next word, so that every row gets
+        what decoding it alone gives."""
+        i = j - 1
+        module, end = self.model.mctp[i], self.fed
+        start = self.mctp_done[i] if self.mctp_stale[i] is None else min(self.mctp_stale[i], self.mctp_done[i])
+        level = self.levels[i]
+        if self.known < end + j or level is None or level[0] > start or level[0] + level[1].shape[1] != end:
             raise RuntimeError(f"MCTP module {j} cannot run: modules 1..{j - 1} must run first at this step")
+        if start < self.mctp_done[i]:  # forget what it computed from a stale position on
+            for cache in self.mctp_caches[i]:
+                if cache.keys is not None:
+                    cache.keys, cache.values = cache.keys[:, :, :start], cache.values[:, :, :start]
+                    cache.valid = None if cache.valid is None else cache.valid[:, :start]
+        below = level[1][:, start - level[0] :]
+        ahead, unknown = self._ahead(start, end, j)
         hidden, normed = module(
-            self.mctp_pending[j - 1],
-            self._ahead(start, end, j),
+            below,
+            ahead,
             self.known_positions[:, start:end],
             valid=self.known_valid[:, start:end] if self.padded else None,
-            caches=self.mctp_caches[j - 1],
+            caches=self.mctp_caches[i],
         )
-        self.mctp_pending[j - 1] = None
-        self.mctp_done[j - 1] = end
         if j < len(self.model.mctp):
-            self._push_pending(j, hidden)
+            self._store(j, start, hidden)
+        self.mctp_done[i] = end
+        stale = unknown.any(0).nonzero()
+        self.mctp_stale[i] = start + int(stale[0]) if len(stale) else None
+        keep = end if self.mctp_stale[i] is None else self.mctp_stale[i]  # what module j may read again
+        self.levels[i] = (keep, level[1][:, keep - level[0] :])
         return normed[:, -1]
 
-    def _ahead(self, start: int, end: int, j: int) -> Tensor:
+    def _ahead(self, start: int, end: int, j: int) -> tuple[Tensor, Tensor]:
         """The embeddings (B, end - start, D) j positions after each of positions start .. end-1: in a
         row with masked placeholders (``holes``), j *unmasked* positions after it, so that module j
         reads what follows in the row's own sequence (a guided decoding's unconditional row has no
-        word chunks between its audio frames)."""
+        word chunks between its audio frames). Also (B, end - start) bool: True where that position
+        is not known yet (a row waiting in a batch; the embedding there is a stand-in)."""
         if not self.holes:
-            return self.known_embeds[:, start + j : end + j]
+            return self.known_embeds[:, start + j : end + j], torch.zeros(self.known_embeds.shape[0], end - start, dtype=torch.bool)
         valid = self.known_valid
         rank = valid.long().cumsum(1) - 1  # (B, K): the rank of each unmasked position among them
         at_rank = torch.zeros_like(rank).scatter_(1, torch.where(valid, rank, rank.shape[1] - 1), torch.arange(rank.shape[1], device=rank.device).expand_as(rank))
         count = valid.long().sum(1, keepdim=True)
+        unknown = valid[:, start:end] & (rank[:, start:end] + j > count - 1)
         wanted = (rank[:, start:end] + j).clamp(max=count - 1).clamp(min=0)
         index = torch.where(valid[:, start:end], at_rank.gather(1, wanted), (torch.arange(start, end, device=rank.device) + j).clamp(max=rank.shape[1] - 1))
-        return self.known_embeds.gather(1, index[..., None].expand(-1, -1, self.known_embeds.shape[-1]))
+        return self.known_embeds.gather(1, index[..., None].expand(-1, -1, self.known_embeds.shape[-1])), unknown
 
-    def _push_pending(self, index: int, hidden: Tensor) -> None:
-        pending = self.mctp_pending[index]
-        self.mctp_pending[index] = hidden if pending is None else torch.cat((pending, hidden), dim=1)
+    def _store(self, index: int, start: int, hidden: Tensor) -> None:
+        """Level ``index``'s hidden states (B, n, D) at positions start .. start + n - 1 (replacing any there)."""
+        level = self.levels[index]
+        if level is None:
+            self.levels[index] = (start, hidden)
+            return
+        first, old = level
+        if start < first or start > first + old.shape[1]:
+            raise RuntimeError(f"level {index}: positions from {start} do not continue those from {first}")
+        self.levels[index] = (first, torch.cat((old[:, : start - first], hidden), dim=1))
 
 
 def _check_length(model: SpeechLM, prompt: PromptBatch, new_positions: int) -> None:
@@ -676,14 +715,14 @@ def iter_aligned_audio_batch(
     audio position of the batch: ``frames[b]`` row b's frames completed there (often none),
     ``finished[b]`` whether row b has spoken its last chunk.
 
-    The rows advance in lock-step, each through its own words: a row whose word ends gets its next
-    chunk at the next backbone forward, laid beside the others' positions with masked placeholders
-    (:meth:`Decoder.append_rows`). A step (one backbone forward, then the MCTP modules) ends at the
-    first position where any row's word ends (or where the shortest schedule ends), so every MCTP
-    module reads, in every row, only positions that row has: row b's speech is what decoding it
-    alone gives with its MCTP runs cut at those positions, and with ``schedule=[0]`` (no MCTP)
-    exactly what decoding it alone gives. Rows that have finished keep computing (empty frames)
-    until every row is done.
+    The rows advance in lock-step, each through its own words, and each row speaks what decoding it
+    alone speaks (the same positions, the same MCTP runs; equal up to the float rounding of batched
+    arithmetic). A step is one backbone forward, then the MCTP modules as long as some row still runs
+    them; a row whose word has ended (or whose schedule has no more modules) waits for the next step
+    with masked placeholders (positions a module computed there with an input not known yet are
+    computed again, :meth:`Decoder.mctp_step`), and gets its next chunk at the next backbone forward,
+    laid beside the others' positions (:meth:`Decoder.append_rows`). Rows that have finished keep
+    computing (empty frames) until every row is done.
     """
     B = len(prefixes)
     chunks = [[list(c) for c in row] for row in chunks]
@@ -718,16 +757,18 @@ def iter_aligned_audio_batch(
     while True:
         hidden = decoder.backbone_step()
         speaking = [b for b in range(B) if not done[b]]
-        positions = min(steps[min(runs[b], len(steps) - 1)] for b in speaking) + 1
+        positions = {b: steps[min(runs[b], len(steps) - 1)] + 1 for b in speaking}  # this step's, per row
         ended = [False] * B
-        for j in range(positions):
+        for j in range(max(positions.values())):
             if j:
                 hidden = decoder.mctp_step(j)
-            choosers = {b: segments[b]._chooser(segments[b].layout.shape[1]) for b in speaking}
+            live = [b for b in speaking if j < positions[b] and not ended[b]]  # the others wait
+            choosers = {b: segments[b]._chooser(segments[b].layout.shape[1]) for b in live}
             chosen = model.audio_head.generate(hidden, _rows_chooser(choosers, B, empty, guidance if guided else 0.0))[:B]  # (B, Q)
-            decoder.append(model.embed(audio_ids, chosen.repeat(R // B, 1)[:, None], audio_here))
+            real = torch.tensor([done[b] or b in choosers for b in range(B)], device=device)  # finished rows: empty frames
+            decoder.append(model.embed(audio_ids, chosen.repeat(R // B, 1)[:, None], audio_here), real.repeat(R // B)[:, None])
             frames = [chosen.new_zeros(0, cfg.num_codebooks)] * B
-            for b in speaking:
+            for b in live:
                 segments[b].push(chosen[b : b + 1])
                 frames[b] = segments[b].new_frames()[0]
                 left[b] -= len(frames[b])
@@ -735,7 +776,7 @@ def iter_aligned_audio_batch(
             finished = [done[b] or (ended[b] and (word[b] == len(chunks[b]) - 1 or left[b] <= 0)) for b in range(B)]
             yield AudioStep(frames=frames, positions=1, backbone_forwards=decoder.backbone_forwards,
                             finished=torch.tensor(finished, device=device))
-            if any(ended):
+            if all(ended[b] or j + 1 >= positions[b] for b in speaking):
                 break
         new: list[Tensor | None] = [None] * R
         for b in speaking:
@@ -750,8 +791,8 @@ def iter_aligned_audio_batch(
                 new[b] = model.embed(torch.tensor([chunks[b][word[b]]], dtype=torch.long, device=device))[0]
         if all(done):
             return
-        if any(n is not None for n in new):
-            decoder.append_rows(new)
+        if any(n is not None for n in new) or not bool(decoder.known_valid[:, -1].all()):
+            decoder.append_rows(new)  # next chunks in; every row's last position its own again
 
 
 def _rows_chooser(choosers: dict, B: int, empty: int, guidance: float):
