@@ -35,7 +35,7 @@ from speechlm.codec.audio import SAMPLE_RATE, load_audio
 from speechlm.judge import WhisperJudge, word_error_rate
 from speechlm.lm.generate import GREEDY, parse_codebook_temperatures, text_generate
 from speechlm.lm.prompts import chat_prompt
-from speechlm.speech import Generation, SpeechPipeline
+from speechlm.speech import Generation, SpeechPipeline, choose_candidate
 from speechlm.training import textgen
 from speechlm.training.audio_data import list_source_files
 from speechlm.training.teachers import get_teacher
@@ -141,7 +141,7 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
             choice_wall += time.perf_counter() - t
             heard = [judge(a) if len(a) >= SAMPLE_RATE // 10 else "" for a, _ in candidates]
             scores = [score for _, score in candidates]
-            choices.append({"text": text, "heard": heard, "scores": scores, "chosen": scores.index(min(scores)),
+            choices.append({"text": text, "heard": heard, "scores": scores, "chosen": choose_candidate(scores, g.candidate_margin),
                             "seconds": [len(a) / SAMPLE_RATE for a, _ in candidates]})
     result = {"sentences": len(items), "teacher_voice": teacher_voice, "excluded_first": exclude_first}
     for name in ("teacher", "teacher_codec") if references else ():
@@ -206,7 +206,7 @@ def _candidate_summary(choices: list[dict], wall: float, g: Generation) -> dict:
     per_sentence = [[word_error_rate(c["text"], h) for h in c["heard"]] for c in choices]
     seconds = sum(c["seconds"][c["chosen"]] for c in choices)
     return {
-        "count": n, "temperature": g.candidate_temperature, "checker": g.checker,
+        "count": n, "temperature": g.candidate_temperature, "margin": g.candidate_margin, "checker": g.checker,
         "chosen": summary(chosen), "first": each[0], "each": each, "oracle": summary(oracle),
         "random_pick_mean_sentence_wer": statistics.mean(statistics.mean(w) for w in per_sentence),
         "chosen_mean_sentence_wer": statistics.mean(w[c["chosen"]] for w, c in zip(per_sentence, choices)),
@@ -351,6 +351,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, help="TTS: also speak each sentence N times and judge every rendering and the checker's choice")
     ap.add_argument("--checker", help="pronunciation checker for --candidates (default: Generation's)")
     ap.add_argument("--candidate-temperature", type=float, help="--candidates: sampling temperature of the others' group-first codebooks")
+    ap.add_argument("--candidate-margin", type=float, help="--candidates: keep the first unless another scores lower by more (default: Generation's)")
     ap.add_argument("--exclude-first", type=int, default=0,
                     help="TTS: fresh sentences: from a pool of 200 held-out ones, leave out the first K of the usual list (those --count K gives)")
     ap.add_argument("--no-teacher", action="store_true",
@@ -381,7 +382,8 @@ def main() -> None:
                                                      ("transcribe_first", False if args.direct else None),
                                                      ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("reply_speech", args.reply_speech),
                                                      ("candidates", args.candidates), ("checker", args.checker),
-                                                     ("candidate_temperature", args.candidate_temperature))
+                                                     ("candidate_temperature", args.candidate_temperature),
+                                                     ("candidate_margin", args.candidate_margin))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(

@@ -248,6 +248,7 @@ def _generation(args: argparse.Namespace):
         guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
         candidates=getattr(args, "candidates", None) or Generation.candidates,
         checker=getattr(args, "checker", None) or Generation.checker,
+        candidate_margin=Generation.candidate_margin if getattr(args, "candidate_margin", None) is None else args.candidate_margin,
     )
 
 
@@ -388,6 +389,8 @@ def _add_candidate_arguments(p: argparse.ArgumentParser) -> None:
                    help="speech: speak it N times and keep the rendering the pronunciation checker hears clearest "
                         "(not streamed; needs espeak-ng; default: the Generation default, 1)")
     p.add_argument("--checker", default=None, help="pronunciation checker directory or shipped name (with --candidates)")
+    p.add_argument("--candidate-margin", type=float, default=None,
+                   help="keep the first rendering unless another scores lower by more than this (nats per phoneme; default 0.1)")
 
 
 # --- codec --------------------------------------------------------------------------------

@@ -146,6 +146,17 @@ def test_checker_config_defaults_are_json_round_trippable():
     assert CheckerConfig(**json.loads(json.dumps(config.to_json()))) == config
 
 
+def test_the_first_candidate_is_kept_unless_another_is_clearly_better():
+    from speechlm.speech import choose_candidate
+
+    assert choose_candidate([0.3, 0.25, 0.28], margin=0.1) == 0, "near ties keep the configured decoding"
+    assert choose_candidate([0.3, 0.25, 0.1], margin=0.1) == 2
+    assert choose_candidate([0.3, 0.1, 0.1], margin=0.1) == 1, "the earliest of the lowest"
+    assert choose_candidate([0.3, 0.25], margin=0.0) == 1 and choose_candidate([float("inf"), 2.0], margin=0.1) == 1
+    with pytest.raises(SpeechLMError):
+        choose_candidate([])
+
+
 def test_voice_languages_and_prefixes():
     from speechlm.training.checker_train import _prefixes
     from speechlm.training.teachers import espeak_language
