@@ -12,7 +12,8 @@ The pieces, bottom up:
     the incremental state of one batch: every *known* position's input embedding (fed to the
     backbone, or predicted and waiting to be fed), the backbone's ``DynamicCache``, and per
     MCTP module its KV caches and the hidden states of the level below that it has not read
-    yet. ``backbone_step`` feeds all waiting positions in one forward; ``mctp_step(j)`` runs
+    yet (or must read again: positions of a row waiting in a batch, see ``Decoder.mctp_step``).
+    ``backbone_step`` feeds all waiting positions in one forward; ``mctp_step(j)`` runs
     module j. ``use_cache=False`` recomputes everything from scratch at every step (the
     reference that cached decoding must equal).
 ``iter_audio`` / ``tts_frames``
