@@ -723,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = train.add_parser("checker", help="train the pronunciation checker that picks among TTS candidates (resumable)")
     p.add_argument("--data", nargs="+", required=True, help="synth corpus directories (manifest.jsonl) of the TTS teacher's voice")
-    p.add_argument("--out", required=True, help="run directory (data.pt, checkpoint.pt, log.jsonl, model/)")
+    p.add_argument("--out", required=True, help="run directory (data/, checkpoint.pt, log.jsonl, model/)")
     p.add_argument("--codec", default=DEFAULT_CODEC, help="add each clip through this codec too ('none': plain clips only)")
     p.add_argument("--voice-prefix", default="espeak:en-us", help="use the records whose voice starts with this (comma-separated: any of them)")
     p.add_argument("--codec-voice-prefix", default="espeak:en-us",

@@ -63,7 +63,9 @@ def test_checker_training_resumes_exactly_and_saves_what_it_scores(corpus, tmp_p
         first.train_step()
     first.save_checkpoint()
     expected = first.train_step()
-    resumed = CheckerTrainer(config)
+    resumed = CheckerTrainer(config)  # its clips from the cache the first run wrote
+    assert (tmp_path / "run" / "data" / "clips.json").is_file()
+    assert all(np.array_equal(a.audio, b.audio) and a.phonemes == b.phonemes for a, b in zip(first.train_clips, resumed.train_clips))
     assert resumed.step == 3
     assert resumed.train_step() == pytest.approx(expected, rel=1e-6)
 
@@ -144,6 +146,20 @@ def test_cli_tts_with_candidates(pipeline, corpus, tmp_path, cli):  # noqa: F811
 def test_checker_config_defaults_are_json_round_trippable():
     config = CheckerConfig(phonemes=["<blank>", "<unk>", "a"])
     assert CheckerConfig(**json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_the_clip_cache_round_trips_and_an_unfinished_one_is_not_read(tmp_path):
+    from speechlm.training.checker_train import CACHE_META, Clip, load_clips, save_clips
+
+    clips = [Clip(np.arange(5, dtype=np.int16), ["h", "a"], False), Clip(np.zeros(0, np.int16), ["b"], True),
+             Clip(-np.arange(3, dtype=np.int16), ["a"], True)]  # fmt: skip
+    save_clips(clips, ["<blank>", "<unk>", "a", "h", "b"], tmp_path / "data")
+    back = load_clips(tmp_path / "data")
+    assert back["vocabulary"] == ["<blank>", "<unk>", "a", "h", "b"]
+    assert [(c.audio.tolist(), c.phonemes, c.codec) for c in back["clips"]] == [(c.audio.tolist(), c.phonemes, c.codec) for c in clips]
+    (tmp_path / "data" / CACHE_META).unlink()  # as if the run stopped while writing the audio
+    with pytest.raises(FileNotFoundError):
+        load_clips(tmp_path / "data")
 
 
 def test_the_first_candidate_is_kept_unless_another_is_clearly_better():
