@@ -9,6 +9,7 @@ ratio (one by one / batch), and MCTP's audio frames per backbone forward in the 
 their MCTP runs at each other's word ends). No judge needed.
 
     python benchmarks/tts_batch.py --model speechlm-default --count 10 --sizes 1,2,4,8,16 --out docs/results/tts_batch.json
+    python benchmarks/tts_batch.py --count 1 --sizes 8 --order-count 48 --out docs/results/tts_batch_order.json
 """
 
 from __future__ import annotations
@@ -68,6 +69,22 @@ def bench(sp: SpeechPipeline, texts: list[str], sizes: list[int], g: Generation)
     return {"sentences": len(texts), "sizes": rows, "mean_text_chars": statistics.mean(len(t) for t in texts)}
 
 
+def bench_order(sp: SpeechPipeline, texts: list[str], batch: int, repeats: int = 2) -> dict:
+    """Batches of ``batch`` texts in the given order vs shortest text first (what ``speechlm tts --lines``
+    does: a batch runs as long as its longest row), alternating, ``repeats`` times each."""
+    orders = {"given": texts, "shortest_first": sorted(texts, key=len)}
+    wall = {name: 0.0 for name in orders}
+    speech = {name: 0.0 for name in orders}
+    for _ in range(repeats):
+        for name, order in orders.items():
+            start = time.perf_counter()
+            for k in range(0, len(order), batch):
+                speech[name] += sum(len(a) for a in sp.tts_batch(order[k : k + batch])) / SAMPLE_RATE
+            wall[name] += time.perf_counter() - start
+    return {"texts": len(texts), "batch": batch, **{f"rtf_{name}": wall[name] / speech[name] for name in orders},
+            "time_saved": 1 - wall["shortest_first"] / wall["given"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="speechlm-default")
@@ -76,6 +93,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,2,4,8,16", help="batch sizes (rows)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--order-count", type=int, default=0,
+                    help="also: this many held-out texts in batches of 8, given order vs shortest first (speechlm tts --lines)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,6 +107,8 @@ def main() -> None:
         "generation": "Generation() defaults",
         **bench(sp, texts, [int(x) for x in args.sizes.split(",")], Generation()),
     }
+    if args.order_count:
+        result["order"] = bench_order(sp, [item["text"] for item in held_out_texts(TTS_SOURCES, args.order_count)], 8)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

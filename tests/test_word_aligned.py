@@ -234,10 +234,11 @@ def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
     r = cli("tts", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out"), "--batch-size", "2", *model)
     assert r.returncode == 1 and "line 4" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001.wav", "00003.wav", "00005.wav"]
-    assert [line.split("\t")[1] for line in r.stdout.splitlines()] == ["hello world", "it is four", "set a timer for ten minutes"]
-    g = Generation(max_seconds=2.0, seed=0)  # lines 1 and 3 were one batch; line 5 spoken alone (line 4 failed its batch)
-    expected = {"00001.wav": aligned_pipeline.tts_batch(["hello world", "it is four"], g)[0],
-                "00005.wav": aligned_pipeline.tts("set a timer for ten minutes", generation=g)}  # fmt: skip
+    # shortest first: lines 4 and 3 were a batch (line 4 failed it, so each was spoken alone), then lines 1 and 5
+    assert [line.split("\t")[1] for line in r.stdout.splitlines()] == ["it is four", "hello world", "set a timer for ten minutes"]
+    g = Generation(max_seconds=2.0, seed=0)
+    expected = {"00003.wav": aligned_pipeline.tts("it is four", generation=g),
+                "00005.wav": aligned_pipeline.tts_batch(["hello world", "set a timer for ten minutes"], g)[1]}  # fmt: skip
     for name, audio in expected.items():
         assert np.abs(load_audio(tmp_path / "out" / name) - audio).max() < 1e-3
     assert cli("tts", "hello", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "o"), *model).returncode == 2
