@@ -298,7 +298,10 @@ def _tts_lines(args: argparse.Namespace) -> int:
     if args.stream:
         raise SpeechLMError("--stream speaks one text; --lines writes whole files")
     source = sys.stdin if args.lines == "-" else _open_text(args.lines)
-    lines = sorted(((n, line.strip()) for n, line in enumerate(source, 1) if line.strip()), key=lambda item: (len(item[1]), item[0]))
+    try:
+        lines = sorted(((n, line.strip()) for n, line in enumerate(source, 1) if line.strip()), key=lambda item: (len(item[1]), item[0]))
+    except UnicodeDecodeError:
+        raise SpeechLMError(f"cannot read {args.lines}: not UTF-8 text") from None
     out = Path(args.output)
     if out.suffix.lower() in (".wav", ".flac"):
         raise SpeechLMError(f"with --lines the output is a directory, got {out}")

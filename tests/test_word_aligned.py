@@ -244,6 +244,9 @@ def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
     assert cli("tts", "hello", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "o"), *model).returncode == 2
     r = cli("tts", "--lines", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), *model)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
+    r = cli("tts", "--lines", str(tmp_path / "binary.txt"), "-o", str(tmp_path / "o"), *model)
+    assert r.returncode == 2 and "not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_config_rejects_unknown_layout():
