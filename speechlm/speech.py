@@ -189,10 +189,9 @@ class SpeechPipeline:
             if stream:
                 raise SpeechLMError("choosing among TTS candidates needs each whole utterance: use stream=False (or candidates=1)")
             return self.best_speech(text, lambda gs: self.tts_batch([text] * len(gs), gs), g)
-        if not stream and self.lm.config.speech_layout == "word_aligned":
-            return self.tts_batch([text], g)[0]  # the codec decodes the whole utterance at once
-        chunks = (pcm for _, pcm in self.tts_steps(text, g))
-        return chunks if stream else _join(chunks)
+        if not stream:
+            return self.tts_batch([text], g)[0]  # word-aligned: the codec decodes the whole utterance at once
+        return (pcm for _, pcm in self.tts_steps(text, g))
 
     def tts_batch(self, texts: list[str], generations: Generation | list[Generation] | None = None) -> list[np.ndarray]:
         """Speak several texts (or one text several ways: one generation per text) in one batch:
@@ -227,14 +226,11 @@ class SpeechPipeline:
         shared = ("guidance", "mctp_schedule", "max_seconds", "max_seconds_per_word")
         if any(getattr(gk, name) != getattr(g, name) for gk in generations for name in shared):
             raise SpeechLMError(f"the rows of one speech batch must share {', '.join(shared)}")
-        v, frame_rate = self.lm.vocab, self.lm.config.frame_rate
         frames: list[list[torch.Tensor]] = [[] for _ in prompts]
         with torch.inference_mode(), self.lm.adapter(adapter):
             steps = iter_aligned_audio_batch(
-                self.lm, prompts, chunks, audio_codes=codes, max_frames=max(1, int(g.max_seconds * frame_rate)),
-                max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)), sampling=[gk.sampling() for gk in generations],
-                schedule=g.mctp_schedule, seed=[gk.seed for gk in generations], guidance=g.guidance,
-                unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start],
+                self.lm, prompts, chunks, audio_codes=codes, sampling=[gk.sampling() for gk in generations],
+                seed=[gk.seed for gk in generations], **self._speech_settings(g),
             )  # fmt: skip
             for step in steps:
                 for row, new in zip(frames, step.frames):
@@ -385,6 +381,15 @@ class SpeechPipeline:
         return text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
                              stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)[0]
 
+    def _speech_settings(self, g: Generation) -> dict:
+        """The decoding settings every row of a speech decoding shares: length limits in frames, the MCTP
+        schedule, and guidance against the speech without its text."""
+        frame_rate, v = self.lm.config.frame_rate, self.lm.vocab
+        return dict(
+            max_frames=max(1, int(g.max_seconds * frame_rate)), max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)),
+            schedule=g.mctp_schedule, guidance=g.guidance, unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start],
+        )  # fmt: skip
+
     def speak_steps(
         self, ids: list[int], codes: torch.Tensor | None, g: Generation, chunks: list[list[int]] | None = None,
         adapter: str | None = None,
@@ -396,21 +401,13 @@ class SpeechPipeline:
         adapter the LM's forwards add (None: the base model); it is on only while a step computes,
         never while this generator waits between yields (the caller's own forwards stay its own)."""
         state = self.codec.init_state(1)
-        frame_rate = self.lm.config.frame_rate
-        v = self.lm.vocab
-        guide = dict(guidance=g.guidance, unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start])  # the speech without its text
-        max_frames = max(1, int(g.max_seconds * frame_rate))
+        settings = self._speech_settings(g)
         with torch.inference_mode():
             if chunks is None:
-                steps = iter_audio(
-                    self.lm, ids, audio_codes=[codes], max_frames=max_frames, sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, per_position=True,
-                    **guide,
-                )
+                settings.pop("max_frames_per_chunk")
+                steps = iter_audio(self.lm, ids, audio_codes=[codes], sampling=g.sampling(), seed=g.seed, per_position=True, **settings)
             else:
-                steps = iter_aligned_audio(
-                    self.lm, ids, chunks, audio_codes=codes, max_frames=max_frames, max_frames_per_chunk=max(1, int(g.max_seconds_per_word * frame_rate)),
-                    sampling=g.sampling(), schedule=g.mctp_schedule, seed=g.seed, **guide,
-                )  # fmt: skip
+                steps = iter_aligned_audio(self.lm, ids, chunks, audio_codes=codes, sampling=g.sampling(), seed=g.seed, **settings)
             while True:
                 with self.lm.adapter(adapter):
                     step = next(steps, None)

@@ -355,7 +355,7 @@ class Decoder:
         what decoding it alone gives."""
         i = j - 1
         module, end = self.model.mctp[i], self.fed
-        start = self.mctp_done[i] if self.mctp_stale[i] is None else min(self.mctp_stale[i], self.mctp_done[i])
+        start = self.mctp_done[i] if self.mctp_stale[i] is None else self.mctp_stale[i]  # stale < done
         level = self.levels[i]
         if self.known < end + j or level is None or level[0] > start or level[0] + level[1].shape[1] != end:
             raise RuntimeError(f"MCTP module {j} cannot run: modules 1..{j - 1} must run first at this step")
@@ -376,20 +376,21 @@ class Decoder:
         if j < len(self.model.mctp):
             self._store(j, start, hidden)
         self.mctp_done[i] = end
-        stale = unknown.any(0).nonzero()
-        self.mctp_stale[i] = start + int(stale[0]) if len(stale) else None
+        stale = None if unknown is None else unknown.any(0).nonzero()
+        self.mctp_stale[i] = start + int(stale[0]) if stale is not None and len(stale) else None
         keep = end if self.mctp_stale[i] is None else self.mctp_stale[i]  # what module j may read again
         self.levels[i] = (keep, level[1][:, keep - level[0] :])
         return normed[:, -1]
 
-    def _ahead(self, start: int, end: int, j: int) -> tuple[Tensor, Tensor]:
+    def _ahead(self, start: int, end: int, j: int) -> tuple[Tensor, Tensor | None]:
         """The embeddings (B, end - start, D) j positions after each of positions start .. end-1: in a
         row with masked placeholders (``holes``), j *unmasked* positions after it, so that module j
         reads what follows in the row's own sequence (a guided decoding's unconditional row has no
         word chunks between its audio frames). Also (B, end - start) bool: True where that position
-        is not known yet (a row waiting in a batch; the embedding there is a stand-in)."""
+        is not known yet (a row waiting in a batch; the embedding there is a stand-in); None without
+        placeholders (every position ahead is known)."""
         if not self.holes:
-            return self.known_embeds[:, start + j : end + j], torch.zeros(self.known_embeds.shape[0], end - start, dtype=torch.bool)
+            return self.known_embeds[:, start + j : end + j], None
         valid = self.known_valid
         rank = valid.long().cumsum(1) - 1  # (B, K): the rank of each unmasked position among them
         at_rank = torch.zeros_like(rank).scatter_(1, torch.where(valid, rank, rank.shape[1] - 1), torch.arange(rank.shape[1], device=rank.device).expand_as(rank))
