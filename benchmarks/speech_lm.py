@@ -110,7 +110,8 @@ def fresh_texts(sources, count: int, exclude_first: int, pool: int = 200) -> lis
 
 
 def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice: str, g: Generation,
-              decodings: Sequence[str] = ("mctp", "plain"), references: bool = True, exclude_first: int = 0) -> dict:
+              decodings: Sequence[str] = ("mctp", "plain"), references: bool = True, exclude_first: int = 0,
+              save_candidates: str | None = None) -> dict:
     items = fresh_texts(TTS_SOURCES, count, exclude_first) if exclude_first else held_out_texts(TTS_SOURCES, count)
     teacher = get_teacher(teacher_voice)
     rng = random.Random(0)
@@ -118,7 +119,7 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
     runs = {name: run for name, run in {"mctp": first, "plain": dataclasses.replace(first, mctp_schedule=[0])}.items() if name in decodings}
     if not runs and g.candidates == 1:
         raise SystemExit(f"--decodings {','.join(decodings)}: choose from mctp, plain")
-    choices, choice_wall = [], 0.0
+    choices, choice_wall, kept = [], 0.0, {}
     rows = {name: [] for name in (["teacher", "teacher_codec"] if references else []) + list(runs)}
     stats = {k: [] for k in runs}
     for item in items:
@@ -143,6 +144,9 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
             scores = [score for _, score in candidates]
             choices.append({"text": text, "heard": heard, "scores": scores, "chosen": choose_candidate(scores, g.candidate_margin),
                             "seconds": [len(a) / SAMPLE_RATE for a, _ in candidates]})
+            kept.update({f"s{len(choices) - 1:04d}_c{k}": _pcm16(a) for k, (a, _) in enumerate(candidates)})
+    if save_candidates and choices:  # every rendering, to study other choosers on the same candidates
+        np.savez_compressed(save_candidates, texts=np.array([c["text"] for c in choices]), **kept)
     result = {"sentences": len(items), "teacher_voice": teacher_voice, "excluded_first": exclude_first}
     for name in ("teacher", "teacher_codec") if references else ():
         result[f"{name}_wer"] = corpus_wer(rows[name])
@@ -178,6 +182,10 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
     ]
     result["heard"] = {name: [h for _, h in r] for name, r in rows.items()}
     return result
+
+
+def _pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1.0, 1.0) * 32767).round().astype(np.int16)
 
 
 def _wilcoxon_less(a: list[float], b: list[float]) -> float | None:
@@ -352,6 +360,7 @@ def main() -> None:
     ap.add_argument("--checker", help="pronunciation checker for --candidates (default: Generation's)")
     ap.add_argument("--candidate-temperature", type=float, help="--candidates: sampling temperature of the others' group-first codebooks")
     ap.add_argument("--candidate-margin", type=float, help="--candidates: keep the first unless another scores lower by more (default: Generation's)")
+    ap.add_argument("--save-candidates", metavar="NPZ", help="--candidates: also save every rendering (int16, keys sNNNN_cK) and the texts")
     ap.add_argument("--exclude-first", type=int, default=0,
                     help="TTS: fresh sentences: from a pool of 200 held-out ones, leave out the first K of the usual list (those --count K gives)")
     ap.add_argument("--no-teacher", action="store_true",
@@ -365,6 +374,7 @@ def main() -> None:
     ap.add_argument("--asr-lead", type=float, default=0.0, help="ASR on held-out voices: seconds of quiet before and after each utterance")
     ap.add_argument("--asr-noise-rms", type=float, default=0.0, help="ASR on held-out voices: white noise of this RMS under the audio (0.001 = -60 dBFS)")
     ap.add_argument("--no-librispeech", action="store_true", help="ASR: skip the LibriSpeech set")
+    ap.add_argument("--asr-check-rounds", type=int, help="ASR and spoken QA: the transcript check's rounds (default: Generation's; 0 = off)")
     ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
     ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
                     help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
@@ -383,14 +393,15 @@ def main() -> None:
                                                      ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("reply_speech", args.reply_speech),
                                                      ("candidates", args.candidates), ("checker", args.checker),
                                                      ("candidate_temperature", args.candidate_temperature),
-                                                     ("candidate_margin", args.candidate_margin))
+                                                     ("candidate_margin", args.candidate_margin), ("asr_check_rounds", args.asr_check_rounds))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items() if v is not None and v is not False),
         "generation": dataclasses.asdict(g), "asr_adapter": sp.asr_adapter(g), "tts_adapter": sp.tts_adapter(g)}
     if "tts" in tasks:
-        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher, args.exclude_first)
+        result["tts"] = bench_tts(sp, judge, args.count, args.teacher_voice, g, args.decodings.split(","), not args.no_teacher, args.exclude_first,
+                                  args.save_candidates)
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         decoders = args.asr_decoders.split(",")

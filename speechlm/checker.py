@@ -137,6 +137,31 @@ class PronunciationChecker(nn.Module):
         return [float(x) / len(target) for x in nll + best]
 
     @torch.inference_mode()
+    def log_probs(self, audio: np.ndarray) -> Tensor:
+        """audio (T,) at 16 kHz -> log-probabilities (F', V) over the phonemes (50 a second)."""
+        batch, lengths = _pad([audio], self.config.n_fft)
+        logp, out = self(*self.features(batch, lengths))
+        return logp[0, : int(out[0])]
+
+    @torch.inference_mode()
+    def sequence_nll(self, log_probs: Tensor, phoneme_lists: list[list[str]]) -> list[float]:
+        """The CTC negative log-likelihood (nats, whole utterance) of each phoneme list given the
+        checker's ``log_probs`` (F', V) of one audio (:meth:`log_probs`); one batched CTC."""
+        if not phoneme_lists:
+            return []
+        if any(not p for p in phoneme_lists):
+            raise SpeechLMError("sequence_nll: an empty phoneme list")
+        targets = [torch.tensor(self.phoneme_ids(p)) for p in phoneme_lists]
+        n = len(targets)
+        return F.ctc_loss(log_probs[:, None].expand(-1, n, -1), torch.cat(targets), torch.full((n,), log_probs.shape[0]),
+                          torch.tensor([len(t) for t in targets]), reduction="none", zero_infinity=False).tolist()
+
+    @staticmethod
+    def best_path_nll(log_probs: Tensor) -> float:
+        """-log p of the checker's own best path through ``log_probs`` (F', V)."""
+        return -float(log_probs.max(-1).values.sum())
+
+    @torch.inference_mode()
     def recognize(self, audio: np.ndarray) -> list[str]:
         """Greedy CTC phonemes heard in ``audio`` (T,) at 16 kHz."""
         batch, lengths = _pad([audio], self.config.n_fft)

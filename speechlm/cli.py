@@ -135,6 +135,16 @@ def cmd_data_texts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_lexicon(args: argparse.Namespace) -> int:
+    from .transcript_check import build_lexicon
+
+    items = _load_items(args)
+    lexicon = build_lexicon((item["text"] for item in items), voice=args.voice)
+    lexicon.save(args.out)
+    print(f"wrote {len(lexicon)} words of {len(items)} texts to {args.out}")
+    return 0
+
+
 def cmd_data_voices(args: argparse.Namespace) -> int:
     from .training.textgen import voice_catalog
 
@@ -242,6 +252,7 @@ def _generation(args: argparse.Namespace):
         asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
         asr_views=getattr(args, "views", None) or Generation.asr_views,
         asr_edges=not getattr(args, "keep_edges", False),
+        asr_check_rounds=Generation.asr_check_rounds if getattr(args, "check_rounds", None) is None else args.check_rounds,
         asr_adapter=None if getattr(args, "no_adapter", False) else Generation.asr_adapter,
         tts_adapter=None if getattr(args, "no_adapter", False) else Generation.tts_adapter,
         reply_speech=getattr(args, "reply_speech", None) or Generation.reply_speech,
@@ -555,6 +566,9 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--views", type=_positive_int, default=None,
                    help="the LM decoder listens to this many views of the audio (its level changed) and writes one transcript "
                         "from them; 1 = plain greedy decoding (default: the Generation default)")
+    p.add_argument("--check-rounds", type=int, default=None, metavar="N",
+                   help="check the LM's transcript against the sounds with the pronunciation checker: at most N one-word "
+                        "edits (default: the Generation default, 3; 0 = off, faster)")
     p.add_argument("--keep-edges", action="store_true",
                    help="hear the audio's quiet start and end as they are (default: a long quiet start or end is cut short, "
                         "and the room's steady noise heard there suppressed under the speech)")
@@ -604,6 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_args(p)
     p.add_argument("-o", "--out", required=True, help="output .jsonl")
     p.set_defaults(func=cmd_data_texts)
+
+    p = data.add_parser("lexicon", help="the words of some texts and their espeak-ng phonemes (.json), for ASR's transcript check")
+    _add_text_args(p)
+    p.add_argument("--voice", default="en-us", help="espeak-ng voice whose phonemes to write (the checker's; default en-us)")
+    p.add_argument("-o", "--out", required=True, help="output .json (a checker's lexicon.json)")
+    p.set_defaults(func=cmd_data_lexicon)
 
     p = data.add_parser("voices", help="list the voice catalogue (train voices, or held-out test voices)")
     p.add_argument("--split", choices=["train", "test"], help="only voices of this split")

@@ -126,12 +126,18 @@ class AssistConfig:
     # the speech LM hears the question through its task adapter of this name when it has one
     # (``Generation.asr_adapter``: speechlm-default's ASR adapter); None = the base model
     asr_adapter: str | None = "asr"
+    # one-word edits of the question's transcript checked against its sounds (``Generation.asr_check_rounds``,
+    # speechlm.transcript_check); 0 (off) by default here: it adds ~1.5-2.5 s an utterance on one CPU thread,
+    # past the reply's onset budget
+    asr_check_rounds: int = 0
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
             raise SpeechLMError(f"unknown assist voice {self.voice!r}; choose from {', '.join(VOICES)}")
         if self.asr_views < 1:
             raise SpeechLMError(f"the assist's asr_views must be >= 1, got {self.asr_views}")
+        if self.asr_check_rounds < 0:
+            raise SpeechLMError(f"the assist's asr_check_rounds must be >= 0, got {self.asr_check_rounds}")
 
 
 class _Job:
@@ -214,6 +220,7 @@ class AssistedDuplexModel:
         self.duplex, self.speech = duplex, speech
         self.config = config or AssistConfig()
         generation = dataclasses.replace(generation, asr_views=self.config.asr_views, asr_adapter=self.config.asr_adapter,
+                                         asr_check_rounds=self.config.asr_check_rounds,
                                          **({} if self.config.guidance is None else {"guidance": self.config.guidance}))
         # a reply's speech must fit the speech LM's positions (prompt and text take the first ~128)
         limit = getattr(speech.lm.backbone.config, "max_position_embeddings", None) if hasattr(speech, "lm") else None

@@ -20,7 +20,7 @@ rescored 15 %, at about 1.8x the time. One view is plain greedy decoding (:func:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -81,6 +81,28 @@ def ensemble_transcribe(
         return list(ensemble)
     scores = _sequence_scores(model, first, prompt_cache, valid, last_position, [list(c) for c in unique], end)  # (K, C)
     return list(unique[int(scores.sum(0).argmax())])
+
+
+@torch.no_grad()
+def transcript_log_probs(model: SpeechLM, prompt: PromptBatch) -> Callable[[list[list[int]]], Tensor]:
+    """A scorer of transcripts for the K views of ``prompt`` (as :func:`ensemble_transcribe`'s): token id
+    lists (C of them) -> (C,) the mean over the views of log p(transcript, then ``<|eos|>`` | view).
+    The prompts are run once; each call scores on a copy of their cache."""
+    valid = prompt.attention_mask
+    last_position = (valid.long().sum(1) - 1)[:, None]
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    cache = _new_cache(model)
+    embeds = model.embed(prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
+    first = _log_probs(model, _forward(model, embeds, valid, positions, cache)[:, -1])
+
+    @torch.no_grad()
+    def score(candidates: list[list[int]]) -> Tensor:
+        if not candidates:
+            return torch.zeros(0)
+        scores = _sequence_scores(model, first, copy.deepcopy(cache), valid, last_position, candidates, model.vocab.eos)
+        return scores.mean(0).float()
+
+    return score
 
 
 def _candidates(model, first: Tensor, cache, valid: Tensor, last_position: Tensor, max_new: int, stops: set[int]) -> list[list[int]]:
