@@ -17,6 +17,7 @@ from speechlm.lm.ensemble import _forward, _log_probs, _new_cache, transcript_lo
 from speechlm.lm.generate import PromptBatch
 from speechlm.lm.prompts import asr_prompt
 from speechlm.speech import Generation
+from speechlm.training.checker_train import _edit_distance
 from speechlm.training.espeak import Espeak
 from speechlm.training.textgen import voice_split
 from speechlm.transcript_check import Lexicon, _tokens, build_lexicon, check_transcript, edits, lexicon_words, text_of
@@ -29,15 +30,6 @@ WORDS = ["what", "does", "a", "snake", "duck", "say", "the", "sky", "is", "blue"
 
 def _phonemes(word: str) -> list[str]:
     return list(word.lower())  # a stand-in: letters as phonemes
-
-
-def _edit(a: list[str], b: list[str]) -> int:
-    d = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, d[0] = d[0], i
-        for j, y in enumerate(b, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (x != y))
-    return d[-1]
 
 
 def test_lexicon_words_keep_names_and_lower_a_sentences_first_word():
@@ -77,7 +69,7 @@ def test_edits_substitute_drop_and_insert_keeping_case_and_punctuation():
 def _fake_ear(truth: str):
     """An 'acoustic' NLL: 3 nats per phoneme edit away from the truth's phonemes."""
     target = [p for w in truth.lower().strip("?.").split() for p in _phonemes(w)]
-    return lambda phs: [3.0 * _edit(p, target) for p in phs]
+    return lambda phs: [3.0 * _edit_distance(p, target) for p in phs]
 
 
 def test_the_search_finds_the_word_the_ear_hears():
