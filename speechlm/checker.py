@@ -156,6 +156,10 @@ class PronunciationChecker(nn.Module):
         return F.ctc_loss(log_probs[:, None].expand(-1, n, -1), torch.cat(targets), torch.full((n,), log_probs.shape[0]),
                           torch.tensor([len(t) for t in targets]), reduction="none", zero_infinity=False).tolist()
 
+    def count_heard(self, log_probs: Tensor) -> int:
+        """How many phonemes the checker's greedy reading of ``log_probs`` (F', V) holds."""
+        return len(ctc_greedy(log_probs.argmax(-1).tolist(), blank=self.index[BLANK]))
+
     @staticmethod
     def best_path_nll(log_probs: Tensor) -> float:
         """-log p of the checker's own best path through ``log_probs`` (F', V)."""

@@ -16,7 +16,8 @@ Each round scores every edit by the checker (one batched CTC), the ``shortlist``
 (teacher forced, one batch), and takes the best if it lowers J by more than ``margin``; at most
 ``rounds`` edits. A transcript of more than ``max_words`` words is kept as it is (the edits grow with its
 words and the CTC with its length: a 12 s LibriSpeech utterance took ~6 s more on one thread, and read
-speech is not what the lexicon's words are for). A transcript the checker already hears as said (its CTC NLL within ``skip_gap``
+speech is not what the lexicon's words are for), and so is one whose phonemes are far fewer or more than the
+checker reads in the audio (the LM's short synthetic-style guess at 12 s of read speech). A transcript the checker already hears as said (its CTC NLL within ``skip_gap``
 nats per phoneme of the checker's own best path) is kept without a search: on 60 validation-split
 utterances by held-out voices, 14 of the 45 right transcripts and none of the 15 wrong ones were
 within 1.0.
@@ -63,8 +64,11 @@ class Lexicon:
         path = Path(path)
         if not path.is_file():
             raise SpeechLMError(f"no lexicon at {path} (build one with `speechlm data lexicon`)")
-        data = json.loads(path.read_text())
-        return cls(phonemes={w: list(p) for w, p in data["phonemes"].items()}, voice=data.get("voice", "en-us"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(phonemes={str(w): [str(x) for x in p] for w, p in data["phonemes"].items()}, voice=str(data.get("voice", "en-us")))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise SpeechLMError(f"{path} is not a lexicon file (a JSON object with 'phonemes': {{word: [phoneme, ...]}})") from None
 
 
 def lexicon_words(texts: Iterable[str]) -> list[str]:
@@ -215,12 +219,16 @@ def check_transcript(
     margin: float = 0.0,
     skip_gap: float = 1.0,
     max_words: int = 24,
+    heard_phonemes: int | None = None,
+    max_length_ratio: float = 2.0,
 ) -> str:
     """The transcript after at most ``rounds`` one-word edits that lower J (module doc).
 
     ``acoustic(phoneme lists)`` -> the checker's CTC NLL of each (nats, whole utterance);
     ``lm_log_prob(texts)`` -> log p_LM(text | audio) of each; ``phonemize(word)`` -> phonemes of a word
-    not in the lexicon; ``best_path_nll``: the NLL of the checker's own best path (for ``skip_gap``)."""
+    not in the lexicon; ``best_path_nll``: the NLL of the checker's own best path (for ``skip_gap``);
+    ``heard_phonemes``: how many phonemes the checker reads in the audio (greedy) — a transcript with more than
+    ``max_length_ratio`` times as many or as few phonemes is kept as it is."""
     tokens = _tokens(transcript)
     if not tokens or not lexicon.phonemes or len(tokens) > max_words:
         return transcript
@@ -243,6 +251,8 @@ def check_transcript(
     current_ph = phonemes_of(tokens)
     if not current_ph:
         return transcript
+    if heard_phonemes is not None and not 1 / max_length_ratio <= heard_phonemes / len(current_ph) <= max_length_ratio:
+        return transcript  # the transcript does not cover what was said (or says far more): a few edits cannot fix it
     current_ac = acoustic([current_ph])[0]
     if (current_ac - best_path_nll) / len(current_ph) < skip_gap:
         return transcript

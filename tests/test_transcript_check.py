@@ -48,6 +48,10 @@ def test_lexicon_round_trips(tmp_path):
     assert again == lexicon
     with pytest.raises(SpeechLMError, match="no lexicon"):
         Lexicon.load(tmp_path / "missing.json")
+    for bad in ("{not json", '{"voice": "en-us"}', '{"phonemes": [1, 2]}', b"\xff\xfe"):
+        (tmp_path / "bad.json").write_bytes(bad if isinstance(bad, bytes) else bad.encode())
+        with pytest.raises(SpeechLMError, match="not a lexicon file"):
+            Lexicon.load(tmp_path / "bad.json")
 
 
 def test_edits_substitute_drop_and_insert_keeping_case_and_punctuation():
@@ -91,6 +95,11 @@ def test_the_search_finds_the_word_the_ear_hears():
     counting = lambda phs: calls.append(len(phs)) or ear(phs)  # noqa: E731
     assert check_transcript("What does a duck say?", lexicon, counting, flat, _phonemes, best_path_nll=12.0, skip_gap=1.0) == "What does a duck say?"
     assert calls == [1]
+    # a transcript with far fewer (or more) phonemes than the checker reads: left alone
+    n = len("whatdoesaducksay")
+    assert check_transcript("What does a duck say?", lexicon, ear, flat, _phonemes, heard_phonemes=3 * n, **kw) == "What does a duck say?"
+    assert check_transcript("What does a duck say?", lexicon, ear, flat, _phonemes, heard_phonemes=n // 3, **kw) == "What does a duck say?"
+    assert check_transcript("What does a duck say?", lexicon, ear, flat, _phonemes, heard_phonemes=n + 2, **kw) == "What does a snake say?"
     # too long a transcript: left alone
     assert check_transcript("What does a duck say?", lexicon, ear, flat, _phonemes, max_words=4, **kw) == "What does a duck say?"
     # not words (digits): left alone
@@ -108,8 +117,11 @@ def test_the_shipped_checker_hears_the_right_word_in_espeak_speech():
     out = check_transcript("What does a duck say?", lexicon, lambda phs: checker.sequence_nll(log_probs, phs), flat,
                            lambda w: [], best_path_nll=checker.best_path_nll(log_probs))
     assert out == "What does a snake say?"
-    nll = checker.sequence_nll(log_probs, [lexicon.phonemes["snake"], lexicon.phonemes["duck"]])
-    assert len(nll) == 2 and all(np.isfinite(nll))
+    said, other = (out.lower().strip("?").split(), "what does a duck say".split())
+    texts = [[p for w in t for p in lexicon.phonemes[w]] for t in (said, other)]
+    nll = checker.sequence_nll(log_probs, texts)
+    assert len(nll) == 2 and all(np.isfinite(nll)) and nll[0] < nll[1]
+    assert checker.count_heard(log_probs) > 0
     with pytest.raises(SpeechLMError):
         checker.sequence_nll(log_probs, [[]])
 
