@@ -15,12 +15,12 @@ texts, with their espeak-ng phonemes) and keeps an edit when it lowers::
 Each round scores every edit by the checker (one batched CTC), the ``shortlist`` best by the LM
 (teacher forced, one batch), and takes the best if it lowers J by more than ``margin``; at most
 ``rounds`` edits. A transcript of more than ``max_words`` words is kept as it is (the edits grow with its
-words and the CTC with its length: a 12 s LibriSpeech utterance took ~6 s more on one thread, and read
-speech is not what the lexicon's words are for), and so is one whose phonemes are far fewer or more than the
-checker reads in the audio (the LM's short synthetic-style guess at 12 s of read speech). A transcript the checker already hears as said (its CTC NLL within ``skip_gap``
-nats per phoneme of the checker's own best path) is kept without a search: on 60 validation-split
-utterances by held-out voices, 14 of the 45 right transcripts and none of the 15 wrong ones were
-within 1.0.
+words and the CTC with the audio's length: a 12 s LibriSpeech utterance takes ~4 s more on one thread,
+and read speech is not what the lexicon's words are for), and so is one whose phonemes are far fewer or
+more than the checker reads in the audio (the LM's short synthetic-style guess at 12 s of read speech).
+A transcript the checker already hears as said (its CTC NLL within ``skip_gap`` nats per phoneme of the
+checker's own best path) is kept without a search: on 60 validation-split utterances by held-out
+voices, 14 of the 45 right transcripts and none of the 15 wrong ones were within 1.0.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Lexicon:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         lines = ",\n".join(f"  {json.dumps(w, ensure_ascii=False)}: {json.dumps(p, ensure_ascii=False)}" for w, p in self.phonemes.items())
-        path.write_text(f'{{"voice": {json.dumps(self.voice)}, "phonemes": {{\n{lines}\n}}}}\n')
+        path.write_text(f'{{"voice": {json.dumps(self.voice)}, "phonemes": {{\n{lines}\n}}}}\n', encoding="utf-8")
         return path
 
     @classmethod
