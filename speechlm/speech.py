@@ -103,8 +103,9 @@ class Generation:
     # ``asr_check_weight`` x the LM's log-likelihood of the transcript. 0 rounds = off. The LM alone hears a
     # held-out question of a familiar shape as a training question ("What does a snake say?" -> "... a duck
     # say?"). Needs espeak-ng for words outside the lexicon.
-    # On 40 validation-split utterances and 30 questions by held-out voices: WER 14.1 % -> 4.9 % (weight 1) /
-    # 5.6 % (3), reply right 13 -> 23 / 24 of 30; costs about 1.5-2.5 s an utterance on one CPU thread.
+    # Chosen on the validation split (40 sentences, 30 questions, held-out voices): WER 6.5 -> 2.6 %, replies
+    # holding the answer 17 -> 24 of 30; on the test split held-out voices 8.9 -> 6.8 %, spoken questions answered
+    # in the reply text 20 -> 31 of 40 (docs/benchmarks.md). About 1 s more an utterance on one CPU thread.
     asr_check_rounds: int = 3
     asr_check_weight: float = 2.0
     # TTS (``tts``, the speech of ``chat`` replies, the server's answer assist) speaks through the model's task
