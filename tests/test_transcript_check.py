@@ -203,3 +203,16 @@ def test_cli_asr_check_rounds(cli, tmp_path):
     assert checked.stdout.strip() == "What does a snake say?" and unchecked.stdout.strip() == "What does a duck say?"
     bad = cli("asr", str(tmp_path / "q.wav"), *model, "--check-rounds", "-1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "asr_check_rounds" in bad.stderr
+
+
+def test_the_shipped_lexicon_is_what_its_command_builds():
+    """checker-en/lexicon.json is rebuilt exactly by the command in its provenance (docs/lm.md step 12)."""
+    from speechlm.speech import resolve_model
+    from speechlm.training import textgen
+
+    directory = resolve_model("checker-en")
+    command = json.loads((directory / "provenance.json").read_text())["lexicon"]["command"].split()
+    sources = command[command.index("--builtin") + 1].split(",")
+    count = int(command[command.index("--count") + 1])
+    texts = [item["text"] for s in sources for item in textgen.generate(s, count, split="train", seed=0)]
+    assert build_lexicon(texts) == Lexicon.load(directory / "lexicon.json")
