@@ -342,7 +342,9 @@ class SpeechPipeline:
         # A transcript is text only: a speech token (the model starting to speak) ends it.
         stops = [v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio]
         prompts = [asr_prompt(self.lm, self.codec.encode(torch.from_numpy(np.asarray(view, np.float32))[None])[0]) for view in views]
-        batch = PromptBatch.build(self.lm, [ids for ids, _ in prompts], [codes for _, codes in prompts])
+        batch = None  # the views as one batch: for the ensemble and the transcript check
+        if len(prompts) > 1 or g.asr_check_rounds > 0:
+            batch = PromptBatch.build(self.lm, [ids for ids, _ in prompts], [codes for _, codes in prompts])
         if len(prompts) == 1:
             ids, codes = prompts[0]
             out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),

@@ -31,6 +31,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from .codec.errors import SpeechLMError
@@ -52,6 +53,11 @@ class Lexicon:
     @property
     def words(self) -> list[str]:
         return list(self.phonemes)
+
+    @cached_property
+    def written(self) -> dict[str, str]:
+        """lower-cased word -> the lexicon's written form (``sweden`` -> ``Sweden``)."""
+        return {w.lower(): w for w in self.phonemes}
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -179,14 +185,13 @@ def edits(tokens: list[_Token], lexicon: Lexicon) -> list[list[_Token]]:
             elif j == n - 1:
                 rest[-1] = _Token(rest[-1].before, rest[-1].word, rest[-1].after + t.after)
             out.append(rest)
+    first, last = tokens[0], tokens[-1]
+    lowered = first.word if first.word.isupper() or first.word[:1].islower() else _lower_first(first.word, lexicon)
     for j in range(n + 1):
         for w in words:
             if j == 0:
-                first = tokens[0]
-                lowered = first.word if first.word.isupper() or first.word[:1].islower() else _lower_first(first.word, lexicon)
                 out.append([_Token(first.before, _cased(w, True), ""), _Token("", lowered, first.after), *tokens[1:]])
             elif j == n:
-                last = tokens[-1]
                 out.append([*tokens[:-1], _Token(last.before, last.word, ""), _Token("", w, last.after)])
             else:
                 out.append([*tokens[:j], _Token("", w, ""), *tokens[j:]])
@@ -195,10 +200,7 @@ def edits(tokens: list[_Token], lexicon: Lexicon) -> list[list[_Token]]:
 
 def _lower_first(word: str, lexicon: Lexicon) -> str:
     """A sentence's first word as written mid-sentence: the lexicon's form (``Ben`` stays, ``What`` -> ``what``)."""
-    for w in lexicon.phonemes:
-        if w.lower() == word.lower():
-            return w
-    return word.lower()
+    return lexicon.written.get(word.lower(), word.lower())
 
 
 def text_of(tokens: Sequence[_Token]) -> str:

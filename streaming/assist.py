@@ -127,8 +127,8 @@ class AssistConfig:
     # (``Generation.asr_adapter``: speechlm-default's ASR adapter); None = the base model
     asr_adapter: str | None = "asr"
     # one-word edits of the question's transcript checked against its sounds (``Generation.asr_check_rounds``,
-    # speechlm.transcript_check); 0 (off) by default here: it adds ~1.5-2.5 s an utterance on one CPU thread,
-    # past the reply's onset budget
+    # speechlm.transcript_check); 0 (off) by default here: it adds about 1 s an utterance on one CPU thread
+    # (2 s in a noisy room), past the reply's onset budget
     asr_check_rounds: int = 0
 
     def __post_init__(self) -> None:

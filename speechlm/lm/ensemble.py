@@ -66,13 +66,7 @@ def ensemble_transcribe(
     v = model.vocab
     stops = set(stop_tokens if stop_tokens is not None else (v.eos, v.end_of_turn))
     end = v.eos  # a transcript's end in training (``... <|speech_end|> TEXT <|eos|>``)
-    valid = prompt.attention_mask
-    last_position = (valid.long().sum(1) - 1)[:, None]  # (K, 1)
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-
-    prompt_cache = _new_cache(model)
-    embeds = model.embed(prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
-    first = _log_probs(model, _forward(model, embeds, valid, positions, prompt_cache)[:, -1])  # (K, V)
+    first, prompt_cache, valid, last_position = _prefill(model, prompt)
 
     candidates = _candidates(model, first, copy.deepcopy(prompt_cache), valid, last_position, max_new_tokens, stops)
     ensemble = candidates[-1]
@@ -83,17 +77,24 @@ def ensemble_transcribe(
     return list(unique[int(scores.sum(0).argmax())])
 
 
-@torch.no_grad()
-def transcript_log_probs(model: SpeechLM, prompt: PromptBatch) -> Callable[[list[list[int]]], Tensor]:
-    """A scorer of transcripts for the K views of ``prompt`` (as :func:`ensemble_transcribe`'s): token id
-    lists (C of them) -> (C,) the mean over the views of log p(transcript, then ``<|eos|>`` | view).
-    The prompts are run once; each call scores on a copy of their cache."""
+def _prefill(model: SpeechLM, prompt: PromptBatch):
+    """Run the K prompts: (first-token log-probabilities (K, V), their cache, the attention mask (K, L),
+    each row's last position (K, 1))."""
     valid = prompt.attention_mask
     last_position = (valid.long().sum(1) - 1)[:, None]
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
     cache = _new_cache(model)
     embeds = model.embed(prompt.input_ids, prompt.audio_codes, prompt.audio_mask)
     first = _log_probs(model, _forward(model, embeds, valid, positions, cache)[:, -1])
+    return first, cache, valid, last_position
+
+
+@torch.no_grad()
+def transcript_log_probs(model: SpeechLM, prompt: PromptBatch) -> Callable[[list[list[int]]], Tensor]:
+    """A scorer of transcripts for the K views of ``prompt`` (as :func:`ensemble_transcribe`'s): token id
+    lists (C of them) -> (C,) the mean over the views of log p(transcript, then ``<|eos|>`` | view).
+    The prompts are run once; each call scores on a copy of their cache."""
+    first, cache, valid, last_position = _prefill(model, prompt)
 
     @torch.no_grad()
     def score(candidates: list[list[int]]) -> Tensor:
