@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .codec.errors import SpeechLMError
 from .codec.losses import mel_filterbank
+from .ctc_edits import edit_nlls
 from .lm.model import ctc_greedy
 
 CONFIG_FILE = "checker_config.json"
@@ -155,6 +156,17 @@ class PronunciationChecker(nn.Module):
         n = len(targets)
         return F.ctc_loss(log_probs[:, None].expand(-1, n, -1), torch.cat(targets), torch.full((n,), log_probs.shape[0]),
                           torch.tensor([len(t) for t in targets]), reduction="none", zero_infinity=False).tolist()
+
+    @torch.inference_mode()
+    def edit_nlls(self, log_probs: Tensor, reference: list[str], edits: list[tuple[int, list[str], int]]) -> list[float]:
+        """:meth:`sequence_nll` of each phoneme list ``reference[:a] + middle + reference[len - b:]`` for
+        (a, middle, b) in ``edits``, spliced from one pass over ``reference`` (:mod:`speechlm.ctc_edits`)."""
+        if not edits:
+            return []
+        if any(a + b + len(m) == 0 for a, m, b in edits):
+            raise SpeechLMError("edit_nlls: an empty phoneme list")
+        return edit_nlls(log_probs, self.phoneme_ids(reference), [(a, self.phoneme_ids(m), b) for a, m, b in edits],
+                         blank=self.index[BLANK])
 
     def count_heard(self, log_probs: Tensor) -> int:
         """How many phonemes the checker's greedy reading of ``log_probs`` (F', V) holds."""

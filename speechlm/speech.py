@@ -374,7 +374,8 @@ class SpeechPipeline:
             return check_transcript(
                 transcript, lexicon, lambda phs: checker.sequence_nll(log_probs, phs), lm_log_prob,
                 lambda word: text_phonemes(word, lexicon.voice), best_path_nll=checker.best_path_nll(log_probs),
-                heard_phonemes=checker.count_heard(log_probs), lm_weight=g.asr_check_weight, rounds=g.asr_check_rounds)
+                heard_phonemes=checker.count_heard(log_probs), lm_weight=g.asr_check_weight, rounds=g.asr_check_rounds,
+                acoustic_edits=lambda ref, splices: checker.edit_nlls(log_probs, ref, splices))
         except DependencyError as e:  # a word outside the lexicon and no espeak-ng to say its phonemes
             log.warning("transcript not checked: %s", e)
             return transcript

@@ -121,6 +121,13 @@ def test_the_shipped_checker_hears_the_right_word_in_espeak_speech():
     texts = [[p for w in t for p in lexicon.phonemes[w]] for t in (said, other)]
     nll = checker.sequence_nll(log_probs, texts)
     assert len(nll) == 2 and all(np.isfinite(nll)) and nll[0] < nll[1]
+    # the spliced scores the check uses are the same CTC likelihoods
+    ref = texts[1]
+    spliced = checker.edit_nlls(log_probs, ref, [(len(ref), [], 0), (0, texts[0], 0)])  # itself, and all replaced
+    assert spliced == pytest.approx([nll[1], nll[0]], rel=1e-5)
+    assert check_transcript("What does a duck say?", lexicon, lambda phs: checker.sequence_nll(log_probs, phs), flat, lambda w: [],
+                            best_path_nll=checker.best_path_nll(log_probs),
+                            acoustic_edits=lambda r, e: checker.edit_nlls(log_probs, r, e)) == "What does a snake say?"
     assert checker.count_heard(log_probs) > 0
     with pytest.raises(SpeechLMError):
         checker.sequence_nll(log_probs, [[]])

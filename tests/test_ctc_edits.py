@@ -1,0 +1,93 @@
+"""Spliced CTC likelihoods of edited label sequences (speechlm.ctc_edits) equal ctc_loss on each whole sequence."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from speechlm.ctc_edits import ctc_backward, ctc_forward, edit_nlls
+from speechlm.transcript_check import splice
+
+
+def _ctc(lp: torch.Tensor, labels: list[int]) -> float:
+    return F.ctc_loss(lp[:, None].double(), torch.tensor(labels)[None], torch.tensor([lp.shape[0]]), torch.tensor([len(labels)]),
+                      reduction="none").item()
+
+
+def _random_edits(rng: random.Random, ref: list[int], vocab: int, count: int) -> list[tuple[int, list[int], int]]:
+    out = [(len(ref), [], 0), (0, [], len(ref)), (0, [3], 0), (0, [], len(ref) - 1), (1, [], 0)]
+    while len(out) < count:
+        a = rng.randrange(0, len(ref) + 1)
+        b = rng.randrange(0, len(ref) - a + 1)
+        m = [rng.randrange(1, vocab) for _ in range(rng.randrange(0, 5))]
+        if rng.random() < 0.3 and a > 0:
+            m = [ref[a - 1], *m]  # the middle starts with the prefix's last label: a blank must part them
+        if rng.random() < 0.3 and b > 0:
+            m = [*m, ref[len(ref) - b]]  # ... ends with the suffix's first label
+        if a + b + len(m):
+            out.append((a, m, b))
+    return out
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 3.0, 40.0])
+def test_edit_nlls_equal_ctc_loss_of_each_whole_sequence(sharpness):
+    torch.manual_seed(0)
+    rng = random.Random(int(sharpness))
+    vocab, frames = 12, 70
+    lp = (torch.randn(frames, vocab) * sharpness).log_softmax(-1)
+    ref = [rng.randrange(1, vocab) for _ in range(16)]
+    ref[5] = ref[4]  # a repeated label inside the reference
+    edits = _random_edits(rng, ref, vocab, 300)
+    got = edit_nlls(lp, ref, edits)
+    want = [_ctc(lp, ref[:a] + m + ref[len(ref) - b :]) for a, m, b in edits]
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-3)
+
+
+def test_edits_the_frames_cannot_hold_score_inf():
+    torch.manual_seed(1)
+    lp = torch.randn(6, 8).log_softmax(-1)
+    ref = [1, 2, 2, 3]  # needs 5 frames (the repeat needs a blank between)
+    got = edit_nlls(lp, ref, [(4, [], 0), (4, [5, 5], 0), (2, [], 2), (0, [1, 1, 1, 1], 0)])
+    assert got[0] == pytest.approx(_ctc(lp, ref), rel=1e-5)
+    assert got[1] == float("inf") and got[3] == float("inf")  # 8 and 7 frames needed
+    assert got[2] == pytest.approx(_ctc(lp, [1, 2, 2, 3][:2] + [2, 3]), rel=1e-5)
+
+
+def test_forward_and_backward_give_the_same_total():
+    torch.manual_seed(2)
+    lp = torch.randn(30, 9).log_softmax(-1)
+    labels = [3, 3, 4, 1, 5]
+    alpha, beta = ctc_forward(lp, labels), ctc_backward(lp, labels)
+    want = -_ctc(lp, labels)
+    assert torch.logaddexp(alpha[-1, -1], alpha[-1, -2]).item() == pytest.approx(want, rel=1e-5)
+    for t in (1, 12, 30):  # sum over states of alpha * beta at any frame
+        assert torch.logsumexp(alpha[t] + beta[t], 0).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_bad_edits_are_errors():
+    lp = torch.randn(10, 5).log_softmax(-1)
+    assert edit_nlls(lp, [1, 2], []) == []
+    with pytest.raises(ValueError):
+        edit_nlls(lp, [1, 2], [(2, [3], 1)])  # a + b > len
+    with pytest.raises(ValueError):
+        edit_nlls(lp, [1, 2], [(0, [], 0)])  # nothing left
+
+
+def test_splice_recovers_each_one_word_edit_at_word_boundaries():
+    rng = random.Random(0)
+    for _ in range(3000):
+        words = [[rng.choice("abc") for _ in range(rng.randrange(1, 4))] for _ in range(rng.randrange(1, 6))]
+        ref = [p for w in words for p in w]
+        bounds = [0]
+        for w in words:
+            bounds.append(bounds[-1] + len(w))
+        j, new = rng.randrange(len(words)), [rng.choice("abc") for _ in range(rng.randrange(1, 4))]
+        edited = rng.choice([[*words[:j], new, *words[j + 1 :]], [*words[:j], *words[j + 1 :]], [*words[:j], new, *words[j:]]])
+        seq = [p for w in edited for p in w]
+        for cut in (None, bounds):
+            a, middle, b = splice(ref, seq, cut)
+            assert ref[:a] + middle + ref[len(ref) - b :] == seq and a + b <= len(ref)
+            if cut is not None:
+                assert a in bounds and len(ref) - b in bounds
