@@ -26,7 +26,7 @@ from speechlm.checker import PronunciationChecker
 from speechlm.speech import resolve_model
 from speechlm.training import textgen
 from speechlm.training.teachers import get_teacher
-from speechlm.transcript_check import Lexicon, _tokens, _word_bounds, edits, splice
+from speechlm.transcript_check import Lexicon, _edits, _tokens, _WordPhonemes, edit_splices
 
 
 def main() -> None:
@@ -45,23 +45,20 @@ def main() -> None:
         tokens = _tokens(item["text"])
         if tokens is None or any(t.word.lower() not in lexicon.written for t in tokens):
             continue  # the benchmark needs every word's phonemes from the lexicon (no espeak calls in the timing)
-
-        def phonemes_of(ts):
-            return [p for t in ts for p in lexicon.phonemes[lexicon.written[t.word.lower()]]]
-
         audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio
         log_probs = checker.log_probs(audio)
-        ref = phonemes_of(tokens)
-        cands = [phonemes_of(c) for c in edits(tokens, lexicon)]
-        cands = [c for c in cands if c]
-        bounds = _word_bounds(tokens, phonemes_of)
+        phonemes = _WordPhonemes(lexicon, lambda word: [])  # every word is in the lexicon (above)
+        ref = phonemes.of(tokens)
+        candidates = _edits(tokens, lexicon)
+        splices = [e for e in edit_splices(tokens, candidates, phonemes) if e[0] + len(e[1]) + e[2]]
+        cands = [ref[:a] + list(m) + ref[len(ref) - b :] for a, m, b in splices]
         times = {"ctc_loss": [], "spliced": []}
         for _ in range(2):  # alternate
             t = time.perf_counter()
             whole = checker.sequence_nll(log_probs, cands)
             times["ctc_loss"].append(time.perf_counter() - t)
             t = time.perf_counter()
-            spliced = checker.edit_nlls(log_probs, ref, [splice(ref, c, bounds) for c in cands])
+            spliced = checker.edit_nlls(log_probs, ref, splices)
             times["spliced"].append(time.perf_counter() - t)
         diff = max(abs(a - b) for a, b in zip(whole, spliced, strict=True) if a != float("inf"))
         rows.append({"text": item["text"], "frames": int(log_probs.shape[0]), "candidates": len(cands),

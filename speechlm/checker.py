@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -158,15 +159,19 @@ class PronunciationChecker(nn.Module):
                           torch.tensor([len(t) for t in targets]), reduction="none", zero_infinity=False).tolist()
 
     @torch.inference_mode()
-    def edit_nlls(self, log_probs: Tensor, reference: list[str], edits: list[tuple[int, list[str], int]]) -> list[float]:
+    def edit_nlls(self, log_probs: Tensor, reference: list[str], edits: list[tuple[int, Sequence[str], int]]) -> list[float]:
         """:meth:`sequence_nll` of each phoneme list ``reference[:a] + middle + reference[len - b:]`` for
         (a, middle, b) in ``edits``, spliced from one pass over ``reference`` (:mod:`speechlm.ctc_edits`)."""
         if not edits:
             return []
         if any(a + b + len(m) == 0 for a, m, b in edits):
             raise SpeechLMError("edit_nlls: an empty phoneme list")
-        return edit_nlls(log_probs, self.phoneme_ids(reference), [(a, self.phoneme_ids(m), b) for a, m, b in edits],
-                         blank=self.index[BLANK])
+        ids: dict[tuple[str, ...], tuple[int, ...]] = {}  # each middle converted once (edits share them)
+        for _, m, _ in edits:
+            m = tuple(m)
+            if m not in ids:
+                ids[m] = tuple(self.phoneme_ids(list(m)))
+        return edit_nlls(log_probs, self.phoneme_ids(reference), [(a, ids[tuple(m)], b) for a, m, b in edits], blank=self.index[BLANK])
 
     def count_heard(self, log_probs: Tensor) -> int:
         """How many phonemes the checker's greedy reading of ``log_probs`` (F', V) holds."""

@@ -31,7 +31,7 @@ from .codec.audio import PEAK_LEVEL, SAMPLE_RATE, is_silent, sound_span, trim_qu
 from .codec.errors import AudioError, DependencyError, SpeechLMError
 from .codec.model import Codec
 from .denoise import spectral_denoise
-from .lm.ensemble import ensemble_transcribe, transcript_log_probs
+from .lm.ensemble import Prefilled, ensemble_transcribe, prefill, transcript_log_probs
 from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_aligned_audio_batch, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
@@ -342,30 +342,34 @@ class SpeechPipeline:
         # A transcript is text only: a speech token (the model starting to speak) ends it.
         stops = [v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio]
         prompts = [asr_prompt(self.lm, self.codec.encode(torch.from_numpy(np.asarray(view, np.float32))[None])[0]) for view in views]
-        batch = None  # the views as one batch: for the ensemble and the transcript check
+        batch = prefilled = None  # the views as one batch, run once: for the ensemble and the transcript check
         if len(prompts) > 1 or g.asr_check_rounds > 0:
             batch = PromptBatch.build(self.lm, [ids for ids, _ in prompts], [codes for _, codes in prompts])
+            prefilled = prefill(self.lm, batch)
         if len(prompts) == 1:
             ids, codes = prompts[0]
             out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
                                 stop_tokens=stops, seed=g.seed)[0]
         else:
-            out = ensemble_transcribe(self.lm, batch, max_new_tokens=g.max_text_tokens, stop_tokens=stops, rescore=g.asr_rescore)
+            out = ensemble_transcribe(self.lm, batch, max_new_tokens=g.max_text_tokens, stop_tokens=stops, rescore=g.asr_rescore,
+                                      prefilled=prefilled)
         transcript = self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
         if g.asr_check_rounds > 0 and transcript:
-            transcript = self.check_transcript(transcript, views[0], batch, g)
+            transcript = self.check_transcript(transcript, views[0], batch, g, prefilled)
         return transcript
 
-    def check_transcript(self, transcript: str, audio: np.ndarray, prompt: PromptBatch, g: Generation) -> str:
+    def check_transcript(self, transcript: str, audio: np.ndarray, prompt: PromptBatch, g: Generation,
+                         prefilled: Prefilled | None = None) -> str:
         """``transcript`` after :func:`speechlm.transcript_check.check_transcript` against ``audio`` (T,)
-        (16 kHz) with the checker ``g.checker`` and its lexicon; the LM term from the ASR ``prompt``'s views.
+        (16 kHz) with the checker ``g.checker`` and its lexicon; the LM term from the ASR ``prompt``'s views
+        (``prefilled``: :func:`speechlm.lm.ensemble.prefill` of it, if run already).
         Unchecked (a warning logged) when the checker has no lexicon, or a word needs espeak-ng and it is missing."""
         lexicon = self.lexicon(g.checker)
         if lexicon is None:
             return transcript
         checker = self.checker(g.checker)
         log_probs = checker.log_probs(audio)
-        score = transcript_log_probs(self.lm, prompt)
+        score = transcript_log_probs(self.lm, prompt, prefilled)
 
         def lm_log_prob(texts: list[str]) -> list[float]:
             return score([self.lm.tokenizer.encode(t, add_special_tokens=False) for t in texts]).tolist()

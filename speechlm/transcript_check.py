@@ -27,7 +27,6 @@ voices, 14 of the 45 right transcripts and none of the 15 wrong ones were within
 
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import re
@@ -170,35 +169,90 @@ def _cased(word: str, first: bool) -> str:
     return word[:1].upper() + word[1:] if first else word
 
 
+# A transcript one word away, (start, end, new): the original's tokens[start:end] replaced by the
+# tokens ``new`` (a word's neighbour whose case or punctuation moves is part of the span).
+_Edit = tuple[int, int, tuple[_Token, ...]]
+
+
+def _apply(tokens: Sequence[_Token], edit: _Edit) -> list[_Token]:
+    start, end, new = edit
+    return [*tokens[:start], *new, *tokens[end:]]
+
+
 def edits(tokens: list[_Token], lexicon: Lexicon) -> list[list[_Token]]:
     """Every transcript one word away: each word replaced by each lexicon word, each word dropped, and
     each lexicon word put in before each word or at the end (a sentence's first word capitalized, the
     punctuation kept where it was), each distinct text once."""
+    made = [_apply(tokens, e) for e in _edits(tokens, lexicon)]
+    return list({text_of(e): e for e in reversed(made)}.values())[::-1]  # each text once, in first-made order
+
+
+def _edits(tokens: list[_Token], lexicon: Lexicon) -> list[_Edit]:
+    """:func:`edits` as spans, in the same order; a text may come more than once ("what" put in before or
+    after "What")."""
     words = lexicon.words
-    out: list[list[_Token]] = []
+    plain = [(_Token("", w, ""),) for w in words]  # a word mid-sentence, shared by the edits that put it there
+    out: list[_Edit] = []
     n = len(tokens)
     for j, t in enumerate(tokens):
-        for w in words:
-            if w.lower() != t.word.lower():
-                out.append([*tokens[:j], _Token(t.before, _cased(w, j == 0), t.after), *tokens[j + 1 :]])
+        lower = t.word.lower()
+        bare = j > 0 and not t.before and not t.after
+        for w, alone in zip(words, plain):
+            if w.lower() != lower:
+                out.append((j, j + 1, alone if bare else (_Token(t.before, _cased(w, j == 0), t.after),)))
         if n > 1:
-            rest = [*tokens[:j], *tokens[j + 1 :]]
             if j == 0:
-                rest[0] = _Token(t.before + rest[0].before, _cased(rest[0].word, True), rest[0].after)
+                nxt = tokens[1]
+                out.append((0, 2, (_Token(t.before + nxt.before, _cased(nxt.word, True), nxt.after),)))
             elif j == n - 1:
-                rest[-1] = _Token(rest[-1].before, rest[-1].word, rest[-1].after + t.after)
-            out.append(rest)
-    first, last = tokens[0], tokens[-1]
-    lowered = first.word if first.word.isupper() or first.word[:1].islower() else _lower_first(first.word, lexicon)
-    for j in range(n + 1):
-        for w in words:
-            if j == 0:
-                out.append([_Token(first.before, _cased(w, True), ""), _Token("", lowered, first.after), *tokens[1:]])
-            elif j == n:
-                out.append([*tokens[:-1], _Token(last.before, last.word, ""), _Token("", w, last.after)])
+                prev = tokens[-2]
+                out.append((n - 2, n, (_Token(prev.before, prev.word, prev.after + t.after),)))
             else:
-                out.append([*tokens[:j], _Token("", w, ""), *tokens[j:]])
-    return list({text_of(e): e for e in reversed(out)}.values())[::-1]  # each text once, in first-made order
+                out.append((j, j + 1, ()))
+    first, last = tokens[0], tokens[-1]
+    lowered = _Token("", first.word if first.word.isupper() or first.word[:1].islower() else _lower_first(first.word, lexicon), first.after)
+    bare_last = _Token(last.before, last.word, "")
+    for j in range(n + 1):
+        for w, alone in zip(words, plain):
+            if j == 0:
+                out.append((0, 1, (_Token(first.before, _cased(w, True), ""), lowered)))
+            elif j == n:
+                out.append((n - 1, n, (bare_last, _Token("", w, last.after))))
+            else:
+                out.append((j, j, alone))
+    return out
+
+
+class _WordPhonemes:
+    """A word token's phonemes (a tuple): the lexicon's (the word as written, else as written
+    mid-sentence), else ``phonemize(word)``, each word looked up once."""
+
+    def __init__(self, lexicon: Lexicon, phonemize: Callable[[str], list[str]]):
+        self.lexicon, self.phonemize, self.cache = lexicon, phonemize, {}
+
+    def __call__(self, token: _Token) -> tuple[str, ...]:
+        word = token.word
+        if word not in self.cache:
+            ph = self.lexicon.phonemes
+            key = word if word in ph else _lower_first(word, self.lexicon)
+            self.cache[word] = tuple(ph[key] if key in ph else self.phonemize(word))
+        return self.cache[word]
+
+    def of(self, tokens: Sequence[_Token]) -> list[str]:
+        return [p for t in tokens for p in self(t)]
+
+
+def edit_splices(tokens: Sequence[_Token], candidates: Sequence[_Edit], phonemes: _WordPhonemes) -> list[tuple[int, tuple[str, ...], int]]:
+    """Each candidate's phonemes as (a, middle, b): the original's first a phonemes, ``middle``, its last b."""
+    bounds = [0]
+    for t in tokens:
+        bounds.append(bounds[-1] + len(phonemes(t)))
+    total = bounds[-1]
+    out = []
+    for start, end, new in candidates:
+        middle = phonemes(new[0]) if len(new) == 1 else tuple(p for t in new for p in phonemes(t))
+        out.append((bounds[start], middle, total - bounds[end]))
+    return out
 
 
 def _lower_first(word: str, lexicon: Lexicon) -> str:
@@ -226,7 +280,7 @@ def check_transcript(
     max_words: int = 24,
     heard_phonemes: int | None = None,
     max_length_ratio: float = 2.0,
-    acoustic_edits: Callable[[list[str], list[tuple[int, list[str], int]]], list[float]] | None = None,
+    acoustic_edits: Callable[[list[str], list[tuple[int, Sequence[str], int]]], list[float]] | None = None,
 ) -> str:
     """The transcript after at most ``rounds`` one-word edits that lower J (module doc).
 
@@ -238,26 +292,13 @@ def check_transcript(
     [(a, middle, b), ...])``, if given, scores the phoneme lists ``reference[:a] + middle + reference[-b:]``
     as ``acoustic`` would, faster (:func:`speechlm.ctc_edits.edit_nlls`): each round's candidates are
     passed to it as splices of the current transcript's phonemes."""
+    if lm_weight < 0:
+        raise SpeechLMError(f"the transcript check's LM weight must be >= 0, got {lm_weight}")
     tokens = _tokens(transcript)
     if not tokens or not lexicon.phonemes or len(tokens) > max_words:
         return transcript
-    cache: dict[str, list[str]] = {}
-
-    def phonemes_of(ts: Sequence[_Token]) -> list[str]:
-        out: list[str] = []
-        for t in ts:
-            key = t.word
-            if key not in lexicon.phonemes:
-                key = _lower_first(t.word, lexicon)
-            if key in lexicon.phonemes:
-                out += lexicon.phonemes[key]
-            else:
-                if t.word not in cache:
-                    cache[t.word] = phonemize(t.word)
-                out += cache[t.word]
-        return out
-
-    current_ph = phonemes_of(tokens)
+    phonemes = _WordPhonemes(lexicon, phonemize)
+    current_ph = phonemes.of(tokens)
     if not current_ph:
         return transcript
     if heard_phonemes is not None and not 1 / max_length_ratio <= heard_phonemes / len(current_ph) <= max_length_ratio:
@@ -265,51 +306,37 @@ def check_transcript(
     current_ac = acoustic([current_ph])[0]
     if (current_ac - best_path_nll) / len(current_ph) < skip_gap:
         return transcript
-    current = current_ac - lm_weight * lm_log_prob([text_of(tokens)])[0]
+    current: float | None = None  # J of the transcript: its LM term comes with the first round's shortlist
     for _ in range(rounds):
-        candidates = [c for c in edits(tokens, lexicon) if c]
-        phs = [phonemes_of(c) for c in candidates]
-        keep = [i for i, p in enumerate(phs) if p]
+        candidates = _edits(tokens, lexicon)
+        splices = edit_splices(tokens, candidates, phonemes)
+        L = len(current_ph)
+        keep = [i for i, (a, m, b) in enumerate(splices) if a + len(m) + b]
         if acoustic_edits is None:
-            scores = acoustic([phs[i] for i in keep])
+            scores = acoustic([current_ph[:a] + list(m) + current_ph[L - b :] for a, m, b in (splices[i] for i in keep)])
         else:
-            bounds = _word_bounds(tokens, phonemes_of)
-            scores = acoustic_edits(current_ph, [splice(current_ph, phs[i], bounds) for i in keep])
-        ranked = sorted(range(len(keep)), key=lambda i: scores[i])[:shortlist]
-        texts = [text_of(candidates[keep[i]]) for i in ranked]
-        lm = lm_log_prob(texts)
-        joint = [scores[i] - lm_weight * p for i, p in zip(ranked, lm)]
+            scores = acoustic_edits(current_ph, [splices[i] for i in keep])
+        # The shortlist: the best distinct texts by the checker. log p_LM <= 0, so J >= the checker's NLL:
+        # an edit whose NLL alone does not beat J cannot win.
+        bound = float("inf") if current is None else current - margin
+        shortlisted: dict[str, tuple[float, list[_Token]]] = {}
+        for i in sorted(range(len(keep)), key=scores.__getitem__):
+            if len(shortlisted) == shortlist or scores[i] >= bound:
+                break
+            edited = _apply(tokens, candidates[keep[i]])
+            shortlisted.setdefault(text_of(edited), (scores[i], edited))
+        texts = list(shortlisted)
+        if current is None:
+            lm = lm_log_prob([text_of(tokens), *texts])
+            current, lm = current_ac - lm_weight * lm[0], lm[1:]
+        elif texts:
+            lm = lm_log_prob(texts)
+        if not texts:
+            break
+        joint = [shortlisted[t][0] - lm_weight * p for t, p in zip(texts, lm)]
         best = min(range(len(joint)), key=joint.__getitem__)
         if joint[best] >= current - margin:
             break
-        tokens, current = candidates[keep[ranked[best]]], joint[best]
-        current_ph = phs[keep[ranked[best]]]
+        tokens, current = shortlisted[texts[best]][1], joint[best]
+        current_ph = phonemes.of(tokens)
     return text_of(tokens)
-
-
-def splice(reference: Sequence[str], sequence: Sequence[str], bounds: Sequence[int] | None = None) -> tuple[int, list[str], int]:
-    """``sequence`` as (a, middle, b): ``reference[:a] + middle + reference[len(reference) - b:]``, with
-    the longest shared prefix, then the longest shared suffix of what is left; with ``bounds`` (the
-    reference's word boundaries, ascending phoneme offsets from 0 to its length) each cut back to a word
-    boundary, so that one-word edits at the same place share their (a, middle)."""
-    n = min(len(reference), len(sequence))
-    a = 0
-    while a < n and reference[a] == sequence[a]:
-        a += 1
-    if bounds is not None:
-        a = bounds[bisect.bisect_right(bounds, a) - 1]
-    b, n = 0, n - a
-    while b < n and reference[-1 - b] == sequence[-1 - b]:
-        b += 1
-    if bounds is not None:
-        L = len(reference)
-        b = L - bounds[bisect.bisect_left(bounds, L - b)]
-    return a, list(sequence[a : len(sequence) - b]), b
-
-
-def _word_bounds(tokens: Sequence[_Token], phonemes_of: Callable[[Sequence[_Token]], list[str]]) -> list[int]:
-    """Phoneme offsets of the word boundaries of ``tokens``: [0, len(word 1), ..., total]."""
-    out = [0]
-    for t in tokens:
-        out.append(out[-1] + len(phonemes_of([t])))
-    return out

@@ -43,6 +43,9 @@ class ServerConfig:
     assist: str | None = "speechlm-default"
     assist_voice: str = "speech_lm"  # who says the assisted reply: "speech_lm" (its TTS) or "duplex" (the duplex model)
     assist_views: int | None = None  # views of the question's audio the speech LM hears (None = AssistConfig's: 2; 1 = plain greedy, faster)
+    # one-word edits of the question's transcript checked against its sounds (None = AssistConfig's: 0, off;
+    # 3 = the offline ASR's default: questions heard right far more often, the reply ~0.4 s later on one CPU thread)
+    assist_check_rounds: int | None = None
     # the duplex model hears the user through a noise gate (speechlm.streaming.gate): their pauses as
     # digital silence, as in its training dialogues; False = as they are (a faint room kept it from replying)
     noise_gate: bool = True
@@ -113,6 +116,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="views of the question's audio the assist's ASR hears: more transcribe better, 1 answers sooner (default 2)",
     )
     parser.add_argument(
+        "--assist-check-rounds",
+        type=int,
+        default=d.assist_check_rounds,
+        help="check the assist's transcript of each question against its sounds, at most this many one-word edits: "
+        "questions heard right far more often, the reply later (default 0 = off; 3 as offline ASR)",
+    )
+    parser.add_argument(
         "--no-noise-gate",
         dest="noise_gate",
         action="store_false",
@@ -158,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         assist=None if str(getattr(args, "assist", None) or "none").lower() == "none" else args.assist,
         assist_voice=getattr(args, "assist_voice", "speech_lm"),
         assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
+        assist_check_rounds=getattr(args, "assist_check_rounds", ServerConfig.assist_check_rounds),
         noise_gate=getattr(args, "noise_gate", True),
         device=args.device,
         threads=args.threads,

@@ -377,6 +377,11 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     config = dict(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu")
     built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=2))
     assert isinstance(built, AssistedDuplexModel) and built.generation.asr_views == 2 and built.generation.asr_adapter == "asr"
+    assert built.generation.asr_check_rounds == 0  # the transcript check: off unless asked for
+    checked = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_check_rounds=3))
+    assert checked.generation.asr_check_rounds == 3 and checked.config.asr_check_rounds == 3
+    with pytest.raises(SpeechLMError, match="asr_check_rounds"):
+        build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_check_rounds=-1))
     with pytest.raises(SpeechLMError, match="asr_views"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=0))
     state = built.init_state(2)
@@ -399,6 +404,8 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
     assert config_from_args(parser.parse_args([])).assist == "speechlm-default"
     assert config_from_args(parser.parse_args(["--assist-views", "1"])).assist_views == 1
+    assert config_from_args(parser.parse_args(["--assist-check-rounds", "3"])).assist_check_rounds == 3
+    assert config_from_args(parser.parse_args([])).assist_check_rounds is None
     assert config_from_args(parser.parse_args([])).noise_gate and not config_from_args(parser.parse_args(["--no-noise-gate"])).noise_gate
     with pytest.raises(Exception, match="not found|no such|does not exist|speech LM"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "missing")))

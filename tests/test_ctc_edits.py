@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from speechlm.ctc_edits import ctc_backward, ctc_forward, edit_nlls
-from speechlm.transcript_check import splice
+from speechlm.transcript_check import Lexicon, _apply, _edits, _tokens, _WordPhonemes, edit_splices, edits
 
 
 def _ctc(lp: torch.Tensor, labels: list[int]) -> float:
@@ -75,19 +75,16 @@ def test_bad_edits_are_errors():
         edit_nlls(lp, [1, 2], [(0, [], 0)])  # nothing left
 
 
-def test_splice_recovers_each_one_word_edit_at_word_boundaries():
-    rng = random.Random(0)
-    for _ in range(3000):
-        words = [[rng.choice("abc") for _ in range(rng.randrange(1, 4))] for _ in range(rng.randrange(1, 6))]
-        ref = [p for w in words for p in w]
-        bounds = [0]
-        for w in words:
-            bounds.append(bounds[-1] + len(w))
-        j, new = rng.randrange(len(words)), [rng.choice("abc") for _ in range(rng.randrange(1, 4))]
-        edited = rng.choice([[*words[:j], new, *words[j + 1 :]], [*words[:j], *words[j + 1 :]], [*words[:j], new, *words[j:]]])
-        seq = [p for w in edited for p in w]
-        for cut in (None, bounds):
-            a, middle, b = splice(ref, seq, cut)
-            assert ref[:a] + middle + ref[len(ref) - b :] == seq and a + b <= len(ref)
-            if cut is not None:
-                assert a in bounds and len(ref) - b in bounds
+def test_each_edit_is_spliced_from_the_transcripts_phonemes():
+    """The check's (a, middle, b) of every one-word edit rebuild the edited transcript's own phonemes,
+    first words recased and punctuation moved included."""
+    lexicon = Lexicon({"what": ["w", "ʌ", "t"], "does": ["d", "ʌ", "z"], "a": ["ɐ"], "duck": ["d", "ʌ", "k"], "Ben": ["b", "ɛ", "n"],
+                       "say": ["s", "eɪ"], "snake": ["s", "n", "eɪ", "k"]})
+    phonemes = _WordPhonemes(lexicon, lambda word: list(word.lower()))  # a word outside the lexicon: its letters
+    for transcript in ("What does a duck say?", "Ben, say what?", "Duck.", "What does zebra say?", '"Ben" does.'):
+        tokens = _tokens(transcript)
+        ref = phonemes.of(tokens)
+        candidates = _edits(tokens, lexicon)
+        assert len(candidates) >= len(edits(tokens, lexicon))  # the check's list may hold a text twice
+        for edit, (a, middle, b) in zip(candidates, edit_splices(tokens, candidates, phonemes), strict=True):
+            assert ref[:a] + list(middle) + ref[len(ref) - b :] == phonemes.of(_apply(tokens, edit))

@@ -156,15 +156,16 @@ def test_the_pipeline_checks_transcripts_unless_off_or_without_a_lexicon(pipelin
     seen = []
     real = type(pipeline).check_transcript
 
-    def spy(self, transcript, audio, prompt, g):
-        seen.append(transcript)
-        return real(self, transcript, audio, prompt, g)
+    def spy(self, transcript, audio, prompt, g, prefilled=None):
+        seen.append((transcript, prefilled is not None))
+        return real(self, transcript, audio, prompt, g, prefilled)
 
     monkeypatch.setattr(type(pipeline), "check_transcript", spy)
     off = pipeline.asr(speech, generation=dataclasses.replace(SHORT, asr_views=1, asr_check_rounds=0))
     assert seen == []
     on = pipeline.asr(speech, generation=dataclasses.replace(SHORT, asr_views=1))
-    assert (seen == [off]) == bool(off.strip())  # the LM's transcript went through the check
+    # the LM's transcript went through the check, with the views' prompts run once for both
+    assert (seen == [(off, True)]) == bool(off.strip())
     assert isinstance(on, str)
     with pytest.raises(SpeechLMError, match="asr_check_rounds"):
         pipeline.asr(speech, generation=dataclasses.replace(SHORT, asr_check_rounds=-1))

@@ -57,16 +57,22 @@ def ensemble_transcribe(
     max_new_tokens: int = 64,
     stop_tokens: Sequence[int] | None = None,
     rescore: bool = True,
+    prefilled: Prefilled | None = None,
 ) -> list[int]:
     """One transcript (token ids, stop token excluded) from the K rows of ``prompt``, each the same
     utterance's ASR prompt from another view. Greedy throughout (repeatable); see the module doc.
-    A row of K = 1 gives plain greedy decoding's transcript."""
+    A row of K = 1 gives plain greedy decoding's transcript. ``prefilled``: :func:`prefill` of
+    ``prompt`` already run (left as it is, for another use)."""
     if max_new_tokens < 1:
         raise SpeechLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     v = model.vocab
     stops = set(stop_tokens if stop_tokens is not None else (v.eos, v.end_of_turn))
     end = v.eos  # a transcript's end in training (``... <|speech_end|> TEXT <|eos|>``)
-    first, prompt_cache, valid, last_position = _prefill(model, prompt)
+    if prefilled is None:
+        first, prompt_cache, valid, last_position = prefill(model, prompt)
+    else:
+        first, prompt_cache, valid, last_position = prefilled
+        prompt_cache = copy.deepcopy(prompt_cache)
 
     candidates = _candidates(model, first, copy.deepcopy(prompt_cache), valid, last_position, max_new_tokens, stops)
     ensemble = candidates[-1]
@@ -77,7 +83,11 @@ def ensemble_transcribe(
     return list(unique[int(scores.sum(0).argmax())])
 
 
-def _prefill(model: SpeechLM, prompt: PromptBatch):
+Prefilled = tuple  # (first-token log-probabilities (K, V), the prompts' cache, attention mask (K, L), last positions (K, 1))
+
+
+@torch.no_grad()
+def prefill(model: SpeechLM, prompt: PromptBatch) -> Prefilled:
     """Run the K prompts: (first-token log-probabilities (K, V), their cache, the attention mask (K, L),
     each row's last position (K, 1))."""
     valid = prompt.attention_mask
@@ -90,11 +100,11 @@ def _prefill(model: SpeechLM, prompt: PromptBatch):
 
 
 @torch.no_grad()
-def transcript_log_probs(model: SpeechLM, prompt: PromptBatch) -> Callable[[list[list[int]]], Tensor]:
+def transcript_log_probs(model: SpeechLM, prompt: PromptBatch, prefilled: Prefilled | None = None) -> Callable[[list[list[int]]], Tensor]:
     """A scorer of transcripts for the K views of ``prompt`` (as :func:`ensemble_transcribe`'s): token id
     lists (C of them) -> (C,) the mean over the views of log p(transcript, then ``<|eos|>`` | view).
-    The prompts are run once; each call scores on a copy of their cache."""
-    first, cache, valid, last_position = _prefill(model, prompt)
+    The prompts are run once (or ``prefilled``: :func:`prefill` of them); each call scores on a copy of their cache."""
+    first, cache, valid, last_position = prefilled if prefilled is not None else prefill(model, prompt)
 
     @torch.no_grad()
     def score(candidates: list[list[int]]) -> Tensor:
