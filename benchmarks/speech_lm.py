@@ -7,6 +7,8 @@
   cost and the speed-up of MCTP come from the same model and sentences.
 * ASR: WER on held-out voices (espeak variants never trained on) speaking test-split text,
   and on the real held-out LibriSpeech speakers (>= 7000) against their pseudo-transcripts.
+  ``asrlong``: recordings of several such sentences in a row (one voice, its own pauses), heard
+  cut at the pauses (the default) and, with the decoder flag ``:whole``, in one piece.
 * Spoken QA: held-out arithmetic and fact questions spoken by held-out voices; a reply is
   right when the judge hears the expected answer in our spoken reply (and, separately, when
   the reply's text holds it). ``textqa``: the same questions typed, greedy text reply.
@@ -233,15 +235,18 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
     """Each decoder on the same utterances ((reference, audio) pairs): corpus WER, seconds per utterance, examples.
     A decoder is ``lm``, ``ctc`` or ``auto``, with ``:K`` the LM decoder's number of views (``lm:1`` = plain greedy)
     and flags after it: ``:raw`` for the audio at its own level (not peak-normalized first), ``:asis`` for its
-    quiet edges and room as they are (``Generation.asr_edges`` off): ``lm:1:raw``, ``lm:4:asis``."""
+    quiet edges and room as they are (``Generation.asr_edges`` off), ``:whole`` for the audio heard in one
+    piece (not cut at its pauses, ``Generation.asr_pause_seconds`` 0): ``lm:1:raw``, ``lm:4:asis``, ``lm:2:whole``."""
     out = {}
+    known = {"raw", "asis", "whole"}
     for decoder in decoders:
         name, *rest = decoder.split(":")
         views, flags = (rest[0] if rest else ""), set(rest[1:])
-        if flags - {"raw", "asis"}:
-            raise SystemExit(f"--asr-decoders {decoder}: unknown flags {sorted(flags - {'raw', 'asis'})} (raw, asis)")
+        if flags - known:
+            raise SystemExit(f"--asr-decoders {decoder}: unknown flags {sorted(flags - known)} ({', '.join(sorted(known))})")
         gd = dataclasses.replace(g, asr_decoder=name, asr_views=int(views) if views else g.asr_views,
-                                 asr_level=None if "raw" in flags else g.asr_level, asr_edges="asis" not in flags and g.asr_edges)
+                                 asr_level=None if "raw" in flags else g.asr_level, asr_edges="asis" not in flags and g.asr_edges,
+                                 asr_pause_seconds=0.0 if "whole" in flags else g.asr_pause_seconds)
         pairs, seconds = [], 0.0
         for ref, audio in utterances:
             t = time.perf_counter()
@@ -270,6 +275,21 @@ def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] 
     by_decoder = _asr_decoders(sp, utterances, decoders, g or Generation())
     return {**by_decoder[decoders[0]], "decoder": decoders[0], "gain": gain, "lead_s": lead_s, "noise_rms": noise_rms,
             "voices": len({voices[i % len(voices)] for i in range(len(items))}), "by_decoder": by_decoder}
+
+
+def bench_asr_long(sp: SpeechPipeline, count: int, per_recording: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None) -> dict:
+    """Recordings of ``per_recording`` unseen (test-split) sentences in a row, each recording one held-out
+    voice speaking them in one go (espeak's own pauses between sentences); every decoder on the same audio."""
+    items = held_out_texts(TTS_SOURCES, count * per_recording)
+    voices = textgen.voice_catalog("test", ("espeak",))
+    rng = random.Random(2)
+    recordings = []
+    for r in range(len(items) // per_recording):
+        text = " ".join(item["text"] for item in items[r * per_recording : (r + 1) * per_recording])
+        recordings.append((text, get_teacher(voices[r % len(voices)]).synthesize(text, rng).audio))
+    by_decoder = _asr_decoders(sp, recordings, decoders, g or Generation())
+    return {**by_decoder[decoders[0]], "decoder": decoders[0], "sentences_per_recording": per_recording,
+            "seconds_per_recording": statistics.mean(len(a) / SAMPLE_RATE for _, a in recordings), "by_decoder": by_decoder}
 
 
 def bench_asr_librispeech(sp: SpeechPipeline, folder: str, count: int, max_seconds: float, decoders: Sequence[str] = ("lm",),
@@ -345,7 +365,8 @@ def main() -> None:
     ap.add_argument("--model", default="speechlm-default")
     ap.add_argument("--codec", help="codec name or directory (default: the one the model names)")
     ap.add_argument("--count", type=int, default=40, help="sentences / utterances / questions per test")
-    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed)")
+    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed), asrlong (several sentences a recording)")
+    ap.add_argument("--long-sentences", type=int, default=5, help="asrlong: sentences a recording (--count recordings)")
     ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
@@ -411,6 +432,10 @@ def main() -> None:
         if Path(args.librispeech).is_dir() and not args.no_librispeech:
             result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds, decoders, g)
             print("asr librispeech WER", {d: r["wer"] for d, r in result["asr_librispeech"]["by_decoder"].items()}, flush=True)
+    if "asrlong" in tasks:
+        decoders = args.asr_decoders.split(",")
+        result["asr_long"] = bench_asr_long(sp, args.count, args.long_sentences, decoders, g)
+        print("asr long recordings WER", {d: r["wer"] for d, r in result["asr_long"]["by_decoder"].items()}, flush=True)
     if "textqa" in tasks:
         result["text_qa"] = bench_text_qa(sp, args.count)
         print("text QA", {k: v for k, v in result["text_qa"].items() if k != "examples"}, flush=True)

@@ -133,16 +133,76 @@ def sound_span(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, below_peak_
     None when nothing sounds. A sound is a ``window_s`` window whose RMS is within ``below_peak_db``
     of the loudest window's and ``noise_margin`` times above the quietest tenth of the windows (the room)."""
     n = max(1, int(window_s * sample_rate))
-    frames = len(audio) // n
-    if frames == 0:
+    if len(audio) < n:
         return None if is_silent(audio) else (0, len(audio))
-    rms = np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
-    floor = float(np.sort(rms)[: max(1, frames // 10)].mean())
-    threshold = max(float(rms.max()) * 10 ** (-below_peak_db / 20), noise_margin * floor, 1e-5)
-    loud = np.nonzero(rms > threshold)[0]
+    loud = np.nonzero(_loud_windows(audio, n, below_peak_db, noise_margin))[0]
     if len(loud) == 0:
         return None
     return int(loud[0]) * n, min(len(audio), (int(loud[-1]) + 1) * n)
+
+
+def _loud_windows(audio: np.ndarray, n: int, below_peak_db: float, noise_margin: float) -> np.ndarray:
+    """Which whole windows of n samples of ``audio`` sound (bool (len // n,)): see :func:`sound_span`."""
+    frames = len(audio) // n
+    rms = np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
+    floor = float(np.sort(rms)[: max(1, frames // 10)].mean())
+    threshold = max(float(rms.max()) * 10 ** (-below_peak_db / 20), noise_margin * floor, 1e-5)
+    return rms > threshold
+
+
+def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_s: float = 0.35, max_seconds: float = 12.0,
+                    below_peak_db: float = 40.0, noise_margin: float = 3.0, window_s: float = 0.01, trail_s: float = 0.02) -> list[tuple[int, int]]:
+    """The sounding part of ``audio`` (T,) in pieces (start, end), cut in the middle of every pause of at
+    least ``pause_s`` (quiet: as :func:`sound_span`'s, but within ``below_peak_db`` of the peak, so that a
+    breath between sentences counts as quiet); a piece still longer than ``max_seconds`` is cut again at
+    its longest pause, or, with none, at its quietest window in the middle half. Each piece runs from its
+    first sound to ``trail_s`` after its last: the speech LM was trained on utterances that start with
+    their first sound, and hears a sentence differently when a few milliseconds of quiet come before it
+    (its codec frames fall elsewhere in the sound). [] when nothing sounds."""
+    n = max(1, int(window_s * sample_rate))
+    if len(audio) < n:
+        return [] if is_silent(audio) else [(0, len(audio))]
+    frames = len(audio) // n
+    loud = _loud_windows(audio, n, below_peak_db, noise_margin)
+    where = np.nonzero(loud)[0]
+    if len(where) == 0:
+        return []
+    first, last = int(where[0]), int(where[-1]) + 1
+    runs = []  # quiet runs between the first and the last sound: (start, end) in windows
+    start = None
+    for i in range(first, last):
+        if not loud[i] and start is None:
+            start = i
+        elif loud[i] and start is not None:
+            runs.append((start, i))
+            start = None
+    cuts = sorted((a + b) // 2 for a, b in runs if (b - a) * window_s >= pause_s)
+    pieces = list(zip([first, *cuts], [*cuts, last]))
+    limit = max(1, int(max_seconds / window_s))
+    rms = None
+    out: list[tuple[int, int]] = []
+    while pieces:
+        a, b = pieces.pop(0)
+        if b - a <= limit:
+            out.append((a, b))
+            continue
+        inside = [(s, e) for s, e in runs if a < s and e < b]
+        if inside:
+            s, e = max(inside, key=lambda r: r[1] - r[0])
+            cut = (s + e) // 2
+        else:
+            if rms is None:
+                rms = np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
+            lo, hi = a + (b - a) // 4, b - (b - a) // 4
+            cut = lo + int(np.argmin(rms[lo:hi]))
+        pieces[:0] = [(a, cut), (cut, b)]
+    pad = int(trail_s * sample_rate)
+    spans = []
+    for a, b in out:
+        sounding = np.nonzero(loud[a:b])[0]
+        if len(sounding):
+            spans.append(((a + int(sounding[0])) * n, min(len(audio), (a + int(sounding[-1]) + 1) * n + pad)))
+    return spans
 
 
 def trim_quiet_edges(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, max_lead_s: float = 0.06, lead_s: float = 0.02,

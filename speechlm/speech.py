@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .checker import PronunciationChecker, text_phonemes
-from .codec.audio import PEAK_LEVEL, SAMPLE_RATE, is_silent, sound_span, trim_quiet_edges
+from .codec.audio import PEAK_LEVEL, SAMPLE_RATE, is_silent, sound_span, split_at_pauses, trim_quiet_edges
 from .codec.errors import AudioError, DependencyError, SpeechLMError
 from .codec.model import Codec
 from .denoise import spectral_denoise
@@ -105,9 +105,16 @@ class Generation:
     # say?"). Needs espeak-ng for words outside the lexicon.
     # Chosen on the validation split (40 sentences, 30 questions, held-out voices): WER 6.5 -> 2.6 %, replies
     # holding the answer 17 -> 24 of 30; on the test split held-out voices 8.9 -> 6.8 %, spoken questions answered
-    # in the reply text 20 -> 31 of 40 (docs/benchmarks.md). About 1 s more an utterance on one CPU thread.
+    # in the reply text 20 -> 31 of 40 (docs/benchmarks.md). About 0.4-0.55 s more an utterance on one CPU thread.
     asr_check_rounds: int = 3
     asr_check_weight: float = 2.0
+    # ASR of a recording that pauses: the model was trained to transcribe one sentence, and two sentences in one
+    # piece of audio come out as one invented sentence; so the audio is cut in the middle of every pause of at
+    # least ``asr_pause_seconds`` (and a piece longer than ``asr_piece_seconds`` again at its longest pause), each
+    # piece transcribed alone, the transcripts joined. 0 = one piece, as given. (No held-out single sentence of
+    # the benchmarks has such a pause inside.)
+    asr_pause_seconds: float = 0.3
+    asr_piece_seconds: float = 12.0
     # TTS (``tts``, the speech of ``chat`` replies, the server's answer assist) speaks through the model's task
     # adapter of this name when it has one (trained on TTS alone, base frozen); None = the base model. The
     # shipped model has none: one trained on this CPU spoke worse (docs/benchmarks.md, "A TTS adapter")
@@ -316,6 +323,17 @@ class SpeechPipeline:
             raise SpeechLMError(f"asr_views must be >= 1, got {g.asr_views}")
         if g.asr_check_rounds < 0:
             raise SpeechLMError(f"asr_check_rounds must be >= 0, got {g.asr_check_rounds}")
+        if g.asr_pause_seconds < 0 or g.asr_piece_seconds <= 0:
+            raise SpeechLMError(f"asr_pause_seconds must be >= 0 and asr_piece_seconds > 0, got {g.asr_pause_seconds}, {g.asr_piece_seconds}")
+        if g.asr_pause_seconds > 0:
+            pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds)
+            if len(pieces) > 1:
+                heard = [self._asr_piece(audio[a:b], sample_rate, decoder, g) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
+                return " ".join(t for t in heard if t)
+        return self._asr_piece(audio, sample_rate, decoder, g)
+
+    def _asr_piece(self, audio: np.ndarray, sample_rate: int, decoder: str, g: Generation) -> str:
+        """One piece of audio (checked by :meth:`asr`) -> its transcript."""
         with self.lm.adapter(self.asr_adapter(g)):
             if decoder == "ctc":
                 return self.lm.tokenizer.decode(self.lm.hear(self._frames(audio, sample_rate)), skip_special_tokens=True).strip()

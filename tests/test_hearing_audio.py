@@ -10,8 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the ASR-view tests' tiny model
 from test_asr_views import C, model  # noqa: E402, F401  (fixture)
 
-from speechlm.codec.audio import sound_span, trim_quiet_edges
+from speechlm.codec.audio import sound_span, split_at_pauses, trim_quiet_edges
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
+from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.denoise import spectral_denoise
 from speechlm.speech import Generation, SpeechPipeline, hearing_audio
@@ -82,3 +83,43 @@ def test_short_inputs_pass(n):
     audio = quiet(n / SR, 0.01)
     np.testing.assert_array_equal(spectral_denoise(audio, quiet(0.5, 0.01)), audio)
     assert len(hearing_audio(audio)) == n
+
+
+def test_a_recording_is_cut_at_its_pauses_into_pieces_that_start_with_their_first_sound():
+    def seconds(pieces):
+        return [(round(s / SR, 2), round(e / SR, 2)) for s, e in pieces]
+
+    a, b, c = voice(1.0, 1), voice(1.5, 2), voice(0.8, 3)
+    audio = np.concatenate([quiet(0.3), a, quiet(0.5), b, quiet(0.2), c, quiet(0.4)])
+    # one cut, at the half-second pause (the 0.2 s one is a breath inside a sentence); each piece from its
+    # first sound to 20 ms after its last
+    assert seconds(split_at_pauses(audio, pause_s=0.3)) == [(0.3, 1.32), (1.8, 4.32)]
+    assert seconds(split_at_pauses(audio, pause_s=0.15)) == [(0.3, 1.32), (1.8, 3.32), (3.5, 4.32)]
+    # a piece over max_seconds is cut again at its longest pause, a pause-less one at its quietest point
+    assert seconds(split_at_pauses(audio, pause_s=1.0, max_seconds=3.0)) == [(0.3, 1.32), (1.8, 4.32)]
+    assert seconds(split_at_pauses(audio, pause_s=1.0, max_seconds=2.0)) == [(0.3, 1.32), (1.8, 3.32), (3.5, 4.32)]
+    long = np.concatenate([quiet(0.5), voice(2.0, 4), 0.05 * voice(0.1, 5), voice(2.0, 6), quiet(0.5)])
+    ((s0, e0), (s1, e1)) = split_at_pauses(long, max_seconds=3.0)
+    assert s0 == int(0.5 * SR) and e1 == int(4.62 * SR) and int(2.5 * SR) <= s1 <= int(2.6 * SR) and e0 >= s1  # cut in the dip
+    # a room's noise under the pauses: still pauses
+    noisy = audio + quiet(len(audio) / SR, 0.003, seed=7)
+    assert [s for s, _ in seconds(split_at_pauses(noisy))] == [0.3, 1.8]
+    assert split_at_pauses(quiet(2.0, 0.003)) == [] and split_at_pauses(np.zeros(0, np.float32)) == []
+    assert split_at_pauses(voice(0.5)) == [(0, int(0.5 * SR))]
+
+
+def test_asr_hears_each_piece_of_a_recording_alone(model):  # noqa: F811
+    codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
+    pipeline = SpeechPipeline(model, codec)
+    heard = []
+    piece = pipeline._asr_piece
+    pipeline._asr_piece = lambda audio, sr, decoder, g: heard.append(len(audio)) or piece(audio, sr, decoder, g)
+    audio = np.concatenate([voice(0.8, 1), quiet(0.5), voice(0.6, 2), quiet(0.5), quiet(0.1, 0.001)])
+    g = Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0)
+    assert isinstance(pipeline.asr(audio, generation=g), str)
+    assert heard == [int(0.82 * SR), int(0.62 * SR)]  # each piece alone, from its first sound
+    heard.clear()
+    pipeline.asr(audio, generation=Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0, asr_pause_seconds=0))
+    assert heard == [len(audio)]  # 0: one piece, as given
+    with pytest.raises(SpeechLMError, match="asr_pause_seconds"):
+        pipeline.asr(audio, generation=Generation(asr_pause_seconds=-1))

@@ -131,3 +131,19 @@ def test_shipped_checker_hears_the_teacher_say_its_own_text_best():
         scores = checker.score(audio, phonemes)
         assert min(range(len(texts)), key=scores.__getitem__) == i and scores[i] < 0.5, scores
         assert checker.recognize(audio[i])[:3] == phonemes[:3]
+
+
+def test_default_asr_hears_a_recording_of_several_sentences_piece_by_piece(cli, tmp_path):
+    """The model was trained on one sentence an utterance: a recording of three, with the speaker's pauses
+    between them, is cut at the pauses and each sentence heard alone."""
+    from speechlm.training.espeak import Espeak
+
+    espeak, pause = Espeak.instance(), np.zeros(int(0.5 * SAMPLE_RATE), np.float32)
+    said = ["What does a snake say?", "It costs three dollars.", "Which city is the capital of Sweden?"]  # each heard right alone
+    parts = [espeak.synthesize(text, "en-us+f4").audio for text in said]  # a held-out voice
+    save_audio(tmp_path / "three.wav", np.concatenate([parts[0], pause, parts[1], pause, parts[2]]))
+    r = cli("asr", str(tmp_path / "three.wav"))
+    assert r.returncode == 0, r.stderr
+    heard = words_for_scoring(r.stdout)
+    for word in ("snake", "dollars", "sweden"):
+        assert word in heard, r.stdout
