@@ -147,3 +147,7 @@ def test_default_asr_hears_a_recording_of_several_sentences_piece_by_piece(cli, 
     heard = words_for_scoring(r.stdout)
     for word in ("snake", "dollars", "sweden"):
         assert word in heard, r.stdout
+    whole = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "0")  # one piece: the model invents one sentence
+    assert whole.returncode == 0 and len(words_for_scoring(whole.stdout)) < len(heard), whole.stdout
+    bad = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "-1")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "asr_pause_seconds" in bad.stderr
