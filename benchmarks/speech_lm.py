@@ -236,9 +236,10 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
     A decoder is ``lm``, ``ctc`` or ``auto``, with ``:K`` the LM decoder's number of views (``lm:1`` = plain greedy)
     and flags after it: ``:raw`` for the audio at its own level (not peak-normalized first), ``:asis`` for its
     quiet edges and room as they are (``Generation.asr_edges`` off), ``:whole`` for the audio heard in one
-    piece (not cut at its pauses, ``Generation.asr_pause_seconds`` 0): ``lm:1:raw``, ``lm:4:asis``, ``lm:2:whole``."""
+    piece (not cut at its pauses, ``Generation.asr_pause_seconds`` 0), ``:lead`` for views told apart by silence
+    before them instead of by level (``Generation.asr_view_kind``): ``lm:1:raw``, ``lm:4:asis``, ``lm:2:whole``, ``lm:4:lead``."""
     out = {}
-    known = {"raw", "asis", "whole"}
+    known = {"raw", "asis", "whole", "lead"}
     for decoder in decoders:
         name, *rest = decoder.split(":")
         views, flags = (rest[0] if rest else ""), set(rest[1:])
@@ -246,7 +247,8 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
             raise SystemExit(f"--asr-decoders {decoder}: unknown flags {sorted(flags - known)} ({', '.join(sorted(known))})")
         gd = dataclasses.replace(g, asr_decoder=name, asr_views=int(views) if views else g.asr_views,
                                  asr_level=None if "raw" in flags else g.asr_level, asr_edges="asis" not in flags and g.asr_edges,
-                                 asr_pause_seconds=0.0 if "whole" in flags else g.asr_pause_seconds)
+                                 asr_pause_seconds=0.0 if "whole" in flags else g.asr_pause_seconds,
+                                 asr_view_kind="lead" if "lead" in flags else g.asr_view_kind)
         pairs, seconds = [], 0.0
         for ref, audio in utterances:
             t = time.perf_counter()
@@ -391,6 +393,7 @@ def main() -> None:
     ap.add_argument("--asr-decoders", default="lm",
                     help="ASR: decoders to run side by side on the same audio (lm, ctc, auto; lm:K = the LM with K views, lm:1 plain greedy); the first is the headline")
     ap.add_argument("--asr-views", type=int, help="views of the audio the LM decoder listens to (default: Generation's; also for spoken QA)")
+    ap.add_argument("--asr-view-kind", choices=("level", "lead"), help="what tells the views apart (default: Generation's; also for spoken QA)")
     ap.add_argument("--asr-gain", type=float, default=1.0, help="ASR on held-out voices: scale the (peak-normalized) audio, e.g. 0.1 = a quiet microphone")
     ap.add_argument("--asr-lead", type=float, default=0.0, help="ASR on held-out voices: seconds of quiet before and after each utterance")
     ap.add_argument("--asr-noise-rms", type=float, default=0.0, help="ASR on held-out voices: white noise of this RMS under the audio (0.001 = -60 dBFS)")
@@ -411,7 +414,8 @@ def main() -> None:
     g = Generation(**{k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("codebook_temperatures", cb_temps),
                                                      ("guidance", args.guidance),
                                                      ("transcribe_first", False if args.direct else None),
-                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("reply_speech", args.reply_speech),
+                                                     ("asr_decoder", args.asr_decoder), ("asr_views", args.asr_views), ("asr_view_kind", args.asr_view_kind),
+                                                     ("reply_speech", args.reply_speech),
                                                      ("candidates", args.candidates), ("checker", args.checker),
                                                      ("candidate_temperature", args.candidate_temperature),
                                                      ("candidate_margin", args.candidate_margin), ("asr_check_rounds", args.asr_check_rounds))

@@ -86,6 +86,9 @@ class Generation:
     # transcripts by their total likelihood (else the ensemble's greedy transcript).
     asr_views: int = 4
     asr_rescore: bool = True
+    # what tells the views apart (``listening_views``): "level" = the audio at other levels; "lead" = the audio
+    # after 0, 1/K, 2/K, ... of a codec frame of silence (the frame grid falls elsewhere in the sound)
+    asr_view_kind: str = "level"
     # ASR hears the audio peak-normalized to this level (the training corpus's); None = as given
     asr_level: float | None = PEAK_LEVEL
     # ASR hears a long quiet start or end cut short, and the room's steady noise suppressed when the
@@ -341,7 +344,7 @@ class SpeechPipeline:
                 return self.lm.tokenizer.decode(self.lm.hear(self._frames(audio, sample_rate)), skip_special_tokens=True).strip()
             if g.asr_edges:
                 audio = hearing_audio(audio, sample_rate)
-            return self.transcribe_views(listening_views(audio, g.asr_views, g.asr_level), g)
+            return self.transcribe_views(listening_views(audio, g.asr_views, g.asr_level, g.asr_view_kind, self.codec.config.frame_length), g)
 
     def asr_adapter(self, generation: Generation | None = None) -> str | None:
         """The task adapter ASR hears through: ``generation.asr_adapter`` if this model has it, else None."""
@@ -514,12 +517,22 @@ def choose_candidate(scores: list[float], margin: float = 0.0) -> int:
 VIEW_GAINS = (1.0, 0.5, 1.4, 0.7, 2.0, 0.35, 1.2, 0.85)
 
 
-def listening_views(audio: np.ndarray, count: int, level: float | None = PEAK_LEVEL) -> list[np.ndarray]:
-    """``count`` views (T,) of ``audio`` (T,) for ASR: the audio peak-normalized to ``level``, the level
+VIEW_KINDS = ("level", "lead")
+
+
+def listening_views(audio: np.ndarray, count: int, level: float | None = PEAK_LEVEL, kind: str = "level",
+                    frame_length: int = 640) -> list[np.ndarray]:
+    """``count`` views (T_k,) of ``audio`` (T,) for ASR: the audio peak-normalized to ``level``, the level
     the speech LM was trained on (its teachers' speech is peak-normalized to ``PEAK_LEVEL``: a quiet
-    microphone is then heard as well as a loud one; None = as given), then at the other ``VIEW_GAINS``, cycled."""
+    microphone is then heard as well as a loud one; None = as given), then (``kind="level"``) at the other
+    ``VIEW_GAINS``, cycled, or (``kind="lead"``) after k * frame_length / count samples of silence, k = 1 ..
+    count - 1: the codec's frame grid (``frame_length`` samples) falls at ``count`` places in the sound."""
+    if kind not in VIEW_KINDS:
+        raise SpeechLMError(f"unknown asr view kind {kind!r}; choose from {', '.join(VIEW_KINDS)}")
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    leveled = audio * (level / peak) if level is not None and peak > 1e-6 else audio
+    leveled = (audio * (level / peak) if level is not None and peak > 1e-6 else audio).astype(np.float32)
+    if kind == "lead":
+        return [np.concatenate([np.zeros(k * frame_length // count, np.float32), leveled]) for k in range(count)]
     return [(leveled * VIEW_GAINS[i % len(VIEW_GAINS)]).astype(np.float32) for i in range(count)]
 
 

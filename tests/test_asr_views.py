@@ -150,6 +150,14 @@ def test_listening_views_are_the_audio_at_the_training_level():
     assert len(listening_views(audio, 10)) == 10  # the gains cycle
     np.testing.assert_array_equal(listening_views(audio, 1, level=None)[0], audio)
     np.testing.assert_array_equal(listening_views(np.zeros(100, np.float32), 2)[1], np.zeros(100, np.float32))
+    # views told apart by where the codec's frame grid falls: 0, 1/4, 2/4, 3/4 of a frame of silence before the audio
+    lead = listening_views(audio, 4, kind="lead", frame_length=640)
+    assert [len(v) - len(audio) for v in lead] == [0, 160, 320, 480]
+    for v in lead:
+        np.testing.assert_array_equal(v[len(v) - len(audio) :], out[0])
+        assert not v[: len(v) - len(audio)].any()
+    with pytest.raises(SpeechLMError, match="view kind"):
+        listening_views(audio, 2, kind="speed")
 
 
 def test_asr_hears_a_quiet_microphone_as_a_loud_one(model):
