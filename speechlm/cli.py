@@ -347,6 +347,7 @@ def _open_text(path: str):
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from .codec.audio import load_audio
@@ -356,7 +357,8 @@ def cmd_asr(args: argparse.Namespace) -> int:
     for path in args.inputs:
         try:
             audio = load_audio(path, sample_rate=pipeline.sample_rate)
-            text = pipeline.asr(audio, generation=_generation(args))
+            segments = pipeline.asr_segments(audio, generation=_generation(args))
+            text = " ".join(s.text for s in segments if s.text)
         except SpeechLMError as e:
             if len(args.inputs) == 1:
                 raise
@@ -364,7 +366,8 @@ def cmd_asr(args: argparse.Namespace) -> int:
             failed += 1
             continue
         if args.json:
-            print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / pipeline.sample_rate, 3)}), flush=True)
+            print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / pipeline.sample_rate, 3),
+                              "segments": [dataclasses.asdict(s) for s in segments]}), flush=True)
         else:
             print(text if len(args.inputs) == 1 else f"{path}\t{' '.join(text.split())}", flush=True)  # one line per file
     return 1 if failed else 0
@@ -600,7 +603,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("asr", help="speech -> text (prints the transcript)")
     p.add_argument("inputs", nargs="+", metavar="input", help="audio file(s); with several, one 'FILE<TAB>TEXT' line each")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON object a file: text, duration, segments (start and end seconds, text: the pieces heard alone)")
     _add_asr_decoder_argument(p)
     _add_model_arguments(p)
     p.set_defaults(func=cmd_asr)

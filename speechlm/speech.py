@@ -314,10 +314,17 @@ class SpeechPipeline:
         return self.speak_steps(tts_prompt(self.lm, text), None, g, adapter=adapter)
 
     def asr(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> str:
-        """Transcribe 16 kHz mono audio; silence gives an empty transcript."""
+        """Transcribe 16 kHz mono audio; silence gives an empty transcript. A recording that pauses is heard
+        piece by piece (:meth:`asr_segments`), the pieces' transcripts joined."""
+        return " ".join(s.text for s in self.asr_segments(audio, sample_rate, generation) if s.text)
+
+    def asr_segments(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> list[Segment]:
+        """Transcribe 16 kHz mono audio in segments: the pieces it is cut into at its pauses
+        (``Generation.asr_pause_seconds``; the model transcribes one sentence at a time), each heard alone, with
+        its time span in the audio. Audio with no such pause is one segment, the whole of it; silence, none."""
         audio = self._checked(audio, sample_rate)
         if is_silent(audio):
-            return ""
+            return []
         g = generation or Generation()
         decoder = g.asr_decoder
         if decoder == "auto":
@@ -330,12 +337,11 @@ class SpeechPipeline:
             raise SpeechLMError(f"asr_check_rounds must be >= 0, got {g.asr_check_rounds}")
         if g.asr_pause_seconds < 0 or g.asr_piece_seconds <= 0:
             raise SpeechLMError(f"asr_pause_seconds must be >= 0 and asr_piece_seconds > 0, got {g.asr_pause_seconds}, {g.asr_piece_seconds}")
-        if g.asr_pause_seconds > 0:
-            pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds)
-            if len(pieces) > 1:
-                heard = [self._asr_piece(audio[a:b], sample_rate, decoder, g) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
-                return " ".join(t for t in heard if t)
-        return self._asr_piece(audio, sample_rate, decoder, g)
+        pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds) if g.asr_pause_seconds > 0 else []
+        if len(pieces) <= 1:
+            pieces = [(0, len(audio))]  # one piece: the audio as given
+        return [Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
+                for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
 
     def _asr_piece(self, audio: np.ndarray, sample_rate: int, decoder: str, g: Generation) -> str:
         """One piece of audio (checked by :meth:`asr`) -> its transcript."""
@@ -510,6 +516,15 @@ def choose_candidate(scores: list[float], margin: float = 0.0) -> int:
         raise SpeechLMError("no candidates to choose from")
     best = min(range(len(scores)), key=lambda i: (scores[i], i))
     return best if scores[best] < scores[0] - margin else 0
+
+
+@dataclass
+class Segment:
+    """A piece of a transcribed recording: its span in the audio (seconds) and what was heard there."""
+
+    start: float
+    end: float
+    text: str
 
 
 # The levels of the views ASR listens to, relative to the training level (the first is the audio

@@ -118,6 +118,9 @@ def test_asr_hears_each_piece_of_a_recording_alone(model):  # noqa: F811
     g = Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0)
     assert isinstance(pipeline.asr(audio, generation=g), str)
     assert heard == [int(0.82 * SR), int(0.62 * SR)]  # each piece alone, from its first sound
+    segments = pipeline.asr_segments(audio, generation=g)
+    assert [(s.start, s.end) for s in segments] == [(0.0, 0.82), (1.3, 1.92)]
+    assert pipeline.asr(audio, generation=g) == " ".join(s.text for s in segments if s.text)
     heard.clear()
     pipeline.asr(audio, generation=Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0, asr_pause_seconds=0))
     assert heard == [len(audio)]  # 0: one piece, as given

@@ -142,11 +142,17 @@ def test_default_asr_hears_a_recording_of_several_sentences_piece_by_piece(cli, 
     said = ["What does a snake say?", "It costs three dollars.", "Which city is the capital of Sweden?"]  # each heard right alone
     parts = [espeak.synthesize(text, "en-us+f4").audio for text in said]  # a held-out voice
     save_audio(tmp_path / "three.wav", np.concatenate([parts[0], pause, parts[1], pause, parts[2]]))
-    r = cli("asr", str(tmp_path / "three.wav"))
+    r = cli("asr", str(tmp_path / "three.wav"), "--json")
     assert r.returncode == 0, r.stderr
-    heard = words_for_scoring(r.stdout)
+    out = json.loads(r.stdout)
+    heard = words_for_scoring(out["text"])
     for word in ("snake", "dollars", "sweden"):
-        assert word in heard, r.stdout
+        assert word in heard, out
+    # a segment a sentence, in order, each within the audio and between the pauses
+    (first, second, third) = out["segments"]
+    assert "snake" in words_for_scoring(first["text"]) and "dollars" in words_for_scoring(second["text"])
+    assert 0 <= first["start"] < first["end"] < second["start"] < second["end"] < third["start"] < third["end"] <= out["duration"]
+    assert abs(second["start"] - (len(parts[0]) + len(pause)) / SAMPLE_RATE) < 0.05
     whole = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "0")  # one piece: the model invents one sentence
     assert whole.returncode == 0 and len(words_for_scoring(whole.stdout)) < len(heard), whole.stdout
     bad = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "-1")
