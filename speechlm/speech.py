@@ -35,7 +35,7 @@ from .lm.ensemble import Prefilled, ensemble_transcribe, prefill, transcript_log
 from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_aligned_audio_batch, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
-from .training.textnorm import normalize_text
+from .training.textnorm import normalize_text, split_sentences
 from .transcript_check import LEXICON_FILE, Lexicon, check_transcript
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,11 @@ class Generation:
     # held-out sentence (160 validation, 160 test) has a quiet run of more than 0.23 s inside, nor lasts 6 s.
     asr_pause_seconds: float = 0.25
     asr_piece_seconds: float = 6.0
+    # TTS of several sentences: each spoken alone (the model learned to speak one sentence an utterance: five
+    # held-out sentences in one go were heard at 98 % WER, one by one at 30 %, docs/benchmarks.md), with
+    # ``sentence_pause_seconds`` of silence between them (rounded to whole codec frames); False = in one go
+    tts_by_sentence: bool = True
+    sentence_pause_seconds: float = 0.3
     # TTS (``tts``, the speech of ``chat`` replies, the server's answer assist) speaks through the model's task
     # adapter of this name when it has one (trained on TTS alone, base frozen); None = the base model. The
     # shipped model has none: one trained on this CPU spoke worse (docs/benchmarks.md, "A TTS adapter")
@@ -211,31 +216,59 @@ class SpeechPipeline:
     # -- tasks ---------------------------------------------------------------------------------
 
     def tts(self, text: str, *, stream: bool = False, generation: Generation | None = None) -> np.ndarray | Iterator[np.ndarray]:
-        """Speak ``text``. ``stream=True`` returns an iterator of PCM chunks (float32, 16 kHz)."""
+        """Speak ``text``. ``stream=True`` returns an iterator of PCM chunks (float32, 16 kHz). Several
+        sentences are spoken one by one (``Generation.tts_by_sentence``), silence between them."""
         g = generation or Generation()
+        sentences = self.sentences(text, g)
         if g.candidates > 1:
             if stream:
                 raise SpeechLMError("choosing among TTS candidates needs each whole utterance: use stream=False (or candidates=1)")
-            return self.best_speech(text, lambda gs: self.tts_batch([text] * len(gs), gs), g)
+            return self._with_pauses([self.best_speech(s, lambda gs, s=s: self.tts_batch([s] * len(gs), gs), g) for s in sentences], g)
         if not stream:
-            return self.tts_batch([text], g)[0]  # word-aligned: the codec decodes the whole utterance at once
-        return (pcm for _, pcm in self.tts_steps(text, g))
+            return self.tts_batch([text], g)[0]  # word-aligned: the codec decodes each sentence at once
+        return self._stream_sentences(sentences, g)
 
-    def tts_batch(self, texts: list[str], generations: Generation | list[Generation] | None = None) -> list[np.ndarray]:
+    def sentences(self, text: str, g: Generation) -> list[str]:
+        """What TTS speaks alone: ``text``'s sentences (``Generation.tts_by_sentence``), else (or with none) the text."""
+        return (split_sentences(text) if g.tts_by_sentence else []) or [text]
+
+    def _pause_frames(self, g: Generation) -> int:
+        """Codec frames of silence between sentences (``Generation.sentence_pause_seconds``, rounded)."""
+        if g.sentence_pause_seconds < 0:
+            raise SpeechLMError(f"sentence_pause_seconds must be >= 0, got {g.sentence_pause_seconds}")
+        return round(g.sentence_pause_seconds * self.sample_rate / self.codec.config.frame_length)
+
+    def _stream_sentences(self, sentences: list[str], g: Generation) -> Iterator[np.ndarray]:
+        pause, frames = np.zeros(self.codec.config.frame_length, np.float32), self._pause_frames(g)
+        for k, sentence in enumerate(sentences):
+            if k:
+                yield from (pause for _ in range(frames))
+            yield from (pcm for _, pcm in self.tts_steps(sentence, g))
+
+    def _with_pauses(self, audios: list[np.ndarray], g: Generation) -> np.ndarray:
+        pause = np.zeros(self._pause_frames(g) * self.codec.config.frame_length, np.float32)
+        return _join(x for k, a in enumerate(audios) for x in ((pause, a) if k else (a,)))
+
+    def tts_batch(self, texts: list[str], generations: Generation | list[Generation] | None = None, max_rows: int = 16) -> list[np.ndarray]:
         """Speak several texts (or one text several ways: one generation per text) in one batch:
-        a word-aligned model decodes them as rows of one batch (:meth:`speak_batch`); the audio (T_i,)
-        of each, float32 at 16 kHz. The generations may differ in sampling and seed only."""
+        a word-aligned model decodes their sentences as rows of batches of at most ``max_rows``
+        (:meth:`speak_batch`); the audio (T_i,) of each, float32 at 16 kHz. The generations may differ
+        in sampling and seed only."""
         gs = generations if isinstance(generations, list) else [generations or Generation()] * len(texts)
         if len(gs) != len(texts):
             raise SpeechLMError(f"{len(gs)} generations given for {len(texts)} texts")
         if not texts:
             return []
         if self.lm.config.speech_layout != "word_aligned":
-            return [_join(pcm for _, pcm in self.tts_steps(t, gk)) for t, gk in zip(texts, gs)]
-        prompts = [aligned_tts_prompt(self.lm, t) for t in texts]
-        return self.speak_batch(
-            [ids for ids, _ in prompts], [None] * len(texts), [chunks for _, chunks in prompts], gs, adapter=self.tts_adapter(gs[0])
-        )
+            return [_join(self._stream_sentences(self.sentences(t, gk), gk)) for t, gk in zip(texts, gs)]
+        rows = [(i, sentence) for i, (t, gk) in enumerate(zip(texts, gs)) for sentence in self.sentences(t, gk)]
+        spoken: list[np.ndarray] = []
+        for k in range(0, len(rows), max_rows):
+            part = rows[k : k + max_rows]
+            prompts = [aligned_tts_prompt(self.lm, sentence) for _, sentence in part]
+            spoken += self.speak_batch([ids for ids, _ in prompts], [None] * len(part), [chunks for _, chunks in prompts],
+                                       [gs[i] for i, _ in part], adapter=self.tts_adapter(gs[0]))
+        return [self._with_pauses([a for (j, _), a in zip(rows, spoken) if j == i], gs[i]) for i in range(len(texts))]
 
     def speak_batch(
         self,

@@ -69,8 +69,9 @@ from .models import TextPiece
 
 log = logging.getLogger(__name__)
 
-# The speech LM's side: greedy (repeatable), short.
-ASSIST_GENERATION = Generation(max_text_tokens=48)
+# The speech LM's side: greedy (repeatable), short; a reply of several sentences pauses 160 ms between them
+# (4 frames: well inside AssistConfig.end_frames, the silence that ends the turn).
+ASSIST_GENERATION = Generation(max_text_tokens=48, sentence_pause_seconds=0.16)
 VOICES = ("speech_lm", "duplex")
 
 

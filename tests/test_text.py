@@ -1,5 +1,5 @@
 from speechlm.training import textgen
-from speechlm.training.textnorm import normalize_text, number_to_words, ordinal_to_words, spoken_words
+from speechlm.training.textnorm import normalize_text, number_to_words, ordinal_to_words, split_sentences, spoken_words
 
 
 def test_numbers():
@@ -90,3 +90,11 @@ def test_dialogues_keep_held_out_questions_out_and_often_open_with_the_question(
     assert all("split_text" not in d for d in train)
     test = textgen.generate("dialogues", 20, split="test")
     assert test and all(textgen.text_split(_question(d)) == "test" for d in test)
+def test_split_sentences():
+    assert split_sentences("Hello there. How are you? I am fine!") == ["Hello there.", "How are you?", "I am fine!"]
+    # not after a title or an initial, nor inside a number; a quote or bracket stays with its sentence
+    assert split_sentences('Dr. Smith met J. K. Rowling at 3.5 pm. "Quote." Then (this).') == [
+        "Dr. Smith met J. K. Rowling at 3.5 pm.", '"Quote."', "Then (this)."]
+    assert split_sentences("It costs $3. Then go.\nA new line\n\n") == ["It costs $3.", "Then go.", "A new line"]
+    assert split_sentences("see e.g. this one") == ["see e.g. this one"]  # a lower-case word after a dot: one sentence
+    assert split_sentences("") == [] and split_sentences("  \n ") == []

@@ -224,6 +224,24 @@ def test_pipeline_speaks_word_by_word(aligned_pipeline):
         sp.tts_batch(["hello world"], [g, g])
 
 
+def test_several_sentences_are_spoken_one_by_one(aligned_pipeline):
+    sp = aligned_pipeline
+    g = Generation(max_seconds=2.0, max_seconds_per_word=0.2, seed=0, mctp_schedule=[0])
+    two = "Set a timer for 10 minutes. It is four."
+    alone = [sp.tts(s, generation=g) for s in ("Set a timer for 10 minutes.", "It is four.")]
+    pause = np.zeros(8 * 640, np.float32)  # 0.3 s, rounded to whole 40 ms frames
+    audio = sp.tts(two, generation=g)
+    assert np.allclose(audio, np.concatenate([alone[0], pause, alone[1]]), atol=1e-5)
+    assert np.allclose(np.concatenate(list(sp.tts(two, stream=True, generation=g))), audio, atol=1e-5)
+    # the sentences of several texts are rows of batches of at most max_rows
+    batch = sp.tts_batch([two, "hello world"], g, max_rows=2)
+    assert np.allclose(batch[0], audio, atol=1e-5) and np.allclose(batch[1], sp.tts("hello world", generation=g), atol=1e-5)
+    one_go = sp.tts(two, generation=dataclasses.replace(g, tts_by_sentence=False))
+    assert not (len(one_go) == len(audio) and np.allclose(one_go, audio))
+    with pytest.raises(SpeechLMError, match="sentence_pause_seconds"):
+        sp.tts(two, generation=dataclasses.replace(g, sentence_pause_seconds=-1))
+
+
 def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
     from speechlm.codec.audio import load_audio
 

@@ -115,3 +115,25 @@ def word_spans(text: str) -> list[tuple[str, int, int]]:
 def words_for_scoring(text: str) -> list[str]:
     """Lower-cased, number-spelled words, for WER and answer checks."""
     return [w.lower().replace("’", "'") for w in spoken_words(normalize_text(text))]
+
+
+# A sentence ends at . ! or ? (closing quotes or brackets may follow) before a space and a capital, a digit
+# or an opening quote; not after a title or an initial ("Dr. Smith", "J. K. Rowling").
+_SENTENCE_END_RE = re.compile(r"([.!?]+[\"'”’)\]]*)\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "sr", "jr", "vs", "mt", "ft", "e.g", "i.e", "approx"}
+
+
+def split_sentences(text: str) -> list[str]:
+    """``text`` as its sentences (each line apart, then at sentence ends); blank ones dropped."""
+    out = []
+    for line in text.splitlines():
+        start = 0
+        for m in _SENTENCE_END_RE.finditer(line):
+            words = line[start : m.start(1)].split()
+            last = words[-1].lower() if words else ""
+            if m.group(1)[0] == "." and (last in _ABBREVIATIONS or (len(last) == 1 and last.isalpha())):
+                continue
+            out.append(line[start : m.end(1)].strip())
+            start = m.end()
+        out.append(line[start:].strip())
+    return [s for s in out if s]
