@@ -9,6 +9,7 @@
   and on the real held-out LibriSpeech speakers (>= 7000) against their pseudo-transcripts.
   ``asrlong``: recordings of several such sentences in a row (one voice, its own pauses), heard
   cut at the pauses (the default) and, with the decoder flag ``:whole``, in one piece.
+  ``ttslong``: texts of several such sentences spoken sentence by sentence (the default) and in one go.
 * Spoken QA: held-out arithmetic and fact questions spoken by held-out voices; a reply is
   right when the judge hears the expected answer in our spoken reply (and, separately, when
   the reply's text holds it). ``textqa``: the same questions typed, greedy text reply.
@@ -184,6 +185,30 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
     ]
     result["heard"] = {name: [h for _, h in r] for name, r in rows.items()}
     return result
+
+
+def bench_tts_long(sp: SpeechPipeline, judge: WhisperJudge, count: int, per_text: int, teacher_voice: str, g: Generation) -> dict:
+    """Texts of ``per_text`` held-out sentences: spoken sentence by sentence (``Generation.tts_by_sentence``,
+    the default) and in one go, and by the teacher; the judge's corpus WER of each on the same texts, and
+    the real-time factor of each way."""
+    items = held_out_texts(TTS_SOURCES, count * per_text)
+    teacher, rng = get_teacher(teacher_voice), random.Random(0)
+    ways = {"by_sentence": dataclasses.replace(g, candidates=1), "one_go": dataclasses.replace(g, candidates=1, tts_by_sentence=False)}
+    rows: dict[str, list] = {name: [] for name in ["teacher", *ways]}
+    wall, spoken = dict.fromkeys(ways, 0.0), dict.fromkeys(ways, 0.0)
+    for r in range(len(items) // per_text):
+        text = " ".join(item["text"] for item in items[r * per_text : (r + 1) * per_text])
+        rows["teacher"].append((text, judge(teacher.synthesize(text, rng).audio)))
+        for name, gw in ways.items():
+            t = time.perf_counter()
+            audio = sp.tts(text, generation=gw)
+            wall[name] += time.perf_counter() - t
+            spoken[name] += len(audio) / SAMPLE_RATE
+            rows[name].append((text, judge(audio)))
+    return {"texts": len(rows["teacher"]), "sentences_per_text": per_text, "teacher_voice": teacher_voice,
+            **{f"{name}_wer": corpus_wer(pairs) for name, pairs in rows.items()},
+            "real_time_factor": {name: wall[name] / max(spoken[name], 1e-9) for name in ways},
+            "examples": [{"text": rows["teacher"][k][0], **{name: rows[name][k][1] for name in rows}} for k in range(min(4, len(rows["teacher"])))]}
 
 
 def _pcm16(audio: np.ndarray) -> np.ndarray:
@@ -367,8 +392,8 @@ def main() -> None:
     ap.add_argument("--model", default="speechlm-default")
     ap.add_argument("--codec", help="codec name or directory (default: the one the model names)")
     ap.add_argument("--count", type=int, default=40, help="sentences / utterances / questions per test")
-    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed), asrlong (several sentences a recording)")
-    ap.add_argument("--long-sentences", type=int, default=5, help="asrlong: sentences a recording (--count recordings)")
+    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed), asrlong / ttslong (several sentences a recording / text)")
+    ap.add_argument("--long-sentences", type=int, default=5, help="asrlong, ttslong: sentences a recording or text (--count of them)")
     ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
@@ -436,6 +461,9 @@ def main() -> None:
         if Path(args.librispeech).is_dir() and not args.no_librispeech:
             result["asr_librispeech"] = bench_asr_librispeech(sp, args.librispeech, args.count, args.librispeech_max_seconds, decoders, g)
             print("asr librispeech WER", {d: r["wer"] for d, r in result["asr_librispeech"]["by_decoder"].items()}, flush=True)
+    if "ttslong" in tasks:
+        result["tts_long"] = bench_tts_long(sp, judge, args.count, args.long_sentences, args.teacher_voice, g)
+        print("tts long texts", {k: v for k, v in result["tts_long"].items() if k != "examples"}, flush=True)
     if "asrlong" in tasks:
         decoders = args.asr_decoders.split(",")
         result["asr_long"] = bench_asr_long(sp, args.count, args.long_sentences, decoders, g)
