@@ -261,6 +261,7 @@ def _generation(args: argparse.Namespace):
         candidates=getattr(args, "candidates", None) or Generation.candidates,
         checker=getattr(args, "checker", None) or Generation.checker,
         candidate_margin=Generation.candidate_margin if getattr(args, "candidate_margin", None) is None else args.candidate_margin,
+        sentence_pause_seconds=Generation.sentence_pause_seconds if getattr(args, "sentence_pause", None) is None else args.sentence_pause,
     )
 
 
@@ -597,6 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speak every non-empty line of FILE ('-' = stdin) into OUTPUT/NNNNN.wav, --batch-size lines per batch; "
                         "prints 'FILE<TAB>TEXT' per line spoken")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="--lines: texts decoded together as rows of one batch (default 8)")
+    p.add_argument("--sentence-pause", type=float, default=None, metavar="S",
+                   help="a text of several sentences is spoken sentence by sentence, S seconds of silence between (default 0.3)")
     _add_model_arguments(p)
     _add_candidate_arguments(p)
     p.set_defaults(func=cmd_tts)

@@ -260,6 +260,11 @@ def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
     for name, audio in expected.items():
         assert np.abs(load_audio(tmp_path / "out" / name) - audio).max() < 1e-3
     assert cli("tts", "hello", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "o"), *model).returncode == 2
+    # two sentences: spoken one by one, --sentence-pause seconds apart
+    r = cli("tts", "Hello world. It is four.", "-o", str(tmp_path / "two.wav"), "--sentence-pause", "0.8", *model)
+    assert r.returncode == 0, r.stderr
+    two = [aligned_pipeline.tts(t, generation=g) for t in ("Hello world.", "It is four.")]
+    assert np.abs(load_audio(tmp_path / "two.wav") - np.concatenate([two[0], np.zeros(20 * 640, np.float32), two[1]])).max() < 1e-3
     r = cli("tts", "--lines", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), *model)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
