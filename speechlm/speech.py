@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 CODEC_DIR = "codec"
 CODEC_REF = "codec.json"
 MIN_AUDIO_SECONDS = 0.2
+MAX_TTS_CHARS = 50_000  # one TTS call's text, sentence by sentence (each sentence: speechlm.lm.prompts.MAX_TEXT_CHARS)
 
 
 @dataclass
@@ -230,6 +231,9 @@ class SpeechPipeline:
 
     def sentences(self, text: str, g: Generation) -> list[str]:
         """What TTS speaks alone: ``text``'s sentences (``Generation.tts_by_sentence``), else (or with none) the text."""
+        if len(text) > MAX_TTS_CHARS:
+            raise SpeechLMError(f"text is {len(text)} characters long; TTS speaks at most {MAX_TTS_CHARS} at once "
+                                "(about an hour of speech): give it in parts, e.g. one a line with speechlm tts --lines FILE")
         return (split_sentences(text) if g.tts_by_sentence else []) or [text]
 
     def _pause_frames(self, g: Generation) -> int:

@@ -240,6 +240,8 @@ def test_several_sentences_are_spoken_one_by_one(aligned_pipeline):
     assert not (len(one_go) == len(audio) and np.allclose(one_go, audio))
     with pytest.raises(SpeechLMError, match="sentence_pause_seconds"):
         sp.tts(two, generation=dataclasses.replace(g, sentence_pause_seconds=-1))
+    with pytest.raises(SpeechLMError, match="at most 50000"):  # a huge text: a clear error, not an hour of speech
+        sp.tts("It is four. " * 5000, generation=g)
 
 
 def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
