@@ -375,10 +375,35 @@ class SpeechPipeline:
         if g.asr_pause_seconds < 0 or g.asr_piece_seconds <= 0:
             raise SpeechLMError(f"asr_pause_seconds must be >= 0 and asr_piece_seconds > 0, got {g.asr_pause_seconds}, {g.asr_piece_seconds}")
         pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds) if g.asr_pause_seconds > 0 else []
+        pieces = [(a, b) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
+        whole = [Segment(0.0, round(len(audio) / sample_rate, 3), "")]
         if len(pieces) <= 1:
-            pieces = [(0, len(audio))]  # one piece: the audio as given
-        return [Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
-                for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
+            whole[0].text = self._asr_piece(audio, sample_rate, decoder, g)  # one piece: the audio as given
+            return whole
+        segments = [Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
+                    for a, b in pieces]
+        if len(audio) > g.asr_piece_seconds * sample_rate:
+            return segments
+        # Short enough to be one utterance of the training kind (a few items hold two sentences: "Have you seen my
+        # key? I left it in the park."): heard whole too, and the transcript the checker hears better kept.
+        whole[0].text = self._asr_piece(audio, sample_rate, decoder, g)
+        return whole if self._sounds_more_like(audio, whole[0].text, " ".join(s.text for s in segments), g) else segments
+
+    def _sounds_more_like(self, audio: np.ndarray, first: str, second: str, g: Generation) -> bool:
+        """Whether the pronunciation checker ``g.checker`` hears ``first`` in ``audio`` (T,) at least as well as
+        ``second`` (CTC NLL of their phonemes); without espeak-ng to say them, False."""
+        checker = self.checker(g.checker)
+        try:
+            phonemes = [checker.text_phonemes(normalize_text(t)) if t.strip() else [] for t in (first, second)]
+        except DependencyError as e:
+            log.warning("whole or in pieces not compared: %s", e)
+            return False
+        if not phonemes[0]:
+            return False
+        if not phonemes[1]:
+            return True
+        nll = checker.sequence_nll(checker.log_probs(audio), phonemes)
+        return nll[0] <= nll[1]
 
     def _asr_piece(self, audio: np.ndarray, sample_rate: int, decoder: str, g: Generation) -> str:
         """One piece of audio (checked by :meth:`asr`) -> its transcript."""

@@ -1,6 +1,7 @@
 """What ASR hears (speechlm.speech.hearing_audio): a long quiet start or end is cut short, the room's
 steady noise heard there is suppressed under the speech, and audio that starts at once is untouched."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -108,14 +109,14 @@ def test_a_recording_is_cut_at_its_pauses_into_pieces_that_start_with_their_firs
     assert split_at_pauses(voice(0.5)) == [(0, int(0.5 * SR))]
 
 
-def test_asr_hears_each_piece_of_a_recording_alone(model):  # noqa: F811
+def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch):  # noqa: F811
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
     pipeline = SpeechPipeline(model, codec)
     heard = []
     piece = pipeline._asr_piece
     pipeline._asr_piece = lambda audio, sr, decoder, g: heard.append(len(audio)) or piece(audio, sr, decoder, g)
     audio = np.concatenate([voice(0.8, 1), quiet(0.5), voice(0.6, 2), quiet(0.5), quiet(0.1, 0.001)])
-    g = Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0)
+    g = Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0, asr_piece_seconds=2.0)  # the 2.5 s: longer than a piece
     assert isinstance(pipeline.asr(audio, generation=g), str)
     assert heard == [int(0.82 * SR), int(0.62 * SR)]  # each piece alone, from its first sound
     segments = pipeline.asr_segments(audio, generation=g)
@@ -124,5 +125,13 @@ def test_asr_hears_each_piece_of_a_recording_alone(model):  # noqa: F811
     heard.clear()
     pipeline.asr(audio, generation=Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0, asr_pause_seconds=0))
     assert heard == [len(audio)]  # 0: one piece, as given
+    # no longer than a piece: heard whole as well, and the transcript the checker hears better kept
+    short = dataclasses.replace(g, asr_piece_seconds=6.0)
+    for whole_wins in (True, False):
+        monkeypatch.setattr(pipeline, "_sounds_more_like", lambda audio, first, second, g, w=whole_wins: w)
+        heard.clear()
+        segments = pipeline.asr_segments(audio, generation=short)
+        assert sorted(heard) == sorted([int(0.82 * SR), int(0.62 * SR), len(audio)])
+        assert [(s.start, s.end) for s in segments] == ([(0.0, len(audio) / SR)] if whole_wins else [(0.0, 0.82), (1.3, 1.92)])
     with pytest.raises(SpeechLMError, match="asr_pause_seconds"):
         pipeline.asr(audio, generation=Generation(asr_pause_seconds=-1))

@@ -153,6 +153,10 @@ def test_default_asr_hears_a_recording_of_several_sentences_piece_by_piece(cli, 
     assert "snake" in words_for_scoring(first["text"]) and "dollars" in words_for_scoring(second["text"])
     assert 0 <= first["start"] < first["end"] < second["start"] < second["end"] < third["start"] < third["end"] <= out["duration"]
     assert abs(second["start"] - (len(parts[0]) + len(pause)) / SAMPLE_RATE) < 0.05
+    # two sentences (4 s: short enough to be heard whole too): the checker keeps the pieces' transcript
+    save_audio(tmp_path / "two.wav", np.concatenate([parts[0], pause, parts[1]]))
+    two = cli("asr", str(tmp_path / "two.wav"))
+    assert two.returncode == 0 and {"snake", "dollars"} <= set(words_for_scoring(two.stdout)), two.stdout + two.stderr
     whole = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "0")  # one piece: the model invents one sentence
     assert whole.returncode == 0 and len(words_for_scoring(whole.stdout)) < len(heard), whole.stdout
     bad = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "-1")

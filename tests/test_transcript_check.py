@@ -189,6 +189,17 @@ def test_shipped_default_hears_a_held_out_question_through_the_check():
     assert sp.lexicon("checker-en") is not None and "Sweden" in sp.lexicon("checker-en").phonemes
 
 
+def test_the_checker_tells_which_transcript_sounds_more_like_the_audio():
+    from speechlm.speech import SpeechPipeline
+
+    sp = SpeechPipeline.from_pretrained("speechlm-default")
+    audio = Espeak.instance().synthesize("Have you seen my yellow ticket? I left it in the beach.", "en-us+f4").audio
+    right, wrong = "Have you seen my yellow ticket? I left it in the beach.", "She was you in my ticket. Isla are ticket beach."
+    g = Generation()
+    assert sp._sounds_more_like(audio, right, wrong, g) and not sp._sounds_more_like(audio, wrong, right, g)
+    assert not sp._sounds_more_like(audio, "", right, g) and sp._sounds_more_like(audio, right, "", g)
+
+
 def test_cli_data_lexicon(cli, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("What does a snake say?\nThe capital of Sweden is Stockholm.\n")
