@@ -115,8 +115,9 @@ class Generation:
     # ASR of a recording that pauses: the model was trained to transcribe one sentence, and two sentences in one
     # piece of audio come out as one invented sentence; so the audio is cut at every pause of at least
     # ``asr_pause_seconds`` (and a piece longer than ``asr_piece_seconds`` again at its longest pause), each piece
-    # heard alone from its first sound (speechlm.codec.audio.split_at_pauses), the transcripts joined. 0 = one
-    # piece, as given. Chosen on validation-split recordings of 5 sentences by held-out voices (espeak's own pauses
+    # heard alone from its first sound (speechlm.codec.audio.split_at_pauses), the transcripts joined; audio no
+    # longer than ``asr_piece_seconds`` is heard whole too (a few training items hold two short sentences), and the
+    # transcript the pronunciation checker hears better is kept. 0 = one piece, as given. Chosen on validation-split recordings of 5 sentences by held-out voices (espeak's own pauses
     # between them, 0.26-0.48 s): 15 of 16 cut into their 5 sentences (0.3 s: 10, or 12 with 6 s pieces); no single
     # held-out sentence (160 validation, 160 test) has a quiet run of more than 0.23 s inside, nor lasts 6 s.
     asr_pause_seconds: float = 0.25
