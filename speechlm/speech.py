@@ -359,11 +359,30 @@ class SpeechPipeline:
     def asr_segments(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> list[Segment]:
         """Transcribe 16 kHz mono audio in segments: the pieces it is cut into at its pauses
         (``Generation.asr_pause_seconds``; the model transcribes one sentence at a time), each heard alone, with
-        its time span in the audio. Audio with no such pause is one segment, the whole of it; silence, none."""
+        its time span in the audio. Audio with no such pause is one segment, the whole of it, and so is audio no
+        longer than ``asr_piece_seconds`` that the pronunciation checker hears better as one transcript than as
+        its pieces' (a few training items hold two short sentences); silence, none."""
         audio = self._checked(audio, sample_rate)
         if is_silent(audio):
             return []
         g = generation or Generation()
+        decoder = self._asr_decoder(g)
+        pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds) if g.asr_pause_seconds > 0 else []
+        pieces = [(a, b) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
+
+        def heard(a: int, b: int) -> Segment:
+            return Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
+
+        if len(pieces) <= 1:
+            return [heard(0, len(audio))]  # one piece: the audio as given
+        segments = [heard(a, b) for a, b in pieces]
+        if len(audio) > g.asr_piece_seconds * sample_rate:
+            return segments
+        whole = heard(0, len(audio))
+        return [whole] if self._sounds_more_like(audio, whole.text, " ".join(s.text for s in segments), g) else segments
+
+    def _asr_decoder(self, g: Generation) -> str:
+        """``g``'s ASR decoder ("lm" or "ctc"; "auto" resolved), its settings checked."""
         decoder = g.asr_decoder
         if decoder == "auto":
             decoder = "ctc" if self.lm.hearing is not None else "lm"
@@ -375,20 +394,7 @@ class SpeechPipeline:
             raise SpeechLMError(f"asr_check_rounds must be >= 0, got {g.asr_check_rounds}")
         if g.asr_pause_seconds < 0 or g.asr_piece_seconds <= 0:
             raise SpeechLMError(f"asr_pause_seconds must be >= 0 and asr_piece_seconds > 0, got {g.asr_pause_seconds}, {g.asr_piece_seconds}")
-        pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds) if g.asr_pause_seconds > 0 else []
-        pieces = [(a, b) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
-        whole = [Segment(0.0, round(len(audio) / sample_rate, 3), "")]
-        if len(pieces) <= 1:
-            whole[0].text = self._asr_piece(audio, sample_rate, decoder, g)  # one piece: the audio as given
-            return whole
-        segments = [Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
-                    for a, b in pieces]
-        if len(audio) > g.asr_piece_seconds * sample_rate:
-            return segments
-        # Short enough to be one utterance of the training kind (a few items hold two sentences: "Have you seen my
-        # key? I left it in the park."): heard whole too, and the transcript the checker hears better kept.
-        whole[0].text = self._asr_piece(audio, sample_rate, decoder, g)
-        return whole if self._sounds_more_like(audio, whole[0].text, " ".join(s.text for s in segments), g) else segments
+        return decoder
 
     def _sounds_more_like(self, audio: np.ndarray, first: str, second: str, g: Generation) -> bool:
         """Whether the pronunciation checker ``g.checker`` hears ``first`` in ``audio`` (T,) at least as well as
