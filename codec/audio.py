@@ -141,16 +141,22 @@ def sound_span(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, below_peak_
     return int(loud[0]) * n, min(len(audio), (int(loud[-1]) + 1) * n)
 
 
+def _window_rms(audio: np.ndarray, n: int) -> np.ndarray:
+    """RMS of each whole window of n samples of ``audio`` (len // n,)."""
+    frames = len(audio) // n
+    return np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
+
+
 def _loud_windows(audio: np.ndarray, n: int, below_peak_db: float, noise_margin: float) -> np.ndarray:
     """Which whole windows of n samples of ``audio`` sound (bool (len // n,)): see :func:`sound_span`."""
-    frames = len(audio) // n
-    rms = np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
+    rms = _window_rms(audio, n)
+    frames = len(rms)
     floor = float(np.sort(rms)[: max(1, frames // 10)].mean())
     threshold = max(float(rms.max()) * 10 ** (-below_peak_db / 20), noise_margin * floor, 1e-5)
     return rms > threshold
 
 
-def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_s: float = 0.35, max_seconds: float = 12.0,
+def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_s: float = 0.25, max_seconds: float = 6.0,
                     below_peak_db: float = 40.0, noise_margin: float = 3.0, window_s: float = 0.01, trail_s: float = 0.02) -> list[tuple[int, int]]:
     """The sounding part of ``audio`` (T,) in pieces (start, end), cut in the middle of every pause of at
     least ``pause_s`` (quiet: as :func:`sound_span`'s, but within ``below_peak_db`` of the peak, so that a
@@ -162,7 +168,6 @@ def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_
     n = max(1, int(window_s * sample_rate))
     if len(audio) < n:
         return [] if is_silent(audio) else [(0, len(audio))]
-    frames = len(audio) // n
     loud = _loud_windows(audio, n, below_peak_db, noise_margin)
     where = np.nonzero(loud)[0]
     if len(where) == 0:
@@ -192,7 +197,7 @@ def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_
             cut = (s + e) // 2
         else:
             if rms is None:
-                rms = np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
+                rms = _window_rms(audio, n)
             lo, hi = a + (b - a) // 4, b - (b - a) // 4
             cut = lo + int(np.argmin(rms[lo:hi]))
         pieces[:0] = [(a, cut), (cut, b)]
