@@ -358,7 +358,7 @@ def cmd_asr(args: argparse.Namespace) -> int:
     for path in args.inputs:
         try:
             audio = load_audio(path, sample_rate=pipeline.sample_rate)
-            segments = pipeline.asr_segments(audio, generation=_generation(args))
+            segments = pipeline.asr_segments(audio, generation=_generation(args), progress=sys.stderr.isatty())
             text = " ".join(s.text for s in segments if s.text)
         except SpeechLMError as e:
             if len(args.inputs) == 1:

@@ -356,12 +356,14 @@ class SpeechPipeline:
         piece by piece (:meth:`asr_segments`), the pieces' transcripts joined."""
         return " ".join(s.text for s in self.asr_segments(audio, sample_rate, generation) if s.text)
 
-    def asr_segments(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> list[Segment]:
+    def asr_segments(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None,
+                     progress: bool = False) -> list[Segment]:
         """Transcribe 16 kHz mono audio in segments: the pieces it is cut into at its pauses
         (``Generation.asr_pause_seconds``; the model transcribes one sentence at a time), each heard alone, with
         its time span in the audio. Audio with no such pause is one segment, the whole of it, and so is audio no
         longer than ``asr_piece_seconds`` that the pronunciation checker hears better as one transcript than as
-        its pieces' (a few training items hold two short sentences); silence, none."""
+        its pieces' (a few training items hold two short sentences); silence, none. ``progress``: a progress bar
+        over the pieces on stderr (a long recording)."""
         audio = self._checked(audio, sample_rate)
         if is_silent(audio):
             return []
@@ -375,7 +377,9 @@ class SpeechPipeline:
 
         if len(pieces) <= 1:
             return [heard(0, len(audio))]  # one piece: the audio as given
-        segments = [heard(a, b) for a, b in pieces]
+        from tqdm import tqdm
+
+        segments = [heard(a, b) for a, b in tqdm(pieces, desc="asr", unit="piece", disable=not progress, leave=False)]
         if len(audio) > g.asr_piece_seconds * sample_rate:
             return segments
         whole = heard(0, len(audio))

@@ -109,7 +109,7 @@ def test_a_recording_is_cut_at_its_pauses_into_pieces_that_start_with_their_firs
     assert split_at_pauses(voice(0.5)) == [(0, int(0.5 * SR))]
 
 
-def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch):  # noqa: F811
+def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch, capsys):  # noqa: F811
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
     pipeline = SpeechPipeline(model, codec)
     heard = []
@@ -122,6 +122,9 @@ def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch):  # noqa:
     segments = pipeline.asr_segments(audio, generation=g)
     assert [(s.start, s.end) for s in segments] == [(0.0, 0.82), (1.3, 1.92)]
     assert pipeline.asr(audio, generation=g) == " ".join(s.text for s in segments if s.text)
+    capsys.readouterr()
+    assert pipeline.asr_segments(audio, generation=g, progress=True) == segments  # a progress bar over the pieces
+    assert "asr:" in (err := capsys.readouterr().err) and "/2 " in err
     heard.clear()
     pipeline.asr(audio, generation=Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0, asr_pause_seconds=0))
     assert heard == [len(audio)]  # 0: one piece, as given
