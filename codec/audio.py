@@ -135,7 +135,7 @@ def sound_span(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, below_peak_
     n = max(1, int(window_s * sample_rate))
     if len(audio) < n:
         return None if is_silent(audio) else (0, len(audio))
-    loud = np.nonzero(_loud_windows(audio, n, below_peak_db, noise_margin))[0]
+    loud = np.nonzero(_loud_windows(_window_rms(audio, n), below_peak_db, noise_margin))[0]
     if len(loud) == 0:
         return None
     return int(loud[0]) * n, min(len(audio), (int(loud[-1]) + 1) * n)
@@ -147,11 +147,9 @@ def _window_rms(audio: np.ndarray, n: int) -> np.ndarray:
     return np.sqrt(np.mean(np.square(audio[: frames * n].reshape(frames, n), dtype=np.float64), axis=1))
 
 
-def _loud_windows(audio: np.ndarray, n: int, below_peak_db: float, noise_margin: float) -> np.ndarray:
-    """Which whole windows of n samples of ``audio`` sound (bool (len // n,)): see :func:`sound_span`."""
-    rms = _window_rms(audio, n)
-    frames = len(rms)
-    floor = float(np.sort(rms)[: max(1, frames // 10)].mean())
+def _loud_windows(rms: np.ndarray, below_peak_db: float, noise_margin: float) -> np.ndarray:
+    """Which windows sound, from their RMS (W,) -> bool (W,): see :func:`sound_span`."""
+    floor = float(np.sort(rms)[: max(1, len(rms) // 10)].mean())
     threshold = max(float(rms.max()) * 10 ** (-below_peak_db / 20), noise_margin * floor, 1e-5)
     return rms > threshold
 
@@ -168,7 +166,8 @@ def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_
     n = max(1, int(window_s * sample_rate))
     if len(audio) < n:
         return [] if is_silent(audio) else [(0, len(audio))]
-    loud = _loud_windows(audio, n, below_peak_db, noise_margin)
+    rms = _window_rms(audio, n)
+    loud = _loud_windows(rms, below_peak_db, noise_margin)
     where = np.nonzero(loud)[0]
     if len(where) == 0:
         return []
@@ -184,7 +183,6 @@ def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_
     cuts = sorted((a + b) // 2 for a, b in runs if (b - a) * window_s >= pause_s)
     pieces = list(zip([first, *cuts], [*cuts, last]))
     limit = max(1, int(max_seconds / window_s))
-    rms = None
     out: list[tuple[int, int]] = []
     while pieces:
         a, b = pieces.pop(0)
@@ -196,8 +194,6 @@ def split_at_pauses(audio: np.ndarray, sample_rate: int = SAMPLE_RATE, *, pause_
             s, e = max(inside, key=lambda r: r[1] - r[0])
             cut = (s + e) // 2
         else:
-            if rms is None:
-                rms = _window_rms(audio, n)
             lo, hi = a + (b - a) // 4, b - (b - a) // 4
             cut = lo + int(np.argmin(rms[lo:hi]))
         pieces[:0] = [(a, cut), (cut, b)]

@@ -68,17 +68,15 @@ def ensemble_transcribe(
     v = model.vocab
     stops = set(stop_tokens if stop_tokens is not None else (v.eos, v.end_of_turn))
     end = v.eos  # a transcript's end in training (``... <|speech_end|> TEXT <|eos|>``)
-    if prefilled is None:
-        first, prompt_cache, valid, last_position = prefill(model, prompt)
-    else:
-        first, prompt_cache, valid, last_position = prefilled
-        prompt_cache = copy.deepcopy(prompt_cache)
+    first, prompt_cache, valid, last_position = prefilled if prefilled is not None else prefill(model, prompt)
 
     candidates = _candidates(model, first, copy.deepcopy(prompt_cache), valid, last_position, max_new_tokens, stops)
     ensemble = candidates[-1]
     unique = list(dict.fromkeys(tuple(c) for c in candidates))
     if not rescore or len(unique) == 1:
         return list(ensemble)
+    if prefilled is not None:
+        prompt_cache = copy.deepcopy(prompt_cache)  # the scoring grows the cache: the caller's stays as it was
     scores = _sequence_scores(model, first, prompt_cache, valid, last_position, [list(c) for c in unique], end)  # (K, C)
     return list(unique[int(scores.sum(0).argmax())])
 
