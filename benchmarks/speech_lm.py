@@ -55,9 +55,13 @@ def corpus_wer(pairs: list[tuple[str, str]]) -> float:
     return float(sum(errors) / max(1, sum(words)))
 
 
+# The texts the tasks are drawn from: "test" (the reported figures), or "valid" to choose a setting on (--text-split)
+TEXT_SPLIT = "test"
+
+
 def held_out_texts(sources, count: int) -> list[dict]:
     per = max(1, -(-count // len(sources)))
-    items = [item for s in sources for item in textgen.generate(s, per, split="test", seed=1)]
+    items = [item for s in sources for item in textgen.generate(s, per, split=TEXT_SPLIT, seed=1)]
     random.Random(0).shuffle(items)
     return items[:count]
 
@@ -261,10 +265,11 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
     A decoder is ``lm``, ``ctc`` or ``auto``, with ``:K`` the LM decoder's number of views (``lm:1`` = plain greedy)
     and flags after it: ``:raw`` for the audio at its own level (not peak-normalized first), ``:asis`` for its
     quiet edges and room as they are (``Generation.asr_edges`` off), ``:whole`` for the audio heard in one
-    piece (not cut at its pauses, ``Generation.asr_pause_seconds`` 0), ``:lead`` for views told apart by silence
-    before them instead of by level (``Generation.asr_view_kind``): ``lm:1:raw``, ``lm:4:asis``, ``lm:2:whole``, ``lm:4:lead``."""
+    piece (not cut at its pauses, ``Generation.asr_pause_seconds`` 0), ``:longpause`` for cuts at its long pauses
+    only (``asr_short_pause_seconds`` 0), ``:lead`` for views told apart by silence before them instead of by level
+    (``Generation.asr_view_kind``): ``lm:1:raw``, ``lm:4:asis``, ``lm:2:whole``, ``lm::longpause``, ``lm:4:lead``."""
     out = {}
-    known = {"raw", "asis", "whole", "lead"}
+    known = {"raw", "asis", "whole", "longpause", "lead"}
     for decoder in decoders:
         name, *rest = decoder.split(":")
         views, flags = (rest[0] if rest else ""), set(rest[1:])
@@ -273,6 +278,7 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
         gd = dataclasses.replace(g, asr_decoder=name, asr_views=int(views) if views else g.asr_views,
                                  asr_level=None if "raw" in flags else g.asr_level, asr_edges="asis" not in flags and g.asr_edges,
                                  asr_pause_seconds=0.0 if "whole" in flags else g.asr_pause_seconds,
+                                 asr_short_pause_seconds=0.0 if "longpause" in flags else g.asr_short_pause_seconds,
                                  asr_view_kind="lead" if "lead" in flags else g.asr_view_kind)
         pairs, seconds = [], 0.0
         for ref, audio in utterances:
@@ -396,6 +402,8 @@ def main() -> None:
     ap.add_argument("--long-sentences", type=int, default=5, help="asrlong, ttslong: sentences a recording or text (--count of them)")
     ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
+    ap.add_argument("--text-split", choices=("test", "valid"), default="test",
+                    help="draw the texts from this split (valid: to choose a setting on, the test split kept for the figures)")
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the LM's compute dtype (SpeechPipeline.from_pretrained)")
@@ -431,6 +439,8 @@ def main() -> None:
     ap.add_argument("--no-tts-adapter", action="store_true", help="TTS and spoken replies: speak with the base model, not its tts task adapter")
     ap.add_argument("--out")
     args = ap.parse_args()
+    global TEXT_SPLIT
+    TEXT_SPLIT = args.text_split
     torch.set_num_threads(args.threads)
     sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=getattr(torch, args.dtype))
     judge = WhisperJudge(threads=args.threads)

@@ -254,6 +254,8 @@ def _generation(args: argparse.Namespace):
         asr_edges=not getattr(args, "keep_edges", False),
         asr_check_rounds=Generation.asr_check_rounds if getattr(args, "check_rounds", None) is None else args.check_rounds,
         asr_pause_seconds=Generation.asr_pause_seconds if getattr(args, "pause_seconds", None) is None else args.pause_seconds,
+        asr_short_pause_seconds=Generation.asr_short_pause_seconds if getattr(args, "short_pause_seconds", None) is None
+        else args.short_pause_seconds,
         asr_adapter=None if getattr(args, "no_adapter", False) else Generation.asr_adapter,
         tts_adapter=None if getattr(args, "no_adapter", False) else Generation.tts_adapter,
         reply_speech=getattr(args, "reply_speech", None) or Generation.reply_speech,
@@ -577,6 +579,9 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pause-seconds", type=float, default=None, metavar="S",
                    help="hear a recording in pieces cut at its pauses of at least S seconds, each piece alone (the model "
                         "transcribes one sentence at a time; default: the Generation default, 0.25; 0 = one piece)")
+    p.add_argument("--short-pause-seconds", type=float, default=None, metavar="S",
+                   help="also hear a piece in two at its longest pause of at least S seconds, and keep what the pronunciation "
+                        "checker hears better (default: the Generation default, 0.15; 0 = cut at the long pauses only)")
     p.add_argument("--keep-edges", action="store_true",
                    help="hear the audio's quiet start and end as they are (default: a long quiet start or end is cut short, "
                         "and the room's steady noise heard there suppressed under the speech)")

@@ -122,6 +122,13 @@ class Generation:
     # held-out sentence (160 validation, 160 test) has a quiet run of more than 0.23 s inside, nor lasts 6 s.
     asr_pause_seconds: float = 0.25
     asr_piece_seconds: float = 6.0
+    # Some voices pause less than ``asr_pause_seconds`` between sentences (espeak's en-us+f4: 0.18-0.23 s), as
+    # long as some pauses inside a sentence (a comma, a long number); so a piece (or audio no longer than
+    # ``asr_piece_seconds``) is heard whole and in two at its longest pause of at least ``asr_short_pause_seconds``,
+    # each half likewise, and the pronunciation checker keeps what it hears better. 0 = only the pauses of
+    # ``asr_pause_seconds``. Validation split, held-out voices: recordings of 5 sentences 12.1 -> 8.7 % WER at 1.6x the
+    # time, single sentences 4.0 % both (0.12 s and 0.15 s alike); test split 14.8 -> 10.9 % (docs/benchmarks.md).
+    asr_short_pause_seconds: float = 0.15
     # TTS of several sentences: each spoken alone (the model learned to speak one sentence an utterance: five
     # held-out sentences in one go were heard at 98 % WER, one by one at 30 %, docs/benchmarks.md), with
     # ``sentence_pause_seconds`` of silence between them (rounded to whole codec frames); False = in one go
@@ -358,32 +365,57 @@ class SpeechPipeline:
 
     def asr_segments(self, audio: np.ndarray, sample_rate: int = SAMPLE_RATE, generation: Generation | None = None,
                      progress: bool = False) -> list[Segment]:
-        """Transcribe 16 kHz mono audio in segments: the pieces it is cut into at its pauses
-        (``Generation.asr_pause_seconds``; the model transcribes one sentence at a time), each heard alone, with
-        its time span in the audio. Audio with no such pause is one segment, the whole of it, and so is audio no
-        longer than ``asr_piece_seconds`` that the pronunciation checker hears better as one transcript than as
-        its pieces' (a few training items hold two short sentences); silence, none. ``progress``: a progress bar
-        over the pieces on stderr (a long recording)."""
+        """Transcribe 16 kHz mono audio in segments: the pieces it is cut into at its pauses (the model
+        transcribes one sentence at a time), each heard alone, with its time span in the audio. A recording
+        longer than ``Generation.asr_piece_seconds`` is cut at every pause of ``asr_pause_seconds``; each such
+        piece, or shorter audio as a whole, is heard whole and in two at its longest pause of
+        ``asr_short_pause_seconds`` (each half likewise), and the pronunciation checker keeps what it hears
+        better (:meth:`_heard_in_pieces`). Audio with no pause is one segment, the whole of it; silence, none.
+        ``progress``: a progress bar over the pieces on stderr (a long recording)."""
         audio = self._checked(audio, sample_rate)
         if is_silent(audio):
             return []
         g = generation or Generation()
         decoder = self._asr_decoder(g)
-        pieces = split_at_pauses(audio, sample_rate, pause_s=g.asr_pause_seconds, max_seconds=g.asr_piece_seconds) if g.asr_pause_seconds > 0 else []
-        pieces = [(a, b) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
-
-        def heard(a: int, b: int) -> Segment:
-            return Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
-
-        if len(pieces) <= 1:
-            return [heard(0, len(audio))]  # one piece: the audio as given
+        if g.asr_pause_seconds == 0:
+            return [self._heard(audio, sample_rate, (0, len(audio)), decoder, g)]
+        spans = [(0, len(audio))]
+        if len(audio) > g.asr_piece_seconds * sample_rate:
+            spans = self._sounding_pieces(audio, sample_rate, g.asr_pause_seconds, g.asr_piece_seconds) or spans
         from tqdm import tqdm
 
-        segments = [heard(a, b) for a, b in tqdm(pieces, desc="asr", unit="piece", disable=not progress, leave=False)]
-        if len(audio) > g.asr_piece_seconds * sample_rate:
-            return segments
-        whole = heard(0, len(audio))
-        return [whole] if self._sounds_more_like(audio, whole.text, " ".join(s.text for s in segments), g) else segments
+        return [s for span in tqdm(spans, desc="asr", unit="piece", disable=not progress or len(spans) < 2, leave=False)
+                for s in self._heard_in_pieces(audio, sample_rate, span, decoder, g)]
+
+    def _sounding_pieces(self, audio: np.ndarray, sample_rate: int, pause_s: float, max_seconds: float | None = None) -> list[tuple[int, int]]:
+        """:func:`split_at_pauses` of ``audio`` (T,), pieces too short to hear left out; ``max_seconds`` None:
+        cut at the pauses only."""
+        max_seconds = max_seconds or len(audio) / sample_rate + 1.0
+        pieces = split_at_pauses(audio, sample_rate, pause_s=pause_s, max_seconds=max_seconds)
+        return [(a, b) for a, b in pieces if b - a >= MIN_AUDIO_SECONDS * sample_rate]
+
+    def _heard(self, audio: np.ndarray, sample_rate: int, span: tuple[int, int], decoder: str, g: Generation) -> Segment:
+        a, b = span
+        return Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
+
+    def _heard_in_pieces(self, audio: np.ndarray, sample_rate: int, span: tuple[int, int], decoder: str, g: Generation,
+                         pieces: list[tuple[int, int]] | None = None) -> list[Segment]:
+        """``audio[span]`` heard whole, and (when it pauses) in two at its longest pause, each half heard the same
+        way; the checker keeps the whole transcript or the halves' (a sentence that pauses inside may be heard
+        worse in fragments, two sentences in one piece come out as one invented sentence). ``pieces``: the span's
+        :func:`split_at_pauses` pieces at ``asr_short_pause_seconds`` (absolute sample positions)."""
+        whole = self._heard(audio, sample_rate, span, decoder, g)
+        if pieces is None:
+            a = span[0]
+            pause = g.asr_short_pause_seconds or g.asr_pause_seconds
+            pieces = [(a + x, a + y) for x, y in self._sounding_pieces(audio[span[0] : span[1]], sample_rate, pause)]
+        if len(pieces) < 2:
+            return [whole]
+        cut = 1 + int(np.argmax([b[0] - a[1] for a, b in zip(pieces, pieces[1:])]))
+        halves = [pieces[:cut], pieces[cut:]]
+        parts = [s for half in halves for s in self._heard_in_pieces(audio, sample_rate, (half[0][0], half[-1][1]), decoder, g, half)]
+        clip = audio[span[0] : span[1]]
+        return [whole] if self._sounds_more_like(clip, whole.text, " ".join(s.text for s in parts), g) else parts
 
     def _asr_decoder(self, g: Generation) -> str:
         """``g``'s ASR decoder ("lm" or "ctc"; "auto" resolved), its settings checked."""
@@ -396,8 +428,9 @@ class SpeechPipeline:
             raise SpeechLMError(f"asr_views must be >= 1, got {g.asr_views}")
         if g.asr_check_rounds < 0:
             raise SpeechLMError(f"asr_check_rounds must be >= 0, got {g.asr_check_rounds}")
-        if g.asr_pause_seconds < 0 or g.asr_piece_seconds <= 0:
-            raise SpeechLMError(f"asr_pause_seconds must be >= 0 and asr_piece_seconds > 0, got {g.asr_pause_seconds}, {g.asr_piece_seconds}")
+        if g.asr_pause_seconds < 0 or g.asr_short_pause_seconds < 0 or g.asr_piece_seconds <= 0:
+            raise SpeechLMError("asr_pause_seconds and asr_short_pause_seconds must be >= 0 and asr_piece_seconds > 0, got "
+                                f"{g.asr_pause_seconds}, {g.asr_short_pause_seconds}, {g.asr_piece_seconds}")
         return decoder
 
     def _sounds_more_like(self, audio: np.ndarray, first: str, second: str, g: Generation) -> bool:

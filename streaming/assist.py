@@ -70,8 +70,9 @@ from .models import TextPiece
 log = logging.getLogger(__name__)
 
 # The speech LM's side: greedy (repeatable), short; a reply of several sentences pauses 160 ms between them
-# (4 frames: well inside AssistConfig.end_frames, the silence that ends the turn).
-ASSIST_GENERATION = Generation(max_text_tokens=48, sentence_pause_seconds=0.16)
+# (4 frames: well inside AssistConfig.end_frames, the silence that ends the turn). A question is heard in pieces
+# at its long pauses only: hearing it whole and in two at a short one (a comma) would delay the reply's onset.
+ASSIST_GENERATION = Generation(max_text_tokens=48, sentence_pause_seconds=0.16, asr_short_pause_seconds=0.0)
 VOICES = ("speech_lm", "duplex")
 
 

@@ -138,3 +138,28 @@ def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch, capsys): 
         assert [(s.start, s.end) for s in segments] == ([(0.0, len(audio) / SR)] if whole_wins else [(0.0, 0.82), (1.3, 1.92)])
     with pytest.raises(SpeechLMError, match="asr_pause_seconds"):
         pipeline.asr(audio, generation=Generation(asr_pause_seconds=-1))
+    with pytest.raises(SpeechLMError, match="asr_short_pause_seconds"):
+        pipeline.asr(audio, generation=Generation(asr_short_pause_seconds=-1))
+
+
+def test_asr_hears_a_piece_whole_and_in_two_at_a_short_pause(model, monkeypatch):  # noqa: F811
+    """A pause shorter than ``asr_pause_seconds`` (two sentences, or a comma): the piece heard whole and in two
+    there, each half in two again at its own; the checker keeps the whole or the halves."""
+    pipeline = SpeechPipeline(model, Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval())
+    heard = []
+    piece = pipeline._asr_piece
+    pipeline._asr_piece = lambda audio, sr, decoder, g: heard.append(len(audio)) or piece(audio, sr, decoder, g)
+    # 0.8 s, a 0.2 s pause, 0.6 s, a 0.16 s pause, 0.4 s: one piece at 0.25 s pauses
+    audio = np.concatenate([voice(0.8, 1), quiet(0.2), voice(0.6, 2), quiet(0.16), voice(0.4, 3), quiet(0.3)])
+    g = Generation(max_text_tokens=4, asr_views=1, asr_check_rounds=0)
+    first, second, third = (0.0, 0.82), (1.0, 1.62), (1.76, 2.18)
+    for keep_halves, spans in ((False, [(0.0, len(audio) / SR)]), (True, [first, second, third])):
+        monkeypatch.setattr(pipeline, "_sounds_more_like", lambda audio, whole, halves, g, k=keep_halves: not k)
+        heard.clear()
+        segments = pipeline.asr_segments(audio, generation=g)
+        assert [(s.start, s.end) for s in segments] == spans
+        # the whole; the first 0.8 s (cut at the longest pause); the rest whole, and in two at its own pause
+        assert heard == [len(audio), int(0.82 * SR), int(1.18 * SR), int(0.62 * SR), int(0.42 * SR)]
+    heard.clear()
+    assert len(pipeline.asr_segments(audio, generation=dataclasses.replace(g, asr_short_pause_seconds=0))) == 1
+    assert heard == [len(audio)]  # no pause of 0.25 s: heard once, as given

@@ -159,5 +159,6 @@ def test_default_asr_hears_a_recording_of_several_sentences_piece_by_piece(cli, 
     assert two.returncode == 0 and {"snake", "dollars"} <= set(words_for_scoring(two.stdout)), two.stdout + two.stderr
     whole = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "0")  # one piece: the model invents one sentence
     assert whole.returncode == 0 and len(words_for_scoring(whole.stdout)) < len(heard), whole.stdout
-    bad = cli("asr", str(tmp_path / "three.wav"), "--pause-seconds", "-1")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "asr_pause_seconds" in bad.stderr
+    for flag in ("--pause-seconds", "--short-pause-seconds"):
+        bad = cli("asr", str(tmp_path / "three.wav"), flag, "-1")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "asr_pause_seconds" in bad.stderr, bad.stderr
