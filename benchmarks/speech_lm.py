@@ -9,7 +9,9 @@
   and on the real held-out LibriSpeech speakers (>= 7000) against their pseudo-transcripts.
   ``asrlong``: recordings of several such sentences in a row (one voice, its own pauses), heard
   cut at the pauses (the default) and, with the decoder flag ``:whole``, in one piece.
-  ``ttslong``: texts of several such sentences spoken sentence by sentence (the default) and in one go.
+  ``ttslong``: texts of several such sentences spoken sentence by sentence (the default) and in one go;
+  ``ttsjoined``: such sentences joined into one long sentence ("A, and b, and c."), spoken clause by clause
+  (the default) and whole.
 * Spoken QA: held-out arithmetic and fact questions spoken by held-out voices; a reply is
   right when the judge hears the expected answer in our spoken reply (and, separately, when
   the reply's text holds it). ``textqa``: the same questions typed, greedy text reply.
@@ -26,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import random
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -191,17 +194,28 @@ def bench_tts(sp: SpeechPipeline, judge: WhisperJudge, count: int, teacher_voice
     return result
 
 
-def bench_tts_long(sp: SpeechPipeline, judge: WhisperJudge, count: int, per_text: int, teacher_voice: str, g: Generation) -> dict:
+def joined_sentence(sentences: Sequence[str]) -> str:
+    """Sentences as one long sentence: "A, and b, and c." (their own end marks dropped; "I" kept)."""
+    parts = [s.strip().rstrip(".?!") for s in sentences]
+    return ", and ".join([parts[0], *(p if re.match(r"I\b", p) else p[:1].lower() + p[1:] for p in parts[1:])]) + "."
+
+
+def bench_tts_long(sp: SpeechPipeline, judge: WhisperJudge, count: int, per_text: int, teacher_voice: str, g: Generation,
+                   joined: bool = False) -> dict:
     """Texts of ``per_text`` held-out sentences: spoken sentence by sentence (``Generation.tts_by_sentence``,
     the default) and in one go, and by the teacher; the judge's corpus WER of each on the same texts, and
-    the real-time factor of each way."""
+    the real-time factor of each way. ``joined``: each text one long sentence (:func:`joined_sentence`),
+    spoken in clauses (the default, ``Generation.tts_max_words``) and whole."""
     items = held_out_texts(TTS_SOURCES, count * per_text)
     teacher, rng = get_teacher(teacher_voice), random.Random(0)
     ways = {"by_sentence": dataclasses.replace(g, candidates=1), "one_go": dataclasses.replace(g, candidates=1, tts_by_sentence=False)}
+    if joined:
+        ways = {"by_clause": ways["by_sentence"], "whole_sentence": dataclasses.replace(g, candidates=1, tts_max_words=0)}
     rows: dict[str, list] = {name: [] for name in ["teacher", *ways]}
     wall, spoken = dict.fromkeys(ways, 0.0), dict.fromkeys(ways, 0.0)
     for r in range(len(items) // per_text):
-        text = " ".join(item["text"] for item in items[r * per_text : (r + 1) * per_text])
+        sentences = [item["text"] for item in items[r * per_text : (r + 1) * per_text]]
+        text = joined_sentence(sentences) if joined else " ".join(sentences)
         rows["teacher"].append((text, judge(teacher.synthesize(text, rng).audio)))
         for name, gw in ways.items():
             t = time.perf_counter()
@@ -209,7 +223,7 @@ def bench_tts_long(sp: SpeechPipeline, judge: WhisperJudge, count: int, per_text
             wall[name] += time.perf_counter() - t
             spoken[name] += len(audio) / SAMPLE_RATE
             rows[name].append((text, judge(audio)))
-    return {"texts": len(rows["teacher"]), "sentences_per_text": per_text, "teacher_voice": teacher_voice,
+    return {"texts": len(rows["teacher"]), "sentences_per_text": per_text, "joined": joined, "teacher_voice": teacher_voice,
             **{f"{name}_wer": corpus_wer(pairs) for name, pairs in rows.items()},
             "real_time_factor": {name: wall[name] / max(spoken[name], 1e-9) for name in ways},
             "examples": [{"text": rows["teacher"][k][0], **{name: rows[name][k][1] for name in rows}} for k in range(min(4, len(rows["teacher"])))]}
@@ -398,8 +412,9 @@ def main() -> None:
     ap.add_argument("--model", default="speechlm-default")
     ap.add_argument("--codec", help="codec name or directory (default: the one the model names)")
     ap.add_argument("--count", type=int, default=40, help="sentences / utterances / questions per test")
-    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed), asrlong / ttslong (several sentences a recording / text)")
-    ap.add_argument("--long-sentences", type=int, default=5, help="asrlong, ttslong: sentences a recording or text (--count of them)")
+    ap.add_argument("--tasks", default="tts,asr,qa", help="comma-separated: tts, asr, qa (spoken), textqa (typed), asrlong / ttslong (several sentences a recording / text), "
+                         "ttsjoined (several sentences joined into one long one)")
+    ap.add_argument("--long-sentences", type=int, default=5, help="asrlong, ttslong, ttsjoined: sentences a recording or text (--count of them)")
     ap.add_argument("--teacher-voice", default="espeak:en-us", help="the voice the model was taught to speak with")
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--text-split", choices=("test", "valid"), default="test",
@@ -416,6 +431,7 @@ def main() -> None:
     ap.add_argument("--checker", help="pronunciation checker for --candidates (default: Generation's)")
     ap.add_argument("--candidate-temperature", type=float, help="--candidates: sampling temperature of the others' group-first codebooks")
     ap.add_argument("--candidate-margin", type=float, help="--candidates: keep the first unless another scores lower by more (default: Generation's)")
+    ap.add_argument("--clause-pause", type=float, help="seconds of silence between the clauses of a long sentence (default: Generation's)")
     ap.add_argument("--save-candidates", metavar="NPZ", help="--candidates: also save every rendering (int16, keys sNNNN_cK) and the texts")
     ap.add_argument("--exclude-first", type=int, default=0,
                     help="TTS: fresh sentences: from a pool of 200 held-out ones, leave out the first K of the usual list (those --count K gives)")
@@ -453,7 +469,8 @@ def main() -> None:
                                                      ("reply_speech", args.reply_speech),
                                                      ("candidates", args.candidates), ("checker", args.checker),
                                                      ("candidate_temperature", args.candidate_temperature),
-                                                     ("candidate_margin", args.candidate_margin), ("asr_check_rounds", args.asr_check_rounds))
+                                                     ("candidate_margin", args.candidate_margin), ("asr_check_rounds", args.asr_check_rounds),
+                                                     ("clause_pause_seconds", args.clause_pause))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(
@@ -474,6 +491,9 @@ def main() -> None:
     if "ttslong" in tasks:
         result["tts_long"] = bench_tts_long(sp, judge, args.count, args.long_sentences, args.teacher_voice, g)
         print("tts long texts", {k: v for k, v in result["tts_long"].items() if k != "examples"}, flush=True)
+    if "ttsjoined" in tasks:
+        result["tts_joined"] = bench_tts_long(sp, judge, args.count, args.long_sentences, args.teacher_voice, g, joined=True)
+        print("tts long sentences", {k: v for k, v in result["tts_joined"].items() if k != "examples"}, flush=True)
     if "asrlong" in tasks:
         decoders = args.asr_decoders.split(",")
         result["asr_long"] = bench_asr_long(sp, args.count, args.long_sentences, decoders, g)

@@ -264,6 +264,7 @@ def _generation(args: argparse.Namespace):
         checker=getattr(args, "checker", None) or Generation.checker,
         candidate_margin=Generation.candidate_margin if getattr(args, "candidate_margin", None) is None else args.candidate_margin,
         sentence_pause_seconds=Generation.sentence_pause_seconds if getattr(args, "sentence_pause", None) is None else args.sentence_pause,
+        tts_max_words=Generation.tts_max_words if getattr(args, "max_words", None) is None else args.max_words,
     )
 
 
@@ -605,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="--lines: texts decoded together as rows of one batch (default 8)")
     p.add_argument("--sentence-pause", type=float, default=None, metavar="S",
                    help="a text of several sentences is spoken sentence by sentence, S seconds of silence between (default 0.3)")
+    p.add_argument("--max-words", type=int, default=None, metavar="N",
+                   help="a sentence longer than N spoken words is spoken clause by clause (default: the Generation default, 14; "
+                        "0 = each sentence whole)")
     _add_model_arguments(p)
     _add_candidate_arguments(p)
     p.set_defaults(func=cmd_tts)

@@ -1,5 +1,5 @@
 from speechlm.training import textgen
-from speechlm.training.textnorm import normalize_text, number_to_words, ordinal_to_words, split_sentences, spoken_words
+from speechlm.training.textnorm import normalize_text, number_to_words, ordinal_to_words, split_clauses, split_sentences, spoken_words
 
 
 def test_numbers():
@@ -98,3 +98,24 @@ def test_split_sentences():
     assert split_sentences("It costs $3. Then go.\nA new line\n\n") == ["It costs $3.", "Then go.", "A new line"]
     assert split_sentences("see e.g. this one") == ["see e.g. this one"]  # a lower-case word after a dot: one sentence
     assert split_sentences("") == [] and split_sentences("  \n ") == []
+
+
+def test_split_clauses_keeps_each_part_within_the_words_the_speaker_learned():
+    short = "It was a new day, so we stayed near the garden."
+    assert split_clauses(short, 14) == [short] and split_clauses(short, 0) == [short]
+    # too long: cut after every clause mark and a conjunction right after it, a short clause ("please") kept with
+    # the one before; a part before the last ends with a full stop (its conjunction last), one after the first
+    # starts with a capital
+    long = "Room 89,914 is on the left, and could you put the bottle back, please, and I counted twenty of them."
+    assert split_clauses(long, 14) == ["Room 89,914 is on the left and.", "Could you put the bottle back, please and.", "I counted twenty of them."]
+    assert split_clauses("Monday, we went to the old market near the river; it was closed — so we walked home.", 12) == [
+        "Monday, we went to the old market near the river.", "It was closed so.", "We walked home."]
+    # a clause still too long: cut after as few conjunctions as it takes ("Andrew" is not one), then into even runs of words
+    assert split_clauses("Andrew and Brandon went to the old store downtown because they wanted to buy some fresh bread.", 10) == [
+        "Andrew and Brandon went to the old store downtown because.", "They wanted to buy some fresh bread."]
+    words = " ".join(number_to_words(n) for n in range(1, 18))  # 17 words, no marks: two runs of 9 and 8
+    assert [len(p.split()) for p in split_clauses(words, 14)] == [9, 8]
+    for max_words in (3, 5, 8):
+        parts = split_clauses(long, max_words)
+        assert all(len(spoken_words(normalize_text(p))) <= max_words or len(p.split()) == 1 for p in parts)  # "89,914": 6 words
+        assert [w.lower().strip(".,") for p in parts for w in p.split()] == [w.lower().strip(".,") for w in long.split()]

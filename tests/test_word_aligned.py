@@ -240,6 +240,18 @@ def test_several_sentences_are_spoken_one_by_one(aligned_pipeline):
     assert not (len(one_go) == len(audio) and np.allclose(one_go, audio))
     with pytest.raises(SpeechLMError, match="sentence_pause_seconds"):
         sp.tts(two, generation=dataclasses.replace(g, sentence_pause_seconds=-1))
+    # a sentence longer than tts_max_words: its clauses spoken alone, clause_pause_seconds apart (0.12 s: 3 frames)
+    long = "Set a timer for 10 minutes, it is four."
+    clauses = dataclasses.replace(g, tts_max_words=6)
+    assert [text for _, text in sp.speech_parts(long, clauses)] == ["Set a timer for 10 minutes.", "It is four."]
+    audio = sp.tts(long, generation=clauses)
+    assert np.allclose(audio, np.concatenate([alone[0], np.zeros(3 * 640, np.float32), alone[1]]), atol=1e-5)
+    assert np.allclose(np.concatenate(list(sp.tts(long, stream=True, generation=clauses))), audio, atol=1e-5)
+    assert [p for p, _ in sp.speech_parts(f"{long} {long}", clauses)] == [0, 3, 8, 3]  # clause, sentence, clause pauses
+    assert len(sp.speech_parts(long, dataclasses.replace(clauses, tts_max_words=0))) == 1  # 0: each sentence whole
+    for name in ("clause_pause_seconds", "tts_max_words"):
+        with pytest.raises(SpeechLMError, match=name):
+            sp.tts(long, generation=dataclasses.replace(clauses, **{name: -1}))
     with pytest.raises(SpeechLMError, match="at most 50000"):  # a huge text: a clear error, not an hour of speech
         sp.tts("It is four. " * 5000, generation=g)
 
@@ -267,6 +279,11 @@ def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
     assert r.returncode == 0, r.stderr
     two = [aligned_pipeline.tts(t, generation=g) for t in ("Hello world.", "It is four.")]
     assert np.abs(load_audio(tmp_path / "two.wav") - np.concatenate([two[0], np.zeros(20 * 640, np.float32), two[1]])).max() < 1e-3
+    # a long sentence: spoken clause by clause past --max-words words, 0.12 s (3 frames) apart
+    r = cli("tts", "Set a timer for ten minutes, it is four.", "-o", str(tmp_path / "clauses.wav"), "--max-words", "6", *model)
+    assert r.returncode == 0, r.stderr
+    clauses = [aligned_pipeline.tts("Set a timer for ten minutes.", generation=g), two[1]]
+    assert np.abs(load_audio(tmp_path / "clauses.wav") - np.concatenate([clauses[0], np.zeros(3 * 640, np.float32), clauses[1]])).max() < 1e-3
     r = cli("tts", "--lines", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), *model)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))

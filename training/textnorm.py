@@ -123,6 +123,93 @@ _SENTENCE_END_RE = re.compile(r"([.!?]+[\"'”’)\]]*)\s+(?=[\"'“‘(\[]?[A-Z
 _ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "prof", "sr", "jr", "vs", "mt", "ft", "e.g", "i.e", "approx"}
 
 
+# Where split_clauses cuts a sentence that is too long: after every clause mark (, ; : followed by a space, or a
+# dash with spaces around it) and a conjunction right after it, then, in a clause still too long, after as few
+# conjunctions as it takes. A conjunction ends its part: the shipped model, which never saw a sentence start with
+# one, spoke clauses starting with "And" at 69 % judge WER and the same words with the "and" ending the clause
+# before at 41 % (validation-split long sentences).
+_CONJUNCTIONS = "and|but|or|so|because|then|while|which|who|where|when|until|although"
+_CLAUSE_MARK_RE = re.compile(rf"(?:[,;:]|\s[-–—]+)\s+(?:(?:{_CONJUNCTIONS})\b\s*)?", re.IGNORECASE)
+_CONJUNCTION_RE = re.compile(rf"\b(?:{_CONJUNCTIONS})\s+", re.IGNORECASE)
+_TRAILING_MARKS_RE = re.compile(r"[\s,;:\-–—]+$")
+_MARK_BEFORE_CONJUNCTION_RE = re.compile(rf"[\s,;:\-–—]+\s((?:{_CONJUNCTIONS}))$", re.IGNORECASE)
+MIN_CLAUSE_WORDS = 3  # a shorter clause ("please", "Monday") stays with the one before (the first: the next)
+
+
+def split_clauses(sentence: str, max_words: int) -> list[str]:
+    """``sentence`` in parts of at most ``max_words`` spoken words (numbers spelled out), for a speaker that
+    learned single sentences no longer than that: a sentence that is too long is cut after every clause mark
+    and the conjunction right after it (``, and``; a clause of fewer than ``MIN_CLAUSE_WORDS`` words kept with
+    the one before); a clause still too long is cut after as few of its conjunctions as it takes, and what is
+    still too long into runs of words of near-equal length. A part before the last ends with a full stop instead
+    of its mark ("…, and" -> "… and."), and a part after the first starts with a capital. A sentence that fits
+    (or ``max_words`` <= 0): ``[sentence]``."""
+    sentence = sentence.strip()
+    if max_words <= 0 or _count_words(sentence) <= max_words:
+        return [sentence]
+    cuts = [0, *(m.end() for m in _CLAUSE_MARK_RE.finditer(sentence)), len(sentence)]
+    clauses: list[str] = []
+    carry = ""  # a short first clause, waiting for the next
+    for a, b in zip(cuts, cuts[1:]):
+        clause, carry = carry + sentence[a:b], ""
+        if _count_words(clause) >= MIN_CLAUSE_WORDS:
+            clauses.append(clause)
+        elif clauses:
+            clauses[-1] += clause
+        else:
+            carry = clause
+    parts = [p.strip() for c in clauses or [carry] for p in _fewest_parts(c, max_words)]
+    parts = [p for p in parts if _count_words(p)]
+    out = []
+    for k, part in enumerate(parts):
+        part = part[:1].upper() + part[1:] if k else part
+        out.append(part if k == len(parts) - 1 else _MARK_BEFORE_CONJUNCTION_RE.sub(r" \1", _TRAILING_MARKS_RE.sub("", part)) + ".")
+    return out
+
+
+def _count_words(text: str) -> int:
+    return len(spoken_words(normalize_text(text)))
+
+
+def _fewest_parts(text: str, max_words: int) -> list[str]:
+    """``text`` cut after its conjunctions, neighbours joined again while they fit in ``max_words`` spoken
+    words; a part still too long in runs of words (:func:`_runs_of_words`)."""
+    if _count_words(text) <= max_words:
+        return [text]
+    cuts = [0, *(m.end() for m in _CONJUNCTION_RE.finditer(text)), len(text)]
+    parts: list[str] = []
+    current = ""
+    for a, b in zip(cuts, cuts[1:]):
+        if current and _count_words(current + text[a:b]) > max_words:
+            parts.append(current)
+            current = ""
+        current += text[a:b]
+    return [run for part in [*parts, current] for run in _runs_of_words(part, max_words)]
+
+
+def _runs_of_words(text: str, max_words: int) -> list[str]:
+    """``text`` cut between its words into the fewest runs of at most ``max_words`` spoken words, the longest
+    run as short as can be (a single word longer than that is a run of its own)."""
+    words = text.split()
+    sizes = [_count_words(w) for w in words]
+
+    def runs(cap: int) -> list[list[str]]:
+        out: list[list[str]] = [[]]
+        size = 0
+        for word, n in zip(words, sizes):
+            if out[-1] and size + n > cap:
+                out.append([])
+                size = 0
+            out[-1].append(word)
+            size += n
+        return out
+
+    fewest = len(runs(max_words))
+    even = min(max_words, max(1, -(-sum(sizes) // fewest)))
+    cap = next(c for c in range(even, max_words + 1) if len(runs(c)) <= fewest)
+    return [" ".join(run) for run in runs(cap)]
+
+
 def split_sentences(text: str) -> list[str]:
     """``text`` as its sentences (each line apart, then at sentence ends); blank ones dropped."""
     out = []
