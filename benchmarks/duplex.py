@@ -43,11 +43,11 @@ import numpy as np
 import torch
 
 from speechlm.codec.audio import SAMPLE_RATE
+from speechlm.judge import answer_heard
 from speechlm.lm.generate import GREEDY, parse_codebook_temperatures
 from speechlm.streaming.duplex_model import AUDIO_SAMPLING, TEXT_SAMPLING, DuplexSpeechModel
 from speechlm.training import textgen
 from speechlm.training.teachers import get_teacher
-from speechlm.training.textnorm import words_for_scoring
 
 
 def frames_of(audio: np.ndarray, n: int) -> np.ndarray:
@@ -117,10 +117,6 @@ class ListHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.out.append(record.getMessage())
 
-
-def answer_heard(expected: str, heard: str) -> bool:
-    want, got = words_for_scoring(expected), words_for_scoring(heard)
-    return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from speechlm.codec.audio import SAMPLE_RATE, load_audio
-from speechlm.judge import WhisperJudge, word_error_rate
+from speechlm.judge import WhisperJudge, answer_heard, word_error_rate
 from speechlm.lm.generate import GREEDY, parse_codebook_temperatures, text_generate
 from speechlm.lm.prompts import chat_prompt
 from speechlm.speech import Generation, SpeechPipeline, choose_candidate
@@ -350,10 +350,6 @@ def bench_asr_librispeech(sp: SpeechPipeline, folder: str, count: int, max_secon
     by_decoder = _asr_decoders(sp, [(table[f.name][1], load_audio(f)) for f in chosen], decoders, g or Generation())
     return {**by_decoder[decoders[0]], "decoder": decoders[0], "max_seconds": max_seconds, "by_decoder": by_decoder}
 
-
-def answer_heard(expected: str, heard: str) -> bool:
-    want, got = words_for_scoring(expected), words_for_scoring(heard)
-    return bool(want) and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1))
 
 
 def bench_qa(sp: SpeechPipeline, judge: WhisperJudge, count: int, g: Generation, teacher_voice: str | None = None) -> dict:

@@ -2,7 +2,7 @@
 package, run with ``faster-whisper`` (both in the ``[eval]`` extra, never in the core install).
 
 Used by the benchmarks to score intelligibility: ``WhisperJudge()(audio_16k) -> text`` and
-:func:`word_error_rate`, which spells numbers out on both sides before scoring.
+:func:`word_error_rate`, which spells numbers out on both sides before scoring (and :func:`answer_heard`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,28 @@ class WhisperJudge:
 
 
 def word_error_rate(reference: str, hypothesis: str) -> float:
-    """WER after lower-casing, stripping punctuation and spelling out numbers on both sides."""
+    """WER after lower-casing, stripping punctuation and spelling out numbers on both sides; the
+    hypothesis's digits read the way that matches the reference best (a year "1913" may be "nineteen
+    thirteen", a time "3.30" "three thirty": :func:`speechlm.training.textnorm.scoring_readings`)."""
     import jiwer
 
-    from .training.textnorm import words_for_scoring
+    from .training.textnorm import scoring_readings, words_for_scoring
 
-    ref, hyp = words_for_scoring(reference), words_for_scoring(hypothesis)
+    ref = words_for_scoring(reference)
+    hyps = [words_for_scoring(h) for h in scoring_readings(hypothesis)]
     if not ref:
-        return 0.0 if not hyp else 1.0
-    return float(jiwer.wer(" ".join(ref), " ".join(hyp)))
+        return 0.0 if not hyps[0] else 1.0
+    return min(float(jiwer.wer(" ".join(ref), " ".join(hyp))) if hyp else 1.0 for hyp in hyps)
+
+
+def answer_heard(expected: str, heard: str) -> bool:
+    """Whether the words of ``expected`` come in a row in ``heard`` (numbers spelled out on both sides; the digits
+    of ``heard`` read any way :func:`speechlm.training.textnorm.scoring_readings` allows)."""
+    from .training.textnorm import scoring_readings, words_for_scoring
+
+    want = words_for_scoring(expected)
+    for reading in scoring_readings(heard):
+        got = words_for_scoring(reading)
+        if want and any(got[i : i + len(want)] == want for i in range(len(got) - len(want) + 1)):
+            return True
+    return False

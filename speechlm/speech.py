@@ -139,7 +139,7 @@ class Generation:
     # (speechlm.training.textnorm.split_clauses), ``clause_pause_seconds`` apart. 0 = each sentence whole.
     # A conjunction after a clause mark ends its part ("..., and turn" -> "... and." / "Turn"). Long sentences (three
     # held-out ones joined by ", and ", 15-35 words), judge WER whole -> by clause: validation 203 -> 37 %, test
-    # 97 -> 49 % (teacher 18 %; docs/benchmarks.md).
+    # 96 -> 45 % (teacher 14 %; docs/benchmarks.md).
     tts_max_words: int = 14
     clause_pause_seconds: float = 0.12
     # TTS (``tts``, the speech of ``chat`` replies, the server's answer assist) speaks through the model's task

@@ -119,3 +119,12 @@ def test_split_clauses_keeps_each_part_within_the_words_the_speaker_learned():
         parts = split_clauses(long, max_words)
         assert all(len(spoken_words(normalize_text(p))) <= max_words or len(p.split()) == 1 for p in parts)  # "89,914": 6 words
         assert [w.lower().strip(".,") for p in parts for w in p.split()] == [w.lower().strip(".,") for w in long.split()]
+
+
+def test_normalize_says_abbreviations_units_and_drops_emoji():
+    assert normalize_text("Dr. Smith, e.g. here, i.e. now.") == "Doctor Smith, for example here, that is now."
+    assert normalize_text("It is 10 km away, 1 km more, at -5°C, 60 mph.") == (
+        "It is ten kilometers away, one kilometer more, at minus five degrees Celsius, sixty miles per hour.")
+    assert normalize_text("A 5kg bag, the kmart, 3 kms.") == "A five kilograms bag, the kmart, three kms."  # a unit only after a number
+    assert normalize_text("I love it 😀!") == "I love it !" and normalize_text("Call 555-1234.") == (
+        "Call five hundred fifty five one thousand two hundred thirty four.")

@@ -7,7 +7,9 @@ what is heard and an ASR target never contains a digit the speaker did not say.
 
 from __future__ import annotations
 
+import itertools
 import re
+import unicodedata
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -54,6 +56,16 @@ _PERCENT_RE = re.compile(r"(\d+(?:\.\d+)?)\s?%")
 _DECIMAL_RE = re.compile(r"\b(\d+)\.(\d+)\b")
 _INT_RE = re.compile(r"\b\d+\b")
 _SYMBOLS = {"&": " and ", "+": " plus ", "=": " equals ", "@": " at "}
+# Abbreviations said as words, and units after a number (singular, plural)
+_ABBREVIATIONS_SAID = [(re.compile(rf"\b{re.escape(a)}(?=\s|$)"), said) for a, said in (
+    ("Dr.", "Doctor"), ("Mr.", "Mister"), ("Mrs.", "Missus"), ("Prof.", "Professor"), ("Jr.", "Junior"), ("Sr.", "Senior"),
+    ("e.g.", "for example"), ("i.e.", "that is"), ("vs.", "versus"), ("etc.", "et cetera."), ("approx.", "approximately"))]
+_UNITS = {"km/h": ("kilometer per hour", "kilometers per hour"), "mph": ("mile per hour", "miles per hour"),
+          "km": ("kilometer", "kilometers"), "kg": ("kilogram", "kilograms"), "cm": ("centimeter", "centimeters"),
+          "mm": ("millimeter", "millimeters"), "°C": ("degree Celsius", "degrees Celsius"),
+          "°F": ("degree Fahrenheit", "degrees Fahrenheit"), "°": ("degree", "degrees")}
+_MINUS_RE = re.compile(r"(?<![\w.])-(?=\d)")
+_UNIT_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s?(" + "|".join(re.escape(u) for u in _UNITS) + r")(?![^\W\d_])")
 _SPACE_RE = re.compile(r"\s+")
 # A spoken word: letters and digits with inner apostrophes ("don't").
 _WORD_RE = re.compile(r"[^\W_]+(?:['’][^\W_]+)*", re.UNICODE)
@@ -82,12 +94,18 @@ _HYPHEN_RE = re.compile(r"(?<=\w)[-‐–](?=\w)")
 
 
 def normalize_text(text: str) -> str:
-    """Spell out numbers, times, money, percentages and a few symbols; collapse whitespace.
+    """Spell out numbers, times, money, percentages, units after a number (km, kg, °C, ...), a few symbols and
+    abbreviations (Dr., e.g., ...); drop emoji; collapse whitespace.
 
     >>> normalize_text("At 3:05 I paid $12.50 for 2 tickets, 15% off, on the 21st.")
     "At three oh five I paid twelve dollars and fifty cents for two tickets, fifteen percent off, on the twenty first."
     """
     text = _THOUSANDS_RE.sub("", text)
+    for pattern, said in _ABBREVIATIONS_SAID:
+        text = pattern.sub(said, text)
+    text = _UNIT_RE.sub(lambda m: f"{m.group(1)} {_UNITS[m.group(2)][m.group(1) not in ('1', '-1')]}", text)
+    text = "".join(c for c in text if unicodedata.category(c) != "So")  # emoji and other pictographs: not said
+    text = _MINUS_RE.sub("minus ", text)
     text = _HYPHEN_RE.sub(" ", text)
     text = _TIME_RE.sub(_time, text)
     text = _MONEY_RE.sub(_money, text)
@@ -115,6 +133,41 @@ def word_spans(text: str) -> list[tuple[str, int, int]]:
 def words_for_scoring(text: str) -> list[str]:
     """Lower-cased, number-spelled words, for WER and answer checks."""
     return [w.lower().replace("’", "'") for w in spoken_words(normalize_text(text))]
+
+
+# How digits a listener wrote may have been said (scoring only): a four-digit number from 1100 to 2099 as a year
+# ("1913" = "nineteen thirteen"), and hours and minutes written with a dot as a time ("3.30" = "three thirty")
+_YEAR_RE = re.compile(r"(?<![\d.,])\b(1[1-9]|20)(\d{2})\b(?![.,]\d)")
+_DOT_TIME_RE = re.compile(r"(?<![\d.,])\b([01]?\d|2[0-3])\.([0-5]\d)\b(?![.,]\d)")
+MAX_READINGS = 64
+
+
+def _year(m: re.Match) -> str:
+    high, low = int(m.group(1)), int(m.group(2))
+    if low == 0:
+        return "two thousand" if high == 20 else number_to_words(high) + " hundred"
+    return number_to_words(high) + (" oh " if low < 10 else " ") + number_to_words(low)
+
+
+def scoring_readings(text: str) -> list[str]:
+    """``text`` first, then each way of reading its year-like numbers as years and its dotted times as times
+    (every combination; past ``MAX_READINGS`` only all of them read so). A listener such as Whisper writes
+    "nineteen thirteen" as "1913" and "three thirty" as "3.30", which :func:`words_for_scoring` alone spells
+    "one thousand nine hundred thirteen" and "three point three zero"."""
+    spans = sorted([(m.start(), m.end(), _year(m)) for m in _YEAR_RE.finditer(text)]
+                   + [(m.start(), m.end(), _time(m)) for m in _DOT_TIME_RE.finditer(text)])
+    if 2 ** len(spans) > MAX_READINGS:
+        every = [(False,) * len(spans), (True,) * len(spans)]
+    else:
+        every = list(itertools.product((False, True), repeat=len(spans)))
+    readings = []
+    for picks in every:
+        out, last = [], 0
+        for (a, b, spoken), pick in zip(spans, picks):
+            out += [text[last:a], spoken if pick else text[a:b]]
+            last = b
+        readings.append("".join([*out, text[last:]]))
+    return readings
 
 
 # A sentence ends at . ! or ? (closing quotes or brackets may follow) before a space and a capital, a digit
