@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 CODEC_DIR = "codec"
 CODEC_REF = "codec.json"
 MIN_AUDIO_SECONDS = 0.2
+# ASR hears a piece in two at its longest pause, each half likewise, at most this many times over (up to 16 parts of
+# a piece of at most 6 s; the hearings of a piece at most 5x its length)
+MAX_SPLIT_DEPTH = 4
 MAX_TTS_CHARS = 50_000  # one TTS call's text, sentence by sentence (each sentence: speechlm.lm.prompts.MAX_TEXT_CHARS)
 
 
@@ -135,7 +138,7 @@ class Generation:
     tts_by_sentence: bool = True
     sentence_pause_seconds: float = 0.3
     # ... and a sentence longer than ``tts_max_words`` spoken words (the training texts have at most 13) in parts:
-    # cut at its clause marks, else before a conjunction, else into even runs of words
+    # cut after its clause marks, else after a conjunction, else into even runs of words
     # (speechlm.training.textnorm.split_clauses), ``clause_pause_seconds`` apart. 0 = each sentence whole.
     # A conjunction after a clause mark ends its part ("..., and turn" -> "... and." / "Turn"). Long sentences (three
     # held-out ones joined by ", and ", 15-35 words), judge WER whole -> by clause: validation 203 -> 37 %, test
@@ -421,21 +424,23 @@ class SpeechPipeline:
         return Segment(round(a / sample_rate, 3), round(b / sample_rate, 3), self._asr_piece(audio[a:b], sample_rate, decoder, g))
 
     def _heard_in_pieces(self, audio: np.ndarray, sample_rate: int, span: tuple[int, int], decoder: str, g: Generation,
-                         pieces: list[tuple[int, int]] | None = None) -> list[Segment]:
+                         pieces: list[tuple[int, int]] | None = None, depth: int = 0) -> list[Segment]:
         """``audio[span]`` heard whole, and (when it pauses) in two at its longest pause, each half heard the same
-        way; the checker keeps the whole transcript or the halves' (a sentence that pauses inside may be heard
-        worse in fragments, two sentences in one piece come out as one invented sentence). ``pieces``: the span's
-        :func:`split_at_pauses` pieces at ``asr_short_pause_seconds`` (absolute sample positions)."""
+        way (at most ``MAX_SPLIT_DEPTH`` times over: a bound on the hearings); the checker keeps the whole
+        transcript or the halves' (a sentence that pauses inside may be heard worse in fragments, two sentences
+        in one piece come out as one invented sentence). ``pieces``: the span's :func:`split_at_pauses` pieces
+        at ``asr_short_pause_seconds`` (absolute sample positions)."""
         whole = self._heard(audio, sample_rate, span, decoder, g)
         if pieces is None:
             a = span[0]
             pause = g.asr_short_pause_seconds or g.asr_pause_seconds
             pieces = [(a + x, a + y) for x, y in self._sounding_pieces(audio[span[0] : span[1]], sample_rate, pause)]
-        if len(pieces) < 2:
+        if len(pieces) < 2 or depth >= MAX_SPLIT_DEPTH:
             return [whole]
         cut = 1 + int(np.argmax([b[0] - a[1] for a, b in zip(pieces, pieces[1:])]))
         halves = [pieces[:cut], pieces[cut:]]
-        parts = [s for half in halves for s in self._heard_in_pieces(audio, sample_rate, (half[0][0], half[-1][1]), decoder, g, half)]
+        parts = [s for half in halves
+                 for s in self._heard_in_pieces(audio, sample_rate, (half[0][0], half[-1][1]), decoder, g, half, depth + 1)]
         clip = audio[span[0] : span[1]]
         return [whole] if self._sounds_more_like(clip, whole.text, " ".join(s.text for s in parts), g) else parts
 

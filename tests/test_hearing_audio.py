@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: the ASR-view tests' tiny model
 from test_asr_views import C, model  # noqa: E402, F401  (fixture)
 
+from speechlm import speech
 from speechlm.codec.audio import sound_span, split_at_pauses, trim_quiet_edges
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
@@ -160,6 +161,10 @@ def test_asr_hears_a_piece_whole_and_in_two_at_a_short_pause(model, monkeypatch)
         assert [(s.start, s.end) for s in segments] == spans
         # the whole; the first 0.8 s (cut at the longest pause); the rest whole, and in two at its own pause
         assert heard == [len(audio), int(0.82 * SR), int(1.18 * SR), int(0.62 * SR), int(0.42 * SR)]
+    heard.clear()
+    monkeypatch.setattr(speech, "MAX_SPLIT_DEPTH", 1)  # the halves are not cut again
+    assert [(s.start, s.end) for s in pipeline.asr_segments(audio, generation=g)] == [first, (1.0, 2.18)]
+    assert heard == [len(audio), int(0.82 * SR), int(1.18 * SR)]
     heard.clear()
     assert len(pipeline.asr_segments(audio, generation=dataclasses.replace(g, asr_short_pause_seconds=0))) == 1
     assert heard == [len(audio)]  # no pause of 0.25 s: heard once, as given
