@@ -77,7 +77,8 @@ class Generation:
     # chat: how the reply is spoken once its text is written: "chat" = the speech continues the chat turn
     # (the reply's text in its context, as trained for spoken answers); "tts" = the reply's text spoken by the
     # TTS task alone (a fresh TTS prompt, as the server's answer assist does). On 40 held-out spoken questions
-    # the judge heard the answer in 6 vs 7 spoken replies (of 20 right texts; 14 when the teacher speaks them)
+    # the judge heard the answer in 6 vs 7 spoken replies (of 20 right texts; 14 when the teacher speaks them). A reply
+    # of several sentences (or one long enough to be cut in clauses, ``tts_max_words``) is spoken as TTS speaks it.
     reply_speech: str = "chat"
     # How ``asr`` (and transcribe-first chat) transcribes: "lm" = the LM writes the transcript after the
     # speech (autoregressive, greedy); "ctc" = the hearing head, one forward, greedy CTC (models with a
@@ -575,7 +576,7 @@ class SpeechPipeline:
         text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
         if not text:
             return "", np.zeros(0, np.float32)
-        if g.reply_speech == "tts":
+        if g.reply_speech == "tts" or len(self.speech_parts(text, g)) > 1:  # several sentences: spoken one by one, as TTS
             return text, (self.tts(text, generation=g) if word_chunks(text) else np.zeros(0, np.float32))  # nothing speakable: silence
         chunks = None
         if self.lm.config.speech_layout == "word_aligned":

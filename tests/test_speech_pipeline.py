@@ -82,6 +82,16 @@ def test_chat_can_speak_its_reply_by_the_tts_task(pipeline):
         pipeline.chat("what is two plus three", generation=dataclasses.replace(g, reply_speech="sing"))
 
 
+
+def test_chat_speaks_a_reply_of_several_sentences_as_tts_does(pipeline, monkeypatch):
+    """A reply of several sentences is spoken one sentence at a time (what tts() says for it), not in one go."""
+    g = dataclasses.replace(SHORT, max_text_tokens=8)
+    reply = "Hello world. It is four."
+    monkeypatch.setattr(pipeline, "_reply_ids", lambda ids, codes, g: pipeline.lm.tokenizer.encode(reply, add_special_tokens=False))
+    text, audio = pipeline.chat("what is two plus three", generation=g)
+    assert text == reply and np.array_equal(audio, pipeline.tts(reply, generation=g))
+
+
 def test_mctp_schedule(pipeline):
     """MCTP gives several frames per backbone forward; schedule [0] is plain decoding."""
     g = Generation(temperature=0.8, max_seconds=0.4, seed=0)
