@@ -128,3 +128,13 @@ def test_normalize_says_abbreviations_units_and_drops_emoji():
     assert normalize_text("A 5kg bag, the kmart, 3 kms.") == "A five kilograms bag, the kmart, three kms."  # a unit only after a number
     assert normalize_text("I love it 😀!") == "I love it !" and normalize_text("Call 555-1234.") == (
         "Call five hundred fifty five one thousand two hundred thirty four.")
+
+
+def test_normalize_reads_years_where_a_year_is_asked_for():
+    assert normalize_text("It was built in 1913, since 2007, in the 1990s.") == (
+        "It was built in nineteen thirteen, since two thousand seven, in the nineteen nineties.")
+    assert normalize_text("She was born on June 5, 1901.") == "She was born on June fifth, nineteen oh one."
+    assert normalize_text("The year 2024.") == "The year twenty twenty four."
+    # elsewhere a number stays a quantity; "may" is a verb
+    assert normalize_text("I counted 2072 of them; room 1913; may 5 people come.") == (
+        "I counted two thousand seventy two of them; room one thousand nine hundred thirteen; may five people come.")

@@ -65,6 +65,14 @@ _UNITS = {"km/h": ("kilometer per hour", "kilometers per hour"), "mph": ("mile p
           "mm": ("millimeter", "millimeters"), "°C": ("degree Celsius", "degrees Celsius"),
           "°F": ("degree Fahrenheit", "degrees Fahrenheit"), "°": ("degree", "degrees")}
 _MINUS_RE = re.compile(r"(?<![\w.])-(?=\d)")
+# A four-digit number from 1100 to 2099 read as a year after a word that asks for one ("in 1913", "since 2007",
+# "June 5, 1999"), and a decade ("the 1990s"); elsewhere a number stays a quantity ("I counted 2072 of them")
+_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"  # capitalized: "may" is a verb
+_YEAR_CONTEXT_RE = re.compile(
+    rf"(\b(?:(?i:in|since|by|from|until|till|before|after|of|year|around|circa|during)|{_MONTHS})\s+|\b\d{{1,2}}(?:st|nd|rd|th)?,\s*)"
+    r"(1[1-9]|20)(\d{2})\b(?![.,:]?\d)")
+_DECADE_RE = re.compile(r"\b(1[1-9]|20)(\d)0s\b")
+_MONTH_DAY_RE = re.compile(rf"\b({_MONTHS})\s+([1-9]|[12]\d|3[01])\b(?!:|\.\d)")  # "June 5" -> "June fifth"
 _UNIT_RE = re.compile(r"(-?\d+(?:\.\d+)?)\s?(" + "|".join(re.escape(u) for u in _UNITS) + r")(?![^\W\d_])")
 _SPACE_RE = re.compile(r"\s+")
 # A spoken word: letters and digits with inner apostrophes ("don't").
@@ -106,6 +114,9 @@ def normalize_text(text: str) -> str:
     text = _UNIT_RE.sub(lambda m: f"{m.group(1)} {_UNITS[m.group(2)][m.group(1) not in ('1', '-1')]}", text)
     text = "".join(c for c in text if unicodedata.category(c) != "So")  # emoji and other pictographs: not said
     text = _MINUS_RE.sub("minus ", text)
+    text = _YEAR_CONTEXT_RE.sub(lambda m: m.group(1) + _written_year(int(m.group(2)), int(m.group(3))), text)
+    text = _DECADE_RE.sub(lambda m: _plural(_said_year(int(m.group(1)), 10 * int(m.group(2)))), text)
+    text = _MONTH_DAY_RE.sub(lambda m: f"{m.group(1)} {ordinal_to_words(int(m.group(2)))}", text)
     text = _HYPHEN_RE.sub(" ", text)
     text = _TIME_RE.sub(_time, text)
     text = _MONEY_RE.sub(_money, text)
@@ -142,11 +153,27 @@ _DOT_TIME_RE = re.compile(r"(?<![\d.,])\b([01]?\d|2[0-3])\.([0-5]\d)\b(?![.,]\d)
 MAX_READINGS = 64
 
 
-def _year(m: re.Match) -> str:
-    high, low = int(m.group(1)), int(m.group(2))
+def _said_year(high: int, low: int) -> str:
+    """A year 1100-2099 as said: (19, 13) -> "nineteen thirteen", (19, 1) -> "nineteen oh one", (19, 0) ->
+    "nineteen hundred", (20, 0) -> "two thousand"."""
     if low == 0:
         return "two thousand" if high == 20 else number_to_words(high) + " hundred"
     return number_to_words(high) + (" oh " if low < 10 else " ") + number_to_words(low)
+
+
+def _written_year(high: int, low: int) -> str:
+    """A year written in digits, as most say it: "two thousand seven" (2001-2009), else :func:`_said_year`."""
+    return number_to_words(2000 + low) if high == 20 and 0 < low < 10 else _said_year(high, low)
+
+
+def _plural(words: str) -> str:
+    """"nineteen ninety" -> "nineteen nineties", "nineteen hundred" -> "nineteen hundreds"."""
+    head, _, last = words.rpartition(" ")
+    return f"{head} {last[:-1] + 'ies' if last.endswith('y') else last + 's'}".strip()
+
+
+def _year(m: re.Match) -> str:
+    return _said_year(int(m.group(1)), int(m.group(2)))
 
 
 def scoring_readings(text: str) -> list[str]:
