@@ -24,7 +24,7 @@ def test_generators_deterministic_and_split():
         test = textgen.generate(source, 10, split="test", seed=3)
         assert test and not {x["text"] for x in a} & {x["text"] for x in test}
         assert all(x["split"] == "test" for x in test)
-        if source != "dialogues":  # a dialogue's split is its question's (test below)
+        if source not in ("dialogues", "compound"):  # a dialogue's split is its question's, a compound's its parts' (below)
             assert all(textgen.text_split(x["text"]) == "test" for x in test)
         assert all(not any(ch.isdigit() for ch in x["text"]) for x in a + test), "built-in texts are spoken form"
 
@@ -138,3 +138,27 @@ def test_normalize_reads_years_where_a_year_is_asked_for():
     # elsewhere a number stays a quantity; "may" is a verb
     assert normalize_text("I counted 2072 of them; room 1913; may 5 people come.") == (
         "I counted two thousand seventy two of them; room one thousand nine hundred thirteen; may five people come.")
+
+
+def test_compound_items_join_sentences_of_one_split():
+    for split in ("train", "test"):
+        items = textgen.generate("compound", 40, split=split, seed=2)
+        assert len(items) == 40
+        for item in items:
+            assert 2 <= len(item["parts"]) <= 3 and all(textgen.text_split(p) == split for p in item["parts"])
+            assert all(len(split_sentences(p)) == 1 for p in item["parts"])
+            said = [w.lower() for w in spoken_words(item["text"])]
+            parts = [[w.lower() for w in spoken_words(p)] for p in item["parts"]]
+            if len(split_sentences(item["text"])) > 1:  # sentences of their own: the parts' words, in order
+                assert said == [w for p in parts for w in p]
+            else:  # one sentence: the parts' words with one conjunction before each part after the first
+                k = 0
+                for i, p in enumerate(parts):
+                    if i:
+                        assert said[k] in ("and", "but", "so", "then")
+                        k += 1
+                    assert said[k : k + len(p)] == p
+                    k += len(p)
+                assert k == len(said)
+        # one long sentence with a clause mark and a conjunction, or sentences of their own
+        assert any(len(split_sentences(x["text"])) == 1 for x in items) and any(len(split_sentences(x["text"])) > 1 for x in items)

@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .textnorm import normalize_text, number_to_words, ordinal_to_words
+from .textnorm import normalize_text, number_to_words, ordinal_to_words, split_sentences
 
 SPLITS = ("train", "valid", "test")
 # Percent of the hash space given to each held-out split.
@@ -252,6 +252,40 @@ def _dialogues(rng: random.Random) -> dict:
     return {"text": " ".join(t for _, t in turns), "turns": turns, "answer_value": qa["answer_value"], "split_text": qa["text"]}
 
 
+_COMPOUND_PARTS = ("everyday", "commands", "numbers", "dates_times")
+_COMPOUND_JOINERS = (", and ", ", and ", ", but ", ", so ", "; then ")
+
+
+def _compound(rng: random.Random) -> dict:
+    """Two or three sentences of the everyday, commands, numbers and dates_times sources said in one utterance:
+    joined into one long sentence by a clause mark and a conjunction ("A, and b, but c."), or, one time in three,
+    kept as sentences of their own ("A. B."). TTS and ASR examples of single sentences teach neither a long
+    sentence nor a sentence that follows another; decoding cuts both at their seams (``split_clauses``, ASR's
+    pauses), this is the data that would teach them. All its parts come from one split, the first part's
+    (``split_text``), so a held-out sentence never hides inside a training item."""
+    count = rng.choice((2, 2, 3))
+    parts: list[str] = []
+    split = None
+    for _ in range(100 * count):
+        text = SOURCES[rng.choice(_COMPOUND_PARTS)](rng)["text"]
+        if len(split_sentences(text)) > 1:  # a part is one sentence
+            continue
+        if split is None or text_split(text) == split:
+            split = split or text_split(text)
+            parts.append(text)
+        if len(parts) == count:
+            break
+    if rng.random() < 1 / 3:
+        text = " ".join(parts)
+    else:
+        text = parts[0].rstrip(".?!")
+        for part in parts[1:]:
+            first, _, rest = part.rstrip(".?!").partition(" ")
+            text += rng.choice(_COMPOUND_JOINERS) + (first if first == "I" or first in _NAMES else first.lower()) + (" " + rest if rest else "")
+        text += "."
+    return {"text": text, "parts": parts, "split_text": parts[0]}
+
+
 SOURCES: dict[str, Callable[[random.Random], dict]] = {
     "numbers": _numbers,
     "dates_times": _dates_times,
@@ -261,6 +295,7 @@ SOURCES: dict[str, Callable[[random.Random], dict]] = {
     "commands": _commands,
     "dialogues": _dialogues,
     "knowledge": _knowledge,
+    "compound": _compound,
 }
 
 
