@@ -172,16 +172,12 @@ def _plural(words: str) -> str:
     return f"{head} {last[:-1] + 'ies' if last.endswith('y') else last + 's'}".strip()
 
 
-def _year(m: re.Match) -> str:
-    return _said_year(int(m.group(1)), int(m.group(2)))
-
-
 def scoring_readings(text: str) -> list[str]:
     """``text`` first, then each way of reading its year-like numbers as years and its dotted times as times
     (every combination; past ``MAX_READINGS`` only all of them read so). A listener such as Whisper writes
     "nineteen thirteen" as "1913" and "three thirty" as "3.30", which :func:`words_for_scoring` alone spells
     "one thousand nine hundred thirteen" and "three point three zero"."""
-    spans = sorted([(m.start(), m.end(), _year(m)) for m in _YEAR_RE.finditer(text)]
+    spans = sorted([(m.start(), m.end(), _said_year(int(m.group(1)), int(m.group(2)))) for m in _YEAR_RE.finditer(text)]
                    + [(m.start(), m.end(), _time(m)) for m in _DOT_TIME_RE.finditer(text)])
     if 2 ** len(spans) > MAX_READINGS:
         every = [(False,) * len(spans), (True,) * len(spans)]
