@@ -321,3 +321,38 @@ def test_the_active_adapter_is_per_thread(tokenizer_dir):
         outside.wait(30)
     worker.join()
     assert seen["active"] is None and torch.equal(seen["loss"], base) and not torch.equal(adapted, base)
+
+
+def test_an_adapter_merged_at_inference_computes_what_its_update_adds(tokenizer_dir):
+    """Without gradients an adapted layer runs on its weight with the update merged in (one product);
+    with them, base output + update (training's path). The two agree, and the merged weights follow
+    an in-place change of the factors (an optimizer step, a load) and a change of dtype."""
+    from speechlm.lm.adapters import AdapterConfig
+
+    model = make_model(tokenizer_dir, "llama", "parallel_delay").eval()
+    lora = model.add_adapter(AdapterConfig("asr", rank=2))
+    batch = make_batch(model)
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with model.adapter("asr"):
+            with torch.no_grad():
+                merged = model(**batch).text_logits
+            training_path = model(**batch).text_logits.detach()
+        return merged, training_path
+
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.5)
+    merged, training_path = both()
+    torch.testing.assert_close(merged, training_path, rtol=1e-3, atol=1e-3)
+    assert lora._merged  # made once, kept
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.mul_(-1.0)
+    flipped, training_path = both()
+    torch.testing.assert_close(flipped, training_path, rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(flipped, merged)
+    model.to(torch.bfloat16)
+    with torch.no_grad(), model.adapter("asr"):
+        assert model(**batch).text_logits.dtype == torch.bfloat16
+    assert all(w.dtype == torch.bfloat16 for _, w in lora._merged.values())

@@ -9,7 +9,8 @@ transcribe-first ``chat``) and leaves TTS bit for bit the same elsewhere.
 A layer ``W`` (out, in) with an adapter computes ``W x + s B A x`` (``A`` (r, in), ``B`` (out, r),
 ``s = alpha / r``; ``B`` starts at zero, so a fresh adapter changes nothing). An embedding table
 ``E`` (N, D) gets ``E[i] + s A[i] B^T`` (``A`` (N, r), ``B`` (D, r)). The base modules are not
-replaced: forward hooks add the update, so base weight names, files and loaders do not change.
+replaced: their forward is wrapped to add the update (at inference merged into the weight, once),
+so base weight names, files and loaders do not change.
 Files: ``adapters/NAME.json`` (:class:`AdapterConfig`) and ``adapters/NAME.safetensors`` beside
 the model (``SpeechLM.save_pretrained``)::
 
@@ -91,6 +92,7 @@ class LoRA(nn.Module):
         super().__init__()
         self.config = config
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
+        self._merged: dict[str, tuple[tuple, Tensor]] = {}  # path -> (what it was made from, merged weight)
         for path, layer in layers.items():
             weight = layer.weight
             r, kw = config.rank, {"dtype": weight.dtype, "device": weight.device}
@@ -111,6 +113,22 @@ class LoRA(nn.Module):
         if isinstance(layer, nn.Embedding):
             return F.embedding(x, a) @ b.t() * self.config.scale
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.config.scale
+
+    def merged_weight(self, path: str, layer: nn.Module) -> Tensor:
+        """``layer``'s weight with this adapter's update in it, in the layer's dtype: ``W + s B A`` (out, in)
+        for a linear layer, ``E + s A B^T`` (N, D) for an embedding (summed in float32, rounded once).
+        Made on first use and kept until the layer's weight or the factors change (new storage or an
+        in-place update: their version counters), so switching adapters costs nothing per forward."""
+        a, b, weight = self.A[_key(path)], self.B[_key(path)], layer.weight
+        made_from = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, a, b))
+        cached = self._merged.get(path)
+        if cached is not None and cached[0] == made_from:
+            return cached[1]
+        with torch.no_grad():
+            update = a.float() @ b.float().t() if isinstance(layer, nn.Embedding) else b.float() @ a.float()
+            merged = (weight.float() + update * self.config.scale).to(weight.dtype)
+        self._merged[path] = (made_from, merged)
+        return merged
 
 
 def save_adapters(adapters: nn.ModuleDict, directory: Path) -> None:

@@ -140,7 +140,7 @@ class SpeechLM(nn.Module):
             self.add_hearing_head(config.hearing_layer)
         self.adapters = nn.ModuleDict()  # task adapters by name (speechlm.lm.adapters); none active unless asked
         self._adapter_state = threading.local()  # the active adapter, per thread (see active_adapter)
-        self._adapter_hooks: dict[str, object] = {}
+        self._adapted: set[str] = set()  # paths of the layers whose forward an adapter can change
         self.stage = "sft"
 
     # -- construction ----------------------------------------------------------------
@@ -306,12 +306,13 @@ class SpeechLM(nn.Module):
         self.adapters[config.name] = lora
         me = weakref.ref(self)
         for path, layer in layers.items():
-            if path not in self._adapter_hooks:
-                self._adapter_hooks[path] = layer.register_forward_hook(functools.partial(_adapter_hook, me, path))
+            if path not in self._adapted:  # the layer's own forward, wrapped (weights and names stay the base's)
+                layer.forward = functools.partial(_adapted_forward, me, path, layer.forward)
+                self._adapted.add(path)
         return lora
 
     def remove_adapter(self, name: str) -> None:
-        """Forget adapter ``name`` (its hooks stay and add nothing)."""
+        """Forget adapter ``name`` (its layers' wrapped forwards stay and add nothing)."""
         if name not in self.adapters:
             raise SpeechLMError(f"this model has no adapter {name!r}")
         del self.adapters[name]
@@ -585,13 +586,23 @@ class SpeechLM(nn.Module):
         return model.to(device).eval()
 
 
-def _adapter_hook(model_ref, path: str, layer: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-    """Forward hook on an adapted layer: add the active adapter's update, if it covers the layer."""
+def _adapted_forward(model_ref, path: str, base_forward, x: Tensor) -> Tensor:
+    """An adapted layer's forward: the base layer's, with the active adapter's update if it covers the
+    layer — added to the base output where gradients may flow (training), else computed in one product
+    with the adapter merged into the layer's weight (:meth:`LoRA.merged_weight`: no extra products, so an
+    adapter costs nothing at inference)."""
     model = model_ref()
     name = model.active_adapter if model is not None else None
     if name is None or name not in model.adapters or not model.adapters[name].covers(path):
-        return None
-    return output + model.adapters[name].delta(path, layer, inputs[0]).to(output.dtype)
+        return base_forward(x)
+    lora, layer = model.adapters[name], base_forward.__self__
+    if torch.is_grad_enabled():
+        output = base_forward(x)
+        return output + lora.delta(path, layer, x).to(output.dtype)
+    weight = lora.merged_weight(path, layer)
+    if isinstance(layer, nn.Embedding):
+        return F.embedding(x, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse)
+    return F.linear(x, weight, layer.bias)
 
 
 def ctc_greedy(best: list[int], *, blank: int) -> list[int]:
