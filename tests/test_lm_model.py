@@ -355,4 +355,4 @@ def test_an_adapter_merged_at_inference_computes_what_its_update_adds(tokenizer_
     model.to(torch.bfloat16)
     with torch.no_grad(), model.adapter("asr"):
         assert model(**batch).text_logits.dtype == torch.bfloat16
-    assert all(w.dtype == torch.bfloat16 for _, w in lora._merged.values())
+    assert all(entry[1].dtype == torch.bfloat16 for entry in lora._merged.values())

@@ -92,7 +92,7 @@ class LoRA(nn.Module):
         super().__init__()
         self.config = config
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
-        self._merged: dict[str, tuple[tuple, Tensor]] = {}  # path -> (what it was made from, merged weight)
+        self._merged: dict[str, tuple] = {}  # path -> (what it was made from, merged weight, A, B)
         for path, layer in layers.items():
             weight = layer.weight
             r, kw = config.rank, {"dtype": weight.dtype, "device": weight.device}
@@ -117,17 +117,18 @@ class LoRA(nn.Module):
     def merged_weight(self, path: str, layer: nn.Module) -> Tensor:
         """``layer``'s weight with this adapter's update in it, in the layer's dtype: ``W + s B A`` (out, in)
         for a linear layer, ``E + s A B^T`` (N, D) for an embedding (summed in float32, rounded once).
-        Made on first use and kept until the layer's weight or the factors change (new storage or an
-        in-place update: their version counters), so switching adapters costs nothing per forward."""
-        a, b, weight = self.A[_key(path)], self.B[_key(path)], layer.weight
-        made_from = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in (weight, a, b))
-        cached = self._merged.get(path)
-        if cached is not None and cached[0] == made_from:
-            return cached[1]
+        Made on first use and kept until the layer's weight or the factors change (the weight's storage,
+        or anyone's version counter), so switching adapters costs nothing per forward."""
+        weight, cached = layer.weight, self._merged.get(path)
+        if cached is not None:  # new storage (a dtype or device change converts the factors too) or an in-place update
+            made_from, merged, a, b = cached
+            if made_from == (weight.data_ptr(), weight._version, a._version, b._version):
+                return merged
+        a, b = self.A[_key(path)], self.B[_key(path)]
         with torch.no_grad():
             update = a.float() @ b.float().t() if isinstance(layer, nn.Embedding) else b.float() @ a.float()
             merged = (weight.float() + update * self.config.scale).to(weight.dtype)
-        self._merged[path] = (made_from, merged)
+        self._merged[path] = ((weight.data_ptr(), weight._version, a._version, b._version), merged, a, b)
         return merged
 
 
