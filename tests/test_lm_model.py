@@ -356,3 +356,53 @@ def test_an_adapter_merged_at_inference_computes_what_its_update_adds(tokenizer_
     with torch.no_grad(), model.adapter("asr"):
         assert model(**batch).text_logits.dtype == torch.bfloat16
     assert all(entry[1].dtype == torch.bfloat16 for entry in lora._merged.values())
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_lean_forward_computes_what_transformers_computes(tokenizer_dir, kind):
+    """Inference forwards run through speechlm.lm.lean: left-padded prompts, cached steps, a ready 4-D
+    mask and an active adapter give the transformers backbone's hidden states and caches."""
+    from transformers import DynamicCache
+
+    from speechlm.lm.adapters import AdapterConfig
+    from speechlm.lm.lean import supports
+
+    model = make_model(tokenizer_dir, kind, "parallel_delay").eval()
+    assert model._lean and supports(model.backbone)
+    lora = model.add_adapter(AdapterConfig("asr", rank=2))
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.5)
+    torch.manual_seed(1)
+    D = model.backbone.config.hidden_size
+    prompt = torch.randn(3, 7, D)
+    valid = torch.ones(3, 7, dtype=torch.bool)
+    valid[1, :2], valid[2, :5] = False, False
+    steps = [torch.randn(3, 2, D) for _ in range(3)]
+
+    def run(lean: bool, adapter: str | None) -> list[torch.Tensor]:
+        model._lean = lean
+        cache, mask, outs = DynamicCache(config=model.backbone.config), valid, []
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad(), model.adapter(adapter):
+            outs.append(model.run_backbone(prompt, attention_mask=mask, position_ids=positions, past_key_values=cache).last_hidden_state)
+            for x in steps:
+                mask = torch.cat((mask, torch.ones(3, 2, dtype=torch.bool)), dim=1)
+                positions = positions[:, -1:] + torch.arange(1, 3)
+                outs.append(model.run_backbone(x, attention_mask=mask, position_ids=positions, past_key_values=cache).last_hidden_state)
+            # a ready 4-D mask (the duplex model's KV ring passes one): the last step again, without the cache
+            full = torch.cat((prompt, *steps), dim=1)
+            causal = torch.ones(full.shape[1], full.shape[1], dtype=torch.bool).tril()
+            ready = causal[None, None] & mask[:, None, None, :]
+            outs.append(model.run_backbone(full, attention_mask=ready, position_ids=(mask.long().cumsum(1) - 1).clamp(min=0)).last_hidden_state)
+        outs += [layer.keys for layer in cache.layers]
+        model._lean = True
+        return outs
+
+    for adapter in (None, "asr"):
+        lean, reference = run(True, adapter), run(False, adapter)
+        for a, b in zip(lean, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(run(True, "asr")[0], run(True, None)[0])  # the adapter is on in the lean forward
+    model.backbone.config.hidden_act = "gelu"
+    assert not supports(model.backbone)  # not the arithmetic lean_backbone does: transformers' forward runs it

@@ -57,6 +57,8 @@ from .adapters import AdapterConfig, LoRA, read_adapters, save_adapters, target_
 from .config import CONFIG_NAME, SpeechLMConfig
 from .heads import AudioEmbedding, DepthHead, HearingHead, MCTPModule, ParallelHead
 from .layout import IGNORE, audio_targets, delay_frames, undelay_frames
+from .lean import LeanOutput, lean_backbone
+from .lean import supports as lean_supports
 from .vocab import SpeechVocab, add_speech_tokens, load_tokenizer
 
 WEIGHTS_NAME = "speech.safetensors"
@@ -140,7 +142,8 @@ class SpeechLM(nn.Module):
             self.add_hearing_head(config.hearing_layer)
         self.adapters = nn.ModuleDict()  # task adapters by name (speechlm.lm.adapters); none active unless asked
         self._adapter_state = threading.local()  # the active adapter, per thread (see active_adapter)
-        self._adapted: set[str] = set()  # paths of the layers whose forward an adapter can change
+        self._adapted: dict[nn.Module, str] = {}  # the layers whose forward an adapter can change -> their paths
+        self._lean = lean_supports(self.backbone)  # inference forwards through speechlm.lm.lean
         self.stage = "sft"
 
     # -- construction ----------------------------------------------------------------
@@ -203,7 +206,13 @@ class SpeechLM(nn.Module):
 
         ``past_key_values``: a transformers Cache, updated in place. transformers >= 5.2x names that
         argument ``cache`` (``past_key_values`` is deprecated there); older 5.x only knows ``past_key_values``.
+
+        Without gradients and hidden states, a Llama or Qwen2 backbone runs through
+        :func:`speechlm.lm.lean.lean_backbone` (the same arithmetic, without the transformers layers' Python).
         """
+        if self._lean and not output_hidden_states and not torch.is_grad_enabled():
+            hidden = lean_backbone(self.backbone, embeds, attention_mask, position_ids, past_key_values, self._inference_weight())
+            return LeanOutput(hidden)
         base = self.backbone.base_model
         cache_arg = _cache_argument(type(base))
         return base(
@@ -306,9 +315,9 @@ class SpeechLM(nn.Module):
         self.adapters[config.name] = lora
         me = weakref.ref(self)
         for path, layer in layers.items():
-            if path not in self._adapted:  # the layer's own forward, wrapped (weights and names stay the base's)
+            if layer not in self._adapted:  # the layer's own forward, wrapped (weights and names stay the base's)
                 layer.forward = functools.partial(_adapted_forward, me, path, layer.forward)
-                self._adapted.add(path)
+                self._adapted[layer] = path
         return lora
 
     def remove_adapter(self, name: str) -> None:
@@ -318,6 +327,20 @@ class SpeechLM(nn.Module):
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
+
+    def _inference_weight(self):
+        """For :func:`lean_backbone`: the weight a layer computes with now — the active adapter's merged
+        weight where the adapter covers the layer — or None when no adapter is on (every layer its own)."""
+        name = self.active_adapter
+        if name is None or name not in self.adapters:
+            return None
+        lora, paths = self.adapters[name], self._adapted
+
+        def weight(layer: nn.Module) -> Tensor:
+            path = paths.get(layer)
+            return lora.merged_weight(path, layer) if path is not None and lora.covers(path) else layer.weight
+
+        return weight
 
     @contextlib.contextmanager
     def adapter(self, name: str | None):
