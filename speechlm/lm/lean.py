@@ -61,16 +61,35 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 def _mask(attention_mask: Tensor | None, B: int, L: int, past: int, device: torch.device) -> Tensor | None:
     """(B, 1, L, past + L) boolean: causal over the cache's order, and the (B, past + L) padding mask; a
-    ready 4-D mask as it is; None when every position sees all before it (no padding, one new position)."""
+    ready 4-D mask as it is. None where transformers leaves the mask out for SDPA (no padding, and one
+    new position or no cache: plain causal attention)."""
     if attention_mask is not None and attention_mask.ndim == 4:
         return attention_mask.bool()
-    if attention_mask is None and L == 1:
+    if (L == 1 or past == 0) and (attention_mask is None or bool(attention_mask.all())):
         return None
     keys = torch.arange(past + L, device=device)
     mask = (keys[None, :] <= past + torch.arange(L, device=device)[:, None])[None, None]  # (1, 1, L, S)
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, None, :]
     return mask.expand(B, 1, L, past + L)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    """q (B, H, L, d), k and v (B, H_kv, S, d) -> (B, H, L, d), grouped as transformers' SDPA integration
+    groups them on this device (so that the rounding is the same): without a mask SDPA's own grouping
+    (causal for a prompt); with one, one query position's heads packed onto their KV heads, more
+    positions with the KV heads repeated."""
+    B, H, L, d = q.shape
+    groups = H // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=L > 1, enable_gqa=groups > 1)
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if L == 1:
+        out = F.scaled_dot_product_attention(q.reshape(B, H // groups, groups, d), k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, H, 1, d)
+    k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def lean_backbone(backbone: nn.Module, embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache,
@@ -109,7 +128,7 @@ def lean_backbone(backbone: nn.Module, embeds: Tensor, attention_mask: Tensor | 
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, index)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=kv_heads != heads)
+        out = _attention(q, k, v, mask, attn.scaling)
         x = x + linear(out.transpose(1, 2).reshape(B, L, heads * head_dim), attn.o_proj)
         h = _rms_norm(x, layer.post_attention_layernorm)
         x = x + linear(F.silu(linear(h, mlp.gate_proj)) * linear(h, mlp.up_proj), mlp.down_proj)
