@@ -418,6 +418,7 @@ def main() -> None:
     ap.add_argument("--librispeech-max-seconds", type=float, default=12.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the LM's compute dtype (SpeechPipeline.from_pretrained)")
+    ap.add_argument("--int8", type=int, metavar="ROWS", help="backbone products of at most ROWS rows read int8 weights (SpeechLM.use_int8; bfloat16)")
     ap.add_argument("--temperature", type=float, help="speech sampling temperature (default: Generation's)")
     ap.add_argument("--guidance", type=float, help="speech: classifier-free guidance on the text (default: Generation's; 0 = off)")
     ap.add_argument("--top-k", type=int, help="speech sampling top-k (default: Generation's)")
@@ -455,6 +456,7 @@ def main() -> None:
     TEXT_SPLIT = args.text_split
     torch.set_num_threads(args.threads)
     sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=getattr(torch, args.dtype))
+    sp.lm.use_int8(args.int8)
     judge = WhisperJudge(threads=args.threads)
     tasks = args.tasks.split(",")
     cb_temps = parse_codebook_temperatures(args.codebook_temperatures)

@@ -45,6 +45,7 @@ own, one session after another (not batched); otherwise inside the tick (the off
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -133,12 +134,19 @@ class AssistConfig:
     # exactly right instead of 21 but took the ASR from 0.26 to 0.64 s on one CPU thread (p90 1.2 s), past the
     # reply's onset budget (``speechlm serve --assist-check-rounds 3`` turns it on)
     asr_check_rounds: int = 0
+    # the question's ASR and the reply's text read the speech LM's backbone weights as int8 in products of at
+    # most this many rows (speechlm.lm.int8, bfloat16 on a CPU; ``SpeechLM.int8_products``): on 80 held-out-voice
+    # utterances the same transcripts' WER with 2 or 4 views, 2 views 1.27x faster, and the same reply texts to 40
+    # spoken questions (docs/benchmarks.md); the reply's speech stays bfloat16. None = off
+    int8_rows: int | None = 4
 
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
             raise SpeechLMError(f"unknown assist voice {self.voice!r}; choose from {', '.join(VOICES)}")
         if self.asr_views < 1:
             raise SpeechLMError(f"the assist's asr_views must be >= 1, got {self.asr_views}")
+        if self.int8_rows is not None and self.int8_rows < 1:
+            raise SpeechLMError(f"the assist's int8_rows must be >= 1 or None, got {self.int8_rows}")
         if self.asr_check_rounds < 0:
             raise SpeechLMError(f"the assist's asr_check_rounds must be >= 0, got {self.asr_check_rounds}")
 
@@ -443,10 +451,11 @@ class AssistedDuplexModel:
     def _work(self, job: _Job) -> None:
         """Hear, reply, speak (on the assist thread or inline). Errors cost the turn, not the session."""
         try:
-            if not job.cancelled:
-                job.transcript = self.speech.asr(job.question, self.sample_rate, self.generation)
-            if job.transcript and not job.cancelled:
-                job.reply = self.speech.reply_text(job.transcript, self.generation)
+            with self._int8():
+                if not job.cancelled:
+                    job.transcript = self.speech.asr(job.question, self.sample_rate, self.generation)
+                if job.transcript and not job.cancelled:
+                    job.reply = self.speech.reply_text(job.transcript, self.generation)
         except Exception as e:  # noqa: BLE001 - e.g. a question too long for the speech LM: no answer, the session goes on
             log.warning("assist: no answer this turn: %s", e)
             job.transcript = job.reply = ""
@@ -462,6 +471,13 @@ class AssistedDuplexModel:
             log.warning("assist: the reply's speech stopped: %s", e)
         finally:
             job.done.set()
+
+    def _int8(self):
+        """The int8 products of ``config.int8_rows`` for this thread's hearing and reply text, where the
+        speech LM computes in bfloat16 on a CPU (elsewhere they would change nothing)."""
+        lm, rows = getattr(self.speech, "lm", None), self.config.int8_rows
+        usable = rows is not None and lm is not None and getattr(lm, "_lean", False) and lm.backbone.dtype == torch.bfloat16 and lm.device.type == "cpu"
+        return lm.int8_products(rows) if usable else contextlib.nullcontext()
 
     # -- pieces -----------------------------------------------------------------------------
 

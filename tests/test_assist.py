@@ -419,3 +419,31 @@ def test_the_replys_guidance_is_the_generations_unless_the_config_says(tokenizer
 
     assert assisted(tokenizer_dir, codec).generation.guidance == Generation().guidance
     assert assisted(tokenizer_dir, codec, guidance=0.0).generation.guidance == 0.0
+
+
+def test_the_question_and_the_reply_text_use_int8_products_and_the_speech_does_not(tokenizer_dir, codec):  # noqa: F811
+    seen = {}
+
+    class Recording(FakeSpeech):  # a bfloat16 speech LM on a CPU: what its thread's products are in each call
+        def asr(self, audio, sample_rate=16_000, generation=None):
+            seen["asr"] = getattr(self.lm._int8_state, "products", None)
+            return super().asr(audio, sample_rate, generation)
+
+        def reply_text(self, question, generation=None):
+            seen["reply"] = getattr(self.lm._int8_state, "products", None)
+            return super().reply_text(question, generation)
+
+        def tts(self, text, stream=True, generation=None):
+            seen["tts"] = getattr(self.lm._int8_state, "products", None)
+            return super().tts(text, stream, generation)
+
+    user = np.concatenate([speech(10, 0), np.zeros(15 * N, np.float32)])
+    for rows in (4, None):
+        recording = Recording()
+        recording.lm = make_duplex(tokenizer_dir).lm.to(torch.bfloat16)
+        seen.clear()
+        run(assisted(tokenizer_dir, codec, speech_lm=recording, int8_rows=rows), user)
+        assert set(seen) == {"asr", "reply", "tts"} and seen["tts"] is None
+        assert (seen["asr"].max_rows if rows else seen["asr"]) == rows and seen["reply"] is seen["asr"]
+    with pytest.raises(SpeechLMError, match="int8_rows"):
+        AssistConfig(int8_rows=0)

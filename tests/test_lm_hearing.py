@@ -176,6 +176,10 @@ def test_pipeline_asr_decoders_and_cli(tokenizer_dir, tmp_path, cli):
     save_audio(wav, speech)
     r = cli("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "m"), "--threads", "1")
     assert r.returncode == 0 and r.stdout.strip() == expected, (r.stdout, r.stderr)
+    r = cli("asr", str(wav), "--model", str(tmp_path / "m"), "--threads", "1", "--int8", "--dtype", "bfloat16")  # int8 products
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    r = cli("asr", str(wav), "--model", str(tmp_path / "m"), "--threads", "1", "--int8", "--dtype", "float32")
+    assert r.returncode == 2 and "--int8 needs the LM computed in bfloat16" in r.stderr and "Traceback" not in r.stderr
 
     plain = make_model(tokenizer_dir, hearing_layer=None)
     plain.config.codec_id = codec.codec_id

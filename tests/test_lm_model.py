@@ -406,3 +406,44 @@ def test_the_lean_forward_computes_what_transformers_computes(tokenizer_dir, kin
     assert not torch.allclose(run(True, "asr")[0], run(True, None)[0])  # the adapter is on in the lean forward
     model.backbone.config.hidden_act = "gelu"
     assert not supports(model.backbone)  # not the arithmetic lean_backbone does: transformers' forward runs it
+
+
+def test_int8_products_read_the_weight_as_int8_for_few_rows_only():
+    from speechlm.lm.int8 import Int8Products, quantize_int8
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 32)
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-6).all()  # rounded to nearest
+    products = Int8Products(max_rows=4)
+    w16 = weight.to(torch.bfloat16)
+    x = torch.randn(2, 2, 32, dtype=torch.bfloat16)  # 4 rows: int8
+    expected = torch.nn.functional.linear(x.float(), (products.int8(w16)[0].float() * products.int8(w16)[1].float()[:, None]))
+    torch.testing.assert_close(products.linear(x, w16).float(), expected, rtol=2e-2, atol=2e-2)
+    wide = torch.randn(5, 32, dtype=torch.bfloat16)  # 5 rows, and float32: the plain product, exactly
+    assert torch.equal(products.linear(wide, w16), torch.nn.functional.linear(wide, w16))
+    assert torch.equal(products.linear(x.float(), weight), torch.nn.functional.linear(x.float(), weight))
+    first = products.int8(w16)[0]
+    with torch.no_grad():
+        w16.mul_(-1)  # changed in place: a new int8 copy
+    assert torch.equal(products.int8(w16)[0], -first)
+    with pytest.raises(SpeechLMError, match="max_rows"):
+        Int8Products(max_rows=0)
+
+
+def test_use_int8_computes_few_row_steps_near_the_bfloat16_ones(tokenizer_dir):
+    model = make_model(tokenizer_dir, "llama", "parallel_delay").eval().to(torch.bfloat16)
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, model.backbone.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        plain = model.run_backbone(x).last_hidden_state.float()
+        model.use_int8(4)
+        rounded = model.run_backbone(x).last_hidden_state.float()
+        assert not torch.equal(rounded, plain)
+        assert (rounded - plain).norm() < 0.05 * plain.norm()
+        model.use_int8(None)
+        assert torch.equal(model.run_backbone(x).last_hidden_state.float(), plain)
+    model._lean = False
+    with pytest.raises(SpeechLMError, match="Llama or Qwen2"):
+        model.use_int8(4)

@@ -93,12 +93,13 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: floa
 
 
 def lean_backbone(backbone: nn.Module, embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, cache,
-                  weight=None) -> Tensor:
+                  weight=None, products=None) -> Tensor:
     """embeds (B, L, D) -> the last hidden state (B, L, D), after the final norm, as the transformers
     backbone computes it. ``attention_mask``: (B, past + L) padding mask or a ready (B, 1, L, S) mask;
     ``position_ids``: (B, L) rotary positions (default: past, past + 1, ...); ``cache``: updated in place
     (or None). ``weight(module)``: the weight a projection computes with (an adapter's merged weight;
-    default: its own)."""
+    default: its own). ``products``: computes the projections (``products.linear(x, weight, bias)``,
+    e.g. :class:`speechlm.lm.int8.Int8Products`); default ``F.linear``."""
     base, config = backbone.base_model, backbone.config
     B, L, _ = embeds.shape
     if attention_mask is not None and attention_mask.ndim == 2:
@@ -115,8 +116,10 @@ def lean_backbone(backbone: nn.Module, embeds: Tensor, attention_mask: Tensor | 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     weight = weight or (lambda module: module.weight)
 
+    product = products.linear if products is not None else F.linear
+
     def linear(x: Tensor, module: nn.Linear) -> Tensor:
-        return F.linear(x, weight(module), module.bias)
+        return product(x, weight(module), module.bias)
 
     x = embeds
     for index, layer in enumerate(base.layers[: config.num_hidden_layers]):

@@ -56,6 +56,7 @@ from speechlm.codec.errors import SpeechLMError
 from .adapters import AdapterConfig, LoRA, read_adapters, save_adapters, target_modules
 from .config import CONFIG_NAME, SpeechLMConfig
 from .heads import AudioEmbedding, DepthHead, HearingHead, MCTPModule, ParallelHead
+from .int8 import Int8Products
 from .layout import IGNORE, audio_targets, delay_frames, undelay_frames
 from .lean import LeanOutput, lean_backbone
 from .lean import supports as lean_supports
@@ -144,6 +145,9 @@ class SpeechLM(nn.Module):
         self._adapter_state = threading.local()  # the active adapter, per thread (see active_adapter)
         self._adapted: dict[nn.Module, str] = {}  # the layers whose forward an adapter can change -> their paths
         self._lean = lean_supports(self.backbone)  # inference forwards through speechlm.lm.lean
+        self.int8: Int8Products | None = None  # int8 weight-only products for few rows (use_int8)
+        self._int8_by_rows: dict[int, Int8Products] = {}  # one per row limit: each keeps its int8 copies
+        self._int8_state = threading.local()  # this thread's override of self.int8 (int8_products)
         self.stage = "sft"
 
     # -- construction ----------------------------------------------------------------
@@ -211,7 +215,8 @@ class SpeechLM(nn.Module):
         :func:`speechlm.lm.lean.lean_backbone` (the same arithmetic, without the transformers layers' Python).
         """
         if self._lean and not output_hidden_states and not torch.is_grad_enabled():
-            hidden = lean_backbone(self.backbone, embeds, attention_mask, position_ids, past_key_values, self._inference_weight())
+            products = getattr(self._int8_state, "products", self.int8)
+            hidden = lean_backbone(self.backbone, embeds, attention_mask, position_ids, past_key_values, self._inference_weight(), products)
             return LeanOutput(hidden)
         base = self.backbone.base_model
         cache_arg = _cache_argument(type(base))
@@ -327,6 +332,36 @@ class SpeechLM(nn.Module):
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = None
+
+    def use_int8(self, max_rows: int | None = 4) -> SpeechLM:
+        """Inference products of at most ``max_rows`` rows in the backbone read its weights as int8
+        (:mod:`speechlm.lm.int8`: bfloat16 compute on a CPU, a Llama or Qwen2 backbone); None turns it off.
+        Faster decoding of one or a few rows, with outputs rounded differently."""
+        self.int8 = self._int8_products(max_rows)
+        return self
+
+    @contextlib.contextmanager
+    def int8_products(self, max_rows: int | None):
+        """Inside the block, this thread's forwards use int8 products of at most ``max_rows`` rows (as
+        :meth:`use_int8`; None: none), whatever the model's own setting; other threads are not affected."""
+        before = getattr(self._int8_state, "products", _UNSET)
+        self._int8_state.products = self._int8_products(max_rows)
+        try:
+            yield self
+        finally:
+            if before is _UNSET:
+                del self._int8_state.products
+            else:
+                self._int8_state.products = before
+
+    def _int8_products(self, max_rows: int | None) -> Int8Products | None:
+        if max_rows is None:
+            return None
+        if not self._lean:
+            raise SpeechLMError(f"int8 products need a Llama or Qwen2 backbone ({type(self.backbone).__name__} runs transformers' own forward)")
+        if max_rows not in self._int8_by_rows:
+            self._int8_by_rows[max_rows] = Int8Products(max_rows)
+        return self._int8_by_rows[max_rows]
 
     def _inference_weight(self):
         """For :func:`lean_backbone`: the weight a layer computes with now — the active adapter's merged
@@ -607,6 +642,9 @@ class SpeechLM(nn.Module):
         if dtype is not None:
             model = model.to(dtype)
         return model.to(device).eval()
+
+
+_UNSET = object()
 
 
 def _adapted_forward(model_ref, path: str, base_forward, x: Tensor) -> Tensor:
