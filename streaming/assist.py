@@ -53,6 +53,7 @@ import os
 import threading
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,10 @@ class AssistConfig:
     # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
     # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
     background: bool = False
+    # on that thread a question waiting to be heard goes before the rest of another session's reply speech
+    # once that reply is this many frames ahead of its playback (its speech then continues after the plan:
+    # the reply starts sooner, and the other goes on from its buffer; 0 = a reply's speech is made whole first)
+    ahead_frames: int = 8
     # the speech LM hears the question from this many views of its audio (``Generation.asr_views``,
     # speechlm.lm.ensemble): on 80 held-out-voice utterances 1 view 23 % WER, 2 views 19 %, 4 views 15 %;
     # 2 (with plan_quiet_frames 1) keep the reply's onset through the server about where 1 view had it
@@ -149,6 +154,8 @@ class AssistConfig:
             raise SpeechLMError(f"the assist's int8_rows must be >= 1 or None, got {self.int8_rows}")
         if self.asr_check_rounds < 0:
             raise SpeechLMError(f"the assist's asr_check_rounds must be >= 0, got {self.asr_check_rounds}")
+        if self.ahead_frames < 0:
+            raise SpeechLMError(f"the assist's ahead_frames must be >= 0, got {self.ahead_frames}")
 
 
 class _Job:
@@ -163,6 +170,7 @@ class _Job:
         self.planned = threading.Event()  # transcript and reply are set
         self.done = threading.Event()  # every frame of the reply's speech is made (or it stopped)
         self.frames: deque[np.ndarray] = deque()  # the reply's speech, made ahead of playback
+        self.speech: Iterator[np.ndarray] | None = None  # the reply's speech still to make (frame by frame)
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -244,6 +252,8 @@ class AssistedDuplexModel:
         self.gate_config = GateConfig(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(GateConfig)})
         self.turns = 0  # turns with a plan or free words (for stats and tests)
         self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._waiting = 0  # questions submitted to the assist thread and not yet taken up
         self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)
 
     @property
@@ -443,13 +453,18 @@ class AssistedDuplexModel:
         elif self.config.background:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speechlm-assist", initializer=_lower_priority)
+            with self._lock:
+                self._waiting += 1
             self._pool.submit(self._work, job)
         else:
             self._work(job)
         return job
 
     def _work(self, job: _Job) -> None:
-        """Hear, reply, speak (on the assist thread or inline). Errors cost the turn, not the session."""
+        """Hear, reply, then speak (on the assist thread or inline). Errors cost the turn, not the session."""
+        if self.config.background:
+            with self._lock:
+                self._waiting -= 1
         try:
             with self._int8():
                 if not job.cancelled:
@@ -463,14 +478,32 @@ class AssistedDuplexModel:
             job.planned.set()
         try:
             if job.reply and self.plan(job.reply) and self.config.voice == "speech_lm" and not job.cancelled:
-                for frame in self.speech.tts(job.reply, stream=True, generation=self.generation):
-                    if job.cancelled:
-                        break
-                    job.frames.append(np.asarray(frame, dtype=np.float32))
+                job.speech = iter(self.speech.tts(job.reply, stream=True, generation=self.generation))
         except Exception as e:  # noqa: BLE001
             log.warning("assist: the reply's speech stopped: %s", e)
-        finally:
-            job.done.set()
+        self._speak(job)
+
+    def _speak(self, job: _Job) -> None:
+        """Make the reply's speech frames; on the assist thread, hand the thread to a question waiting to be
+        heard once ``ahead_frames`` frames are ready to play (the rest follows the question's plan)."""
+        try:
+            while job.speech is not None and not job.cancelled:
+                ahead, pool = self.config.ahead_frames, self._pool
+                if self.config.background and ahead and len(job.frames) >= ahead and self._waiting > 0 and pool is not None:
+                    try:
+                        pool.submit(self._speak, job)  # after the waiting plans (the queue is first in, first out)
+                        return
+                    except RuntimeError:  # the assist is closing: finish here (the job is being cancelled)
+                        pass
+                with torch.inference_mode():  # replies' generators take turns on this thread: each step in its own mode
+                    frame = next(job.speech, None)
+                if frame is None:
+                    break
+                job.frames.append(np.asarray(frame, dtype=np.float32))
+        except Exception as e:  # noqa: BLE001
+            log.warning("assist: the reply's speech stopped: %s", e)
+        job.speech = None
+        job.done.set()
 
     def _int8(self):
         """The int8 products of ``config.int8_rows`` for this thread's hearing and reply text, where the

@@ -447,3 +447,40 @@ def test_the_question_and_the_reply_text_use_int8_products_and_the_speech_does_n
         assert (seen["asr"].max_rows if rows else seen["asr"]) == rows and seen["reply"] is seen["asr"]
     with pytest.raises(SpeechLMError, match="int8_rows"):
         AssistConfig(int8_rows=0)
+
+
+def test_a_question_waiting_goes_before_the_rest_of_another_sessions_reply(tokenizer_dir, codec):  # noqa: F811
+    class SlowVoice(FakeSpeech):  # a long reply whose frames take a while: the events in the order they happen
+        def __init__(self):
+            super().__init__(reply=" ".join(["word"] * 30))  # 60 frames
+            self.events: list[str] = []
+
+        def asr(self, audio, sample_rate=16_000, generation=None):
+            self.events.append("asr")
+            return super().asr(audio, sample_rate, generation)
+
+        def tts(self, text, stream=True, generation=None):
+            for frame in super().tts(text, stream, generation):
+                time.sleep(0.002)
+                self.events.append("frame")
+                yield frame
+
+    for ahead in (6, 0):
+        voice = SlowVoice()
+        model = assisted(tokenizer_dir, codec, background=True, speech_lm=voice, ahead_frames=ahead)
+        first = model._submit(speech(8, 7), 0)
+        assert first.planned.wait(10)
+        while not first.frames:  # the first reply's speech has begun
+            time.sleep(0.001)
+        second = model._submit(speech(8, 8), 0)
+        assert second.done.wait(10) and first.done.wait(10)
+        made_before = voice.events[: [i for i, e in enumerate(voice.events) if e == "asr"][1]].count("frame")
+        if ahead:  # the second question was heard once the first reply was `ahead` frames ahead, then the rest came
+            assert ahead <= made_before < 60
+        else:  # the first reply was made whole first
+            assert made_before == 60
+        assert len(first.frames) == len(second.frames) == 60 and first.speech is None  # every frame, in order
+        np.testing.assert_allclose([f[0] for f in first.frames], [0.1 * (k + 1) for k in range(60)], rtol=1e-6)
+        model.close()
+    with pytest.raises(SpeechLMError, match="ahead_frames"):
+        AssistConfig(ahead_frames=-1)
