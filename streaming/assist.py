@@ -497,7 +497,7 @@ class AssistedDuplexModel:
                         pass
                 with torch.inference_mode():  # replies' generators take turns on this thread: each step in its own mode
                     frame = next(job.speech, None)
-                if frame is None:
+                if frame is None or job.cancelled:
                     break
                 job.frames.append(np.asarray(frame, dtype=np.float32))
         except Exception as e:  # noqa: BLE001
