@@ -3,9 +3,9 @@
 A decoding step of a small model multiplies one to a few rows by every weight matrix: the CPU's
 time goes into reading the weights, not into arithmetic. Reading them as int8 (one scale per output
 channel, symmetric, rounded to nearest) halves the bytes of bfloat16 weights; torch's
-``_weight_int8pack_mm`` multiplies bfloat16 rows by them directly. On this project's CPU, the 56
-backbone products of a step over 1-4 rows take about a third of the bfloat16 time (cold caches);
-from about 8 rows on the bfloat16 product is as fast, so wider products stay in bfloat16.
+``_weight_int8pack_mm`` multiplies bfloat16 rows by them directly. On this project's CPU the shipped
+backbone's 56 products of a step take 2.3x / 2.0x / 1.8x less time over 1 / 2 / 4 rows, 1.3x over 8,
+and longer from 16 rows on (``benchmarks/int8_products.py``), so wider products stay in bfloat16.
 
 The int8 copy is made from whatever weight a product uses (a layer's own, or an adapter's merged
 one), on first use, and kept until that weight changes (its storage or version counter). The
