@@ -424,6 +424,8 @@ def test_int8_products_read_the_weight_as_int8_for_few_rows_only():
     wide = torch.randn(5, 32, dtype=torch.bfloat16)  # 5 rows, and float32: the plain product, exactly
     assert torch.equal(products.linear(wide, w16), torch.nn.functional.linear(wide, w16))
     assert torch.equal(products.linear(x.float(), weight), torch.nn.functional.linear(x.float(), weight))
+    odd, x_odd = torch.randn(8, 24, dtype=torch.bfloat16), torch.randn(1, 24, dtype=torch.bfloat16)  # inner size not a multiple of 16
+    assert torch.equal(products.linear(x_odd, odd), torch.nn.functional.linear(x_odd, odd))
     first = products.int8(w16)[0]
     with torch.no_grad():
         w16.mul_(-1)  # changed in place: a new int8 copy

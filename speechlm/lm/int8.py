@@ -34,7 +34,7 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 class Int8Products:
     """``linear(x, weight, bias)``: ``F.linear``, with the weight read as int8 when ``x`` is bfloat16 on a
-    CPU and has at most ``max_rows`` rows (positions times batch)."""
+    CPU and has at most ``max_rows`` rows (positions times batch; see :meth:`applies`)."""
 
     def __init__(self, max_rows: int = 4):
         if max_rows < 1:
@@ -45,7 +45,10 @@ class Int8Products:
         self._copies: dict[int, tuple] = {}  # id(weight) -> (weakref to it, made from, int8, scales); gone with the weight
 
     def applies(self, x: Tensor) -> bool:
-        return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= self.max_rows * x.shape[-1]
+        """Whether ``x``'s product reads int8: bfloat16 on a CPU, at most ``max_rows`` rows, and an inner size the
+        kernel computes right (a multiple of 16: torch 2.13's kernel returns garbage, or crashes, for others)."""
+        K = x.shape[-1]
+        return x.dtype == torch.bfloat16 and x.device.type == "cpu" and K % 16 == 0 and x.numel() <= self.max_rows * K
 
     def linear(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         """x (..., K), weight (N, K) -> (..., N)."""
