@@ -354,13 +354,11 @@ def cmd_asr(args: argparse.Namespace) -> int:
     import dataclasses
     import json
 
-    import torch
-
     from .codec.audio import load_audio
 
     pipeline = _load_pipeline(args)
     if args.int8:
-        if next(pipeline.lm.parameters()).dtype != torch.bfloat16 or pipeline.lm.device.type != "cpu":
+        if not pipeline.lm.int8_computes:
             raise SpeechLMError("--int8 needs the LM computed in bfloat16 on a CPU (--dtype bfloat16, or auto where the CPU has it)")
         pipeline.lm.use_int8(4)
     failed = 0

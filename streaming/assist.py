@@ -509,7 +509,7 @@ class AssistedDuplexModel:
         """The int8 products of ``config.int8_rows`` for this thread's hearing and reply text, where the
         speech LM computes in bfloat16 on a CPU (elsewhere they would change nothing)."""
         lm, rows = getattr(self.speech, "lm", None), self.config.int8_rows
-        usable = rows is not None and lm is not None and getattr(lm, "_lean", False) and lm.backbone.dtype == torch.bfloat16 and lm.device.type == "cpu"
+        usable = rows is not None and getattr(lm, "int8_computes", False)
         return lm.int8_products(rows) if usable else contextlib.nullcontext()
 
     # -- pieces -----------------------------------------------------------------------------

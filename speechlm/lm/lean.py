@@ -6,7 +6,7 @@ transformers layers' Python (module calls, output capturing, mask building, per-
 tables) costs about as much as the arithmetic. :func:`lean_backbone` does the step with the same
 operations in the same dtypes — RMS norms in float32, rotary tables in float32 rounded to the
 compute dtype, scaled-dot-product attention with grouped KV heads — so its output equals the
-transformers forward's up to float rounding (tests compare them in float32), and it reads and
+transformers forward's (bit for bit on the shipped models; tests compare the two), and it reads and
 updates the same caches (``update(keys, values, layer)``: transformers' ``DynamicCache`` and the
 duplex model's KV ring).
 
@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .layers import rotate_half
 
 SUPPORTED_TYPES = ("llama", "qwen2")
 
@@ -52,11 +54,6 @@ def _rms_norm(x: Tensor, norm: nn.Module) -> Tensor:
     """transformers' RMSNorm: normalized in float32, rounded to the input's dtype, then scaled."""
     eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
     return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _mask(attention_mask: Tensor | None, B: int, L: int, past: int, device: torch.device) -> Tensor | None:
@@ -128,7 +125,7 @@ def lean_backbone(backbone: nn.Module, embeds: Tensor, attention_mask: Tensor | 
         q = linear(h, attn.q_proj).view(B, L, heads, head_dim).transpose(1, 2)
         k = linear(h, attn.k_proj).view(B, L, kv_heads, head_dim).transpose(1, 2)
         v = linear(h, attn.v_proj).view(B, L, kv_heads, head_dim).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(k, v, index)
         out = _attention(q, k, v, mask, attn.scaling)

@@ -333,6 +333,11 @@ class SpeechLM(nn.Module):
         if self.active_adapter == name:
             self.active_adapter = None
 
+    @property
+    def int8_computes(self) -> bool:
+        """Whether int8 products change anything here: a Llama or Qwen2 backbone computed in bfloat16 on a CPU."""
+        return self._lean and self.backbone.dtype == torch.bfloat16 and self.device.type == "cpu"
+
     def use_int8(self, max_rows: int | None = 4) -> SpeechLM:
         """Inference products of at most ``max_rows`` rows in the backbone read its weights as int8
         (:mod:`speechlm.lm.int8`: bfloat16 compute on a CPU, a Llama or Qwen2 backbone); None turns it off.
