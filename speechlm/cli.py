@@ -242,6 +242,15 @@ def _load_pipeline(args: argparse.Namespace):
     return SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=dtype)
 
 
+def _voice(args: argparse.Namespace) -> str:
+    from .speech import Generation
+
+    voice = getattr(args, "voice", None) or Generation.voice
+    if voice != Generation.voice and getattr(args, "no_adapter", False):
+        raise SpeechLMError("--voice speaks through the voice's adapter: it does not go with --no-adapter")
+    return voice
+
+
 def _generation(args: argparse.Namespace):
     from .lm.generate import parse_codebook_temperatures
     from .speech import Generation
@@ -258,6 +267,7 @@ def _generation(args: argparse.Namespace):
         else args.short_pause_seconds,
         asr_adapter=None if getattr(args, "no_adapter", False) else Generation.asr_adapter,
         tts_adapter=None if getattr(args, "no_adapter", False) else Generation.tts_adapter,
+        voice=_voice(args),
         reply_speech=getattr(args, "reply_speech", None) or Generation.reply_speech,
         guidance=Generation.guidance if getattr(args, "guidance", None) is None else args.guidance,
         candidates=getattr(args, "candidates", None) or Generation.candidates,
@@ -273,8 +283,12 @@ def cmd_tts(args: argparse.Namespace) -> int:
 
     import soundfile as sf
 
+    if args.list_voices:
+        return _list_voices(_load_pipeline(args))
     if (args.text is None) == (args.lines is None):
         raise SpeechLMError("give the text to speak or --lines FILE (one of them)")
+    if args.output is None:
+        raise SpeechLMError("give the output: -o OUT.wav (with --lines: a directory)")
     if args.lines is not None:
         return _tts_lines(args)
     pipeline = _load_pipeline(args)
@@ -282,6 +296,7 @@ def cmd_tts(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".wav", ".flac"):
         raise SpeechLMError(f"output must end in .wav or .flac, got {out}")
     g = _generation(args)
+    pipeline.tts_adapter(g)  # an unknown --voice: its one-line error now, before any work
     if g.candidates > 1 and args.stream:
         raise SpeechLMError("--stream and --candidates > 1 do not go together: choosing needs each whole rendering")
     start = time.perf_counter()
@@ -323,6 +338,7 @@ def _tts_lines(args: argparse.Namespace) -> int:
         raise SpeechLMError(f"with --lines the output is a directory, got {out}")
     out.mkdir(parents=True, exist_ok=True)
     pipeline, g = _load_pipeline(args), _generation(args)
+    pipeline.tts_adapter(g)
     failed = 0
     for start in range(0, len(lines), args.batch_size):
         batch = lines[start : start + args.batch_size]
@@ -385,11 +401,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .codec.audio import load_audio, save_audio
 
     pipeline = _load_pipeline(args)
+    if args.list_voices:
+        return _list_voices(pipeline)
+    if args.input is None or args.output is None:
+        raise SpeechLMError("give the spoken question and the output: speechlm chat IN.wav -o REPLY.wav")
+    g = _generation(args)
+    pipeline.tts_adapter(g)
     audio = load_audio(args.input, sample_rate=pipeline.sample_rate)
-    text, reply = pipeline.chat(audio, generation=_generation(args))
+    text, reply = pipeline.chat(audio, generation=g)
     save_audio(args.output, reply, pipeline.sample_rate)
     print(text)
     return 0
+
+
+def _list_voices(pipeline) -> int:
+    for name, about in pipeline.voices().items():
+        print(f"{name}\t{about}")
+    return 0
+
+
+def _add_voice_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--voice", default=None,
+                   help="speak in this voice of the model (its voice adapter voice-NAME; default: the model's own; see --list-voices)")
+    p.add_argument("--list-voices", action="store_true", help="print the model's voices (NAME<TAB>what it was trained on) and exit")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -602,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tts", help="text -> speech")
     p.add_argument("text", nargs="?", help="the text (or --lines FILE)")
-    p.add_argument("-o", "--output", required=True, help=".wav or .flac (with --lines: a directory)")
+    p.add_argument("-o", "--output", help=".wav or .flac (with --lines: a directory)")
     p.add_argument("--stream", action="store_true", help="write audio as frames decode (flushes per chunk)")
     p.add_argument("--lines", metavar="FILE",
                    help="speak every non-empty line of FILE ('-' = stdin) into OUTPUT/NNNNN.wav, --batch-size lines per batch; "
@@ -613,6 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-words", type=int, default=None, metavar="N",
                    help="a sentence longer than N spoken words is spoken clause by clause (default: the Generation default, 14; "
                         "0 = each sentence whole)")
+    _add_voice_arguments(p)
     _add_model_arguments(p)
     _add_candidate_arguments(p)
     p.set_defaults(func=cmd_tts)
@@ -629,12 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_asr)
 
     p = sub.add_parser("chat", help="one spoken turn: prints the reply text, writes the reply speech")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("input", nargs="?", help="the spoken question (audio file)")
+    p.add_argument("-o", "--output", help="the reply's speech (.wav or .flac)")
     p.add_argument("--direct", action="store_true", help="answer the speech directly instead of transcribing it first")
     p.add_argument("--reply-speech", choices=("chat", "tts"), default=None,
                    help="speak the written reply in the chat turn (default) or by the TTS task")
     _add_asr_decoder_argument(p)
+    _add_voice_arguments(p)
     _add_model_arguments(p)
     _add_candidate_arguments(p)
     p.set_defaults(func=cmd_chat)

@@ -31,6 +31,7 @@ from .codec.audio import PEAK_LEVEL, SAMPLE_RATE, is_silent, sound_span, split_a
 from .codec.errors import AudioError, DependencyError, SpeechLMError
 from .codec.model import Codec
 from .denoise import spectral_denoise
+from .lm.adapters import VOICE_PREFIX
 from .lm.ensemble import Prefilled, ensemble_transcribe, prefill, transcript_log_probs
 from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_aligned_audio_batch, iter_audio, text_generate
 from .lm.model import SpeechLM
@@ -46,6 +47,7 @@ MIN_AUDIO_SECONDS = 0.2
 # ASR hears a piece in two at its longest pause, each half likewise, at most this many times over (up to 16 parts of
 # a piece of at most 6 s; the hearings of a piece at most 5x its length)
 MAX_SPLIT_DEPTH = 4
+DEFAULT_VOICE = "default"  # Generation.voice: the model's own voice (no voice adapter)
 MAX_TTS_CHARS = 50_000  # one TTS call's text, sentence by sentence (each sentence: speechlm.lm.prompts.MAX_TEXT_CHARS)
 
 
@@ -150,6 +152,10 @@ class Generation:
     # adapter of this name when it has one (trained on TTS alone, base frozen); None = the base model. The
     # shipped model has none: one trained on this CPU spoke worse (docs/benchmarks.md, "A TTS adapter")
     tts_adapter: str | None = "tts"
+    # TTS (and the speech of chat replies) in this voice: "default" = the model's own (through its ``tts`` adapter when
+    # it has one); another name = the model's voice adapter ``voice-NAME`` (LoRA trained on TTS alone in that voice,
+    # base frozen; :meth:`SpeechPipeline.voices` lists them; docs/lm.md, "Voices")
+    voice: str = DEFAULT_VOICE
     # TTS (and the speech of chat replies): speak the text this many times and keep the rendering the
     # pronunciation checker (speechlm.checker, ``checker``) hears as saying the text's phonemes most
     # clearly; candidate 1 is the speech as configured above, the others sample the group-first codebooks
@@ -491,8 +497,21 @@ class SpeechPipeline:
         return self._own_adapter((generation or Generation()).asr_adapter)
 
     def tts_adapter(self, generation: Generation | None = None) -> str | None:
-        """The task adapter TTS speaks through: ``generation.tts_adapter`` if this model has it, else None."""
-        return self._own_adapter((generation or Generation()).tts_adapter)
+        """The adapter TTS speaks through: the voice's for a voice other than the default (an error when this
+        model has no such voice), else ``generation.tts_adapter`` if this model has it, else None."""
+        g = generation or Generation()
+        return self._own_adapter(g.tts_adapter) if g.voice == DEFAULT_VOICE else self.voice_adapter(g.voice)
+
+    def voices(self) -> dict[str, str]:
+        """The voices this model speaks (``Generation.voice``): name -> what its adapter was trained on."""
+        own = {name[len(VOICE_PREFIX) :]: lora.config.description for name, lora in self.lm.adapters.items() if name.startswith(VOICE_PREFIX)}
+        return {DEFAULT_VOICE: "the model's own voice", **own}
+
+    def voice_adapter(self, voice: str) -> str:
+        """The adapter of ``voice`` (not the default), or a one-line error naming the voices there are."""
+        if VOICE_PREFIX + voice not in self.lm.adapters:
+            raise SpeechLMError(f"this model has no voice {voice!r}; it speaks: {', '.join(self.voices())}")
+        return VOICE_PREFIX + voice
 
     def _own_adapter(self, name: str | None) -> str | None:
         return name if name in self.lm.adapters else None

@@ -177,6 +177,28 @@ def test_asr_adapter_trains_alone_resumes_and_leaves_the_base_model(workdir, tmp
         config(workdir, tmp_path / "d", **{**kw, "stage": "duplex", "weights": None})
 
 
+def test_a_voice_adapter_trains_the_mctp_modules_and_the_audio_head_too(workdir, tmp_path):
+    """--adapter voice-NAME --adapter-targets speech --weights tts=1: a LoRA on everything speech passes through
+    (MCTP modules and audio head too), only it trains, and its config says what it learned from."""
+    from speechlm.lm.adapters import parse_targets
+
+    kw = dict(stage="sft", weights={"tts": 1}, adapter="voice-us", adapter_rank=4, adapter_targets="speech", lr=1e-2,
+              assistant_voices=["espeak:en-us"], steps=3)
+    trainer = LMTrainer(config(workdir, tmp_path / "v", **kw))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert all(n.startswith("adapters.voice-us.") for n in trainable)
+    assert {"adapters.voice-us.B.mctp__0__fuse", "adapters.voice-us.B.mctp__0__blocks__0__qkv"} <= trainable
+    trainer.train(progress=False)
+    voiced = SpeechLM.from_pretrained(tmp_path / "v" / "model")
+    lora = voiced.adapters["voice-us"]
+    assert lora.config.description == "stage sft, tasks tts=1 spoken by espeak:en-us, data tok"
+    moved = [k for k, b in lora.B.items() if b.abs().sum() > 0]
+    assert any(k.startswith("mctp__") for k in moved) and any(k.startswith("backbone__") for k in moved)
+    assert parse_targets("q_proj, fuse") == ("q_proj", "fuse")
+    with pytest.raises(SpeechLMError, match="adapter targets"):
+        parse_targets(" , ")
+
+
 def test_torchrun_two_processes_equal_one_process(workdir, tmp_path):
     """`torchrun --nproc_per_node 2` with DDP, and with FSDP2, (gloo) takes the same step as one process on the same global batch."""
     common = ["-m", "speechlm.training.lm_train", "--stage", "align", "--data", str(workdir / "tok"), "--init-from", str(workdir / "base"),

@@ -251,6 +251,44 @@ def test_tts_speaks_through_the_tts_adapter_only_while_a_step_computes(pipeline,
         assert len(heard) == len(expected) and np.abs(heard - expected).max() < 2e-3
 
 
+def test_a_voice_is_a_voice_adapter_chosen_by_name(pipeline, tmp_path, cli):
+    """Generation.voice / --voice NAME speaks through the model's adapter voice-NAME (on the MCTP modules and the
+    audio head too); the default voice is the model's own; an unknown voice is a one-line error naming the voices."""
+    from speechlm.codec.audio import load_audio
+    from speechlm.lm.adapters import SPEECH_TARGETS, AdapterConfig
+
+    pipeline.save_pretrained(tmp_path / "sp")
+    own = SpeechPipeline.from_pretrained(tmp_path / "sp")
+    base = own.tts("hello world", generation=SHORT)
+    assert list(own.voices()) == ["default"]
+    torch.manual_seed(3)
+    lora = own.lm.add_adapter(AdapterConfig("voice-two", rank=2, targets=SPEECH_TARGETS, description="TTS by a second voice"))
+    assert lora.covers("mctp.0.blocks.0.qkv") and lora.covers("mctp.1.fuse") and lora.covers("audio_head.in_proj")
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.5)
+    assert own.voices() == {"default": "the model's own voice", "two": "TTS by a second voice"}
+    two = dataclasses.replace(SHORT, voice="two")
+    spoken = own.tts("hello world", generation=two)
+    assert not np.array_equal(spoken, base) and np.array_equal(own.tts("hello world", generation=SHORT), base)
+    assert np.array_equal(np.concatenate(list(own.tts("hello world", stream=True, generation=two))), spoken)
+    assert own.tts_adapter(two) == "voice-two" and own.tts_adapter(SHORT) is None
+    with pytest.raises(SpeechLMError, match="no voice 'nope'; it speaks: default, two"):
+        own.tts("hello world", generation=dataclasses.replace(SHORT, voice="nope"))
+    own.save_pretrained(tmp_path / "voiced")
+    model = ["--model", str(tmp_path / "voiced"), "--threads", "1", "--dtype", "float32", "--temperature", "0.8", "--max-seconds", "0.4"]
+    r = cli("tts", "hello world", "-o", str(tmp_path / "two.wav"), "--voice", "two", *model)
+    assert r.returncode == 0, r.stderr
+    heard = load_audio(tmp_path / "two.wav")
+    assert len(heard) == len(spoken) and np.abs(heard - spoken).max() < 2e-3
+    r = cli("tts", "--list-voices", *model)
+    assert r.returncode == 0 and r.stdout.splitlines() == ["default\tthe model's own voice", "two\tTTS by a second voice"], r.stdout
+    for flags, message in ((["--voice", "nope"], "no voice 'nope'"), (["--voice", "two", "--no-adapter"], "does not go with --no-adapter")):
+        r = cli("tts", "hello world", "-o", str(tmp_path / "x.wav"), *flags, *model)
+        assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "x.wav").exists()
+
+
 def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path, monkeypatch, cli):
     from speechlm.lm.adapters import AdapterConfig
 

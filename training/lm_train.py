@@ -79,6 +79,13 @@ def lr_factor(step: int, config: LMTrainConfig) -> float:
 # -- building the model -------------------------------------------------------------------------
 
 
+def adapter_description(c: LMTrainConfig) -> str:
+    """What a new adapter is trained on, for its config (and ``speechlm tts --list-voices``)."""
+    weights = ",".join(f"{task}={w:g}" for task, w in c.task_weights.items())
+    voices = f" spoken by {', '.join(c.assistant_voices)}" if c.assistant_voices else ""
+    return f"stage {c.stage}, tasks {weights}{voices}, data {' '.join(Path(d).name for d in c.data)}"
+
+
 def read_stage(model_dir: str | Path) -> dict | None:
     path = Path(model_dir) / STAGE_FILE
     return json.loads(path.read_text()) if path.is_file() else None
@@ -234,10 +241,11 @@ class LMTrainer:
             print(f"dropped task adapter(s) {', '.join(stale)} of {c.init_from}: "
                   "this run changes what they were trained on; train them again with --adapter", file=sys.stderr)
         if c.adapter:  # only the task adapter trains; the base model stays as it was
-            from speechlm.lm.adapters import AdapterConfig
+            from speechlm.lm.adapters import AdapterConfig, parse_targets
 
             if c.adapter not in speech_lm.adapters:
-                speech_lm.add_adapter(AdapterConfig(c.adapter, rank=c.adapter_rank))
+                speech_lm.add_adapter(AdapterConfig(c.adapter, rank=c.adapter_rank, targets=parse_targets(c.adapter_targets),
+                                                    description=adapter_description(c)))
             speech_lm.train_adapter(c.adapter)
         max_positions = getattr(speech_lm.backbone.config, "max_position_embeddings", None)
         if max_positions is not None and c.max_length > max_positions:

@@ -44,6 +44,9 @@ class LMTrainConfig:
     # embedding; every base weight frozen), e.g. "asr" with --weights asr=1; continued if init_from has it
     adapter: str | None = None
     adapter_rank: int = 16
+    # the layers a new adapter adapts: "default" (backbone projections, audio embedding), "speech" (those, the MCTP
+    # modules and the audio head: a voice) or comma-separated layer names (speechlm.lm.adapters.parse_targets)
+    adapter_targets: str = "default"
     text_files: list[str] = field(default_factory=list)  # extra text for the text task / BPE
     text_count: int = 2000  # items per built-in text source
     max_length: int = 512
@@ -121,6 +124,9 @@ def add_train_lm_arguments(parser: argparse.ArgumentParser) -> None:
     p("--weights", help=f"task weights TASK=W,... over {', '.join(TASKS)} (default per stage: {STAGE_WEIGHTS})")
     p("--adapter", help="train only a task adapter of this name (LoRA; base weights frozen), e.g. asr with --weights asr=1")
     p("--adapter-rank", type=int, default=d["adapter_rank"].default, help="the adapter's rank (default %(default)s)")
+    p("--adapter-targets", default=d["adapter_targets"].default,
+      help="layers a new adapter adapts: default (backbone, audio embedding), speech (also MCTP and the audio head: "
+           "a voice, e.g. --adapter voice-NAME --weights tts=1) or comma-separated layer names (default %(default)s)")
     p("--text-files", nargs="*", default=[], help="extra text (.txt lines or .jsonl with text/answer) for the text task and the BPE")
     p("--text-count", type=int, default=d["text_count"].default, help="items per built-in text source")
     p("--max-length", type=int, default=d["max_length"].default)

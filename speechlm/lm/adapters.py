@@ -37,6 +37,14 @@ from speechlm.codec.errors import SpeechLMError
 ADAPTERS_DIR = "adapters"
 # The backbone's attention and MLP projections (Llama / Qwen2 names) and the audio input embedding.
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "audio_embedding.table")
+# Everything speech passes through: the above, the MCTP modules' layers and the audio output head (a parallel
+# head's projection; a depth head's input projection and blocks), so that a voice adapter changes the frames
+# the MCTP modules predict too.
+SPEECH_TARGETS = (*DEFAULT_TARGETS, "fuse", "qkv", "out", "gate_up", "down", "audio_head.proj", "audio_head.in_proj")
+TARGET_SETS = {"default": DEFAULT_TARGETS, "speech": SPEECH_TARGETS}
+# A voice (``speechlm tts --voice NAME``, ``Generation.voice``) is the model's adapter ``voice-NAME``,
+# trained on TTS alone in that voice (docs/lm.md, "Voices").
+VOICE_PREFIX = "voice-"
 
 
 @dataclass
@@ -45,6 +53,7 @@ class AdapterConfig:
     rank: int = 16
     alpha: float = 32.0  # the update is scaled by alpha / rank
     targets: tuple[str, ...] = DEFAULT_TARGETS  # module paths, or their last components (every layer's q_proj, ...)
+    description: str = ""  # what it was trained on (written by ``speechlm train lm --adapter``)
 
     def __post_init__(self) -> None:
         self.targets = tuple(self.targets)
@@ -70,6 +79,16 @@ class AdapterConfig:
             return cls(**data)
         except (json.JSONDecodeError, TypeError) as e:
             raise SpeechLMError(f"bad adapter config {path}: {e}") from None
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """``--adapter-targets``: a named set (``default``, ``speech``: :data:`TARGET_SETS`) or comma-separated layer names."""
+    if text in TARGET_SETS:
+        return TARGET_SETS[text]
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not targets:
+        raise SpeechLMError(f"adapter targets: give {' or '.join(TARGET_SETS)} or layer names, got {text!r}")
+    return targets
 
 
 def _key(path: str) -> str:
