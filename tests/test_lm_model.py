@@ -358,6 +358,35 @@ def test_an_adapter_merged_at_inference_computes_what_its_update_adds(tokenizer_
     assert all(entry[1].dtype == torch.bfloat16 for entry in lora._merged.values())
 
 
+def test_an_adapter_reduced_in_rank_keeps_the_best_approximation_of_its_updates(tokenizer_dir, tmp_path):
+    """reduce_adapter_rank: at a lower rank each layer's update is its truncated SVD (linear layers and the audio embedding), the adapter is smaller, and it saves and loads."""
+    from speechlm.lm.adapters import SPEECH_TARGETS, AdapterConfig, low_rank_factors
+
+    model = make_model(tokenizer_dir, "llama", "parallel_delay").eval()
+    torch.manual_seed(4)
+    lora = model.add_adapter(AdapterConfig("voice-x", rank=4, targets=SPEECH_TARGETS, description="d"))
+    with torch.no_grad():
+        for b in lora.B.values():
+            b.normal_(std=0.5)
+    layers = {path: layer for layer, path in model._adapted.items() if lora.covers(path)}
+    assert "audio_embedding.table" in layers and any(p.startswith("mctp.") for p in layers)
+    updates = {p: (lora.merged_weight(p, layer) - layer.weight).detach() for p, layer in layers.items()}
+    assert model.reduce_adapter_rank("voice-x", 4) is lora
+    three = low_rank_factors(lora, 3)
+    assert three["A.mctp__0__fuse"].shape == (3, lora.A["mctp__0__fuse"].shape[1]) and three["A.audio_embedding__table"].shape[1] == 3
+    one = model.reduce_adapter_rank("voice-x", 1)
+    assert one.config.rank == 1 and one.config.scale == 1.0 and one.config.description == "d; rank 4 reduced to 1 (SVD)"
+    assert sum(t.numel() for t in one.parameters()) * 4 == sum(t.numel() for t in lora.parameters())
+    for p, layer in layers.items():
+        u, s, vh = torch.linalg.svd(updates[p])
+        torch.testing.assert_close(one.merged_weight(p, layer) - layer.weight, s[0] * torch.outer(u[:, 0], vh[0]), rtol=1e-3, atol=1e-5)
+    model.save_pretrained(tmp_path / "lm")
+    loaded = SpeechLM.from_pretrained(tmp_path / "lm")
+    assert loaded.adapters["voice-x"].config == one.config
+    with pytest.raises(SpeechLMError, match="a lower rank is 1 .. 1"):
+        model.reduce_adapter_rank("voice-x", 2)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_the_lean_forward_computes_what_transformers_computes(tokenizer_dir, kind):
     """Inference forwards run through speechlm.lm.lean: left-padded prompts, cached steps, a ready 4-D

@@ -287,6 +287,14 @@ def test_a_voice_is_a_voice_adapter_chosen_by_name(pipeline, tmp_path, cli):
         r = cli("tts", "hello world", "-o", str(tmp_path / "x.wav"), *flags, *model)
         assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "x.wav").exists()
+    from speechlm.training.ship import ship  # shipped at a lower rank: smaller, still the voice
+
+    own.lm.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / "train_config.json").write_text('{"stage": "sft", "init_from": null}')
+    own.codec.save_pretrained(tmp_path / "codec")
+    dst = ship(tmp_path / "run", "voiced", models_dir=tmp_path / "models", codec=str(tmp_path / "codec"), adapter_ranks={"voice-two": 1})
+    shipped = SpeechPipeline.from_pretrained(dst)
+    assert shipped.lm.adapters["voice-two"].config.rank == 1 and list(shipped.voices()) == ["default", "two"]
 
 
 def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path, monkeypatch, cli):

@@ -2,6 +2,7 @@
 
     python -m speechlm.training.ship runs/codec-16k codec-16k
     python -m speechlm.training.ship runs/lm-mctp speechlm-default --codec codec-16k --dtype bfloat16
+    python -m speechlm.training.ship runs/lm-voice-f2 speechlm-default --codec codec-16k --dtype bfloat16 --adapter-rank voice-f2=6
 
 A codec run: copies ``RUN/model/*`` to ``speechlm/models/NAME/``.  A speech-LM run: saves
 the LM there (optionally stored in bfloat16 to halve its size; the pipeline computes in
@@ -69,6 +70,7 @@ def ship(
     codec: str | None = None,
     dtype: str | None = None,
     mctp_modules: int | None = None,
+    adapter_ranks: dict[str, int] | None = None,
 ) -> Path:
     run = Path(run_dir)
     src = run / "model"
@@ -95,6 +97,8 @@ def ship(
             model = SpeechLM.from_pretrained(src)
             if mctp_modules is not None:
                 model.keep_mctp_modules(mctp_modules)
+            for adapter, rank in (adapter_ranks or {}).items():  # before rounding: the SVD of the trained factors
+                model.reduce_adapter_rank(adapter, rank)
         if dtype:
             model = model.to(getattr(torch, dtype))
         if is_duplex_dir(src):
@@ -119,8 +123,17 @@ def main() -> None:
     ap.add_argument("--codec", help="speech LM: the shipped codec it was trained on")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="speech LM: store the weights in this dtype")
     ap.add_argument("--mctp-modules", type=int, help="speech LM: keep only the first N MCTP modules (a duplex LM keeps none)")
+    ap.add_argument("--adapter-rank", action="append", default=[], metavar="NAME=RANK",
+                    help="speech LM: store adapter NAME at this lower rank (the best approximation of its updates; repeatable)")
     args = ap.parse_args()
-    print(f"shipped {ship(args.run_dir, args.name, codec=args.codec, dtype=args.dtype, mctp_modules=args.mctp_modules)}")
+    ranks = {}
+    for spec in args.adapter_rank:
+        name, _, rank = spec.partition("=")
+        if not rank.isdigit():
+            raise SystemExit(f"--adapter-rank takes NAME=RANK, got {spec!r}")
+        ranks[name] = int(rank)
+    shipped = ship(args.run_dir, args.name, codec=args.codec, dtype=args.dtype, mctp_modules=args.mctp_modules, adapter_ranks=ranks)
+    print(f"shipped {shipped}")
 
 
 if __name__ == "__main__":

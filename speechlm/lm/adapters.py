@@ -112,6 +112,7 @@ class LoRA(nn.Module):
         self.config = config
         self.A, self.B = nn.ParameterDict(), nn.ParameterDict()
         self._merged: dict[str, tuple] = {}  # path -> (what it was made from, merged weight, A, B)
+        self.embeddings = {_key(path) for path, layer in layers.items() if isinstance(layer, nn.Embedding)}
         for path, layer in layers.items():
             weight = layer.weight
             r, kw = config.rank, {"dtype": weight.dtype, "device": weight.device}
@@ -149,6 +150,23 @@ class LoRA(nn.Module):
             merged = (weight.float() + update * self.config.scale).to(weight.dtype)
         self._merged[path] = ((weight.data_ptr(), weight._version, a._version, b._version), merged, a, b)
         return merged
+
+
+def low_rank_factors(lora: LoRA, rank: int) -> dict[str, Tensor]:
+    """Factors of rank ``rank`` for each of ``lora``'s layers: the best approximation (truncated SVD) of the
+    layer's update ``s B A`` (``s A B^T`` for an embedding), for an adapter with ``alpha = rank`` (scale 1),
+    in ``lora``'s state-dict names and dtype. Fewer bytes for an adapter whose updates need less than its rank."""
+    factors = {}
+    for key, a in lora.A.items():
+        b, embedding = lora.B[key].float(), key in lora.embeddings
+        update = (a.float() @ b.t() if embedding else b @ a.float()) * lora.config.scale  # (N, D) or (out, in)
+        u, sigma, vh = torch.linalg.svd(update, full_matrices=False)
+        left, right = u[:, :rank] * sigma[:rank].sqrt(), vh[:rank].t() * sigma[:rank].sqrt()  # update ~ left right^T
+        if embedding:  # A (N, r), B (D, r)
+            factors[f"A.{key}"], factors[f"B.{key}"] = left, right
+        else:  # A (r, in), B (out, r)
+            factors[f"A.{key}"], factors[f"B.{key}"] = right.t(), left
+    return {name: t.to(a.dtype).contiguous() for name, t in factors.items()}
 
 
 def save_adapters(adapters: nn.ModuleDict, directory: Path) -> None:

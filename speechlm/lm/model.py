@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from speechlm.codec.errors import SpeechLMError
 
-from .adapters import AdapterConfig, LoRA, read_adapters, save_adapters, target_modules
+from .adapters import AdapterConfig, LoRA, low_rank_factors, read_adapters, save_adapters, target_modules
 from .config import CONFIG_NAME, SpeechLMConfig
 from .heads import AudioEmbedding, DepthHead, HearingHead, MCTPModule, ParallelHead
 from .int8 import Int8Products
@@ -323,6 +323,24 @@ class SpeechLM(nn.Module):
             if layer not in self._adapted:  # the layer's own forward, wrapped (weights and names stay the base's)
                 layer.forward = functools.partial(_adapted_forward, me, path, layer.forward)
                 self._adapted[layer] = path
+        return lora
+
+    def reduce_adapter_rank(self, name: str, rank: int) -> LoRA:
+        """Replace adapter ``name`` by the best approximation of rank ``rank`` of its updates
+        (:func:`low_rank_factors`; its size falls by rank / old rank); returns the new one."""
+        old = self.adapters[name] if name in self.adapters else None
+        if old is None:
+            raise SpeechLMError(f"this model has no adapter {name!r}")
+        if not 1 <= rank <= old.config.rank:
+            raise SpeechLMError(f"adapter {name!r} has rank {old.config.rank}: a lower rank is 1 .. {old.config.rank}, got {rank}")
+        if rank == old.config.rank:
+            return old
+        factors = low_rank_factors(old, rank)
+        config = AdapterConfig(name, rank=rank, alpha=float(rank), targets=old.config.targets,
+                               description=f"{old.config.description}; rank {old.config.rank} reduced to {rank} (SVD)".lstrip("; "))
+        del self.adapters[name]
+        lora = self.add_adapter(config)
+        lora.load_state_dict(factors)
         return lora
 
     def remove_adapter(self, name: str) -> None:
