@@ -84,6 +84,7 @@ def average_spectrum(audios: list[np.ndarray], bands: int = 40) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="speechlm-default")
+    ap.add_argument("--codec", help="codec directory or name (default: the one saved with the model)")
     ap.add_argument("--voices", default="default=espeak:en-us", help="NAME=TEACHER,... (default = the model's own voice)")
     ap.add_argument("--count", type=int, default=40, help="held-out sentences")
     ap.add_argument("--dtype", default="bfloat16")
@@ -93,7 +94,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     voices = dict(part.split("=", 1) for part in args.voices.split(","))
-    sp = SpeechPipeline.from_pretrained(args.model, dtype=resolve_dtype(args.dtype))
+    sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=resolve_dtype(args.dtype))
     unknown = sorted(set(voices) - set(sp.voices()))
     if unknown:
         raise SystemExit(f"{args.model} has no voice {', '.join(unknown)}; it speaks: {', '.join(sp.voices())}")

@@ -105,6 +105,9 @@ class AssistConfig:
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue
     voice: str = "speech_lm"
+    # voice "speech_lm": its TTS speaks in this of the speech LM's voices (``Generation.voice``: "default" = its own,
+    # another = its voice adapter ``voice-NAME``)
+    tts_voice: str = "default"
     # voice "speech_lm", talking over the reply: the reply pauses when the duplex model falls silent
     # while the user talks, or once the user has talked barge_frames frames in a row (0 = only the
     # former). A sound over the reply no longer than backchannel_frames, then quiet, resumes it
@@ -148,6 +151,8 @@ class AssistConfig:
     def __post_init__(self) -> None:
         if self.voice not in VOICES:
             raise SpeechLMError(f"unknown assist voice {self.voice!r}; choose from {', '.join(VOICES)}")
+        if self.voice != "speech_lm" and self.tts_voice != "default":
+            raise SpeechLMError(f"voice {self.tts_voice!r} is the speech LM's: the assisted reply must be said by it (assist voice speech_lm)")
         if self.asr_views < 1:
             raise SpeechLMError(f"the assist's asr_views must be >= 1, got {self.asr_views}")
         if self.int8_rows is not None and self.int8_rows < 1:
@@ -239,12 +244,14 @@ class AssistedDuplexModel:
         self.duplex, self.speech = duplex, speech
         self.config = config or AssistConfig()
         generation = dataclasses.replace(generation, asr_views=self.config.asr_views, asr_adapter=self.config.asr_adapter,
-                                         asr_check_rounds=self.config.asr_check_rounds,
+                                         asr_check_rounds=self.config.asr_check_rounds, voice=self.config.tts_voice,
                                          **({} if self.config.guidance is None else {"guidance": self.config.guidance}))
         # a reply's speech must fit the speech LM's positions (prompt and text take the first ~128)
         limit = getattr(speech.lm.backbone.config, "max_position_embeddings", None) if hasattr(speech, "lm") else None
         if limit:
             generation = dataclasses.replace(generation, max_seconds=min(generation.max_seconds, max(1.0, (limit - 128) / speech.lm.config.frame_rate)))
+        if hasattr(speech, "tts_adapter"):
+            speech.tts_adapter(generation)  # a voice the speech LM does not have: its one-line error now, not at the first reply
         self.generation = generation
         self.frame_length, self.sample_rate = duplex.frame_length, duplex.sample_rate
         self.pad = duplex.lm.text_pad

@@ -530,7 +530,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
             from .assist import AssistConfig, build_assisted_model
 
             model = build_assisted_model(model, config.assist, dtype=dtype, config=AssistConfig(
-                voice=config.assist_voice, background=True, noise_gate=config.noise_gate,
+                voice=config.assist_voice, tts_voice=config.voice, background=True, noise_gate=config.noise_gate,
                 **({"asr_views": config.assist_views} if config.assist_views is not None else {}),
                 **({"asr_check_rounds": config.assist_check_rounds} if config.assist_check_rounds is not None else {})))
         return model

@@ -42,6 +42,7 @@ class ServerConfig:
     # model's words; None = the duplex model says its own words
     assist: str | None = "speechlm-default"
     assist_voice: str = "speech_lm"  # who says the assisted reply: "speech_lm" (its TTS) or "duplex" (the duplex model)
+    voice: str = "default"  # assist_voice "speech_lm": in which of the speech LM's voices (speechlm tts --list-voices)
     assist_views: int | None = None  # views of the question's audio the speech LM hears (None = AssistConfig's: 2; 1 = plain greedy, faster)
     # one-word edits of the question's transcript checked against its sounds (None = AssistConfig's: 0, off;
     # 3 = the offline ASR's default: questions heard right far more often, the reply ~0.4 s later on one CPU thread)
@@ -110,6 +111,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"who says the assisted reply: the speech LM's TTS or the duplex model's own voice (default {d.assist_voice})",
     )
     parser.add_argument(
+        "--voice",
+        default=d.voice,
+        help="the assisted replies (--assist-voice speech_lm) in this voice of the speech LM (its voice adapter; "
+        f"speechlm tts --list-voices; default {d.voice}: its own)",
+    )
+    parser.add_argument(
         "--assist-views",
         type=int,
         default=d.assist_views,
@@ -167,6 +174,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         lm=getattr(args, "lm", None),
         assist=None if str(getattr(args, "assist", None) or "none").lower() == "none" else args.assist,
         assist_voice=getattr(args, "assist_voice", "speech_lm"),
+        voice=getattr(args, "voice", ServerConfig.voice),
         assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
         assist_check_rounds=getattr(args, "assist_check_rounds", ServerConfig.assist_check_rounds),
         noise_gate=getattr(args, "noise_gate", True),

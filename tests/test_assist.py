@@ -17,6 +17,7 @@ from test_duplex_model import TEXTS, C, codec, drain, make_duplex, run_ticks, sp
 
 from speechlm.codec.errors import SpeechLMError
 from speechlm.lm import GREEDY
+from speechlm.lm.adapters import AdapterConfig
 from speechlm.speech import fast_dtype
 from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState, _Job
 from speechlm.streaming.duplex_model import DuplexSpeechModel
@@ -372,11 +373,20 @@ def test_rows_keep_their_plans_through_joins_and_leaves(tokenizer_dir, codec):  
 def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_dir, codec, tmp_path):  # noqa: F811
     duplex = make_duplex(tokenizer_dir)
     duplex.save_pretrained(tmp_path / "duplex")
-    duplex.lm.save_pretrained(tmp_path / "speech")  # any speech LM on the same codec
+    duplex.lm.add_adapter(AdapterConfig("voice-two", rank=2))
+    duplex.lm.save_pretrained(tmp_path / "speech")  # any speech LM on the same codec (here with a second voice)
     codec.save_pretrained(tmp_path / "codec")
     config = dict(model="duplex", lm=str(tmp_path / "duplex"), codec=str(tmp_path / "codec"), device="cpu")
     built = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=2))
     assert isinstance(built, AssistedDuplexModel) and built.generation.asr_views == 2 and built.generation.asr_adapter == "asr"
+    assert built.generation.voice == "default"
+    # --voice: the assisted replies in another of the speech LM's voices; one it lacks fails at start, in one line
+    voiced = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), voice="two"))
+    assert voiced.generation.voice == "two" and voiced.speech.tts_adapter(voiced.generation) == "voice-two"
+    with pytest.raises(SpeechLMError, match="no voice 'nope'; it speaks: default, two"):
+        build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), voice="nope"))
+    with pytest.raises(SpeechLMError, match="must be said by it"):
+        build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_voice="duplex", voice="two"))
     assert built.generation.asr_check_rounds == 0  # the transcript check: off unless asked for
     checked = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_check_rounds=3))
     assert checked.generation.asr_check_rounds == 3 and checked.config.asr_check_rounds == 3
@@ -404,6 +414,7 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
     assert config_from_args(parser.parse_args([])).assist == "speechlm-default"
     assert config_from_args(parser.parse_args(["--assist-views", "1"])).assist_views == 1
+    assert config_from_args(parser.parse_args(["--voice", "f2"])).voice == "f2" and config_from_args(parser.parse_args([])).voice == "default"
     assert config_from_args(parser.parse_args(["--assist-check-rounds", "3"])).assist_check_rounds == 3
     assert config_from_args(parser.parse_args([])).assist_check_rounds is None
     assert config_from_args(parser.parse_args([])).noise_gate and not config_from_args(parser.parse_args(["--no-noise-gate"])).noise_gate
