@@ -449,6 +449,7 @@ def main() -> None:
     ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
                     help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
     ap.add_argument("--no-adapter", action="store_true", help="the base model alone: no asr or tts task adapter (ASR, TTS, spoken QA)")
+    ap.add_argument("--voice", help="TTS and spoken replies in this voice of the model (default: its own; give --teacher-voice its teacher)")
     ap.add_argument("--no-tts-adapter", action="store_true", help="TTS and spoken replies: speak with the base model, not its tts task adapter")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -468,7 +469,7 @@ def main() -> None:
                                                      ("candidates", args.candidates), ("checker", args.checker),
                                                      ("candidate_temperature", args.candidate_temperature),
                                                      ("candidate_margin", args.candidate_margin), ("asr_check_rounds", args.asr_check_rounds),
-                                                     ("clause_pause_seconds", args.clause_pause))
+                                                     ("clause_pause_seconds", args.clause_pause), ("voice", args.voice))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))
     result = {"model": args.model, "threads": args.threads, "command": "python benchmarks/speech_lm.py " + " ".join(

@@ -3,15 +3,19 @@
 For each voice NAME=TEACHER (``default`` = the model's own voice), on held-out sentences (test split: text never
 trained on), our speech and the teacher's:
 
-* intelligibility: Whisper tiny.en's corpus WER of each, side by side (the TTS target: ours <= teacher + 5 points);
+* intelligibility: Whisper tiny.en's corpus WER of each, side by side (the TTS target: ours <= teacher + 5 points),
+  and of the teacher's speech through the codec (the floor for speech in these codes: a voice the codec cannot
+  carry cannot be learned);
 * whose voice it is: the median pitch of the voiced frames (Hz), and the distance between long-term average
   spectra (mean log10 mel energy of the sounding frames, 40 bands; mean absolute difference) of each of our voices
   to each teacher -- a voice should be nearest its own teacher;
 * speed: our real-time factor per voice (one process, side by side: a voice adapter is merged into the weights,
   so it should cost nothing).
 
-    python benchmarks/voices.py --voices default=espeak:en-us,f2=espeak:en-us+f2 --count 40 --dtype bfloat16 \
+    python benchmarks/voices.py --voices default=espeak:en-us,joe=piper:joe --count 40 --dtype bfloat16 \
         --out docs/results/voices.json
+
+``--screen V1,V2,...``: only the teachers and the codec floor, for choosing which voice to train.
 """
 
 from __future__ import annotations
@@ -81,11 +85,17 @@ def average_spectrum(audios: list[np.ndarray], bands: int = 40) -> np.ndarray:
     return np.concatenate(rows).mean(axis=0) if rows else np.zeros(bands)
 
 
+def through_codec(sp: SpeechPipeline, audio: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return sp.codec.decode(sp.codec.encode(torch.from_numpy(audio)[None]))[0].numpy()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="speechlm-default")
     ap.add_argument("--codec", help="codec directory or name (default: the one saved with the model)")
     ap.add_argument("--voices", default="default=espeak:en-us", help="NAME=TEACHER,... (default = the model's own voice)")
+    ap.add_argument("--screen", help="V1,V2,...: only these teachers and their speech through the codec (no model voices)")
     ap.add_argument("--count", type=int, default=40, help="held-out sentences")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=1)
@@ -93,7 +103,8 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    voices = dict(part.split("=", 1) for part in args.voices.split(","))
+    voices = {} if args.screen else dict(part.split("=", 1) for part in args.voices.split(","))
+    teachers_only = args.screen.split(",") if args.screen else []
     sp = SpeechPipeline.from_pretrained(args.model, codec=args.codec, dtype=resolve_dtype(args.dtype))
     unknown = sorted(set(voices) - set(sp.voices()))
     if unknown:
@@ -103,21 +114,24 @@ def main() -> None:
     heard: dict[str, list[tuple[str, str]]] = {}
     audio: dict[str, list[np.ndarray]] = {}
     wall: dict[str, float] = {}
-    for name, teacher_voice in voices.items():
+    for name, teacher_voice in [*voices.items(), *((None, v) for v in teachers_only)]:
         teacher, rng = get_teacher(teacher_voice), random.Random(0)
-        g = dataclasses.replace(Generation(), voice=name)
-        for who in (f"teacher {teacher_voice}", f"ours {name}"):
+        g = dataclasses.replace(Generation(), voice=name or "default")
+        systems = [f"teacher {teacher_voice}", f"teacher {teacher_voice} through codec", *([f"ours {name}"] if name else [])]
+        for who in systems:
             heard[who], audio[who], wall[who] = [], [], 0.0
         for text in texts:
             spoken = teacher.synthesize(text, rng).audio
-            start = time.perf_counter()
-            ours = sp.tts(text, generation=g)
-            wall[f"ours {name}"] += time.perf_counter() - start
-            for who, a in ((f"teacher {teacher_voice}", spoken), (f"ours {name}", ours)):
+            outputs = [spoken, through_codec(sp, spoken)]
+            if name:
+                start = time.perf_counter()
+                outputs.append(sp.tts(text, generation=g))
+                wall[f"ours {name}"] += time.perf_counter() - start
+            for who, a in zip(systems, outputs):
                 audio[who].append(a)
                 heard[who].append((text, judge(a) if len(a) >= SAMPLE_RATE // 10 else ""))
     spectra = {who: average_spectrum(a) for who, a in audio.items()}
-    teachers = [who for who in audio if who.startswith("teacher ")]
+    teachers = [who for who in audio if who.startswith("teacher ") and not who.endswith(" through codec")]
     result = {"model": args.model, "sentences": len(texts), "dtype": args.dtype, "voices": voices, "systems": {}}
     for who, a in audio.items():
         f0 = np.concatenate([pitches(x) for x in a])
@@ -131,11 +145,11 @@ def main() -> None:
             "examples": [{"text": t, "heard": h} for t, h in heard[who][:4]],
         }
     print(f"{len(texts)} held-out sentences, {args.model} ({args.dtype}, {args.threads} thread)")
-    print(f"{'system':32} {'WER':>6} {'pitch':>6} " + " ".join(f"{'d(' + t[8:] + ')':>18}" for t in teachers) + f" {'RTF':>5}")
+    print(f"{'system':44} {'WER':>6} {'pitch':>6} " + " ".join(f"{'d(' + t[8:] + ')':>18}" for t in teachers) + f" {'RTF':>5}")
     for who, s in result["systems"].items():
         dist = " ".join(f"{s['spectrum_distance'][t]:18.3f}" for t in teachers)
         rtf = f"{s['rtf']:5.2f}" if "rtf" in s else "    -"
-        print(f"{who:32} {100 * s['wer']:5.1f}% {s['median_pitch_hz'] or 0:6.0f} {dist} {rtf}")
+        print(f"{who:44} {100 * s['wer']:5.1f}% {s['median_pitch_hz'] or 0:6.0f} {dist} {rtf}")
     result["median_sentence_seconds"] = statistics.median(len(x) / SAMPLE_RATE for x in audio[teachers[0]])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
