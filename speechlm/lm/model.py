@@ -328,9 +328,9 @@ class SpeechLM(nn.Module):
     def reduce_adapter_rank(self, name: str, rank: int) -> LoRA:
         """Replace adapter ``name`` by the best approximation of rank ``rank`` of its updates
         (:func:`low_rank_factors`; its size falls by rank / old rank); returns the new one."""
-        old = self.adapters[name] if name in self.adapters else None
-        if old is None:
+        if name not in self.adapters:
             raise SpeechLMError(f"this model has no adapter {name!r}")
+        old = self.adapters[name]
         if not 1 <= rank <= old.config.rank:
             raise SpeechLMError(f"adapter {name!r} has rank {old.config.rank}: a lower rank is 1 .. {old.config.rank}, got {rank}")
         if rank == old.config.rank:
