@@ -162,11 +162,9 @@ def low_rank_factors(lora: LoRA, rank: int) -> dict[str, Tensor]:
         update = (a.float() @ b.t() if embedding else b @ a.float()) * lora.config.scale  # (N, D) or (out, in)
         u, sigma, vh = torch.linalg.svd(update, full_matrices=False)
         left, right = u[:, :rank] * sigma[:rank].sqrt(), vh[:rank].t() * sigma[:rank].sqrt()  # update ~ left right^T
-        if embedding:  # A (N, r), B (D, r)
-            factors[f"A.{key}"], factors[f"B.{key}"] = left, right
-        else:  # A (r, in), B (out, r)
-            factors[f"A.{key}"], factors[f"B.{key}"] = right.t(), left
-    return {name: t.to(a.dtype).contiguous() for name, t in factors.items()}
+        new_a, new_b = (left, right) if embedding else (right.t(), left)  # A (N, r), B (D, r) / A (r, in), B (out, r)
+        factors[f"A.{key}"], factors[f"B.{key}"] = new_a.to(a.dtype).contiguous(), new_b.to(a.dtype).contiguous()
+    return factors
 
 
 def save_adapters(adapters: nn.ModuleDict, directory: Path) -> None:
