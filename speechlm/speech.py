@@ -32,10 +32,12 @@ from .codec.errors import AudioError, DependencyError, SpeechLMError
 from .codec.model import Codec
 from .denoise import spectral_denoise
 from .lm.adapters import VOICE_PREFIX
+from .lm.aligned_batch import iter_aligned_audio_batch
 from .lm.ensemble import Prefilled, ensemble_transcribe, prefill, transcript_log_probs
-from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_aligned_audio_batch, iter_audio, text_generate
+from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
+from .speech_streams import BatchedSpeechStreams, SpeechStreams
 from .training.textnorm import normalize_text, split_clauses, split_sentences
 from .transcript_check import LEXICON_FILE, Lexicon, check_transcript
 
@@ -255,6 +257,12 @@ class SpeechPipeline:
         if not stream:
             return self.tts_batch([text], g)[0]  # word-aligned: the codec decodes each part at once
         return self._stream_parts(parts, g)
+
+    def speech_streams(self, generation: Generation | None = None) -> SpeechStreams:
+        """Streaming TTS of many texts at once, each added whenever it comes (:mod:`speechlm.speech_streams`): a
+        word-aligned model speaks them as rows of one running batch, others one stream per text in turn."""
+        g = generation or Generation()
+        return BatchedSpeechStreams(self, g) if self.lm.config.speech_layout == "word_aligned" else SpeechStreams(self, g)
 
     def speech_parts(self, text: str, g: Generation) -> list[tuple[int, str]]:
         """What TTS speaks alone, each part with the codec frames of silence before it: ``text``'s sentences

@@ -14,7 +14,8 @@ from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import GREEDY, SpeechLM, SpeechLMConfig, load_tokenizer, train_bpe_tokenizer
-from speechlm.lm.generate import Sampling, iter_aligned_audio, iter_aligned_audio_batch
+from speechlm.lm.aligned_batch import AlignedSpeechBatch, iter_aligned_audio_batch
+from speechlm.lm.generate import Sampling, iter_aligned_audio
 from speechlm.lm.layout import IGNORE
 from speechlm.lm.prompts import aligned_tts_prompt, chunk_ids, word_chunks
 from speechlm.speech import Generation, SpeechPipeline
@@ -180,6 +181,48 @@ def test_batched_rows_speak_as_each_alone(model, guided, schedule):
     assert all(same(a, b) for a, b in zip(frames, uncached)), "cached == recomputed from scratch"
 
 
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("schedule", [[0], None, [1, 2]])
+def test_rows_joining_a_running_batch_speak_as_each_alone(model, guided, schedule):
+    """Continuous batching: rows join a batch that is already speaking (after 1, 4 and 9 positions, one
+    of them with its prompt's audio, one of them as the batch's only other row ends), a row is removed
+    mid-word, and every row that runs to its end speaks what decoding it alone speaks; the columns of rows
+    that left are dropped (the batch's width stays bounded)."""
+    v = model.vocab
+    kw = dict(max_frames_per_chunk=5, schedule=schedule, guidance=2.0 if guided else 0.0,
+              unconditional_prompt=[v.bos, v.tasks["<|tts|>"], v.speech_start])  # fmt: skip
+    texts = ["set a timer for ten minutes", "hello world", "it is four", "what is two plus two", "the cat sat on the mat"]
+    prompts = [aligned_tts_prompt(model, t) for t in texts]
+    samplings = [GREEDY, Sampling(temperature=0.9, top_k=0, top_p=1.0), GREEDY, GREEDY, Sampling(temperature=0.8, top_k=0, top_p=1.0)]
+    seeds = [0, 7, 0, 3, 5]
+    batch = AlignedSpeechBatch(model, max_frames_per_chunk=5, schedule=schedule, guidance=kw["guidance"], unconditional_prompt=kw["unconditional_prompt"])
+    join_at = {0: 0, 1: 1, 2: 4, 3: 9}  # row -> the position after which it is added
+    keys, frames, widths = {}, {}, []
+    keys[0] = batch.add(prompts[0][0], prompts[0][1], sampling=samplings[0], seed=seeds[0])
+    removed = None
+    for n, position in enumerate(batch.run()):
+        for key, f in position.frames.items():
+            frames.setdefault(key, []).extend(list(f))
+        widths.append(batch.decoder.known)
+        for b, at in join_at.items():
+            if at == n + 1 and b not in keys:
+                keys[b] = batch.add(prompts[b][0], prompts[b][1], sampling=samplings[b], seed=seeds[b])
+        if n == 6:  # one more row, soon removed
+            removed = batch.add(prompts[4][0], prompts[4][1], sampling=samplings[4], seed=seeds[4])
+        if n == 14 and removed is not None:
+            batch.remove(removed)
+        if any(position.finished.values()) and 4 not in keys:  # a row joins as another leaves
+            keys[4] = batch.add(prompts[4][0], prompts[4][1], sampling=samplings[4], seed=seeds[4])
+    assert len(batch) == 0 and batch.decoder is None
+    again = batch.add(prompts[1][0], prompts[1][1], sampling=samplings[1], seed=seeds[1])  # a fresh start, the batch empty
+    assert same([f for p in batch.run() for f in p.frames[again]], frames[keys[1]])
+    for b, key in keys.items():
+        alone = frames_of(iter_aligned_audio(model, prompts[b][0], prompts[b][1], sampling=samplings[b], seed=seeds[b], **kw))
+        assert same(frames[key], alone), f"row {b}"
+    assert 0 < len(frames.get(removed, [])) < len(frames[keys[4]]), "the removed row stopped"
+    assert max(widths) < sum(len(p) for p, _ in prompts) + sum(len(f) for f in frames.values()), "columns of rows gone are dropped"
+
+
 def test_bad_batches(model):
     prompt, chunks = aligned_tts_prompt(model, "hello world")
     with pytest.raises(SpeechLMError, match="one chunk list per prefix"):
@@ -254,6 +297,41 @@ def test_several_sentences_are_spoken_one_by_one(aligned_pipeline):
             sp.tts(long, generation=dataclasses.replace(clauses, **{name: -1}))
     with pytest.raises(SpeechLMError, match="at most 50000"):  # a huge text: a clear error, not an hour of speech
         sp.tts("It is four. " * 5000, generation=g)
+
+
+@pytest.mark.parametrize("schedule", [[0], None])
+def test_speech_streams_of_texts_added_while_others_speak(aligned_pipeline, schedule):
+    """Texts added to the running streams at different times (one of two sentences, one cancelled) each
+    stream, frame by frame, what tts(stream=True) streams for them alone: its sentences' frames in order,
+    the pause between them; a cancelled text stops; each frame is out as soon as it is decoded."""
+    sp = aligned_pipeline
+    g = Generation(max_seconds=2.0, max_seconds_per_word=0.2, seed=0, mctp_schedule=schedule, guidance=1.0)
+    texts = ["Set a timer for 10 minutes. It is four.", "hello world", "what is two plus two", "the cat sat on the mat"]
+    streams = sp.speech_streams(g)
+    keys = {0: streams.add(texts[0])}
+    out: dict[int, list[np.ndarray]] = {}
+    n = 0
+    while streams:
+        for key, frames in streams.step().items():
+            out.setdefault(key, []).extend(frames)
+        n += 1
+        if n == 3:
+            keys[1] = streams.add(texts[1])
+            keys[3] = streams.add(texts[3])
+        if n == 7:
+            keys[2] = streams.add(texts[2])
+        if n == 9:
+            streams.cancel(keys[3])
+    assert all(streams.finished(k) for k in keys.values())
+    for b, key in keys.items():
+        if b == 3:
+            continue
+        alone = list(sp.tts(texts[b], stream=True, generation=g))
+        assert len(out[key]) == len(alone) and np.allclose(np.concatenate(out[key]), np.concatenate(alone), atol=1e-5), f"text {b}"
+    assert len(out.get(keys[3], [])) < len(list(sp.tts(texts[3], stream=True, generation=g)))
+    with pytest.raises(SpeechLMError, match="nothing to say"):  # as tts says it
+        streams.add("?")
+    assert not streams
 
 
 def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):

@@ -9,6 +9,7 @@ Usage::
     result = tts_frames(model, prompt_ids, max_frames=250)   # result.frames[b]: (F, Q) codec codes
 """
 
+from .aligned_batch import AlignedSpeechBatch, iter_aligned_audio_batch
 from .config import SpeechLMConfig
 from .generate import (
     GREEDY,
@@ -18,7 +19,6 @@ from .generate import (
     Sampling,
     TTSResult,
     iter_aligned_audio,
-    iter_aligned_audio_batch,
     iter_audio,
     iter_text,
     sample_codebooks,
@@ -48,6 +48,7 @@ __all__ = [
     "delay_frames",
     "iter_aligned_audio",
     "iter_aligned_audio_batch",
+    "AlignedSpeechBatch",
     "iter_audio",
     "iter_text",
     "load_tokenizer",

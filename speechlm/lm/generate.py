@@ -325,6 +325,60 @@ class Decoder:
         if not bool(valid_tail.all()):
             self.padded = self.holes = True
 
+    def select_rows(self, index: Sequence[int]) -> None:
+        """Keep the rows ``index`` names, in that order; -1 adds a row with no position known (every
+        column masked; its rotary positions start at 0 when :meth:`append_rows` gives it its prompt). The
+        caches and the hidden states the MCTP modules have not read follow (a row that joins or leaves a
+        running batch, :class:`speechlm.lm.aligned_batch.AlignedSpeechBatch`); call it where the rows'
+        positions fed so far are all their own (between steps)."""
+        R = self.known_embeds.shape[0]
+        pick = torch.tensor([R if i < 0 else i for i in index], dtype=torch.long, device=self.known_embeds.device)
+
+        def rows(t: Tensor, fill) -> Tensor:  # (R, ...) -> (len(index), ...): row R is the new, empty one
+            return torch.cat((t, torch.full_like(t[:1], fill))).index_select(0, pick)
+
+        self.known_embeds, self.known_valid = rows(self.known_embeds, 0), rows(self.known_valid, False)
+        self.known_positions = rows(self.known_positions, -1)
+        for layer in getattr(self.cache, "layers", ()):
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = rows(layer.keys, 0), rows(layer.values, 0)
+        for caches in self.mctp_caches:
+            for cache in caches:
+                if cache.keys is not None:
+                    valid = cache.valid if cache.valid is not None else torch.ones(cache.keys.shape[0], cache.length, dtype=torch.bool, device=cache.keys.device)
+                    cache.keys, cache.values, cache.valid = rows(cache.keys, 0), rows(cache.values, 0), rows(valid, False)
+        self.levels = [None if level is None else (level[0], rows(level[1], 0)) for level in self.levels]
+        if min(index, default=0) < 0:
+            self.padded = self.holes = True
+        self.drop_masked_columns()
+
+    def drop_masked_columns(self) -> None:
+        """Forget the leading positions that every row has masked (those of rows that left the batch), up to
+        the positions fed: the caches, levels and counts shift left by as many columns."""
+        held = self.known_valid.any(0).nonzero()
+        c = min(int(held[0]) if len(held) else self.known, self.fed)
+        if c <= 0:
+            return
+
+        def shifted(index: int) -> int:
+            return max(index, c) - c
+
+        self.known_embeds, self.known_valid, self.known_positions = (t[:, c:] for t in (self.known_embeds, self.known_valid, self.known_positions))
+        for layer in getattr(self.cache, "layers", ()):
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys, layer.values = layer.keys[:, :, c:], layer.values[:, :, c:]
+        for caches in self.mctp_caches:
+            for cache in caches:
+                if cache.keys is not None:
+                    cache.keys, cache.values = cache.keys[:, :, c:], cache.values[:, :, c:]
+                    cache.valid = None if cache.valid is None else cache.valid[:, c:]
+                    if cache.keys.shape[2] == 0:
+                        cache.keys = cache.values = cache.valid = None
+        self.levels = [None if level is None else (shifted(level[0]), level[1][:, max(0, c - level[0]) :]) for level in self.levels]
+        self.fed = shifted(self.fed)
+        self.mctp_done = [shifted(d) for d in self.mctp_done]
+        self.mctp_stale = [None if s is None else shifted(s) for s in self.mctp_stale]
+
     def backbone_step(self) -> Tensor:
         """One backbone forward over every position not fed yet -> hidden state of the last one (B, D)."""
         if not self.use_cache:
@@ -692,132 +746,9 @@ def iter_aligned_audio(
     ``guidance``: classifier-free guidance against ``unconditional_prompt`` followed by the same
     audio without the chunks, see the module doc).
     """
+    from .aligned_batch import iter_aligned_audio_batch
+
     return iter_aligned_audio_batch(model, [prefix], [chunks], audio_codes=[audio_codes], **kwargs)
-
-
-@torch.no_grad()
-def iter_aligned_audio_batch(
-    model: SpeechLM,
-    prefixes: Sequence[Sequence[int]],
-    chunks: Sequence[Sequence[Sequence[int]]],
-    *,
-    audio_codes: Sequence[Tensor | None] | None = None,
-    max_frames: int = 750,
-    max_frames_per_chunk: int = 75,
-    sampling: Sampling | Sequence[Sampling] | None = None,
-    schedule: Sequence[int] | None = None,
-    seed: int | None | Sequence[int | None] = None,
-    use_cache: bool = True,
-    guidance: float = 0.0,
-    unconditional_prompt: Sequence[int] | None = None,
-) -> Iterator[AudioStep]:
-    """Word-aligned speech of B rows in one batch (see :func:`iter_aligned_audio`): row b speaks
-    ``chunks[b]`` after ``prefixes[b]`` (with ``audio_codes[b]``), with its own ``sampling[b]`` and
-    ``seed[b]`` where lists are given (one value: every row's). Yields an :class:`AudioStep` per
-    audio position of the batch: ``frames[b]`` row b's frames completed there (often none),
-    ``finished[b]`` whether row b has spoken its last chunk.
-
-    The rows advance in lock-step, each through its own words, and each row speaks what decoding it
-    alone speaks (the same positions, the same MCTP runs; equal up to the float rounding of batched
-    arithmetic). A step is one backbone forward, then the MCTP modules as long as some row still runs
-    them; a row whose word has ended (or whose schedule has no more modules) waits for the next step
-    with masked placeholders (positions a module computed there with an input not known yet are
-    computed again, :meth:`Decoder.mctp_step`), and gets its next chunk at the next backbone forward,
-    laid beside the others' positions (:meth:`Decoder.append_rows`). Rows that have finished keep
-    computing (empty frames) until every row is done.
-    """
-    B = len(prefixes)
-    chunks = [[list(c) for c in row] for row in chunks]
-    if B < 1 or len(chunks) != B:
-        raise SpeechLMError(f"need one chunk list per prefix, got {len(chunks)} for {B} prefixes")
-    if any(not row or any(not c for c in row) for row in chunks):
-        raise SpeechLMError("word-aligned speech needs at least one text chunk, none of them empty")
-    if max_frames < 1 or max_frames_per_chunk < 1:
-        raise SpeechLMError(f"need max_frames >= 1 and max_frames_per_chunk >= 1, got {max_frames} and {max_frames_per_chunk}")
-    cfg, device = model.config, model.device
-    samplings = _per_row(sampling if sampling is not None else Sampling(), B, "sampling")
-    seeds = _per_row(seed, B, "seed")
-    steps = cfg.schedule(list(schedule) if schedule is not None else None)
-    guided = _guided(guidance, unconditional_prompt)
-    rows = [[*p, *c[0]] for p, c in zip(prefixes, chunks)] + ([list(unconditional_prompt)] * B if guided else [])
-    codes = list(audio_codes) if audio_codes is not None else [None] * B
-    if len(codes) != B:
-        raise SpeechLMError(f"audio codes for {len(codes)} rows given, {B} prefixes")
-    prompt = PromptBatch.build(model, rows, codes + [None] * (len(rows) - B))
-    tail = max(sum(len(c) for c in row[1:]) + min(max_frames, len(row) * max_frames_per_chunk) + len(row) * cfg.max_delay for row in chunks)
-    _check_length(model, prompt, tail + cfg.mctp_modules + 1)
-    decoder = Decoder.start(model, prompt, use_cache=use_cache)
-    R, empty = len(rows), cfg.empty_code
-    generators = [_generator(s, device) for s in seeds]
-    left = [max_frames] * B  # frames each row may still speak
-    word = [0] * B  # the chunk each row is speaking
-    done = [False] * B
-    segments = [_Segment(model, 1, min(max_frames_per_chunk, max_frames), 1, samplings[b], generators[b]) for b in range(B)]
-    runs = [0] * B  # backbone forwards into the current chunk (its MCTP schedule entry)
-    audio_ids = torch.full((R, 1), model.vocab.audio, dtype=torch.long, device=device)
-    audio_here = torch.ones(R, 1, dtype=torch.bool, device=device)
-    while True:
-        hidden = decoder.backbone_step()
-        speaking = [b for b in range(B) if not done[b]]
-        positions = {b: steps[min(runs[b], len(steps) - 1)] + 1 for b in speaking}  # this step's, per row
-        ended = [False] * B
-        for j in range(max(positions.values())):
-            if j:
-                hidden = decoder.mctp_step(j)
-            live = [b for b in speaking if j < positions[b] and not ended[b]]  # the others wait
-            choosers = {b: segments[b]._chooser(segments[b].layout.shape[1]) for b in live}
-            chosen = model.audio_head.generate(hidden, _rows_chooser(choosers, B, empty, guidance if guided else 0.0))[:B]  # (B, Q)
-            real = torch.tensor([done[b] or b in choosers for b in range(B)], device=device)  # finished rows: empty frames
-            decoder.append(model.embed(audio_ids, chosen.repeat(R // B, 1)[:, None], audio_here), real.repeat(R // B)[:, None])
-            frames = [chosen.new_zeros(0, cfg.num_codebooks)] * B
-            for b in live:
-                segments[b].push(chosen[b : b + 1])
-                frames[b] = segments[b].new_frames()[0]
-                left[b] -= len(frames[b])
-                ended[b] = bool(segments[b].finished.all())
-            finished = [done[b] or (ended[b] and (word[b] == len(chunks[b]) - 1 or left[b] <= 0)) for b in range(B)]
-            yield AudioStep(frames=frames, positions=1, backbone_forwards=decoder.backbone_forwards,
-                            finished=torch.tensor(finished, device=device))
-            if all(ended[b] or j + 1 >= positions[b] for b in speaking):
-                break
-        new: list[Tensor | None] = [None] * R
-        for b in speaking:
-            if not ended[b]:
-                runs[b] += 1
-            elif word[b] == len(chunks[b]) - 1 or left[b] <= 0:
-                done[b] = True
-            else:
-                word[b] += 1
-                runs[b] = 0
-                segments[b] = _Segment(model, 1, min(max_frames_per_chunk, left[b]), 1, samplings[b], generators[b])
-                new[b] = model.embed(torch.tensor([chunks[b][word[b]]], dtype=torch.long, device=device))[0]
-        if all(done):
-            return
-        if any(n is not None for n in new) or not bool(decoder.known_valid[:, -1].all()):
-            decoder.append_rows(new)  # next chunks in; every row's last position its own again
-
-
-def _rows_chooser(choosers: dict, B: int, empty: int, guidance: float):
-    """The audio head's chooser for a batch of B rows (and with ``guidance`` their B twins after them):
-    row b's codes from ``choosers[b]`` (its segment's), the empty code for rows without one."""
-
-    def choose(first_q: int, logits: Tensor) -> Tensor:
-        mixed = _guided_logits(logits, first_q, guidance, B, empty) if guidance else logits
-        out = torch.full(mixed.shape[:2], empty, dtype=torch.long, device=logits.device)
-        for b, chooser in choosers.items():
-            out[b] = chooser(first_q, mixed[b : b + 1])[0]
-        return out.repeat(2, 1) if guidance else out
-
-    return choose
-
-
-def _per_row(value, B: int, name: str) -> list:
-    """One value per row: a list of B values as given, any other value repeated."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != B:
-            raise SpeechLMError(f"{len(value)} values of {name} given for {B} rows")
-        return list(value)
-    return [value] * B
 
 
 @dataclass
