@@ -36,7 +36,10 @@ The user's transcript goes out with the turn's first piece of model text (``{"mo
 Cost: per turn, one speech LM prefill of the question and ~10-20 decode steps for the transcript and
 the reply (~0.13 s on one CPU thread), and with the ``speech_lm`` voice the reply's TTS (MCTP: about a
 fifth of real time on one CPU thread). ``background=True`` (the server) runs it on one thread of its
-own, one session after another (not batched); otherwise inside the tick (the offline benchmark, tests).
+own: the questions one after another, and the replies' speech, every session's at once, as the rows
+of one running batch that each reply joins when its question is answered and leaves when it is said
+or dropped (``SpeechPipeline.speech_streams``: one forward per step for all of them); otherwise inside
+the tick (the offline benchmark, tests).
 
     model = AssistedDuplexModel(DuplexSpeechModel.from_pretrained("duplex-default", "codec-16k"),
                                 SpeechPipeline.from_pretrained("speechlm-default"))
@@ -53,8 +56,6 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ from torch import Tensor
 
 from ..codec.errors import SpeechLMError
 from ..speech import Generation, SpeechPipeline
+from ..speech_streams import SpeechStreams
 from ..training.textnorm import normalize_text, word_spans
 from .duplex_model import DuplexSpeechModel, DuplexSpeechState
 from .gate import GateConfig
@@ -123,9 +125,10 @@ class AssistConfig:
     # the speech LM works on its own thread (the server: ticks stay on time while a turn is planned
     # and spoken); False = inside the tick (repeatable: the offline benchmark and tests)
     background: bool = False
-    # on that thread a question waiting to be heard goes before the rest of another session's reply speech
-    # once that reply is this many frames ahead of its playback (its speech then continues after the plan:
-    # the reply starts sooner, and the other goes on from its buffer; 0 = a reply's speech is made whole first)
+    # on that thread a question waiting to be heard goes before the rest of the replies' speech once every
+    # reply being spoken is this many frames ahead of its playback (their speech then continues after the
+    # plan: the reply starts sooner, and the others go on from their buffers; 0 = the replies' speech is made
+    # whole first)
     ahead_frames: int = 8
     # the speech LM hears the question from this many views of its audio (``Generation.asr_views``,
     # speechlm.lm.ensemble): on 80 held-out-voice utterances 1 view 23 % WER, 2 views 19 %, 4 views 15 %;
@@ -167,6 +170,7 @@ class _Job:
     """One turn's work for the speech LM: hear the question, write the reply, speak it (voice
     "speech_lm"). Runs inline or on the assist thread; the tick reads it without waiting."""
 
+
     def __init__(self, question: np.ndarray | None, heard_at: int):
         self.question = question
         self.heard_at = heard_at  # the row's count of heard frames when the question was taken
@@ -175,7 +179,6 @@ class _Job:
         self.planned = threading.Event()  # transcript and reply are set
         self.done = threading.Event()  # every frame of the reply's speech is made (or it stopped)
         self.frames: deque[np.ndarray] = deque()  # the reply's speech, made ahead of playback
-        self.speech: Iterator[np.ndarray] | None = None  # the reply's speech still to make (frame by frame)
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -258,9 +261,10 @@ class AssistedDuplexModel:
         self.max_heard = max(1, int(self.config.max_question_seconds * self.sample_rate / self.frame_length))
         self.gate_config = GateConfig(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(GateConfig)})
         self.turns = 0  # turns with a plan or free words (for stats and tests)
-        self._pool: ThreadPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self._waiting = 0  # questions submitted to the assist thread and not yet taken up
+        self._thread: threading.Thread | None = None  # the assist thread (background), started at the first question
+        self._stop = threading.Event()  # the running assist thread's
+        self._wake = threading.Condition()
+        self._plans: deque[_Job] = deque()  # questions waiting for the assist thread
         self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)
 
     @property
@@ -268,12 +272,14 @@ class AssistedDuplexModel:
         return self.duplex.max_batch_seen
 
     def close(self) -> None:
-        """Stop the assist thread (queued work is dropped; a reply being spoken stops at its next frame)."""
+        """Stop the assist thread (queued work is dropped; the replies being spoken stop at their next step)."""
         for job in list(self._jobs):
             job.cancel()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        with self._wake:
+            self._stop.set()
+            self._plans.clear()
+            self._thread = None
+            self._wake.notify_all()
 
     # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
 
@@ -458,20 +464,50 @@ class AssistedDuplexModel:
             job.planned.set()
             job.done.set()
         elif self.config.background:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speechlm-assist", initializer=_lower_priority)
-            with self._lock:
-                self._waiting += 1
-            self._pool.submit(self._work, job)
-        else:
-            self._work(job)
+            with self._wake:
+                self._plans.append(job)
+                if self._thread is None:
+                    self._stop = threading.Event()
+                    self._thread = threading.Thread(target=self._serve, args=(self._stop,), name="speechlm-assist", daemon=True)
+                    self._thread.start()
+                self._wake.notify()
+        else:  # inline: hear, reply and speak it whole
+            streams, speaking = self._streams(), {}
+            self._plan(job)
+            self._start_speech(job, streams, speaking)
+            while speaking:
+                streams = self._speak_step(streams, speaking)
         return job
 
-    def _work(self, job: _Job) -> None:
-        """Hear, reply, then speak (on the assist thread or inline). Errors cost the turn, not the session."""
-        if self.config.background:
-            with self._lock:
-                self._waiting -= 1
+    def _serve(self, stop: threading.Event) -> None:
+        """The assist thread: questions are heard and answered one by one, as they come; in between, every
+        reply being spoken advances a step (rows of one batch, :meth:`SpeechPipeline.speech_streams`).
+        A waiting question goes first once every reply is ``ahead_frames`` ahead of its playback."""
+        _lower_priority()
+        streams, speaking = self._streams(), {}
+        while True:
+            with self._wake:
+                while not stop.is_set() and not self._plans and not speaking:
+                    self._wake.wait()
+                if stop.is_set():
+                    break
+                ahead = self.config.ahead_frames
+                first = not speaking or ahead > 0 and all(len(j.frames) >= ahead or j.cancelled for j in speaking.values())
+                job = self._plans.popleft() if self._plans and first else None
+            if job is not None:
+                self._plan(job)
+                self._start_speech(job, streams, speaking)
+            else:
+                streams = self._speak_step(streams, speaking)
+        for job in speaking.values():
+            job.done.set()
+
+    def _streams(self) -> SpeechStreams:
+        make = getattr(self.speech, "speech_streams", None)
+        return make(self.generation) if make is not None else SpeechStreams(self.speech, self.generation)
+
+    def _plan(self, job: _Job) -> None:
+        """Hear the question and write the reply. Errors cost the turn, not the session."""
         try:
             with self._int8():
                 if not job.cancelled:
@@ -483,34 +519,45 @@ class AssistedDuplexModel:
             job.transcript = job.reply = ""
         finally:
             job.planned.set()
+
+    def _start_speech(self, job: _Job, streams: SpeechStreams, speaking: dict[int, _Job]) -> None:
+        """The reply's speech joins the streams (voice "speech_lm"); otherwise the job is done."""
         try:
             if job.reply and self.plan(job.reply) and self.config.voice == "speech_lm" and not job.cancelled:
-                job.speech = iter(self.speech.tts(job.reply, stream=True, generation=self.generation))
+                speaking[streams.add(job.reply)] = job
+                return
         except Exception as e:  # noqa: BLE001
             log.warning("assist: the reply's speech stopped: %s", e)
-        self._speak(job)
-
-    def _speak(self, job: _Job) -> None:
-        """Make the reply's speech frames; on the assist thread, hand the thread to a question waiting to be
-        heard once ``ahead_frames`` frames are ready to play (the rest follows the question's plan)."""
-        try:
-            while job.speech is not None and not job.cancelled:
-                ahead, pool = self.config.ahead_frames, self._pool
-                if self.config.background and ahead and len(job.frames) >= ahead and self._waiting > 0 and pool is not None:
-                    try:
-                        pool.submit(self._speak, job)  # after the waiting plans (the queue is first in, first out)
-                        return
-                    except RuntimeError:  # the assist is closing: finish here (the job is being cancelled)
-                        pass
-                with torch.inference_mode():  # replies' generators take turns on this thread: each step in its own mode
-                    frame = next(job.speech, None)
-                if frame is None or job.cancelled:
-                    break
-                job.frames.append(np.asarray(frame, dtype=np.float32))
-        except Exception as e:  # noqa: BLE001
-            log.warning("assist: the reply's speech stopped: %s", e)
-        job.speech = None
         job.done.set()
+
+    def _speak_step(self, streams: SpeechStreams, speaking: dict[int, _Job]) -> SpeechStreams:
+        """One step of every reply being spoken (``speaking``: stream key -> job); replies dropped by their
+        session leave. An error stops every reply of the step (their sessions go on) and gives fresh streams."""
+        for key, job in list(speaking.items()):
+            if job.cancelled:
+                streams.cancel(key)
+                del speaking[key]
+                job.done.set()
+        if not speaking:
+            return streams
+        try:
+            made = streams.step()
+        except Exception as e:  # noqa: BLE001
+            log.warning("assist: the replies' speech stopped: %s", e)
+            for job in speaking.values():
+                job.done.set()
+            speaking.clear()
+            return self._streams()
+        for key, frames in made.items():
+            job = speaking.get(key)
+            if job is None:
+                continue
+            if not job.cancelled:
+                job.frames.extend(frames)
+            if streams.finished(key):
+                del speaking[key]
+                job.done.set()
+        return streams
 
     def _int8(self):
         """The int8 products of ``config.int8_rows`` for this thread's hearing and reply text, where the

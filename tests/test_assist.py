@@ -274,7 +274,7 @@ def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, 
     assert len(model.speech.questions[-1]) == (8 + 8) * N  # the whole question: both parts (the zero frames of the pause dropped)
     job = state.rows[0].job
     model.close()  # the server stops: work in progress stops too
-    assert job.cancelled and model._pool is None
+    assert job.cancelled and model._thread is None
 
 
 class BrokenSpeech(FakeSpeech):
@@ -490,8 +490,60 @@ def test_a_question_waiting_goes_before_the_rest_of_another_sessions_reply(token
             assert ahead <= made_before < 60
         else:  # the first reply was made whole first
             assert made_before == 60
-        assert len(first.frames) == len(second.frames) == 60 and first.speech is None  # every frame, in order
+        assert len(first.frames) == len(second.frames) == 60  # every frame, in order
         np.testing.assert_allclose([f[0] for f in first.frames], [0.1 * (k + 1) for k in range(60)], rtol=1e-6)
         model.close()
     with pytest.raises(SpeechLMError, match="ahead_frames"):
         AssistConfig(ahead_frames=-1)
+
+
+def test_the_replies_of_several_sessions_are_spoken_as_rows_of_one_batch(tokenizer_dir, codec):  # noqa: F811
+    """Three questions at once on the assist thread: each reply joins the running speech batch as soon as it
+    is written (ahead_frames 1), each session gets what its reply alone streams, and the three together take
+    fewer backbone forwards than one after another."""
+    from transformers import LlamaConfig
+
+    from speechlm.lm import SpeechLM, load_tokenizer
+    from speechlm.speech import SpeechPipeline
+    from test_duplex_model import Q  # noqa: E402
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    backbone = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
+    lm = SpeechLM.from_backbone(backbone, tokenizer, num_codebooks=Q, codebook_size=C, output_head="parallel_delay",
+                                delays=[0] + [1] * (Q - 1), mctp_modules=2, speech_layout="word_aligned", codec_id=codec.codec_id)  # fmt: skip
+    with torch.no_grad():  # random heads this small barely depend on their input; make them matter
+        for p in (*lm.audio_embedding.parameters(), *lm.audio_head.parameters(), *lm.mctp.parameters()):
+            if p.ndim > 1:
+                p.mul_(20)
+    pipeline = SpeechPipeline(lm.eval(), codec)
+    replies = ["hello world", "what is two plus three", "it is five"]
+
+    class Replies(FakeSpeech):  # fixed replies, spoken by the real (tiny) speech LM's streams
+        def __init__(self):
+            super().__init__()
+            self.left, self.streams = list(replies), []
+
+        def reply_text(self, question, generation=None):
+            return self.left.pop(0)
+
+        def speech_streams(self, generation):
+            self.streams.append(pipeline.speech_streams(generation))
+            return self.streams[-1]
+
+    voice = Replies()
+    model = assisted(tokenizer_dir, codec, background=True, speech_lm=voice, ahead_frames=1)
+    jobs = [model._submit(speech(8, k), 0) for k in range(3)]
+    assert all(job.done.wait(30) for job in jobs)
+    alone_forwards = 0
+    for job, reply in zip(jobs, replies):
+        alone = list(pipeline.tts(reply, stream=True, generation=model.generation))
+        assert len(job.frames) == len(alone) and np.allclose(np.concatenate(job.frames), np.concatenate(alone), atol=1e-5), reply
+        solo = pipeline.speech_streams(model.generation)
+        solo.add(reply)
+        while solo:
+            solo.step()
+        alone_forwards += solo.batch.backbone_forwards
+    assert len(voice.streams) == 1 and voice.streams[0].batch.backbone_forwards < alone_forwards
+    model.close()
