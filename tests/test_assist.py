@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # --import-mode=importlib: reach the duplex tests' helpers
-from test_duplex_model import TEXTS, C, codec, drain, make_duplex, run_ticks, speech, tokenizer_dir  # noqa: E402, F401  (fixtures)
+from test_duplex_model import TEXTS, C, Q, codec, drain, make_duplex, run_ticks, speech, tokenizer_dir  # noqa: E402, F401  (fixtures)
 
 from speechlm.codec.errors import SpeechLMError
 from speechlm.lm import GREEDY
@@ -505,7 +505,6 @@ def test_the_replies_of_several_sessions_are_spoken_as_rows_of_one_batch(tokeniz
 
     from speechlm.lm import SpeechLM, load_tokenizer
     from speechlm.speech import SpeechPipeline
-    from test_duplex_model import Q  # noqa: E402
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_dir)
