@@ -130,6 +130,9 @@ class AssistConfig:
     # plan: the reply starts sooner, and the others go on from their buffers; 0 = the replies' speech is made
     # whole first)
     ahead_frames: int = 8
+    # the replies' speech on that thread: every session's as rows of one running batch (``SpeechPipeline.speech_streams``;
+    # a reply joins at the batch's next step); False = one TTS stream per reply, each making a frame in turn
+    batched_speech: bool = True
     # the speech LM hears the question from this many views of its audio (``Generation.asr_views``,
     # speechlm.lm.ensemble): on 80 held-out-voice utterances 1 view 23 % WER, 2 views 19 %, 4 views 15 %;
     # 2 (with plan_quiet_frames 1) keep the reply's onset through the server about where 1 view had it
@@ -503,7 +506,7 @@ class AssistedDuplexModel:
             job.done.set()
 
     def _streams(self) -> SpeechStreams:
-        make = getattr(self.speech, "speech_streams", None)
+        make = getattr(self.speech, "speech_streams", None) if self.config.batched_speech else None
         return make(self.generation) if make is not None else SpeechStreams(self.speech, self.generation)
 
     def _plan(self, job: _Job) -> None:

@@ -531,6 +531,9 @@ def test_the_replies_of_several_sessions_are_spoken_as_rows_of_one_batch(tokeniz
             self.streams.append(pipeline.speech_streams(generation))
             return self.streams[-1]
 
+        def tts(self, text, stream=True, generation=None):
+            return pipeline.tts(text, stream=stream, generation=generation)
+
     voice = Replies()
     model = assisted(tokenizer_dir, codec, background=True, speech_lm=voice, ahead_frames=1)
     jobs = [model._submit(speech(8, k), 0) for k in range(3)]
@@ -545,4 +548,11 @@ def test_the_replies_of_several_sessions_are_spoken_as_rows_of_one_batch(tokeniz
             solo.step()
         alone_forwards += solo.batch.backbone_forwards
     assert len(voice.streams) == 1 and voice.streams[0].batch.backbone_forwards < alone_forwards
+    said = [np.concatenate(job.frames) for job in jobs]
+    model.close()
+    voice = Replies()  # batched_speech=False: one stream per reply, in turn; the same speech
+    model = assisted(tokenizer_dir, codec, background=True, speech_lm=voice, ahead_frames=1, batched_speech=False)
+    again = [model._submit(speech(8, k), 0) for k in range(3)]
+    assert all(job.done.wait(30) for job in again) and not voice.streams
+    assert all(np.allclose(a, np.concatenate(b.frames), atol=1e-5) for a, b in zip(said, again))
     model.close()

@@ -66,8 +66,6 @@ class AlignedSpeechBatch:
 
     def __init__(self, model: SpeechLM, *, max_frames: int = 750, max_frames_per_chunk: int = 75, schedule: Sequence[int] | None = None,
                  use_cache: bool = True, guidance: float = 0.0, unconditional_prompt: Sequence[int] | None = None):  # fmt: skip
-        if model.config.speech_layout != "word_aligned":
-            raise SpeechLMError(f"a word-aligned speech batch needs a word-aligned model, not layout {model.config.speech_layout!r}")
         if max_frames < 1 or max_frames_per_chunk < 1:
             raise SpeechLMError(f"need max_frames >= 1 and max_frames_per_chunk >= 1, got {max_frames} and {max_frames_per_chunk}")
         self.model, self.max_frames, self.max_frames_per_chunk, self.use_cache = model, max_frames, max_frames_per_chunk, use_cache

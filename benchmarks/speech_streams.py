@@ -1,0 +1,105 @@
+"""Speaking many replies at once, each started at its own time: rows of one running batch
+(``SpeechPipeline.speech_streams``, continuous batching) vs one TTS stream per reply in turn (what the
+server's answer assist did before).
+
+For each number K of replies in flight: the first K held-out sentences start a few steps apart (so
+that they join a running batch), and each time one is said the next sentence starts, until 2K are
+said — as K sessions would, each asking again once answered. Both ways side by side in one run
+(alternating), each frame decoded by the codec as it is made. Reports, per way: seconds of speech
+made per wall second (``x_real_time``: K replies in flight play without a gap only if this is at least
+K), wall seconds per second of speech, the first frame's delay after a reply starts (median and p90),
+and for the batch the backbone forwards. No judge needed.
+
+    python benchmarks/speech_streams.py --model speechlm-default --sizes 1,2,4,8,16 --out docs/results/speech_streams.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from speech_lm import TTS_SOURCES, held_out_texts
+
+from speechlm.codec.audio import SAMPLE_RATE
+from speechlm.speech import Generation, SpeechPipeline, resolve_dtype
+from speechlm.speech_streams import SpeechStreams
+
+WAYS = ("in_turn", "batched")
+
+
+def speak(sp: SpeechPipeline, texts: list[str], k: int, way: str, g: Generation, stagger: int = 3) -> dict:
+    """Say ``texts`` with ``k`` in flight (the first k ``stagger`` steps apart); timings."""
+    streams = sp.speech_streams(g) if way == "batched" else SpeechStreams(sp, g)
+    queue = list(texts)
+    started: dict[int, float] = {}
+    first: dict[int, float] = {}
+    samples, steps = 0, 0
+    begin = time.perf_counter()
+
+    def start() -> None:
+        started[streams.add(queue.pop(0))] = time.perf_counter()
+
+    while streams or queue:
+        if queue and len(started) < k and steps % stagger == 0:  # the first k, a few steps apart
+            start()
+        for key, frames in streams.step().items():
+            if frames and key not in first:
+                first[key] = time.perf_counter() - started[key]
+            samples += sum(len(f) for f in frames)
+            if streams.finished(key) and queue and len(started) >= k:  # one said: the next starts
+                start()
+        steps += 1
+    wall = time.perf_counter() - begin
+    speech = samples / SAMPLE_RATE
+    delays = sorted(first.values())
+    out = {"wall_s": wall, "speech_s": speech, "x_real_time": speech / wall, "rtf": wall / speech,
+           "first_frame_ms_p50": 1000 * statistics.median(delays), "first_frame_ms_p90": 1000 * float(np.percentile(delays, 90))}  # fmt: skip
+    if way == "batched":
+        out["backbone_forwards"] = streams.batch.backbone_forwards
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="speechlm-default")
+    ap.add_argument("--codec", default=None)
+    ap.add_argument("--sizes", default="1,2,4,8,16", help="replies in flight")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each way per size (alternating)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sp = SpeechPipeline.from_pretrained(args.model, args.codec, dtype=resolve_dtype(args.dtype))
+    g = Generation()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    texts = [item["text"] for item in held_out_texts(TTS_SOURCES, 2 * max(sizes))]
+    speak(sp, texts[:2], 1, "batched", g)  # warm-up
+    rows = []
+    for k in sizes:
+        runs = {way: [] for way in WAYS}
+        for _ in range(args.repeats):
+            for way in WAYS:
+                runs[way].append(speak(sp, texts[: 2 * k], k, way, g))
+        row = {"in_flight": k, "texts": 2 * k}
+        for way in WAYS:
+            row[way] = {name: statistics.median(r[name] for r in runs[way]) for name in runs[way][0]}
+        row["speed_up"] = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs["in_turn"], runs["batched"]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
+              "generation": "Generation() defaults", "sizes": rows}  # fmt: skip
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
