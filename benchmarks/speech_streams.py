@@ -70,12 +70,13 @@ def main() -> None:
     ap.add_argument("--codec", default=None)
     ap.add_argument("--sizes", default="1,2,4,8,16", help="replies in flight")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each way per size (alternating)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a CPU with native bfloat16, else float32 (as speechlm serve)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    sp = SpeechPipeline.from_pretrained(args.model, args.codec, dtype=resolve_dtype(args.dtype))
+    dtype = resolve_dtype(args.dtype)
+    sp = SpeechPipeline.from_pretrained(args.model, args.codec, dtype=dtype)
     g = Generation()
     sizes = [int(x) for x in args.sizes.split(",")]
     texts = [item["text"] for item in held_out_texts(TTS_SOURCES, 2 * max(sizes))]
@@ -92,7 +93,7 @@ def main() -> None:
         row["speed_up"] = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs["in_turn"], runs["batched"]))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"model": args.model, "dtype": args.dtype, "threads": args.threads, "repeats": args.repeats,
+    result = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
               "generation": "Generation() defaults", "sizes": rows}  # fmt: skip
     text = json.dumps(result, indent=1)
     print(text)
