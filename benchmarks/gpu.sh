@@ -9,7 +9,8 @@
 # Writes OUT_DIR/server_gpu_{duplex,qwen05b}{,_graphs}.json: the shipped duplex model (float32) and an
 # untrained duplex LM on Qwen2-0.5B's backbone shape (bfloat16), each eager and with the LM backbone
 # replayed from CUDA graphs (--cuda-graphs); OUT_DIR/mctp_gpu.json (first audio and decode speed of
-# the shipped speech LM's architecture, with PARTS=...,mctp).
+# the shipped speech LM's architecture, with PARTS=...,mctp); OUT_DIR/speech_streams_gpu.json (many replies spoken at once,
+# rows of one running batch vs one stream per reply in turn, the shipped speech LM, with PARTS=...,streams).
 # PARTS picks what runs (default: all four server runs); DEVICE=cpu and small LOADS/BATCHES rehearse it on a CPU.
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
@@ -37,5 +38,10 @@ server qwen05b_graphs 150 --lm random:qwen2-0.5b --dtype bfloat16 --cuda-graphs 
 case ",$parts," in *",mctp,"*)
   timeout 90 python3 benchmarks/mctp.py --head parallel_delay --delays 0,1,1,1,1,1,1,1 --frames "${FRAMES:-200}" --repeats 5 \
     --device "$device" --out "$out/mctp_gpu.json" ;;
+esac
+# many replies at once (the answer assist's speech): continuous batching vs one stream per reply, the shipped speech LM
+case ",$parts," in *",streams,"*)
+  timeout 300 python3 benchmarks/speech_streams.py --device "$device" --sizes "${STREAMS:-1,8,32}" --repeats 1 \
+    --out "$out/speech_streams_gpu.json" ;;
 esac
 echo "gpu.sh done"

@@ -17,17 +17,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from speech_lm import TTS_SOURCES, held_out_texts
 
 from speechlm.codec.audio import SAMPLE_RATE
 from speechlm.speech import Generation, SpeechPipeline, resolve_dtype
 from speechlm.speech_streams import SpeechStreams
+from speechlm.training import textgen
+
+TTS_SOURCES = ("everyday", "commands", "numbers", "dates_times")  # benchmarks/speech_lm.py's held-out TTS sentences
+
+
+def held_out_texts(count: int) -> list[str]:
+    """The first ``count`` of benchmarks/speech_lm.py's held-out TTS sentences (imported without its judge)."""
+    per = -(-count // len(TTS_SOURCES))
+    items = [item for s in TTS_SOURCES for item in textgen.generate(s, per, split="test", seed=1)]
+    random.Random(0).shuffle(items)
+    return [item["text"] for item in items[:count]]
 
 WAYS = ("in_turn", "batched")
 
@@ -72,14 +83,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each way per size (alternating)")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a CPU with native bfloat16, else float32 (as speechlm serve)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype)
+    dtype = resolve_dtype(args.dtype, args.device)
     sp = SpeechPipeline.from_pretrained(args.model, args.codec, dtype=dtype)
+    sp.lm.to(args.device)
+    sp.codec.to(args.device)
     g = Generation()
     sizes = [int(x) for x in args.sizes.split(",")]
-    texts = [item["text"] for item in held_out_texts(TTS_SOURCES, 2 * max(sizes))]
+    texts = held_out_texts(2 * max(sizes))
     speak(sp, texts[:2], 1, "batched", g)  # warm-up
     rows = []
     for k in sizes:
@@ -93,7 +107,7 @@ def main() -> None:
         row["speed_up"] = statistics.median(a["wall_s"] / b["wall_s"] for a, b in zip(runs["in_turn"], runs["batched"]))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
+    result = {"model": args.model, "device": args.device, "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
               "generation": "Generation() defaults", "sizes": rows}  # fmt: skip
     text = json.dumps(result, indent=1)
     print(text)
