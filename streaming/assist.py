@@ -173,7 +173,6 @@ class _Job:
     """One turn's work for the speech LM: hear the question, write the reply, speak it (voice
     "speech_lm"). Runs inline or on the assist thread; the tick reads it without waiting."""
 
-
     def __init__(self, question: np.ndarray | None, heard_at: int):
         self.question = question
         self.heard_at = heard_at  # the row's count of heard frames when the question was taken

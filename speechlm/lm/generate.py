@@ -23,11 +23,12 @@ The pieces, bottom up:
     So with N modules the very first backbone forward after the prompt already yields N + 1
     frames (positions). A row ends when codebook 0 predicts the empty code (or at
     ``max_frames``); with the delay pattern its remaining delayed codebooks are flushed first.
-``iter_aligned_audio`` / ``iter_aligned_audio_batch``
+``iter_aligned_audio`` (``iter_aligned_audio_batch``, ``AlignedSpeechBatch`` in :mod:`speechlm.lm.aligned_batch`)
     word-aligned speech: each forced text chunk (a word) is followed by its own run of
     audio positions, which the model ends when the word is spoken; several rows (texts, or
     renderings of one text) in one batch, each through its own words
-    (:meth:`Decoder.append_rows` lays a row's next chunk beside the others' frames).
+    (:meth:`Decoder.append_rows` lays a row's next chunk beside the others' frames), rows
+    joining and leaving a running batch (:meth:`Decoder.select_rows`).
 ``iter_text`` / ``text_generate``
     text tokens until a stop token or ``max_new_tokens``.
 
