@@ -290,6 +290,37 @@ def test_a_speech_lm_error_costs_the_turn_not_the_session(tokenizer_dir, codec, 
     assert "no answer this turn" in caplog.text and state.batch_size == 1
 
 
+class StutteringSpeech(FakeSpeech):
+    """The first reply's speech fails after 3 frames; later replies are whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.replies = 0
+
+    def tts(self, text, stream=True, generation=None):
+        self.replies += 1
+        frames = super().tts(text, stream, generation)
+        if self.replies > 1:
+            return frames
+
+        def broken():
+            for k, frame in enumerate(frames):
+                if k == 3:
+                    raise RuntimeError("out of memory")
+                yield frame
+
+        return broken()
+
+
+def test_an_error_in_the_replies_speech_costs_those_replies_not_the_assist(tokenizer_dir, codec, caplog):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, background=True, speech_lm=StutteringSpeech())
+    first = model._submit(speech(8, 7), 0)
+    assert first.done.wait(10) and len(first.frames) == 3 and "the replies' speech stopped: out of memory" in caplog.text
+    second = model._submit(speech(8, 8), 0)  # the assist thread goes on, with fresh streams
+    assert second.done.wait(10) and len(second.frames) == 2 * len(FakeSpeech().reply.split())
+    model.close()
+
+
 def test_a_turn_wanted_just_as_the_user_stops_starts_once_they_stay_quiet(tokenizer_dir, codec):  # noqa: F811
     model = assisted(tokenizer_dir, codec, talkative=False)
     state = model.init_state(1)
