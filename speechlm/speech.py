@@ -33,7 +33,7 @@ from .codec.model import Codec
 from .denoise import spectral_denoise
 from .lm.adapters import VOICE_PREFIX
 from .lm.aligned_batch import iter_aligned_audio_batch
-from .lm.ensemble import Prefilled, ensemble_transcribe, prefill, transcript_log_probs
+from .lm.ensemble import Prefilled, ensemble_transcribe_groups, prefill, transcript_log_probs
 from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
@@ -496,9 +496,13 @@ class SpeechPipeline:
         with self.lm.adapter(self.asr_adapter(g)):
             if decoder == "ctc":
                 return self.lm.tokenizer.decode(self.lm.hear(self._frames(audio, sample_rate)), skip_special_tokens=True).strip()
-            if g.asr_edges:
-                audio = hearing_audio(audio, sample_rate)
-            return self.transcribe_views(listening_views(audio, g.asr_views, g.asr_level, g.asr_view_kind, self.codec.config.frame_length), g)
+            return self.transcribe_views(self._views(audio, sample_rate, g), g)
+
+    def _views(self, audio: np.ndarray, sample_rate: int, g: Generation) -> list[np.ndarray]:
+        """The views the LM decoder hears of one piece of audio (its quiet edges trimmed first with ``asr_edges``)."""
+        if g.asr_edges:
+            audio = hearing_audio(audio, sample_rate)
+        return listening_views(audio, g.asr_views, g.asr_level, g.asr_view_kind, self.codec.config.frame_length)
 
     def asr_adapter(self, generation: Generation | None = None) -> str | None:
         """The task adapter ASR hears through: ``generation.asr_adapter`` if this model has it, else None."""
@@ -526,27 +530,65 @@ class SpeechPipeline:
 
     def transcribe_views(self, views: list[np.ndarray], generation: Generation | None = None) -> str:
         """One transcript from views (T_k,) of one utterance (16 kHz, checked by :meth:`asr`), by the
-        LM decoder: one view = greedy decoding, several = :func:`speechlm.lm.ensemble.ensemble_transcribe`."""
+        LM decoder: one view = greedy decoding, several = :func:`speechlm.lm.ensemble.ensemble_transcribe_groups`."""
         g = generation or Generation()
-        v = self.lm.vocab
-        # A transcript is text only: a speech token (the model starting to speak) ends it.
-        stops = [v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio]
-        prompts = [asr_prompt(self.lm, self.codec.encode(torch.from_numpy(np.asarray(view, np.float32))[None])[0]) for view in views]
-        batch = prefilled = None  # the views as one batch, run once: for the ensemble and the transcript check
-        if len(prompts) > 1 or g.asr_check_rounds > 0:
-            batch = PromptBatch.build(self.lm, [ids for ids, _ in prompts], [codes for _, codes in prompts])
-            prefilled = prefill(self.lm, batch)
-        if len(prompts) == 1:
-            ids, codes = prompts[0]
-            out = text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
-                                stop_tokens=stops, seed=g.seed)[0]
-        else:
-            out = ensemble_transcribe(self.lm, batch, max_new_tokens=g.max_text_tokens, stop_tokens=stops, rescore=g.asr_rescore,
-                                      prefilled=prefilled)
-        transcript = self.lm.tokenizer.decode(out, skip_special_tokens=True).strip()
+        [transcript], batch, prefilled = self._transcribe_groups([views], g)
         if g.asr_check_rounds > 0 and transcript:
             transcript = self.check_transcript(transcript, views[0], batch, g, prefilled)
         return transcript
+
+    def _transcribe_groups(self, groups: list[list[np.ndarray]], g: Generation) -> tuple[list[str], PromptBatch, Prefilled | None]:
+        """The transcripts of several utterances, ``groups[u]`` the views of utterance u, as the rows of one
+        batch (each what it gets alone, up to the float rounding of batched arithmetic); also the batch and,
+        for several views or with the transcript check, its prefill (the check reuses it)."""
+        v = self.lm.vocab
+        # A transcript is text only: a speech token (the model starting to speak) ends it.
+        stops = [v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio]
+        prompts = [asr_prompt(self.lm, self.codec.encode(torch.from_numpy(np.asarray(view, np.float32))[None])[0]) for views in groups for view in views]
+        batch = PromptBatch.build(self.lm, [ids for ids, _ in prompts], [codes for _, codes in prompts])
+        starts = np.cumsum([0] + [len(views) for views in groups])
+        rows = [list(range(a, b)) for a, b in zip(starts[:-1], starts[1:])]
+        single = all(len(r) == 1 for r in rows)
+        prefilled = prefill(self.lm, batch) if not single or g.asr_check_rounds > 0 else None  # run once: for the ensemble and the check
+        if single:  # one view each: greedy decoding
+            outs = text_generate(self.lm, batch, max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(), stop_tokens=stops, seed=g.seed)
+        else:
+            outs = ensemble_transcribe_groups(self.lm, batch, rows, max_new_tokens=g.max_text_tokens, stop_tokens=stops, rescore=g.asr_rescore,
+                                              prefilled=prefilled)  # fmt: skip
+        return [self.lm.tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs], batch, prefilled
+
+    def asr_many(self, audios: list[np.ndarray], sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> list[str]:
+        """:meth:`asr` of several recordings (a server's questions): each transcript is what ``asr`` gives it.
+        Those heard in one piece by the LM decoder without the transcript check (a question of one sentence)
+        are heard as the rows of one batch — their views prefilled together, one forward per decoding step for
+        all; the others one by one."""
+        g = generation or Generation()
+        decoder = self._asr_decoder(g)
+        out = [""] * len(audios)
+        together: list[tuple[int, np.ndarray]] = []
+        for i, audio in enumerate(audios):
+            audio = self._checked(audio, sample_rate)
+            if is_silent(audio):
+                continue
+            if decoder == "lm" and g.asr_check_rounds == 0 and self._one_piece(audio, sample_rate, g):
+                together.append((i, audio))
+            else:
+                out[i] = self.asr(audio, sample_rate, g)
+        if together:
+            with self.lm.adapter(self.asr_adapter(g)):
+                texts, _, _ = self._transcribe_groups([self._views(audio, sample_rate, g) for _, audio in together], g)
+            for (i, _), text in zip(together, texts):
+                out[i] = text
+        return out
+
+    def _one_piece(self, audio: np.ndarray, sample_rate: int, g: Generation) -> bool:
+        """Whether :meth:`asr_segments` hears ``audio`` (checked, not silent) whole and only whole: no pause
+        to cut it at (or ``asr_pause_seconds`` 0), and no longer than a piece."""
+        if g.asr_pause_seconds == 0:
+            return True
+        if len(audio) > g.asr_piece_seconds * sample_rate:
+            return False
+        return len(self._sounding_pieces(audio, sample_rate, g.asr_short_pause_seconds or g.asr_pause_seconds)) < 2
 
     def check_transcript(self, transcript: str, audio: np.ndarray, prompt: PromptBatch, g: Generation,
                          prefilled: Prefilled | None = None) -> str:
@@ -599,7 +641,7 @@ class SpeechPipeline:
                 heard = self.asr(question, sample_rate, g)
                 return self.chat(heard, generation=g) if heard else ("", np.zeros(0, np.float32))
             ids, codes = chat_prompt(self.lm, frames)
-        reply = self._reply_ids(ids, codes, g)
+        reply = self._reply_ids([(ids, codes)], g)[0]
         text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()
         if not text:
             return "", np.zeros(0, np.float32)
@@ -621,16 +663,24 @@ class SpeechPipeline:
 
     def reply_text(self, question: str, generation: Generation | None = None) -> str:
         """The text of the model's reply to a typed question (what :meth:`chat` would say, unspoken)."""
-        if not question.strip():
-            return ""
-        g = generation or Generation()
-        ids, codes = chat_prompt(self.lm, question)
-        return self.lm.tokenizer.decode(self._reply_ids(ids, codes, g), skip_special_tokens=True).strip()
+        return self.reply_texts([question], generation)[0]
 
-    def _reply_ids(self, ids: list[int], codes: torch.Tensor | None, g: Generation) -> list[int]:
+    def reply_texts(self, questions: list[str], generation: Generation | None = None) -> list[str]:
+        """:meth:`reply_text` of several questions as the rows of one batch (greedy: each what it gets alone,
+        up to the float rounding of batched arithmetic); an empty question gets an empty reply."""
+        g = generation or Generation()
+        asked = [i for i, q in enumerate(questions) if q.strip()]
+        replies = self._reply_ids([chat_prompt(self.lm, questions[i]) for i in asked], g) if asked else []
+        out = [""] * len(questions)
+        for i, ids in zip(asked, replies):
+            out[i] = self.lm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return out
+
+    def _reply_ids(self, prompts: list[tuple[list[int], torch.Tensor | None]], g: Generation) -> list[list[int]]:
+        """The reply's text ids after each chat prompt (ids, codes of its audio positions), as rows of one batch."""
         v = self.lm.vocab
-        return text_generate(self.lm, ids, audio_codes=[codes], max_new_tokens=g.max_text_tokens, sampling=g.text_sampling(),
-                             stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)[0]
+        return text_generate(self.lm, [ids for ids, _ in prompts], audio_codes=[codes for _, codes in prompts], max_new_tokens=g.max_text_tokens,
+                             sampling=g.text_sampling(), stop_tokens=[v.speech_start, v.end_of_turn, v.eos], seed=g.seed)  # fmt: skip
 
     def _speech_settings(self, g: Generation) -> dict:
         """The decoding settings every row of a speech decoding shares: length limits in frames, the MCTP

@@ -36,8 +36,9 @@ The user's transcript goes out with the turn's first piece of model text (``{"mo
 Cost: per turn, one speech LM prefill of the question and ~10-20 decode steps for the transcript and
 the reply (~0.13 s on one CPU thread), and with the ``speech_lm`` voice the reply's TTS (MCTP: about a
 fifth of real time on one CPU thread). ``background=True`` (the server) runs it on one thread of its
-own: the questions one after another, and the replies' speech, every session's at once, as the rows
-of one running batch that each reply joins when its question is answered and leaves when it is said
+own, batched across sessions: the questions waiting at once are heard and answered as the rows of one
+batch (``SpeechPipeline.asr_many``, ``reply_texts``), and the replies' speech, every session's, as the
+rows of one running batch that each reply joins when its text is written and leaves when it is said
 or dropped (``SpeechPipeline.speech_streams``: one forward per step for all of them); otherwise inside
 the tick (the offline benchmark, tests).
 
@@ -475,16 +476,16 @@ class AssistedDuplexModel:
                 self._wake.notify()
         else:  # inline: hear, reply and speak it whole
             streams, speaking = self._streams(), {}
-            self._plan(job)
+            self._plan([job])
             self._start_speech(job, streams, speaking)
             while speaking:
                 streams = self._speak_step(streams, speaking)
         return job
 
     def _serve(self, stop: threading.Event) -> None:
-        """The assist thread: questions are heard and answered one by one, as they come; in between, every
-        reply being spoken advances a step (rows of one batch, :meth:`SpeechPipeline.speech_streams`).
-        A waiting question goes first once every reply is ``ahead_frames`` ahead of its playback."""
+        """The assist thread: the questions waiting are heard and answered together (:meth:`_plan`); in between,
+        every reply being spoken advances a step (rows of one batch, :meth:`SpeechPipeline.speech_streams`).
+        Waiting questions go first once every reply is ``ahead_frames`` ahead of its playback."""
         _lower_priority()
         streams, speaking = self._streams(), {}
         while True:
@@ -495,10 +496,11 @@ class AssistedDuplexModel:
                     break
                 ahead = self.config.ahead_frames
                 first = not speaking or ahead > 0 and all(len(j.frames) >= ahead or j.cancelled for j in speaking.values())
-                job = self._plans.popleft() if self._plans and first else None
-            if job is not None:
-                self._plan(job)
-                self._start_speech(job, streams, speaking)
+                jobs = [self._plans.popleft() for _ in range(len(self._plans))] if first else []  # every waiting question
+            if jobs:
+                self._plan(jobs)
+                for job in jobs:
+                    self._start_speech(job, streams, speaking)
             else:
                 streams = self._speak_step(streams, speaking)
         for job in speaking.values():
@@ -508,19 +510,39 @@ class AssistedDuplexModel:
         make = getattr(self.speech, "speech_streams", None) if self.config.batched_speech else None
         return make(self.generation) if make is not None else SpeechStreams(self.speech, self.generation)
 
-    def _plan(self, job: _Job) -> None:
-        """Hear the question and write the reply. Errors cost the turn, not the session."""
+    def _plan(self, jobs: list[_Job]) -> None:
+        """Hear the questions and write the replies, every waiting question at once: as the rows of one batch
+        where the speech LM can (``asr_many``, ``reply_texts``). Errors cost the turn, not the session: a batch
+        that fails is planned again one question at a time, so that only the question at fault goes unanswered."""
         try:
             with self._int8():
-                if not job.cancelled:
-                    job.transcript = self.speech.asr(job.question, self.sample_rate, self.generation)
-                if job.transcript and not job.cancelled:
-                    job.reply = self.speech.reply_text(job.transcript, self.generation)
+                live = [job for job in jobs if not job.cancelled]
+                for job, transcript in zip(live, self._hear([job.question for job in live])):
+                    job.transcript = transcript
+                asked = [job for job in live if job.transcript and not job.cancelled]
+                for job, reply in zip(asked, self._replies([job.transcript for job in asked])):
+                    job.reply = reply
         except Exception as e:  # noqa: BLE001 - e.g. a question too long for the speech LM: no answer, the session goes on
+            if len(jobs) > 1:
+                for job in jobs:
+                    self._plan([job])
+                return
             log.warning("assist: no answer this turn: %s", e)
-            job.transcript = job.reply = ""
-        finally:
+            jobs[0].transcript = jobs[0].reply = ""
+        for job in jobs:
             job.planned.set()
+
+    def _hear(self, questions: list[np.ndarray]) -> list[str]:
+        many = getattr(self.speech, "asr_many", None)
+        if many is not None:
+            return many(questions, self.sample_rate, self.generation) if questions else []
+        return [self.speech.asr(q, self.sample_rate, self.generation) for q in questions]
+
+    def _replies(self, transcripts: list[str]) -> list[str]:
+        many = getattr(self.speech, "reply_texts", None)
+        if many is not None:
+            return many(transcripts, self.generation) if transcripts else []
+        return [self.speech.reply_text(t, self.generation) for t in transcripts]
 
     def _start_speech(self, job: _Job, streams: SpeechStreams, speaking: dict[int, _Job]) -> None:
         """The reply's speech joins the streams (voice "speech_lm"); otherwise the job is done."""

@@ -11,7 +11,7 @@ from transformers.utils import logging as hf_logging
 
 from speechlm.codec.audio import PEAK_LEVEL
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
-from speechlm.codec.errors import SpeechLMError
+from speechlm.codec.errors import AudioError, SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.lm import GREEDY, PromptBatch, SpeechLM, load_tokenizer, text_generate, train_bpe_tokenizer
 from speechlm.lm.ensemble import _sequence_scores, ensemble_transcribe
@@ -88,7 +88,7 @@ def test_candidates_are_each_views_greedy_transcript_and_the_joint_one(model):
     cache, valid = _new_cache(model), batch.attention_mask
     with torch.no_grad():
         hidden = _forward(model, model.embed(batch.input_ids, batch.audio_codes, batch.audio_mask), valid, (valid.long().cumsum(1) - 1), cache)
-        found = _candidates(model, _log_probs(model, hidden[:, -1]), cache, valid, (valid.long().sum(1) - 1)[:, None], 10, stops)
+        found = _candidates(model, _log_probs(model, hidden[:, -1]), cache, valid, (valid.long().sum(1) - 1)[:, None], 10, stops, [[0, 1, 2]])[0]
     own = [text_generate(model, i, audio_codes=[c], max_new_tokens=10, sampling=GREEDY, stop_tokens=list(stops))[0] for i, c in zip(ids, codes)]
     assert found[:3] == own and len({tuple(o) for o in own}) > 1, "the views part ways (else nothing forks)"
     joint = []  # greedy on the views' mean, without a cache (the prompts have one length: no padding)
@@ -102,6 +102,23 @@ def test_candidates_are_each_views_greedy_transcript_and_the_joint_one(model):
             break
         joint.append(token)
     assert found[3] == joint
+
+
+@pytest.mark.parametrize("rescore", [True, False])
+def test_several_utterances_in_one_batch_each_get_what_they_get_alone(model, rescore):
+    """ensemble_transcribe_groups: three utterances (3, 1 and 2 views, prompts of other lengths, rows given in
+    mixed order) decoded as one batch; each transcript is ensemble_transcribe's of its views alone."""
+    from speechlm.lm.ensemble import ensemble_transcribe_groups
+
+    ids, codes = views(model, (12, 12, 12, 9, 14, 14), seed=5)
+    groups = [[0, 2, 4], [1], [3, 5]]
+    kw = dict(max_new_tokens=10, stop_tokens=[model.vocab.eos], rescore=rescore)
+    together = ensemble_transcribe_groups(model, PromptBatch.build(model, ids, codes), groups, **kw)
+    for group, found in zip(groups, together):
+        alone = ensemble_transcribe(model, PromptBatch.build(model, [ids[r] for r in group], [codes[r] for r in group]), **kw)
+        assert found == alone, group
+    with pytest.raises(SpeechLMError, match="must split"):
+        ensemble_transcribe_groups(model, PromptBatch.build(model, ids, codes), [[0, 1], [2]], **kw)
 
 
 def test_sequence_scores_equal_a_teacher_forced_forward(model):
@@ -173,3 +190,27 @@ def test_asr_hears_a_quiet_microphone_as_a_loud_one(model):
     )
     with pytest.raises(SpeechLMError, match="asr_views"):
         pipeline.asr(speech, generation=Generation(asr_views=0))
+
+
+@pytest.mark.parametrize("asr_views", [1, 2])
+def test_several_recordings_heard_at_once_as_each_alone(model, asr_views):
+    """asr_many (a server's questions): recordings heard in one piece go as rows of one batch, one with a pause
+    to cut at, a long one and silence the way asr takes them; each transcript is asr's. reply_texts likewise."""
+    codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
+    pipeline = SpeechPipeline(model, codec)
+    rng = np.random.default_rng(1)
+
+    def tone(seconds, f0):
+        n = int(seconds * 16000)
+        return (0.3 * np.sin(2 * np.pi * f0 * np.arange(n) / 16000) * rng.uniform(0.5, 1, n)).astype(np.float32)
+
+    paused = np.concatenate([tone(0.6, 150), np.zeros(8000, np.float32), tone(0.6, 220)])  # heard whole and in two
+    audios = [tone(0.8, 180), paused, np.zeros(8000, np.float32), tone(1.2, 120), tone(0.5, 260)]
+    g = Generation(max_text_tokens=6, asr_views=asr_views, asr_check_rounds=0)
+    assert not pipeline._one_piece(paused, 16000, g) and pipeline._one_piece(audios[0], 16000, g)
+    assert pipeline.asr_many(audios, generation=g) == [pipeline.asr(a, generation=g) for a in audios]
+    assert pipeline.asr_many([], generation=g) == []
+    with pytest.raises(AudioError, match="too short"):
+        pipeline.asr_many([audios[0], np.zeros(10, np.float32)], generation=g)
+    questions = ["hello world", "", "set a timer for two minutes"]
+    assert pipeline.reply_texts(questions, g) == [pipeline.reply_text(q, g) for q in questions]

@@ -587,3 +587,42 @@ def test_the_replies_of_several_sessions_are_spoken_as_rows_of_one_batch(tokeniz
     assert all(job.done.wait(30) for job in again) and not voice.streams
     assert all(np.allclose(a, np.concatenate(b.frames), atol=1e-5) for a, b in zip(said, again))
     model.close()
+
+
+class BatchedSpeech(FakeSpeech):
+    """Hears and answers several questions at once (asr_many / reply_texts); the first call waits for ``go``;
+    a question of ``bad_length`` samples is one the speech LM cannot take (its batch fails)."""
+
+    def __init__(self, bad_length=None):
+        super().__init__()
+        self.go, self.sizes, self.bad_length = threading.Event(), [], bad_length
+
+    def asr_many(self, audios, sample_rate=16_000, generation=None):
+        assert self.go.wait(10)
+        self.sizes.append(len(audios))
+        if any(len(a) == self.bad_length for a in audios):
+            raise SpeechLMError("prompt (5000 positions) exceeds the model's limit")
+        return [self.asr(a, sample_rate, generation) for a in audios]
+
+    def reply_texts(self, questions, generation=None):
+        return [self.reply_text(q, generation) for q in questions]
+
+
+def test_questions_waiting_together_are_heard_and_answered_as_one_batch(tokenizer_dir, codec, caplog):  # noqa: F811
+    voice = BatchedSpeech()
+    model = assisted(tokenizer_dir, codec, background=True, speech_lm=voice)
+    first = model._submit(speech(8, 1), 0)  # taken up at once; its hearing waits
+    time.sleep(0.1)
+    rest = [model._submit(speech(8, k), 0) for k in (2, 3, 4)]  # wait together meanwhile
+    voice.go.set()
+    assert all(job.done.wait(10) for job in [first, *rest])
+    assert voice.sizes == [1, 3] and voice.asked == ["hello world"] * 4 and all(len(job.frames) == 8 for job in [first, *rest])
+    model.close()
+    # a batch the speech LM cannot take is planned again question by question: only the bad one goes unanswered
+    voice = BatchedSpeech(bad_length=9 * N)
+    model = assisted(tokenizer_dir, codec, background=True, speech_lm=voice)
+    jobs = [model._submit(q, 0) for q in (speech(8, 1), speech(9, 2), speech(8, 3))]
+    voice.go.set()
+    assert all(job.done.wait(10) for job in jobs)
+    assert [job.reply for job in jobs] == [FakeSpeech().reply, "", FakeSpeech().reply] and "no answer this turn" in caplog.text
+    model.close()

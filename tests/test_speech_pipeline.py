@@ -87,7 +87,7 @@ def test_chat_speaks_a_reply_of_several_sentences_as_tts_does(pipeline, monkeypa
     """A reply of several sentences is spoken one sentence at a time (what tts() says for it), not in one go."""
     g = dataclasses.replace(SHORT, max_text_tokens=8)
     reply = "Hello world. It is four."
-    monkeypatch.setattr(pipeline, "_reply_ids", lambda ids, codes, g: pipeline.lm.tokenizer.encode(reply, add_special_tokens=False))
+    monkeypatch.setattr(pipeline, "_reply_ids", lambda prompts, g: [pipeline.lm.tokenizer.encode(reply, add_special_tokens=False)] * len(prompts))
     text, audio = pipeline.chat("what is two plus three", generation=g)
     assert text == reply and np.array_equal(audio, pipeline.tts(reply, generation=g))
 

@@ -63,22 +63,47 @@ def ensemble_transcribe(
     utterance's ASR prompt from another view. Greedy throughout (repeatable); see the module doc.
     A row of K = 1 gives plain greedy decoding's transcript. ``prefilled``: :func:`prefill` of
     ``prompt`` already run (left as it is, for another use)."""
+    K = prompt.input_ids.shape[0]
+    return ensemble_transcribe_groups(model, prompt, [list(range(K))], max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                                      rescore=rescore, prefilled=prefilled)[0]  # fmt: skip
+
+
+@torch.no_grad()
+def ensemble_transcribe_groups(
+    model: SpeechLM,
+    prompt: PromptBatch,
+    groups: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    stop_tokens: Sequence[int] | None = None,
+    rescore: bool = True,
+    prefilled: Prefilled | None = None,
+) -> list[list[int]]:
+    """:func:`ensemble_transcribe` of several utterances at once: ``groups[u]`` are the rows of ``prompt``
+    holding utterance u's views. One prefill and one batched forward per decoding step for all of them;
+    each utterance's transcript is what it gets alone (up to the float rounding of batched arithmetic)."""
     if max_new_tokens < 1:
         raise SpeechLMError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rows = [r for group in groups for r in group]
+    if not groups or any(not group for group in groups) or sorted(rows) != list(range(prompt.input_ids.shape[0])):
+        raise SpeechLMError(f"the groups must split the prompt's {prompt.input_ids.shape[0]} rows, got {[list(g) for g in groups]}")
     v = model.vocab
     stops = set(stop_tokens if stop_tokens is not None else (v.eos, v.end_of_turn))
     end = v.eos  # a transcript's end in training (``... <|speech_end|> TEXT <|eos|>``)
     first, prompt_cache, valid, last_position = prefilled if prefilled is not None else prefill(model, prompt)
-
-    candidates = _candidates(model, first, copy.deepcopy(prompt_cache), valid, last_position, max_new_tokens, stops)
-    ensemble = candidates[-1]
-    unique = list(dict.fromkeys(tuple(c) for c in candidates))
-    if not rescore or len(unique) == 1:
-        return list(ensemble)
-    if prefilled is not None:
-        prompt_cache = copy.deepcopy(prompt_cache)  # the scoring grows the cache: the caller's stays as it was
-    scores = _sequence_scores(model, first, prompt_cache, valid, last_position, [list(c) for c in unique], end)  # (K, C)
-    return list(unique[int(scores.sum(0).argmax())])
+    candidates = _candidates(model, first, copy.deepcopy(prompt_cache), valid, last_position, max_new_tokens, stops, groups)
+    out = []
+    for group, found in zip(groups, candidates):
+        unique = list(dict.fromkeys(tuple(c) for c in found))
+        if not rescore or len(unique) == 1:
+            out.append(list(found[-1]))  # the ensemble's
+            continue
+        index = torch.tensor(list(group), device=first.device)
+        cache = copy.deepcopy(prompt_cache)  # the scoring grows the cache: the prompts' stays as it was
+        cache.batch_select_indices(index)
+        scores = _sequence_scores(model, first[index], cache, valid[index], last_position[index], [list(c) for c in unique], end)  # (K, C)
+        out.append(list(unique[int(scores.sum(0).argmax())]))
+    return out
 
 
 Prefilled = tuple  # (first-token log-probabilities (K, V), the prompts' cache, attention mask (K, L), last positions (K, 1))
@@ -114,38 +139,45 @@ def transcript_log_probs(model: SpeechLM, prompt: PromptBatch, prefilled: Prefil
     return score
 
 
-def _candidates(model, first: Tensor, cache, valid: Tensor, last_position: Tensor, max_new: int, stops: set[int]) -> list[list[int]]:
-    """The K views' own greedy transcripts and the views' joint one (last).
+def _candidates(model, first: Tensor, cache, valid: Tensor, last_position: Tensor, max_new: int, stops: set[int],
+                groups: Sequence[Sequence[int]]) -> list[list[list[int]]]:  # fmt: skip
+    """Per group of rows (one utterance's K views): the K views' own greedy transcripts and the views'
+    joint one (last).
 
     One batch row per view follows the joint transcript; a view's own transcript shares that row
     until it first picks another token, and then forks (the row's cache copied). Views mostly agree,
-    so this decodes about K rows instead of 2K; rows leave the batch when their transcript ends."""
-    K = first.shape[0]
-    own, own_done, forked = [[] for _ in range(K)], [False] * K, [False] * K
-    joint, joint_done = [], False
-    rows = [("joint", k) for k in range(K)]  # what each batch row decodes
+    so this decodes about K rows instead of 2K; rows leave the batch when their transcript ends.
+    Every group's rows are in the one batch (one forward per step for all)."""
+    own = [[[] for _ in group] for group in groups]
+    own_done = [[False] * len(group) for group in groups]
+    forked = [[False] * len(group) for group in groups]
+    joint, joint_done = [[] for _ in groups], [False] * len(groups)
+    index_of = {r: (u, k) for u, group in enumerate(groups) for k, r in enumerate(group)}
+    rows = [("joint", *index_of[r]) for r in range(first.shape[0])]  # what each batch row decodes: (kind, group, view)
     log_probs, position = first, last_position  # (R, V), (R, 1)
     for _ in range(max_new):
         where = {row: i for i, row in enumerate(rows)}
         best = log_probs.argmax(dim=-1).tolist()
-        together = None if joint_done else int(log_probs[[where[("joint", k)] for k in range(K)]].mean(dim=0).argmax())
-        feed: dict[tuple[str, int], tuple[int, int]] = {}  # next row -> (its source row now, the token it is fed)
-        if together is not None:
-            joint_done = together in stops
-            if not joint_done:
-                joint.append(together)
-                feed.update({("joint", k): (where[("joint", k)], together) for k in range(K)})
-        for k in range(K):
-            if own_done[k]:
-                continue
-            token = best[where[("own", k) if forked[k] else ("joint", k)]]
-            source = where[("own", k)] if forked[k] else where[("joint", k)]
-            forked[k] = forked[k] or token != together
-            own_done[k] = token in stops
-            if not own_done[k]:
-                own[k].append(token)
-                if forked[k]:
-                    feed[("own", k)] = (source, token)
+        feed: dict[tuple[str, int, int], tuple[int, int]] = {}  # next row -> (its source row now, the token it is fed)
+        for u, group in enumerate(groups):
+            K = len(group)
+            together = None if joint_done[u] else int(log_probs[[where[("joint", u, k)] for k in range(K)]].mean(dim=0).argmax())
+            if together is not None:
+                joint_done[u] = together in stops
+                if not joint_done[u]:
+                    joint[u].append(together)
+                    feed.update({("joint", u, k): (where[("joint", u, k)], together) for k in range(K)})
+            for k in range(K):
+                if own_done[u][k]:
+                    continue
+                source = where[("own", u, k)] if forked[u][k] else where[("joint", u, k)]
+                token = best[source]
+                forked[u][k] = forked[u][k] or token != together
+                own_done[u][k] = token in stops
+                if not own_done[u][k]:
+                    own[u][k].append(token)
+                    if forked[u][k]:
+                        feed[("own", u, k)] = (source, token)
         if not feed:
             break
         rows = list(feed)
@@ -155,7 +187,7 @@ def _candidates(model, first: Tensor, cache, valid: Tensor, last_position: Tenso
         position = position[index] + 1
         tokens = torch.tensor([[feed[row][1]] for row in rows], device=first.device)
         log_probs = _log_probs(model, _forward(model, model.embed(tokens), valid, position, cache)[:, -1])
-    return [*own, joint]
+    return [[*own[u], joint[u]] for u in range(len(groups))]
 
 
 def _sequence_scores(model, first: Tensor, cache, valid: Tensor, last_position: Tensor, candidates: list[list[int]], end: int) -> Tensor:
