@@ -1,0 +1,95 @@
+"""Hearing and answering several spoken questions at once, as the server's answer assist does when
+questions wait together: ``SpeechPipeline.asr_many`` + ``reply_texts`` (rows of one batch) vs ``asr`` +
+``reply_text`` one question after another.
+
+N held-out spoken questions (arithmetic and facts, held-out espeak-ng voices), heard with the assist's
+settings (2 views, the ASR adapter, no transcript check) and answered; both ways alternating, each
+``--repeats`` times. Reports wall seconds per question each way, the speed-up, and how many transcripts
+and replies the two ways agree on (batched arithmetic rounds differently). No judge needed.
+
+    python benchmarks/hearing_batch.py --sizes 1,2,4,8 --out docs/results/hearing_batch.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from speechlm.speech import SpeechPipeline, resolve_dtype
+from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig
+from speechlm.training import textgen
+from speechlm.training.teachers import get_teacher
+
+
+def spoken_questions(count: int) -> list:
+    """``count`` held-out questions (test split) spoken by held-out espeak-ng voices."""
+    items = [item for source in ("arithmetic", "facts") for item in textgen.generate(source, -(-count // 2), split="test", seed=1)]
+    random.Random(0).shuffle(items)
+    voices = textgen.voice_catalog("test", ("espeak",))
+    rng = random.Random(2)
+    return [get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio for i, item in enumerate(items[:count])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="speechlm-default")
+    ap.add_argument("--sizes", default="1,2,4,8", help="questions at once")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a CPU with native bfloat16, else float32 (as speechlm serve)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, args.device)
+    sp = SpeechPipeline.from_pretrained(args.model, dtype=dtype)
+    sp.lm.to(args.device)
+    sp.codec.to(args.device)
+    config = AssistConfig()
+    g = dataclasses.replace(ASSIST_GENERATION, asr_views=config.asr_views, asr_adapter=config.asr_adapter, asr_check_rounds=config.asr_check_rounds)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    questions = spoken_questions(max(sizes))
+    sp.reply_texts(sp.asr_many(questions[:1], generation=g), g)  # warm-up
+
+    def one_by_one(qs):
+        heard = [sp.asr(q, generation=g) for q in qs]
+        return heard, [sp.reply_text(t, g) for t in heard]
+
+    def batched(qs):
+        heard = sp.asr_many(qs, generation=g)
+        return heard, sp.reply_texts(heard, g)
+
+    rows = []
+    for n in sizes:
+        qs = questions[:n]
+        wall = {"one_by_one": [], "batched": []}
+        out = {}
+        for _ in range(args.repeats):
+            for name, fn in (("one_by_one", one_by_one), ("batched", batched)):
+                start = time.perf_counter()
+                out[name] = fn(qs)
+                wall[name].append(time.perf_counter() - start)
+        (heard_a, replies_a), (heard_b, replies_b) = out["one_by_one"], out["batched"]
+        row = {"questions": n, **{f"{name}_s_per_question": statistics.median(w) / n for name, w in wall.items()},
+               "speed_up": statistics.median(a / b for a, b in zip(wall["one_by_one"], wall["batched"])),
+               "same_transcripts": sum(a == b for a, b in zip(heard_a, heard_b)), "same_replies": sum(a == b for a, b in zip(replies_a, replies_b)),
+               "transcripts": heard_b, "replies": replies_b}  # fmt: skip
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("transcripts", "replies")}), flush=True)
+    result = {"model": args.model, "device": args.device, "dtype": str(dtype).removeprefix("torch."), "threads": args.threads,
+              "repeats": args.repeats, "sizes": rows}  # fmt: skip
+    text = json.dumps(result, indent=1)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
