@@ -20,9 +20,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
+from speech_streams import add_pipeline_arguments, load_pipeline
 
-from speechlm.speech import SpeechPipeline, resolve_dtype
 from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig
 from speechlm.training import textgen
 from speechlm.training.teachers import get_teacher
@@ -39,19 +38,11 @@ def spoken_questions(count: int) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="speechlm-default")
+    add_pipeline_arguments(ap)
     ap.add_argument("--sizes", default="1,2,4,8", help="questions at once")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a CPU with native bfloat16, else float32 (as speechlm serve)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    dtype = resolve_dtype(args.dtype, args.device)
-    sp = SpeechPipeline.from_pretrained(args.model, dtype=dtype)
-    sp.lm.to(args.device)
-    sp.codec.to(args.device)
+    sp, dtype = load_pipeline(args)
     config = AssistConfig()
     g = dataclasses.replace(ASSIST_GENERATION, asr_views=config.asr_views, asr_adapter=config.asr_adapter, asr_check_rounds=config.asr_check_rounds)
     sizes = [int(x) for x in args.sizes.split(",")]

@@ -75,22 +75,32 @@ def speak(sp: SpeechPipeline, texts: list[str], k: int, way: str, g: Generation,
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_pipeline_arguments(ap: argparse.ArgumentParser) -> None:
+    """--model, --dtype, --threads, --device, --out (this benchmark's and hearing_batch.py's)."""
     ap.add_argument("--model", default="speechlm-default")
-    ap.add_argument("--codec", default=None)
-    ap.add_argument("--sizes", default="1,2,4,8,16", help="replies in flight")
-    ap.add_argument("--repeats", type=int, default=2, help="runs of each way per size (alternating)")
     ap.add_argument("--dtype", default="auto", help="auto: bfloat16 on a CPU with native bfloat16, else float32 (as speechlm serve)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+
+
+def load_pipeline(args: argparse.Namespace, codec: str | None = None) -> tuple[SpeechPipeline, torch.dtype]:
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, args.device)
-    sp = SpeechPipeline.from_pretrained(args.model, args.codec, dtype=dtype)
+    sp = SpeechPipeline.from_pretrained(args.model, codec, dtype=dtype)
     sp.lm.to(args.device)
     sp.codec.to(args.device)
+    return sp, dtype
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_pipeline_arguments(ap)
+    ap.add_argument("--codec", default=None)
+    ap.add_argument("--sizes", default="1,2,4,8,16", help="replies in flight")
+    ap.add_argument("--repeats", type=int, default=2, help="runs of each way per size (alternating)")
+    args = ap.parse_args()
+    sp, dtype = load_pipeline(args, args.codec)
     g = Generation()
     sizes = [int(x) for x in args.sizes.split(",")]
     texts = held_out_texts(2 * max(sizes))
