@@ -6,7 +6,8 @@
 #
 # Before it: wheels of the missing packages in .whl/ (downloaded where pip works):
 #   vector-quantize-pytorch torch-einops-utils einx loguru frozendict websockets soxr soundfile cffi pycparser
-# Writes OUT_DIR/server_gpu_{duplex,qwen05b}{,_graphs}.json: the shipped duplex model (float32) and an
+# Writes OUT_DIR/server_gpu_{duplex,qwen05b}{,_graphs}.json (and server_gpu_assist.json with PARTS=...,assist: the
+# duplex model with the answer assist, as `speechlm serve` runs by default): the shipped duplex model (float32) and an
 # untrained duplex LM on Qwen2-0.5B's backbone shape (bfloat16), each eager and with the LM backbone
 # replayed from CUDA graphs (--cuda-graphs); OUT_DIR/mctp_gpu.json (first audio and decode speed of
 # the shipped speech LM's architecture, with PARTS=...,mctp); OUT_DIR/speech_streams_gpu.json (many replies spoken at once,
@@ -31,6 +32,10 @@ server() {  # name, seconds allowed, then benchmarks/server.py arguments
 # the shipped duplex model: the most sessions held in real time, step time per batch, memory per session
 server duplex 90 --lm duplex-default --batches "${BATCHES:-1,64,256,512}" --sessions "${LOADS_EAGER:-64,128}"
 server duplex_graphs 150 --lm duplex-default --cuda-graphs --batches "${BATCHES:-1,64,256,512}" --sessions "${LOADS:-128,256,384}"
+# the shipped server as `speechlm serve` runs it: the duplex model with the answer assist, clients asking a spoken question
+# (espeak-ng's, from a file: the lent machines have no espeak-ng) every 4.5 s; reply onset and late ticks (PARTS=...,assist)
+server assist 240 --lm duplex-default --assist speechlm-default --speech --speech-wav benchmarks/data/two_plus_three.wav \
+  --pause 3.0 --seconds 20 --batches "${BATCHES_ASSIST:-1,64}" --sessions "${LOADS_ASSIST:-16,64}"
 # a ~0.5B backbone (random weights: speed does not depend on them), bfloat16
 server qwen05b 80 --lm random:qwen2-0.5b --dtype bfloat16 --batches "${BATCHES:-1,64,256}" --sessions "${LOADS_EAGER2:-32}"
 server qwen05b_graphs 150 --lm random:qwen2-0.5b --dtype bfloat16 --cuda-graphs --batches "${BATCHES:-1,64,256,512}" --sessions "${LOADS2:-64,128,256}"

@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--assist-options", type=json.loads, default=None, help='--assist: more AssistConfig fields as JSON, e.g. \'{"plan_quiet_frames": 1}\'')
     ap.add_argument("--speech", action="store_true", help="clients loop a spoken question and a pause (espeak-ng) instead of a steady tone")
     ap.add_argument("--pause", type=float, default=3.0, help="--speech: seconds of silence after the question")
+    ap.add_argument("--speech-wav", default=None, help="--speech: the question from this 16 kHz mono file instead of espeak-ng "
+                    "(benchmarks/data/two_plus_three.wav: espeak-ng's, for machines without it)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,9 +64,14 @@ def main() -> None:
 
         import numpy as np
 
-        from speechlm.training.teachers import get_teacher
+        if args.speech_wav:
+            from speechlm.codec.audio import load_audio
 
-        question = get_teacher("espeak:en-us").synthesize("What is two plus three?", random.Random(0)).audio
+            question = load_audio(args.speech_wav, 16000)
+        else:
+            from speechlm.training.teachers import get_teacher
+
+            question = get_teacher("espeak:en-us").synthesize("What is two plus three?", random.Random(0)).audio
         speech = np.concatenate([question, np.zeros(int(args.pause * 16000), np.float32)])
     batches = [int(x) for x in args.batches.split(",")]
     steps = step_times(model, batches)
