@@ -367,9 +367,6 @@ def _open_text(path: str):
 
 
 def cmd_asr(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
     from .codec.audio import load_audio
 
     pipeline = _load_pipeline(args)
@@ -377,24 +374,46 @@ def cmd_asr(args: argparse.Namespace) -> int:
         if not pipeline.lm.int8_computes:
             raise SpeechLMError("--int8 needs the LM computed in bfloat16 on a CPU (--dtype bfloat16, or auto where the CPU has it)")
         pipeline.lm.use_int8(4)
+    g = _generation(args)
+    if len(args.inputs) == 1:  # one file: its errors are the command's; a progress bar over a long recording's pieces
+        audio = load_audio(args.inputs[0], sample_rate=pipeline.sample_rate)
+        _print_transcript(args, args.inputs[0], audio, pipeline.asr_segments(audio, generation=g, progress=sys.stderr.isatty()), pipeline.sample_rate)
+        return 0
     failed = 0
-    for path in args.inputs:
+    for k in range(0, len(args.inputs), args.batch_size):
+        loaded = []
+        for path in args.inputs[k : k + args.batch_size]:
+            try:
+                loaded.append((path, load_audio(path, sample_rate=pipeline.sample_rate)))
+            except SpeechLMError as e:
+                print(f"speechlm: error: {path}: {e}", file=sys.stderr)  # the other files go on
+                failed += 1
         try:
-            audio = load_audio(path, sample_rate=pipeline.sample_rate)
-            segments = pipeline.asr_segments(audio, generation=_generation(args), progress=sys.stderr.isatty())
-            text = " ".join(s.text for s in segments if s.text)
-        except SpeechLMError as e:
-            if len(args.inputs) == 1:
-                raise
-            print(f"speechlm: error: {path}: {e}", file=sys.stderr)  # the other files go on
-            failed += 1
-            continue
-        if args.json:
-            print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / pipeline.sample_rate, 3),
-                              "segments": [dataclasses.asdict(s) for s in segments]}), flush=True)
-        else:
-            print(text if len(args.inputs) == 1 else f"{path}\t{' '.join(text.split())}", flush=True)  # one line per file
+            heard = pipeline.asr_segments_many([audio for _, audio in loaded], generation=g)
+        except SpeechLMError:  # a file the batch cannot take: one by one, so that only it fails
+            heard = [None] * len(loaded)
+        for (path, audio), segments in zip(loaded, heard):
+            try:
+                segments = pipeline.asr_segments(audio, generation=g) if segments is None else segments
+            except SpeechLMError as e:
+                print(f"speechlm: error: {path}: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            _print_transcript(args, path, audio, segments, pipeline.sample_rate)
     return 1 if failed else 0
+
+
+def _print_transcript(args: argparse.Namespace, path: str, audio, segments: list, sample_rate: int) -> None:
+    """``speechlm asr``'s output for one file: its transcript (several files: ``FILE<TAB>TEXT``), or with ``--json`` an object."""
+    import dataclasses
+    import json
+
+    text = " ".join(s.text for s in segments if s.text)
+    if args.json:
+        print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / sample_rate, 3),
+                          "segments": [dataclasses.asdict(s) for s in segments]}), flush=True)  # fmt: skip
+    else:
+        print(text if len(args.inputs) == 1 else f"{path}\t{' '.join(text.split())}", flush=True)  # one line per file
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -659,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="products of at most 4 rows read the backbone's weights as int8 (bfloat16 on a CPU: faster, rounded differently; "
                         "the same WER on 80 held-out-voice utterances)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="several files: hear up to N at once, those heard in one piece as rows of one batch (1: one by one)")
     _add_asr_decoder_argument(p)
     _add_model_arguments(p)
     p.set_defaults(func=cmd_asr)

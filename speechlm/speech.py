@@ -16,6 +16,7 @@ per forward).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -531,16 +532,13 @@ class SpeechPipeline:
     def transcribe_views(self, views: list[np.ndarray], generation: Generation | None = None) -> str:
         """One transcript from views (T_k,) of one utterance (16 kHz, checked by :meth:`asr`), by the
         LM decoder: one view = greedy decoding, several = :func:`speechlm.lm.ensemble.ensemble_transcribe_groups`."""
-        g = generation or Generation()
-        [transcript], batch, prefilled = self._transcribe_groups([views], g)
-        if g.asr_check_rounds > 0 and transcript:
-            transcript = self.check_transcript(transcript, views[0], batch, g, prefilled)
-        return transcript
+        return self._transcribe_groups([views], generation or Generation())[0]
 
-    def _transcribe_groups(self, groups: list[list[np.ndarray]], g: Generation) -> tuple[list[str], PromptBatch, Prefilled | None]:
+    def _transcribe_groups(self, groups: list[list[np.ndarray]], g: Generation) -> list[str]:
         """The transcripts of several utterances, ``groups[u]`` the views of utterance u, as the rows of one
-        batch (each what it gets alone, up to the float rounding of batched arithmetic); also the batch and,
-        for several views or with the transcript check, its prefill (the check reuses it)."""
+        batch (each what it gets alone, up to the float rounding of batched arithmetic); with ``asr_check_rounds``
+        each is then checked against its first view's sounds (:meth:`check_transcript`, on its rows of the batch's
+        prefill)."""
         v = self.lm.vocab
         # A transcript is text only: a speech token (the model starting to speak) ends it.
         stops = [v.eos, v.end_of_turn, v.speech_start, v.speech_end, v.audio]
@@ -555,30 +553,40 @@ class SpeechPipeline:
         else:
             outs = ensemble_transcribe_groups(self.lm, batch, rows, max_new_tokens=g.max_text_tokens, stop_tokens=stops, rescore=g.asr_rescore,
                                               prefilled=prefilled)  # fmt: skip
-        return [self.lm.tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs], batch, prefilled
+        texts = [self.lm.tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+        if g.asr_check_rounds > 0:
+            for u, (views, r) in enumerate(zip(groups, rows)):
+                if texts[u]:
+                    prompt, ran = (batch, prefilled) if len(groups) == 1 else _batch_rows(batch, prefilled, r)
+                    texts[u] = self.check_transcript(texts[u], views[0], prompt, g, ran)
+        return texts
 
     def asr_many(self, audios: list[np.ndarray], sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> list[str]:
-        """:meth:`asr` of several recordings (a server's questions): each transcript is what ``asr`` gives it.
-        Those heard in one piece by the LM decoder without the transcript check (a question of one sentence)
-        are heard as the rows of one batch — their views prefilled together, one forward per decoding step for
-        all; the others one by one."""
+        """:meth:`asr` of several recordings (a server's questions, a folder of files): each transcript is what
+        ``asr`` gives it, the recordings heard together where they can be (:meth:`asr_segments_many`)."""
+        return [" ".join(s.text for s in segments if s.text) for segments in self.asr_segments_many(audios, sample_rate, generation)]
+
+    def asr_segments_many(self, audios: list[np.ndarray], sample_rate: int = SAMPLE_RATE, generation: Generation | None = None) -> list[list[Segment]]:
+        """:meth:`asr_segments` of several recordings. Those heard in one piece by the LM decoder (a question, a
+        sentence) are heard as the rows of one batch — their views prefilled together, one forward per decoding
+        step for all, then each transcript checked on its own; the others one by one."""
         g = generation or Generation()
         decoder = self._asr_decoder(g)
-        out = [""] * len(audios)
+        out: list[list[Segment]] = [[] for _ in audios]
         together: list[tuple[int, np.ndarray]] = []
         for i, audio in enumerate(audios):
             audio = self._checked(audio, sample_rate)
             if is_silent(audio):
                 continue
-            if decoder == "lm" and g.asr_check_rounds == 0 and self._one_piece(audio, sample_rate, g):
+            if decoder == "lm" and self._one_piece(audio, sample_rate, g):
                 together.append((i, audio))
             else:
-                out[i] = self.asr(audio, sample_rate, g)
+                out[i] = self.asr_segments(audio, sample_rate, g)
         if together:
             with self.lm.adapter(self.asr_adapter(g)):
-                texts, _, _ = self._transcribe_groups([self._views(audio, sample_rate, g) for _, audio in together], g)
-            for (i, _), text in zip(together, texts):
-                out[i] = text
+                texts = self._transcribe_groups([self._views(audio, sample_rate, g) for _, audio in together], g)
+            for (i, audio), text in zip(together, texts):
+                out[i] = [Segment(0.0, round(len(audio) / sample_rate, 3), text)]
         return out
 
     def _one_piece(self, audio: np.ndarray, sample_rate: int, g: Generation) -> bool:
@@ -717,6 +725,16 @@ class SpeechPipeline:
                 for frame in step.frames[0]:
                     pcm, state = self.codec.decode_step(frame[None].clamp(max=self.codec.config.codebook_size - 1), state)
                     yield step, pcm[0].cpu().numpy()
+
+
+def _batch_rows(batch: PromptBatch, prefilled: Prefilled, rows: list[int]) -> tuple[PromptBatch, Prefilled]:
+    """Rows ``rows`` of a prompt batch and of its prefill (first-token log-probabilities, cache, mask, last positions)."""
+    index = torch.tensor(rows, device=batch.input_ids.device)
+    first, cache, valid, last = prefilled
+    cache = copy.deepcopy(cache)
+    cache.batch_select_indices(index)
+    own = PromptBatch(batch.input_ids[index], batch.audio_codes[index], batch.audio_mask[index], batch.attention_mask[index])
+    return own, (first[index], cache, valid[index], last[index])
 
 
 def choose_candidate(scores: list[float], margin: float = 0.0) -> int:

@@ -192,10 +192,11 @@ def test_asr_hears_a_quiet_microphone_as_a_loud_one(model):
         pipeline.asr(speech, generation=Generation(asr_views=0))
 
 
-@pytest.mark.parametrize("asr_views", [1, 2])
-def test_several_recordings_heard_at_once_as_each_alone(model, asr_views):
+@pytest.mark.parametrize("asr_views,check", [(1, 0), (2, 0), (2, 3)])
+def test_several_recordings_heard_at_once_as_each_alone(model, asr_views, check):
     """asr_many (a server's questions): recordings heard in one piece go as rows of one batch, one with a pause
-    to cut at, a long one and silence the way asr takes them; each transcript is asr's. reply_texts likewise."""
+    to cut at, a long one and silence the way asr takes them; each transcript is asr's (checked against its sounds
+    too: each on its own rows of the batch). reply_texts likewise."""
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
     pipeline = SpeechPipeline(model, codec)
     rng = np.random.default_rng(1)
@@ -206,7 +207,7 @@ def test_several_recordings_heard_at_once_as_each_alone(model, asr_views):
 
     paused = np.concatenate([tone(0.6, 150), np.zeros(8000, np.float32), tone(0.6, 220)])  # heard whole and in two
     audios = [tone(0.8, 180), paused, np.zeros(8000, np.float32), tone(1.2, 120), tone(0.5, 260)]
-    g = Generation(max_text_tokens=6, asr_views=asr_views, asr_check_rounds=0)
+    g = Generation(max_text_tokens=6, asr_views=asr_views, asr_check_rounds=check)
     assert not pipeline._one_piece(paused, 16000, g) and pipeline._one_piece(audios[0], 16000, g)
     assert pipeline.asr_many(audios, generation=g) == [pipeline.asr(a, generation=g) for a in audios]
     assert pipeline.asr_many([], generation=g) == []

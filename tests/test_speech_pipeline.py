@@ -177,6 +177,15 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     r = cli("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
     assert r.returncode == 1 and len(r.stdout.splitlines()) == 2 and "bad.wav" in r.stderr and "Traceback" not in r.stderr
+    # several files heard in batches (those in one piece as rows of one batch) print what one by one prints; a file
+    # too short to hear fails alone
+    short = tmp_path / "short.wav"
+    save_audio(short, np.full(800, 0.1, np.float32))
+    files = [str(speech), str(late), str(short), str(speech)]
+    batched = cli("asr", *files, "--views", "1", "--batch-size", "3", *model)
+    alone = cli("asr", *files, "--views", "1", "--batch-size", "1", *model)
+    assert batched.returncode == alone.returncode == 1 and batched.stdout == alone.stdout and "short.wav" in batched.stderr, batched.stderr
+    assert batched.stdout.splitlines()[0] == f"{speech}\t{' '.join(views['1'].split())}" and len(batched.stdout.splitlines()) == 3
     r = cli("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
     assert r.returncode == 0, r.stderr
     r = cli("tts", "", "-o", str(tmp_path / "e.wav"), *model)
