@@ -11,7 +11,8 @@
 # untrained duplex LM on Qwen2-0.5B's backbone shape (bfloat16), each eager and with the LM backbone
 # replayed from CUDA graphs (--cuda-graphs); OUT_DIR/mctp_gpu.json (first audio and decode speed of
 # the shipped speech LM's architecture, with PARTS=...,mctp); OUT_DIR/speech_streams_gpu.json (many replies spoken at once,
-# rows of one running batch vs one stream per reply in turn, the shipped speech LM, with PARTS=...,streams).
+# rows of one running batch vs one stream per reply in turn, the shipped speech LM, with PARTS=...,streams);
+# OUT_DIR/hearing_batch_gpu.json (spoken questions heard and answered as one batch vs one by one, PARTS=...,hearing).
 # PARTS picks what runs (default: all four server runs); DEVICE=cpu and small LOADS/BATCHES rehearse it on a CPU.
 set -u
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
@@ -48,5 +49,10 @@ esac
 case ",$parts," in *",streams,"*)
   timeout 300 python3 benchmarks/speech_streams.py --device "$device" --sizes "${STREAMS:-1,8,32}" --repeats 1 \
     --out "$out/speech_streams_gpu.json" ;;
+esac
+# several spoken questions heard and answered as one batch vs one by one (the assist's hearing; questions from a file)
+case ",$parts," in *",hearing,"*)
+  timeout 240 python3 benchmarks/hearing_batch.py --device "$device" --questions benchmarks/data/questions8.npz \
+    --sizes "${HEARING:-1,8,32,64}" --repeats 1 --out "$out/hearing_batch_gpu.json" ;;
 esac
 echo "gpu.sh done"

@@ -8,6 +8,10 @@ settings (2 views, the ASR adapter, no transcript check) and answered; both ways
 and replies the two ways agree on (batched arithmetic rounds differently). No judge needed.
 
     python benchmarks/hearing_batch.py --sizes 1,2,4,8 --out docs/results/hearing_batch.json
+    python benchmarks/hearing_batch.py --device cuda --questions benchmarks/data/questions8.npz --sizes 1,8,32,64   # no espeak-ng there
+
+``--questions FILE.npz`` reads the spoken questions (``audio_0``, ``audio_1``, ... PCM16 at 16 kHz; written by
+``--save-questions FILE.npz``) instead of synthesizing them, cycled when more are asked for.
 """
 
 from __future__ import annotations
@@ -20,15 +24,21 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 from speech_streams import add_pipeline_arguments, load_pipeline
 
 from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig
 from speechlm.training import textgen
-from speechlm.training.teachers import get_teacher
 
 
-def spoken_questions(count: int) -> list:
-    """``count`` held-out questions (test split) spoken by held-out espeak-ng voices."""
+def spoken_questions(count: int, path: str | None = None) -> list:
+    """``count`` held-out questions (test split) spoken by held-out espeak-ng voices (or read from ``path``, cycled)."""
+    if path:
+        with np.load(path) as saved:
+            audio = [saved[f"audio_{i}"].astype(np.float32) / 32767 for i in range(len(saved.files))]
+        return [audio[i % len(audio)] for i in range(count)]
+    from speechlm.training.teachers import get_teacher  # espeak-ng
+
     items = [item for source in ("arithmetic", "facts") for item in textgen.generate(source, -(-count // 2), split="test", seed=1)]
     random.Random(0).shuffle(items)
     voices = textgen.voice_catalog("test", ("espeak",))
@@ -41,12 +51,18 @@ def main() -> None:
     add_pipeline_arguments(ap)
     ap.add_argument("--sizes", default="1,2,4,8", help="questions at once")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--questions", default=None, help="read the spoken questions from this .npz (see the module doc)")
+    ap.add_argument("--save-questions", default=None, help="write the spoken questions to this .npz and stop")
     args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    questions = spoken_questions(max(sizes), args.questions)
+    if args.save_questions:
+        np.savez_compressed(args.save_questions, **{f"audio_{i}": np.round(np.clip(q, -1, 1) * 32767).astype(np.int16) for i, q in enumerate(questions)})
+        print(f"wrote {args.save_questions}")
+        return
     sp, dtype = load_pipeline(args)
     config = AssistConfig()
     g = dataclasses.replace(ASSIST_GENERATION, asr_views=config.asr_views, asr_adapter=config.asr_adapter, asr_check_rounds=config.asr_check_rounds)
-    sizes = [int(x) for x in args.sizes.split(",")]
-    questions = spoken_questions(max(sizes))
     sp.reply_texts(sp.asr_many(questions[:1], generation=g), g)  # warm-up
 
     def one_by_one(qs):
