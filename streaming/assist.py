@@ -174,9 +174,10 @@ class _Job:
     """One turn's work for the speech LM: hear the question, write the reply, speak it (voice
     "speech_lm"). Runs inline or on the assist thread; the tick reads it without waiting."""
 
-    def __init__(self, question: np.ndarray | None, heard_at: int):
+    def __init__(self, question: np.ndarray | None, heard_at: int, voice: str | None = None):
         self.question = question
         self.heard_at = heard_at  # the row's count of heard frames when the question was taken
+        self.voice = voice  # the speech LM voice the reply is said in (None: the assist's tts_voice)
         self.transcript = ""
         self.reply = ""
         self.planned = threading.Event()  # transcript and reply are set
@@ -210,6 +211,7 @@ class _Row:
     paused: bool = False  # the reply is held while the user talks over it
     overlap: int = 0  # frames of the user's sound over the paused reply
     gate: float = 0.01  # a frame with an RMS above this is speech (the speech gate's threshold, speechlm.streaming.gate)
+    voice: str | None = None  # the session's voice for the replies (``configure_rows``); None: the config's tts_voice
 
     @property
     def in_turn(self) -> bool:
@@ -305,6 +307,24 @@ class AssistedDuplexModel:
         extra = [self._row() for _ in range(batch_size - state.batch_size)]
         return AssistedState(self.duplex.grow_state(state.inner, batch_size), state.rows + extra)
 
+    def voices(self) -> list[str]:
+        """The voices a session may ask for (its HANDSHAKE's ``voice``), the assist's own first: the speech LM's
+        voices when it says the replies (voice "speech_lm"), else only the duplex model's, "default"."""
+        if self.config.voice != "speech_lm" or not hasattr(self.speech, "voices"):
+            return ["default"]
+        own = self.config.tts_voice
+        return [own, *(v for v in self.speech.voices() if v != own)]
+
+    def configure_rows(self, state: AssistedState, options: dict[int, dict]) -> AssistedState:
+        """Per-session settings of rows (just joined): ``{"voice": NAME}`` says that session's replies in NAME."""
+        voices = self.voices()
+        for r, opts in options.items():
+            voice = opts.get("voice")
+            if voice is not None and voice not in voices:
+                raise SpeechLMError(f"no voice {voice!r}; the assist speaks: {', '.join(voices)}")
+            state.rows[r].voice = voice
+        return state
+
     def select_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
         for i in set(range(len(state.rows))) - set(rows):
             state.rows[i].drop_job()  # a session that left: its speech LM work stops
@@ -389,7 +409,7 @@ class AssistedDuplexModel:
             question = self.question_audio(row)
             if question is not None:
                 log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate)
-                row.job = self._submit(question, row.heard_total)
+                row.job = self._submit(question, row.heard_total, row.voice)
         if talking:
             return  # the turn waits for talk_frames of quiet
         if row.job is None and row.turn_wanted and self.config.voice == "duplex":
@@ -460,8 +480,8 @@ class AssistedDuplexModel:
 
     # -- the speech LM's work -----------------------------------------------------------------
 
-    def _submit(self, question: np.ndarray | None, heard_at: int) -> _Job:
-        job = _Job(question, heard_at)
+    def _submit(self, question: np.ndarray | None, heard_at: int, voice: str | None = None) -> _Job:
+        job = _Job(question, heard_at, voice)
         self._jobs.add(job)
         if question is None:  # nothing to hear: planned at once, with nothing to say
             job.planned.set()
@@ -475,11 +495,11 @@ class AssistedDuplexModel:
                     self._thread.start()
                 self._wake.notify()
         else:  # inline: hear, reply and speak it whole
-            streams, speaking = self._streams(), {}
+            streams, speaking = {}, {}
             self._plan([job])
             self._start_speech(job, streams, speaking)
             while speaking:
-                streams = self._speak_step(streams, speaking)
+                self._speak_step(streams, speaking)
         return job
 
     def _serve(self, stop: threading.Event) -> None:
@@ -487,7 +507,8 @@ class AssistedDuplexModel:
         every reply being spoken advances a step (rows of one batch, :meth:`SpeechPipeline.speech_streams`).
         Waiting questions go first once every reply is ``ahead_frames`` ahead of its playback."""
         _lower_priority()
-        streams, speaking = self._streams(), {}
+        streams: dict[str | None, SpeechStreams] = {}  # per voice: the replies said in it, rows of one batch
+        speaking: dict[tuple[str | None, int], _Job] = {}  # (voice, stream key) -> job
         while True:
             with self._wake:
                 while not stop.is_set() and not self._plans and not speaking:
@@ -502,13 +523,14 @@ class AssistedDuplexModel:
                 for job in jobs:
                     self._start_speech(job, streams, speaking)
             else:
-                streams = self._speak_step(streams, speaking)
+                self._speak_step(streams, speaking)
         for job in speaking.values():
             job.done.set()
 
-    def _streams(self) -> SpeechStreams:
+    def _streams(self, voice: str | None) -> SpeechStreams:
+        g = self.generation if voice is None else dataclasses.replace(self.generation, voice=voice)
         make = getattr(self.speech, "speech_streams", None) if self.config.batched_speech else None
-        return make(self.generation) if make is not None else SpeechStreams(self.speech, self.generation)
+        return make(g) if make is not None else SpeechStreams(self.speech, g)
 
     def _plan(self, jobs: list[_Job]) -> None:
         """Hear the questions and write the replies, every waiting question at once: as the rows of one batch
@@ -544,44 +566,47 @@ class AssistedDuplexModel:
             return many(transcripts, self.generation) if transcripts else []
         return [self.speech.reply_text(t, self.generation) for t in transcripts]
 
-    def _start_speech(self, job: _Job, streams: SpeechStreams, speaking: dict[int, _Job]) -> None:
-        """The reply's speech joins the streams (voice "speech_lm"); otherwise the job is done."""
+    def _start_speech(self, job: _Job, streams: dict[str | None, SpeechStreams], speaking: dict[tuple[str | None, int], _Job]) -> None:
+        """The reply's speech joins the streams of its voice (voice "speech_lm"); otherwise the job is done."""
         try:
             if job.reply and self.plan(job.reply) and self.config.voice == "speech_lm" and not job.cancelled:
-                speaking[streams.add(job.reply)] = job
+                if job.voice not in streams:
+                    streams[job.voice] = self._streams(job.voice)
+                speaking[(job.voice, streams[job.voice].add(job.reply))] = job
                 return
         except Exception as e:  # noqa: BLE001
             log.warning("assist: the reply's speech stopped: %s", e)
         job.done.set()
 
-    def _speak_step(self, streams: SpeechStreams, speaking: dict[int, _Job]) -> SpeechStreams:
-        """One step of every reply being spoken (``speaking``: stream key -> job); replies dropped by their
-        session leave. An error stops every reply of the step (their sessions go on) and gives fresh streams."""
-        for key, job in list(speaking.items()):
+    def _speak_step(self, streams: dict[str | None, SpeechStreams], speaking: dict[tuple[str | None, int], _Job]) -> None:
+        """One step of every reply being spoken (``speaking``: (voice, stream key) -> job), the streams of each voice
+        in turn; replies dropped by their session leave. An error stops that voice's replies of the step (their
+        sessions go on), and the voice gets fresh streams."""
+        for (voice, key), job in list(speaking.items()):
             if job.cancelled:
-                streams.cancel(key)
-                del speaking[key]
+                streams[voice].cancel(key)
+                del speaking[(voice, key)]
                 job.done.set()
-        if not speaking:
-            return streams
-        try:
-            made = streams.step()
-        except Exception as e:  # noqa: BLE001
-            log.warning("assist: the replies' speech stopped: %s", e)
-            for job in speaking.values():
-                job.done.set()
-            speaking.clear()
-            return self._streams()
-        for key, frames in made.items():
-            job = speaking.get(key)
-            if job is None:
+        for voice in list(dict.fromkeys(v for v, _ in speaking)):
+            try:
+                made = streams[voice].step()
+            except Exception as e:  # noqa: BLE001
+                log.warning("assist: the replies' speech stopped: %s", e)
+                for (v, key), job in list(speaking.items()):
+                    if v == voice:
+                        job.done.set()
+                        del speaking[(v, key)]
+                streams[voice] = self._streams(voice)
                 continue
-            if not job.cancelled:
-                job.frames.extend(frames)
-            if streams.finished(key):
-                del speaking[key]
-                job.done.set()
-        return streams
+            for key, frames in made.items():
+                job = speaking.get((voice, key))
+                if job is None:
+                    continue
+                if not job.cancelled:
+                    job.frames.extend(frames)
+                if streams[voice].finished(key):
+                    del speaking[(voice, key)]
+                    job.done.set()
 
     def _int8(self):
         """The int8 products of ``config.int8_rows`` for this thread's hearing and reply text, where the

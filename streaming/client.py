@@ -81,7 +81,7 @@ class DuplexClient:
         **options: Any,
     ) -> DuplexClient:
         """Open ``url``, send the HANDSHAKE, wait for the server's. ``options`` go into the handshake
-        (``autostart``, ``send_text``, ``metadata_interval``)."""
+        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``; None values are left out)."""
         url = normalize_url(url)
         if codec == "opus" and not protocol.opus_available():
             raise ClientError("--codec opus needs the sphn package (pip install sphn)")
@@ -101,7 +101,8 @@ class DuplexClient:
                 else getattr(e, "strerror", None) or str(e) or type(e).__name__
             )
             raise ClientError(f"cannot connect to {url}: {reason} (is `speechlm serve` running there?)") from None
-        config = {"version": protocol.VERSION, "sample_rate": protocol.SAMPLE_RATE, "codec": codec, "client": client, **options}
+        config = {"version": protocol.VERSION, "sample_rate": protocol.SAMPLE_RATE, "codec": codec, "client": client,
+                  **{k: v for k, v in options.items() if v is not None}}  # fmt: skip
         if token:
             config["token"] = token
         with contextlib.suppress(ConnectionClosed):  # a server that is full answers before reading: read that below
@@ -247,13 +248,15 @@ async def stream_file(
     codec: str = "pcm16",
     on_text: Callable[[Text], None] | None = None,
     grace_seconds: float = 5.0,
+    voice: str | None = None,
 ) -> Conversation:
     """Stream ``audio`` (float32, 16 kHz) like a microphone would, then ``listen_seconds`` of silence,
     and collect the model's reply until as much audio came back as went out.
 
-    ``realtime=False`` sends as fast as the server accepts (its jitter buffer paces us).
+    ``realtime=False`` sends as fast as the server accepts (its jitter buffer paces us). ``voice``: the server's
+    voice to reply in (its HANDSHAKE reply lists them).
     """
-    async with await DuplexClient.connect(url, token=token, codec=codec) as client:
+    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice) as client:
         frame = client.frame_length
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         listen = np.zeros(round(listen_seconds * client.sample_rate), dtype=np.float32)
@@ -376,7 +379,8 @@ def import_sounddevice():
 
 
 async def stream_microphone(
-    url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None
+    url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
+    voice: str | None = None,
 ) -> Conversation:
     """Full duplex with the sound card: microphone to the server, the server to the speakers.
 
@@ -384,7 +388,7 @@ async def stream_microphone(
     """
     sd = import_sounddevice()
     loop = asyncio.get_running_loop()
-    async with await DuplexClient.connect(url, token=token, codec=codec) as client:
+    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice) as client:
         rate, frame = client.sample_rate, client.frame_length
         captured: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
         playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate)
@@ -443,6 +447,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen-seconds", type=float, default=2.0, help="keep listening this long after the input ends (default 2)")
     parser.add_argument("--seconds", type=float, help="with --mic: stop after this long (default: until Ctrl-C)")
     parser.add_argument("--token", help="the server's token, if it has one")
+    parser.add_argument("--voice", help="the voice the server replies in, one of those its handshake lists (default: the server's)")
     parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus needs sphn)")
     parser.add_argument("--json", action="store_true", help="print transcripts and stats as one JSON object")
 
@@ -469,7 +474,7 @@ def client_main(args: argparse.Namespace) -> int:
     sent_seconds = None
     if args.mic:
         try:
-            result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show))
+            result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show, voice=args.voice))
         except KeyboardInterrupt:
             return 0
     else:
@@ -484,6 +489,7 @@ def client_main(args: argparse.Namespace) -> int:
                 listen_seconds=args.listen_seconds,
                 codec=args.codec,
                 on_text=show,
+                voice=args.voice,
             )
         )
     if args.output:

@@ -279,6 +279,7 @@ class SessionConfig:
     autostart: bool = True  # join the batch at the first AUDIO (else wait for CONTROL start)
     send_text: bool = True
     metadata_interval: float = 1.0  # seconds between METADATA stats; 0 turns them off
+    voice: str | None = None  # the voice the model's replies are said in (one of the server's; None: its default)
 
     @classmethod
     def from_handshake(cls, message: Handshake, server_sample_rate: int = SAMPLE_RATE) -> SessionConfig:
@@ -307,7 +308,10 @@ class SessionConfig:
                 raise ProtocolError(f"{name!r} must be true or false", ErrorCode.BAD_HANDSHAKE)
             flags[name] = value
         interval = _metadata_interval(config.get("metadata_interval", cls.metadata_interval), ErrorCode.BAD_HANDSHAKE)
-        return cls(sample_rate=sample_rate, codec=codec, client=client[:200], token=token, metadata_interval=interval, **flags)
+        voice = config.get("voice")
+        if voice is not None and (not isinstance(voice, str) or not 0 < len(voice) <= 64):
+            raise ProtocolError("'voice' must be a voice's name (a string of 1 to 64 characters)", ErrorCode.BAD_HANDSHAKE)
+        return cls(sample_rate=sample_rate, codec=codec, client=client[:200], token=token, metadata_interval=interval, voice=voice, **flags)
 
 
 def _metadata_interval(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> float:

@@ -146,6 +146,7 @@ class StreamSession:
         self.heard_audio = False  # underruns count only once the user has sent something
         self.generation = 0  # bumped at every join: output of a step from before a re-join is stale
         self.closed = False
+        self.options: dict[str, Any] = {}  # the session's settings for its row of the model (e.g. "voice"), set at every join
 
     @property
     def frame_seconds(self) -> float:
@@ -388,6 +389,9 @@ class Scheduler:
                 self._rows[session.row] = session
                 new_rows.append(session.row)
             self._state = self.model.reset_rows(self._state, new_rows)
+            configure = getattr(self.model, "configure_rows", None)
+            if configure is not None and any(s.options for s in joining):
+                self._state = configure(self._state, {s.row: s.options for s in joining if s.options})
         elif self.capacity > self.initial_capacity and len(self._rows) <= self.capacity // 4:
             self._compact()
 

@@ -96,6 +96,12 @@ class DuplexServer:
         self.port: int | None = None
         self.started_at = time.time()
 
+    def voices(self) -> list[str]:
+        """The voices a session may ask for in its HANDSHAKE (``voice``), the server's default first: the model's
+        (``voices()``, e.g. the answer assist's speech LM voices), else only ``default``."""
+        voices = getattr(self.model, "voices", None)
+        return list(voices()) if voices is not None else ["default"]
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> DuplexServer:
@@ -343,15 +349,24 @@ class _Connection:
                 self.server.counters["rejected_token"] += 1
                 self.fail(ErrorCode.UNAUTHORIZED, "this server needs a token: pass ?token=... in the URL or 'token' in the HANDSHAKE")
                 return False
+        voices = self.server.voices()
+        if config.voice is not None and config.voice not in voices:
+            self.server.counters["bad_handshakes"] += 1
+            self.fail(ErrorCode.BAD_HANDSHAKE, f"this server has no voice {config.voice!r}; it speaks: {', '.join(voices)}")
+            return False
         self.session_config = config
         self.paused = not config.autostart
         self.session = self.scheduler.open_session()
+        if config.voice is not None:
+            self.session.options = {"voice": config.voice}
         reply = {
             "version": protocol.VERSION,
             "session": self.session.id,
             "sample_rate": self.scheduler.sample_rate,
             "frame_length": self.scheduler.frame_length,
             "codec": config.codec,
+            "voice": config.voice or voices[0],
+            "voices": voices,
             "server": "speechlm",
             "model": type(self.server.model).__name__,
             "max_message_bytes": self.config.max_message_bytes,

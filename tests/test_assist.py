@@ -626,3 +626,32 @@ def test_questions_waiting_together_are_heard_and_answered_as_one_batch(tokenize
     assert all(job.done.wait(10) for job in jobs)
     assert [job.reply for job in jobs] == [FakeSpeech().reply, "", FakeSpeech().reply] and "no answer this turn" in caplog.text
     model.close()
+
+
+def test_each_session_hears_the_replies_in_its_own_voice(tokenizer_dir, codec):  # noqa: F811
+    class Voiced(FakeSpeech):  # a speech LM with a second voice: records the voice each reply is said in
+        def __init__(self):
+            super().__init__()
+            self.said_in = []
+
+        def voices(self):
+            return {"default": "its own", "joe": "a voice adapter"}
+
+        def tts(self, text, stream=True, generation=None):
+            self.said_in.append(generation.voice)
+            return super().tts(text, stream, generation)
+
+    voice = Voiced()
+    model = assisted(tokenizer_dir, codec, speech_lm=voice)
+    assert model.voices() == ["default", "joe"]
+    state = model.configure_rows(model.init_state(2), {1: {"voice": "joe"}})
+    assert [row.voice for row in state.rows] == [None, "joe"]
+    with pytest.raises(SpeechLMError, match="no voice 'anna'"):
+        model.configure_rows(state, {0: {"voice": "anna"}})
+    user = np.concatenate([speech(10, 0), np.zeros(15 * N, np.float32)]).reshape(-1, N)
+    for frame in user:  # both sessions ask at once; each reply in its session's voice
+        _, _, state = model.step(torch.from_numpy(np.stack([frame, frame])), state)
+    assert sorted(voice.said_in, key=str) == ["default", "joe"] and model.turns == 2
+    state = model.reset_rows(state, [1])  # a new session in that row: the default voice again
+    assert state.rows[1].voice is None
+    assert assisted(tokenizer_dir, codec, speech_lm=voice, voice="duplex").voices() == ["default"]

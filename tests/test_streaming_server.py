@@ -523,3 +523,44 @@ def test_load_test_clients_can_loop_a_question_and_time_the_replies():
     assert answers["client_failed"] == 0 and answers["replies"] >= 2 and answers["reply_onset_ms_p50"] is not None
     silent = asyncio.run(measure_load(SilenceModel(), 2, seconds=2.0, warmup=0.3, speech=speech))
     assert silent["replies"] == 0 and silent["no_reply"] >= 2
+
+
+class VoicedSilence(SilenceModel):
+    """Silence, with voices: records the per-row settings the scheduler hands it."""
+
+    def __init__(self):
+        super().__init__()
+        self.configured: list[dict] = []
+
+    def voices(self):
+        return ["default", "joe"]
+
+    def configure_rows(self, state, options):
+        self.configured.append(dict(options))
+        return state
+
+
+def test_a_session_asks_for_a_voice_in_its_handshake():
+    async def main():
+        model = VoicedSilence()
+        async with server(model) as srv:
+            client = await DuplexClient.connect(srv.url, voice="joe")
+            assert client.server_config["voice"] == "joe" and client.server_config["voices"] == ["default", "joe"]
+            await client.send_audio(np.zeros(FRAME, np.float32))  # joins the batch: its row gets the voice
+            await wait_until(lambda: model.configured)
+            plain = await DuplexClient.connect(srv.url)
+            assert plain.server_config["voice"] == "default"
+            with pytest.raises(ClientError, match="no voice 'anna'; it speaks: default, joe"):
+                await DuplexClient.connect(srv.url, voice="anna")
+            with pytest.raises(ClientError, match="'voice' must be"):
+                await DuplexClient.connect(srv.url, voice=7)
+            await client.close()
+            await plain.close()
+        async with server(SilenceModel()) as srv:  # a model without voices: only "default"
+            assert (await DuplexClient.connect(srv.url, voice="default")).server_config["voices"] == ["default"]
+            with pytest.raises(ClientError, match="no voice 'joe'"):
+                await DuplexClient.connect(srv.url, voice="joe")
+        return model.configured
+
+    configured = run(main(), timeout=20)
+    assert len(configured) == 1 and list(configured[0].values()) == [{"voice": "joe"}]
