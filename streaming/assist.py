@@ -322,7 +322,7 @@ class AssistedDuplexModel:
             voice = opts.get("voice")
             if voice is not None and voice not in voices:
                 raise SpeechLMError(f"no voice {voice!r}; the assist speaks: {', '.join(voices)}")
-            state.rows[r].voice = voice
+            state.rows[r].voice = None if voice == self.config.tts_voice else voice  # None: the assist's own (one batch)
         return state
 
     def select_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
