@@ -22,10 +22,9 @@ import json
 import random
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
-from speech_streams import add_pipeline_arguments, load_pipeline
+from speech_streams import add_pipeline_arguments, load_pipeline, write_report
 
 from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig
 from speechlm.training import textgen
@@ -92,10 +91,7 @@ def main() -> None:
         print(json.dumps({k: v for k, v in row.items() if k not in ("transcripts", "replies")}), flush=True)
     result = {"model": args.model, "device": args.device, "dtype": str(dtype).removeprefix("torch."), "threads": args.threads,
               "repeats": args.repeats, "sizes": rows}  # fmt: skip
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
+    write_report(result, args.out, show=False)
 
 
 if __name__ == "__main__":

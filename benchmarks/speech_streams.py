@@ -119,11 +119,17 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {"model": args.model, "device": args.device, "dtype": str(dtype).removeprefix("torch."), "threads": args.threads, "repeats": args.repeats,
               "generation": "Generation() defaults", "sizes": rows}  # fmt: skip
+    write_report(result, args.out)
+
+
+def write_report(result: dict, out: str | None, show: bool = True) -> None:
+    """Print ``result`` as JSON (``show``) and write it to ``out`` (if given)."""
     text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
+    if show:
+        print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

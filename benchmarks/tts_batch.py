@@ -18,10 +18,10 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from speech_lm import TTS_SOURCES, held_out_texts
+from speech_streams import write_report
 
 from speechlm.codec.audio import SAMPLE_RATE
 from speechlm.speech import Generation, SpeechPipeline, resolve_dtype
@@ -109,11 +109,7 @@ def main() -> None:
     }
     if args.order_count:
         result["order"] = bench_order(sp, [item["text"] for item in held_out_texts(TTS_SOURCES, args.order_count)], 8)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-        print(f"wrote {args.out}")
+    write_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,7 @@ class SpeechStreams:
     def __init__(self, speech: Any, generation: Generation):
         self.speech, self.generation = speech, generation
         self._streams: dict[int, Iterator[np.ndarray]] = {}
-        self._done: set[int] = set()
-        self._keys = 0
+        self._keys = 0  # keys given so far (1 .. _keys)
 
     def add(self, text: str) -> int:
         """Start speaking ``text``; its key. Errors in the text (e.g. too long) are raised here."""
@@ -55,10 +54,14 @@ class SpeechStreams:
     def cancel(self, key: int) -> None:
         """Stop speaking ``key`` (nothing more of it comes out)."""
         self._streams.pop(key, None)
-        self._done.add(key)
+
+    def _active(self) -> dict:
+        """The texts still being spoken, by key."""
+        return self._streams
 
     def finished(self, key: int) -> bool:
-        return key in self._done
+        """Every frame of ``key`` is out (or it was cancelled): a key given and no longer active."""
+        return 0 < key <= self._keys and key not in self._active()
 
     def __len__(self) -> int:
         """Texts still being spoken."""
@@ -126,7 +129,9 @@ class BatchedSpeechStreams(SpeechStreams):
         for part in entry.parts if entry else []:
             self.batch.remove(part.row)
             self._rows.pop(part.row, None)
-        self._done.add(key)
+
+    def _active(self) -> dict:
+        return self._texts
 
     def __len__(self) -> int:
         return len(self._texts)
@@ -171,5 +176,4 @@ class BatchedSpeechStreams(SpeechStreams):
             entry.next, entry.paused = entry.next + 1, False
         if entry.next == len(entry.parts):
             del self._texts[key]
-            self._done.add(key)
         return out

@@ -78,8 +78,8 @@ class AlignedSpeechBatch:
         self.decoder: Decoder | None = None
         self.backbone_forwards = 0
         self._keys = 0
-        device = model.device
-        self._audio_id = torch.full((1, 1), model.vocab.audio, dtype=torch.long, device=device)
+        self._audio_id = torch.full((1, 1), model.vocab.audio, dtype=torch.long, device=model.device)
+        self._unconditional_embeds: Tensor | None = None  # the twins' prompt, embedded at the first join
 
     def add(self, prefix: Sequence[int], chunks: Sequence[Sequence[int]], *, audio_codes: Tensor | None = None,
             sampling: Sampling | None = None, seed: int | None = None) -> int:  # fmt: skip
@@ -137,8 +137,9 @@ class AlignedSpeechBatch:
             index += [twins + old[id(r)] for r in keep] + [-1] * len(joining)
         new: list[Tensor | None] = [r.next_chunk for r in keep] + [self._prompt_embeds(r.prompt, r.codes) for r in joining]
         if twins is not None:
-            unconditional = self._prompt_embeds(self.unconditional, None) if joining else None
-            new += [None] * len(keep) + [unconditional] * len(joining)
+            if joining and self._unconditional_embeds is None:
+                self._unconditional_embeds = self._prompt_embeds(self.unconditional, None)
+            new += [None] * len(keep) + [self._unconditional_embeds] * len(joining)
         for r in keep:
             r.next_chunk = None
         if index != list(range(self.decoder.known_embeds.shape[0])):
@@ -162,6 +163,7 @@ class AlignedSpeechBatch:
             decoder, rows = self.decoder, self.rows
             B = len(rows)
             R = decoder.known_embeds.shape[0]
+            audio_ids, audio_here = self._audio_id.expand(R, 1), torch.ones(R, 1, dtype=torch.bool, device=model.device)
             hidden = decoder.backbone_step()
             self.backbone_forwards += 1
             for r in rows:
@@ -173,8 +175,7 @@ class AlignedSpeechBatch:
                 choosers = {b: r.segment._chooser(r.segment.layout.shape[1]) for b, r in live.items()}
                 chosen = model.audio_head.generate(hidden, _rows_chooser(choosers, B, empty, self.guidance))[:B]  # (B, Q)
                 real = torch.tensor([b in live for b in range(B)], device=chosen.device)
-                decoder.append(model.embed(self._audio_id.expand(R, 1), chosen.repeat(R // B, 1)[:, None], torch.ones(R, 1, dtype=torch.bool, device=chosen.device)),
-                               real.repeat(R // B)[:, None])  # fmt: skip
+                decoder.append(model.embed(audio_ids, chosen.repeat(R // B, 1)[:, None], audio_here), real.repeat(R // B)[:, None])
                 frames: dict[int, Tensor] = {}
                 for b, r in enumerate(rows):
                     if r.removed:
