@@ -316,7 +316,8 @@ class AssistedDuplexModel:
         return [own, *(v for v in self.speech.voices() if v != own)]
 
     def configure_rows(self, state: AssistedState, options: dict[int, dict]) -> AssistedState:
-        """Per-session settings of rows (just joined): ``{"voice": NAME}`` says that session's replies in NAME."""
+        """Per-session settings of rows (joining, or live: the scheduler's ``configure``): ``{"voice": NAME}`` says
+        that session's replies in NAME from its next reply on (a reply being said goes on in its voice)."""
         voices = self.voices()
         for r, opts in options.items():
             voice = opts.get("voice")

@@ -151,6 +151,11 @@ class DuplexClient:
     async def send_control(self, action: str, **fields: Any) -> None:
         await self.ws.send(protocol.encode(Control(action, fields)))
 
+    async def set_voice(self, voice: str) -> None:
+        """Say the model's next replies in ``voice`` (one of the handshake reply's ``voices``; CONTROL ``config``:
+        the server acknowledges with METADATA ``{"type": "config", "voice": ...}`` or answers ERROR ``bad_message``)."""
+        await self.send_control("config", voice=voice)
+
     async def ping(self) -> None:
         """Send a ping; its round trip lands in :attr:`round_trips` when the pong comes back."""
         ping_id = next(self._ping_ids)

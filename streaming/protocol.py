@@ -309,8 +309,8 @@ class SessionConfig:
             flags[name] = value
         interval = _metadata_interval(config.get("metadata_interval", cls.metadata_interval), ErrorCode.BAD_HANDSHAKE)
         voice = config.get("voice")
-        if voice is not None and (not isinstance(voice, str) or not 0 < len(voice) <= 64):
-            raise ProtocolError("'voice' must be a voice's name (a string of 1 to 64 characters)", ErrorCode.BAD_HANDSHAKE)
+        if voice is not None:
+            voice = _voice(voice, ErrorCode.BAD_HANDSHAKE)
         return cls(sample_rate=sample_rate, codec=codec, client=client[:200], token=token, metadata_interval=interval, voice=voice, **flags)
 
 
@@ -320,8 +320,15 @@ def _metadata_interval(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> float:
     return float(value)
 
 
+def _voice(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise ProtocolError("'voice' must be a voice's name (a string of 1 to 64 characters)", code)
+    return value
+
+
 def parse_config_control(fields: dict[str, Any]) -> dict[str, Any]:
-    """Validate the fields of CONTROL ``config``: ``send_text`` (bool), ``metadata_interval`` (s)."""
+    """Validate the fields of CONTROL ``config``: ``send_text`` (bool), ``metadata_interval`` (s), ``voice`` (a name;
+    whether the server has it is the server's to check)."""
     out: dict[str, Any] = {}
     for name, value in fields.items():
         if name == "send_text":
@@ -330,8 +337,10 @@ def parse_config_control(fields: dict[str, Any]) -> dict[str, Any]:
             out[name] = value
         elif name == "metadata_interval":
             out[name] = _metadata_interval(value)
+        elif name == "voice":
+            out[name] = _voice(value)
         elif name != "id":
-            raise ProtocolError(f"unknown config option {name[:40]!r} (known: send_text, metadata_interval)")
+            raise ProtocolError(f"unknown config option {name[:40]!r} (known: send_text, metadata_interval, voice)")
     return out
 
 

@@ -237,6 +237,7 @@ class Scheduler:
         self._free_rows: list[int] = []  # heap: lowest free row first keeps the batch dense
         self._pending_join: list[StreamSession] = []
         self._pending_leave: list[StreamSession] = []
+        self._pending_config: dict[int, StreamSession] = {}  # session id -> a live session whose options changed
         self._state: Any = None
         self.capacity = 0
         self._task: asyncio.Task | None = None
@@ -267,6 +268,13 @@ class Scheduler:
             self._pending_join.remove(session)
         else:
             self._pending_leave.append(session)
+
+    def configure(self, session: StreamSession, options: dict[str, Any]) -> None:
+        """Change ``session``'s settings for its row of the model (e.g. ``{"voice": NAME}``): kept for every later
+        join, and handed to the model (``configure_rows``) at the next tick while the session is in the batch."""
+        session.options = {**session.options, **options}
+        if session.live:
+            self._pending_config[session.id] = session
 
     def close_session(self, session: StreamSession) -> None:
         self.leave(session)
@@ -389,11 +397,22 @@ class Scheduler:
                 self._rows[session.row] = session
                 new_rows.append(session.row)
             self._state = self.model.reset_rows(self._state, new_rows)
-            configure = getattr(self.model, "configure_rows", None)
-            if configure is not None and any(s.options for s in joining):
-                self._state = configure(self._state, {s.row: s.options for s in joining if s.options})
         elif self.capacity > self.initial_capacity and len(self._rows) <= self.capacity // 4:
             self._compact()
+        changed = {s.id: s for s in joining if s.options} | self._pending_config
+        self._pending_config = {}
+        self._configure({s.row: s.options for s in changed.values() if s.live and s.row is not None and s.options})
+
+    def _configure(self, options: dict[int, dict[str, Any]]) -> None:
+        """The model's per-row settings (``configure_rows``, where it has them); a model that refuses them keeps its
+        rows as they were (the server checks what sessions ask for first)."""
+        configure = getattr(self.model, "configure_rows", None)
+        if configure is None or not options:
+            return
+        try:
+            self._state = configure(self._state, options)
+        except Exception as e:  # noqa: BLE001 - a setting the model refuses costs the setting, not the batch
+            log.warning("the model refused the sessions' settings %s: %s", options, e)
 
     def _ensure_capacity(self, needed: int) -> None:
         if self._state is None:

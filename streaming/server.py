@@ -102,6 +102,11 @@ class DuplexServer:
         voices = getattr(self.model, "voices", None)
         return list(voices()) if voices is not None else ["default"]
 
+    def voice_error(self, voice: str) -> str | None:
+        """Why a session cannot ask for ``voice`` (None: it can)."""
+        voices = self.voices()
+        return None if voice in voices else f"this server has no voice {voice!r}; it speaks: {', '.join(voices)}"
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> DuplexServer:
@@ -349,16 +354,17 @@ class _Connection:
                 self.server.counters["rejected_token"] += 1
                 self.fail(ErrorCode.UNAUTHORIZED, "this server needs a token: pass ?token=... in the URL or 'token' in the HANDSHAKE")
                 return False
-        voices = self.server.voices()
-        if config.voice is not None and config.voice not in voices:
+        error = self.server.voice_error(config.voice) if config.voice is not None else None
+        if error:
             self.server.counters["bad_handshakes"] += 1
-            self.fail(ErrorCode.BAD_HANDSHAKE, f"this server has no voice {config.voice!r}; it speaks: {', '.join(voices)}")
+            self.fail(ErrorCode.BAD_HANDSHAKE, error)
             return False
         self.session_config = config
         self.paused = not config.autostart
         self.session = self.scheduler.open_session()
         if config.voice is not None:
             self.session.options = {"voice": config.voice}
+        voices = self.server.voices()
         reply = {
             "version": protocol.VERSION,
             "session": self.session.id,
@@ -433,6 +439,11 @@ class _Connection:
             self.queue(Metadata({"type": "interrupted", "flushed_frames": flushed}))
         elif action == "config":
             changes = protocol.parse_config_control(fields)
+            if "voice" in changes:
+                error = self.server.voice_error(changes["voice"])
+                if error:
+                    raise ProtocolError(error)
+                self.scheduler.configure(session, {"voice": changes["voice"]})  # the session's next reply is said in it
             self.session_config = dataclasses.replace(self.session_config, **changes)
             self.queue(Metadata({"type": "config", **changes}))
         # "pong": nothing to do

@@ -652,6 +652,10 @@ def test_each_session_hears_the_replies_in_its_own_voice(tokenizer_dir, codec): 
     for frame in user:  # both sessions ask at once; each reply in its session's voice
         _, _, state = model.step(torch.from_numpy(np.stack([frame, frame])), state)
     assert sorted(voice.said_in, key=str) == ["default", "joe"] and model.turns == 2
+    state = model.configure_rows(state, {0: {"voice": "joe"}, 1: {"voice": "default"}})  # live sessions change voices
+    for frame in np.concatenate([np.zeros((40, N), np.float32), user]):  # the next replies are said in the new ones
+        _, _, state = model.step(torch.from_numpy(np.stack([frame, frame])), state)
+    assert model.turns == 4 and voice.said_in[2:] == ["joe", "default"]
     state = model.reset_rows(state, [1])  # a new session in that row: the default voice again
     assert state.rows[1].voice is None
     assert assisted(tokenizer_dir, codec, speech_lm=voice, voice="duplex").voices() == ["default"]

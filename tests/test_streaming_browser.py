@@ -30,6 +30,8 @@ from speechlm.codec.model import Codec
 from speechlm.streaming.models import EchoCodecModel
 from speechlm.streaming.server import DuplexServer, ServerConfig
 
+from .test_streaming_server import Voiced
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 32}
 
@@ -69,6 +71,10 @@ def _devtools_port(process: subprocess.Popen, timeout: float = 30) -> int:
     raise RuntimeError("chromium did not start its DevTools server")
 
 
+class VoicedEcho(Voiced, EchoCodecModel):
+    """The codec loopback with two voices."""
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
     torch.manual_seed(0)
@@ -80,7 +86,8 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
     screenshot = Path(os.environ.get("SPEECHLM_SCREENSHOT", tmp_path / "page.png"))
 
     async def scenario():
-        async with DuplexServer(EchoCodecModel(codec), ServerConfig(port=0)) as server:
+        model = VoicedEcho(codec)
+        async with DuplexServer(model, ServerConfig(port=0)) as server:
             page_url = f"http://127.0.0.1:{server.port}/?autoconnect=1"
             process = subprocess.Popen(
                 [CHROMIUM, *FLAGS, f"--use-file-for-fake-audio-capture={wav}", f"--user-data-dir={tempfile.mkdtemp()}", page_url],
@@ -99,17 +106,26 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
                         if stats.get("framesReceived", 0) >= 25 and stats.get("framesSent", 0) >= 25:
                             break
                     live = server.stats()
+                    # the voice list from the handshake; choosing another sends CONTROL config, acknowledged
+                    voices = await tools.evaluate("Array.from(document.getElementById('voice').options, (o) => o.value).join(',')")
+                    await tools.evaluate("(() => { const s = document.getElementById('voice'); s.value = 'joe'; s.dispatchEvent(new Event('change')); })()")
+                    for _ in range(40):
+                        await asyncio.sleep(0.25)
+                        if await tools.evaluate("window.speechlm.voice") == "joe" and model.configured:
+                            break
+                    chosen = await tools.evaluate("window.speechlm.voice")
                     shot = await tools.call("Page.captureScreenshot", format="png")
                     screenshot.parent.mkdir(parents=True, exist_ok=True)
                     screenshot.write_bytes(base64.b64decode(shot["data"]))
-                    return stats, live
+                    return stats, live, voices, chosen, model.configured
             finally:
                 process.terminate()
                 process.wait(timeout=10)
 
-    stats, live = asyncio.run(asyncio.wait_for(scenario(), 90))
+    stats, live, voices, chosen, configured = asyncio.run(asyncio.wait_for(scenario(), 90))
     assert stats.get("connected") and stats.get("session"), stats
     assert stats["framesSent"] >= 25, stats  # one second of fake-mic audio went up
     assert stats["framesReceived"] >= 25, stats  # and came back through the codec
     assert not stats.get("errors"), stats["errors"]
     assert screenshot.read_bytes()[:4] == b"\x89PNG"
+    assert voices == "default,joe" and chosen == "joe" and [list(c.values()) for c in configured] == [[{"voice": "joe"}]]

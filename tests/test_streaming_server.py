@@ -525,11 +525,11 @@ def test_load_test_clients_can_loop_a_question_and_time_the_replies():
     assert silent["replies"] == 0 and silent["no_reply"] >= 2
 
 
-class VoicedSilence(SilenceModel):
-    """Silence, with voices: records the per-row settings the scheduler hands it."""
+class Voiced:
+    """A model mixin with two voices: records the per-row settings the scheduler hands it."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *args):
+        super().__init__(*args)
         self.configured: list[dict] = []
 
     def voices(self):
@@ -538,6 +538,10 @@ class VoicedSilence(SilenceModel):
     def configure_rows(self, state, options):
         self.configured.append(dict(options))
         return state
+
+
+class VoicedSilence(Voiced, SilenceModel):
+    """Silence, with voices."""
 
 
 def test_a_session_asks_for_a_voice_in_its_handshake():
@@ -564,3 +568,37 @@ def test_a_session_asks_for_a_voice_in_its_handshake():
 
     configured = run(main(), timeout=20)
     assert len(configured) == 1 and list(configured[0].values()) == [{"voice": "joe"}]
+
+
+def test_a_live_session_changes_its_voice_with_a_config_control():
+    async def main():
+        model = VoicedSilence()
+        async with server(model) as srv:
+            client = await DuplexClient.connect(srv.url, metadata_interval=0)
+            await client.set_voice("joe")  # before joining: its row gets the voice when it joins
+            messages = client.messages()
+
+            async def next_of(kind):
+                async for message in messages:
+                    if isinstance(message, kind):
+                        return message
+
+            ack = await next_of(Metadata)
+            await client.send_audio(np.zeros(FRAME, np.float32))
+            await wait_until(lambda: len(model.configured) == 1)
+            await client.set_voice("default")  # live: handed to its row at the next tick
+            await wait_until(lambda: len(model.configured) == 2)
+            await client.set_voice("anna")  # one the server lacks: bad_message, the session lives on
+            bad = await next_of(Error)
+            await client.send_control("stop")
+            await wait_until(lambda: srv.scheduler.live_sessions == 0)
+            await client.send_control("start")  # a fresh row keeps the voice the session chose last
+            await wait_until(lambda: len(model.configured) == 3)
+            live = srv.scheduler.live_sessions
+            await client.close()
+            return ack, bad, live, model.configured
+
+    ack, bad, live, configured = run(main(), timeout=20)
+    assert ack.data == {"type": "config", "voice": "joe"}
+    assert bad.code == "bad_message" and "no voice 'anna'; it speaks: default, joe" in bad.message and live == 1
+    assert [list(c.values()) for c in configured] == [[{"voice": "joe"}], [{"voice": "default"}], [{"voice": "default"}]]

@@ -1,7 +1,8 @@
 // The speechlm voice page: websocket protocol (docs/protocol.md), mic capture and playback
 // through audio-worklet.js, transcripts and a latency readout. Plain JS, no build step.
 //
-// URL options: ?token=SECRET fills the token box; ?autoconnect=1 connects on load (tests);
+// URL options: ?token=SECRET fills the token box; ?voice=NAME asks for that voice at connect;
+// ?autoconnect=1 connects on load (tests);
 // window.speechlm exposes the live numbers for automated checks.
 
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5 };
@@ -25,6 +26,8 @@ const state = {
   stats: {
     connected: false,
     session: null,
+    voice: null,
+    voices: [],
     framesSent: 0,
     framesReceived: 0,
     rttMs: null,
@@ -86,7 +89,10 @@ async function connect() {
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   ws.onopen = () => {
-    send(KIND.HANDSHAKE, { version: VERSION, sample_rate: WIRE_RATE, codec: "pcm16", client: "speechlm-web/1" }, VERSION);
+    const config = { version: VERSION, sample_rate: WIRE_RATE, codec: "pcm16", client: "speechlm-web/1" };
+    const voice = new URLSearchParams(location.search).get("voice");
+    if (voice) config.voice = voice;
+    send(KIND.HANDSHAKE, config, VERSION);
   };
   ws.onmessage = (event) => onMessage(event.data);
   ws.onerror = () => setStatus("websocket error (is the server running?)", "error");
@@ -147,6 +153,7 @@ function onMessage(data) {
     state.stats.connected = true;
     state.stats.session = body.session;
     setStatus(`connected: session ${body.session}, ${body.model}`, "ok");
+    showVoices(body.voices || [], body.voice);
     $("disconnect").disabled = false;
     $("interrupt").disabled = false;
     startMicrophone();
@@ -161,11 +168,25 @@ function onMessage(data) {
     }
   } else if (kind === KIND.METADATA && body.type === "stats") {
     state.stats.server = body;
+  } else if (kind === KIND.METADATA && body.type === "config" && body.voice) {
+    state.stats.voice = body.voice;
   } else if (kind === KIND.ERROR) {
     state.stats.errors.push(body);
     setStatus(`server error ${body.code}: ${body.message}`, "error");
   }
   render();
+}
+
+// the server's voices (its HANDSHAKE reply): choosing one sends CONTROL config, which the next reply follows
+function showVoices(voices, voice) {
+  const select = $("voice");
+  select.replaceChildren(...voices.map((name) => new Option(name, name, false, name === voice)));
+  select.disabled = voices.length < 2;
+  Object.assign(state.stats, { voice, voices });
+}
+
+function chooseVoice() {
+  send(KIND.CONTROL, { action: "config", voice: $("voice").value });
 }
 
 function addText(speaker, text) {
@@ -215,6 +236,7 @@ function teardown() {
   $("connect").disabled = false;
   $("disconnect").disabled = true;
   $("interrupt").disabled = true;
+  $("voice").disabled = true;
 }
 
 window.addEventListener("DOMContentLoaded", () => {
@@ -226,6 +248,7 @@ window.addEventListener("DOMContentLoaded", () => {
     teardown();
   };
   $("interrupt").onclick = interrupt;
+  $("voice").onchange = chooseVoice;
   render();
   if (params.get("autoconnect") === "1") connect();
 });
