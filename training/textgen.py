@@ -311,16 +311,21 @@ def generate(source: str, count: int, split: str = "train", seed: int = 0, max_t
         raise ValueError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
     rng = random.Random(f"{source}:{seed}")
     seen: set[str] = set()
+    splits: dict[str, str] = {}  # text -> its split (a source running dry draws the same texts again and again)
     items: list[dict] = []
     tries = 0
     while len(items) < count and tries < count * max_tries_per_item:
         tries += 1
         item = SOURCES[source](rng)
         key = item["text"].lower()
+        if key in seen:
+            continue
         # An item may name the text that decides its split (a dialogue: its question), or be
         # training text whatever its hash (a knowledge statement).
-        item_split = "train" if item.pop("always_train", False) else text_split(item.pop("split_text", item["text"]))
-        if key in seen or item_split != split:
+        split_text = item.pop("split_text", item["text"])
+        if split_text not in splits:
+            splits[split_text] = text_split(split_text)
+        if ("train" if item.pop("always_train", False) else splits[split_text]) != split:
             continue
         seen.add(key)
         item.update(id=f"{source}-{split}-{stable_hash(key) % 10**10:010d}", source=source, split=split)
