@@ -419,15 +419,23 @@ def _print_transcript(args: argparse.Namespace, path: str, audio, segments: list
 def cmd_chat(args: argparse.Namespace) -> int:
     from .codec.audio import load_audio, save_audio
 
+    if args.text is not None:  # the arguments checked before the model loads
+        if args.input is not None:
+            raise SpeechLMError("give a spoken question or --text, not both")
+        if not args.text.strip():
+            raise SpeechLMError("empty question: --text needs some words")
+    elif not args.list_voices and (args.input is None or args.output is None):
+        raise SpeechLMError("give the spoken question and the output: speechlm chat IN.wav -o REPLY.wav (or --text QUESTION)")
     pipeline = _load_pipeline(args)
     if args.list_voices:
         return _list_voices(pipeline)
-    if args.input is None or args.output is None:
-        raise SpeechLMError("give the spoken question and the output: speechlm chat IN.wav -o REPLY.wav")
     g = _generation(args)
     pipeline.tts_adapter(g)
-    audio = load_audio(args.input, sample_rate=pipeline.sample_rate)
-    text, reply = pipeline.chat(audio, generation=g)
+    if args.text is not None and args.output is None:  # a typed question, no speech wanted: the reply's text alone
+        print(pipeline.reply_text(args.text, g))
+        return 0
+    question = args.text if args.text is not None else load_audio(args.input, sample_rate=pipeline.sample_rate)
+    text, reply = pipeline.chat(question, generation=g)
     save_audio(args.output, reply, pipeline.sample_rate)
     print(text)
     return 0
@@ -686,6 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="one spoken turn: prints the reply text, writes the reply speech")
     p.add_argument("input", nargs="?", help="the spoken question (audio file)")
+    p.add_argument("--text", help="a typed question instead (without -o: print the reply's text only)")
     p.add_argument("-o", "--output", help="the reply's speech (.wav or .flac)")
     p.add_argument("--direct", action="store_true", help="answer the speech directly instead of transcribing it first")
     p.add_argument("--reply-speech", choices=("chat", "tts"), default=None,

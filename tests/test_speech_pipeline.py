@@ -188,6 +188,14 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     assert batched.stdout.splitlines()[0] == f"{speech}\t{' '.join(views['1'].split())}" and len(batched.stdout.splitlines()) == 3
     r = cli("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
     assert r.returncode == 0, r.stderr
+    # a typed question: the reply's text (what the Python API writes), and with -o its speech too
+    typed = cli("chat", "--text", "hello world", *model)
+    assert typed.returncode == 0 and typed.stdout.strip() == pipeline.reply_text("hello world"), typed.stderr
+    r = cli("chat", "--text", "hello world", "-o", str(tmp_path / "typed.wav"), *model)
+    assert r.returncode == 0 and r.stdout == typed.stdout and (tmp_path / "typed.wav").exists(), r.stderr
+    for bad, message in ((["--text", " "], "empty question"), (["--text", "hi", str(speech)], "not both"), ([], "--text QUESTION")):
+        r = cli("chat", *bad, *model)
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = cli("tts", "", "-o", str(tmp_path / "e.wav"), *model)
     assert r.returncode == 2 and "empty text" in r.stderr and "Traceback" not in r.stderr
     r = cli("tts", "hello", "-o", str(tmp_path / "e.wav"), "--model", str(tmp_path / "no-such-model"))
