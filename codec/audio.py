@@ -18,7 +18,9 @@ from .errors import AudioError
 
 SAMPLE_RATE = 16_000
 PEAK_LEVEL = 0.9  # the synthetic corpus's speech is peak-normalized to this (speechlm.training.teachers)
-WRITE_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
+# suffix -> (libsndfile format, subtype): 16-bit PCM, or lossy (Ogg Vorbis, Ogg Opus, MP3)
+WRITE_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"), ".opus": ("OGG", "OPUS"),
+                 ".mp3": ("MP3", "MPEG_LAYER_III")}  # fmt: skip
 
 
 def resample(audio: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
@@ -87,24 +89,32 @@ def load_audio_with_rate(
 
 
 def save_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Path:
-    """Write ``audio`` ((T,) or (T, C), float in [-1, 1]) as 16-bit PCM WAV/FLAC, atomically.
-
-    The format follows the suffix (``.wav``, ``.flac``, ``.ogg``). The file is written
-    to a temporary name first and renamed, so a killed process never leaves half a file.
+    """Write ``audio`` ((T,) or (T, C), float in [-1, 1]) atomically, in the format of the suffix
+    (:data:`WRITE_FORMATS`: 16-bit PCM ``.wav``/``.flac``, or ``.ogg`` (Vorbis), ``.opus``, ``.mp3``).
+    The file is written to a temporary name first and renamed, so a killed process never leaves half a file.
     """
     p = Path(path)
-    fmt = WRITE_FORMATS.get(p.suffix.lower())
-    if fmt is None:
-        raise AudioError(f"cannot write {p}: use one of {', '.join(WRITE_FORMATS)}")
+    fmt, subtype = audio_format(p)
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim not in (1, 2):
         raise AudioError(f"audio must be (T,) or (T, C), got shape {audio.shape}")
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    subtype = "VORBIS" if fmt == "OGG" else "PCM_16"
-    sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+    try:
+        sf.write(str(tmp), np.clip(audio, -1.0, 1.0), sample_rate, format=fmt, subtype=subtype)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as e:  # e.g. a sample rate Opus does not take
+        tmp.unlink(missing_ok=True)
+        raise AudioError(f"cannot write {p}: {e}") from None
     os.replace(tmp, p)
     return p
+
+
+def audio_format(path: str | os.PathLike) -> tuple[str, str]:
+    """The (libsndfile format, subtype) :func:`save_audio` writes ``path`` in, from its suffix; AudioError for others."""
+    p = Path(path)
+    if p.suffix.lower() not in WRITE_FORMATS:
+        raise AudioError(f"cannot write {p}: use one of {', '.join(WRITE_FORMATS)}")
+    return WRITE_FORMATS[p.suffix.lower()]
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:

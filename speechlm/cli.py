@@ -291,10 +291,11 @@ def cmd_tts(args: argparse.Namespace) -> int:
         raise SpeechLMError("give the output: -o OUT.wav (with --lines: a directory)")
     if args.lines is not None:
         return _tts_lines(args)
-    pipeline = _load_pipeline(args)
+    from .codec.audio import audio_format
+
     out = Path(args.output)
-    if out.suffix.lower() not in (".wav", ".flac"):
-        raise SpeechLMError(f"output must end in .wav or .flac, got {out}")
+    fmt, subtype = audio_format(out)  # before the model loads
+    pipeline = _load_pipeline(args)
     g = _generation(args)
     pipeline.tts_adapter(g)  # an unknown --voice: its one-line error now, before any work
     if g.candidates > 1 and args.stream:
@@ -302,7 +303,7 @@ def cmd_tts(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first, samples = None, 0
     chunks = pipeline.tts(args.text, stream=True, generation=g) if g.candidates == 1 else [pipeline.tts(args.text, generation=g)]
-    with sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, subtype="PCM_16") as f:
+    with sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, format=fmt, subtype=subtype) as f:
         for chunk in chunks:
             first = first if first is not None else time.perf_counter() - start
             f.write(chunk)
@@ -324,7 +325,7 @@ def _tts_lines(args: argparse.Namespace) -> int:
     line number), ``--batch-size`` lines decoded as rows of one batch, the lines taken shortest first
     (a batch runs as long as its longest row: 48 held-out sentences in batches of 8 took 12 % less time
     so); a line that cannot be spoken is reported on stderr and the others go on (exit status 1 if any failed)."""
-    from .codec.audio import save_audio
+    from .codec.audio import WRITE_FORMATS, save_audio
 
     if args.stream:
         raise SpeechLMError("--stream speaks one text; --lines writes whole files")
@@ -334,7 +335,7 @@ def _tts_lines(args: argparse.Namespace) -> int:
     except UnicodeDecodeError:
         raise SpeechLMError(f"cannot read {args.lines}: not UTF-8 text") from None
     out = Path(args.output)
-    if out.suffix.lower() in (".wav", ".flac"):
+    if out.suffix.lower() in WRITE_FORMATS:
         raise SpeechLMError(f"with --lines the output is a directory, got {out}")
     out.mkdir(parents=True, exist_ok=True)
     pipeline, g = _load_pipeline(args), _generation(args)
@@ -525,16 +526,16 @@ def cmd_codec_eval(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .codec.audio import load_audio
+    from .codec.audio import WRITE_FORMATS, load_audio
     from .codec.compress import decode_codes, encode_audio
     from .codec.metrics import all_metrics
 
     folder = Path(args.input)
     if not folder.is_dir():
         raise SpeechLMError(f"not a directory: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in {".wav", ".flac", ".ogg"})[: args.limit]
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in WRITE_FORMATS)[: args.limit]
     if not files:
-        raise SpeechLMError(f"no audio files (.wav, .flac, .ogg) in {folder}")
+        raise SpeechLMError(f"no audio files ({', '.join(WRITE_FORMATS)}) in {folder}")
     codec = _load_codec(args.model)
     rows = []
     for f in files:
@@ -663,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tts", help="text -> speech")
     p.add_argument("text", nargs="?", help="the text (or --lines FILE)")
-    p.add_argument("-o", "--output", help=".wav or .flac (with --lines: a directory)")
+    p.add_argument("-o", "--output", help=".wav, .flac, .ogg, .opus or .mp3 (with --lines: a directory)")
     p.add_argument("--stream", action="store_true", help="write audio as frames decode (flushes per chunk)")
     p.add_argument("--lines", metavar="FILE",
                    help="speak every non-empty line of FILE ('-' = stdin) into OUTPUT/NNNNN.wav, --batch-size lines per batch; "
@@ -695,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="one spoken turn: prints the reply text, writes the reply speech")
     p.add_argument("input", nargs="?", help="the spoken question (audio file)")
     p.add_argument("--text", help="a typed question instead (without -o: print the reply's text only)")
-    p.add_argument("-o", "--output", help="the reply's speech (.wav or .flac)")
+    p.add_argument("-o", "--output", help="the reply's speech (.wav, .flac, .ogg, .opus or .mp3)")
     p.add_argument("--direct", action="store_true", help="answer the speech directly instead of transcribing it first")
     p.add_argument("--reply-speech", choices=("chat", "tts"), default=None,
                    help="speak the written reply in the chat turn (default) or by the TTS task")

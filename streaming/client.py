@@ -447,7 +447,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", "-i", help="audio file to speak to the server (any format soundfile reads; resampled to 16 kHz)")
     source.add_argument("--mic", action="store_true", help="talk through the sound card (needs sounddevice)")
-    parser.add_argument("-o", "--output", help="write the model's audio here (.wav/.flac)")
+    parser.add_argument("-o", "--output", help="write the model's audio here (.wav, .flac, .ogg, .opus or .mp3)")
     parser.add_argument("--fast", action="store_true", help="send the file as fast as the server accepts instead of in real time")
     parser.add_argument("--listen-seconds", type=float, default=2.0, help="keep listening this long after the input ends (default 2)")
     parser.add_argument("--seconds", type=float, help="with --mic: stop after this long (default: until Ctrl-C)")

@@ -15,6 +15,16 @@ def test_roundtrip_wav_and_flac(tmp_path):
         assert np.abs(back - audio).max() < 1e-3
 
 
+def test_lossy_formats_round_trip(tmp_path):
+    """.ogg (Vorbis), .opus and .mp3: written and read back at the same rate and length, the tone kept."""
+    audio = 0.5 * np.sin(2 * np.pi * 440 * np.arange(SAMPLE_RATE) / SAMPLE_RATE).astype(np.float32)
+    for suffix in (".ogg", ".opus", ".mp3"):
+        back = load_audio(save_audio(tmp_path / f"a{suffix}", audio))
+        assert abs(len(back) - len(audio)) <= 0.02 * len(audio), suffix
+        spectrum = np.abs(np.fft.rfft(back[4000:12000]))
+        assert abs(spectrum.argmax() * SAMPLE_RATE / 8000 - 440) <= 2 and 0.3 < np.sqrt(np.mean(back[4000:12000] ** 2)) < 0.4, suffix
+
+
 def test_downmix_and_resample(tmp_path):
     t = np.arange(8000) / 8000
     stereo = np.stack([np.sin(2 * np.pi * 200 * t), np.zeros_like(t)], axis=1).astype(np.float32) * 0.5
@@ -42,6 +52,9 @@ def test_too_short_and_unsupported_suffix(tmp_path):
         load_audio(tmp_path / "short.wav", min_seconds=0.5)
     with pytest.raises(AudioError, match="cannot write"):
         save_audio(tmp_path / "x.mp4", np.zeros(10, np.float32))
+    with pytest.raises(AudioError, match="cannot write .*x.opus"):  # Opus takes 8, 12, 16, 24 or 48 kHz only
+        save_audio(tmp_path / "x.opus", np.zeros(1000, np.float32), sample_rate=22050)
+    assert not list(tmp_path.glob(".x.opus*"))  # no temporary file left
 
 
 def test_pcm16_and_silence():

@@ -148,6 +148,8 @@ def test_bad_input(pipeline):
 
 
 def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
+    from speechlm.codec.audio import load_audio
+
     pipeline.save_pretrained(tmp_path / "m")
     model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1", "--dtype", "float32"]  # exact: compared below
     r = cli("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", "--temperature", "0.8", *model)
@@ -155,6 +157,10 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     assert "first audio after" in r.stdout and (tmp_path / "t.wav").stat().st_size > 44
     r = cli("tts", "hello world", "-o", str(tmp_path / "g.wav"), *model)  # greedy (the default): this random model may say nothing
     assert r.returncode == 0 and ("first audio after" in r.stdout or "no speech" in r.stdout), r.stderr
+    r = cli("tts", "hello world", "-o", str(tmp_path / "t.opus"), "--stream", "--temperature", "0.8", *model)  # lossy, streamed
+    assert r.returncode == 0 and len(load_audio(tmp_path / "t.opus")) == len(load_audio(tmp_path / "t.wav")), r.stderr
+    r = cli("tts", "hello world", "-o", str(tmp_path / "t.aac"), *model)
+    assert r.returncode == 2 and "use one of .wav, .flac, .ogg, .opus, .mp3" in r.stderr, r.stderr
     speech = tmp_path / "q.wav"
     from speechlm.codec.audio import save_audio
 
@@ -164,8 +170,6 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
     import json
 
     views = {n: json.loads(cli("asr", str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
-    from speechlm.codec.audio import load_audio
-
     assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
     fast = cli("asr", str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
     assert fast.returncode == 0 and '"text"' in fast.stdout, fast.stderr
