@@ -17,6 +17,33 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+def run_cli_here(*args: str) -> subprocess.CompletedProcess:
+    """``speechlm ARGS`` in this process (``speechlm.cli.main``): what :func:`run_cli` returns (exit status, stdout,
+    stderr; an exception the CLI does not turn into a one-line error is a traceback on stderr and status 1), without a
+    new interpreter's ~3 s of imports. For tests that run the CLI many times on tiny models; the entry point itself
+    (``python -m speechlm``) is what :func:`run_cli` runs. torch's thread count is restored afterwards."""
+    import contextlib
+    import io
+    import traceback
+
+    import torch
+
+    from speechlm.cli import main
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse: usage errors (2), --help (0)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # noqa: BLE001 - what a process would print before dying
+            traceback.print_exc()
+            code = 1
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["speechlm", *args], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _run_outside_the_checkout(tmp_path_factory):
     """Subprocesses started with ``python -m`` put the working directory first on sys.path; from the
@@ -31,3 +58,8 @@ def _run_outside_the_checkout(tmp_path_factory):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def cli_here():
+    return run_cli_here

@@ -130,16 +130,16 @@ def test_tts_keeps_the_candidate_the_checker_prefers(pipeline):  # noqa: F811
     assert isinstance(text, str) and (not text or len(checker.heard[-1]) == 3)
 
 
-def test_cli_tts_with_candidates(pipeline, corpus, tmp_path, cli):  # noqa: F811
+def test_cli_tts_with_candidates(pipeline, corpus, tmp_path, cli_here):  # noqa: F811
     trainer = CheckerTrainer(_config(corpus, tmp_path / "run", steps=2))
     trainer.model.save_pretrained(tmp_path / "checker")
     pipeline.save_pretrained(tmp_path / "sp")
     model = ["--model", str(tmp_path / "sp"), "--threads", "1", "--dtype", "float32", "--temperature", "0.8", "--max-seconds", "0.4"]
-    r = cli("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, "--candidates", "2", "--checker", str(tmp_path / "checker"))
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, "--candidates", "2", "--checker", str(tmp_path / "checker"))
     assert r.returncode == 0, r.stderr
-    r = cli("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, "--candidates", "2", "--stream")
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, "--candidates", "2", "--stream")
     assert r.returncode == 2 and "do not go together" in r.stderr
-    r = cli("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, "--candidates", "2", "--checker", str(tmp_path / "nope"))
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, "--candidates", "2", "--checker", str(tmp_path / "nope"))
     assert r.returncode == 2 and "not found" in r.stderr
 
 

@@ -27,18 +27,18 @@ def speech(tmp_path_factory):
     return d / "tone.wav"
 
 
-def test_encode_decode_roundtrip(cli, model_dir, speech, tmp_path):
+def test_encode_decode_roundtrip(cli_here, model_dir, speech, tmp_path):
     model = str(model_dir / "tiny")
-    r = cli("codec", "encode", str(speech), "-o", str(tmp_path / "c.npz"), "--model", model)
+    r = cli_here("codec", "encode", str(speech), "-o", str(tmp_path / "c.npz"), "--model", model)
     assert r.returncode == 0, r.stderr
     z = np.load(tmp_path / "c.npz")
     assert z["codes"].shape == (25, 4) and int(z["sample_rate"]) == 16000 and int(z["frame_rate"]) == 25 and int(z["codebook_size"]) == 64
     assert str(z["codec_id"]).startswith("grvq2x2x64")
-    r = cli("codec", "decode", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.wav"), "--model", model)
+    r = cli_here("codec", "decode", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.wav"), "--model", model)
     assert r.returncode == 0, r.stderr
     audio, sr = sf.read(tmp_path / "d.wav")
     assert sr == 16000 and len(audio) == 16000
-    r = cli("codec", "roundtrip", str(speech), "-o", str(tmp_path / "r.flac"), "--model", model)
+    r = cli_here("codec", "roundtrip", str(speech), "-o", str(tmp_path / "r.flac"), "--model", model)
     assert r.returncode == 0 and np.allclose(sf.read(tmp_path / "r.flac")[0], audio, atol=2e-4)
 
 
@@ -48,24 +48,24 @@ def _one_line_error(r, message):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_bad_inputs(cli, model_dir, speech, tmp_path):
+def test_bad_inputs(cli_here, model_dir, speech, tmp_path):
     model = str(model_dir / "tiny")
     (tmp_path / "junk.wav").write_bytes(b"not audio" * 50)
     (tmp_path / "empty.wav").write_bytes(b"")
     save_audio(tmp_path / "stereo8k.wav", np.zeros((8000, 2), np.float32) + 0.1, sample_rate=8000)
     save_audio(tmp_path / "tiny.wav", np.full(10, 0.1, np.float32))
-    _one_line_error(cli("codec", "encode", str(tmp_path / "junk.wav"), "-o", str(tmp_path / "x.npz"), "--model", model), "cannot read")
-    _one_line_error(cli("codec", "encode", str(tmp_path / "empty.wav"), "-o", str(tmp_path / "x.npz"), "--model", model), "empty")
-    _one_line_error(cli("codec", "encode", str(tmp_path / "missing.wav"), "-o", str(tmp_path / "x.npz"), "--model", model), "not found")
+    _one_line_error(cli_here("codec", "encode", str(tmp_path / "junk.wav"), "-o", str(tmp_path / "x.npz"), "--model", model), "cannot read")
+    _one_line_error(cli_here("codec", "encode", str(tmp_path / "empty.wav"), "-o", str(tmp_path / "x.npz"), "--model", model), "empty")
+    _one_line_error(cli_here("codec", "encode", str(tmp_path / "missing.wav"), "-o", str(tmp_path / "x.npz"), "--model", model), "not found")
     # stereo 8 kHz is downmixed and resampled; shorter than a frame is padded to one frame
-    assert cli("codec", "encode", str(tmp_path / "stereo8k.wav"), "-o", str(tmp_path / "s.npz"), "--model", model).returncode == 0
+    assert cli_here("codec", "encode", str(tmp_path / "stereo8k.wav"), "-o", str(tmp_path / "s.npz"), "--model", model).returncode == 0
     assert np.load(tmp_path / "s.npz")["codes"].shape == (25, 4)
-    assert cli("codec", "encode", str(tmp_path / "tiny.wav"), "-o", str(tmp_path / "t.npz"), "--model", model).returncode == 0
+    assert cli_here("codec", "encode", str(tmp_path / "tiny.wav"), "-o", str(tmp_path / "t.npz"), "--model", model).returncode == 0
     assert np.load(tmp_path / "t.npz")["codes"].shape == (1, 4)
     # codes from another codec, and files that are not codes
-    assert cli("codec", "encode", str(speech), "-o", str(tmp_path / "o.npz"), "--model", str(model_dir / "other")).returncode == 0
-    _one_line_error(cli("codec", "decode", str(tmp_path / "o.npz"), "-o", str(tmp_path / "y.wav"), "--model", model), "made by codec")
+    assert cli_here("codec", "encode", str(speech), "-o", str(tmp_path / "o.npz"), "--model", str(model_dir / "other")).returncode == 0
+    _one_line_error(cli_here("codec", "decode", str(tmp_path / "o.npz"), "-o", str(tmp_path / "y.wav"), "--model", model), "made by codec")
     np.savez(tmp_path / "wrong.npz", something=np.zeros(3))
-    _one_line_error(cli("codec", "decode", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "y.wav"), "--model", model), "not a speechlm codes file")
-    _one_line_error(cli("codec", "decode", str(speech), "-o", str(tmp_path / "y.wav"), "--model", model), "not a codes file")
-    _one_line_error(cli("codec", "encode", str(speech), "-o", str(tmp_path / "x.npz"), "--model", str(tmp_path / "nomodel")), "not found")
+    _one_line_error(cli_here("codec", "decode", str(tmp_path / "wrong.npz"), "-o", str(tmp_path / "y.wav"), "--model", model), "not a speechlm codes file")
+    _one_line_error(cli_here("codec", "decode", str(speech), "-o", str(tmp_path / "y.wav"), "--model", model), "not a codes file")
+    _one_line_error(cli_here("codec", "encode", str(speech), "-o", str(tmp_path / "x.npz"), "--model", str(tmp_path / "nomodel")), "not found")

@@ -146,7 +146,7 @@ def test_build_model_adds_a_hearing_head_to_a_trained_model(tokenizer_dir, tmp_p
         assert torch.equal(model.state_dict()[name], tensor), name
 
 
-def test_pipeline_asr_decoders_and_cli(tokenizer_dir, tmp_path, cli):
+def test_pipeline_asr_decoders_and_cli(tokenizer_dir, tmp_path, cli_here):
     """asr: 'ctc' uses the hearing head (one forward), 'lm' the LM, 'auto' the head when there is one;
     a model without a head refuses 'ctc' with a clear error, on the command line too."""
     import dataclasses
@@ -174,15 +174,15 @@ def test_pipeline_asr_decoders_and_cli(tokenizer_dir, tmp_path, cli):
     sp.save_pretrained(tmp_path / "m")
     wav = tmp_path / "q.wav"
     save_audio(wav, speech)
-    r = cli("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "m"), "--threads", "1")
+    r = cli_here("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "m"), "--threads", "1")
     assert r.returncode == 0 and r.stdout.strip() == expected, (r.stdout, r.stderr)
-    r = cli("asr", str(wav), "--model", str(tmp_path / "m"), "--threads", "1", "--int8", "--dtype", "bfloat16")  # int8 products
+    r = cli_here("asr", str(wav), "--model", str(tmp_path / "m"), "--threads", "1", "--int8", "--dtype", "bfloat16")  # int8 products
     assert r.returncode == 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
-    r = cli("asr", str(wav), "--model", str(tmp_path / "m"), "--threads", "1", "--int8", "--dtype", "float32")
+    r = cli_here("asr", str(wav), "--model", str(tmp_path / "m"), "--threads", "1", "--int8", "--dtype", "float32")
     assert r.returncode == 2 and "--int8 needs the LM computed in bfloat16" in r.stderr and "Traceback" not in r.stderr
 
     plain = make_model(tokenizer_dir, hearing_layer=None)
     plain.config.codec_id = codec.codec_id
     SpeechPipeline(plain, codec).save_pretrained(tmp_path / "plain")
-    r = cli("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "plain"), "--threads", "1")
+    r = cli_here("asr", str(wav), "--asr-decoder", "ctc", "--model", str(tmp_path / "plain"), "--threads", "1")
     assert r.returncode == 2 and "no hearing head" in r.stderr and "Traceback" not in r.stderr

@@ -147,62 +147,62 @@ def test_bad_input(pipeline):
         SpeechPipeline.from_pretrained("no-such-model")
 
 
-def test_cli_tts_asr_chat(pipeline, tmp_path, cli):
+def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here):
     from speechlm.codec.audio import load_audio
 
     pipeline.save_pretrained(tmp_path / "m")
     model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1", "--dtype", "float32"]  # exact: compared below
-    r = cli("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", "--temperature", "0.8", *model)
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", "--temperature", "0.8", *model)
     assert r.returncode == 0, r.stderr
     assert "first audio after" in r.stdout and (tmp_path / "t.wav").stat().st_size > 44
-    r = cli("tts", "hello world", "-o", str(tmp_path / "g.wav"), *model)  # greedy (the default): this random model may say nothing
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "g.wav"), *model)  # greedy (the default): this random model may say nothing
     assert r.returncode == 0 and ("first audio after" in r.stdout or "no speech" in r.stdout), r.stderr
-    r = cli("tts", "hello world", "-o", str(tmp_path / "t.opus"), "--stream", "--temperature", "0.8", *model)  # lossy, streamed
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.opus"), "--stream", "--temperature", "0.8", *model)  # lossy, streamed
     assert r.returncode == 0 and len(load_audio(tmp_path / "t.opus")) == len(load_audio(tmp_path / "t.wav")), r.stderr
-    r = cli("tts", "hello world", "-o", str(tmp_path / "t.aac"), *model)
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.aac"), *model)
     assert r.returncode == 2 and "use one of .wav, .flac, .ogg, .opus, .mp3" in r.stderr, r.stderr
     speech = tmp_path / "q.wav"
     from speechlm.codec.audio import save_audio
 
     save_audio(speech, (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32))
-    r = cli("asr", str(speech), "--json", *model)
+    r = cli_here("asr", str(speech), "--json", *model)
     assert r.returncode == 0 and '"text"' in r.stdout, r.stderr
     import json
 
-    views = {n: json.loads(cli("asr", str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
+    views = {n: json.loads(cli_here("asr", str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
     assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
-    fast = cli("asr", str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
+    fast = cli_here("asr", str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
     assert fast.returncode == 0 and '"text"' in fast.stdout, fast.stderr
     late = tmp_path / "late.wav"  # half a second of silence first: --keep-edges hears it, the default cuts it short
     save_audio(late, np.concatenate([np.zeros(8000, np.float32), load_audio(speech)]))
-    kept = json.loads(cli("asr", str(late), "--json", "--views", "1", "--keep-edges", *model).stdout)["text"]
+    kept = json.loads(cli_here("asr", str(late), "--json", "--views", "1", "--keep-edges", *model).stdout)["text"]
     assert kept == pipeline.asr(load_audio(late), generation=Generation(asr_views=1, asr_edges=False))
-    assert cli("asr", str(speech), "--views", "0", *model).returncode == 2
+    assert cli_here("asr", str(speech), "--views", "0", *model).returncode == 2
     (tmp_path / "bad.wav").write_bytes(b"not audio")
-    r = cli("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
+    r = cli_here("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
     assert r.returncode == 1 and len(r.stdout.splitlines()) == 2 and "bad.wav" in r.stderr and "Traceback" not in r.stderr
     # several files heard in batches (those in one piece as rows of one batch) print what one by one prints; a file
     # too short to hear fails alone
     short = tmp_path / "short.wav"
     save_audio(short, np.full(800, 0.1, np.float32))
     files = [str(speech), str(late), str(short), str(speech)]
-    batched = cli("asr", *files, "--views", "1", "--batch-size", "3", *model)
-    alone = cli("asr", *files, "--views", "1", "--batch-size", "1", *model)
+    batched = cli_here("asr", *files, "--views", "1", "--batch-size", "3", *model)
+    alone = cli_here("asr", *files, "--views", "1", "--batch-size", "1", *model)
     assert batched.returncode == alone.returncode == 1 and batched.stdout == alone.stdout and "short.wav" in batched.stderr, batched.stderr
     assert batched.stdout.splitlines()[0] == f"{speech}\t{' '.join(views['1'].split())}" and len(batched.stdout.splitlines()) == 3
-    r = cli("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
+    r = cli_here("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
     assert r.returncode == 0, r.stderr
     # a typed question: the reply's text (what the Python API writes), and with -o its speech too
-    typed = cli("chat", "--text", "hello world", *model)
+    typed = cli_here("chat", "--text", "hello world", *model)
     assert typed.returncode == 0 and typed.stdout.strip() == pipeline.reply_text("hello world"), typed.stderr
-    r = cli("chat", "--text", "hello world", "-o", str(tmp_path / "typed.wav"), *model)
+    r = cli_here("chat", "--text", "hello world", "-o", str(tmp_path / "typed.wav"), *model)
     assert r.returncode == 0 and r.stdout == typed.stdout and (tmp_path / "typed.wav").exists(), r.stderr
     for bad, message in ((["--text", " "], "empty question"), (["--text", "hi", str(speech)], "not both"), ([], "--text QUESTION")):
-        r = cli("chat", *bad, *model)
+        r = cli_here("chat", *bad, *model)
         assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    r = cli("tts", "", "-o", str(tmp_path / "e.wav"), *model)
+    r = cli_here("tts", "", "-o", str(tmp_path / "e.wav"), *model)
     assert r.returncode == 2 and "empty text" in r.stderr and "Traceback" not in r.stderr
-    r = cli("tts", "hello", "-o", str(tmp_path / "e.wav"), "--model", str(tmp_path / "no-such-model"))
+    r = cli_here("tts", "hello", "-o", str(tmp_path / "e.wav"), "--model", str(tmp_path / "no-such-model"))
     assert r.returncode == 2 and "no-such-model" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -236,7 +236,7 @@ def test_fast_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
     assert fast_dtype() == torch.bfloat16
 
 
-def test_tts_speaks_through_the_tts_adapter_only_while_a_step_computes(pipeline, tmp_path, cli):
+def test_tts_speaks_through_the_tts_adapter_only_while_a_step_computes(pipeline, tmp_path, cli_here):
     from speechlm.codec.audio import load_audio
     from speechlm.lm.adapters import AdapterConfig
 
@@ -266,13 +266,13 @@ def test_tts_speaks_through_the_tts_adapter_only_while_a_step_computes(pipeline,
     own.save_pretrained(tmp_path / "two")
     model = ["--model", str(tmp_path / "two"), "--threads", "1", "--dtype", "float32", "--temperature", "0.8", "--max-seconds", "0.4"]
     for flags, expected in (([], spoken), (["--no-adapter"], base)):
-        r = cli("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, *flags)
+        r = cli_here("tts", "hello world", "-o", str(tmp_path / "out.wav"), *model, *flags)
         assert r.returncode == 0, r.stderr
         heard = load_audio(tmp_path / "out.wav")
         assert len(heard) == len(expected) and np.abs(heard - expected).max() < 2e-3
 
 
-def test_a_voice_is_a_voice_adapter_chosen_by_name(pipeline, tmp_path, cli):
+def test_a_voice_is_a_voice_adapter_chosen_by_name(pipeline, tmp_path, cli_here):
     """Generation.voice / --voice NAME speaks through the model's adapter voice-NAME (on the MCTP modules and the
     audio head too); the default voice is the model's own; an unknown voice is a one-line error naming the voices."""
     from speechlm.codec.audio import load_audio
@@ -298,14 +298,14 @@ def test_a_voice_is_a_voice_adapter_chosen_by_name(pipeline, tmp_path, cli):
         own.tts("hello world", generation=dataclasses.replace(SHORT, voice="nope"))
     own.save_pretrained(tmp_path / "voiced")
     model = ["--model", str(tmp_path / "voiced"), "--threads", "1", "--dtype", "float32", "--temperature", "0.8", "--max-seconds", "0.4"]
-    r = cli("tts", "hello world", "-o", str(tmp_path / "two.wav"), "--voice", "two", *model)
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "two.wav"), "--voice", "two", *model)
     assert r.returncode == 0, r.stderr
     heard = load_audio(tmp_path / "two.wav")
     assert len(heard) == len(spoken) and np.abs(heard - spoken).max() < 2e-3
-    r = cli("tts", "--list-voices", *model)
+    r = cli_here("tts", "--list-voices", *model)
     assert r.returncode == 0 and r.stdout.splitlines() == ["default\tthe model's own voice", "two\tTTS by a second voice"], r.stdout
     for flags, message in ((["--voice", "nope"], "no voice 'nope'"), (["--voice", "two", "--no-adapter"], "does not go with --no-adapter")):
-        r = cli("tts", "hello world", "-o", str(tmp_path / "x.wav"), *flags, *model)
+        r = cli_here("tts", "hello world", "-o", str(tmp_path / "x.wav"), *flags, *model)
         assert r.returncode != 0 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "x.wav").exists()
     from speechlm.training.ship import ship  # shipped at a lower rank: smaller, still the voice

@@ -211,16 +211,16 @@ def test_cli_data_lexicon(cli, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr
 
 
-def test_cli_asr_check_rounds(cli, tmp_path):
+def test_cli_asr_check_rounds(cli_here, tmp_path):
     from speechlm.codec.audio import save_audio
 
     save_audio(tmp_path / "q.wav", Espeak.instance().synthesize("What does a snake say?", "en-us+f4").audio)
     model = ["--threads", "1", "--dtype", "float32"]
-    checked = cli("asr", str(tmp_path / "q.wav"), *model)
-    unchecked = cli("asr", str(tmp_path / "q.wav"), *model, "--check-rounds", "0")
+    checked = cli_here("asr", str(tmp_path / "q.wav"), *model)
+    unchecked = cli_here("asr", str(tmp_path / "q.wav"), *model, "--check-rounds", "0")
     assert checked.returncode == unchecked.returncode == 0, checked.stderr + unchecked.stderr
     assert checked.stdout.strip() == "What does a snake say?" and unchecked.stdout.strip() == "What does a duck say?"
-    bad = cli("asr", str(tmp_path / "q.wav"), *model, "--check-rounds", "-1")
+    bad = cli_here("asr", str(tmp_path / "q.wav"), *model, "--check-rounds", "-1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "asr_check_rounds" in bad.stderr
 
 

@@ -334,14 +334,14 @@ def test_speech_streams_of_texts_added_while_others_speak(aligned_pipeline, sche
     assert not streams
 
 
-def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
+def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli_here):
     from speechlm.codec.audio import load_audio
 
     aligned_pipeline.save_pretrained(tmp_path / "m")
     model = ["--model", str(tmp_path / "m"), "--max-seconds", "2", "--threads", "1", "--dtype", "float32"]
     lines = ["hello world", "", "it is four", "...", "set a timer for ten minutes"]  # a blank line, and one with nothing to say
     (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
-    r = cli("tts", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out"), "--batch-size", "2", *model)
+    r = cli_here("tts", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "out"), "--batch-size", "2", *model)
     assert r.returncode == 1 and "line 4" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["00001.wav", "00003.wav", "00005.wav"]
     # shortest first: lines 4 and 3 were a batch (line 4 failed it, so each was spoken alone), then lines 1 and 5
@@ -351,21 +351,21 @@ def test_cli_speaks_lines_in_batches(aligned_pipeline, tmp_path, cli):
                 "00005.wav": aligned_pipeline.tts_batch(["hello world", "set a timer for ten minutes"], g)[1]}  # fmt: skip
     for name, audio in expected.items():
         assert np.abs(load_audio(tmp_path / "out" / name) - audio).max() < 1e-3
-    assert cli("tts", "hello", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "o"), *model).returncode == 2
+    assert cli_here("tts", "hello", "--lines", str(tmp_path / "lines.txt"), "-o", str(tmp_path / "o"), *model).returncode == 2
     # two sentences: spoken one by one, --sentence-pause seconds apart
-    r = cli("tts", "Hello world. It is four.", "-o", str(tmp_path / "two.wav"), "--sentence-pause", "0.8", *model)
+    r = cli_here("tts", "Hello world. It is four.", "-o", str(tmp_path / "two.wav"), "--sentence-pause", "0.8", *model)
     assert r.returncode == 0, r.stderr
     two = [aligned_pipeline.tts(t, generation=g) for t in ("Hello world.", "It is four.")]
     assert np.abs(load_audio(tmp_path / "two.wav") - np.concatenate([two[0], np.zeros(20 * 640, np.float32), two[1]])).max() < 1e-3
     # a long sentence: spoken clause by clause past --max-words words, 0.12 s (3 frames) apart
-    r = cli("tts", "Set a timer for ten minutes, it is four.", "-o", str(tmp_path / "clauses.wav"), "--max-words", "6", *model)
+    r = cli_here("tts", "Set a timer for ten minutes, it is four.", "-o", str(tmp_path / "clauses.wav"), "--max-words", "6", *model)
     assert r.returncode == 0, r.stderr
     clauses = [aligned_pipeline.tts("Set a timer for ten minutes.", generation=g), two[1]]
     assert np.abs(load_audio(tmp_path / "clauses.wav") - np.concatenate([clauses[0], np.zeros(3 * 640, np.float32), clauses[1]])).max() < 1e-3
-    r = cli("tts", "--lines", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), *model)
+    r = cli_here("tts", "--lines", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "o"), *model)
     assert r.returncode == 2 and "cannot read" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)))
-    r = cli("tts", "--lines", str(tmp_path / "binary.txt"), "-o", str(tmp_path / "o"), *model)
+    r = cli_here("tts", "--lines", str(tmp_path / "binary.txt"), "-o", str(tmp_path / "o"), *model)
     assert r.returncode == 2 and "not UTF-8 text" in r.stderr and "Traceback" not in r.stderr
 
 
