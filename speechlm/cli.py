@@ -370,6 +370,10 @@ def _open_text(path: str):
 def cmd_asr(args: argparse.Namespace) -> int:
     from .codec.audio import load_audio
 
+    if args.subtitles and args.json:
+        raise SpeechLMError("--subtitles and --json do not go together: pick one")
+    if args.subtitles and len(args.inputs) > 1 and args.output_dir is None:
+        raise SpeechLMError("subtitles of several files need --output-dir DIR (each written there as NAME.srt or NAME.vtt)")
     pipeline = _load_pipeline(args)
     if args.int8:
         if not pipeline.lm.int8_computes:
@@ -410,7 +414,18 @@ def _print_transcript(args: argparse.Namespace, path: str, audio, segments: list
     import json
 
     text = " ".join(s.text for s in segments if s.text)
-    if args.json:
+    if args.subtitles:
+        from .subtitles import to_subtitles
+
+        subtitles = to_subtitles(segments, args.subtitles)
+        if args.output_dir is None:
+            print(subtitles, end="", flush=True)
+        else:
+            target = Path(args.output_dir) / f"{Path(path).stem}.{args.subtitles}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(subtitles, encoding="utf-8")
+            print(f"{path}\t{target}", flush=True)
+    elif args.json:
         print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / sample_rate, 3),
                           "segments": [dataclasses.asdict(s) for s in segments]}), flush=True)  # fmt: skip
     else:
@@ -684,6 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="input", help="audio file(s); with several, one 'FILE<TAB>TEXT' line each")
     p.add_argument("--json", action="store_true",
                    help="print a JSON object a file: text, duration, segments (start and end seconds, text: the pieces heard alone)")
+    p.add_argument("--subtitles", choices=("srt", "vtt"),
+                   help="print subtitles instead: SubRip or WebVTT cues of the pieces heard (with several files: --output-dir)")
+    p.add_argument("--output-dir", metavar="DIR", help="--subtitles: write each file's as DIR/NAME.srt (or .vtt) instead of printing them")
     p.add_argument("--int8", action="store_true",
                    help="products of at most 4 rows read the backbone's weights as int8 (bfloat16 on a CPU: faster, rounded differently; "
                         "the same WER on 80 held-out-voice utterances)")

@@ -169,6 +169,19 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here):
     assert r.returncode == 0 and '"text"' in r.stdout, r.stderr
     import json
 
+    from speechlm.speech import Segment
+    from speechlm.subtitles import to_subtitles
+
+    # --subtitles: the JSON's segments as cues, printed (one file) or written to --output-dir (several)
+    segments = [Segment(**s) for s in json.loads(r.stdout)["segments"]]
+    srt = cli_here("asr", str(speech), "--subtitles", "srt", *model)
+    assert srt.returncode == 0 and srt.stdout == to_subtitles(segments, "srt"), srt.stderr
+    many = cli_here("asr", str(speech), str(speech), "--subtitles", "vtt", "--output-dir", str(tmp_path / "subs"), *model)
+    assert many.returncode == 0 and (tmp_path / "subs" / f"{speech.stem}.vtt").read_text() == to_subtitles(segments, "vtt")
+    for bad, message in (([str(speech), "--subtitles", "srt", "--json"], "do not go together"), ([str(speech), str(speech), "--subtitles", "srt"], "--output-dir")):
+        r = cli_here("asr", *bad, *model)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
     views = {n: json.loads(cli_here("asr", str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
     assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
     fast = cli_here("asr", str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
