@@ -8,6 +8,7 @@ traceback instead.  Heavy imports happen inside handlers so ``--help`` is instan
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -293,8 +294,8 @@ def cmd_tts(args: argparse.Namespace) -> int:
         return _tts_lines(args)
     from .codec.audio import audio_format
 
-    out = Path(args.output)
-    fmt, subtype = audio_format(out)  # before the model loads
+    out, raw = Path(args.output), args.output == "-"
+    fmt, subtype = ("RAW", "PCM_16") if raw else audio_format(out)  # before the model loads
     pipeline = _load_pipeline(args)
     g = _generation(args)
     pipeline.tts_adapter(g)  # an unknown --voice: its one-line error now, before any work
@@ -303,21 +304,46 @@ def cmd_tts(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     first, samples = None, 0
     chunks = pipeline.tts(args.text, stream=True, generation=g) if g.candidates == 1 else [pipeline.tts(args.text, generation=g)]
-    with sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, format=fmt, subtype=subtype) as f:
-        for chunk in chunks:
-            first = first if first is not None else time.perf_counter() - start
-            f.write(chunk)
-            samples += len(chunk)
-            if args.stream:
-                f.flush()
+    report = sys.stderr if raw else sys.stdout
+    try:
+        with _StdoutPCM() if raw else sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, format=fmt, subtype=subtype) as f:
+            for chunk in chunks:
+                first = first if first is not None else time.perf_counter() - start
+                f.write(chunk)
+                samples += len(chunk)
+                if args.stream:
+                    f.flush()
+    except BrokenPipeError:  # the player reading stdout went away: nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error flushing the closed pipe at exit
+        return 0
     seconds = samples / pipeline.sample_rate
     wall = time.perf_counter() - start
+    where = "stdout (PCM16, 16 kHz, mono)" if raw else out
     if not samples:
-        print(f"the model produced no speech for this text -> {out} (empty)")
+        print(f"the model produced no speech for this text -> {where} (empty)", file=report)
         return 0
-    msg = f"{seconds:.2f} s of speech -> {out} (real-time factor {wall / seconds:.2f}"
-    print(msg + (f", first audio after {first * 1000:.0f} ms)" if first is not None else ")"))
+    msg = f"{seconds:.2f} s of speech -> {where} (real-time factor {wall / seconds:.2f}"
+    print(msg + (f", first audio after {first * 1000:.0f} ms)" if first is not None else ")"), file=report)
     return 0
+
+
+class _StdoutPCM:
+    """``speechlm tts -o -``: the speech as headerless PCM16 (little-endian) on stdout, for a player reading a pipe."""
+
+    def __enter__(self) -> _StdoutPCM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.flush()
+
+    def write(self, chunk) -> None:
+        from .codec.audio import to_pcm16
+
+        sys.stdout.buffer.write(to_pcm16(chunk))
+
+    def flush(self) -> None:
+        sys.stdout.buffer.flush()
 
 
 def _tts_lines(args: argparse.Namespace) -> int:
@@ -679,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tts", help="text -> speech")
     p.add_argument("text", nargs="?", help="the text (or --lines FILE)")
-    p.add_argument("-o", "--output", help=".wav, .flac, .ogg, .opus or .mp3 (with --lines: a directory)")
+    p.add_argument("-o", "--output", help=".wav, .flac, .ogg, .opus or .mp3 (with --lines: a directory); '-': raw PCM16 (16 kHz, "
+                                          "mono, little-endian) on stdout, e.g. --stream -o - | aplay -f S16_LE -r 16000")
     p.add_argument("--stream", action="store_true", help="write audio as frames decode (flushes per chunk)")
     p.add_argument("--lines", metavar="FILE",
                    help="speak every non-empty line of FILE ('-' = stdin) into OUTPUT/NNNNN.wav, --batch-size lines per batch; "

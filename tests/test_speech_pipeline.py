@@ -147,7 +147,7 @@ def test_bad_input(pipeline):
         SpeechPipeline.from_pretrained("no-such-model")
 
 
-def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here):
+def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here, cli):
     from speechlm.codec.audio import load_audio
 
     pipeline.save_pretrained(tmp_path / "m")
@@ -159,6 +159,9 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here):
     assert r.returncode == 0 and ("first audio after" in r.stdout or "no speech" in r.stdout), r.stderr
     r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.opus"), "--stream", "--temperature", "0.8", *model)  # lossy, streamed
     assert r.returncode == 0 and len(load_audio(tmp_path / "t.opus")) == len(load_audio(tmp_path / "t.wav")), r.stderr
+    r = cli("tts", "hello world", "-o", "-", "--stream", "--temperature", "0.8", *model, binary=True)  # raw PCM16 on stdout
+    pcm = np.frombuffer(r.stdout, "<i2") / 32767.0
+    assert r.returncode == 0 and b"-> stdout" in r.stderr and np.abs(pcm - load_audio(tmp_path / "t.wav")).max() < 3 / 32767, r.stderr
     r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.aac"), *model)
     assert r.returncode == 2 and "use one of .wav, .flac, .ogg, .opus, .mp3" in r.stderr, r.stderr
     speech = tmp_path / "q.wav"
