@@ -16,7 +16,6 @@ per forward).
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from .codec.model import Codec
 from .denoise import spectral_denoise
 from .lm.adapters import VOICE_PREFIX
 from .lm.aligned_batch import iter_aligned_audio_batch
-from .lm.ensemble import Prefilled, ensemble_transcribe_groups, prefill, transcript_log_probs
+from .lm.ensemble import Prefilled, ensemble_transcribe_groups, prefill, prefilled_rows, transcript_log_probs
 from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, iter_audio, text_generate
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
@@ -730,11 +729,8 @@ class SpeechPipeline:
 def _batch_rows(batch: PromptBatch, prefilled: Prefilled, rows: list[int]) -> tuple[PromptBatch, Prefilled]:
     """Rows ``rows`` of a prompt batch and of its prefill (first-token log-probabilities, cache, mask, last positions)."""
     index = torch.tensor(rows, device=batch.input_ids.device)
-    first, cache, valid, last = prefilled
-    cache = copy.deepcopy(cache)
-    cache.batch_select_indices(index)
     own = PromptBatch(batch.input_ids[index], batch.audio_codes[index], batch.audio_mask[index], batch.attention_mask[index])
-    return own, (first[index], cache, valid[index], last[index])
+    return own, prefilled_rows(prefilled, rows)
 
 
 def choose_candidate(scores: list[float], margin: float = 0.0) -> int:

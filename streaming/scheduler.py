@@ -399,9 +399,10 @@ class Scheduler:
             self._state = self.model.reset_rows(self._state, new_rows)
         elif self.capacity > self.initial_capacity and len(self._rows) <= self.capacity // 4:
             self._compact()
-        changed = {s.id: s for s in joining if s.options} | self._pending_config
-        self._pending_config = {}
-        self._configure({s.row: s.options for s in changed.values() if s.live and s.row is not None and s.options})
+        if joining or self._pending_config:  # the sessions' settings for their rows (most ticks: none)
+            changed = {s.id: s for s in joining if s.options} | self._pending_config
+            self._pending_config = {}
+            self._configure({s.row: s.options for s in changed.values() if s.live and s.row is not None and s.options})
 
     def _configure(self, options: dict[int, dict[str, Any]]) -> None:
         """The model's per-row settings (``configure_rows``, where it has them); a model that refuses them keeps its

@@ -98,15 +98,22 @@ def ensemble_transcribe_groups(
         if not rescore or len(unique) == 1:
             out.append(list(found[-1]))  # the ensemble's
             continue
-        index = torch.tensor(list(group), device=first.device)
-        cache = copy.deepcopy(prompt_cache)  # the scoring grows the cache: the prompts' stays as it was
-        cache.batch_select_indices(index)
-        scores = _sequence_scores(model, first[index], cache, valid[index], last_position[index], [list(c) for c in unique], end)  # (K, C)
+        own = prefilled_rows((first, prompt_cache, valid, last_position), group)  # a copy: the scoring grows its cache
+        scores = _sequence_scores(model, *own, [list(c) for c in unique], end)  # (K, C)
         out.append(list(unique[int(scores.sum(0).argmax())]))
     return out
 
 
 Prefilled = tuple  # (first-token log-probabilities (K, V), the prompts' cache, attention mask (K, L), last positions (K, 1))
+
+
+def prefilled_rows(prefilled: Prefilled, rows: Sequence[int]) -> Prefilled:
+    """Rows ``rows`` of a :func:`prefill` (its cache copied: the original stays as it was)."""
+    first, cache, valid, last = prefilled
+    index = torch.tensor(list(rows), device=first.device)
+    cache = copy.deepcopy(cache)
+    cache.batch_select_indices(index)
+    return first[index], cache, valid[index], last[index]
 
 
 @torch.no_grad()
