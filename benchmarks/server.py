@@ -13,7 +13,10 @@ session's frame, batched), which bounds what the server machinery itself costs.
     python benchmarks/server.py --model duplex --lm random:qwen2-0.5b --dtype bfloat16 --device cuda --sessions 32,64,128
 
 Memory per session: host RSS growth over a load, and the model state's bytes per session (the
-LM's KV ring at its full window, codec states).
+LM's KV ring at its full window, codec states). CPU per tick: the server process's CPU milliseconds per
+tick over a load, by thread (``step``: the model step; ``assist``: the answer assist's speech LM; ``loop``: the event
+loop's websocket work), and the cores it kept busy: on a CPU a steadier measure of what a load costs than its late
+ticks, which also count what else the machine ran.
 """
 
 from __future__ import annotations

@@ -343,11 +343,12 @@ class AssistedDuplexModel:
         def steer(sampled: Tensor) -> Tensor:
             return torch.tensor([self._choose(row, int(t)) for row, t in zip(rows, sampled.tolist())], device=sampled.device)
 
-        tick = self.duplex.tick(user_pcm, state.inner, text_filter=steer, gate=False)
+        own_voice = self.config.voice != "speech_lm"  # else the speech LM's voice replaces the duplex model's audio
+        tick = self.duplex.tick(user_pcm, state.inner, text_filter=steer, gate=False, decode=own_voice)
         duplex_silent = [bool(x) for x in tick.silent.tolist()]
         pcm, silences = tick.pcm, duplex_silent
-        if self.config.voice == "speech_lm":  # the speech LM's voice replaces the duplex model's audio
-            pcm, silences = torch.zeros_like(tick.pcm), []
+        if not own_voice:
+            pcm, silences = torch.zeros_like(tick.pcm), []  # made here, outside the tick's inference mode: frames go in
             for i, (row, silent) in enumerate(zip(rows, duplex_silent)):
                 frame = self._voice_frame(row, silent)
                 silences.append(frame is None)

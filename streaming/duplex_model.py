@@ -173,11 +173,14 @@ class DuplexSpeechModel:
 
     @torch.inference_mode()
     def tick(
-        self, user_pcm: Tensor, state: DuplexSpeechState, text_filter: Callable[[Tensor], Tensor] | None = None, *, gate: bool = True
+        self, user_pcm: Tensor, state: DuplexSpeechState, text_filter: Callable[[Tensor], Tensor] | None = None, *, gate: bool = True,
+        decode: bool = True,
     ) -> DuplexTick:
         """:meth:`step` with the details: the text token ids and which rows were silent.
         ``text_filter``: see :meth:`speechlm.lm.duplex.DuplexLM.step`. ``gate=False``: ``user_pcm`` is
-        heard as given (a caller that ran :meth:`listen` itself); else through the model's noise gate, if any."""
+        heard as given (a caller that ran :meth:`listen` itself); else through the model's noise gate, if any.
+        ``decode=False``: the model's codes are not decoded (``pcm`` is silence, the decoder's state left as it
+        was), for a caller that plays other audio (the answer assist's speech LM voice)."""
         batch = user_pcm.shape[0]
         self.max_batch_seen = max(self.max_batch_seen, batch)
         user_pcm = user_pcm.to(self.device, torch.float32)
@@ -189,6 +192,9 @@ class DuplexSpeechModel:
             text_filter=text_filter,
         )  # fmt: skip
         silent = out.frame[:, 0] == self.lm.empty_code
+        if not decode:
+            pcm = torch.zeros_like(user_pcm)
+            return DuplexTick(pcm, out.text, silent, DuplexSpeechState(encoder, state.decoder, out.state, state.gate))
         codes = out.frame.masked_fill(silent[:, None], 0)  # placeholders; their audio is dropped
         pcm, decoder = self.codec.decode_step(codes, state.decoder)
         if bool(silent.any()):

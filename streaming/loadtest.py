@@ -20,6 +20,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import threading
 import time
 from typing import Any
 
@@ -33,6 +34,39 @@ from .server import DuplexServer, ServerConfig
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# The server process's threads by what they do (Python thread names): the model step runs in the event loop's
+# default executor ("asyncio_N"), the answer assist's speech LM on its own thread.
+THREAD_ROLES = (("asyncio", "step"), ("speechlm-assist", "assist"), ("MainThread", "loop"))
+
+
+def _thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) this process's threads have used, summed by role (``THREAD_ROLES``; "other"
+    for the rest) and in all ("all", exited threads included); {} where /proc has no per-thread figures."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    totals = {"all": (int(fields[11]) + int(fields[12])) / tick}
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = names.get(int(tid), "")
+        role = next((r for prefix, r in THREAD_ROLES if name.startswith(prefix)), "other")
+        totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def _cpu_per_tick(before: dict[str, float], after: dict[str, float], ticks: int) -> dict[str, float]:
+    """CPU milliseconds per tick by role between two :func:`_thread_cpu` readings."""
+    return {role: round(1000 * (after[role] - before.get(role, 0.0)) / max(1, ticks), 2) for role in after}
 
 
 # -- load generator (child process) -------------------------------------------------------
@@ -164,7 +198,9 @@ async def measure_load(
         before = (stats.ticks, stats.late_ticks, stats.skipped_ticks)
         stats.step_seconds.clear()
         turns_before = getattr(model, "turns", 0)
+        cpu_before, wall_before = _thread_cpu(), time.perf_counter()
         await asyncio.sleep(seconds)
+        cpu_after, wall = _thread_cpu(), time.perf_counter() - wall_before
         turns = getattr(model, "turns", 0) - turns_before
         ticks, late, skipped = (stats.ticks - before[0], stats.late_ticks - before[1], stats.skipped_ticks - before[2])
         steps_ms = np.asarray(stats.step_seconds) * 1000
@@ -192,6 +228,9 @@ async def measure_load(
         "received_ratio": round(received_ratio, 4),
         "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
         "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),
+        # the server process's CPU time per tick, by thread (the clients run in other processes), and the cores it kept busy
+        **({"cpu_ms_per_tick": _cpu_per_tick(cpu_before, cpu_after, ticks),
+            "server_cores_used": round((cpu_after["all"] - cpu_before["all"]) / wall, 3)} if cpu_after else {}),
         **({"assisted_turns": turns} if hasattr(model, "turns") else {}),
         **(_onsets(clients) if speech is not None else {}),
         "client_processes": len(processes),

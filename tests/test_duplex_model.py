@@ -347,6 +347,17 @@ def test_server_adapter_sessions_join_and_leave(tokenizer_dir, codec, tmp_path):
     b_pcm, _ = drain(crowd["b"])
     assert len(b_pcm) == 3 * 640
 
+    # decode=False: the same words and silences, no audio made, the decoder's state untouched
+    with torch.inference_mode():
+        user = torch.from_numpy(np.stack([inputs[n][: 4 * 640] for n in "ab"]))
+        states = [model.init_state(2)] * 2
+        for t in range(4):
+            made, unmade = (model.tick(user[:, t * 640 : (t + 1) * 640], s, decode=d) for s, d in zip(states, (True, False)))
+            assert torch.equal(made.text, unmade.text) and torch.equal(made.silent, unmade.silent)
+            assert unmade.pcm.shape == made.pcm.shape and unmade.pcm.abs().max() == 0
+            assert unmade.state.decoder is states[1].decoder
+            states = [made.state, unmade.state]
+
     # a silent frame is silence, and the decoder restarts for the next spoken one
     with torch.no_grad():
         duplex.lm.audio_head.out_bias[0, C] = 50.0

@@ -9,6 +9,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -499,6 +500,26 @@ def test_load_test_spreads_clients_over_processes_and_adds_their_counts():
     result = asyncio.run(measure_load(SilenceModel(), 3, seconds=0.6, warmup=0.3, clients_per_process=2))
     assert result["client_processes"] == 2 and result["client_failed"] == 0
     assert result["ticks"] > 0 and result["received_ratio"] > 0.9
+
+
+class BusyStep(SilenceModel):
+    """A model whose step spends 12 ms of its thread's CPU time (whatever the machine's speed)."""
+
+    def step(self, user_pcm, state):
+        start = time.thread_time()
+        while time.thread_time() - start < 0.012:
+            pass
+        return super().step(user_pcm, state)
+
+
+def test_load_test_counts_the_servers_cpu_time_by_thread():
+    """The load's CPU time per tick: the model step's thread has at least what the step spends, all threads more."""
+    from speechlm.streaming.loadtest import measure_load
+
+    result = asyncio.run(measure_load(BusyStep(), 1, seconds=1.0, warmup=0.3))
+    cpu = result["cpu_ms_per_tick"]
+    assert set(cpu) >= {"all", "step", "loop"} and cpu["step"] >= 8 and cpu["all"] >= cpu["step"] + cpu["loop"] - 1
+    assert result["server_cores_used"] > 0.15
 
 
 class ReplyAfterQuiet(SilenceModel):
