@@ -173,6 +173,9 @@ class SchedulerStats:
     errors: int = 0  # model steps that raised
     step_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
     batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+    # the last ticks that ran a step, for the load over a recent window (Scheduler.load): (clock time at its
+    # end, step seconds, late); at most 1000 (40 s of 40 ms frames)
+    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
     def snapshot(self, frame_seconds: float) -> dict[str, Any]:
         steps = np.asarray(self.step_seconds, dtype=np.float64) * 1000
@@ -317,11 +320,15 @@ class Scheduler:
                 await asyncio.sleep(delay)
             else:
                 await asyncio.sleep(0)  # let readers and writers run between back-to-back ticks
+            steps = self.stats.steps
             await self.tick()
             next_deadline += period
-            behind = loop.time() - next_deadline
+            now = loop.time()
+            behind = now - next_deadline
             if behind > 0:  # this tick's output was ready only after the next tick was due
                 self.stats.late_ticks += 1
+            if self.stats.steps > steps:
+                self.stats.recent.append((now, self.stats.step_seconds[-1], behind > 0))
             if behind > self.max_lag_frames * period:
                 skipped = int(behind // period)
                 self.stats.skipped_ticks += skipped
@@ -447,6 +454,21 @@ class Scheduler:
         self._free_rows = list(range(len(keep), new_capacity))
         heapq.heapify(self._free_rows)
         self.capacity = new_capacity
+
+    def load(self, window_seconds: float) -> dict[str, Any] | None:
+        """The clock's load over its last ``window_seconds``, from the ticks that ran a step: their number, the share
+        that was late, and the p90 of their step time as a share of the frame period (1.0 = the whole frame).
+        None when no tick ran a step in the window (no live sessions)."""
+        since = asyncio.get_running_loop().time() - window_seconds
+        ticks = [(seconds, late) for at, seconds, late in self.stats.recent if at >= since]
+        if not ticks:
+            return None
+        p90 = float(np.percentile([seconds for seconds, _ in ticks], 90))
+        return {
+            "ticks": len(ticks),
+            "late_share": round(sum(late for _, late in ticks) / len(ticks), 3),
+            "step_p90_share": round(p90 / self.frame_seconds, 3),
+        }
 
     def snapshot(self) -> dict[str, Any]:
         return {

@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
+# Load-based admission (ServerConfig.admit_load): the reading needs this many ticks with a step (2 s of 40 ms
+# frames) in the window, and a load with more than this share of its ticks late is at capacity whatever its step time.
+ADMIT_MIN_TICKS = 50
+ADMIT_LATE_SHARE = 0.1
+
 # Websocket close codes (RFC 6455).
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1011, 1013
 
@@ -168,6 +173,8 @@ class DuplexServer:
             "uptime_s": round(time.time() - self.started_at, 1),
             "connections": len(self.connections),
             "max_sessions": self.config.max_sessions,
+            "admitting": self.capacity_error() is None and len(self.connections) < self.config.max_sessions,
+            "load": self.scheduler.load(self.config.admit_window),
             **self.scheduler.snapshot(),
             **dict(self.counters),
         }
@@ -224,13 +231,33 @@ class DuplexServer:
 
     # -- websocket sessions ------------------------------------------------------------------
 
+    def capacity_error(self) -> str | None:
+        """Why a new session is refused for the load (None: it is not): over the last ``admit_window`` seconds of
+        ticks (at least ``ADMIT_MIN_TICKS`` of them with a step), the model step's p90 above ``admit_load`` of the
+        frame period, or more than ``ADMIT_LATE_SHARE`` of the ticks late. Connections that arrive together are
+        judged on the same reading."""
+        if self.config.admit_load is None:
+            return None
+        load = self.scheduler.load(self.config.admit_window)
+        if load is None or load["ticks"] < ADMIT_MIN_TICKS:
+            return None
+        if load["step_p90_share"] > self.config.admit_load or load["late_share"] > ADMIT_LATE_SHARE:
+            return (f"server busy: at its real-time capacity with {self.scheduler.live_sessions} sessions (model step p90 "
+                    f"{load['step_p90_share']:.0%} of a frame, {load['late_share']:.0%} of ticks late); try again later")
+        return None
+
     async def _handle(self, ws: ServerConnection) -> None:
         authorized = self._authorized.pop(ws, False)
+        full = None
         if len(self.connections) >= self.config.max_sessions:
             self.counters["rejected_full"] += 1
+            full = f"server full: {self.config.max_sessions} sessions are running; try again later"
+        elif (busy := self.capacity_error()) is not None:
+            self.counters["rejected_busy"] += 1
+            full = busy
+        if full is not None:
             with contextlib.suppress(ConnectionClosed):
-                message = f"server full: {self.config.max_sessions} sessions are running; try again later"
-                await ws.send(protocol.encode(protocol.Error(ErrorCode.SERVER_FULL, message)))
+                await ws.send(protocol.encode(protocol.Error(ErrorCode.SERVER_FULL, full)))
                 await ws.close(CLOSE_TRY_LATER, "server full")
             return
         connection = _Connection(self, ws, authorized)

@@ -26,6 +26,11 @@ class ServerConfig:
     token: str | None = None  # required to bind a non-loopback host
     allowed_origins: tuple[str, ...] = ()  # extra browser origins ("*" = any); same-origin pages always work
     max_sessions: int = 32
+    # load-based admission: a new session is also refused (ERROR server_full) while the frame clock is at its
+    # real-time capacity: over the last admit_window seconds of ticks, the model step's p90 above admit_load of the
+    # frame period, or more than a tenth of the ticks late (DuplexServer.capacity_error). None = up to max_sessions
+    admit_load: float | None = 0.9
+    admit_window: float = 5.0
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES  # larger messages: ERROR bad_message, dropped
     max_frame_bytes: int = 256 * 1024  # websocket frames larger than this close the connection (1009)
     idle_timeout: float = 30.0  # seconds without any message from the client
@@ -75,7 +80,9 @@ class ServerConfig:
             raise SpeechLMError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not 0 <= self.port <= 65535:
             raise SpeechLMError(f"port must be in 0..65535, got {self.port}")
-        for name in ("idle_timeout", "handshake_timeout", "input_seconds", "output_seconds"):
+        if self.admit_load is not None and self.admit_load <= 0:
+            raise SpeechLMError(f"admit_load must be > 0 (a share of the frame period) or None (off), got {self.admit_load}")
+        for name in ("idle_timeout", "handshake_timeout", "input_seconds", "output_seconds", "admit_window"):
             if getattr(self, name) <= 0:
                 raise SpeechLMError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -153,6 +160,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-sessions", type=int, default=d.max_sessions, help=f"concurrent sessions (default {d.max_sessions})")
     parser.add_argument(
+        "--admit-load",
+        type=_admit_load,
+        default=d.admit_load,
+        metavar="SHARE",
+        help="refuse new sessions (server_full) while the model step's p90 over the last "
+        f"{d.admit_window:g} s is above this share of the frame period, or a tenth of the ticks are late; 'off' = admit up to "
+        f"--max-sessions (default {d.admit_load:g})",
+    )
+    parser.add_argument(
         "--idle-timeout", type=float, default=d.idle_timeout, help=f"seconds without a message before closing (default {d.idle_timeout:g})"
     )
     parser.add_argument(
@@ -184,9 +200,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         cuda_graphs=getattr(args, "cuda_graphs", False),
         dtype=getattr(args, "dtype", ServerConfig.dtype),
         max_sessions=args.max_sessions,
+        admit_load=getattr(args, "admit_load", ServerConfig.admit_load),
         idle_timeout=args.idle_timeout,
         output_seconds=args.output_seconds,
     )
+
+
+def _admit_load(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share of the frame period (e.g. 0.9) or 'off', got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def is_loopback(host: str | None) -> bool:

@@ -276,6 +276,54 @@ def test_max_sessions_answers_with_an_error_not_a_hang():
     assert run(main(), timeout=15) == 1
 
 
+class SlowStep(SilenceModel):
+    """A model whose step takes at least 30 ms of a 40 ms frame (it sleeps)."""
+
+    def step(self, user_pcm, state):
+        time.sleep(0.03)
+        return super().step(user_pcm, state)
+
+
+def test_a_server_at_its_real_time_capacity_refuses_new_sessions_until_the_load_is_gone():
+    """Load-based admission: once the step's p90 has been above admit_load of a frame for ADMIT_MIN_TICKS ticks, a new
+    client gets server_full (busy) while the live session goes on; /health says so; with the load gone, admitted."""
+    from speechlm.streaming.server import ADMIT_MIN_TICKS
+
+    async def main():
+        async with server(SlowStep(), admit_load=0.5, admit_window=2.5) as srv:
+            first = await DuplexClient.connect(srv.url)  # nothing measured yet: admitted
+            await first.send_audio(np.zeros(640, np.float32))
+            await wait_until(lambda: (srv.scheduler.load(2.5) or {"ticks": 0})["ticks"] >= ADMIT_MIN_TICKS, timeout=15)
+            health = srv.stats()
+            with pytest.raises(ClientError, match="server_full.*busy"):
+                await DuplexClient.connect(srv.url)
+            live = srv.scheduler.live_sessions
+            await first.close()
+            await wait_until(lambda: srv.scheduler.load(2.5) is None, timeout=10)  # no step in the window any more
+            again = await DuplexClient.connect(srv.url)
+            await again.close()
+            return health, live, srv.counters["rejected_busy"]
+
+    health, live, busy = run(main(), timeout=40)
+    assert busy == 1 and live == 1
+    assert not health["admitting"] and health["load"]["step_p90_share"] >= 0.7 and health["load"]["ticks"] >= 50
+
+
+def test_serve_admit_load_option():
+    from speechlm.streaming.settings import add_serve_arguments, config_from_args
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_serve_arguments(parser)
+    assert config_from_args(parser.parse_args([])).admit_load == ServerConfig.admit_load == 0.9
+    assert config_from_args(parser.parse_args(["--admit-load", "0.75"])).admit_load == 0.75
+    assert config_from_args(parser.parse_args(["--admit-load", "off"])).admit_load is None
+    for bad in ("0", "-1", "most"):
+        with pytest.raises(argparse.ArgumentError):
+            parser.parse_args(["--admit-load", bad])
+    with pytest.raises(SpeechLMError, match="admit_load"):
+        ServerConfig(admit_load=0).check()
+
+
 def test_abrupt_disconnect_frees_the_session(codec):
     async def main():
         async with server(EchoCodecModel(codec)) as srv:
