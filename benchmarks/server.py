@@ -8,6 +8,8 @@ session's frame, batched), which bounds what the server machinery itself costs.
 
     python benchmarks/server.py --codec codec-16k --sessions 8,16,32,48 --out docs/results/server.json
     python benchmarks/server.py --model duplex --lm duplex-default --sessions 1,2,4,8 --out docs/results/server_duplex.json
+    # load-based admission: 6 clients, one every 4 s, each admitted or refused on the load before it
+    python benchmarks/server.py --model duplex --lm duplex-default --assist speechlm-default --speech --sessions 6 --stagger 4 --admit-load 0.9
     # on a GPU; random:qwen2-0.5b is an untrained duplex LM on Qwen2-0.5B's backbone shape
     python benchmarks/server.py --model duplex --device cuda --sessions 64,128,256 --batches 1,64,256,512 --out server_gpu.json
     python benchmarks/server.py --model duplex --lm random:qwen2-0.5b --dtype bfloat16 --device cuda --sessions 32,64,128
@@ -54,6 +56,10 @@ def main() -> None:
     ap.add_argument("--pause", type=float, default=3.0, help="--speech: seconds of silence after the question")
     ap.add_argument("--speech-wav", default=None, help="--speech: the question from this 16 kHz mono file instead of espeak-ng "
                     "(benchmarks/data/two_plus_three.wav: espeak-ng's, for machines without it)")
+    ap.add_argument("--admit-load", type=float, default=None,
+                    help="the server's load-based admission (speechlm serve --admit-load; default off: each load is forced on it)")
+    ap.add_argument("--stagger", type=float, default=0.0,
+                    help="clients connect one every this many seconds (with --admit-load: each admitted or refused on the load before it)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,11 +90,12 @@ def main() -> None:
     print("memory", memory, flush=True)
     loads = []
     for n in [int(x) for x in args.sessions.split(",")]:
-        result = asyncio.run(measure_load(model, n, seconds=args.seconds, clients_per_process=args.clients_per_process, speech=speech))
+        result = asyncio.run(measure_load(model, n, seconds=args.seconds, clients_per_process=args.clients_per_process, speech=speech,
+                                          stagger=args.stagger, admit_load=args.admit_load))
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
-    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "assist_views": args.assist_views if args.assist else None, "assist_options": args.assist_options, "speech": args.speech, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
+    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "assist_views": args.assist_views if args.assist else None, "assist_options": args.assist_options, "speech": args.speech, "admit_load": args.admit_load, "stagger": args.stagger, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
               "cuda_graphs": args.cuda_graphs, "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
               "parameters_m": parameters_m(model), "step_times": steps, "memory": memory, "loads": loads, "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))

@@ -80,11 +80,18 @@ async def _one_client(
     that frame to the first audible frame back (``reply_onset_ms``; none before the next question
     starts = ``no_reply``)."""
     from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
 
     handshake = protocol.encode(protocol.Handshake({"version": protocol.VERSION, "client": "loadtest", "metadata_interval": 0}))
     async with connect(url, compression=None, max_queue=64) as ws:
-        await ws.send(handshake)
-        await ws.recv()
+        try:
+            await ws.send(handshake)
+        except ConnectionClosed:
+            pass  # a server that refuses a session says why first, and closes: its ERROR is still to be read
+        reply = protocol.decode(await ws.recv())
+        if isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.SERVER_FULL:
+            stats["refused"] += 1  # the server is full or at its real-time capacity (load-based admission)
+            return
         received = 0
         first_audio: float | None = None
         asked: float | None = None  # when the last question ended, until its reply is heard
@@ -129,7 +136,10 @@ async def _one_client(
             stats["first_audio_ms"].append(1000 * first_audio)
 
 
-def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out, speech: np.ndarray | None = None, seed: int = 0) -> None:
+def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out, speech: np.ndarray | None = None, seed: int = 0,
+               stagger: float = 0.0, first: int = 0) -> None:
+    """``sessions`` clients for ``seconds``; with ``stagger``, client k (counted from ``first``, this process's first
+    client among all processes') connects k * stagger seconds after the first of all (and all end together)."""
     async def main() -> dict:
         question_end = None
         if speech is None:  # a steady tone: the user never stops talking
@@ -141,22 +151,27 @@ def _generator(url: str, sessions: int, seconds: float, frame_length: int, sampl
             voiced = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > 0.01)[0]
             question_end = int(voiced[-1]) + 1 if len(voiced) and voiced[-1] + 1 < len(frames) else None
         rng = np.random.default_rng(seed)
-        stats: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0, "reply_onset_ms": [], "no_reply": 0}
+        stats: dict[str, Any] = {key: [] if key in LISTS else 0 for key in STAT_KEYS}
 
-        async def guarded(offset: int) -> None:
+        async def guarded(offset: int, k: int) -> None:
+            await asyncio.sleep(k * stagger)
             try:
-                await _one_client(url, seconds, frame_length / sample_rate, payloads, stats, offset, question_end)
+                await _one_client(url, seconds - k * stagger, frame_length / sample_rate, payloads, stats, offset, question_end)
             except Exception:
                 stats["failed"] += 1
 
-        await asyncio.gather(*(guarded(int(rng.integers(len(payloads)))) for _ in range(sessions)))
+        await asyncio.gather(*(guarded(int(rng.integers(len(payloads))), first + k) for k in range(sessions)))
         return stats
 
     out.put(asyncio.run(main()))
 
 
+STAT_KEYS = ("sent", "received", "client_late_sends", "first_audio_ms", "failed", "refused", "reply_onset_ms", "no_reply")
+LISTS = ("first_audio_ms", "reply_onset_ms")
+
+
 def _merge(parts: list[dict]) -> dict:
-    merged: dict[str, Any] = {"sent": 0, "received": 0, "client_late_sends": 0, "first_audio_ms": [], "failed": 0, "reply_onset_ms": [], "no_reply": 0}
+    merged: dict[str, Any] = {key: [] if key in LISTS else 0 for key in STAT_KEYS}
     for part in parts:
         for key, value in part.items():
             merged[key] = merged[key] + value
@@ -168,30 +183,38 @@ def _merge(parts: list[dict]) -> dict:
 
 async def measure_load(
     model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0, clients_per_process: int = 64,
-    speech: np.ndarray | None = None,
+    speech: np.ndarray | None = None, stagger: float = 0.0, admit_load: float | None = None,
 ) -> dict[str, Any]:
     """Hold ``sessions`` clients for ``warmup + seconds``; the numbers cover the last ``seconds``.
 
     The clients run in ``ceil(sessions / clients_per_process)`` child processes, so that at large
     loads the load generator is not what falls behind. They send a steady tone, or ``speech``
-    (16 kHz float32) on a loop, each client from a random point in it."""
-    config = ServerConfig(port=0, max_sessions=sessions, idle_timeout=60, admit_load=None)  # a load test overloads on purpose
+    (16 kHz float32) on a loop, each client from a random point in it. ``admit_load``: the server's load-based
+    admission (``ServerConfig.admit_load``; default off: a load test overloads on purpose); with ``stagger`` the
+    clients connect one every ``stagger`` seconds, so that each is admitted or refused on the load of those
+    before it (``admitted``, ``refused``), and the window starts ``warmup`` after the last."""
+    config = ServerConfig(port=0, max_sessions=sessions, idle_timeout=60, admit_load=admit_load)
     async with DuplexServer(model, config) as server:
         rss_before = _rss_mb()
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         counts = [len(c) for c in np.array_split(np.arange(sessions), -(-sessions // clients_per_process))]
+        ramp = stagger * (sessions - 1)
         processes = [
             context.Process(
-                target=_generator, args=(server.url, n, warmup + seconds, model.frame_length, model.sample_rate, queue, speech, k), daemon=True
+                target=_generator,
+                args=(server.url, n, ramp + warmup + seconds, model.frame_length, model.sample_rate, queue, speech, k, stagger, sum(counts[:k])),
+                daemon=True,
             )
             for k, n in enumerate(counts)
         ]
         for process in processes:
             process.start()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
+        deadline = loop.time() + 60 + ramp
         while server.scheduler.live_sessions < sessions and loop.time() < deadline and any(p.is_alive() for p in processes):
+            if stagger and server.counters["rejected_busy"] + server.counters["rejected_full"] + server.scheduler.live_sessions >= sessions:
+                break  # every client has been admitted or refused
             await asyncio.sleep(0.05)
         await asyncio.sleep(warmup)
         stats = server.scheduler.stats
@@ -225,6 +248,7 @@ async def measure_load(
         "server_dropped": dropped,
         "client_late_sends": clients["client_late_sends"],
         "client_failed": clients["failed"],
+        **({"admitted": sessions - clients["refused"], "refused": clients["refused"]} if admit_load is not None or clients["refused"] else {}),
         "received_ratio": round(received_ratio, 4),
         "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
         "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),

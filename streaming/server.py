@@ -56,7 +56,7 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 # Load-based admission (ServerConfig.admit_load): the reading needs this many ticks with a step (2 s of 40 ms
 # frames) in the window, and a load with more than this share of its ticks late is at capacity whatever its step time.
 ADMIT_MIN_TICKS = 50
-ADMIT_LATE_SHARE = 0.1
+ADMIT_LATE_SHARE = 0.05
 
 # Websocket close codes (RFC 6455).
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1011, 1013

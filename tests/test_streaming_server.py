@@ -314,7 +314,7 @@ def test_serve_admit_load_option():
 
     parser = argparse.ArgumentParser(exit_on_error=False)
     add_serve_arguments(parser)
-    assert config_from_args(parser.parse_args([])).admit_load == ServerConfig.admit_load == 0.9
+    assert config_from_args(parser.parse_args([])).admit_load == ServerConfig.admit_load == 0.8
     assert config_from_args(parser.parse_args(["--admit-load", "0.75"])).admit_load == 0.75
     assert config_from_args(parser.parse_args(["--admit-load", "off"])).admit_load is None
     for bad in ("0", "-1", "most"):
@@ -322,6 +322,13 @@ def test_serve_admit_load_option():
             parser.parse_args(["--admit-load", bad])
     with pytest.raises(SpeechLMError, match="admit_load"):
         ServerConfig(admit_load=0).check()
+
+
+def test_load_test_staggers_clients_so_that_admission_judges_each_on_the_load_before_it():
+    from speechlm.streaming.loadtest import measure_load
+
+    result = asyncio.run(measure_load(SlowStep(), 2, seconds=0.5, warmup=0.3, stagger=2.8, admit_load=0.5))
+    assert (result["admitted"], result["refused"]) == (1, 1) and result["client_failed"] == 0 and result["ticks"] > 0
 
 
 def test_abrupt_disconnect_frees_the_session(codec):
