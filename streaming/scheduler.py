@@ -173,8 +173,8 @@ class SchedulerStats:
     errors: int = 0  # model steps that raised
     step_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
     batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
-    # the last ticks that ran a step, for the load over a recent window (Scheduler.load): (clock time at its
-    # end, step seconds, late); at most 1000 (40 s of 40 ms frames)
+    # the last ticks that ran a step, for the load over a recent window (Scheduler.load): (time.monotonic() at
+    # its end, step seconds, late); at most 1000 (40 s of 40 ms frames)
     recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
 
     def snapshot(self, frame_seconds: float) -> dict[str, Any]:
@@ -323,12 +323,11 @@ class Scheduler:
             steps = self.stats.steps
             await self.tick()
             next_deadline += period
-            now = loop.time()
-            behind = now - next_deadline
+            behind = loop.time() - next_deadline
             if behind > 0:  # this tick's output was ready only after the next tick was due
                 self.stats.late_ticks += 1
             if self.stats.steps > steps:
-                self.stats.recent.append((now, self.stats.step_seconds[-1], behind > 0))
+                self.stats.recent.append((time.monotonic(), self.stats.step_seconds[-1], behind > 0))
             if behind > self.max_lag_frames * period:
                 skipped = int(behind // period)
                 self.stats.skipped_ticks += skipped
@@ -459,7 +458,7 @@ class Scheduler:
         """The clock's load over its last ``window_seconds``, from the ticks that ran a step: their number, the share
         that was late, and the p90 of their step time as a share of the frame period (1.0 = the whole frame).
         None when no tick ran a step in the window (no live sessions)."""
-        since = asyncio.get_running_loop().time() - window_seconds
+        since = time.monotonic() - window_seconds
         ticks = [(seconds, late) for at, seconds, late in self.stats.recent if at >= since]
         if not ticks:
             return None
