@@ -72,6 +72,11 @@ def _cpu_per_tick(before: dict[str, float], after: dict[str, float], ticks: int)
 # -- load generator (child process) -------------------------------------------------------
 
 
+# what the clients count (summed over clients and processes; LISTS are lists of per-event values)
+STAT_KEYS = ("sent", "received", "client_late_sends", "first_audio_ms", "failed", "refused", "reply_onset_ms", "no_reply")
+LISTS = ("first_audio_ms", "reply_onset_ms")
+
+
 async def _one_client(
     url: str, seconds: float, frame_seconds: float, payloads: list[bytes], stats: dict, offset: int = 0, question_end: int | None = None
 ) -> None:
@@ -164,10 +169,6 @@ def _generator(url: str, sessions: int, seconds: float, frame_length: int, sampl
         return stats
 
     out.put(asyncio.run(main()))
-
-
-STAT_KEYS = ("sent", "received", "client_late_sends", "first_audio_ms", "failed", "refused", "reply_onset_ms", "no_reply")
-LISTS = ("first_audio_ms", "reply_onset_ms")
 
 
 def _merge(parts: list[dict]) -> dict:
