@@ -232,6 +232,7 @@ async def measure_load(
         underruns = sum(s.underruns for s in sessions_now)
         dropped = sum(s.output.dropped for s in sessions_now)
         rss_after = _rss_mb()
+        refusals = {key: n for key, n in server.counters.items() if key.startswith("rejected")}
         clients = _merge([await asyncio.to_thread(queue.get, True, 120) for _ in processes])
         for process in processes:
             await asyncio.to_thread(process.join, 10)
@@ -249,7 +250,8 @@ async def measure_load(
         "server_dropped": dropped,
         "client_late_sends": clients["client_late_sends"],
         "client_failed": clients["failed"],
-        **({"admitted": sessions - clients["refused"], "refused": clients["refused"]} if admit_load is not None or clients["refused"] else {}),
+        **({"admitted": sessions - clients["refused"], "refused": clients["refused"], "refusals": refusals}
+           if admit_load is not None or clients["refused"] else {}),
         "received_ratio": round(received_ratio, 4),
         "first_audio_ms_p50": round(float(np.median(clients["first_audio_ms"])), 1) if clients["first_audio_ms"] else None,
         "rss_mb_per_session": round((rss_after - rss_before) / sessions, 3),

@@ -57,6 +57,9 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
 # frames) in the window, and a load with more than this share of its ticks late is at capacity whatever its step time.
 ADMIT_MIN_TICKS = 50
 ADMIT_LATE_SHARE = 0.05
+# ... and, for a model with an answer assist, this many ticks with a reply under way, more than ADMIT_LATE_SHARE of
+# them with a gap in a reply (its speech made slower than it plays: AssistedDuplexModel.assist_load)
+ADMIT_MIN_SPEECH_TICKS = 25
 
 # Websocket close codes (RFC 6455).
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1011, 1013
@@ -175,6 +178,7 @@ class DuplexServer:
             "max_sessions": self.config.max_sessions,
             "admitting": self.capacity_error() is None and len(self.connections) < self.config.max_sessions,
             "load": self.scheduler.load(self.config.admit_window),
+            "assist_load": self._assist_load(),
             **self.scheduler.snapshot(),
             **dict(self.counters),
         }
@@ -234,17 +238,32 @@ class DuplexServer:
     def capacity_error(self) -> str | None:
         """Why a new session is refused for the load (None: it is not): over the last ``admit_window`` seconds of
         ticks (at least ``ADMIT_MIN_TICKS`` of them with a step), the model step's p90 above ``admit_load`` of the
-        frame period, or more than ``ADMIT_LATE_SHARE`` of the ticks late. Connections that arrive together are
-        judged on the same reading."""
+        frame period, or more than ``ADMIT_LATE_SHARE`` of the ticks late; or, with an answer assist, its replies'
+        speech falling behind (``ADMIT_MIN_SPEECH_TICKS``). Connections that arrive together are judged on the same
+        reading."""
+        busy = self._busy()
+        return busy[1] if busy is not None else None
+
+    def _busy(self) -> tuple[str, str] | None:
+        """(what is at capacity: "step" or "speech", why) or None; see :meth:`capacity_error`."""
         if self.config.admit_load is None:
             return None
+        sessions = self.scheduler.live_sessions
         load = self.scheduler.load(self.config.admit_window)
-        if load is None or load["ticks"] < ADMIT_MIN_TICKS:
-            return None
-        if load["step_p90_share"] > self.config.admit_load or load["late_share"] > ADMIT_LATE_SHARE:
-            return (f"server busy: at its real-time capacity with {self.scheduler.live_sessions} sessions (model step p90 "
-                    f"{load['step_p90_share']:.0%} of a frame, {load['late_share']:.0%} of ticks late); try again later")
+        if load is not None and load["ticks"] >= ADMIT_MIN_TICKS and (
+            load["step_p90_share"] > self.config.admit_load or load["late_share"] > ADMIT_LATE_SHARE
+        ):
+            return "step", (f"server busy: at its real-time capacity with {sessions} sessions (model step p90 "
+                            f"{load['step_p90_share']:.0%} of a frame, {load['late_share']:.0%} of ticks late); try again later")
+        speech = self._assist_load()
+        if speech is not None and speech["ticks"] >= ADMIT_MIN_SPEECH_TICKS and speech["starved_share"] > ADMIT_LATE_SHARE:
+            return "speech", (f"server busy: the replies' speech falls behind with {sessions} sessions "
+                              f"({speech['starved_share']:.0%} of the ticks of replies under way had a gap); try again later")
         return None
+
+    def _assist_load(self) -> dict[str, Any] | None:
+        reading = getattr(self.model, "assist_load", None)  # a model with an answer assist (speechlm.streaming.assist)
+        return reading(self.config.admit_window) if reading is not None else None
 
     async def _handle(self, ws: ServerConnection) -> None:
         authorized = self._authorized.pop(ws, False)
@@ -252,9 +271,11 @@ class DuplexServer:
         if len(self.connections) >= self.config.max_sessions:
             self.counters["rejected_full"] += 1
             full = f"server full: {self.config.max_sessions} sessions are running; try again later"
-        elif (busy := self.capacity_error()) is not None:
+        elif (busy := self._busy()) is not None:
             self.counters["rejected_busy"] += 1
-            full = busy
+            self.counters[f"rejected_busy_{busy[0]}"] += 1  # which limit: the model step or the replies' speech
+            full = busy[1]
+            log.info("refused a session: %s", full)
         if full is not None:
             with contextlib.suppress(ConnectionClosed):
                 await ws.send(protocol.encode(protocol.Error(ErrorCode.SERVER_FULL, full)))

@@ -219,6 +219,25 @@ def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_fo
         AssistConfig(voice="robot")
 
 
+def test_a_gap_in_a_reply_under_way_counts_as_the_speech_falling_behind(tokenizer_dir, codec):  # noqa: F811
+    """assist_load: of the ticks with a reply under way, the share where its speech had no frame ready."""
+    model = assisted(tokenizer_dir, codec, mute=True)
+    state = model.init_state(1)
+    assert model.assist_load(60) is None
+    row = state.rows[0]
+    row.plan, row.job, row.spoke = [], _Job(None, 0), True  # a reply under way, its first frame played
+    row.job.frames.extend(np.full(N, 0.5, np.float32) for _ in range(2))
+    quiet = torch.zeros(1, N)
+    sounded = []
+    for _ in range(3):  # two frames ready, then none: the third tick is a gap
+        pcm, _, state = model.step(quiet, state)
+        sounded.append(bool(pcm.abs().max() > 0))
+    row.job.done.set()  # the reply is all said: silence now is its end, not a gap
+    model.step(quiet, state)
+    assert sounded == [True, True, False]
+    assert model.assist_load(60) == {"ticks": 4, "starved_share": 0.25}
+
+
 class SlowSpeech(FakeSpeech):
     """The speech LM's ASR waits until the test lets it go on."""
 

@@ -302,11 +302,33 @@ def test_a_server_at_its_real_time_capacity_refuses_new_sessions_until_the_load_
             await wait_until(lambda: srv.scheduler.load(2.5) is None, timeout=10)  # no step in the window any more
             again = await DuplexClient.connect(srv.url)
             await again.close()
-            return health, live, srv.counters["rejected_busy"]
+            return health, live, srv.counters["rejected_busy_step"]
 
     health, live, busy = run(main(), timeout=40)
     assert busy == 1 and live == 1
     assert not health["admitting"] and health["load"]["step_p90_share"] >= 0.7 and health["load"]["ticks"] >= 50
+
+
+class StarvedAssist(SilenceModel):
+    """A model whose answer assist says its replies' speech keeps falling behind."""
+
+    def assist_load(self, window_seconds):
+        return {"ticks": 100, "starved_share": 0.3}
+
+
+def test_an_assist_whose_speech_falls_behind_makes_the_server_refuse_new_sessions():
+    async def main():
+        async with server(StarvedAssist()) as srv:
+            with pytest.raises(ClientError, match="server_full.*speech falls behind"):
+                await DuplexClient.connect(srv.url)
+            health = srv.stats()
+            assert srv.counters["rejected_busy_speech"] == 1 and srv.counters["rejected_busy_step"] == 0
+        async with server(StarvedAssist(), admit_load=None) as srv:  # admission off: admitted
+            await (await DuplexClient.connect(srv.url)).close()
+        return health
+
+    health = run(main(), timeout=20)
+    assert not health["admitting"] and health["assist_load"]["starved_share"] == 0.3
 
 
 def test_serve_admit_load_option():
