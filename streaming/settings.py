@@ -28,7 +28,8 @@ class ServerConfig:
     max_sessions: int = 32
     # load-based admission: a new session is also refused (ERROR server_full) while the frame clock is at its
     # real-time capacity: over the last admit_window seconds of ticks, the model step's p90 above admit_load of the
-    # frame period, or more than 5 % of the ticks late (DuplexServer.capacity_error). None = up to max_sessions
+    # frame period, or more than 5 % of the ticks late, or the answer assist's speech falling behind
+    # (DuplexServer.capacity_error). None = up to max_sessions
     admit_load: float | None = 0.8
     admit_window: float = 5.0
     max_message_bytes: int = protocol.MAX_MESSAGE_BYTES  # larger messages: ERROR bad_message, dropped
@@ -165,7 +166,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.admit_load,
         metavar="SHARE",
         help="refuse new sessions (server_full) while the model step's p90 over the last "
-        f"{d.admit_window:g} s is above this share of the frame period, or 5%% of the ticks are late; 'off' = admit up to "
+        f"{d.admit_window:g} s is above this share of the frame period, or 5%% of the ticks are late, or the assist's speech falls behind; 'off' = admit up to "
         f"--max-sessions (default {d.admit_load:g})",
     )
     parser.add_argument(
