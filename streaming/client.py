@@ -40,6 +40,14 @@ class ClientError(SpeechLMError):
     """The server could not be reached, refused us, or ended the session with an error."""
 
 
+class ServerBusy(ClientError):
+    """The server refused the session for now (ERROR server_full: all its sessions taken, or at its real-time
+    capacity); it may take one later (``DuplexClient.connect(..., wait_seconds=...)`` tries again)."""
+
+
+RETRY_SECONDS = 2.0  # between tries while a server is busy
+
+
 def normalize_url(url: str) -> str:
     """``host:port``, ``http://...`` or ``ws://host:port`` -> ``ws://host:port/ws``."""
     if "://" not in url:
@@ -78,10 +86,24 @@ class DuplexClient:
         codec: str = "pcm16",
         client: str = CLIENT_NAME,
         open_timeout: float = 10.0,
+        wait_seconds: float = 0.0,
         **options: Any,
     ) -> DuplexClient:
         """Open ``url``, send the HANDSHAKE, wait for the server's. ``options`` go into the handshake
-        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``; None values are left out)."""
+        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``; None values are left out).
+        ``wait_seconds``: while the server is busy (:class:`ServerBusy`), try again every ``RETRY_SECONDS`` for up to
+        this long before giving up (0: at once)."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                return await cls._connect_once(url, token=token, codec=codec, client=client, open_timeout=open_timeout, **options)
+            except ServerBusy:
+                if time.monotonic() + RETRY_SECONDS > deadline:
+                    raise
+            await asyncio.sleep(RETRY_SECONDS)
+
+    @classmethod
+    async def _connect_once(cls, url: str, *, token: str | None, codec: str, client: str, open_timeout: float, **options: Any) -> DuplexClient:
         url = normalize_url(url)
         if codec == "opus" and not protocol.opus_available():
             raise ClientError("--codec opus needs the sphn package (pip install sphn)")
@@ -119,7 +141,8 @@ class DuplexClient:
             raise ClientError(f"server sent a malformed handshake: {e}") from None
         if isinstance(reply, Error):
             await ws.close()
-            raise ClientError(f"server refused the session ({reply.code}): {reply.message}")
+            refused = ServerBusy if reply.code == protocol.ErrorCode.SERVER_FULL else ClientError
+            raise refused(f"server refused the session ({reply.code}): {reply.message}")
         if not isinstance(reply, Handshake):
             await ws.close()
             raise ClientError(f"server answered the handshake with {type(reply).__name__}, not HANDSHAKE")
@@ -254,14 +277,15 @@ async def stream_file(
     on_text: Callable[[Text], None] | None = None,
     grace_seconds: float = 5.0,
     voice: str | None = None,
+    wait_seconds: float = 0.0,
 ) -> Conversation:
     """Stream ``audio`` (float32, 16 kHz) like a microphone would, then ``listen_seconds`` of silence,
     and collect the model's reply until as much audio came back as went out.
 
     ``realtime=False`` sends as fast as the server accepts (its jitter buffer paces us). ``voice``: the server's
-    voice to reply in (its HANDSHAKE reply lists them).
+    voice to reply in (its HANDSHAKE reply lists them). ``wait_seconds``: see :meth:`DuplexClient.connect`.
     """
-    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice) as client:
+    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds) as client:
         frame = client.frame_length
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         listen = np.zeros(round(listen_seconds * client.sample_rate), dtype=np.float32)
@@ -385,7 +409,7 @@ def import_sounddevice():
 
 async def stream_microphone(
     url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
-    voice: str | None = None,
+    voice: str | None = None, wait_seconds: float = 0.0,
 ) -> Conversation:
     """Full duplex with the sound card: microphone to the server, the server to the speakers.
 
@@ -393,7 +417,7 @@ async def stream_microphone(
     """
     sd = import_sounddevice()
     loop = asyncio.get_running_loop()
-    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice) as client:
+    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds) as client:
         rate, frame = client.sample_rate, client.frame_length
         captured: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
         playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate)
@@ -455,6 +479,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", help="the voice the server replies in, one of those its handshake lists (default: the server's)")
     parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus needs sphn)")
     parser.add_argument("--json", action="store_true", help="print transcripts and stats as one JSON object")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="while the server is busy (server_full), try again every 2 s for up to this long (default 0: give up at once)")
 
 
 def client_main(args: argparse.Namespace) -> int:
@@ -465,6 +491,8 @@ def client_main(args: argparse.Namespace) -> int:
         raise ClientError("give --input FILE (or --mic to talk live)")
     if args.listen_seconds < 0:
         raise ClientError(f"--listen-seconds must be >= 0, got {args.listen_seconds}")
+    if args.wait < 0:
+        raise ClientError(f"--wait must be >= 0, got {args.wait}")
     normalize_url(args.url)  # fail early on a bad URL
     if args.output:
         from ..codec.audio import WRITE_FORMATS
@@ -479,7 +507,8 @@ def client_main(args: argparse.Namespace) -> int:
     sent_seconds = None
     if args.mic:
         try:
-            result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show, voice=args.voice))
+            result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show, voice=args.voice,
+                                                   wait_seconds=args.wait))
         except KeyboardInterrupt:
             return 0
     else:
@@ -495,6 +524,7 @@ def client_main(args: argparse.Namespace) -> int:
                 codec=args.codec,
                 on_text=show,
                 voice=args.voice,
+                wait_seconds=args.wait,
             )
         )
     if args.output:

@@ -22,7 +22,7 @@ from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.streaming import protocol
-from speechlm.streaming.client import ClientError, DuplexClient, add_client_arguments, client_main, stream_file
+from speechlm.streaming.client import ClientError, DuplexClient, ServerBusy, add_client_arguments, client_main, stream_file
 from speechlm.streaming.models import EchoCodecModel, SilenceModel
 from speechlm.streaming.protocol import Audio, Control, Error, Handshake, Metadata
 from speechlm.streaming.server import DuplexServer, ServerConfig, run_server
@@ -142,8 +142,10 @@ def test_client_command_writes_the_reply_and_prints_transcripts(codec, tmp_path,
     try:
         assert ready.wait(10)
         url = holder["url"].removesuffix("/ws")  # the client adds /ws
-        args = parser.parse_args([url, "--input", str(wav), "-o", str(tmp_path / "reply.wav"), "--fast", "--listen-seconds", "0.3"])
-        assert client_main(args) == 0
+        args = parser.parse_args([url, "--input", str(wav), "-o", str(tmp_path / "reply.wav"), "--fast", "--listen-seconds", "0.3", "--wait", "5"])
+        assert args.wait == 5 and client_main(args) == 0
+        with pytest.raises(ClientError, match="--wait"):
+            client_main(parser.parse_args([url, "--input", str(wav), "--wait", "-1"]))
     finally:
         done.set()
         thread.join(10)
@@ -264,16 +266,21 @@ def test_max_sessions_answers_with_an_error_not_a_hang():
         async with server(SilenceModel(), max_sessions=2) as srv:
             first = await DuplexClient.connect(srv.url)
             second = await DuplexClient.connect(srv.url)
-            with pytest.raises(ClientError, match="server_full"):
+            with pytest.raises(ServerBusy, match="server_full"):
                 await DuplexClient.connect(srv.url)
             await first.close()
             await wait_until(lambda: len(srv.connections) == 1)
             third = await DuplexClient.connect(srv.url)  # a freed place can be taken again
+            # a client that waits: refused while full, tries again, and gets the place the second leaves
+            waiting = asyncio.create_task(DuplexClient.connect(srv.url, wait_seconds=10))
+            await wait_until(lambda: srv.counters["rejected_full"] >= 2)
             await second.close()
+            fourth = await asyncio.wait_for(waiting, 10)
             await third.close()
+            await fourth.close()
             return srv.counters["rejected_full"]
 
-    assert run(main(), timeout=15) == 1
+    assert run(main(), timeout=30) >= 2
 
 
 class SlowStep(SilenceModel):
