@@ -287,15 +287,19 @@ class AssistedDuplexModel:
     def max_batch_seen(self) -> int:
         return self.duplex.max_batch_seen
 
-    def close(self) -> None:
-        """Stop the assist thread (queued work is dropped; the replies being spoken stop at their next step)."""
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the assist thread (queued work is dropped; the replies being spoken stop at their next step) and wait
+        up to ``timeout`` seconds for it to end: a thread still inside a torch operation when the interpreter exits
+        can abort the process (seen once as SIGABRT at a server's Ctrl-C)."""
         for job in list(self._jobs):
             job.cancel()
         with self._wake:
             self._stop.set()
             self._plans.clear()
-            self._thread = None
+            thread, self._thread = self._thread, None
             self._wake.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     # -- state (the inner state's surgery plus the rows' bookkeeping) -------------------------
 

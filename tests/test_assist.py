@@ -296,6 +296,34 @@ def test_in_the_background_ticks_go_on_while_the_speech_lm_works(tokenizer_dir, 
     assert job.cancelled and model._thread is None
 
 
+class SlowFrames(FakeSpeech):
+    """The reply's speech takes 0.3 s a frame to make (a slow torch step)."""
+
+    def tts(self, text, stream=True, generation=None):
+        for frame in super().tts(text, stream, generation):
+            time.sleep(0.3)
+            yield frame
+
+
+def test_close_waits_for_the_assist_thread_to_end(tokenizer_dir, codec):  # noqa: F811
+    """A server's Ctrl-C while a reply was being made aborted the process (a thread in a torch op at exit): close()
+    now returns only once the assist thread has ended."""
+    model = assisted(tokenizer_dir, codec, mute=True, background=True, speech_lm=SlowFrames())
+    state = model.init_state(1)
+    for frame in np.concatenate([speech(8, 7), np.zeros(6 * N, np.float32)]).reshape(-1, N):
+        _, _, state = model.step(torch.from_numpy(frame)[None], state)
+    job = state.rows[0].job
+    assert job is not None and job.planned.wait(10)
+    for _ in range(50):  # the reply's speech under way
+        if job.frames:
+            break
+        time.sleep(0.05)
+    thread = model._thread
+    assert job.frames and not job.done.is_set() and thread.is_alive()
+    model.close()
+    assert not thread.is_alive()
+
+
 class BrokenSpeech(FakeSpeech):
     def asr(self, audio, sample_rate=16_000, generation=None):
         raise SpeechLMError("prompt (5000 positions) exceeds the model's limit")
