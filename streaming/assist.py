@@ -55,7 +55,6 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ from ..training.textnorm import normalize_text, word_spans
 from .duplex_model import DuplexSpeechModel, DuplexSpeechState
 from .gate import GateConfig
 from .models import TextPiece
+from .window import TimedWindow
 
 log = logging.getLogger(__name__)
 
@@ -272,15 +272,14 @@ class AssistedDuplexModel:
         self._wake = threading.Condition()
         self._plans: deque[_Job] = deque()  # questions waiting for the assist thread
         self._jobs: weakref.WeakSet[_Job] = weakref.WeakSet()  # jobs not yet garbage (close() stops them)
-        # the last ticks with a reply under way in the speech LM's voice: (time.monotonic(), a reply had no frame ready)
-        self._speech_ticks: deque[tuple[float, bool]] = deque(maxlen=1000)
+        # the last ticks with a reply under way in the speech LM's voice: (a reply had no frame ready,)
+        self._speech_ticks = TimedWindow()
 
     def assist_load(self, window_seconds: float) -> dict[str, Any] | None:
         """Whether the speech LM keeps up, over the last ``window_seconds``: of the ticks with a reply under way (its
         first frame played, voice "speech_lm"), how many, and the share where a reply had no frame ready (a gap in
         it: its speech is made slower than it plays). None without such ticks. (The server's load-based admission.)"""
-        since = time.monotonic() - window_seconds
-        ticks = [starved for at, starved in list(self._speech_ticks) if at >= since]  # list(): one step under the GIL
+        ticks = [starved for (starved,) in self._speech_ticks.since(window_seconds)]
         return {"ticks": len(ticks), "starved_share": round(sum(ticks) / len(ticks), 3)} if ticks else None
 
     @property
@@ -364,17 +363,17 @@ class AssistedDuplexModel:
         pcm, silences = tick.pcm, duplex_silent
         if not own_voice:
             pcm, silences = torch.zeros_like(tick.pcm), []  # made here, outside the tick's inference mode: frames go in
-            speaking = starved = 0
+            speaking = starved = False
             for i, (row, silent) in enumerate(zip(rows, duplex_silent)):
                 frame = self._voice_frame(row, silent)
                 silences.append(frame is None)
                 if frame is not None:
                     pcm[i] = torch.as_tensor(frame, dtype=pcm.dtype, device=pcm.device)
                 if row.spoke and row.job is not None:  # a reply under way (its first frame played)
-                    speaking += 1
-                    starved += frame is None and not row.paused and not row.job.done.is_set()  # a gap: its speech is late
+                    speaking = True
+                    starved |= frame is None and not row.paused and not row.job.done.is_set()  # a gap: its speech is late
             if speaking:
-                self._speech_ticks.append((time.monotonic(), starved > 0))
+                self._speech_ticks.append(starved)
         for row, silent in zip(rows, duplex_silent):
             row.duplex_sounding = not silent
         texts: list[TextPiece] = []

@@ -44,24 +44,29 @@ THREAD_ROLES = (("asyncio", "step"), ("speechlm-assist", "assist"), ("MainThread
 def _thread_cpu() -> dict[str, float]:
     """CPU seconds (user + system) this process's threads have used, summed by role (``THREAD_ROLES``; "other"
     for the rest) and in all ("all", exited threads included); {} where /proc has no per-thread figures."""
-    try:
-        with open("/proc/self/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    everything = _cpu_seconds("/proc/self/stat")
+    if everything is None:
         return {}
-    tick = os.sysconf("SC_CLK_TCK")
-    totals = {"all": (int(fields[11]) + int(fields[12])) / tick}
+    totals = {"all": everything}
     names = {t.native_id: t.name for t in threading.enumerate()}
     for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+        seconds = _cpu_seconds(f"/proc/self/task/{tid}/stat")
+        if seconds is None:
             continue  # the thread ended meanwhile
         name = names.get(int(tid), "")
         role = next((r for prefix, r in THREAD_ROLES if name.startswith(prefix)), "other")
-        totals[role] = totals.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        totals[role] = totals.get(role, 0.0) + seconds
     return totals
+
+
+def _cpu_seconds(stat_path: str) -> float | None:
+    """User + system CPU seconds in a /proc ``stat`` file (None: unreadable)."""
+    try:
+        with open(stat_path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_per_tick(before: dict[str, float], after: dict[str, float], ticks: int) -> dict[str, float]:

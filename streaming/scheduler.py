@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .models import DuplexModel, TextPiece, grow_state, shrink_state
+from .window import TimedWindow
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +174,9 @@ class SchedulerStats:
     errors: int = 0  # model steps that raised
     step_seconds: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
     batch_sizes: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
-    # the last ticks that ran a step, for the load over a recent window (Scheduler.load): (time.monotonic() at
-    # its end, step seconds, late); at most 1000 (40 s of 40 ms frames)
-    recent: collections.deque = field(default_factory=lambda: collections.deque(maxlen=1000))
+    # the last ticks that ran a step, for the load over a recent window (Scheduler.load): (step seconds, late) at
+    # each one's end; at most 1000 (40 s of 40 ms frames)
+    recent: TimedWindow = field(default_factory=TimedWindow)
 
     def snapshot(self, frame_seconds: float) -> dict[str, Any]:
         steps = np.asarray(self.step_seconds, dtype=np.float64) * 1000
@@ -327,7 +328,7 @@ class Scheduler:
             if behind > 0:  # this tick's output was ready only after the next tick was due
                 self.stats.late_ticks += 1
             if self.stats.steps > steps:
-                self.stats.recent.append((time.monotonic(), self.stats.step_seconds[-1], behind > 0))
+                self.stats.recent.append(self.stats.step_seconds[-1], behind > 0)
             if behind > self.max_lag_frames * period:
                 skipped = int(behind // period)
                 self.stats.skipped_ticks += skipped
@@ -458,8 +459,7 @@ class Scheduler:
         """The clock's load over its last ``window_seconds``, from the ticks that ran a step: their number, the share
         that was late, and the p90 of their step time as a share of the frame period (1.0 = the whole frame).
         None when no tick ran a step in the window (no live sessions)."""
-        since = time.monotonic() - window_seconds
-        ticks = [(seconds, late) for at, seconds, late in self.stats.recent if at >= since]
+        ticks = self.stats.recent.since(window_seconds)
         if not ticks:
             return None
         p90 = float(np.percentile([seconds for seconds, _ in ticks], 90))

@@ -172,13 +172,14 @@ class DuplexServer:
         return f"ws://{self._display_host}:{self.port}/ws"
 
     def stats(self) -> dict[str, Any]:
+        readings = self._readings()
         return {
             "uptime_s": round(time.time() - self.started_at, 1),
             "connections": len(self.connections),
             "max_sessions": self.config.max_sessions,
-            "admitting": self.capacity_error() is None and len(self.connections) < self.config.max_sessions,
-            "load": self.scheduler.load(self.config.admit_window),
-            "assist_load": self._assist_load(),
+            "admitting": self._busy(*readings) is None and len(self.connections) < self.config.max_sessions,
+            "load": readings[0],
+            "assist_load": readings[1],
             **self.scheduler.snapshot(),
             **dict(self.counters),
         }
@@ -241,29 +242,29 @@ class DuplexServer:
         frame period, or more than ``ADMIT_LATE_SHARE`` of the ticks late; or, with an answer assist, its replies'
         speech falling behind (``ADMIT_MIN_SPEECH_TICKS``). Connections that arrive together are judged on the same
         reading."""
-        busy = self._busy()
+        busy = self._busy(*self._readings())
         return busy[1] if busy is not None else None
 
-    def _busy(self) -> tuple[str, str] | None:
-        """(what is at capacity: "step" or "speech", why) or None; see :meth:`capacity_error`."""
+    def _readings(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The clock's load and, with an answer assist (speechlm.streaming.assist), its speech's, over ``admit_window``."""
+        reading = getattr(self.model, "assist_load", None)
+        window = self.config.admit_window
+        return self.scheduler.load(window), reading(window) if reading is not None else None
+
+    def _busy(self, load: dict[str, Any] | None, speech: dict[str, Any] | None) -> tuple[str, str] | None:
+        """(what is at capacity: "step" or "speech", why) or None, from :meth:`_readings`; see :meth:`capacity_error`."""
         if self.config.admit_load is None:
             return None
         sessions = self.scheduler.live_sessions
-        load = self.scheduler.load(self.config.admit_window)
         if load is not None and load["ticks"] >= ADMIT_MIN_TICKS and (
             load["step_p90_share"] > self.config.admit_load or load["late_share"] > ADMIT_LATE_SHARE
         ):
             return "step", (f"server busy: at its real-time capacity with {sessions} sessions (model step p90 "
                             f"{load['step_p90_share']:.0%} of a frame, {load['late_share']:.0%} of ticks late); try again later")
-        speech = self._assist_load()
         if speech is not None and speech["ticks"] >= ADMIT_MIN_SPEECH_TICKS and speech["starved_share"] > ADMIT_LATE_SHARE:
             return "speech", (f"server busy: the replies' speech falls behind with {sessions} sessions "
                               f"({speech['starved_share']:.0%} of the ticks of replies under way had a gap); try again later")
         return None
-
-    def _assist_load(self) -> dict[str, Any] | None:
-        reading = getattr(self.model, "assist_load", None)  # a model with an answer assist (speechlm.streaming.assist)
-        return reading(self.config.admit_window) if reading is not None else None
 
     async def _handle(self, ws: ServerConnection) -> None:
         authorized = self._authorized.pop(ws, False)
@@ -271,7 +272,7 @@ class DuplexServer:
         if len(self.connections) >= self.config.max_sessions:
             self.counters["rejected_full"] += 1
             full = f"server full: {self.config.max_sessions} sessions are running; try again later"
-        elif (busy := self._busy()) is not None:
+        elif (busy := self._busy(*self._readings())) is not None:
             self.counters["rejected_busy"] += 1
             self.counters[f"rejected_busy_{busy[0]}"] += 1  # which limit: the model step or the replies' speech
             full = busy[1]
