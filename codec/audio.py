@@ -109,6 +109,19 @@ def save_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SA
     return p
 
 
+def open_audio_writer(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> sf.SoundFile:
+    """An open mono file at ``path`` (format from the suffix, as :func:`save_audio`; its folders made) to write
+    speech into as it comes (``speechlm tts --stream``: a player can read what is written); AudioError if it
+    cannot be opened."""
+    p = Path(path)
+    fmt, subtype = audio_format(p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return sf.SoundFile(str(p), "w", samplerate=sample_rate, channels=1, format=fmt, subtype=subtype)
+    except (OSError, sf.LibsndfileError, RuntimeError, ValueError) as e:
+        raise AudioError(f"cannot write {p}: {e}") from None
+
+
 def audio_format(path: str | os.PathLike) -> tuple[str, str]:
     """The (libsndfile format, subtype) :func:`save_audio` writes ``path`` in, from its suffix; AudioError for others."""
     p = Path(path)

@@ -48,6 +48,8 @@ class CodesFile:
         p = Path(path)
         if not p.is_file():
             raise SpeechLMError(f"codes file not found: {p}")
+        if not zipfile.is_zipfile(p):  # np.load would try it as a pickle and say so
+            raise SpeechLMError(f"{p} is not a codes file (.npz from speechlm codec encode)")
         try:
             with np.load(p, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}

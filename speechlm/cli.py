@@ -282,8 +282,6 @@ def _generation(args: argparse.Namespace):
 def cmd_tts(args: argparse.Namespace) -> int:
     import time
 
-    import soundfile as sf
-
     if args.list_voices:
         return _list_voices(_load_pipeline(args))
     if (args.text is None) == (args.lines is None):
@@ -292,10 +290,11 @@ def cmd_tts(args: argparse.Namespace) -> int:
         raise SpeechLMError("give the output: -o OUT.wav (with --lines: a directory)")
     if args.lines is not None:
         return _tts_lines(args)
-    from .codec.audio import audio_format
+    from .codec.audio import audio_format, open_audio_writer
 
     out, raw = Path(args.output), args.output == "-"
-    fmt, subtype = ("RAW", "PCM_16") if raw else audio_format(out)  # before the model loads
+    if not raw:
+        audio_format(out)  # an unknown suffix: its one-line error before the model loads
     pipeline = _load_pipeline(args)
     g = _generation(args)
     pipeline.tts_adapter(g)  # an unknown --voice: its one-line error now, before any work
@@ -303,11 +302,18 @@ def cmd_tts(args: argparse.Namespace) -> int:
         raise SpeechLMError("--stream and --candidates > 1 do not go together: choosing needs each whole rendering")
     start = time.perf_counter()
     first, samples = None, 0
-    chunks = pipeline.tts(args.text, stream=True, generation=g) if g.candidates == 1 else [pipeline.tts(args.text, generation=g)]
+
+    def chunks():  # lazy: the output is opened (or fails to) before any speech is made
+        if g.candidates == 1:
+            yield from pipeline.tts(args.text, stream=True, generation=g)
+        else:
+            yield pipeline.tts(args.text, generation=g)
+
     report = sys.stderr if raw else sys.stdout
+    sink = _StdoutPCM() if raw else open_audio_writer(out, pipeline.sample_rate)
     try:
-        with _StdoutPCM() if raw else sf.SoundFile(str(out), "w", samplerate=pipeline.sample_rate, channels=1, format=fmt, subtype=subtype) as f:
-            for chunk in chunks:
+        with sink as f:
+            for chunk in chunks():
                 first = first if first is not None else time.perf_counter() - start
                 f.write(chunk)
                 samples += len(chunk)
@@ -316,6 +322,10 @@ def cmd_tts(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the player reading stdout went away: nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error flushing the closed pipe at exit
         return 0
+    except BaseException:  # bad text (empty, too long), Ctrl-C: no empty file left behind
+        if not raw and not samples:
+            out.unlink(missing_ok=True)
+        raise
     seconds = samples / pipeline.sample_rate
     wall = time.perf_counter() - start
     where = "stdout (PCM16, 16 kHz, mono)" if raw else out

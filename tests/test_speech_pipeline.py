@@ -164,6 +164,13 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here, cli):
     assert r.returncode == 0 and b"-> stdout" in r.stderr and np.abs(pcm - load_audio(tmp_path / "t.wav")).max() < 3 / 32767, r.stderr
     r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.aac"), *model)
     assert r.returncode == 2 and "use one of .wav, .flac, .ogg, .opus, .mp3" in r.stderr, r.stderr
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "new" / "dir" / "t.wav"), "--stream", "--temperature", "0.8", *model)
+    assert r.returncode == 0 and (tmp_path / "new" / "dir" / "t.wav").stat().st_size > 44, r.stderr  # its folders made
+    (tmp_path / "file").write_text("")
+    r = cli_here("tts", "hello world", "-o", str(tmp_path / "file" / "t.wav"), *model)  # a folder that is a file
+    assert r.returncode == 2 and "cannot write" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = cli_here("tts", " ", "-o", str(tmp_path / "empty.wav"), *model)
+    assert r.returncode == 2 and "empty text" in r.stderr and not (tmp_path / "empty.wav").exists(), r.stderr
     speech = tmp_path / "q.wav"
     from speechlm.codec.audio import save_audio
 
