@@ -16,7 +16,6 @@ Shapes: audio (B, T) at 16 kHz -> log-mel (B, n_mels, F) at 100 Hz -> encoder (B
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from .codec.errors import SpeechLMError
 from .codec.losses import mel_filterbank
 from .ctc_edits import edit_nlls
 from .lm.model import ctc_greedy
+from .model_files import load_model_files, save_model_files
 
 CONFIG_FILE = "checker_config.json"
 WEIGHTS_FILE = "checker.safetensors"
@@ -193,26 +193,13 @@ class PronunciationChecker(nn.Module):
     # -- files ---------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2, ensure_ascii=False))
         # float16 on disk (half the size; scoring in float32 from them differs by ~1e-3 nats)
-        save_file({k: v.detach().to(torch.float16).contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
-        return directory
+        return save_model_files(self, self.config.to_json(), directory, CONFIG_FILE, WEIGHTS_FILE, torch.float16)
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike) -> PronunciationChecker:
-        from safetensors.torch import load_file
-
-        from .speech import resolve_model
-
-        directory = resolve_model(path_or_name)
-        if not (directory / CONFIG_FILE).is_file():
-            raise SpeechLMError(f"{directory} holds no pronunciation checker ({CONFIG_FILE} missing)")
-        model = cls(CheckerConfig(**json.loads((directory / CONFIG_FILE).read_text())))
-        state = {k: v.float() for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
+        config, state = load_model_files(path_or_name, CONFIG_FILE, WEIGHTS_FILE, "pronunciation checker")
+        model = cls(CheckerConfig(**config))
         model.load_state_dict(state)
         return model.eval()
 

@@ -252,6 +252,13 @@ def _voice(args: argparse.Namespace) -> str:
     return voice
 
 
+def _detector(name: str | None) -> str | None:
+    """--speech-detector NAME|none -> Generation.speech_detector."""
+    from .speech import Generation
+
+    return None if name == "none" else name or Generation.speech_detector
+
+
 def _generation(args: argparse.Namespace):
     from .lm.generate import parse_codebook_temperatures
     from .speech import Generation
@@ -262,6 +269,7 @@ def _generation(args: argparse.Namespace):
         asr_decoder=getattr(args, "asr_decoder", None) or Generation.asr_decoder,
         asr_views=getattr(args, "views", None) or Generation.asr_views,
         asr_edges=not getattr(args, "keep_edges", False),
+        speech_detector=_detector(getattr(args, "speech_detector", None)),
         asr_check_rounds=Generation.asr_check_rounds if getattr(args, "check_rounds", None) is None else args.check_rounds,
         asr_pause_seconds=Generation.asr_pause_seconds if getattr(args, "pause_seconds", None) is None else args.pause_seconds,
         asr_short_pause_seconds=Generation.asr_short_pause_seconds if getattr(args, "short_pause_seconds", None) is None
@@ -656,6 +664,21 @@ def cmd_train_checker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_vad(args: argparse.Namespace) -> int:
+    from .training.vad_train import VadTrainConfig, VadTrainer
+
+    config = VadTrainConfig(
+        data=args.data, out=args.out, librispeech=args.librispeech, max_clips=args.limit, held_out=args.held_out,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, eval_every=args.eval_every,
+        checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads,
+    )
+    trainer = VadTrainer(config)
+    print(f"{len(trainer.train_clips)} training clips, {len(trainer.held_clips)} held out; starting at step {trainer.step}")
+    trainer.train(progress=not args.quiet)
+    print(f"done: {trainer.step} steps; model in {Path(args.out) / 'model'}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plotting import plot_log
 
@@ -703,6 +726,23 @@ def _add_asr_decoder_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-edges", action="store_true",
                    help="hear the audio's quiet start and end as they are (default: a long quiet start or end is cut short, "
                         "and the room's steady noise heard there suppressed under the speech)")
+    p.add_argument("--speech-detector", metavar="NAME|none",
+                   help="no transcript for audio (or a piece of a long recording) in which this speech detector hears no "
+                        "speech: noise, tones, clicks (default: the shipped vad-en; 'none': only digital silence is nothing)")
+
+
+def _add_small_training_arguments(p: argparse.ArgumentParser, *, held_out: int, held_out_help: str, limit_help: str) -> None:
+    """The schedule and run options of ``speechlm train checker`` and ``train vad`` (speechlm.training.small_trainer)."""
+    p.add_argument("--steps", type=_positive_int, default=3000)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--held-out", type=int, default=held_out, help=held_out_help)
+    p.add_argument("--eval-every", type=_positive_int, default=250)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=_positive_int, default=2)
+    p.add_argument("--limit", type=_positive_int, help=limit_help)
+    p.add_argument("--quiet", action="store_true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -864,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="per-file results too")
     p.set_defaults(func=cmd_codec_eval)
 
-    train = sub.add_parser("train", help="training: codec, lm, checker").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
+    train = sub.add_parser("train", help="training: codec, lm, checker, vad").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)
     p = train.add_parser("codec", help="train the GRVQ codec (resumes from OUT/checkpoint.pt; works under torchrun)")
     p.add_argument("--data", nargs="+", required=True, help="sources: manifest:DIR, librispeech:DIR[:train], dir:DIR, each with optional @WEIGHT")
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, model/)")
@@ -901,17 +941,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--voice-prefix", default="espeak:en-us", help="use the records whose voice starts with this (comma-separated: any of them)")
     p.add_argument("--codec-voice-prefix", default="espeak:en-us",
                    help="add the codec's copy of the records whose voice starts with this (comma-separated: any of them)")
-    p.add_argument("--steps", type=_positive_int, default=3000)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--held-out", type=int, default=200, help="clips kept out for the phoneme error rate")
-    p.add_argument("--eval-every", type=_positive_int, default=250)
-    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=2)
-    p.add_argument("--limit", type=_positive_int, help="at most this many records per corpus")
-    p.add_argument("--quiet", action="store_true")
+    _add_small_training_arguments(p, held_out=200, held_out_help="clips kept out for the phoneme error rate",
+                                  limit_help="at most this many records per corpus")
     p.set_defaults(func=cmd_train_checker)
+
+    p = train.add_parser("vad", help="train the speech detector that keeps noise from being transcribed (resumable)")
+    p.add_argument("--data", nargs="+", required=True, help="synth corpus directories (manifest.jsonl): the speech")
+    p.add_argument("--librispeech", help="a folder of LibriSpeech .flac files: real speech too (speakers below 7000)")
+    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, log.jsonl, model/)")
+    _add_small_training_arguments(p, held_out=64, held_out_help="clips kept out for the held-out batch",
+                                  limit_help="at most this many clips of each source")
+    p.set_defaults(func=cmd_train_vad)
 
     from .streaming.client import add_client_arguments
     from .streaming.settings import add_serve_arguments

@@ -40,6 +40,7 @@ from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, 
 from .speech_streams import BatchedSpeechStreams, SpeechStreams
 from .training.textnorm import normalize_text, split_clauses, split_sentences
 from .transcript_check import LEXICON_FILE, Lexicon, check_transcript
+from .vad import SpeechDetector
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,11 @@ class Generation:
     # synthetic speech that starts at once, and 80 ms of silence before a question took its WER on 80
     # held-out utterances from 15 % to 65 %, half a second to 107 % (27 % cut short; docs/benchmarks.md)
     asr_edges: bool = True
+    # ASR gives no transcript for audio in which this speech detector (speechlm.vad: a directory or shipped name)
+    # hears less than its min_speech_seconds of speech: the LM heard only speech in training and transcribes a
+    # fan's noise, a tone or clicks as a training sentence (docs/benchmarks.md); None = only digital silence is
+    # nothing
+    speech_detector: str | None = "vad-en"
     # ASR (and transcribe-first chat) hears through the model's task adapter of this name when it has one
     # (speechlm.lm.adapters: trained on ASR alone, base weights frozen, so TTS is the base model's); None or
     # a model without it = the base model
@@ -192,6 +198,7 @@ class SpeechPipeline:
         self.lm, self.codec = lm.eval(), codec.eval()
         self.sample_rate = codec.sample_rate
         self._checkers: dict[str, PronunciationChecker] = {}
+        self._detectors: dict[str, SpeechDetector] = {}
         self._lexicons: dict[str, Lexicon | None] = {}
 
     # -- files -----------------------------------------------------------------------------
@@ -384,6 +391,25 @@ class SpeechPipeline:
         candidates = self.speech_candidates(text, speak, g)
         return candidates[choose_candidate([score for _, score in candidates], g.candidate_margin)][0]
 
+    def detector(self, name: str) -> SpeechDetector:
+        """The speech detector ``name`` (a directory or shipped name), loaded once."""
+        if name not in self._detectors:
+            self._detectors[name] = SpeechDetector.from_pretrained(name)
+        return self._detectors[name]
+
+    def heard_speech(self, audios: list[np.ndarray], g: Generation) -> list[bool]:
+        """Whether each checked 16 kHz audio (T_k,) holds speech to transcribe: not digital silence, and (with
+        ``g.speech_detector``) speech for the detector, which hears it at the level the ASR does (peak-normalized
+        to ``g.asr_level``): a quiet microphone's short word is speech too (at -50 dBFS as given, 33 of 40 held-out
+        short words were heard, all 40 normalized; docs/benchmarks.md)."""
+        sounding = [not is_silent(a) for a in audios]
+        if g.speech_detector is None or not any(sounding):
+            return sounding
+        level = g.asr_level or PEAK_LEVEL
+        heard = [a * (level / float(np.abs(a).max())) for a, s in zip(audios, sounding) if s]
+        found = iter(self.detector(g.speech_detector).has_speech(heard))
+        return [s and next(found) for s in sounding]
+
     def checker(self, name: str) -> PronunciationChecker:
         """The pronunciation checker ``name`` (a directory or shipped name), loaded once."""
         if name not in self._checkers:
@@ -413,15 +439,16 @@ class SpeechPipeline:
         better (:meth:`_heard_in_pieces`). Audio with no pause is one segment, the whole of it; silence, none.
         ``progress``: a progress bar over the pieces on stderr (a long recording)."""
         audio = self._checked(audio, sample_rate)
-        if is_silent(audio):
-            return []
         g = generation or Generation()
         decoder = self._asr_decoder(g)
+        if not self.heard_speech([audio], g)[0]:
+            return []
         if g.asr_pause_seconds == 0:
             return [self._heard(audio, sample_rate, (0, len(audio)), decoder, g)]
         spans = [(0, len(audio))]
         if len(audio) > g.asr_piece_seconds * sample_rate:
             spans = self._sounding_pieces(audio, sample_rate, g.asr_pause_seconds, g.asr_piece_seconds) or spans
+            spans = [span for span, speech in zip(spans, self.heard_speech([audio[a:b] for a, b in spans], g)) if speech]
         from tqdm import tqdm
 
         return [s for span in tqdm(spans, desc="asr", unit="piece", disable=not progress or len(spans) < 2, leave=False)
@@ -466,6 +493,8 @@ class SpeechPipeline:
             decoder = "ctc" if self.lm.hearing is not None else "lm"
         if decoder not in ("lm", "ctc"):
             raise SpeechLMError(f"unknown asr decoder {decoder!r}; choose from lm, ctc, auto")
+        if decoder == "ctc":
+            self.lm._hearing_head()  # a model without one: its one-line error before any audio is heard
         if decoder == "lm" and g.asr_views < 1:
             raise SpeechLMError(f"asr_views must be >= 1, got {g.asr_views}")
         if g.asr_check_rounds < 0:
@@ -573,9 +602,9 @@ class SpeechPipeline:
         decoder = self._asr_decoder(g)
         out: list[list[Segment]] = [[] for _ in audios]
         together: list[tuple[int, np.ndarray]] = []
-        for i, audio in enumerate(audios):
-            audio = self._checked(audio, sample_rate)
-            if is_silent(audio):
+        audios = [self._checked(audio, sample_rate) for audio in audios]
+        for i, (audio, speech) in enumerate(zip(audios, self.heard_speech(audios, g))):
+            if not speech:
                 continue
             if decoder == "lm" and self._one_piece(audio, sample_rate, g):
                 together.append((i, audio))
@@ -642,7 +671,7 @@ class SpeechPipeline:
             ids, codes = chat_prompt(self.lm, question)
         else:
             frames = self._frames(question, sample_rate)
-            if is_silent(question):
+            if not self.heard_speech([self._checked(question, sample_rate)], g)[0]:  # silence, or noise without speech
                 return "", np.zeros(0, np.float32)
             if g.transcribe_first:
                 heard = self.asr(question, sample_rate, g)

@@ -63,3 +63,25 @@ def cli():
 @pytest.fixture
 def cli_here():
     return run_cli_here
+
+
+class HearsAnySound:
+    """A speech detector for the tiny random models' tests, whose speech is tones: any sound is speech (the shipped
+    detector, vad-en, hears a tone as no speech; tests/test_vad.py and test_shipped_models.py test it)."""
+
+    def has_speech(self, audios: list) -> list[bool]:
+        return [True] * len(audios)
+
+
+def hear_any_sound(pipeline):
+    """``pipeline`` with :class:`HearsAnySound` as its default speech detector (``Generation.speech_detector``)."""
+    from speechlm.speech import Generation
+
+    pipeline._detectors[Generation.speech_detector] = HearsAnySound()
+    return pipeline
+
+
+@pytest.fixture
+def hears_any_sound():
+    """:func:`hear_any_sound`, for test modules that cannot import this one (imported by path elsewhere)."""
+    return hear_any_sound

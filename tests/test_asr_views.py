@@ -177,9 +177,9 @@ def test_listening_views_are_the_audio_at_the_training_level():
         listening_views(audio, 2, kind="speed")
 
 
-def test_asr_hears_a_quiet_microphone_as_a_loud_one(model):
+def test_asr_hears_a_quiet_microphone_as_a_loud_one(model, hears_any_sound):
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
-    pipeline = SpeechPipeline(model, codec)
+    pipeline = hears_any_sound(SpeechPipeline(model, codec))
     rng = np.random.default_rng(0)
     speech = (0.3 * np.sin(2 * np.pi * 180 * np.arange(12000) / 16000) * rng.uniform(0.5, 1, 12000)).astype(np.float32)
     g = Generation(max_text_tokens=6)
@@ -193,12 +193,12 @@ def test_asr_hears_a_quiet_microphone_as_a_loud_one(model):
 
 
 @pytest.mark.parametrize("asr_views,check", [(1, 0), (2, 0), (2, 3)])
-def test_several_recordings_heard_at_once_as_each_alone(model, asr_views, check):
+def test_several_recordings_heard_at_once_as_each_alone(model, asr_views, check, hears_any_sound):
     """asr_many (a server's questions): recordings heard in one piece go as rows of one batch, one with a pause
     to cut at, a long one and silence the way asr takes them; each transcript is asr's (checked against its sounds
     too: each on its own rows of the batch). reply_texts likewise."""
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
-    pipeline = SpeechPipeline(model, codec)
+    pipeline = hears_any_sound(SpeechPipeline(model, codec))
     rng = np.random.default_rng(1)
 
     def tone(seconds, f0):

@@ -63,9 +63,9 @@ def test_the_rooms_noise_heard_before_the_speech_is_suppressed_under_it():
     assert np.sqrt(np.mean(heard[: int(0.015 * SR)] ** 2)) < 0.003  # the lead kept is the room suppressed
 
 
-def test_asr_hears_a_late_start_as_a_prompt_one(model):  # noqa: F811
+def test_asr_hears_a_late_start_as_a_prompt_one(model, hears_any_sound):  # noqa: F811
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
-    pipeline = SpeechPipeline(model, codec)
+    pipeline = hears_any_sound(SpeechPipeline(model, codec))
     heard = []
     transcribe = pipeline.transcribe_views
     pipeline.transcribe_views = lambda views, g: heard.append(views[0]) or transcribe(views, g)
@@ -110,9 +110,9 @@ def test_a_recording_is_cut_at_its_pauses_into_pieces_that_start_with_their_firs
     assert split_at_pauses(voice(0.5)) == [(0, int(0.5 * SR))]
 
 
-def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch, capsys):  # noqa: F811
+def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch, capsys, hears_any_sound):  # noqa: F811
     codec = Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()
-    pipeline = SpeechPipeline(model, codec)
+    pipeline = hears_any_sound(SpeechPipeline(model, codec))
     heard = []
     piece = pipeline._asr_piece
     pipeline._asr_piece = lambda audio, sr, decoder, g: heard.append(len(audio)) or piece(audio, sr, decoder, g)
@@ -143,10 +143,10 @@ def test_asr_hears_each_piece_of_a_recording_alone(model, monkeypatch, capsys): 
         pipeline.asr(audio, generation=Generation(asr_short_pause_seconds=-1))
 
 
-def test_asr_hears_a_piece_whole_and_in_two_at_a_short_pause(model, monkeypatch):  # noqa: F811
+def test_asr_hears_a_piece_whole_and_in_two_at_a_short_pause(model, monkeypatch, hears_any_sound):  # noqa: F811
     """A pause shorter than ``asr_pause_seconds`` (two sentences, or a comma): the piece heard whole and in two
     there, each half in two again at its own; the checker keeps the whole or the halves."""
-    pipeline = SpeechPipeline(model, Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval())
+    pipeline = hears_any_sound(SpeechPipeline(model, Codec(CodecConfig(**{**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": C})).eval()))
     heard = []
     piece = pipeline._asr_piece
     pipeline._asr_piece = lambda audio, sr, decoder, g: heard.append(len(audio)) or piece(audio, sr, decoder, g)

@@ -66,6 +66,18 @@ def test_default_asr_and_chat_on_silence_give_sensible_results(default_pipeline)
     assert isinstance(text, str) and reply.dtype == np.float32
 
 
+def test_default_asr_and_chat_give_nothing_for_noise(default_pipeline):
+    """The LM alone transcribes noise as a training sentence; the shipped speech detector keeps it out."""
+    from speechlm.training.vad_train import noise
+
+    rng = np.random.default_rng(0)
+    fan, beeps = noise("modulated", 2 * SAMPLE_RATE, rng) * 0.05, noise("tone", 2 * SAMPLE_RATE, rng) * 0.05
+    assert default_pipeline.asr(fan, generation=Generation(speech_detector=None, asr_check_rounds=0, asr_views=1)) != ""
+    assert default_pipeline.asr_many([fan, beeps]) == ["", ""]
+    text, reply = default_pipeline.chat(fan)
+    assert text == "" and len(reply) == 0
+
+
 def test_readme_main_job_runs_without_a_model_argument(cli, tmp_path):
     out = tmp_path / "hello.wav"
     r = cli("tts", "The capital of France is Paris.", "-o", str(out), "--stream", "--max-seconds", "4")

@@ -16,6 +16,8 @@ from speechlm.lm import SpeechLM, load_tokenizer, train_bpe_tokenizer
 from speechlm.lm.prompts import tts_prompt
 from speechlm.speech import Generation, SpeechPipeline
 
+from .conftest import hear_any_sound
+
 torch.set_num_threads(1)
 hf_logging.set_verbosity_error()
 TINY_CODEC = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16}
@@ -35,7 +37,7 @@ def pipeline(tmp_path_factory):
                            num_key_value_heads=2, max_position_embeddings=512)
     lm = SpeechLM.from_backbone(backbone, tokenizer, num_codebooks=4, codebook_size=16, depth_dim=32, depth_heads=2, mctp_modules=2,
                                 codec_id=codec.codec_id)
-    return SpeechPipeline(lm, codec)
+    return hear_any_sound(SpeechPipeline(lm, codec))
 
 
 def test_tts_offline_and_streaming(pipeline):
@@ -68,6 +70,26 @@ def test_chat_transcribes_first_by_default(pipeline, monkeypatch):
     assert text == "" and audio.size == 0  # nothing heard: no reply
     direct = pipeline.chat(speech, generation=dataclasses.replace(SHORT, transcribe_first=False))  # asr not called
     assert isinstance(direct[0], str)
+
+
+def test_asr_and_chat_skip_what_the_speech_detector_hears_no_speech_in(pipeline, monkeypatch):
+    """Audio the speech detector (Generation.speech_detector) hears no speech in gets no transcript and no reply,
+    as silence does; speech_detector=None does not ask it."""
+    speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
+    asked = []
+
+    class NoSpeech:
+        def has_speech(self, audios):
+            asked.append(len(audios))
+            return [False] * len(audios)
+
+    monkeypatch.setitem(pipeline._detectors, Generation.speech_detector, NoSpeech())
+    assert pipeline.asr(speech) == "" and pipeline.asr_segments(speech) == [] and pipeline.asr_many([speech, speech]) == ["", ""]
+    text, reply = pipeline.chat(speech, generation=SHORT)
+    assert text == "" and reply.size == 0
+    assert asked == [1, 1, 2, 1]
+    pipeline.asr(speech, generation=dataclasses.replace(SHORT, speech_detector=None))
+    assert asked == [1, 1, 2, 1]
 
 
 def test_chat_can_speak_its_reply_by_the_tts_task(pipeline):
@@ -152,6 +174,7 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here, cli):
 
     pipeline.save_pretrained(tmp_path / "m")
     model = ["--model", str(tmp_path / "m"), "--max-seconds", "0.4", "--threads", "1", "--dtype", "float32"]  # exact: compared below
+    hear = ["--speech-detector", "none"]  # a tone is its speech (in process: tests.conftest.hear_any_sound)
     r = cli_here("tts", "hello world", "-o", str(tmp_path / "t.wav"), "--stream", "--temperature", "0.8", *model)
     assert r.returncode == 0, r.stderr
     assert "first audio after" in r.stdout and (tmp_path / "t.wav").stat().st_size > 44
@@ -175,7 +198,7 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here, cli):
     from speechlm.codec.audio import save_audio
 
     save_audio(speech, (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32))
-    r = cli_here("asr", str(speech), "--json", *model)
+    r = cli_here("asr", *hear, str(speech), "--json", *model)
     assert r.returncode == 0 and '"text"' in r.stdout, r.stderr
     import json
 
@@ -184,33 +207,33 @@ def test_cli_tts_asr_chat(pipeline, tmp_path, cli_here, cli):
 
     # --subtitles: the JSON's segments as cues, printed (one file) or written to --output-dir (several)
     segments = [Segment(**s) for s in json.loads(r.stdout)["segments"]]
-    srt = cli_here("asr", str(speech), "--subtitles", "srt", *model)
+    srt = cli_here("asr", *hear, str(speech), "--subtitles", "srt", *model)
     assert srt.returncode == 0 and srt.stdout == to_subtitles(segments, "srt"), srt.stderr
-    many = cli_here("asr", str(speech), str(speech), "--subtitles", "vtt", "--output-dir", str(tmp_path / "subs"), *model)
+    many = cli_here("asr", *hear, str(speech), str(speech), "--subtitles", "vtt", "--output-dir", str(tmp_path / "subs"), *model)
     assert many.returncode == 0 and (tmp_path / "subs" / f"{speech.stem}.vtt").read_text() == to_subtitles(segments, "vtt")
     for bad, message in (([str(speech), "--subtitles", "srt", "--json"], "do not go together"), ([str(speech), str(speech), "--subtitles", "srt"], "--output-dir")):
-        r = cli_here("asr", *bad, *model)
+        r = cli_here("asr", *hear, *bad, *model)
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
-    views = {n: json.loads(cli_here("asr", str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
+    views = {n: json.loads(cli_here("asr", *hear, str(speech), "--json", "--views", n, *model).stdout)["text"] for n in ("1", "3")}
     assert views["1"] == pipeline.asr(load_audio(speech), generation=Generation(asr_views=1))
-    fast = cli_here("asr", str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
+    fast = cli_here("asr", *hear, str(speech), "--json", "--model", str(tmp_path / "m"), "--threads", "1", "--dtype", "bfloat16")
     assert fast.returncode == 0 and '"text"' in fast.stdout, fast.stderr
     late = tmp_path / "late.wav"  # half a second of silence first: --keep-edges hears it, the default cuts it short
     save_audio(late, np.concatenate([np.zeros(8000, np.float32), load_audio(speech)]))
-    kept = json.loads(cli_here("asr", str(late), "--json", "--views", "1", "--keep-edges", *model).stdout)["text"]
+    kept = json.loads(cli_here("asr", *hear, str(late), "--json", "--views", "1", "--keep-edges", *model).stdout)["text"]
     assert kept == pipeline.asr(load_audio(late), generation=Generation(asr_views=1, asr_edges=False))
-    assert cli_here("asr", str(speech), "--views", "0", *model).returncode == 2
+    assert cli_here("asr", *hear, str(speech), "--views", "0", *model).returncode == 2
     (tmp_path / "bad.wav").write_bytes(b"not audio")
-    r = cli_here("asr", str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
+    r = cli_here("asr", *hear, str(speech), str(tmp_path / "bad.wav"), str(speech), *model)
     assert r.returncode == 1 and len(r.stdout.splitlines()) == 2 and "bad.wav" in r.stderr and "Traceback" not in r.stderr
     # several files heard in batches (those in one piece as rows of one batch) print what one by one prints; a file
     # too short to hear fails alone
     short = tmp_path / "short.wav"
     save_audio(short, np.full(800, 0.1, np.float32))
     files = [str(speech), str(late), str(short), str(speech)]
-    batched = cli_here("asr", *files, "--views", "1", "--batch-size", "3", *model)
-    alone = cli_here("asr", *files, "--views", "1", "--batch-size", "1", *model)
+    batched = cli_here("asr", *hear, *files, "--views", "1", "--batch-size", "3", *model)
+    alone = cli_here("asr", *hear, *files, "--views", "1", "--batch-size", "1", *model)
     assert batched.returncode == alone.returncode == 1 and batched.stdout == alone.stdout and "short.wav" in batched.stderr, batched.stderr
     assert batched.stdout.splitlines()[0] == f"{speech}\t{' '.join(views['1'].split())}" and len(batched.stdout.splitlines()) == 3
     r = cli_here("chat", str(speech), "-o", str(tmp_path / "reply.wav"), *model)
@@ -345,7 +368,7 @@ def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path
     from speechlm.lm.adapters import AdapterConfig
 
     pipeline.save_pretrained(tmp_path / "sp")
-    own = SpeechPipeline.from_pretrained(tmp_path / "sp")
+    own = hear_any_sound(SpeechPipeline.from_pretrained(tmp_path / "sp"))
     speech = (0.1 * np.sin(2 * np.pi * 200 * np.arange(8000) / 16000)).astype(np.float32)
     before_tts, before_asr = own.tts("hello world", generation=SHORT), own.asr(speech, generation=SHORT)
     lora = own.lm.add_adapter(AdapterConfig("asr", rank=2))
@@ -374,7 +397,7 @@ def test_asr_hears_through_the_asr_adapter_and_tts_never_does(pipeline, tmp_path
     from speechlm.codec.audio import load_audio, save_audio
 
     save_audio(tmp_path / "q.wav", speech)
-    model = ["--json", "--views", "1", "--model", str(tmp_path / "with-adapter"), "--threads", "1", "--dtype", "float32"]
+    model = ["--json", "--views", "1", "--model", str(tmp_path / "with-adapter"), "--threads", "1", "--dtype", "float32", "--speech-detector", "none"]
     for flags, adapter in (([], "asr"), (["--no-adapter"], None)):
         r = cli("asr", str(tmp_path / "q.wav"), *model, *flags)
         assert r.returncode == 0, r.stderr

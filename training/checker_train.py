@@ -19,9 +19,7 @@ teacher's speech, plain and through the codec (what the speech LM's candidates s
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +31,7 @@ import torch.nn.functional as F
 from ..checker import BLANK, UNKNOWN, CheckerConfig, PronunciationChecker, _pad
 from ..codec.audio import load_audio
 from ..codec.errors import SpeechLMError
-from .codec_train import _atomic_save
+from .small_trainer import SmallTrainer
 from .teachers import espeak_language
 
 
@@ -174,7 +172,7 @@ def _edit_distance(a: list[str], b: list[str]) -> int:
     return row[-1]
 
 
-class CheckerTrainer:
+class CheckerTrainer(SmallTrainer):
     def __init__(self, config: CheckerTrainConfig):
         self.config = config
         self.out = Path(config.out)
@@ -200,30 +198,6 @@ class CheckerTrainer:
         self.step = 0
         self.resume()
 
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out / "checkpoint.pt"
-
-    def resume(self) -> bool:
-        if not self.checkpoint_path.is_file():
-            return False
-        state = torch.load(self.checkpoint_path, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = state["step"]
-        return True
-
-    def save_checkpoint(self) -> None:
-        _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                      "train_config": self.config.to_json()}, self.checkpoint_path)
-
-    def lr_factor(self, step: int) -> float:
-        c = self.config
-        if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        progress = (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
     def train_step(self) -> float:
         """One step on batch ``self.step``; returns the loss (mean CTC nats per phoneme)."""
         c = self.config
@@ -238,14 +212,7 @@ class CheckerTrainer:
         target_lengths = torch.tensor([len(t) for t in targets])
         nll = F.ctc_loss(logp.transpose(0, 1), torch.cat(targets), out, target_lengths, reduction="none", zero_infinity=True)
         loss = (nll / target_lengths).mean()
-        for group in self.optimizer.param_groups:
-            group["lr"] = c.lr * self.lr_factor(self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.optimizer.step()
-        self.step += 1
-        return float(loss.detach())
+        return self.optimize(loss)
 
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
@@ -255,28 +222,6 @@ class CheckerTrainer:
         if coded:
             result["per_codec"] = phoneme_error_rate(self.model, coded)
         return result
-
-    def train(self, progress: bool = True) -> None:
-        c = self.config
-        log = (self.out / "log.jsonl").open("a")
-        last_save = time.monotonic()
-        losses: list[float] = []
-        while self.step < c.steps:
-            t0 = time.monotonic()
-            losses.append(self.train_step())
-            record = {"step": self.step, "loss": losses[-1], "lr": c.lr * self.lr_factor(self.step - 1), "seconds": time.monotonic() - t0}
-            if self.step % c.eval_every == 0 or self.step == c.steps:
-                record.update(self.evaluate())
-                if progress:
-                    print(f"step {self.step}: loss {np.mean(losses[-c.eval_every:]):.3f} " +
-                          " ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("per")), flush=True)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if time.monotonic() - last_save > c.checkpoint_minutes * 60:
-                self.save_checkpoint()
-                last_save = time.monotonic()
-        self.save_checkpoint()
-        self.model.eval().save_pretrained(self.out / "model")
 
 
 def _mask(feats: torch.Tensor, frames: torch.Tensor, rng: np.random.Generator, c: CheckerTrainConfig) -> torch.Tensor:
