@@ -2,7 +2,9 @@
 
 Chromium (Debian package ``chromium``) is driven over the DevTools protocol with our own
 websockets client: the page autoconnects, captures the fake mic in its AudioWorklet, streams
-16 kHz PCM16 frames to the server (codec loopback model) and plays what comes back. The test
+16 kHz PCM16 frames to the server (codec loopback model) and plays what comes back. The server holds one
+session, taken by a Python client when the page loads: the page is refused (server_full), says so, and gets in
+by itself once the place is free. The test
 reads ``window.speechlm`` (the page's live numbers) and takes a screenshot.
 Skipped when Chromium is not installed.
 """
@@ -27,6 +29,7 @@ from websockets.asyncio.client import connect
 
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
+from speechlm.streaming.client import DuplexClient
 from speechlm.streaming.models import EchoCodecModel
 from speechlm.streaming.server import DuplexServer, ServerConfig
 
@@ -87,7 +90,8 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
 
     async def scenario():
         model = VoicedEcho(codec)
-        async with DuplexServer(model, ServerConfig(port=0)) as server:
+        async with DuplexServer(model, ServerConfig(port=0, max_sessions=1)) as server:
+            holder = await DuplexClient.connect(f"ws://127.0.0.1:{server.port}/ws")  # the only place: the page is refused first
             page_url = f"http://127.0.0.1:{server.port}/?autoconnect=1"
             process = subprocess.Popen(
                 [CHROMIUM, *FLAGS, f"--use-file-for-fake-audio-capture={wav}", f"--user-data-dir={tempfile.mkdtemp()}", page_url],
@@ -99,6 +103,14 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
                 page = next(t for t in targets if t["type"] == "page")
                 async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
                     tools = DevTools(ws)
+                    refused = 0
+                    for _ in range(60):  # the page is told the server is full, and keeps trying
+                        await asyncio.sleep(0.25)
+                        refused = await tools.evaluate("window.speechlm ? window.speechlm.busyRefusals : 0") or 0
+                        if refused >= 1:
+                            break
+                    busy_status = await tools.evaluate("document.getElementById('status').textContent")
+                    await holder.close()  # the place is free: the page's next try gets it
                     stats = {}
                     for _ in range(60):  # up to ~15 s
                         await asyncio.sleep(0.25)
@@ -117,12 +129,13 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
                     shot = await tools.call("Page.captureScreenshot", format="png")
                     screenshot.parent.mkdir(parents=True, exist_ok=True)
                     screenshot.write_bytes(base64.b64decode(shot["data"]))
-                    return stats, live, voices, chosen, model.configured
+                    return stats, live, voices, chosen, model.configured, refused, busy_status
             finally:
                 process.terminate()
                 process.wait(timeout=10)
 
-    stats, live, voices, chosen, configured = asyncio.run(asyncio.wait_for(scenario(), 90))
+    stats, live, voices, chosen, configured, refused, busy_status = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert refused >= 1 and busy_status.startswith("server busy"), (refused, busy_status)  # refused, and said so
     assert stats.get("connected") and stats.get("session"), stats
     assert stats["framesSent"] >= 25, stats  # one second of fake-mic audio went up
     assert stats["framesReceived"] >= 25, stats  # and came back through the codec

@@ -4,11 +4,16 @@
 // URL options: ?token=SECRET fills the token box; ?voice=NAME asks for that voice at connect;
 // ?autoconnect=1 connects on load (tests);
 // window.speechlm exposes the live numbers for automated checks.
+//
+// A busy server (ERROR server_full: too many sessions, or the load too high for another) is tried again
+// every RETRY_MS until RETRY_FOR_MS have passed since the first refusal; Disconnect stops trying.
 
 const KIND = { HANDSHAKE: 0, AUDIO: 1, TEXT: 2, CONTROL: 3, METADATA: 4, ERROR: 5 };
 const VERSION = 1;
 const WIRE_RATE = 16000;
 const FRAME_LENGTH = 640;
+const RETRY_MS = 2000;
+const RETRY_FOR_MS = 60000;
 
 const $ = (id) => document.getElementById(id);
 const encoder = new TextEncoder();
@@ -21,6 +26,9 @@ const state = {
   playback: null,
   mic: null,
   pingTimer: null,
+  busy: false, // this connection was refused with server_full
+  busySince: null, // when the first refusal of this try came (performance.now())
+  retryTimer: null,
   pings: new Map(),
   nextPing: 1,
   stats: {
@@ -36,6 +44,7 @@ const state = {
     server: {},
     transcripts: { user: "", model: "" },
     errors: [],
+    busyRefusals: 0,
   },
 };
 window.speechlm = state.stats;
@@ -98,9 +107,35 @@ async function connect() {
   ws.onerror = () => setStatus("websocket error (is the server running?)", "error");
   ws.onclose = (event) => {
     const why = event.reason ? `${event.code} ${event.reason}` : `${event.code}`;
-    setStatus(`disconnected (${why})`, event.code === 1000 ? "" : "error");
+    const busy = state.busy || event.code === 1013;
     teardown();
+    if (busy && retryWhileBusy()) return;
+    setStatus(`disconnected (${why})`, event.code === 1000 ? "" : "error");
   };
+}
+
+// The server said it is full: connect again in RETRY_MS, unless it has said so for RETRY_FOR_MS already.
+function retryWhileBusy() {
+  state.busySince = state.busySince ?? performance.now();
+  const waited = performance.now() - state.busySince;
+  if (waited >= RETRY_FOR_MS) {
+    state.busySince = null;
+    setStatus(`server busy for ${Math.round(waited / 1000)} s: try again later`, "error");
+    return false;
+  }
+  setStatus(`server busy: trying again in ${RETRY_MS / 1000} s…`, "error");
+  $("connect").disabled = true;
+  $("disconnect").disabled = false; // stops the retries
+  state.retryTimer = setTimeout(() => {
+    state.retryTimer = null;
+    connect();
+  }, RETRY_MS);
+  return true;
+}
+
+function stopRetrying() {
+  clearTimeout(state.retryTimer);
+  Object.assign(state, { retryTimer: null, busySince: null });
 }
 
 async function startMicrophone() {
@@ -150,6 +185,7 @@ function onMessage(data) {
     return; // not ours to understand
   }
   if (kind === KIND.HANDSHAKE) {
+    stopRetrying();
     state.stats.connected = true;
     state.stats.session = body.session;
     setStatus(`connected: session ${body.session}, ${body.model}`, "ok");
@@ -170,6 +206,10 @@ function onMessage(data) {
     state.stats.server = body;
   } else if (kind === KIND.METADATA && body.type === "config" && body.voice) {
     state.stats.voice = body.voice;
+  } else if (kind === KIND.ERROR && body.code === "server_full") {
+    state.busy = true; // the close that follows tries again (retryWhileBusy)
+    state.stats.busyRefusals++;
+    setStatus(`server busy: ${body.message}`, "error");
   } else if (kind === KIND.ERROR) {
     state.stats.errors.push(body);
     setStatus(`server error ${body.code}: ${body.message}`, "error");
@@ -231,7 +271,7 @@ function teardown() {
   if (state.mic) state.mic.getTracks().forEach((track) => track.stop());
   if (state.context) state.context.close();
   if (state.ws && state.ws.readyState <= WebSocket.OPEN) state.ws.close(1000, "bye");
-  Object.assign(state, { ws: null, context: null, capture: null, playback: null, mic: null });
+  Object.assign(state, { ws: null, context: null, capture: null, playback: null, mic: null, busy: false });
   state.stats.connected = false;
   $("connect").disabled = false;
   $("disconnect").disabled = true;
@@ -244,6 +284,7 @@ window.addEventListener("DOMContentLoaded", () => {
   if (params.get("token")) $("token").value = params.get("token");
   $("connect").onclick = connect;
   $("disconnect").onclick = () => {
+    stopRetrying();
     setStatus("disconnected");
     teardown();
   };
