@@ -150,6 +150,10 @@ class AssistConfig:
     # exactly right instead of 21 but took the ASR from 0.26 to 0.64 s on one CPU thread (p90 1.2 s), past the
     # reply's onset budget (``speechlm serve --assist-check-rounds 3`` turns it on)
     asr_check_rounds: int = 0
+    # a question in which this speech detector (speechlm.vad; ``Generation.speech_detector``) hears no speech is not
+    # heard: no transcript, no turn (the speech LM transcribed a fan's noise as a sentence, and the reply answered it;
+    # docs/benchmarks.md). None = any sound over the gate is a question
+    speech_detector: str | None = "vad-en"
     # the question's ASR and the reply's text read the speech LM's backbone weights as int8 in products of at
     # most this many rows (speechlm.lm.int8, bfloat16 on a CPU; ``SpeechLM.int8_products``): on 80 held-out-voice
     # utterances the same transcripts' WER with 2 or 4 views, 2 views 1.27x faster, and the same reply texts to 40
@@ -254,6 +258,7 @@ class AssistedDuplexModel:
         self.config = config or AssistConfig()
         generation = dataclasses.replace(generation, asr_views=self.config.asr_views, asr_adapter=self.config.asr_adapter,
                                          asr_check_rounds=self.config.asr_check_rounds, voice=self.config.tts_voice,
+                                         speech_detector=self.config.speech_detector,
                                          **({} if self.config.guidance is None else {"guidance": self.config.guidance}))
         # a reply's speech must fit the speech LM's positions (prompt and text take the first ~128)
         limit = getattr(speech.lm.backbone.config, "max_position_embeddings", None) if hasattr(speech, "lm") else None

@@ -607,7 +607,9 @@ def build_model(config: ServerConfig) -> DuplexModel:
             model = build_assisted_model(model, config.assist, dtype=dtype, config=AssistConfig(
                 voice=config.assist_voice, tts_voice=config.voice, background=True, noise_gate=config.noise_gate,
                 **({"asr_views": config.assist_views} if config.assist_views is not None else {}),
-                **({"asr_check_rounds": config.assist_check_rounds} if config.assist_check_rounds is not None else {})))
+                **({"asr_check_rounds": config.assist_check_rounds} if config.assist_check_rounds is not None else {}),
+                **({} if config.assist_speech_detector is None else
+                   {"speech_detector": None if config.assist_speech_detector == "none" else config.assist_speech_detector})))
         return model
     raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
 

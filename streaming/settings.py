@@ -53,6 +53,9 @@ class ServerConfig:
     # one-word edits of the question's transcript checked against its sounds (None = AssistConfig's: 0, off;
     # 3 = the offline ASR's default: questions heard right far more often, the reply ~0.4 s later on one CPU thread)
     assist_check_rounds: int | None = None
+    # the speech detector the assist asks whether a question holds speech at all (None here = AssistConfig's: vad-en;
+    # "none" = off: any sound over the gate is a question)
+    assist_speech_detector: str | None = None
     # the duplex model hears the user through a noise gate (speechlm.streaming.gate): their pauses as
     # digital silence, as in its training dialogues; False = as they are (a faint room kept it from replying)
     noise_gate: bool = True
@@ -138,6 +141,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "questions heard right far more often, the reply later (default 0 = off; 3 as offline ASR)",
     )
     parser.add_argument(
+        "--assist-speech-detector",
+        metavar="NAME|none",
+        default=d.assist_speech_detector,
+        help="the speech detector that decides whether the user's sound held speech to answer (default vad-en; "
+        "'none': any sound over the gate is a question, noise too)",
+    )
+    parser.add_argument(
         "--no-noise-gate",
         dest="noise_gate",
         action="store_false",
@@ -194,6 +204,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         voice=getattr(args, "voice", ServerConfig.voice),
         assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
         assist_check_rounds=getattr(args, "assist_check_rounds", ServerConfig.assist_check_rounds),
+        assist_speech_detector=getattr(args, "assist_speech_detector", ServerConfig.assist_speech_detector),
         noise_gate=getattr(args, "noise_gate", True),
         device=args.device,
         threads=args.threads,

@@ -470,6 +470,10 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     assert checked.generation.asr_check_rounds == 3 and checked.config.asr_check_rounds == 3
     with pytest.raises(SpeechLMError, match="asr_check_rounds"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_check_rounds=-1))
+    # the speech detector that keeps noise from being heard as a question: vad-en unless told (--assist-speech-detector none)
+    assert built.generation.speech_detector == "vad-en" == built.config.speech_detector
+    deaf = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_speech_detector="none"))
+    assert deaf.generation.speech_detector is None
     with pytest.raises(SpeechLMError, match="asr_views"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), assist_views=0))
     state = built.init_state(2)
