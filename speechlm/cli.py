@@ -426,7 +426,10 @@ def cmd_asr(args: argparse.Namespace) -> int:
     g = _generation(args)
     if len(args.inputs) == 1:  # one file: its errors are the command's; a progress bar over a long recording's pieces
         audio = load_audio(args.inputs[0], sample_rate=pipeline.sample_rate)
-        _print_transcript(args, args.inputs[0], audio, pipeline.asr_segments(audio, generation=g, progress=sys.stderr.isatty()), pipeline.sample_rate)
+        segments = pipeline.asr_segments(audio, generation=g, progress=sys.stderr.isatty())
+        if not segments:
+            print(f"no speech heard in {args.inputs[0]} (silence, or sound the speech detector does not take for speech)", file=sys.stderr)
+        _print_transcript(args, args.inputs[0], audio, segments, pipeline.sample_rate)
         return 0
     failed = 0
     for k in range(0, len(args.inputs), args.batch_size):
@@ -497,6 +500,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     question = args.text if args.text is not None else load_audio(args.input, sample_rate=pipeline.sample_rate)
     text, reply = pipeline.chat(question, generation=g)
     save_audio(args.output, reply, pipeline.sample_rate)
+    if not text and args.text is None:
+        print(f"no reply: no speech heard in {args.input} (silence, or sound the speech detector does not take for speech)", file=sys.stderr)
     print(text)
     return 0
 

@@ -66,7 +66,7 @@ def test_default_asr_and_chat_on_silence_give_sensible_results(default_pipeline)
     assert isinstance(text, str) and reply.dtype == np.float32
 
 
-def test_default_asr_and_chat_give_nothing_for_noise(default_pipeline):
+def test_default_asr_and_chat_give_nothing_for_noise(default_pipeline, cli_here, tmp_path):
     """The LM alone transcribes noise as a training sentence; the shipped speech detector keeps it out."""
     from speechlm.training.vad_train import noise
 
@@ -76,6 +76,11 @@ def test_default_asr_and_chat_give_nothing_for_noise(default_pipeline):
     assert default_pipeline.asr_many([fan, beeps]) == ["", ""]
     text, reply = default_pipeline.chat(fan)
     assert text == "" and len(reply) == 0
+    from speechlm.codec.audio import save_audio
+
+    save_audio(tmp_path / "fan.wav", fan)
+    r = cli_here("asr", str(tmp_path / "fan.wav"), "--threads", "1")
+    assert r.returncode == 0 and r.stdout.strip() == "" and "no speech heard in" in r.stderr, (r.stdout, r.stderr)
 
 
 def test_readme_main_job_runs_without_a_model_argument(cli, tmp_path):
