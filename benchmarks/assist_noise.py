@@ -41,6 +41,40 @@ def trial(model, user: np.ndarray) -> dict:
             "said": "".join(t for t in texts if t and t != "<pad>")}
 
 
+def over_reply(duplex, args, question_trial: np.ndarray, rng, silence) -> dict:
+    """The question, then ``--over-reply`` seconds into the reply a burst of noise (each kind) as long as
+    ``--noise-seconds``: does the reply go on after it (the model speaks within 1 s of the burst's end, and no other
+    question was heard: the noise taken for one is answered instead)? Without the detector (the level gate alone) and
+    with it; the undisturbed reply first (it must still be going then)."""
+    n = duplex.frame_length
+    fps = duplex.sample_rate / n
+    model = build_assisted_model(duplex, args.assist, config=AssistConfig())
+    pcm, _ = run(model, question_trial)
+    spoke = np.sqrt((pcm**2).mean(axis=1)) > SPOKE_RMS
+    onset = int(np.argmax(spoke[int(0.5 * fps) + 1:])) + int(0.5 * fps) + 1
+    cut, burst_frames = onset + int(args.over_reply * fps), int(args.noise_seconds * fps)
+    end = cut + burst_frames
+    out = {"reply_onset_s": onset / fps, "undisturbed_speaks_after": bool(spoke[end: end + int(fps)].any()), "kinds": {}}
+    for kind in args.kinds.split(","):
+        burst = frames_of(noise(kind, burst_frames * n, rng) * 10 ** (args.level_db / 20), n)
+        user = np.concatenate([question_trial[:cut], burst, silence(4.0)])
+        row = {}
+        for name, detector in (("with vad-en", "vad-en"), ("without a detector", None)):
+            m = build_assisted_model(duplex, args.assist, config=AssistConfig(speech_detector=detector))
+            heard: list[str] = []
+            pcm, _ = run(m, user, heard)
+            questions = [h for h in heard if h]
+            row[name] = {"spoke_after": bool((np.sqrt((pcm[end: end + int(fps)] ** 2).mean(axis=1)) > SPOKE_RMS).any()),
+                         "questions_heard": questions, "invented_question": len(questions) > 1}
+        out["kinds"][kind] = row
+        print("over the reply", kind, json.dumps(row), flush=True)
+    out["went_on"] = {name: sum(r[name]["spoke_after"] and not r[name]["invented_question"] for r in out["kinds"].values())
+                      for name in ("with vad-en", "without a detector")}
+    out["invented_questions"] = {name: sum(r[name]["invented_question"] for r in out["kinds"].values())
+                                 for name in ("with vad-en", "without a detector")}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lm", default="duplex-default")
@@ -50,6 +84,7 @@ def main() -> None:
     ap.add_argument("--noise-seconds", type=float, default=2.0)
     ap.add_argument("--listen-seconds", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--over-reply", type=float, help="instead: the noise starts this many seconds into the reply to a question")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -65,7 +100,9 @@ def main() -> None:
         burst = noise(kind, int(args.noise_seconds * fps) * n, rng) * 10 ** (args.level_db / 20)
         trials[kind] = np.concatenate([silence(0.5), frames_of(burst, n), silence(args.listen_seconds)])
     result = {"command": "python benchmarks/assist_noise.py " + " ".join(sys.argv[1:]), "runs": {}}
-    for name, detector in (("with vad-en", "vad-en"), ("without a detector", None)):
+    if args.over_reply:
+        result["over_reply"] = over_reply(duplex, args, trials.pop("question: " + item["text"]), rng, silence)
+    for name, detector in () if args.over_reply else (("with vad-en", "vad-en"), ("without a detector", None)):
         model = build_assisted_model(duplex, args.assist, config=AssistConfig(speech_detector=detector))
         rows = {k: trial(model, user) for k, user in trials.items()}
         noise_rows = [r for k, r in rows.items() if not k.startswith("question")]

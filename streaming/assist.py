@@ -115,7 +115,8 @@ class AssistConfig:
     # voice "speech_lm", talking over the reply: the reply pauses when the duplex model falls silent
     # while the user talks, or once the user has talked barge_frames frames in a row (0 = only the
     # former). A sound over the reply no longer than backchannel_frames, then quiet, resumes it
-    # ("mm-hm"); a longer one is an interruption: the rest of the reply is dropped.
+    # ("mm-hm"); a longer one is an interruption: the rest of the reply is dropped (if it holds speech: see
+    # speech_detector).
     barge_frames: int = 5
     backchannel_frames: int = 15
     # plan the reply as soon as the user has been quiet for plan_quiet_frames (the duplex model
@@ -152,7 +153,8 @@ class AssistConfig:
     asr_check_rounds: int = 0
     # a question in which this speech detector (speechlm.vad; ``Generation.speech_detector``) hears no speech is not
     # heard: no transcript, no turn (the speech LM transcribed a fan's noise as a sentence, and the reply answered it;
-    # docs/benchmarks.md). None = any sound over the gate is a question
+    # docs/benchmarks.md); and a sound over the reply longer than backchannel_frames without speech holds the reply
+    # (paused) instead of dropping it. None = any sound over the gate is a question, and an interruption
     speech_detector: str | None = "vad-en"
     # the question's ASR and the reply's text read the speech LM's backbone weights as int8 in products of at
     # most this many rows (speechlm.lm.int8, bfloat16 on a CPU; ``SpeechLM.int8_products``): on 80 held-out-voice
@@ -478,7 +480,9 @@ class AssistedDuplexModel:
         if row.paused:
             if talking:
                 row.overlap += 1
-                if row.overlap > cfg.backchannel_frames:  # an interruption: the rest is dropped
+                # an interruption: the rest is dropped; but a long sound without speech (a door, a passing car) only
+                # holds the reply, which goes on once it stops
+                if row.overlap > cfg.backchannel_frames and self._speech_over_reply(row):
                     log.debug("assist: interrupted; the rest of the reply is dropped")
                     row.paused = False
                     row.drop_job()
@@ -490,6 +494,16 @@ class AssistedDuplexModel:
             log.debug("assist: the user talks over the reply; paused")
             return None
         return row.job.frames.popleft() if row.job.frames else None
+
+    def _speech_over_reply(self, row: _Row) -> bool:
+        """Whether the sound over the paused reply (its last ``row.overlap`` heard frames, at most twice
+        ``backchannel_frames``: a tick's check stays ~1-2 ms however long the sound) holds speech for the speech LM's
+        speech detector (``AssistConfig.speech_detector``; True without one, or a speech LM that has none)."""
+        heard_speech = getattr(self.speech, "heard_speech", None)
+        if heard_speech is None or self.generation.speech_detector is None:
+            return True
+        sound = list(row.heard)[-min(row.overlap, 2 * self.config.backchannel_frames):]
+        return heard_speech([np.concatenate(sound)], self.generation)[0]
 
     def _after(self, row: _Row, silent: bool) -> None:
         if not row.in_turn:

@@ -199,6 +199,16 @@ def test_the_speech_lm_voices_the_reply_pauses_for_a_backchannel_and_drops_it_fo
     assert np.abs(frames[14:36]).max() == 0
     assert model.turns == 2 and texts[36]["user"] == "hello world" and frames[36, 0] == np.float32(0.1)
     np.testing.assert_array_equal(model.speech.questions[1], user[14 * N : 34 * N])
+    # a sound as long without speech (the speech detector hears none in it: a door, a car) only holds the reply
+    noise = FakeSpeech()
+    noise.heard_speech = lambda audios, g: [False] * len(audios)
+    model = assisted(tokenizer_dir, codec, mute=True, end_frames=5, speech_lm=noise)
+    pcm, texts, _ = run(model, user)
+    frames = pcm.reshape(-1, N)
+    np.testing.assert_allclose(frames[10:14, 0], [0.1, 0.2, 0.3, 0.4])
+    assert np.abs(frames[14:36]).max() == 0  # held while the sound lasts (20 frames) and the user's first quiet frames
+    np.testing.assert_allclose(frames[36:40, 0], [0.5, 0.6, 0.7, 0.8])  # then the rest of the reply, as it was
+    np.testing.assert_array_equal(noise.questions[0], user[: 8 * N])  # the question heard; the sound was no interruption
     # barge_frames: the user talking 5 frames pauses the reply even while the duplex model talks on
     loud = assisted(tokenizer_dir, codec)
     state = loud.init_state(1)
