@@ -92,7 +92,10 @@ def main() -> None:
     n = duplex.frame_length
     fps = duplex.sample_rate / n
     rng = np.random.default_rng(args.seed)
-    silence = lambda seconds: np.zeros((int(seconds * fps), n), np.float32)  # noqa: E731
+
+    def silence(seconds: float) -> np.ndarray:
+        return np.zeros((int(seconds * fps), n), np.float32)
+
     item = textgen.generate("arithmetic", 1, split="test", seed=1)[0]
     question = frames_of(get_teacher(textgen.voice_catalog("test", ("espeak",))[0]).synthesize(item["text"], random.Random(0)).audio, n)
     trials = {"question: " + item["text"]: np.concatenate([silence(0.5), question, silence(args.listen_seconds)])}

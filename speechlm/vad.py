@@ -7,7 +7,7 @@ gate), so this small model decides from the sound's shape: a causal convolutiona
 log-mel features that gives each 20 ms frame a probability of speech. It was trained
 (``speechlm train vad``, :mod:`speechlm.training.vad_train`) on synthetic voices and real read speech,
 clean and under noise, against noise alone (colored noise, hum, tones, buzzes, clicks, modulated and
-band-limited noise) at any level. ``SpeechPipeline.asr`` gives no transcript for audio in which it
+band-limited noise, music-like notes, frequency sweeps) at any level. ``SpeechPipeline.asr`` gives no transcript for audio in which it
 hears less than ``min_speech_seconds`` of speech (``Generation.speech_detector``).
 
 Shapes: audio (B, T) at 16 kHz -> log-mel (B, n_mels, F) at 100 Hz -> encoder (B, C, F/2) -> speech
