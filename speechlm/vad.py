@@ -45,6 +45,9 @@ class DetectorConfig:
     expansion: int = 2
     threshold: float = 0.5  # a frame is speech when its probability passes this
     min_speech_seconds: float = 0.1  # audio with less speech than this holds none (a short word: "Two." is 0.1-0.2 s)
+    # the first frames are not counted: with no sound before them to compare with (and the STFT's edge), a steady
+    # tone from the file's first sample looked like a word's onset there (0.12 s of speech in a 440 Hz sine)
+    skip_frames: int = 3
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -114,9 +117,9 @@ class SpeechDetector(nn.Module):
         return [p[: self.frames(len(a), self.config)] for p, a in zip(probs, audios)]
 
     def speech_seconds(self, audios: list[np.ndarray]) -> list[float]:
-        """Seconds of each audio heard as speech (frames over the threshold)."""
+        """Seconds of each audio heard as speech (frames over the threshold, but the first ``skip_frames``)."""
         c = self.config
-        return [float((p > c.threshold).sum()) * c.frame_seconds for p in self.probabilities(audios)]
+        return [float((p[c.skip_frames:] > c.threshold).sum()) * c.frame_seconds for p in self.probabilities(audios)]
 
     def has_speech(self, audios: list[np.ndarray]) -> list[bool]:
         """Whether each audio holds at least ``min_speech_seconds`` of speech."""

@@ -73,7 +73,9 @@ def test_default_asr_and_chat_give_nothing_for_noise(default_pipeline, cli_here,
     rng = np.random.default_rng(0)
     fan, beeps = noise("modulated", 2 * SAMPLE_RATE, rng) * 0.05, noise("tone", 2 * SAMPLE_RATE, rng) * 0.05
     assert default_pipeline.asr(fan, generation=Generation(speech_detector=None, asr_check_rounds=0, asr_views=1)) != ""
-    assert default_pipeline.asr_many([fan, beeps]) == ["", ""]
+    t = np.arange(3 * SAMPLE_RATE) / SAMPLE_RATE
+    sine = (np.round(0.1 * np.sin(2 * np.pi * 440 * t) * 32767) / 32767).astype(np.float32)  # from the first sample, as PCM16
+    assert default_pipeline.asr_many([fan, beeps, sine]) == ["", "", ""]
     text, reply = default_pipeline.chat(fan)
     assert text == "" and len(reply) == 0
     from speechlm.codec.audio import save_audio

@@ -76,7 +76,7 @@ def test_noises_have_unit_level_and_unknown_kinds_fail():
 
 
 def test_training_resumes_exactly_and_learns(corpus, tmp_path):
-    config = VadTrainConfig(data=[str(corpus)], out=str(tmp_path / "run"), held_out=1, steps=60, batch_size=8, crop_seconds=1.0,
+    config = VadTrainConfig(data=[str(corpus)], out=str(tmp_path / "run"), held_out=1, steps=80, batch_size=8, crop_seconds=1.0,
                             lr=5e-3, warmup_steps=5, eval_every=1000, threads=1, model=TINY)
     first = VadTrainer(config)
     assert len(first.train_clips) == 2 and len(first.held_clips) == 1
@@ -86,9 +86,9 @@ def test_training_resumes_exactly_and_learns(corpus, tmp_path):
     expected = first.train_step()
     resumed = VadTrainer(config)
     assert resumed.step == 3 and resumed.train_step() == pytest.approx(expected, rel=1e-6)
-    before = first.evaluate()["held_loss"]
     first.train(progress=False)
-    assert first.evaluate()["held_loss"] < before
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 76 and np.mean(losses[-20:]) < 0.85 * np.mean(losses[:10])  # it learns (the first 4 steps ran outside train())
     assert SpeechDetector.from_pretrained(tmp_path / "run" / "model").config == first.model.config
     with pytest.raises(SpeechLMError, match="not a synth corpus"):
         VadTrainer(VadTrainConfig(data=[str(tmp_path)], out=str(tmp_path / "bad")))

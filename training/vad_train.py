@@ -248,6 +248,7 @@ class VadTrainer(SmallTrainer):
         self.held_clips = [clips[i] for i in order[: c.held_out]]
         self.train_clips = [clips[i] for i in order[c.held_out:]]
         self.held = batch(self.held_clips, c, np.random.default_rng([c.seed, 10**9]), 4 * c.held_out)
+        torch.manual_seed(c.seed)  # the initial weights too: a run is a function of its config
         self.model = SpeechDetector(DetectorConfig(**c.model))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         self.step = 0
