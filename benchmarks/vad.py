@@ -67,9 +67,7 @@ class Detector:
         self.model, self.as_given = SpeechDetector.from_pretrained(name), as_given
 
     def has_speech(self, audios: list[np.ndarray]) -> list[bool]:
-        if not self.as_given:
-            audios = [a * (PEAK_LEVEL / max(float(np.abs(a).max()), 1e-9)) for a in audios]
-        return self.model.has_speech(audios)
+        return self.model.has_speech(audios, level=None if self.as_given else PEAK_LEVEL)
 
 
 def level(audio: np.ndarray, db: float) -> np.ndarray:

@@ -198,10 +198,7 @@ class PronunciationChecker(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike) -> PronunciationChecker:
-        config, state = load_model_files(path_or_name, CONFIG_FILE, WEIGHTS_FILE, "pronunciation checker")
-        model = cls(CheckerConfig(**config))
-        model.load_state_dict(state)
-        return model.eval()
+        return load_model_files(path_or_name, CONFIG_FILE, WEIGHTS_FILE, "pronunciation checker", lambda c: cls(CheckerConfig(**c)))
 
 
 def text_phonemes(text: str, voice: str = "en-us") -> list[str]:

@@ -252,6 +252,9 @@ def _voice(args: argparse.Namespace) -> str:
     return voice
 
 
+NO_SPEECH_WHY = "(silence, or sound the speech detector does not take for speech)"
+
+
 def _detector(name: str | None) -> str | None:
     """--speech-detector NAME|none -> Generation.speech_detector."""
     from .speech import Generation
@@ -428,7 +431,7 @@ def cmd_asr(args: argparse.Namespace) -> int:
         audio = load_audio(args.inputs[0], sample_rate=pipeline.sample_rate)
         segments = pipeline.asr_segments(audio, generation=g, progress=sys.stderr.isatty())
         if not segments:
-            print(f"no speech heard in {args.inputs[0]} (silence, or sound the speech detector does not take for speech)", file=sys.stderr)
+            print(f"no speech heard in {args.inputs[0]} {NO_SPEECH_WHY}", file=sys.stderr)
         _print_transcript(args, args.inputs[0], audio, segments, pipeline.sample_rate)
         return 0
     failed = 0
@@ -501,7 +504,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     text, reply = pipeline.chat(question, generation=g)
     save_audio(args.output, reply, pipeline.sample_rate)
     if not text and args.text is None:
-        print(f"no reply: no speech heard in {args.input} (silence, or sound the speech detector does not take for speech)", file=sys.stderr)
+        print(f"no reply: no speech heard in {args.input} {NO_SPEECH_WHY}", file=sys.stderr)
     print(text)
     return 0
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .codec.errors import SpeechLMError
 
@@ -25,8 +26,10 @@ def save_model_files(model: nn.Module, config: dict, directory: str | os.PathLik
     return directory
 
 
-def load_model_files(path_or_name: str | os.PathLike, config_file: str, weights_file: str, what: str) -> tuple[dict, dict[str, Tensor]]:
-    """(the config, the float32 state) of the ``what`` (e.g. "speech detector") at ``path_or_name``; SpeechLMError if it holds none."""
+def load_model_files(path_or_name: str | os.PathLike, config_file: str, weights_file: str, what: str,
+                     build: Callable[[dict], nn.Module]) -> nn.Module:
+    """The ``what`` (e.g. "speech detector") at ``path_or_name``: ``build(its config)`` with its weights (float32), in
+    eval mode; SpeechLMError if the directory holds none."""
     from safetensors.torch import load_file
 
     from .speech import resolve_model
@@ -34,5 +37,6 @@ def load_model_files(path_or_name: str | os.PathLike, config_file: str, weights_
     directory = resolve_model(path_or_name)
     if not (directory / config_file).is_file():
         raise SpeechLMError(f"{directory} holds no {what} ({config_file} missing)")
-    state = {k: v.float() for k, v in load_file(str(directory / weights_file)).items()}
-    return json.loads((directory / config_file).read_text()), state
+    model = build(json.loads((directory / config_file).read_text()))
+    model.load_state_dict({k: v.float() for k, v in load_file(str(directory / weights_file)).items()})
+    return model.eval()

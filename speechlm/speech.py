@@ -405,9 +405,8 @@ class SpeechPipeline:
         sounding = [not is_silent(a) for a in audios]
         if g.speech_detector is None or not any(sounding):
             return sounding
-        level = g.asr_level or PEAK_LEVEL
-        heard = [a * (level / float(np.abs(a).max())) for a, s in zip(audios, sounding) if s]
-        found = iter(self.detector(g.speech_detector).has_speech(heard))
+        heard = [a for a, s in zip(audios, sounding) if s]
+        found = iter(self.detector(g.speech_detector).has_speech(heard, level=g.asr_level or PEAK_LEVEL))
         return [s and next(found) for s in sounding]
 
     def checker(self, name: str) -> PronunciationChecker:
@@ -443,6 +442,10 @@ class SpeechPipeline:
         decoder = self._asr_decoder(g)
         if not self.heard_speech([audio], g)[0]:
             return []
+        return self._segments(audio, sample_rate, decoder, g, progress)
+
+    def _segments(self, audio: np.ndarray, sample_rate: int, decoder: str, g: Generation, progress: bool = False) -> list[Segment]:
+        """:meth:`asr_segments` of checked audio in which speech was heard."""
         if g.asr_pause_seconds == 0:
             return [self._heard(audio, sample_rate, (0, len(audio)), decoder, g)]
         spans = [(0, len(audio))]
@@ -609,7 +612,7 @@ class SpeechPipeline:
             if decoder == "lm" and self._one_piece(audio, sample_rate, g):
                 together.append((i, audio))
             else:
-                out[i] = self.asr_segments(audio, sample_rate, g)
+                out[i] = self._segments(audio, sample_rate, decoder, g)
         if together:
             with self.lm.adapter(self.asr_adapter(g)):
                 texts = self._transcribe_groups([self._views(audio, sample_rate, g) for _, audio in together], g)
@@ -671,11 +674,11 @@ class SpeechPipeline:
             ids, codes = chat_prompt(self.lm, question)
         else:
             frames = self._frames(question, sample_rate)
-            if not self.heard_speech([self._checked(question, sample_rate)], g)[0]:  # silence, or noise without speech
-                return "", np.zeros(0, np.float32)
-            if g.transcribe_first:
+            if g.transcribe_first:  # asr hears nothing in silence, or noise without speech
                 heard = self.asr(question, sample_rate, g)
                 return self.chat(heard, generation=g) if heard else ("", np.zeros(0, np.float32))
+            if not self.heard_speech([self._checked(question, sample_rate)], g)[0]:
+                return "", np.zeros(0, np.float32)
             ids, codes = chat_prompt(self.lm, frames)
         reply = self._reply_ids([(ids, codes)], g)[0]
         text = self.lm.tokenizer.decode(reply, skip_special_tokens=True).strip()

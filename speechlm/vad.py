@@ -116,14 +116,17 @@ class SpeechDetector(nn.Module):
         probs = torch.sigmoid(self(batch.to(self.window.device))).float().cpu().numpy()
         return [p[: self.frames(len(a), self.config)] for p, a in zip(probs, audios)]
 
-    def speech_seconds(self, audios: list[np.ndarray]) -> list[float]:
-        """Seconds of each audio heard as speech (frames over the threshold, but the first ``skip_frames``)."""
+    def speech_seconds(self, audios: list[np.ndarray], level: float | None = None) -> list[float]:
+        """Seconds of each audio heard as speech (frames over the threshold, but the first ``skip_frames``); ``level``:
+        each audio heard peak-normalized to it (as the ASR hears it), None = as given."""
         c = self.config
+        if level is not None:
+            audios = [a * (level / max(float(np.abs(a).max()), 1e-9)) for a in audios]
         return [float((p[c.skip_frames:] > c.threshold).sum()) * c.frame_seconds for p in self.probabilities(audios)]
 
-    def has_speech(self, audios: list[np.ndarray]) -> list[bool]:
-        """Whether each audio holds at least ``min_speech_seconds`` of speech."""
-        return [s >= self.config.min_speech_seconds for s in self.speech_seconds(audios)]
+    def has_speech(self, audios: list[np.ndarray], level: float | None = None) -> list[bool]:
+        """Whether each audio holds at least ``min_speech_seconds`` of speech (``level``: as in :meth:`speech_seconds`)."""
+        return [s >= self.config.min_speech_seconds for s in self.speech_seconds(audios, level)]
 
     # -- files ---------------------------------------------------------------------------------
 
@@ -132,7 +135,4 @@ class SpeechDetector(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name: str | os.PathLike) -> SpeechDetector:
-        config, state = load_model_files(path_or_name, CONFIG_FILE, WEIGHTS_FILE, "speech detector")
-        model = cls(DetectorConfig(**config))
-        model.load_state_dict(state)
-        return model.eval()
+        return load_model_files(path_or_name, CONFIG_FILE, WEIGHTS_FILE, "speech detector", lambda c: cls(DetectorConfig(**c)))

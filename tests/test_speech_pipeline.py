@@ -79,7 +79,7 @@ def test_asr_and_chat_skip_what_the_speech_detector_hears_no_speech_in(pipeline,
     asked = []
 
     class NoSpeech:
-        def has_speech(self, audios):
+        def has_speech(self, audios, level=None):
             asked.append(len(audios))
             return [False] * len(audios)
 

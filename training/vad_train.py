@@ -173,7 +173,7 @@ def speech_frames(clean: np.ndarray, floor_db: float = -30.0, close_frames: int 
     return grown
 
 
-def example(clip: np.ndarray | None, c: VadTrainConfig, rng: np.random.Generator, noises: tuple[str, ...] = TRAIN_NOISES) -> tuple[np.ndarray, np.ndarray]:
+def example(clip: np.ndarray | None, c: VadTrainConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """One crop: (crop samples,) audio and (crop frames,) float labels; ``clip`` None = no speech (see the module doc)."""
     n = int(round(c.crop_seconds * SAMPLE_RATE)) // FRAME * FRAME
     speech = np.zeros(n, np.float32)
@@ -190,7 +190,7 @@ def example(clip: np.ndarray | None, c: VadTrainConfig, rng: np.random.Generator
             level = 10 ** (rng.uniform(*c.noise_level_db) / 20)
         else:
             level = active_rms(speech) * 10 ** (-rng.uniform(*c.snr_db) / 20)
-        background = noise_mix(noises, n, rng) * level
+        background = noise_mix(TRAIN_NOISES, n, rng) * level
         if clip is None and rng.random() < 0.3:  # the noise starts or stops part way
             cut = int(rng.integers(0, n))
             background[slice(cut, None) if rng.random() < 0.5 else slice(0, cut)] = 0
