@@ -48,6 +48,7 @@ from speechlm.lm.generate import GREEDY, parse_codebook_temperatures
 from speechlm.streaming.duplex_model import AUDIO_SAMPLING, TEXT_SAMPLING, DuplexSpeechModel
 from speechlm.training import textgen
 from speechlm.training.teachers import get_teacher
+from speechlm.training.vad_train import HELD_OUT_NOISES, TRAIN_NOISES, noise
 
 
 def frames_of(audio: np.ndarray, n: int) -> np.ndarray:
@@ -61,14 +62,23 @@ def voiced(frames: np.ndarray, threshold: float = 0.01) -> np.ndarray:
 
 
 ROOM_NOISE = 0.0  # --noise-rms
+ROOM_KIND = "white"  # --noise-kind
+
+
+def room(shape: tuple[int, int]) -> np.ndarray:
+    """(F, n) of the room's noise: ``ROOM_KIND`` at RMS ``ROOM_NOISE``, seeded by the length (repeatable)."""
+    rng = np.random.default_rng(shape[0])
+    if ROOM_KIND == "white":  # as before --noise-kind existed
+        return ROOM_NOISE * rng.standard_normal(shape)
+    return ROOM_NOISE * noise(ROOM_KIND, shape[0] * shape[1], rng).reshape(shape)
 
 
 def run(model: DuplexSpeechModel, user: np.ndarray, heard: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Feed ``user`` (F, n) frame by frame to one session -> (model pcm (F, n), text pieces).
     ``heard`` collects the user transcripts the model sends (answer assist). With ``ROOM_NOISE``,
-    white noise of that RMS is added to every frame (seeded by the length: repeatable)."""
+    the room's noise (:func:`room`) is added to every frame."""
     if ROOM_NOISE:
-        user = (user + ROOM_NOISE * np.random.default_rng(len(user)).standard_normal(user.shape)).astype(np.float32)
+        user = (user + room(user.shape)).astype(np.float32)
     state = model.init_state(1)
     out, texts = [], []
     for frame in user:
@@ -128,6 +138,9 @@ def main() -> None:
     ap.add_argument("--user-gain", type=float, default=1.0, help="scale the user's speech (peak-normalized to 0.9), e.g. 0.25 = a quiet microphone")
     ap.add_argument("--lead-seconds", type=float, default=0.0, help="the user is quiet this long before the question (the room's noise only)")
     ap.add_argument("--noise-rms", type=float, default=0.0, help="white noise of this RMS added to everything the user sends (a room; 0.001 is about -60 dBFS)")
+    ap.add_argument("--noise-kind", default="white", choices=("white", *TRAIN_NOISES[1:], *HELD_OUT_NOISES),
+                    help="with --noise-rms: the room's noise (speechlm.training.vad_train's kinds; rain, engine and siren never trained on)")
+    ap.add_argument("--gate-detector", default="vad-en", help="the noise gate's speech detector (speechlm serve --gate-detector; 'none' = the level alone)")
     ap.add_argument("--assist-options", type=json.loads, default=None, help='with --assist: more AssistConfig fields as JSON, e.g. \'{"min_voiced_rms": 0.01}\'')
     ap.add_argument("--barge-after", default="0.6", help="seconds of model speech before the user barges in; several, comma-separated, pool their trials")
     ap.add_argument("--quiet-frames", type=int, default=5, help="frames the model must stay silent to count as stopped")
@@ -149,8 +162,8 @@ def main() -> None:
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
-    global ROOM_NOISE
-    ROOM_NOISE = args.noise_rms
+    global ROOM_NOISE, ROOM_KIND
+    ROOM_NOISE, ROOM_KIND = args.noise_rms, args.noise_kind
     torch.set_num_threads(args.threads)
     barge_after = [float(x) for x in str(args.barge_after).split(",") if x.strip()]
     backchannel_after = [float(x) for x in str(args.backchannel_after or "").split(",") if x.strip()]
@@ -162,7 +175,8 @@ def main() -> None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
     events: list[str] = []
     gate = {"noise_gate": None} if args.no_noise_gate else {}
-    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), **sampling, **gate)
+    detector = None if args.gate_detector.lower() == "none" else args.gate_detector
+    model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), speech_detector=detector, **sampling, **gate)
     if args.assist:
         from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig, build_assisted_model
 
@@ -247,6 +261,7 @@ def main() -> None:
         "questions": len(rows),
         "sampling": {k: dataclasses.asdict(v) for k, v in sampling.items()},
         "noise_gate": not args.no_noise_gate,
+        "gate_detector": detector,
         "replied": len(onsets) / len(rows),
         "onset_ms_median": statistics.median(onsets) if onsets else None,
         "onset_ms_p90": float(np.percentile(onsets, 90)) if onsets else None,

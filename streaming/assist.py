@@ -105,6 +105,9 @@ class AssistConfig:
     noise_gate: bool = True
     margin_frames: int = 3  # frames of context kept around the voiced part of the question
     talk_frames: int = GateConfig.talk_frames  # the user is talking if one of their last this many frames is speech
+    # with the duplex model's speech detector (DuplexSpeechModel.speech_detector): a sound over the gate is speech for
+    # its first onset_frames, then only while the detector hears speech in it (and the question is trimmed to those)
+    onset_frames: int = GateConfig.onset_frames
     # whose voice says the plan: "speech_lm" = the speech LM's streaming TTS (the duplex model's own
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue
@@ -202,6 +205,7 @@ class _Row:
     """One session's bookkeeping (Python side; rows move with the scheduler's surgery)."""
 
     heard: deque = field(default_factory=deque)  # user frames (frame_length,), the last max_question_seconds
+    spoken: deque = field(default_factory=deque)  # per heard frame: not ruled out as speech by the gate's speech detector
     heard_total: int = 0  # frames ever heard
     job: _Job | None = None  # the speech LM's work for the coming or current turn
     plan: list[list[int]] | None = None  # the turn's words still to say (piece ids); None = no turn
@@ -224,9 +228,10 @@ class _Row:
     def in_turn(self) -> bool:
         return self.plan is not None or self.free
 
-    def hear(self, frame: np.ndarray, voiced: bool) -> None:
-        """One frame of the user's audio (``voiced``: above the speech level)."""
+    def hear(self, frame: np.ndarray, voiced: bool, spoken: bool = True) -> None:
+        """One frame of the user's audio (``voiced``: speech, by the gate; ``spoken``: not ruled out by its detector)."""
         self.heard.append(frame)
+        self.spoken.append(spoken)
         self.heard_total += 1
         self.voiced_run = self.voiced_run + 1 if voiced else 0
         self.quiet_run = 0 if voiced else self.quiet_run + 1
@@ -312,7 +317,7 @@ class AssistedDuplexModel:
     def _row(self) -> _Row:
         cfg = self.config
         # nothing heard yet: not talking; the gate at voiced_rms until the room is heard
-        return _Row(heard=deque(maxlen=self.max_heard), quiet_run=cfg.talk_frames, gate=cfg.voiced_rms)
+        return _Row(heard=deque(maxlen=self.max_heard), spoken=deque(maxlen=self.max_heard), quiet_run=cfg.talk_frames, gate=cfg.voiced_rms)
 
     def init_state(self, batch_size: int) -> AssistedState:
         return AssistedState(self.duplex.init_state(batch_size), [self._row() for _ in range(batch_size)])
@@ -458,6 +463,7 @@ class AssistedDuplexModel:
         keep = row.heard_total - job.heard_at  # the next question starts after this one
         while len(row.heard) > keep:
             row.heard.popleft()
+            row.spoken.popleft()
         plan = self.plan(job.reply)
         log.debug("assist: heard %r, reply %r", job.transcript, job.reply)
         if not plan and self.config.voice == "speech_lm":
@@ -664,10 +670,13 @@ class AssistedDuplexModel:
         returns them noise-gated (zeros where the user is not talking)."""
         gated, voiced = self.duplex.listen(user_pcm, state.inner, self.gate_config)
         frames = user_pcm.detach().float().cpu().numpy()
-        thresholds = state.inner.gate.thresholds(self.gate_config).tolist()
-        for row, frame, is_voiced, threshold in zip(state.rows, frames, voiced.tolist(), thresholds):
+        gate = state.inner.gate
+        thresholds = gate.thresholds(self.gate_config).tolist()
+        # a frame over the threshold but not voiced: the detector said it is no speech
+        loud = (gate.loud_run > 0).tolist()
+        for row, frame, is_voiced, is_loud, threshold in zip(state.rows, frames, voiced.tolist(), loud, thresholds):
             row.gate = threshold
-            row.hear(frame, is_voiced)
+            row.hear(frame, is_voiced, is_voiced or not is_loud)
         return gated
 
     def user_talking(self, row: _Row) -> bool:
@@ -683,7 +692,7 @@ class AssistedDuplexModel:
         if not row.heard:
             return None
         frames = np.stack(list(row.heard))
-        voiced = np.nonzero(np.sqrt((frames**2).mean(axis=1)) > row.gate)[0]
+        voiced = np.nonzero((np.sqrt((frames**2).mean(axis=1)) > row.gate) & np.array(row.spoken, bool))[0]
         if len(voiced) == 0:
             return None
         m = self.config.margin_frames

@@ -14,7 +14,9 @@ decoded word pieces (``" hel"``, ``"lo"``; None for ``<|text_pad|>``).
 Noise gate (``noise_gate``, on by default; :mod:`speechlm.streaming.gate`): the model was trained on
 dialogues whose pauses are digital silence, and a room under the user's pauses kept it from ever
 taking its turn; so once the user has been quiet a few frames their audio reaches it as zeros until
-they speak again.
+they speak again. With a speech detector (``speech_detector``, e.g. ``"vad-en"``; the server's default, ``speechlm
+serve --gate-detector``) the gate also asks it, frame by frame, whether a sound over its level threshold is speech:
+a room louder than the gate's ceiling (-40 dBFS) no longer keeps the user talking forever.
 
 State (:class:`DuplexSpeechState`): the codec's encoder and decoder halves, the noise gate's per-row
 level and floor, and the LM's :class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
@@ -40,6 +42,7 @@ from ..codec.errors import SpeechLMError
 from ..codec.model import Codec, CodecState
 from ..lm.duplex import DuplexLM, DuplexState
 from ..lm.generate import Sampling
+from ..vad import STREAM_HOP, SpeechDetector
 from .gate import GateConfig, GateState, noise_gate
 from .models import TextPiece, concat_states, select_rows
 
@@ -84,6 +87,7 @@ class DuplexSpeechModel:
         seed: int | None = 0,
         graphs: bool = False,
         noise_gate: GateConfig | None = NOISE_GATE,
+        speech_detector: SpeechDetector | str | None = None,
     ):
         cfg = lm.lm.config
         if codec.config.codes_per_frame != cfg.num_codebooks or codec.config.codebook_size != cfg.codebook_size:
@@ -103,6 +107,10 @@ class DuplexSpeechModel:
         self.frame_length = int(codec.frame_length)
         self.sample_rate = int(codec.sample_rate)
         self.noise_gate = noise_gate  # None: the model hears the user's pauses as they are
+        # the gate's speech detector (frame by frame on every row; None: the level alone)
+        self.speech_detector = load_detector(speech_detector, self.device)
+        if self.speech_detector is not None and self.frame_length % STREAM_HOP:
+            raise SpeechLMError(f"the speech detector hears chunks of a multiple of {STREAM_HOP} samples, not frames of {self.frame_length}")
         self.text_sampling, self.audio_sampling = text_sampling, audio_sampling
         self.generator = None
         if seed is not None:
@@ -128,7 +136,8 @@ class DuplexSpeechModel:
 
     def init_state(self, batch_size: int) -> DuplexSpeechState:
         codec = self.codec
-        return DuplexSpeechState(codec.init_state(batch_size), codec.init_state(batch_size), self.lm.init_state(batch_size), GateState.fresh(batch_size, self.device))
+        return DuplexSpeechState(codec.init_state(batch_size), codec.init_state(batch_size), self.lm.init_state(batch_size),
+                                 GateState.fresh(batch_size, self.device, self.speech_detector))  # fmt: skip
 
     def reset_rows(self, state: DuplexSpeechState, rows: list[int]) -> DuplexSpeechState:
         if len(rows) == 0:
@@ -146,7 +155,7 @@ class DuplexSpeechModel:
             concat_states(state.encoder, self.codec.init_state(n)),
             concat_states(state.decoder, self.codec.init_state(n)),
             self.lm.grow_state(state.lm, batch_size),
-            concat_states(state.gate, GateState.fresh(n, self.device)),
+            concat_states(state.gate, GateState.fresh(n, self.device, self.speech_detector)),
         )
 
     def select_rows(self, state: DuplexSpeechState, rows: list[int]) -> DuplexSpeechState:
@@ -169,7 +178,8 @@ class DuplexSpeechModel:
         config = config or self.noise_gate
         if config is None:
             raise SpeechLMError("this duplex model has no noise gate (noise_gate=None): pass a GateConfig")
-        return noise_gate(user_pcm.to(self.device, torch.float32), state.gate, config, self.frame_length / self.sample_rate)
+        pcm = user_pcm.to(self.device, torch.float32)
+        return noise_gate(pcm, state.gate, config, self.frame_length / self.sample_rate, self.speech_detector)
 
     @torch.inference_mode()
     def tick(
@@ -207,6 +217,15 @@ class DuplexSpeechModel:
         if token not in self._pieces:
             self._pieces[token] = self.lm.tokenizer.decode([token], skip_special_tokens=True) or None
         return self._pieces[token]
+
+
+def load_detector(detector: SpeechDetector | str | None, device: str | torch.device) -> SpeechDetector | None:
+    """A speech detector, or its name or directory, on ``device`` (float32, eval); None stays None."""
+    if detector is None:
+        return None
+    if not isinstance(detector, SpeechDetector):
+        detector = SpeechDetector.from_pretrained(detector)
+    return detector.to(device=device, dtype=torch.float32).eval()
 
 
 def build_duplex_model(lm_dir: str, codec: str, device: str = "cpu", **kwargs: Any) -> DuplexSpeechModel:

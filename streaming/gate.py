@@ -14,6 +14,16 @@ Which frame is speech follows the user and the room, per session (row)::
     threshold  min(voiced_rms, max(min_voiced_rms, noise_margin * floor, voiced_share * level))
     voiced     RMS > threshold
 
+With a speech detector (:class:`speechlm.vad.SpeechDetector`, run frame by frame on every row; the
+server's default ``vad-en``), a sound over the threshold is speech only while the detector hears speech
+in the frame, or for its first ``onset_frames`` frames (speech passes from its first frame while the
+detector, ~20 ms behind, makes up its mind)::
+
+    voiced     RMS > threshold and (detector hears speech or the run of frames over the threshold <= onset_frames)
+
+A room louder than ``voiced_rms`` (a fan, a street: -34 dBFS) is over the threshold in every frame: without
+a detector the user never stops talking, and the duplex model never took its turn (docs/benchmarks.md).
+
 Frames of digital silence (exact zeros: the server's fill for audio that had not arrived) change
 neither level nor floor. A new row starts with the threshold at ``voiced_rms`` and the floor at
 ``voiced_rms / noise_margin``: a quieter room lowers the threshold from its first frame, a noisier
@@ -29,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..codec.errors import SpeechLMError
+from ..vad import DetectorState, SpeechDetector
 
 NEVER = 1 << 30  # quiet_run of a row that has heard no speech yet (quiet "forever")
 
@@ -42,6 +53,8 @@ class GateConfig:
     level_half_life_s: float = 30.0
     noise_rise_s: float = 2.0
     talk_frames: int = 3  # the user is talking if one of their last this many frames is speech
+    # with a speech detector: a sound over the threshold is speech for this many frames before the detector is asked
+    onset_frames: int = 5
 
     def __post_init__(self) -> None:
         if not 0 < self.min_voiced_rms <= self.voiced_rms or self.noise_margin <= 0 or self.voiced_share < 0:
@@ -49,23 +62,26 @@ class GateConfig:
                 f"bad speech gate: need 0 < min_voiced_rms ({self.min_voiced_rms}) <= voiced_rms ({self.voiced_rms}), "
                 f"noise_margin > 0 ({self.noise_margin}), voiced_share >= 0 ({self.voiced_share})"
             )
-        if self.level_half_life_s <= 0 or self.noise_rise_s <= 0 or self.talk_frames < 1:
-            raise SpeechLMError("bad speech gate: level_half_life_s and noise_rise_s must be > 0, talk_frames >= 1")
+        if self.level_half_life_s <= 0 or self.noise_rise_s <= 0 or self.talk_frames < 1 or self.onset_frames < 0:
+            raise SpeechLMError("bad speech gate: level_half_life_s and noise_rise_s must be > 0, talk_frames >= 1, onset_frames >= 0")
 
 
 @dataclass
 class GateState:
     """Per row (B,): the user's speech level, the room's noise floor, the current threshold (all RMS;
-    -1 = not yet heard: the config's starting values apply), and the runs of voiced and quiet frames."""
+    -1 = not yet heard: the config's starting values apply), the runs of voiced and quiet frames and of
+    frames over the threshold, and the speech detector's state (None without one)."""
 
     level: Tensor  # (B,) float32
     floor: Tensor  # (B,) float32
     threshold: Tensor  # (B,) float32
     voiced_run: Tensor  # (B,) int64
     quiet_run: Tensor  # (B,) int64
+    loud_run: Tensor  # (B,) int64
+    detector: DetectorState | None = None
 
     @classmethod
-    def fresh(cls, batch_size: int, device: str | torch.device = "cpu") -> GateState:
+    def fresh(cls, batch_size: int, device: str | torch.device = "cpu", detector: SpeechDetector | None = None) -> GateState:
         unset = torch.full((batch_size,), -1.0, device=device)
         return cls(
             level=torch.zeros(batch_size, device=device),
@@ -73,6 +89,8 @@ class GateState:
             threshold=unset.clone(),
             voiced_run=torch.zeros(batch_size, dtype=torch.long, device=device),
             quiet_run=torch.full((batch_size,), NEVER, dtype=torch.long, device=device),
+            loud_run=torch.zeros(batch_size, dtype=torch.long, device=device),
+            detector=None if detector is None else detector.init_stream(batch_size, device),
         )
 
     @property
@@ -86,8 +104,10 @@ class GateState:
         chosen = torch.zeros(self.batch_size, dtype=torch.bool, device=device)
         chosen[torch.as_tensor(rows, dtype=torch.long, device=device)] = True
         fresh = GateState.fresh(self.batch_size, device)
-        for name in ("level", "floor", "threshold", "voiced_run", "quiet_run"):
+        for name in ("level", "floor", "threshold", "voiced_run", "quiet_run", "loud_run"):
             setattr(self, name, torch.where(chosen, getattr(fresh, name), getattr(self, name)))
+        if self.detector is not None:
+            self.detector.reset_rows(rows)
 
     def thresholds(self, config: GateConfig) -> Tensor:
         """(B,) the threshold each row applies now."""
@@ -99,8 +119,9 @@ def frame_rms(pcm: Tensor) -> Tensor:
     return pcm.float().square().mean(dim=1).sqrt()
 
 
-def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float) -> Tensor:
-    """One frame per row: RMS (B,) -> voiced (B,) bool; updates ``state`` in place."""
+def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float, speech: Tensor | None = None) -> Tensor:
+    """One frame per row: RMS (B,) -> voiced (B,) bool; updates ``state`` in place. ``speech`` (B,) bool: whether
+    the speech detector hears speech in the frame (None: no detector, the level alone decides)."""
     rms = rms.to(state.level.device, torch.float32)
     decay = 0.5 ** (frame_seconds / config.level_half_life_s)
     rise = 2.0 ** (frame_seconds / config.noise_rise_s)
@@ -110,7 +131,9 @@ def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float
     floor = torch.where(sound, torch.minimum(rms, floor * rise), floor)
     threshold = torch.maximum(config.noise_margin * floor, config.voiced_share * level).clamp(min=config.min_voiced_rms, max=config.voiced_rms)
     threshold = torch.where(sound, threshold, state.thresholds(config))
-    voiced = rms > threshold
+    loud = rms > threshold
+    state.loud_run = torch.where(loud, state.loud_run + 1, 0)
+    voiced = loud if speech is None else loud & (speech.to(loud.device) | (state.loud_run <= config.onset_frames))
     state.level, state.floor, state.threshold = level, floor, threshold
     state.voiced_run = torch.where(voiced, state.voiced_run + 1, 0)
     state.quiet_run = torch.where(voiced, 0, (state.quiet_run + 1).clamp(max=NEVER))
@@ -122,10 +145,19 @@ def talking(state: GateState, config: GateConfig) -> Tensor:
     return state.quiet_run < config.talk_frames
 
 
-def noise_gate(pcm: Tensor, state: GateState, config: GateConfig, frame_seconds: float) -> tuple[Tensor, Tensor]:
+def noise_gate(
+    pcm: Tensor, state: GateState, config: GateConfig, frame_seconds: float, detector: SpeechDetector | None = None
+) -> tuple[Tensor, Tensor]:
     """pcm (B, T) -> (what the model hears (B, T): zeros in rows whose user is not talking, voiced (B,)).
-    Updates ``state`` in place."""
-    voiced = hear(frame_rms(pcm), state, config, frame_seconds)
+    Updates ``state`` in place. ``detector``: asked frame by frame (``state`` must hold its state: see
+    :meth:`GateState.fresh`); a frame holds speech if one of the detector's frames that ended in it does."""
+    speech = None
+    if detector is not None:
+        if state.detector is None:
+            raise SpeechLMError("this gate state has no speech detector state (GateState.fresh(..., detector=...))")
+        logits, state.detector = detector.stream(pcm, state.detector)
+        speech = (logits > detector.logit_threshold).any(dim=1)
+    voiced = hear(frame_rms(pcm), state, config, frame_seconds, speech)
     closed = ~talking(state, config).to(pcm.device)
     return pcm.masked_fill(closed[:, None], 0.0), voiced
 

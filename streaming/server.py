@@ -597,6 +597,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
             from .duplex_model import build_duplex_model
 
             model = build_duplex_model(config.lm, config.codec, device=device, graphs=config.cuda_graphs, dtype=dtype,
+                                       speech_detector=config.gate_detector if config.noise_gate else None,
                                        **({} if config.noise_gate else {"noise_gate": None}))  # fmt: skip
         else:
             model = EchoCodecModel(Codec.from_pretrained(config.codec, device=device))

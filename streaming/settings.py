@@ -59,6 +59,10 @@ class ServerConfig:
     # the duplex model hears the user through a noise gate (speechlm.streaming.gate): their pauses as
     # digital silence, as in its training dialogues; False = as they are (a faint room kept it from replying)
     noise_gate: bool = True
+    # the noise gate asks this speech detector (speechlm.vad), frame by frame, whether a sound over its level threshold
+    # is speech: in a room louder than -40 dBFS the level alone kept the user talking and the model never replied;
+    # None = the level alone
+    gate_detector: str | None = "vad-en"
     device: str = "auto"
     threads: int | None = None  # torch threads for the model step (None: leave torch's default)
     compile_codec: bool = False  # AOTInductor-compiled codec steps (speechlm.codec.compiled): compiled once, cached
@@ -153,6 +157,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="the duplex model hears the user's pauses as they are (default: through a noise gate, as digital silence)",
     )
+    parser.add_argument(
+        "--gate-detector",
+        metavar="NAME|none",
+        default=d.gate_detector,
+        help=f"the speech detector the noise gate asks, frame by frame, whether a sound is speech (default {d.gate_detector}; "
+        "'none': the level alone, and a room louder than -40 dBFS is heard as the user talking)",
+    )
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:N] (default auto)")
     parser.add_argument("--threads", type=int, help="torch threads for the model step (default: torch's choice)")
     parser.add_argument(
@@ -199,13 +210,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model,
         codec=args.codec,
         lm=getattr(args, "lm", None),
-        assist=None if str(getattr(args, "assist", None) or "none").lower() == "none" else args.assist,
+        assist=_none_or(getattr(args, "assist", None)),
         assist_voice=getattr(args, "assist_voice", "speech_lm"),
         voice=getattr(args, "voice", ServerConfig.voice),
         assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
         assist_check_rounds=getattr(args, "assist_check_rounds", ServerConfig.assist_check_rounds),
         assist_speech_detector=getattr(args, "assist_speech_detector", ServerConfig.assist_speech_detector),
         noise_gate=getattr(args, "noise_gate", True),
+        gate_detector=_none_or(getattr(args, "gate_detector", ServerConfig.gate_detector)),
         device=args.device,
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),
@@ -216,6 +228,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         idle_timeout=args.idle_timeout,
         output_seconds=args.output_seconds,
     )
+
+
+def _none_or(name: str | None) -> str | None:
+    """A model name from the command line: 'none' (any case) is None."""
+    return None if name is None or str(name).lower() == "none" else name
 
 
 def _admit_load(text: str) -> float | None:

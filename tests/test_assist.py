@@ -25,6 +25,7 @@ from speechlm.streaming.models import DuplexModel
 from speechlm.streaming.scheduler import Scheduler
 from speechlm.streaming.server import ServerConfig, build_model
 from speechlm.streaming.settings import add_serve_arguments, config_from_args
+from speechlm.vad import SpeechDetector
 
 N = 640
 
@@ -424,12 +425,19 @@ def test_the_question_keeps_a_quiet_margin_but_not_digital_silence(tokenizer_dir
     hum = 0.001 * np.ones(N, np.float32)  # a quiet room: below the voiced level, not zero
     voice = speech(8, 12).reshape(-1, N)
     for f in [np.zeros(N, np.float32), hum, hum, *voice[:4], np.zeros(N, np.float32), *voice[4:], hum, np.zeros(N, np.float32), hum]:
-        row.heard.append(f)
+        row.hear(f, False)
     question = model.question_audio(row)
     np.testing.assert_array_equal(question, np.concatenate([hum, hum, *voice, hum, hum]))
-    row.heard.clear()
-    row.heard.extend([hum] * 5)
+    row = model.init_state(1).rows[0]
+    for _ in range(5):
+        row.hear(hum, False)
     assert model.question_audio(row) is None  # nothing voiced
+    # a loud room the gate's speech detector ruled out as speech is trimmed like a quiet one
+    fan = 0.05 * np.ones(N, np.float32)
+    row = model.init_state(1).rows[0]
+    for f, spoken in [*[(fan, False)] * 6, *[(f + fan, True) for f in voice], *[(fan, False)] * 6]:
+        row.hear(f, spoken, spoken)
+    np.testing.assert_array_equal(model.question_audio(row), np.concatenate([fan, fan, fan, *(voice + fan), fan, fan, fan]))
 
 
 def hear(model, state, audio):
@@ -494,6 +502,11 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     assert isinstance(alone, DuplexSpeechModel) and alone.noise_gate is not None and built.config.noise_gate
     # --no-noise-gate: the duplex model alone, and the assist, pass the user's pauses as they are
     assert build_model(ServerConfig(**config, assist=None, noise_gate=False)).noise_gate is None
+    # the noise gate's speech detector: vad-en unless told (--gate-detector none), and none without a noise gate
+    assert isinstance(alone.speech_detector, SpeechDetector) and isinstance(built.duplex.speech_detector, SpeechDetector)
+    assert build_model(ServerConfig(**config, assist=None, gate_detector=None)).speech_detector is None
+    assert build_model(ServerConfig(**config, assist=None, noise_gate=False)).speech_detector is None
+    assert config_from_args_of([]).gate_detector == "vad-en" and config_from_args_of(["--gate-detector", "none"]).gate_detector is None
     assert not build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), noise_gate=False)).config.noise_gate
     # --dtype: the duplex LM's and the assist's speech LM's (default auto: this machine's fast dtype)
     assert next(built.speech.lm.parameters()).dtype == fast_dtype("cpu")
@@ -501,17 +514,22 @@ def test_serve_builds_the_assisted_model_from_a_speech_lm_directory(tokenizer_di
     assert next(full.speech.lm.parameters()).dtype == torch.float32 and next(full.duplex.lm.parameters()).dtype == torch.float32
     half = build_model(ServerConfig(**config, assist=str(tmp_path / "speech"), dtype="bfloat16"))
     assert next(half.speech.lm.parameters()).dtype == torch.bfloat16 and next(half.duplex.lm.parameters()).dtype == torch.bfloat16
-    parser = argparse.ArgumentParser()
-    add_serve_arguments(parser)
-    assert config_from_args(parser.parse_args(["--assist", "none"])).assist is None
-    assert config_from_args(parser.parse_args([])).assist == "speechlm-default"
-    assert config_from_args(parser.parse_args(["--assist-views", "1"])).assist_views == 1
-    assert config_from_args(parser.parse_args(["--voice", "f2"])).voice == "f2" and config_from_args(parser.parse_args([])).voice == "default"
-    assert config_from_args(parser.parse_args(["--assist-check-rounds", "3"])).assist_check_rounds == 3
-    assert config_from_args(parser.parse_args([])).assist_check_rounds is None
-    assert config_from_args(parser.parse_args([])).noise_gate and not config_from_args(parser.parse_args(["--no-noise-gate"])).noise_gate
+    assert config_from_args_of(["--assist", "none"]).assist is None
+    assert config_from_args_of([]).assist == "speechlm-default"
+    assert config_from_args_of(["--assist-views", "1"]).assist_views == 1
+    assert config_from_args_of(["--voice", "f2"]).voice == "f2" and config_from_args_of([]).voice == "default"
+    assert config_from_args_of(["--assist-check-rounds", "3"]).assist_check_rounds == 3
+    assert config_from_args_of([]).assist_check_rounds is None
+    assert config_from_args_of([]).noise_gate and not config_from_args_of(["--no-noise-gate"]).noise_gate
     with pytest.raises(Exception, match="not found|no such|does not exist|speech LM"):
         build_model(ServerConfig(**config, assist=str(tmp_path / "missing")))
+
+
+def config_from_args_of(argv: list[str]) -> ServerConfig:
+    """``speechlm serve`` arguments -> the ServerConfig they make."""
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
 
 
 assert TEXTS  # the tokenizer's corpus (imported for the fixture's vocabulary)

@@ -16,6 +16,8 @@ from speechlm.codec.errors import SpeechLMError
 from speechlm.lm import GREEDY
 from speechlm.streaming.duplex_model import DuplexSpeechModel
 from speechlm.streaming.gate import GateConfig, GateState, frame_rms, hear, noise_gate
+from speechlm.training.espeak import Espeak
+from speechlm.vad import DetectorConfig, SpeechDetector
 
 N = 640
 FRAME_S = N / 16_000
@@ -65,6 +67,57 @@ def test_rows_of_a_batch_are_gated_as_if_alone():
     state.reset_rows([1])
     assert float(state.threshold[1]) == -1 and int(state.quiet_run[1]) == GateState.fresh(1).quiet_run[0]
     assert float(state.threshold[0]) == pytest.approx(float(alone[0][1].threshold[0]))
+
+
+def detector_that_hears(speech: bool) -> SpeechDetector:
+    """A small detector that hears speech in every frame (``speech``) or in none."""
+    detector = SpeechDetector(DetectorConfig(channels=8, dilations=[1], kernel_size=3)).eval()
+    with torch.no_grad():
+        detector.head.weight.zero_()
+        detector.head.bias.fill_(10.0 if speech else -10.0)
+    return detector
+
+
+def detector_run(audio: np.ndarray, detector: SpeechDetector | None, config: GateConfig = CFG) -> tuple[list[bool], list[bool]]:
+    """(voiced, open) per frame of one row through the noise gate with ``detector``."""
+    state, voiced, opened = GateState.fresh(1, detector=detector), [], []
+    for frame in torch.from_numpy(audio).reshape(-1, 1, N):
+        heard, v = noise_gate(frame, state, config, FRAME_S, detector)
+        voiced.append(bool(v[0]))
+        opened.append(bool(heard.any()))
+    return voiced, opened
+
+
+def test_a_room_louder_than_the_gate_is_not_speech_to_a_detector():
+    """A room at -34 dBFS is over the gate's ceiling (-40 dBFS) in every frame: by the level the user never stops.
+    With a detector that hears no speech there, it is speech only for onset_frames, and the gate closes after
+    talk_frames; a detector that hears speech everywhere changes nothing the level decides."""
+    loud = room(40, 0.02, 5)
+    voiced, opened = detector_run(loud, None)
+    assert all(voiced) and all(opened)
+    voiced, opened = detector_run(loud, detector_that_hears(False))
+    assert voiced == [True] * CFG.onset_frames + [False] * (40 - CFG.onset_frames)
+    assert opened == [True] * (CFG.onset_frames + CFG.talk_frames - 1) + [False] * (40 - CFG.onset_frames - CFG.talk_frames + 1)
+    quiet_user = np.concatenate([room(4, 5e-4, 1), 0.033 * speech(10, 0) + room(10, 5e-4, 2), room(6, 5e-4, 3)])
+    for audio in (loud, quiet_user):
+        assert detector_run(audio, detector_that_hears(True))[0] == gate_run(audio)[0]
+    with pytest.raises(SpeechLMError, match="detector"):
+        noise_gate(torch.zeros(1, N), GateState.fresh(1), CFG, FRAME_S, detector_that_hears(True))
+
+
+def test_the_shipped_detector_lets_speech_through_a_loud_room_and_closes_the_gate_after_it():
+    """vad-en frame by frame: a held-out espeak voice over white noise at -34 dBFS (the level gate hears 100 % speech):
+    the gate is open while the user speaks and closed in the room before and after."""
+    detector = SpeechDetector.from_pretrained("vad-en")
+    said = Espeak.instance().synthesize("What is two plus three?", "en-us+m7").audio
+    said = np.concatenate([said, np.zeros((-len(said)) % N, np.float32)]) * (0.5 / np.abs(said).max())
+    lead, tail = 50, 50
+    audio = np.concatenate([np.zeros(lead * N, np.float32), said, np.zeros(tail * N, np.float32)]) + room(lead + len(said) // N + tail, 0.02, 9)
+    voiced, opened = detector_run(audio, detector)
+    spoken = len(said) // N
+    speech_frames = np.nonzero(np.sqrt((said.reshape(-1, N) ** 2).mean(axis=1)) > 0.03)[0] + lead
+    assert all(opened[i] for i in speech_frames)  # the user heard while speaking
+    assert not any(opened[20:lead]) and not any(opened[lead + spoken + 10 :])  # the room alone: digital silence
 
 
 def test_bad_gate_settings_are_errors():

@@ -44,6 +44,35 @@ def test_frames_are_causal_and_their_count_known():
     assert [len(p) for p in probs] == [25, 100] and all(((p >= 0) & (p <= 1)).all() for p in probs)
 
 
+def test_frame_by_frame_equals_offline_for_rows_that_start_apart():
+    """Chunk by chunk (the server's speech gate), each row's frames equal the offline frames of its own stream, for
+    rows starting together, one reset mid-way (a new session in its place) and chunks of 640 or 320 samples."""
+    model = SpeechDetector(DetectorConfig(channels=16, dilations=[1, 2, 4], kernel_size=5)).eval()
+    rng = np.random.default_rng(3)
+    audio = torch.from_numpy((rng.standard_normal((2, 40 * 640)) * [[0.1], [0.01]]).astype(np.float32))
+    for chunk in (640, 320):
+        state, got = model.init_stream(2), []
+        restart = 13 * 640  # row 1's stream starts again here
+        with torch.inference_mode():
+            for start in range(0, audio.shape[1], chunk):
+                if start == restart:
+                    state.reset_rows([1])
+                logits, state = model.stream(audio[:, start : start + chunk], state)
+                assert logits.shape == (2, chunk // 320)
+                got.append(logits)
+            got = torch.cat(got, dim=1)  # (2, 80): frames -1 .. 78 of each row's stream
+            whole = model(audio)
+            again = model(audio[1:, restart:])
+        assert torch.isinf(got[:, 0]).all() and (got[:, 0] < 0).all()  # frame -1 of a stream: none, probability 0
+        torch.testing.assert_close(got[0, 1:], whole[0, :79], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[1, 1 : restart // 320], whole[1, : restart // 320 - 1], rtol=1e-4, atol=1e-4)
+        after = got[1, restart // 320 :]
+        assert torch.isinf(after[0]) and after[0] < 0
+        torch.testing.assert_close(after[1:], again[0, : len(after) - 1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(SpeechLMError, match="multiple of 320"):
+        model.stream(torch.zeros(2, 500), model.init_stream(2))
+
+
 def test_save_load_gives_the_same_probabilities(tmp_path):
     model = SpeechDetector(DetectorConfig(**TINY, threshold=0.4)).eval()
     model.save_pretrained(tmp_path / "d")
