@@ -6,7 +6,9 @@ Each trial: 0.5 s of silence, ``--noise-seconds`` of one noise kind (speechlm.tr
 (any output frame above -60 dBFS), the user transcript the assist sent (it heard a question), and the model's text.
 Run with the assist's speech detector (``AssistConfig.speech_detector``, default vad-en) and without it (None), the
 same trials one after the other; a held-out spoken question is run first both ways as a check that speech is still
-answered.
+answered. The duplex model's noise gate asks ``--gate-detector`` (the server's ``--gate-detector``, default vad-en)
+frame by frame whether a sound is speech; ``none`` = the level alone (how the figures before 2026-12-07's loud-room
+work were made).
 
     python benchmarks/assist_noise.py --out docs/results/assist_noise.json
 """
@@ -85,10 +87,12 @@ def main() -> None:
     ap.add_argument("--listen-seconds", type=float, default=4.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--over-reply", type=float, help="instead: the noise starts this many seconds into the reply to a question")
+    ap.add_argument("--gate-detector", default="vad-en", help="the duplex model's noise gate's speech detector ('none': the level alone)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    duplex = DuplexSpeechModel.from_pretrained(args.lm, "codec-16k", seed=0)
+    gate_detector = None if args.gate_detector.lower() == "none" else args.gate_detector
+    duplex = DuplexSpeechModel.from_pretrained(args.lm, "codec-16k", seed=0, speech_detector=gate_detector)
     n = duplex.frame_length
     fps = duplex.sample_rate / n
     rng = np.random.default_rng(args.seed)

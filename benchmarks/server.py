@@ -60,12 +60,15 @@ def main() -> None:
                     help="the server's load-based admission (speechlm serve --admit-load; default off: each load is forced on it)")
     ap.add_argument("--stagger", type=float, default=0.0,
                     help="clients connect one every this many seconds (with --admit-load: each admitted or refused on the load before it)")
+    ap.add_argument("--gate-detector", default="vad-en",
+                    help="--model duplex: the noise gate's speech detector (speechlm serve --gate-detector; 'none' = the level alone, as before 2026-12-07)")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs,
                         assist=args.assist, assist_voice=args.assist_voice,
+                        gate_detector=None if args.gate_detector.lower() == "none" else args.gate_detector,
                         assist_options={**({"asr_views": args.assist_views} if args.assist_views is not None else {}), **(args.assist_options or {})})  # fmt: skip
     speech = None
     if args.speech:
@@ -95,7 +98,7 @@ def main() -> None:
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]
-    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "assist_views": args.assist_views if args.assist else None, "assist_options": args.assist_options, "speech": args.speech, "admit_load": args.admit_load, "stagger": args.stagger, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
+    report = {"model": args.model, "lm": args.lm if args.model == "duplex" else None, "assist": args.assist, "assist_views": args.assist_views if args.assist else None, "assist_options": args.assist_options, "gate_detector": args.gate_detector, "speech": args.speech, "admit_load": args.admit_load, "stagger": args.stagger, "codec": args.codec, "compile_codec": args.compile_codec, "threads": args.threads,
               "cuda_graphs": args.cuda_graphs, "device": device, "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else None, "dtype": args.dtype,
               "parameters_m": parameters_m(model), "step_times": steps, "memory": memory, "loads": loads, "most_sessions_held": max(held) if held else 0}
     print(json.dumps({"most_sessions_held": report["most_sessions_held"]}))

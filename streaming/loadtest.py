@@ -314,7 +314,7 @@ def step_times(model: DuplexModel, batch_sizes: list[int], steps: int = 30) -> l
 def build_model(
     name: str, codec: str, device: str = "cpu", lm: str | None = None, compile_codec: bool = False, dtype: str = "float32",
     graphs: bool = False, assist: str | None = None, assist_voice: str = "speech_lm",
-    assist_options: dict | None = None,
+    assist_options: dict | None = None, gate_detector: str | None = "vad-en",
 ) -> DuplexModel:
     """``echo`` with ``codec`` = a codec name/dir, or ``random`` (the default config, random weights);
     ``duplex`` with ``lm`` = a duplex LM directory (or ``random:PRESET``, see
@@ -322,10 +322,11 @@ def build_model(
     ``compile_codec``: the codec's steps compiled with AOTInductor (``speechlm.codec.compiled``).
     ``dtype``: the duplex LM's and the assist's speech LM's (float32 or bfloat16); ``graphs``: its backbone from CUDA graphs.
     ``assist``: a speech LM that answers through the duplex model (``speechlm serve --assist``);
-    ``assist_options``: more :class:`AssistConfig` fields (e.g. ``asr_views``)."""
+    ``assist_options``: more :class:`AssistConfig` fields (e.g. ``asr_views``). ``gate_detector``: the duplex
+    model's noise gate's speech detector (``speechlm serve --gate-detector``; None = the level alone)."""
     from .models import with_compiled_codec
 
-    model = _build_model(name, codec, device, lm, dtype, graphs)
+    model = _build_model(name, codec, device, lm, dtype, graphs, gate_detector)
     model = with_compiled_codec(model) if compile_codec else model
     if name == "duplex" and assist:
         import torch
@@ -337,7 +338,9 @@ def build_model(
     return model
 
 
-def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str = "float32", graphs: bool = False) -> DuplexModel:
+def _build_model(
+    name: str, codec: str, device: str, lm: str | None, dtype: str = "float32", graphs: bool = False, gate_detector: str | None = None
+) -> DuplexModel:
     import torch
 
     from .models import EchoCodecModel, SilenceModel
@@ -347,7 +350,7 @@ def _build_model(name: str, codec: str, device: str, lm: str | None, dtype: str 
     if name == "duplex":
         from .duplex_model import build_duplex_model
 
-        return build_duplex_model(lm, codec, device=device, dtype=getattr(torch, dtype), graphs=graphs)
+        return build_duplex_model(lm, codec, device=device, dtype=getattr(torch, dtype), graphs=graphs, speech_detector=gate_detector)
     from ..codec.config import CodecConfig
     from ..codec.model import Codec
 
