@@ -45,9 +45,11 @@ def trial(model, user: np.ndarray) -> dict:
 
 def over_reply(duplex, args, question_trial: np.ndarray, rng, silence) -> dict:
     """The question, then ``--over-reply`` seconds into the reply a burst of noise (each kind) as long as
-    ``--noise-seconds``: does the reply go on after it (the model speaks within 1 s of the burst's end, and no other
-    question was heard: the noise taken for one is answered instead)? Without the detector (the level gate alone) and
-    with it; the undisturbed reply first (it must still be going then)."""
+    ``--noise-seconds``: does the reply go on (the rest of it is said: at least 80 % of the undisturbed reply's
+    sounding frames after the burst's start, and no other question was heard: the noise taken for one is answered
+    instead)? Also whether the model speaks within 1 s of the burst's end (a reply held while the noise lasts; one
+    that goes on through the noise may be over by then). Without the assist's detector and with it; the undisturbed
+    reply first (it must still be going then)."""
     n = duplex.frame_length
     fps = duplex.sample_rate / n
     model = build_assisted_model(duplex, args.assist, config=AssistConfig())
@@ -56,7 +58,9 @@ def over_reply(duplex, args, question_trial: np.ndarray, rng, silence) -> dict:
     onset = int(np.argmax(spoke[int(0.5 * fps) + 1:])) + int(0.5 * fps) + 1
     cut, burst_frames = onset + int(args.over_reply * fps), int(args.noise_seconds * fps)
     end = cut + burst_frames
-    out = {"reply_onset_s": onset / fps, "undisturbed_speaks_after": bool(spoke[end: end + int(fps)].any()), "kinds": {}}
+    rest = int(spoke[cut:].sum())  # the undisturbed reply's sounding frames from the burst's start on
+    out = {"reply_onset_s": onset / fps, "undisturbed_speaks_after": bool(spoke[end: end + int(fps)].any()),
+           "undisturbed_rest_frames": rest, "kinds": {}}
     for kind in args.kinds.split(","):
         burst = frames_of(noise(kind, burst_frames * n, rng) * 10 ** (args.level_db / 20), n)
         user = np.concatenate([question_trial[:cut], burst, silence(4.0)])
@@ -66,14 +70,15 @@ def over_reply(duplex, args, question_trial: np.ndarray, rng, silence) -> dict:
             heard: list[str] = []
             pcm, _ = run(m, user, heard)
             questions = [h for h in heard if h]
-            row[name] = {"spoke_after": bool((np.sqrt((pcm[end: end + int(fps)] ** 2).mean(axis=1)) > SPOKE_RMS).any()),
+            sounding = np.sqrt((pcm**2).mean(axis=1)) > SPOKE_RMS
+            row[name] = {"spoke_after": bool(sounding[end: end + int(fps)].any()), "rest_said": round(int(sounding[cut:].sum()) / max(rest, 1), 2),
                          "questions_heard": questions, "invented_question": len(questions) > 1}
         out["kinds"][kind] = row
         print("over the reply", kind, json.dumps(row), flush=True)
-    out["went_on"] = {name: sum(r[name]["spoke_after"] and not r[name]["invented_question"] for r in out["kinds"].values())
-                      for name in ("with vad-en", "without a detector")}
-    out["invented_questions"] = {name: sum(r[name]["invented_question"] for r in out["kinds"].values())
-                                 for name in ("with vad-en", "without a detector")}
+    names = ("with vad-en", "without a detector")
+    out["went_on"] = {name: sum(r[name]["rest_said"] >= 0.8 and not r[name]["invented_question"] for r in out["kinds"].values()) for name in names}
+    out["spoke_after_the_burst"] = {name: sum(r[name]["spoke_after"] for r in out["kinds"].values()) for name in names}
+    out["invented_questions"] = {name: sum(r[name]["invented_question"] for r in out["kinds"].values()) for name in names}
     return out
 
 
