@@ -175,7 +175,7 @@ class SpeechDetector(nn.Module):
         (the offline STFT's ``center`` padding), and its features -2, -1 and every block's inputs before frame 0 are
         zeros (the offline left padding)."""
         c = self.config
-        batch, length = chunk.shape
+        length = chunk.shape[1]
         if length % STREAM_HOP or length < STREAM_HOP:
             raise SpeechLMError(f"the speech detector takes chunks of a multiple of {STREAM_HOP} samples, not {length}")
         chunk = chunk.to(self.window.device, torch.float32)

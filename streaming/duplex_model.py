@@ -19,7 +19,7 @@ serve --gate-detector``) the gate also asks it, frame by frame, whether a sound 
 a room louder than the gate's ceiling (-40 dBFS) no longer keeps the user talking forever.
 
 State (:class:`DuplexSpeechState`): the codec's encoder and decoder halves, the noise gate's per-row
-level and floor, and the LM's :class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
+level and floor (and its speech detector's caches, ~33 KB a row), and the LM's :class:`speechlm.lm.duplex.DuplexState`. Rows join and leave through ``grow_state`` /
 ``select_rows`` (the LM's KV cache is a ring of ``window`` slots shared by all rows: a new row's
 slots start invalid). Memory per session is fixed by the LM's ``window``.
 

@@ -178,6 +178,24 @@ def test_rows_keep_their_gate_through_joins_and_leaves(tokenizer_dir, codec):  #
     assert float(state.gate.threshold[0]) == -1
 
 
+def test_the_gates_detector_state_follows_rows_through_joins_and_leaves(tokenizer_dir, codec):  # noqa: F811
+    """With a speech detector, each row's detector state moves with the row (select, grow, reset) like the rest."""
+    model = duplex_alone(tokenizer_dir, codec, speech_detector=detector_that_hears(False))
+    loud = torch.from_numpy(room(8, 0.02, 3).reshape(8, N))
+    state = model.init_state(2)
+    for frame in loud:
+        _, _, state = model.step(torch.stack([frame, frame * 0.5]), state)
+    detector = state.gate.detector
+    assert detector.batch_size == 2 and not detector.fresh.any()
+    kept = detector.audio[1].clone()
+    state = model.grow_state(model.select_rows(state, [1]), 2)  # row 0 leaves, a new one joins after row 1
+    assert torch.equal(state.gate.detector.audio[0], kept) and state.gate.detector.fresh.tolist() == [False, True]
+    state = model.reset_rows(state, [0])
+    assert state.gate.detector.fresh.tolist() == [True, True] and not state.gate.detector.audio.any()
+    _, _, state = model.step(loud[:2], state)
+    assert int(state.gate.loud_run[0]) == 1 and not state.gate.detector.fresh.any()
+
+
 def test_a_row_resets_right_after_a_tick(tokenizer_dir, codec):  # noqa: F811
     """The scheduler resets a row straight after a tick (a session rejoins): the gate's tensors made inside
     the tick's inference mode must still take it."""
