@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("files", nargs="+")
     ap.add_argument("--out")
     args = ap.parse_args()
-    lines = [summarize(f) for f in sorted(args.files)]
+    results = [f for f in sorted(args.files) if isinstance(data := json.loads(Path(f).read_text()), dict) and "rows" in data]
+    lines = [summarize(f) for f in results]  # (other files, e.g. an earlier summary, are passed over)
     for line in lines:
         print(json.dumps(line))
     if args.out:
