@@ -29,6 +29,7 @@ from duplex import frames_of, run  # noqa: E402
 
 from speechlm.streaming.assist import AssistConfig, build_assisted_model  # noqa: E402
 from speechlm.streaming.duplex_model import DuplexSpeechModel  # noqa: E402
+from speechlm.streaming.settings import none_or  # noqa: E402
 from speechlm.training import textgen  # noqa: E402
 from speechlm.training.teachers import get_teacher  # noqa: E402
 from speechlm.training.vad_train import HELD_OUT_NOISES, TRAIN_NOISES, noise  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    gate_detector = None if args.gate_detector.lower() == "none" else args.gate_detector
+    gate_detector = none_or(args.gate_detector)
     duplex = DuplexSpeechModel.from_pretrained(args.lm, "codec-16k", seed=0, speech_detector=gate_detector)
     n = duplex.frame_length
     fps = duplex.sample_rate / n

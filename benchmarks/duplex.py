@@ -46,6 +46,7 @@ from speechlm.codec.audio import SAMPLE_RATE
 from speechlm.judge import answer_heard
 from speechlm.lm.generate import GREEDY, parse_codebook_temperatures
 from speechlm.streaming.duplex_model import AUDIO_SAMPLING, TEXT_SAMPLING, DuplexSpeechModel
+from speechlm.streaming.settings import none_or
 from speechlm.training import textgen
 from speechlm.training.teachers import get_teacher
 from speechlm.training.vad_train import HELD_OUT_NOISES, TRAIN_NOISES, noise
@@ -175,7 +176,7 @@ def main() -> None:
         sampling["text_sampling"] = dataclasses.replace(TEXT_SAMPLING, temperature=args.text_temperature)
     events: list[str] = []
     gate = {"noise_gate": None} if args.no_noise_gate else {}
-    detector = None if args.gate_detector.lower() == "none" else args.gate_detector
+    detector = none_or(args.gate_detector)
     model = DuplexSpeechModel.from_pretrained(args.lm, args.codec, seed=0, dtype=getattr(torch, args.dtype), speech_detector=detector, **sampling, **gate)
     if args.assist:
         from speechlm.streaming.assist import ASSIST_GENERATION, AssistConfig, build_assisted_model

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from speechlm.streaming.loadtest import build_model, measure_load, step_times
+from speechlm.streaming.settings import none_or
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = build_model(args.model, args.codec, device=device, lm=args.lm, compile_codec=args.compile_codec, dtype=args.dtype, graphs=args.cuda_graphs,
                         assist=args.assist, assist_voice=args.assist_voice,
-                        gate_detector=None if args.gate_detector.lower() == "none" else args.gate_detector,
+                        gate_detector=none_or(args.gate_detector),
                         assist_options={**({"asr_views": args.assist_views} if args.assist_views is not None else {}), **(args.assist_options or {})})  # fmt: skip
     speech = None
     if args.speech:

@@ -210,14 +210,14 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         model=args.model,
         codec=args.codec,
         lm=getattr(args, "lm", None),
-        assist=_none_or(getattr(args, "assist", None)),
+        assist=none_or(getattr(args, "assist", None)),
         assist_voice=getattr(args, "assist_voice", "speech_lm"),
         voice=getattr(args, "voice", ServerConfig.voice),
         assist_views=getattr(args, "assist_views", ServerConfig.assist_views),
         assist_check_rounds=getattr(args, "assist_check_rounds", ServerConfig.assist_check_rounds),
         assist_speech_detector=getattr(args, "assist_speech_detector", ServerConfig.assist_speech_detector),
         noise_gate=getattr(args, "noise_gate", True),
-        gate_detector=_none_or(getattr(args, "gate_detector", ServerConfig.gate_detector)),
+        gate_detector=none_or(getattr(args, "gate_detector", ServerConfig.gate_detector)),
         device=args.device,
         threads=args.threads,
         compile_codec=getattr(args, "compile_codec", False),
@@ -230,7 +230,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
-def _none_or(name: str | None) -> str | None:
+def none_or(name: str | None) -> str | None:
     """A model name from the command line: 'none' (any case) is None."""
     return None if name is None or str(name).lower() == "none" else name
 
