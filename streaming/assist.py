@@ -106,8 +106,10 @@ class AssistConfig:
     margin_frames: int = 3  # frames of context kept around the voiced part of the question
     talk_frames: int = GateConfig.talk_frames  # the user is talking if one of their last this many frames is speech
     # with the duplex model's speech detector (DuplexSpeechModel.speech_detector): a sound over the gate is speech for
-    # its first onset_frames, then only while the detector hears speech in it (and the question is trimmed to those)
+    # its first onset_frames (none within doubt_frames of a sound the detector ruled out: typing), then only while
+    # the detector hears speech in it (and the question is trimmed to those)
     onset_frames: int = GateConfig.onset_frames
+    doubt_frames: int = GateConfig.doubt_frames
     # whose voice says the plan: "speech_lm" = the speech LM's streaming TTS (the duplex model's own
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue

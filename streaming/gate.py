@@ -19,7 +19,14 @@ server's default ``vad-en``), a sound over the threshold is speech only while th
 in the frame, or for its first ``onset_frames`` frames (speech passes from its first frame while the
 detector, ~20 ms behind, makes up its mind)::
 
-    voiced     RMS > threshold and (detector hears speech or the run of frames over the threshold <= onset_frames)
+    voiced     RMS > threshold and (detector hears speech or (the run of frames over the threshold <= onset_frames
+               and no sound was ruled out in the last doubt_frames frames))
+
+A sound (a run of frames over the threshold) is ruled out when it ends and the detector heard no speech in it nor
+in the frame after it (the detector is ~20 ms behind). Typing is such sounds, each a frame or two long and every one
+a new onset: without the doubt they passed as speech one after another, and the user went on "talking" after the
+question (reply onset p90 2.4 s at -34 dBFS; docs/benchmarks.md). Speech that follows a ruled-out sound within
+``doubt_frames`` passes once the detector hears it.
 
 A room louder than ``voiced_rms`` (a fan, a street: -34 dBFS) is over the threshold in every frame: without
 a detector the user never stops talking, and the duplex model never took its turn (docs/benchmarks.md).
@@ -42,6 +49,7 @@ from ..codec.errors import SpeechLMError
 from ..vad import DetectorState, SpeechDetector
 
 NEVER = 1 << 30  # quiet_run of a row that has heard no speech yet (quiet "forever")
+PER_ROW = ("level", "floor", "threshold", "voiced_run", "quiet_run", "loud_run", "sound_heard", "since_ruled_out")
 
 
 @dataclass
@@ -55,6 +63,8 @@ class GateConfig:
     talk_frames: int = 3  # the user is talking if one of their last this many frames is speech
     # with a speech detector: a sound over the threshold is speech for this many frames before the detector is asked
     onset_frames: int = 5
+    # with a speech detector: no onset frames for this many frames after a sound it ruled out (0 = always onset frames)
+    doubt_frames: int = 25
 
     def __post_init__(self) -> None:
         if not 0 < self.min_voiced_rms <= self.voiced_rms or self.noise_margin <= 0 or self.voiced_share < 0:
@@ -62,15 +72,16 @@ class GateConfig:
                 f"bad speech gate: need 0 < min_voiced_rms ({self.min_voiced_rms}) <= voiced_rms ({self.voiced_rms}), "
                 f"noise_margin > 0 ({self.noise_margin}), voiced_share >= 0 ({self.voiced_share})"
             )
-        if self.level_half_life_s <= 0 or self.noise_rise_s <= 0 or self.talk_frames < 1 or self.onset_frames < 0:
-            raise SpeechLMError("bad speech gate: level_half_life_s and noise_rise_s must be > 0, talk_frames >= 1, onset_frames >= 0")
+        if self.level_half_life_s <= 0 or self.noise_rise_s <= 0 or self.talk_frames < 1 or self.onset_frames < 0 or self.doubt_frames < 0:
+            raise SpeechLMError("bad speech gate: level_half_life_s and noise_rise_s must be > 0, talk_frames >= 1, onset_frames >= 0, doubt_frames >= 0")
 
 
 @dataclass
 class GateState:
     """Per row (B,): the user's speech level, the room's noise floor, the current threshold (all RMS;
     -1 = not yet heard: the config's starting values apply), the runs of voiced and quiet frames and of
-    frames over the threshold, and the speech detector's state (None without one)."""
+    frames over the threshold, whether the detector heard speech in the current sound, the frames since it last
+    ruled a sound out, and the speech detector's state (None without one)."""
 
     level: Tensor  # (B,) float32
     floor: Tensor  # (B,) float32
@@ -78,6 +89,8 @@ class GateState:
     voiced_run: Tensor  # (B,) int64
     quiet_run: Tensor  # (B,) int64
     loud_run: Tensor  # (B,) int64
+    sound_heard: Tensor  # (B,) bool
+    since_ruled_out: Tensor  # (B,) int64
     detector: DetectorState | None = None
 
     @classmethod
@@ -90,6 +103,8 @@ class GateState:
             voiced_run=torch.zeros(batch_size, dtype=torch.long, device=device),
             quiet_run=torch.full((batch_size,), NEVER, dtype=torch.long, device=device),
             loud_run=torch.zeros(batch_size, dtype=torch.long, device=device),
+            sound_heard=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            since_ruled_out=torch.full((batch_size,), NEVER, dtype=torch.long, device=device),
             detector=None if detector is None else detector.init_stream(batch_size, device),
         )
 
@@ -104,7 +119,7 @@ class GateState:
         chosen = torch.zeros(self.batch_size, dtype=torch.bool, device=device)
         chosen[torch.as_tensor(rows, dtype=torch.long, device=device)] = True
         fresh = GateState.fresh(self.batch_size, device)
-        for name in ("level", "floor", "threshold", "voiced_run", "quiet_run", "loud_run"):
+        for name in PER_ROW:
             setattr(self, name, torch.where(chosen, getattr(fresh, name), getattr(self, name)))
         if self.detector is not None:
             self.detector.reset_rows(rows)
@@ -132,8 +147,18 @@ def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float
     threshold = torch.maximum(config.noise_margin * floor, config.voiced_share * level).clamp(min=config.min_voiced_rms, max=config.voiced_rms)
     threshold = torch.where(sound, threshold, state.thresholds(config))
     loud = rms > threshold
+    was_loud = state.loud_run > 0
     state.loud_run = torch.where(loud, state.loud_run + 1, 0)
-    voiced = loud if speech is None else loud & (speech.to(loud.device) | (state.loud_run <= config.onset_frames))
+    if speech is None:
+        voiced = loud
+    else:
+        speech = speech.to(loud.device)
+        heard = (state.sound_heard & was_loud) | speech  # this frame's speech counts for a sound that just ended too
+        ruled_out = was_loud & ~loud & ~heard
+        state.since_ruled_out = torch.where(ruled_out, 0, (state.since_ruled_out + 1).clamp(max=NEVER))
+        state.sound_heard = loud & heard
+        onset = (state.loud_run <= config.onset_frames) & (state.since_ruled_out >= config.doubt_frames)
+        voiced = loud & (speech | onset)
     state.level, state.floor, state.threshold = level, floor, threshold
     state.voiced_run = torch.where(voiced, state.voiced_run + 1, 0)
     state.quiet_run = torch.where(voiced, 0, (state.quiet_run + 1).clamp(max=NEVER))

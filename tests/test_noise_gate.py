@@ -206,3 +206,44 @@ def test_a_row_resets_right_after_a_tick(tokenizer_dir, codec):  # noqa: F811
     state = model.reset_rows(state, [1])
     assert float(state.gate.threshold[1]) == -1 and float(state.gate.threshold[0]) != -1
     _, _, state = model.step(torch.zeros(2, N), state)
+
+
+def typing(frames: int, every: int, seed: int = 11) -> np.ndarray:
+    """Key clicks: a decaying 10 ms burst at the start of every ``every``-th frame, in a quiet room."""
+    rng = np.random.default_rng(seed)
+    audio = room(frames, 5e-4, seed)
+    burst = 0.3 * rng.standard_normal(160) * np.exp(-np.arange(160) / 40)
+    for start in range(0, frames * N, every * N):
+        audio[start : start + 160] += burst.astype(np.float32)
+    return audio
+
+
+def test_typing_is_speech_once_then_only_when_the_detector_hears_it():
+    """Each click is a new sound over the threshold: by its onset frames alone every one passed as speech. Once the
+    detector ruled one out, the clicks after it within doubt_frames are not speech, and the gate stays closed;
+    after a pause of doubt_frames a sound gets its onset frames again."""
+    every, clicks = 5, 8
+    audio = np.concatenate([typing(every * clicks, every), room(CFG.doubt_frames, 5e-4, 3), typing(every, every)])
+    onsets = [i * every for i in range(clicks)] + [every * clicks + CFG.doubt_frames]
+    voiced, opened = detector_run(audio, None)
+    assert [i for i, v in enumerate(voiced) if v] == onsets  # by the level: every click is speech
+    voiced, opened = detector_run(audio, detector_that_hears(False))
+    assert [i for i, v in enumerate(voiced) if v] == [onsets[0], onsets[-1]]
+    assert not any(opened[CFG.talk_frames : onsets[-1]])
+    voiced, _ = detector_run(audio, detector_that_hears(False), GateConfig(doubt_frames=0))
+    assert [i for i, v in enumerate(voiced) if v] == onsets  # without the doubt: as by the level
+    assert detector_run(audio, detector_that_hears(True))[0] == gate_run(audio)[0]
+
+
+def test_the_shipped_detector_hears_speech_right_after_typing():
+    """vad-en: typing up to 0.2 s before the user speaks keeps the gate shut, and the speech still opens it within a
+    few frames of its start (the detector's verdict instead of the onset frames)."""
+    detector = SpeechDetector.from_pretrained("vad-en")
+    said = Espeak.instance().synthesize("What is two plus three?", "en-us+m7").audio
+    said = np.concatenate([said, np.zeros((-len(said)) % N, np.float32)]) * (0.3 / np.abs(said).max())
+    keys, gap = 60, 5
+    audio = np.concatenate([typing(keys, 4), room(gap, 5e-4, 4), said + room(len(said) // N, 5e-4, 5)])
+    voiced, opened = detector_run(audio, detector)
+    assert not any(opened[4 * 2 : keys + gap])  # the second click on: shut
+    loud = np.nonzero(np.sqrt((said.reshape(-1, N) ** 2).mean(axis=1)) > 0.02)[0] + keys + gap
+    assert opened[loud[0] + 3] and np.mean([opened[i] for i in loud]) > 0.9
