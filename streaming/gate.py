@@ -22,8 +22,9 @@ detector, ~20 ms behind, makes up its mind)::
     voiced     RMS > threshold and (detector hears speech or (the run of frames over the threshold <= onset_frames
                and no sound was ruled out in the last doubt_frames frames))
 
-A sound (a run of frames over the threshold) is ruled out when it ends and the detector heard no speech in it nor
-in the frame after it (the detector is ~20 ms behind). Typing is such sounds, each a frame or two long and every one
+A sound (a run of frames over the threshold) is ruled out when it ends and the detector heard no speech in its last
+``onset_frames`` frames (all of it, if shorter) nor in the frame after it (the detector is ~20 ms behind): a click, or
+clicks run into the tail of the user's speech. Typing is such sounds, each a frame or two long and every one
 a new onset: without the doubt they passed as speech one after another, and the user went on "talking" after the
 question (reply onset p90 2.4 s at -34 dBFS; docs/benchmarks.md). Speech that follows a ruled-out sound within
 ``doubt_frames`` passes once the detector hears it.
@@ -49,7 +50,7 @@ from ..codec.errors import SpeechLMError
 from ..vad import DetectorState, SpeechDetector
 
 NEVER = 1 << 30  # quiet_run of a row that has heard no speech yet (quiet "forever")
-PER_ROW = ("level", "floor", "threshold", "voiced_run", "quiet_run", "loud_run", "sound_heard", "since_ruled_out")
+PER_ROW = ("level", "floor", "threshold", "voiced_run", "quiet_run", "loud_run", "unheard_run", "since_ruled_out")
 
 
 @dataclass
@@ -80,8 +81,8 @@ class GateConfig:
 class GateState:
     """Per row (B,): the user's speech level, the room's noise floor, the current threshold (all RMS;
     -1 = not yet heard: the config's starting values apply), the runs of voiced and quiet frames and of
-    frames over the threshold, whether the detector heard speech in the current sound, the frames since it last
-    ruled a sound out, and the speech detector's state (None without one)."""
+    frames over the threshold and of the current sound's last frames without speech (by the detector), the frames
+    since it last ruled a sound out, and the speech detector's state (None without one)."""
 
     level: Tensor  # (B,) float32
     floor: Tensor  # (B,) float32
@@ -89,7 +90,7 @@ class GateState:
     voiced_run: Tensor  # (B,) int64
     quiet_run: Tensor  # (B,) int64
     loud_run: Tensor  # (B,) int64
-    sound_heard: Tensor  # (B,) bool
+    unheard_run: Tensor  # (B,) int64
     since_ruled_out: Tensor  # (B,) int64
     detector: DetectorState | None = None
 
@@ -103,7 +104,7 @@ class GateState:
             voiced_run=torch.zeros(batch_size, dtype=torch.long, device=device),
             quiet_run=torch.full((batch_size,), NEVER, dtype=torch.long, device=device),
             loud_run=torch.zeros(batch_size, dtype=torch.long, device=device),
-            sound_heard=torch.zeros(batch_size, dtype=torch.bool, device=device),
+            unheard_run=torch.zeros(batch_size, dtype=torch.long, device=device),
             since_ruled_out=torch.full((batch_size,), NEVER, dtype=torch.long, device=device),
             detector=None if detector is None else detector.init_stream(batch_size, device),
         )
@@ -147,16 +148,16 @@ def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float
     threshold = torch.maximum(config.noise_margin * floor, config.voiced_share * level).clamp(min=config.min_voiced_rms, max=config.voiced_rms)
     threshold = torch.where(sound, threshold, state.thresholds(config))
     loud = rms > threshold
-    was_loud = state.loud_run > 0
+    was_loud = state.loud_run.clamp(max=config.onset_frames)  # (of a sound that ends here: its last frames that count)
     state.loud_run = torch.where(loud, state.loud_run + 1, 0)
     if speech is None:
         voiced = loud
     else:
         speech = speech.to(loud.device)
-        heard = (state.sound_heard & was_loud) | speech  # this frame's speech counts for a sound that just ended too
-        ruled_out = was_loud & ~loud & ~heard
+        # this frame's speech counts for a sound that just ended too
+        ruled_out = (was_loud > 0) & ~loud & ~speech & (state.unheard_run >= was_loud)
         state.since_ruled_out = torch.where(ruled_out, 0, (state.since_ruled_out + 1).clamp(max=NEVER))
-        state.sound_heard = loud & heard
+        state.unheard_run = torch.where(loud & ~speech, state.unheard_run + 1, 0)
         onset = (state.loud_run <= config.onset_frames) & (state.since_ruled_out >= config.doubt_frames)
         voiced = loud & (speech | onset)
     state.level, state.floor, state.threshold = level, floor, threshold

@@ -247,3 +247,22 @@ def test_the_shipped_detector_hears_speech_right_after_typing():
     assert not any(opened[4 * 2 : keys + gap])  # the second click on: shut
     loud = np.nonzero(np.sqrt((said.reshape(-1, N) ** 2).mean(axis=1)) > 0.02)[0] + keys + gap
     assert opened[loud[0] + 3] and np.mean([opened[i] for i in loud]) > 0.9
+
+
+def test_a_sound_is_ruled_out_by_its_last_frames():
+    """A sound whose last onset_frames frames (and the frame after) held no speech is ruled out, though it began as
+    speech (clicks run into the tail of the user's words): the next sound gets no onset frames. A sound whose speech
+    went on into its last onset_frames frames is not, nor one whose frame after it holds speech (the detector lags)."""
+    loud, quiet = 0.05, 0.0005
+
+    def next_sound_voiced(spoken: int, unheard: int, after: bool = False) -> bool:
+        state = GateState.fresh(1)
+        frames = [(loud, True)] * spoken + [(loud, False)] * unheard + [(quiet, after)] * 2 + [(loud, False)]
+        voiced = [bool(hear(torch.tensor([r]), state, CFG, FRAME_S, torch.tensor([s]))[0]) for r, s in frames]
+        assert voiced[:spoken] == [True] * spoken
+        return voiced[-1]
+
+    assert not next_sound_voiced(3, CFG.onset_frames)
+    assert next_sound_voiced(3, CFG.onset_frames - 1)
+    assert next_sound_voiced(3, CFG.onset_frames, after=True)
+    assert not next_sound_voiced(0, 1) and not next_sound_voiced(0, 2)  # clicks
