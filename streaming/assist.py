@@ -110,6 +110,7 @@ class AssistConfig:
     # the detector hears speech in it (and the question is trimmed to those)
     onset_frames: int = GateConfig.onset_frames
     doubt_frames: int = GateConfig.doubt_frames
+    mute_ruled_out: bool = GateConfig.mute_ruled_out  # such a frame reaches the duplex model as digital silence
     # whose voice says the plan: "speech_lm" = the speech LM's streaming TTS (the duplex model's own
     # audio is not played; it still decides when the turn starts and when it yields to the user);
     # "duplex" = the duplex model's audio head, reading the plan as its inner monologue

@@ -90,13 +90,15 @@ def detector_run(audio: np.ndarray, detector: SpeechDetector | None, config: Gat
 
 def test_a_room_louder_than_the_gate_is_not_speech_to_a_detector():
     """A room at -34 dBFS is over the gate's ceiling (-40 dBFS) in every frame: by the level the user never stops.
-    With a detector that hears no speech there, it is speech only for onset_frames, and the gate closes after
-    talk_frames; a detector that hears speech everywhere changes nothing the level decides."""
+    With a detector that hears no speech there, it is speech only for onset_frames, and the gate closes then (after
+    talk_frames without mute_ruled_out); a detector that hears speech everywhere changes nothing the level decides."""
     loud = room(40, 0.02, 5)
     voiced, opened = detector_run(loud, None)
     assert all(voiced) and all(opened)
     voiced, opened = detector_run(loud, detector_that_hears(False))
     assert voiced == [True] * CFG.onset_frames + [False] * (40 - CFG.onset_frames)
+    assert opened == voiced  # the room after the onset frames reaches the model as digital silence at once
+    _, opened = detector_run(loud, detector_that_hears(False), GateConfig(mute_ruled_out=False))
     assert opened == [True] * (CFG.onset_frames + CFG.talk_frames - 1) + [False] * (40 - CFG.onset_frames - CFG.talk_frames + 1)
     quiet_user = np.concatenate([room(4, 5e-4, 1), 0.033 * speech(10, 0) + room(10, 5e-4, 2), room(6, 5e-4, 3)])
     for audio in (loud, quiet_user):
