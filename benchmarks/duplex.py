@@ -74,17 +74,55 @@ def room(shape: tuple[int, int]) -> np.ndarray:
     return ROOM_NOISE * noise(ROOM_KIND, shape[0] * shape[1], rng).reshape(shape)
 
 
+ECHO_GAIN = 0.0  # --echo-gain
+ECHO_DELAY_MS = 10.0  # --echo-delay-ms
+ECHO_CANCEL = False  # --echo-cancel
+
+
+class EchoPath:
+    """Speakers to microphone: what is played comes back ``delay_ms`` later through a small room's decaying
+    reflections (100 ms), at ``gain`` of its RMS."""
+
+    def __init__(self, frame_length: int, gain: float, delay_ms: float, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.room = rng.standard_normal(1600) * np.exp(-np.arange(1600) / 250.0)
+        self.room *= gain / np.sqrt((self.room**2).sum())
+        self.n, self.delay = frame_length, int(delay_ms * SAMPLE_RATE / 1000)
+        self.played = np.zeros(len(self.room) + self.delay + frame_length, np.float32)
+
+    def hear(self, played: np.ndarray) -> np.ndarray:
+        """(n,) played during this frame -> (n,) of the speakers' sound in the microphone during it."""
+        self.played = np.concatenate([self.played[self.n :], played])
+        end = len(self.played) - self.delay
+        return np.convolve(self.played, self.room)[end - self.n : end].astype(np.float32)
+
+
 def run(model: DuplexSpeechModel, user: np.ndarray, heard: list[str] | None = None) -> tuple[np.ndarray, list[str | None]]:
     """Feed ``user`` (F, n) frame by frame to one session -> (model pcm (F, n), text pieces).
     ``heard`` collects the user transcripts the model sends (answer assist). With ``ROOM_NOISE``,
-    the room's noise (:func:`room`) is added to every frame."""
+    the room's noise (:func:`room`) is added to every frame. With ``ECHO_GAIN``, the microphone also hears the
+    model's audio of the frame before (played during this one) through :class:`EchoPath`, and with ``ECHO_CANCEL``
+    the client's echo canceller (speechlm.streaming.echo) cleans it out first."""
     if ROOM_NOISE:
         user = (user + room(user.shape)).astype(np.float32)
+    echo = EchoPath(user.shape[1], ECHO_GAIN, ECHO_DELAY_MS) if ECHO_GAIN else None
+    canceller = None
+    if ECHO_CANCEL:
+        from speechlm.streaming.echo import EchoCanceller
+
+        canceller = EchoCanceller(delay_ms=ECHO_DELAY_MS)
     state = model.init_state(1)
     out, texts = [], []
+    playing = np.zeros(user.shape[1], np.float32)  # the model's frame before: on the speakers now
     for frame in user:
+        if echo is not None:
+            frame = frame + echo.hear(playing)
+        if canceller is not None:
+            canceller.played(playing)
+            frame = canceller.clean(frame)
         pcm, pieces, state = model.step(torch.from_numpy(frame)[None], state)
-        out.append(pcm[0].cpu().numpy())
+        playing = pcm[0].cpu().numpy()
+        out.append(playing)
         piece = pieces[0]["model"] if isinstance(pieces[0], dict) else pieces[0]
         if isinstance(pieces[0], dict) and heard is not None:
             heard.append(pieces[0]["user"])
@@ -160,11 +198,16 @@ def main() -> None:
     ap.add_argument("--assist-plan-quiet-frames", type=int, help="with --assist: plan once the user has been quiet this many frames (default: AssistConfig's)")
     ap.add_argument("--assist-backchannel-frames", type=int, default=15, help="with --assist: a sound over the reply this short resumes it (0 = every pause drops the rest)")
     ap.add_argument("--no-noise-gate", action="store_true", help="the duplex model hears the user's pauses as they are (speechlm serve --no-noise-gate)")
+    ap.add_argument("--echo-gain", type=float, default=0.0,
+                    help="the model's own audio comes back into the user's microphone at this gain (speakers, no headphones; 0 = none)")
+    ap.add_argument("--echo-delay-ms", type=float, default=10.0, help="with --echo-gain: its delay after the frame it is played in")
+    ap.add_argument("--echo-cancel", action="store_true", help="with --echo-gain: the client's echo canceller cleans the microphone first")
     ap.add_argument("--no-judge", action="store_true")
     ap.add_argument("--out")
     args = ap.parse_args()
-    global ROOM_NOISE, ROOM_KIND
+    global ROOM_NOISE, ROOM_KIND, ECHO_GAIN, ECHO_DELAY_MS, ECHO_CANCEL
     ROOM_NOISE, ROOM_KIND = args.noise_rms, args.noise_kind
+    ECHO_GAIN, ECHO_DELAY_MS, ECHO_CANCEL = args.echo_gain, args.echo_delay_ms, args.echo_cancel
     torch.set_num_threads(args.threads)
     barge_after = [float(x) for x in str(args.barge_after).split(",") if x.strip()]
     backchannel_after = [float(x) for x in str(args.backchannel_after or "").split(",") if x.strip()]
@@ -225,6 +268,7 @@ def main() -> None:
             "expected": item["answer_value"],
             "onset_ms": None if onset is None else (onset - user_end) * 1000 / fps,
             "spoke_during_question_share": float(speaking[:user_end].mean()),
+            "reply_s": None if onset is None else float(speaking[onset:].sum() / fps),  # sounding frames from the onset on
             "speaking_at_user_end": bool(speaking[user_end - 1]),
             "model_text": "".join(t for t in texts if t),
             **({"user_transcripts": transcripts, "assist_log": list(events)} if args.assist else {}),
@@ -271,6 +315,7 @@ def main() -> None:
         "barge_in_ms_p90": float(np.percentile(barges, 90)) if barges else None,
         "barge_in_stopped": len(barges) / max(1, len(barge_trials)),
         "spoke_during_question_share": statistics.mean(r["spoke_during_question_share"] for r in rows),
+        "reply_s_mean": statistics.mean(r["reply_s"] for r in rows if r["reply_s"] is not None) if onsets else None,
         "speaking_at_user_end_share": statistics.mean(r["speaking_at_user_end"] for r in rows),
         "spoken_answer_accuracy": None if judge is None else sum(r["right"] for r in rows) / len(rows),
         "backchannel_trials": len(bc_trials),

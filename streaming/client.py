@@ -18,6 +18,7 @@ import collections
 import contextlib
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -32,6 +33,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from ..codec.errors import SpeechLMError
 from . import protocol
 from .protocol import Audio, Control, Error, ErrorCode, Handshake, Metadata, Text
+
+log = logging.getLogger(__name__)
 
 CLIENT_NAME = "speechlm-client/1"
 
@@ -409,13 +412,25 @@ def import_sounddevice():
 
 async def stream_microphone(
     url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
-    voice: str | None = None, wait_seconds: float = 0.0,
+    voice: str | None = None, wait_seconds: float = 0.0, echo_cancel: bool | None = None,
 ) -> Conversation:
     """Full duplex with the sound card: microphone to the server, the server to the speakers.
 
-    Runs for ``seconds`` (None: until cancelled, e.g. Ctrl-C). Returns the model audio heard.
+    Runs for ``seconds`` (None: until cancelled, e.g. Ctrl-C). Returns the model audio heard. ``echo_cancel``: clean
+    the speakers' sound out of the microphone's (:class:`speechlm.streaming.echo.EchoCanceller`; True = required,
+    None = when the ``livekit`` package is there, else a warning: use headphones; False = off).
     """
     sd = import_sounddevice()
+    canceller = None
+    if echo_cancel is not False:
+        from .echo import EchoCanceller
+
+        try:
+            canceller = EchoCanceller()
+        except ClientError as e:
+            if echo_cancel:
+                raise
+            log.warning("no echo cancellation (%s): the model will hear itself through speakers", e)
     loop = asyncio.get_running_loop()
     async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds) as client:
         rate, frame = client.sample_rate, client.frame_length
@@ -425,11 +440,13 @@ async def stream_microphone(
         received: list[np.ndarray] = []
 
         def on_capture(indata, frames, time_info, status) -> None:  # sound card thread
-            chunk = indata[:, 0].copy()
+            chunk = indata[:, 0].copy() if canceller is None else canceller.clean(indata[:, 0])
             loop.call_soon_threadsafe(lambda: captured.full() or captured.put_nowait(chunk))
 
         def on_playback(outdata, frames, time_info, status) -> None:  # sound card thread
             outdata[:, 0] = playback.pull(frames)
+            if canceller is not None:
+                canceller.played(outdata[:, 0])
 
         async def send() -> None:
             for i in itertools.count():
@@ -445,9 +462,11 @@ async def stream_microphone(
                     received.append(pcm)
 
         with (
-            sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_capture),
-            sd.OutputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_playback),
+            sd.InputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_capture) as mic,
+            sd.OutputStream(samplerate=rate, channels=1, dtype="float32", blocksize=frame, callback=on_playback) as speakers,
         ):
+            if canceller is not None:
+                canceller.set_delay_ms(1000 * (getattr(mic, "latency", 0.0) + getattr(speakers, "latency", 0.0)))
             tasks = [asyncio.create_task(send()), asyncio.create_task(receive())]
             try:
                 done, _ = await asyncio.wait(tasks, timeout=seconds, return_when=asyncio.FIRST_EXCEPTION)
@@ -475,6 +494,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="send the file as fast as the server accepts instead of in real time")
     parser.add_argument("--listen-seconds", type=float, default=2.0, help="keep listening this long after the input ends (default 2)")
     parser.add_argument("--seconds", type=float, help="with --mic: stop after this long (default: until Ctrl-C)")
+    parser.add_argument("--no-echo-cancel", dest="echo_cancel", action="store_false", default=None,
+                        help="with --mic: leave the speakers' sound in the microphone's (headphones); by default WebRTC's echo "
+                             "canceller cleans it out when the livekit package is there (pip install 'speechlm[mic]')")
     parser.add_argument("--token", help="the server's token, if it has one")
     parser.add_argument("--voice", help="the voice the server replies in, one of those its handshake lists (default: the server's)")
     parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus needs sphn)")
@@ -508,7 +530,7 @@ def client_main(args: argparse.Namespace) -> int:
     if args.mic:
         try:
             result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show, voice=args.voice,
-                                                   wait_seconds=args.wait))
+                                                   wait_seconds=args.wait, echo_cancel=args.echo_cancel))
         except KeyboardInterrupt:
             return 0
     else:

@@ -153,14 +153,14 @@ def hear(rms: Tensor, state: GateState, config: GateConfig, frame_seconds: float
     threshold = torch.maximum(config.noise_margin * floor, config.voiced_share * level).clamp(min=config.min_voiced_rms, max=config.voiced_rms)
     threshold = torch.where(sound, threshold, state.thresholds(config))
     loud = rms > threshold
-    was_loud = state.loud_run.clamp(max=config.onset_frames)  # (of a sound that ends here: its last frames that count)
+    last = state.loud_run.clamp(max=config.onset_frames)  # the frames that rule the current sound out, if it ends here
     state.loud_run = torch.where(loud, state.loud_run + 1, 0)
     if speech is None:
         voiced = loud
     else:
         speech = speech.to(loud.device)
-        # this frame's speech counts for a sound that just ended too
-        ruled_out = (was_loud > 0) & ~loud & ~speech & (state.unheard_run >= was_loud)
+        # (this frame's speech counts for a sound that ends here: the detector lags)
+        ruled_out = (last > 0) & ~loud & ~speech & (state.unheard_run >= last)
         state.since_ruled_out = torch.where(ruled_out, 0, (state.since_ruled_out + 1).clamp(max=NEVER))
         state.unheard_run = torch.where(loud & ~speech, state.unheard_run + 1, 0)
         onset = (state.loud_run <= config.onset_frames) & (state.since_ruled_out >= config.doubt_frames)
