@@ -410,6 +410,22 @@ def import_sounddevice():
     return sounddevice
 
 
+def echo_canceller(echo_cancel: bool | None, sample_rate: int):
+    """``stream_microphone``'s echo canceller: None when off (``echo_cancel`` False) or, unless required (True), when
+    it cannot be made (a warning)."""
+    if echo_cancel is False:
+        return None
+    from .echo import EchoCanceller
+
+    try:
+        return EchoCanceller(sample_rate)
+    except ClientError as e:
+        if echo_cancel:
+            raise
+        log.warning("no echo cancellation (%s): the model will hear itself through speakers", e)
+        return None
+
+
 async def stream_microphone(
     url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
     voice: str | None = None, wait_seconds: float = 0.0, echo_cancel: bool | None = None,
@@ -421,19 +437,10 @@ async def stream_microphone(
     None = when the ``livekit`` package is there, else a warning: use headphones; False = off).
     """
     sd = import_sounddevice()
-    canceller = None
-    if echo_cancel is not False:
-        from .echo import EchoCanceller
-
-        try:
-            canceller = EchoCanceller()
-        except ClientError as e:
-            if echo_cancel:
-                raise
-            log.warning("no echo cancellation (%s): the model will hear itself through speakers", e)
     loop = asyncio.get_running_loop()
     async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds) as client:
         rate, frame = client.sample_rate, client.frame_length
+        canceller = echo_canceller(echo_cancel, rate)
         captured: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
         playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate)
         result = Conversation(np.zeros(0, np.float32), rate, server=client.server_config)
