@@ -3,7 +3,10 @@
     speechlm serve                                   # in another terminal
     python examples/voice_client.py ws://127.0.0.1:8998
 
-Needs ``pip install sounddevice`` (and PortAudio). ``speechlm client URL --mic`` does the same.
+Needs ``pip install sounddevice`` (and PortAudio), and headphones: through speakers the model hears itself. ``speechlm
+client URL --mic`` does the same and cleans the speakers' sound out of the microphone's (``pip install 'speechlm[mic]'``;
+in your own client: ``speechlm.streaming.echo.EchoCanceller``, ``.played(block)`` in ``play``, ``.clean(block)`` in
+``record``).
 """
 
 import asyncio
