@@ -220,6 +220,10 @@ class _Row:
     voiced_run: int = 0  # the user's consecutive voiced frames up to now
     turn_wanted: bool = False  # the duplex model wanted to speak since the user's last sound
     unasked: bool = False  # the user has made a sound that no plan has heard yet
+    sound_run: int = 0  # the user's consecutive frames over the gate's threshold up to now (the current sound)
+    sound_speech: bool = False  # the gate's speech detector heard speech in the current sound (always, without one)
+    unasked_before: bool = False  # ``unasked`` when the current sound began
+    quiet_before: int = 0  # ``quiet_run`` when the current sound began
     quiet_run: int = 0  # the user's consecutive quiet frames up to now
     duplex_sounding: bool = False  # the duplex model's own audio was not silent last tick
     paused: bool = False  # the reply is held while the user talks over it
@@ -231,10 +235,22 @@ class _Row:
     def in_turn(self) -> bool:
         return self.plan is not None or self.free
 
-    def hear(self, frame: np.ndarray, voiced: bool, spoken: bool = True) -> None:
-        """One frame of the user's audio (``voiced``: speech, by the gate; ``spoken``: not ruled out by its detector)."""
+    def hear(self, frame: np.ndarray, voiced: bool, loud: bool = False, speech: bool = True, ruled_out: bool = False) -> None:
+        """One frame of the user's audio. By the speech gate (:mod:`speechlm.streaming.gate`): ``voiced``, speech;
+        ``loud``, over its threshold; ``speech``, its detector heard speech in the frame (True without one);
+        ``ruled_out``, the sound that ended before this frame was ruled out by the detector."""
+        if ruled_out and not self.sound_speech:
+            # a sound the detector never heard as speech (a click): its frames leave the question, it asked nothing,
+            # and the user was quiet through it
+            for i in range(1, min(self.sound_run, len(self.spoken)) + 1):
+                self.spoken[-i] = False
+            self.unasked, self.quiet_run = self.unasked_before, self.quiet_before + self.sound_run
+        if loud and self.sound_run == 0:
+            self.unasked_before, self.quiet_before, self.sound_speech = self.unasked, self.quiet_run, False
+        self.sound_run = self.sound_run + 1 if loud else 0
+        self.sound_speech = loud and (self.sound_speech or speech)
         self.heard.append(frame)
-        self.spoken.append(spoken)
+        self.spoken.append(voiced or not loud)
         self.heard_total += 1
         self.voiced_run = self.voiced_run + 1 if voiced else 0
         self.quiet_run = 0 if voiced else self.quiet_run + 1
@@ -433,6 +449,8 @@ class AssistedDuplexModel:
         or once the duplex model wants to speak) and begin the turn when the plan is ready and the
         duplex model wants to speak (now, or since the user's last sound)."""
         if row.voiced_run > 0:  # the user speaks (again)
+            if not row.sound_speech:
+                return  # a sound in doubt (the detector has not heard speech in it yet): the plan waits for its verdict
             row.turn_wanted = False  # a wish to speak over them was a backchannel
             if row.job is not None:
                 log.debug("assist: the user goes on; the planned turn is dropped")
@@ -675,11 +693,14 @@ class AssistedDuplexModel:
         frames = user_pcm.detach().float().cpu().numpy()
         gate = state.inner.gate
         thresholds = gate.thresholds(self.gate_config).tolist()
-        # a frame over the threshold but not voiced: the detector said it is no speech
         loud = (gate.loud_run > 0).tolist()
-        for row, frame, is_voiced, is_loud, threshold in zip(state.rows, frames, voiced.tolist(), loud, thresholds):
+        if gate.detector is None:
+            speech, ruled_out = [True] * len(frames), [False] * len(frames)
+        else:  # (a loud frame's run of frames without speech restarts at 0 when the detector hears speech in it)
+            speech, ruled_out = (gate.unheard_run == 0).tolist(), (gate.since_ruled_out == 0).tolist()
+        for row, frame, *heard, threshold in zip(state.rows, frames, voiced.tolist(), loud, speech, ruled_out, thresholds):
             row.gate = threshold
-            row.hear(frame, is_voiced, is_voiced or not is_loud)
+            row.hear(frame, *heard)
         return gated
 
     def user_talking(self, row: _Row) -> bool:

@@ -25,7 +25,7 @@ from speechlm.streaming.models import DuplexModel
 from speechlm.streaming.scheduler import Scheduler
 from speechlm.streaming.server import ServerConfig, build_model
 from speechlm.streaming.settings import add_serve_arguments, config_from_args
-from speechlm.vad import SpeechDetector
+from speechlm.vad import STREAM_HOP, DetectorConfig, SpeechDetector
 
 N = 640
 
@@ -436,8 +436,43 @@ def test_the_question_keeps_a_quiet_margin_but_not_digital_silence(tokenizer_dir
     fan = 0.05 * np.ones(N, np.float32)
     row = model.init_state(1).rows[0]
     for f, spoken in [*[(fan, False)] * 6, *[(f + fan, True) for f in voice], *[(fan, False)] * 6]:
-        row.hear(f, spoken, spoken)
+        row.hear(f, spoken, loud=True, speech=spoken)
     np.testing.assert_array_equal(model.question_audio(row), np.concatenate([fan, fan, fan, *(voice + fan), fan, fan, fan]))
+
+
+class LoudIsSpeech(SpeechDetector):
+    """A speech detector that hears speech in a frame exactly when its RMS is over 0.05, without lag."""
+
+    def __init__(self):
+        super().__init__(DetectorConfig(channels=8, dilations=[1], kernel_size=3))
+
+    def stream(self, chunk, state):
+        rms = chunk.float().square().mean(dim=1, keepdim=True).sqrt()
+        return torch.where(rms > 0.05, 10.0, -10.0).expand(-1, chunk.shape[1] // STREAM_HOP), state
+
+
+def test_a_click_after_the_question_keeps_the_plan_unless_the_detector_hears_speech_in_it(tokenizer_dir, codec):  # noqa: F811
+    """A sound right after the question passes the gate as speech for its onset frames while the detector makes up
+    its mind. The planned turn waits for the verdict instead of being dropped: a sound ruled out (a key click) leaves
+    the question as it was, and counts as quiet (the turn starts as if it never was); a sound the detector hears as speech is the
+    user going on (the plan dropped, the question asked again with it). Without a detector every sound is speech."""
+    click, word = room(1, 0.03, 3), room(1, 0.1, 3)  # both over the gate's threshold; the detector hears the second
+    question = speech(10, 0)
+    for detector, sound, asked in [(LoudIsSpeech(), click, 1), (LoudIsSpeech(), word, 2), (None, click, 2)]:
+        duplex = make_duplex(tokenizer_dir)
+        duplex.allowed_text[duplex.text_pad] = False
+        inner = DuplexSpeechModel(duplex, codec, text_sampling=GREEDY, audio_sampling=GREEDY, speech_detector=detector)
+        model = AssistedDuplexModel(inner, FakeSpeech(), AssistConfig(voice="duplex"))
+        _, texts, _ = run(model, np.concatenate([question, np.zeros(N, np.float32), sound, np.zeros(15 * N, np.float32)]))
+        questions = model.speech.questions
+        assert len(questions) == asked and model.turns == 1
+        np.testing.assert_array_equal(questions[0], question)
+        if asked == 1:
+            turn = 12  # the click is frame 11; ruled out, it counts as quiet: the turn starts as if it never was
+            assert texts[turn] == {"model": words(model, "the")[0], "user": "hello world"}
+            assert all(not isinstance(t, dict) for t in texts[:turn])
+        else:
+            np.testing.assert_array_equal(questions[1], np.concatenate([question, sound]))  # (the zero frame dropped)
 
 
 def hear(model, state, audio):
