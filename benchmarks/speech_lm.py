@@ -44,6 +44,8 @@ from speechlm.lm.prompts import chat_prompt
 from speechlm.speech import Generation, SpeechPipeline, choose_candidate
 from speechlm.training import textgen
 from speechlm.training.audio_data import list_source_files
+from speechlm.training.noises import HELD_OUT_NOISES, TRAIN_NOISES
+from speechlm.training.noises import noise as room_noise
 from speechlm.training.teachers import get_teacher
 from speechlm.training.textnorm import words_for_scoring
 
@@ -305,11 +307,13 @@ def _asr_decoders(sp: SpeechPipeline, utterances: list[tuple[str, np.ndarray]], 
 
 
 def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] = ("lm",), g: Generation | None = None,
-                        voice_split: str = "test", gain: float = 1.0, lead_s: float = 0.0, noise_rms: float = 0.0) -> dict:
+                        voice_split: str = "test", gain: float = 1.0, lead_s: float = 0.0, noise_rms: float = 0.0,
+                        noise_kind: str = "white") -> dict:
     """Held-out voices (or, with ``voice_split="train"``, training voices) speaking unseen (test-split)
     text, synthesized here (peak-normalized, as the training corpus; times ``gain``: e.g. 0.1 for a quiet
     microphone), with ``lead_s`` seconds of quiet before and after (a recording that starts before the
-    speaker) and white noise of RMS ``noise_rms`` under all of it (a room); every decoder on the same audio."""
+    speaker) and noise of RMS ``noise_rms`` under all of it (a room: ``noise_kind``, one of speechlm.training.noises';
+    white noise as before when "white"); every decoder on the same audio."""
     items = held_out_texts(TTS_SOURCES, count)
     voices = textgen.voice_catalog(voice_split, ("espeak",))
     rng, noise = random.Random(1), np.random.default_rng(5)
@@ -318,9 +322,10 @@ def bench_asr_synthetic(sp: SpeechPipeline, count: int, decoders: Sequence[str] 
         audio = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio * gain
         pad = np.zeros(int(lead_s * SAMPLE_RATE), np.float32)
         audio = np.concatenate([pad, audio, pad])
-        utterances.append((item["text"], (audio + noise_rms * noise.standard_normal(len(audio))).astype(np.float32)))
+        room = noise.standard_normal(len(audio)) if noise_kind == "white" else room_noise(noise_kind, len(audio), noise)
+        utterances.append((item["text"], (audio + noise_rms * room).astype(np.float32)))
     by_decoder = _asr_decoders(sp, utterances, decoders, g or Generation())
-    return {**by_decoder[decoders[0]], "decoder": decoders[0], "gain": gain, "lead_s": lead_s, "noise_rms": noise_rms,
+    return {**by_decoder[decoders[0]], "decoder": decoders[0], "gain": gain, "lead_s": lead_s, "noise_rms": noise_rms, "noise_kind": noise_kind,
             "voices": len({voices[i % len(voices)] for i in range(len(items))}), "by_decoder": by_decoder}
 
 
@@ -442,6 +447,8 @@ def main() -> None:
     ap.add_argument("--asr-view-kind", choices=("level", "lead"), help="what tells the views apart (default: Generation's; also for spoken QA)")
     ap.add_argument("--asr-gain", type=float, default=1.0, help="ASR on held-out voices: scale the (peak-normalized) audio, e.g. 0.1 = a quiet microphone")
     ap.add_argument("--asr-lead", type=float, default=0.0, help="ASR on held-out voices: seconds of quiet before and after each utterance")
+    ap.add_argument("--asr-noise-kind", default="white", choices=("white", *TRAIN_NOISES[1:], *HELD_OUT_NOISES),
+                    help="ASR on held-out voices with --asr-noise-rms: the room's kind of noise (speechlm.training.noises)")
     ap.add_argument("--asr-noise-rms", type=float, default=0.0, help="ASR on held-out voices: white noise of this RMS under the audio (0.001 = -60 dBFS)")
     ap.add_argument("--no-librispeech", action="store_true", help="ASR: skip the LibriSpeech set")
     ap.add_argument("--asr-check-rounds", type=int, help="ASR and spoken QA: the transcript check's rounds (default: Generation's; 0 = off)")
@@ -481,7 +488,8 @@ def main() -> None:
         print(json.dumps({k: v for k, v in result["tts"].items() if k != "examples"}, indent=1), flush=True)
     if "asr" in tasks:
         decoders = args.asr_decoders.split(",")
-        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split, args.asr_gain, args.asr_lead, args.asr_noise_rms)
+        result["asr_held_out_voices"] = bench_asr_synthetic(sp, args.count, decoders, g, args.asr_voice_split, args.asr_gain, args.asr_lead, args.asr_noise_rms,
+                                                             args.asr_noise_kind)
         result["asr_held_out_voices"]["voice_split"] = args.asr_voice_split
         print("asr held-out voices WER", {d: r["wer"] for d, r in result["asr_held_out_voices"]["by_decoder"].items()}, flush=True)
         if Path(args.librispeech).is_dir() and not args.no_librispeech:

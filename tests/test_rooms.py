@@ -51,6 +51,14 @@ def test_in_a_room_lead_tail_level_and_snr():
     lead, body = y[: SAMPLE_RATE // 2], y[SAMPLE_RATE // 2 : 3 * SAMPLE_RATE // 2]
     noise_rms = float(np.sqrt(np.mean(lead.astype(np.float64) ** 2)))
     assert 20 * np.log10(active_rms(body) / noise_rms) == pytest.approx(20.0, abs=0.5)  # the room is under the speech at the SNR drawn
+    # the other kinds of speechlm.training.noises (music, typing, held-out rain) at the same SNR
+    placed = np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), speech, np.zeros(SAMPLE_RATE // 4, np.float32)])
+    for kind in ("music", "clicks", "rain"):
+        y, drawn = in_a_room(speech, RoomConfig(**{**config.__dict__, "noises": (kind,)}), random.Random(0))
+        assert drawn["noise"] == kind
+        scale = float(y @ placed / (placed @ placed))  # the peak normalization's gain (the noise is uncorrelated with the tone)
+        room = y - scale * placed
+        assert 20 * np.log10(active_rms(scale * speech) / np.sqrt(np.mean(np.square(room)))) == pytest.approx(20.0, abs=0.5)
     # no room: digital silence at the edges, the speech itself unchanged but for the level
     quiet, drawn = in_a_room(speech, RoomConfig(lead=(0.2, 0.2), lead_share=1.0, tail=(0.0, 0.0), noise_share=0.0), random.Random(0))
     assert drawn["noise"] is None and not quiet[: int(0.2 * SAMPLE_RATE)].any()

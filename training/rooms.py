@@ -9,8 +9,9 @@ Each training row of ``src`` (text split and voice split both ``train``) gets, d
 
 * a quiet **lead** before the speech (``lead_share`` of the rows; seconds uniform in ``lead``)
   and a quiet **tail** after it (seconds uniform in ``tail``);
-* with probability ``noise_share`` a **room** under all of it: white, pink (1/f), brown (1/f²)
-  noise or mains hum (50 or 60 Hz and its harmonics over a little white noise), at a
+* with probability ``noise_share`` a **room** under all of it: by default white, pink (1/f), brown (1/f²)
+  noise or mains hum (50 or 60 Hz and its harmonics over a little white noise); any kind of
+  :mod:`speechlm.training.noises` when asked (``noises``: music, clicks, tones, ...); at a
   signal-to-noise ratio uniform in ``snr_db`` against the speech's active level (the RMS of its
   voiced 20 ms windows); else the edges are digital silence;
 * the result peak-normalized to the corpus level (``PEAK_LEVEL``), as the teachers' speech is and
@@ -34,8 +35,10 @@ import numpy as np
 from ..codec.audio import PEAK_LEVEL, SAMPLE_RATE, load_audio
 from ..codec.errors import SpeechLMError
 from .augment import AugmentSummary, Change, augment_corpus
+from .noises import HELD_OUT_NOISES, TRAIN_NOISES, colored_noise, noise
 
-NOISES = ("white", "pink", "brown", "hum")
+NOISES = ("white", "pink", "brown", "hum")  # the default kinds (any of speechlm.training.noises' may be asked for)
+KNOWN_NOISES = TRAIN_NOISES + HELD_OUT_NOISES
 
 
 @dataclass(frozen=True)
@@ -55,32 +58,9 @@ class RoomConfig:
         for name in ("lead_share", "noise_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SpeechLMError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        unknown = set(self.noises) - set(NOISES)
+        unknown = set(self.noises) - set(KNOWN_NOISES)
         if not self.noises or unknown:
-            raise SpeechLMError(f"noises must be some of {', '.join(NOISES)}, got {', '.join(self.noises) or 'none'}")
-
-
-def colored_noise(n: int, kind: str, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """(n,) float32 noise of unit RMS: ``white``, ``pink`` (power ∝ 1/f), ``brown`` (1/f², above 20 Hz) or
-    ``hum`` (mains at 50 or 60 Hz with decaying harmonics over white noise 20 dB below)."""
-    if n <= 0:
-        return np.zeros(0, np.float32)
-    if kind == "hum":
-        t = np.arange(n) / sample_rate
-        base = rng.choice((50.0, 60.0))
-        y = sum(np.sin(2 * np.pi * base * k * t + rng.uniform(0, 2 * np.pi)) / k for k in range(1, 8))
-        y = y / np.sqrt(np.mean(y**2)) + 0.1 * rng.standard_normal(n)
-    elif kind in ("white", "pink", "brown"):
-        spectrum = np.fft.rfft(rng.standard_normal(n))
-        if kind != "white":
-            freqs = np.fft.rfftfreq(n, 1 / sample_rate)
-            power = {"pink": 1, "brown": 2}[kind]
-            spectrum = spectrum / np.maximum(freqs, 20.0) ** (power / 2)
-        y = np.fft.irfft(spectrum, n)
-    else:
-        raise SpeechLMError(f"unknown noise {kind!r}; choose from {', '.join(NOISES)}")
-    rms = float(np.sqrt(np.mean(y**2)))
-    return (y / max(rms, 1e-12)).astype(np.float32)
+            raise SpeechLMError(f"noises must be some of {', '.join(KNOWN_NOISES)}, got {', '.join(self.noises) or 'none'}")
 
 
 def active_rms(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
@@ -104,8 +84,9 @@ def in_a_room(audio: np.ndarray, config: RoomConfig, rng: random.Random, sample_
     if rng.random() < config.noise_share and level > 0:
         kind = rng.choice(config.noises)
         snr = rng.uniform(*config.snr_db)
-        noise = colored_noise(len(y), kind, np.random.default_rng(rng.getrandbits(32)), sample_rate)
-        y = y + noise * (level / 10 ** (snr / 20))
+        generator = np.random.default_rng(rng.getrandbits(32))
+        room = colored_noise(len(y), kind, generator, sample_rate) if kind in NOISES else noise(kind, len(y), generator)
+        y = y + room * (level / 10 ** (snr / 20))
         drawn.update(noise=kind, snr_db=round(snr, 2))
     peak = float(np.abs(y).max()) if len(y) else 0.0
     if peak > 0:
