@@ -888,7 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=_seconds_range, default=(0.0, 0.6), metavar="MIN,MAX", help="seconds of quiet after it (default 0,0.6)")
     p.add_argument("--noise-share", type=_probability, default=0.7, help="share of rows with a room's noise under them (default 0.7)")
     p.add_argument("--snr-db", type=_db_range, default=(5.0, 40.0), metavar="MIN,MAX", help="speech over noise, dB (default 5,40)")
-    p.add_argument("--noises", default="white,pink,brown,hum", help="noise kinds to draw from (default white,pink,brown,hum)")
+    p.add_argument("--noises", default="white,pink,brown,hum", help="noise kinds to draw from (default white,pink,brown,hum; any of speechlm.training.noises: tone, buzz, clicks, modulated, band, music, sweep, ...)")
     p.add_argument("--count", type=_positive_int, help="augment this many rows (a seeded sample; default all)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_rooms)

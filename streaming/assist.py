@@ -9,7 +9,8 @@ one session per row, behind the same batched step the server drives::
     every tick      user frame -> the row's "heard" buffer (the user's audio since the last plan)
     the user quiet for plan_quiet_frames -> the plan: speech LM ASR of the heard audio (trimmed to its
                     voiced part) -> its text reply -> the reply's words (numbers spelled out); dropped
-                    if the user goes on talking
+                    if the user goes on talking (with the gate's speech detector: once it hears speech in the
+                    new sound; a sound it rules out, a key click, leaves the plan and the question as they were)
     the duplex model samples its text token; before its audio is chosen (DuplexLM.step's text_filter):
       · no turn yet         -> pad; but a word (now, or since the user's last sound) with the user quiet
                                for talk_frames and the plan ready: the turn starts with the plan's first word
