@@ -40,8 +40,10 @@ def test_default_lm_names_the_shipped_codec(default_pipeline):
     assert [c["stage"] for c in base] == ["text", "align", "mctp", "sft", "sft", "sft", "sft", "sft"]
     assert base[4]["speech"] == {"speech_layout": "word_aligned"}  # the layout switch; later stages inherit it
     assert base[-1]["init_from"] == "speechlm-default"  # the fifth version: a GPU fine-tune of the fourth
-    # the ASR adapter: trained alone, in two rounds, on the fifth version's frozen base (after every base stage)
-    assert len(adapter_runs) == 2 and all(c["adapter"] == "asr" and c["weights"] == {"asr": 1.0} for c in adapter_runs)
+    # the ASR adapter: trained alone, in three rounds, on the fifth version's frozen base (after every base stage); the
+    # third in loud rooms of many kinds of noise
+    assert len(adapter_runs) == 3 and all(c["adapter"] == "asr" and c["weights"] == {"asr": 1.0} for c in adapter_runs)
+    assert "data/tok-rooms-loud-espeak4" in adapter_runs[-1]["data"]
     assert provenance["stages"][-len(adapter_runs):] == [s for s in provenance["stages"] if s["train_config"].get("adapter")]
     assert list(default_pipeline.lm.adapters) == ["asr"] and default_pipeline.asr_adapter() == "asr"
     assert default_pipeline.lm.config.speech_layout == "word_aligned"
