@@ -90,7 +90,9 @@ class CodecConfig:
     codebook_decay: float = 0.99
     kmeans_init: bool = True
     kmeans_iters: int = 10
-    threshold_ema_dead_code: float = 2.0
+    # An entry whose EMA cluster size falls below this share of its codebook's mean is replaced by a
+    # vector of the batch (0 turns replacement off).
+    dead_code_threshold_ratio: float = 0.1
     commitment_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -105,6 +107,8 @@ class CodecConfig:
             problems.append(f"latent_dim {self.latent_dim} is not divisible by groups {self.groups}")
         if self.kernel_size < 1 or self.codebook_size < 2 or self.num_quantizers < 1 or self.groups < 1:
             problems.append("kernel_size, groups and num_quantizers must be >= 1 and codebook_size >= 2")
+        if not 0 <= self.dead_code_threshold_ratio < 1:
+            problems.append(f"dead_code_threshold_ratio must lie in [0, 1), got {self.dead_code_threshold_ratio}")
         if problems:
             raise SpeechLMError("invalid codec config: " + "; ".join(problems))
 
@@ -156,6 +160,9 @@ class CodecConfig:
         """Build from :meth:`to_dict` output; ``codec_id`` (written by ``save_pretrained``) is checked, not stored."""
         data = dict(data)
         saved_id = data.pop("codec_id", None)
+        if "threshold_ema_dead_code" in data:  # configs written before vector-quantize-pytorch 1.34's rename
+            legacy = data.pop("threshold_ema_dead_code")  # an absolute EMA count; the library maps it like this
+            data.setdefault("dead_code_threshold_ratio", legacy / data.get("codebook_size", cls.codebook_size) if legacy >= 1 else legacy)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -165,7 +165,7 @@ class Codec(nn.Module):
             decay=config.codebook_decay,
             kmeans_init=config.kmeans_init,
             kmeans_iters=config.kmeans_iters,
-            threshold_ema_dead_code=config.threshold_ema_dead_code,
+            dead_code_threshold_ratio=config.dead_code_threshold_ratio,
             commitment_weight=config.commitment_weight,
         )
         self.decoder = Decoder(config)

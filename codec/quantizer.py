@@ -37,7 +37,7 @@ class GroupResidualQuantizer(nn.Module):
         decay: float = 0.99,
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
-        threshold_ema_dead_code: float = 2.0,
+        dead_code_threshold_ratio: float = 0.1,
         commitment_weight: float = 1.0,
     ):
         super().__init__()
@@ -50,7 +50,7 @@ class GroupResidualQuantizer(nn.Module):
             decay=decay,
             kmeans_init=kmeans_init,
             kmeans_iters=kmeans_iters,
-            threshold_ema_dead_code=threshold_ema_dead_code,
+            dead_code_threshold_ratio=dead_code_threshold_ratio,
             commitment_weight=commitment_weight,
         )
         self._inference_cache: tuple[Tensor, Tensor] | None = None
@@ -190,27 +190,28 @@ class GroupResidualQuantizer(nn.Module):
     # -- codebook health ----------------------------------------------------------------
 
     # The EMA codebooks keep a running sum of the vectors each entry was assigned (``embed_avg``) beside the
-    # entries themselves: entry = sum / Laplace-smoothed count after every update (and after dead-code
-    # expiry), so the sum is derived data. Files written by ``Codec.save_pretrained`` leave it out (a
-    # quarter of the quantizer's bytes, 1 MB for the shipped codec); loading puts it back.
+    # entries themselves: entry = (sum + eps * old entry) / (count + eps) after every update (and after dead-code
+    # expiry), so sum = entry * count to within eps (1e-5) times the entry's last step: derived data. Files
+    # written by ``Codec.save_pretrained`` leave it out (a quarter of the quantizer's bytes, 1 MB for the
+    # shipped codec); loading puts it back.
     DERIVED_SUFFIX = "._codebook.embed_avg"
 
     def restore_derived(self) -> None:
         """Recompute each codebook's ``embed_avg`` from its entries and cluster sizes (the EMA invariant)."""
         with torch.no_grad():
-            for rvq in self.vq.rvqs:
-                for layer in rvq.layers:
-                    book = layer._codebook
-                    counts = book.cluster_size
-                    total = counts.sum(dim=-1, keepdim=True)
-                    smoothed = (counts + book.eps) / (total + counts.shape[-1] * book.eps) * total
-                    book.embed_avg.copy_(book.embed * smoothed.unsqueeze(-1))
+            for book in self._layers():
+                book.embed_avg.copy_(book.embed * book.cluster_size.unsqueeze(-1))
 
     def dead_code_fraction(self) -> float:
-        """Fraction of codebook entries whose EMA cluster size is below the dead-code threshold."""
-        sizes = torch.stack([layer._codebook.cluster_size for rvq in self.vq.rvqs for layer in rvq.layers])
-        threshold = self.vq.rvqs[0].layers[0]._codebook.threshold_ema_dead_code
-        return float((sizes < max(threshold, 1e-3)).float().mean())
+        """Fraction of codebook entries the next training step would replace as dead.
+
+        An entry is dead when its EMA cluster size is below ``dead_code_threshold_ratio`` times its
+        codebook's mean cluster size (the library's rule; no entry is dead before the first update).
+        """
+        books = self._layers()
+        sizes = torch.cat([book.cluster_size for book in books])  # (G*R, C): one codebook per layer here
+        ratio = books[0].dead_code_threshold_ratio
+        return float((sizes < sizes.mean(dim=-1, keepdim=True) * ratio).float().mean())
 
 
 def codebook_usage(codes: Tensor, codebook_size: int) -> dict[str, float]:

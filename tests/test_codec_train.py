@@ -14,7 +14,7 @@ from speechlm.codec.config import TINY_ARCHITECTURE
 from speechlm.codec.model import Codec
 from speechlm.training.codec_train import CodecTrainConfig, CodecTrainer
 
-TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16, "kmeans_init": False, "threshold_ema_dead_code": 0.0}
+TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 16, "kmeans_init": False, "dead_code_threshold_ratio": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,9 @@ def test_init_from_exported_weights(audio_dir, tmp_path):
     second = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=3, init_from=str(tmp_path / "a" / "model")))
     assert second.step == 0
     for name, value in first.codec.state_dict().items():
-        if name.endswith("embed_avg"):  # left out of exported files, recomputed at load (the EMA invariant)
-            torch.testing.assert_close(second.codec.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        if name.endswith("embed_avg"):  # left out of exported files, recomputed at load: the EMA invariant holds to
+            # the library's eps (1e-5) times the entry's last step (~2 at the first update from random entries)
+            torch.testing.assert_close(second.codec.state_dict()[name], value, rtol=1e-5, atol=1e-4, msg=name)
         else:
             assert torch.equal(value, second.codec.state_dict()[name]), name
 
