@@ -452,6 +452,7 @@ def main() -> None:
     ap.add_argument("--asr-noise-rms", type=float, default=0.0, help="ASR on held-out voices: white noise of this RMS under the audio (0.001 = -60 dBFS)")
     ap.add_argument("--no-librispeech", action="store_true", help="ASR: skip the LibriSpeech set")
     ap.add_argument("--asr-check-rounds", type=int, help="ASR and spoken QA: the transcript check's rounds (default: Generation's; 0 = off)")
+    ap.add_argument("--asr-check-shortlist", type=int, help="the transcript check's edits scored by the LM each round (default: Generation's)")
     ap.add_argument("--asr-decoder", help="spoken QA: how the question is transcribed first (default: Generation's)")
     ap.add_argument("--asr-voice-split", default="test", choices=("test", "train"),
                     help="ASR: espeak voices of this split (train: voices trained on, to separate voice from text generalization)")
@@ -476,6 +477,7 @@ def main() -> None:
                                                      ("candidates", args.candidates), ("checker", args.checker),
                                                      ("candidate_temperature", args.candidate_temperature),
                                                      ("candidate_margin", args.candidate_margin), ("asr_check_rounds", args.asr_check_rounds),
+                                                     ("asr_check_shortlist", args.asr_check_shortlist),
                                                      ("clause_pause_seconds", args.clause_pause), ("voice", args.voice))
                       if v is not None}, **({"asr_adapter": None} if args.no_adapter else {}),
                    **({"tts_adapter": None} if args.no_adapter or args.no_tts_adapter else {}))

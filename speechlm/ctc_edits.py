@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+GROUP_LENGTHS = (5,)  # the middles' pass runs rows of up to 5 labels and longer ones apart
 
 
 def _extended(labels: Sequence[int], blank: int) -> tuple[Tensor, Tensor]:
@@ -112,10 +113,14 @@ def edit_nlls(log_probs: Tensor, reference: Sequence[int], edits: Sequence[tuple
             if a > 0:
                 end_x[:, i] = alpha[:, 2 * a - 1]
                 last_label[i] = int(ref[a - 1])
-    if with_middle:
-        idx = torch.tensor(with_middle)
-        mids = [keys[i][1] for i in with_middle]
-        starts = torch.tensor([keys[i][0] for i in with_middle])
+    # The pass costs rows x states per frame, and a row's states are its middle's longest: rows are run in
+    # groups of similar length (most words have 2-5 phonemes, a few 10), not all padded to the longest.
+    by_length = sorted(with_middle, key=lambda i: len(keys[i][1]))
+    for group in _length_groups([len(keys[i][1]) for i in by_length], GROUP_LENGTHS):
+        members = [by_length[j] for j in group]
+        idx = torch.tensor(members)
+        mids = [keys[i][1] for i in members]
+        starts = torch.tensor([keys[i][0] for i in members])
         lengths = torch.tensor([len(m) for m in mids])
         M = int(lengths.max())
         ext = torch.full((len(mids), 2 * M), blank, dtype=torch.long)  # [m1, blank, m2, blank, ...]
@@ -144,6 +149,19 @@ def edit_nlls(log_probs: Tensor, reference: Sequence[int], edits: Sequence[tuple
         enter = torch.logaddexp(end_b[:-1, r], from_x) + lp[:, s1] + beta[1:, state]  # (T, N')
         out[~ends] = -torch.logsumexp(enter, 0)
     return out.tolist()
+
+
+def _length_groups(lengths: Sequence[int], bounds: Sequence[int]) -> list[range]:
+    """Index ranges of ``lengths`` (sorted ascending) with lengths <= each bound in turn, the rest last."""
+    groups, start = [], 0
+    for bound in [*bounds, max(lengths, default=0)]:
+        end = start
+        while end < len(lengths) and lengths[end] <= bound:
+            end += 1
+        if end > start:
+            groups.append(range(start, end))
+        start = end
+    return groups
 
 
 def _middle_forward(lp: Tensor, alpha: Tensor, ref: Tensor, starts: Tensor, ext: Tensor, out_b: Tensor,

@@ -126,6 +126,11 @@ class Generation:
     # in the reply text 20 -> 31 of 40 (docs/benchmarks.md). About 0.4-0.55 s more an utterance on one CPU thread.
     asr_check_rounds: int = 3
     asr_check_weight: float = 2.0
+    # each round the LM scores this many of the checker's best edits (one batch; the rest of a round's cost is the
+    # checker's). On the validation split (55 sentences and questions, held-out voices, 4 views) 16, 8, 4 and 2 give
+    # the same transcripts (1: one word better), and 8 takes the ASR from 1.12 to 0.94 s an utterance on one thread
+    # (4: 0.84 s); 8, not 4: "What does a snake say?" (tests) needs the checker's 6th best edit
+    asr_check_shortlist: int = 8
     # ASR of a recording that pauses: the model was trained to transcribe one sentence, and two sentences in one
     # piece of audio come out as one invented sentence; so the audio is cut at every pause of at least
     # ``asr_pause_seconds`` (and a piece longer than ``asr_piece_seconds`` again at its longest pause), each piece
@@ -502,6 +507,8 @@ class SpeechPipeline:
             raise SpeechLMError(f"asr_views must be >= 1, got {g.asr_views}")
         if g.asr_check_rounds < 0:
             raise SpeechLMError(f"asr_check_rounds must be >= 0, got {g.asr_check_rounds}")
+        if g.asr_check_shortlist < 1:
+            raise SpeechLMError(f"asr_check_shortlist must be >= 1, got {g.asr_check_shortlist}")
         if g.asr_pause_seconds < 0 or g.asr_short_pause_seconds < 0 or g.asr_piece_seconds <= 0:
             raise SpeechLMError("asr_pause_seconds and asr_short_pause_seconds must be >= 0 and asr_piece_seconds > 0, got "
                                 f"{g.asr_pause_seconds}, {g.asr_short_pause_seconds}, {g.asr_piece_seconds}")
@@ -650,6 +657,7 @@ class SpeechPipeline:
                 transcript, lexicon, lambda phs: checker.sequence_nll(log_probs, phs), lm_log_prob,
                 lambda word: text_phonemes(word, lexicon.voice), best_path_nll=checker.best_path_nll(log_probs),
                 heard_phonemes=checker.count_heard(log_probs), lm_weight=g.asr_check_weight, rounds=g.asr_check_rounds,
+                shortlist=g.asr_check_shortlist,
                 acoustic_edits=lambda ref, splices: checker.edit_nlls(log_probs, ref, splices))
         except DependencyError as e:  # a word outside the lexicon and no espeak-ng to say its phonemes
             log.warning("transcript not checked: %s", e)

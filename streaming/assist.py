@@ -154,9 +154,9 @@ class AssistConfig:
     # (``Generation.asr_adapter``: speechlm-default's ASR adapter); None = the base model
     asr_adapter: str | None = "asr"
     # one-word edits of the question's transcript checked against its sounds (``Generation.asr_check_rounds``,
-    # speechlm.transcript_check); 0 (off) by default here: on 40 held-out spoken questions it got 35 transcripts
-    # exactly right instead of 21 but took the ASR from 0.26 to 0.64 s on one CPU thread (p90 1.2 s), past the
-    # reply's onset budget (``speechlm serve --assist-check-rounds 3`` turns it on)
+    # speechlm.transcript_check); 0 (off) by default here: on 40 held-out spoken questions 3 rounds got 34 transcripts
+    # exactly right instead of 20 but took the ASR from 0.14 to 0.40 s on one CPU thread (p90 0.20 -> 0.84 s; 1 round:
+    # 29, 0.27 s), past the reply's onset budget (``speechlm serve --assist-check-rounds 3`` turns it on)
     asr_check_rounds: int = 0
     # a question in which this speech detector (speechlm.vad; ``Generation.speech_detector``) hears no speech is not
     # heard: no transcript, no turn (the speech LM transcribed a fan's noise as a sentence, and the reply answered it;

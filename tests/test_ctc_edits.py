@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speechlm.ctc_edits import ctc_backward, ctc_forward, edit_nlls
+from speechlm.ctc_edits import _length_groups, ctc_backward, ctc_forward, edit_nlls
 from speechlm.transcript_check import Lexicon, _apply, _edits, _tokens, _WordPhonemes, edit_splices, edits
 
 
@@ -43,6 +43,11 @@ def test_edit_nlls_equal_ctc_loss_of_each_whole_sequence(sharpness):
     want = [_ctc(lp, ref[:a] + m + ref[len(ref) - b :]) for a, m, b in edits]
     for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-5, abs=1e-3)
+
+
+def test_middles_run_in_groups_of_similar_length():
+    assert _length_groups([1, 2, 5, 6, 9], (5,)) == [range(0, 3), range(3, 5)]
+    assert _length_groups([6, 7], (3, 5)) == [range(0, 2)] and _length_groups([], (5,)) == []
 
 
 def test_edits_the_frames_cannot_hold_score_inf():

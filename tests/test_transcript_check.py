@@ -169,6 +169,8 @@ def test_the_pipeline_checks_transcripts_unless_off_or_without_a_lexicon(pipelin
     assert isinstance(on, str)
     with pytest.raises(SpeechLMError, match="asr_check_rounds"):
         pipeline.asr(speech, generation=dataclasses.replace(SHORT, asr_check_rounds=-1))
+    with pytest.raises(SpeechLMError, match="asr_check_shortlist"):
+        pipeline.asr(speech, generation=dataclasses.replace(SHORT, asr_check_shortlist=0))
     # a checker directory without a lexicon: unchecked, with a warning
     bare = tmp_path / "checker"
     PronunciationChecker.from_pretrained("checker-en").save_pretrained(bare)
