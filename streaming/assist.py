@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 # at its long pauses only: hearing it whole and in two at a short one (a comma) would delay the reply's onset.
 ASSIST_GENERATION = Generation(max_text_tokens=48, sentence_pause_seconds=0.16, asr_short_pause_seconds=0.0)
 VOICES = ("speech_lm", "duplex")
+REPLIES = ("model", "client")  # who writes a session's replies: the speech LM, or the session's client (``say``)
 
 
 @dataclass
@@ -184,24 +185,81 @@ class AssistConfig:
             raise SpeechLMError(f"the assist's ahead_frames must be >= 0, got {self.ahead_frames}")
 
 
+@dataclass
+class _Say:
+    """A text a session asked the model to say (CONTROL ``say``) and how far it got: ``waiting`` -> ``started`` (its
+    first frame is being played) -> ``done`` (every frame played) or ``interrupted`` (the user talked over it); or
+    ``dropped`` (never started: the turn ended first, or it holds no word to say)."""
+
+    text: str
+    id: Any = None
+    state: str = "waiting"
+
+
+class _Mark:
+    """In a job's frames, where what became of say ``index`` is known once the frames before it are played:
+    ``started`` (its first frame is next), ``done`` (its last was the one before) or ``dropped`` (not said: nothing
+    in it to say, or its speech failed to start)."""
+
+    __slots__ = ("index", "event")
+
+    def __init__(self, index: int, event: str):
+        self.index, self.event = index, event
+
+
 class _Job:
     """One turn's work for the speech LM: hear the question, write the reply, speak it (voice
-    "speech_lm"). Runs inline or on the assist thread; the tick reads it without waiting."""
+    "speech_lm"); or speak the texts a session asked to be said (``says``), one after another, more of them
+    joining while it speaks. Runs inline or on the assist thread; the tick reads it without waiting."""
 
-    def __init__(self, question: np.ndarray | None, heard_at: int, voice: str | None = None):
+    def __init__(self, question: np.ndarray | None, heard_at: int, voice: str | None = None, *,
+                 says: list[_Say] | None = None, client_reply: bool = False):  # fmt: skip
         self.question = question
         self.heard_at = heard_at  # the row's count of heard frames when the question was taken
         self.voice = voice  # the speech LM voice the reply is said in (None: the assist's tts_voice)
+        self.client_reply = client_reply  # hear the question only: the session's client writes the reply
         self.transcript = ""
         self.reply = ""
         self.planned = threading.Event()  # transcript and reply are set
         self.done = threading.Event()  # every frame of the reply's speech is made (or it stopped)
-        self.frames: deque[np.ndarray] = deque()  # the reply's speech, made ahead of playback
+        self.frames: deque = deque()  # the reply's speech (PCM frames), made ahead of playback; _Marks between says
         self.cancelled = False
+        self.says: list[_Say] = list(says or [])  # a say job: the texts, in order (part i is says[i])
+        self.parts: deque[str] = deque(s.text for s in self.says)  # texts still to speak, in order
+        self.started_parts = 0  # texts taken from parts
+        self.said_parts = 0  # texts whose speech began
+        self.speaking_part = -1  # the index of the text being spoken
+        self.lock = threading.Lock()  # parts and done, between the tick (extend) and the speech (next_part)
+        if self.says:
+            self.reply = " ".join(s.text for s in self.says)
+            self.planned.set()
 
     def cancel(self) -> None:
-        self.cancelled = True
+        with self.lock:
+            self.cancelled = True
+            self.parts.clear()
         self.frames.clear()
+
+    def next_part(self) -> tuple[int, str] | None:
+        """The next text to speak and its index; None (and the job is done) when none is left."""
+        with self.lock:
+            if self.cancelled or not self.parts:
+                self.done.set()
+                return None
+            self.started_parts += 1
+            return self.started_parts - 1, self.parts.popleft()
+
+    def extend(self, say: _Say) -> bool | None:
+        """A say joins the job's texts (the tick's side). True: its speech had ended, and must be started again;
+        None: the job is cancelled (the say is not taken)."""
+        with self.lock:
+            if self.cancelled:
+                return None
+            self.says.append(say)
+            self.parts.append(say.text)
+            restart = self.done.is_set()
+            self.done.clear()
+            return restart
 
 
 @dataclass
@@ -231,6 +289,9 @@ class _Row:
     overlap: int = 0  # frames of the user's sound over the paused reply
     gate: float = 0.01  # a frame with an RMS above this is speech (the speech gate's threshold, speechlm.streaming.gate)
     voice: str | None = None  # the session's voice for the replies (``configure_rows``); None: the config's tts_voice
+    replies: str = "model"  # who writes the replies: "model" (the speech LM) or "client" (the session's, by ``say``)
+    says: deque = field(default_factory=deque)  # texts to say (_Say) waiting for the model's next turn
+    events: list = field(default_factory=list)  # what became of the says since the last tick's output
 
     @property
     def in_turn(self) -> bool:
@@ -258,10 +319,30 @@ class _Row:
         self.unasked = self.unasked or voiced
 
     def drop_job(self) -> None:
+        """The turn's job stops. A say job's says that were being said are ``interrupted``, those not begun ``dropped``."""
         self.paused = False
         if self.job is not None:
+            for say in self.job.says:
+                if say.state == "started":
+                    self.say_event(say, "interrupted")
+                elif say.state == "waiting":
+                    self.say_event(say, "dropped")
             self.job.cancel()
             self.job = None
+
+    def say_event(self, say: _Say, event: str) -> None:
+        say.state = event
+        self.events.append({"id": say.id, "event": event})
+
+    def next_frame(self) -> np.ndarray | None:
+        """The job's next frame of speech (None: not made yet, or none left), past the marks of its says."""
+        frames = self.job.frames
+        while frames:
+            item = frames.popleft()
+            if not isinstance(item, _Mark):
+                return item
+            self.say_event(self.job.says[item.index], item.event)
+        return None
 
 
 @dataclass
@@ -363,13 +444,52 @@ class AssistedDuplexModel:
 
     def configure_rows(self, state: AssistedState, options: dict[int, dict]) -> AssistedState:
         """Per-session settings of rows (joining, or live: the scheduler's ``configure``): ``{"voice": NAME}`` says
-        that session's replies in NAME from its next reply on (a reply being said goes on in its voice)."""
+        that session's replies in NAME from its next reply on (a reply being said goes on in its voice);
+        ``{"replies": "client"}``: the speech LM hears the session's questions (their transcripts go out as the user's
+        text when the duplex model would take its turn) but writes no reply: the session's client does, with
+        :meth:`say_rows` (``"model"``: the speech LM answers, the default)."""
         voices = self.voices()
-        for r, opts in options.items():
-            voice = opts.get("voice")
+        for opts in options.values():
+            voice, replies = opts.get("voice"), opts.get("replies")
             if voice is not None and voice not in voices:
                 raise SpeechLMError(f"no voice {voice!r}; the assist speaks: {', '.join(voices)}")
-            state.rows[r].voice = None if voice == self.config.tts_voice else voice  # None: the assist's own (one batch)
+            if replies is not None and replies not in REPLIES:
+                raise SpeechLMError(f"replies must be one of {', '.join(REPLIES)}, got {replies!r}")
+            if replies == "client" and not self.can_say():
+                raise SpeechLMError("replies written by the client need the assist to speak in the speech LM's voice")
+        for r, opts in options.items():
+            row = state.rows[r]
+            if "voice" in opts:
+                voice = opts["voice"]
+                row.voice = None if voice in (None, self.config.tts_voice) else voice  # None: the assist's own (one batch)
+            if opts.get("replies") is not None:
+                row.replies = opts["replies"]
+        return state
+
+    def can_say(self) -> bool:
+        """Whether the model can say a session's texts (:meth:`say_rows`): the speech LM speaks the replies."""
+        return self.config.voice == "speech_lm"
+
+    def say_rows(self, state: AssistedState, says: dict[int, list[tuple[str, Any]]]) -> AssistedState:
+        """Texts for rows to say (the scheduler's ``say``; CONTROL ``say``), each ``(text, id)``: said in the row's
+        voice at the model's next turn — once the user is quiet and the model has no turn of its own coming — one
+        after another as one reply; a text that comes while the row's says are being said joins them. What became of
+        each goes out with the tick's text as ``{"events": [{"id": id, "event": ...}]}`` (``_Say``'s states)."""
+        if not self.can_say():
+            raise SpeechLMError("the model says texts in the speech LM's voice only (assist voice speech_lm)")
+        for r, items in says.items():
+            row = state.rows[r]
+            for text, say_id in items:
+                say = _Say(text, say_id)
+                job = row.job
+                if job is not None and job.says and row.in_turn:  # this row's says are being said: it joins them
+                    restart = job.extend(say)
+                    if restart is not None:
+                        row.plan = [*(row.plan or []), *self.plan(text)]
+                        if restart:
+                            self._submit_speech(job)
+                        continue
+                row.says.append(say)
         return state
 
     def select_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
@@ -412,9 +532,13 @@ class AssistedDuplexModel:
         for row, token, silent in zip(rows, tick.text.tolist(), silences):
             self._after(row, silent)
             piece = self.duplex.piece(int(token))
-            if row.user_text is not None:
-                texts.append({"model": piece or "", "user": row.user_text})
-                row.user_text = None
+            if row.user_text is not None or row.events:
+                out: dict[str, Any] = {"model": piece or ""}
+                if row.user_text is not None:
+                    out["user"], row.user_text = row.user_text, None
+                if row.events:
+                    out["events"], row.events = row.events, []
+                texts.append(out)
             else:
                 texts.append(piece)
         return pcm, texts, AssistedState(tick.state, rows)
@@ -428,6 +552,8 @@ class AssistedDuplexModel:
         if not row.in_turn:
             # the duplex model wants the turn: it chose a word, or its own (unplayed) audio sounded last tick
             self._prepare_turn(row, wants or row.duplex_sounding, talking)
+            if not row.in_turn and row.says and row.job is None and not talking:
+                self._begin_says(row)  # texts the session asked for: said once the user is quiet
             if not row.in_turn:  # no turn (yet): quiet; the duplex voice may say its own word (a backchannel)
                 return sampled if self.config.voice == "duplex" else self.pad
             if row.plan:
@@ -465,7 +591,7 @@ class AssistedDuplexModel:
             question = self.question_audio(row)
             if question is not None:
                 log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate)
-                row.job = self._submit(question, row.heard_total, row.voice)
+                row.job = self._submit(question, row.heard_total, row.voice, client_reply=row.replies == "client")
         if talking:
             return  # the turn waits for talk_frames of quiet
         if row.job is None and row.turn_wanted and self.config.voice == "duplex":
@@ -473,6 +599,8 @@ class AssistedDuplexModel:
         if row.job is not None and row.job.planned.is_set() and row.turn_wanted:
             row.turn_wanted = False
             self._begin_turn(row)
+        elif row.job is not None and row.job.client_reply and row.job.planned.is_set() and row.quiet_run >= self.config.end_frames:
+            self._begin_turn(row)  # the client writes the reply: its question goes out once the user has been quiet a while
 
     def _next_word(self, row: _Row) -> int:
         word = row.plan.pop(0)
@@ -488,6 +616,9 @@ class AssistedDuplexModel:
             row.spoken.popleft()
         plan = self.plan(job.reply)
         log.debug("assist: heard %r, reply %r", job.transcript, job.reply)
+        if job.client_reply:  # the question goes out now; the reply is the client's to say
+            row.user_text, row.job = job.transcript or None, None
+            return
         if not plan and self.config.voice == "speech_lm":
             row.job = None
             return
@@ -497,6 +628,26 @@ class AssistedDuplexModel:
         if self.config.voice != "speech_lm":
             row.job = None
         self.turns += 1
+
+    def _begin_says(self, row: _Row) -> None:
+        """The row's waiting says become the model's turn: their words the duplex model's inner monologue, their
+        speech the speech LM's (spoken in order on the assist thread)."""
+        says, plan = list(row.says), []
+        row.says.clear()
+        for say in says:
+            words = self.plan(say.text)
+            if words:
+                plan.extend(words)
+            else:
+                row.say_event(say, "dropped")  # nothing in it to say
+        says = [say for say in says if say.state == "waiting"]
+        if not says:
+            return
+        row.job = _Job(None, row.heard_total, row.voice, says=says)
+        self._jobs.add(row.job)
+        row.plan, row.free, row.spoke, row.silent_run = plan, False, False, 0
+        self.turns += 1
+        self._submit_speech(row.job)
 
     def _voice_frame(self, row: _Row, duplex_silent: bool) -> np.ndarray | None:
         """The next frame of the reply's speech, or None (silence): not made yet, the reply is over,
@@ -521,7 +672,7 @@ class AssistedDuplexModel:
             row.paused, row.overlap = True, row.voiced_run
             log.debug("assist: the user talks over the reply; paused")
             return None
-        return row.job.frames.popleft() if row.job.frames else None
+        return row.next_frame()
 
     def _speech_over_reply(self, row: _Row) -> bool:
         """Whether the sound over the paused reply (its last ``row.overlap`` heard frames, at most twice
@@ -549,8 +700,8 @@ class AssistedDuplexModel:
 
     # -- the speech LM's work -----------------------------------------------------------------
 
-    def _submit(self, question: np.ndarray | None, heard_at: int, voice: str | None = None) -> _Job:
-        job = _Job(question, heard_at, voice)
+    def _submit(self, question: np.ndarray | None, heard_at: int, voice: str | None = None, client_reply: bool = False) -> _Job:
+        job = _Job(question, heard_at, voice, client_reply=client_reply)
         self._jobs.add(job)
         if question is None:  # nothing to hear: planned at once, with nothing to say
             job.planned.set()
@@ -564,12 +715,28 @@ class AssistedDuplexModel:
                     self._thread.start()
                 self._wake.notify()
         else:  # inline: hear, reply and speak it whole
-            streams, speaking = {}, {}
             self._plan([job])
-            self._start_speech(job, streams, speaking)
-            while speaking:
-                self._speak_step(streams, speaking)
+            self._speak_whole(job)
         return job
+
+    def _submit_speech(self, job: _Job) -> None:
+        """Speak a planned job's texts (a say job's): queued for the assist thread (``background``), else whole now."""
+        if not self.config.background:
+            self._speak_whole(job)
+            return
+        with self._wake:
+            self._plans.append(job)  # planned already: the thread only starts its speech
+            if self._thread is None:
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._serve, args=(self._stop,), name="speechlm-assist", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+
+    def _speak_whole(self, job: _Job) -> None:
+        streams, speaking = {}, {}
+        self._start_speech(job, streams, speaking)
+        while speaking:
+            self._speak_step(streams, speaking)
 
     def _serve(self, stop: threading.Event) -> None:
         """The assist thread: the questions waiting are heard and answered together (:meth:`_plan`); in between,
@@ -607,19 +774,22 @@ class AssistedDuplexModel:
         that fails is planned again one question at a time, so that only the question at fault goes unanswered."""
         try:
             with self._int8():
-                live = [job for job in jobs if not job.cancelled]
+                live = [job for job in jobs if not job.cancelled and not job.planned.is_set()]  # (a say job is planned)
                 for job, transcript in zip(live, self._hear([job.question for job in live])):
                     job.transcript = transcript
-                asked = [job for job in live if job.transcript and not job.cancelled]
+                asked = [job for job in live if job.transcript and not job.cancelled and not job.client_reply]
                 for job, reply in zip(asked, self._replies([job.transcript for job in asked])):
                     job.reply = reply
+                    job.parts.append(reply)
         except Exception as e:  # noqa: BLE001 - e.g. a question too long for the speech LM: no answer, the session goes on
             if len(jobs) > 1:
                 for job in jobs:
                     self._plan([job])
                 return
             log.warning("assist: no answer this turn: %s", e)
-            jobs[0].transcript = jobs[0].reply = ""
+            if not jobs[0].planned.is_set():
+                jobs[0].transcript = jobs[0].reply = ""
+                jobs[0].parts.clear()
         for job in jobs:
             job.planned.set()
 
@@ -636,16 +806,32 @@ class AssistedDuplexModel:
         return [self.speech.reply_text(t, self.generation) for t in transcripts]
 
     def _start_speech(self, job: _Job, streams: dict[str | None, SpeechStreams], speaking: dict[tuple[str | None, int], _Job]) -> None:
-        """The reply's speech joins the streams of its voice (voice "speech_lm"); otherwise the job is done."""
-        try:
-            if job.reply and self.plan(job.reply) and self.config.voice == "speech_lm" and not job.cancelled:
-                if job.voice not in streams:
-                    streams[job.voice] = self._streams(job.voice)
-                speaking[(job.voice, streams[job.voice].add(job.reply))] = job
-                return
-        except Exception as e:  # noqa: BLE001
-            log.warning("assist: the reply's speech stopped: %s", e)
-        job.done.set()
+        """The job's next text (the reply; a say job's says in turn) joins the streams of its voice (voice
+        "speech_lm"); with none left, the job is done. A say's frames come between its ``_Mark``s (and, after another
+        say's, the generation's sentence pause)."""
+        while (part := job.next_part()) is not None:
+            index, text = part
+            try:
+                if self.config.voice == "speech_lm" and self.plan(text):
+                    if job.voice not in streams:
+                        streams[job.voice] = self._streams(job.voice)
+                    key = streams[job.voice].add(text)
+                    if job.says:
+                        if job.said_parts:
+                            job.frames.extend(np.zeros(self.frame_length, np.float32) for _ in range(self._pause_frames()))
+                        job.frames.append(_Mark(index, "started"))
+                    job.said_parts += 1
+                    job.speaking_part = index
+                    speaking[(job.voice, key)] = job
+                    return
+            except Exception as e:  # noqa: BLE001
+                log.warning("assist: the reply's speech stopped: %s", e)
+            if job.says:
+                job.frames.append(_Mark(index, "dropped"))
+
+    def _pause_frames(self) -> int:
+        """Frames of silence between two says (the generation's pause between sentences)."""
+        return round(self.generation.sentence_pause_seconds * self.sample_rate / self.frame_length)
 
     def _speak_step(self, streams: dict[str | None, SpeechStreams], speaking: dict[tuple[str | None, int], _Job]) -> None:
         """One step of every reply being spoken (``speaking``: (voice, stream key) -> job), the streams of each voice
@@ -675,7 +861,9 @@ class AssistedDuplexModel:
                     job.frames.extend(frames)
                 if streams[voice].finished(key):
                     del speaking[(voice, key)]
-                    job.done.set()
+                    if job.says and not job.cancelled:
+                        job.frames.append(_Mark(job.speaking_part, "done"))
+                    self._start_speech(job, streams, speaking)  # its next text, or done
 
     def _int8(self):
         """The int8 products of ``config.int8_rows`` for this thread's hearing and reply text, where the

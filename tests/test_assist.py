@@ -773,3 +773,104 @@ def test_each_session_hears_the_replies_in_its_own_voice(tokenizer_dir, codec): 
     state = model.reset_rows(state, [1])  # a new session in that row: the default voice again
     assert state.rows[1].voice is None
     assert assisted(tokenizer_dir, codec, speech_lm=voice, voice="duplex").voices() == ["default"]
+
+
+class AnySpeech(FakeSpeech):
+    """Speaks any text: two frames a word, every frame of the n-th text asked at level 0.1 * n."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.spoken: list[str] = []
+
+    def tts(self, text, stream=True, generation=None):
+        self.spoken.append(text)
+        level = 0.1 * len(self.spoken)
+        return (np.full(N, level, np.float32) for _ in range(2 * len(text.split())))
+
+
+def ticks(model, state, user: np.ndarray, says: dict[int, list] | None = None):
+    """Step the one row through ``user`` (frames), handing ``says[t]`` to the model before tick t; the PCM's
+    first sample per frame, the texts, and the say events by tick."""
+    levels, texts, events = [], [], {}
+    for t, frame in enumerate(user.reshape(-1, N)):
+        if says and t in says:
+            state = model.say_rows(state, {0: says[t]})
+        out, pieces, state = model.step(torch.from_numpy(frame)[None], state)
+        levels.append(round(float(out[0, 0]), 3))
+        texts.append(pieces[0])
+        if isinstance(pieces[0], dict) and "events" in pieces[0]:
+            events[t] = [(e["id"], e["event"]) for e in pieces[0]["events"]]
+    return levels, texts, events, state
+
+
+def test_a_say_is_said_once_the_user_is_quiet_and_its_events_follow_its_frames(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, mute=True, speech_lm=AnySpeech())
+    state = model.init_state(1)
+    levels, texts, events, state = ticks(model, state, np.zeros(20 * N, np.float32), {0: [("Hello there.", "greet")]})
+    # said at once (nobody talks), two frames a word, its words the duplex model's text; done after its last frame
+    assert model.speech.spoken == ["Hello there."] and levels[:5] == [0.1, 0.1, 0.1, 0.1, 0.0] and max(levels[5:]) == 0
+    said = "".join(t["model"] if isinstance(t, dict) else t or "" for t in texts)
+    assert said == "".join(words(model, "Hello there")) and texts[0]["model"] == words(model, "Hello")[0]
+    assert events == {0: [("greet", "started")], 4: [("greet", "done")]}
+    assert model.turns == 1 and state.rows[0].job is None and model.speech.asked == []  # the turn ended (10 quiet frames)
+
+
+def test_replies_written_by_the_client_the_question_goes_out_and_says_join_the_reply(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, mute=True, speech_lm=AnySpeech())
+    state = model.configure_rows(model.init_state(1), {0: {"replies": "client"}})
+    user = np.concatenate([speech(8, 4), np.zeros(40 * N, np.float32)])
+    # a say while the user talks (tick 2) waits until they are quiet; two more while it is said join it
+    levels, texts, events, state = ticks(model, state, user, {2: [("One two.", 1)], 12: [("Three.", 2), ("...", 3)]})
+    # the question's transcript goes out when the duplex model takes its turn (3 quiet frames); no reply is written
+    assert texts[10]["user"] == "hello world" and len(model.speech.questions) == 1 and model.speech.asked == []
+    assert levels[:10] == [0.0] * 10 and levels[10:14] == [0.1] * 4  # the waiting say, at once
+    assert levels[14:18] == [0.0] * 4 and levels[18:20] == [0.2] * 2 and max(levels[20:]) == 0  # the pause, the next say
+    assert model.speech.spoken == ["One two.", "Three."] and model.turns == 1
+    assert events == {10: [(1, "started")], 14: [(1, "done")], 18: [(2, "started")], 20: [(2, "done"), (3, "dropped")]}
+
+
+def test_a_say_talked_over_is_interrupted_and_the_next_ones_are_dropped(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, mute=True, end_frames=5, speech_lm=AnySpeech())
+    state = model.configure_rows(model.init_state(1), {0: {"replies": "client"}})
+    user = np.concatenate([np.zeros(4 * N, np.float32), speech(20, 6), np.zeros(20 * N, np.float32)])
+    says = {0: [("one two three four five six seven eight.", "a"), ("nine ten.", "b")]}
+    levels, texts, events, state = ticks(model, state, user, says)
+    assert levels[:4] == [0.1] * 4 and max(levels[4:]) == 0  # paused at the user's first frame, then dropped
+    assert events[0] == [("a", "started")] and [e for t in sorted(events) if t > 0 for e in events[t]] == [("a", "interrupted"), ("b", "dropped")]
+    assert [t for t in texts if isinstance(t, dict) and "user" in t][0]["user"] == "hello world"  # the interruption: a question
+
+    # a model that does not speak in the speech LM's voice cannot say texts; a session's replies are "model" or "client"
+    duplex_voice = assisted(tokenizer_dir, codec, voice="duplex")
+    assert not duplex_voice.can_say()
+    with pytest.raises(SpeechLMError, match="speech LM's voice"):
+        duplex_voice.say_rows(duplex_voice.init_state(1), {0: [("hi", None)]})
+    with pytest.raises(SpeechLMError, match="speech LM's voice"):
+        duplex_voice.configure_rows(duplex_voice.init_state(1), {0: {"replies": "client"}})
+    with pytest.raises(SpeechLMError, match="replies must be one of model, client"):
+        model.configure_rows(model.init_state(1), {0: {"replies": "robot"}})
+
+
+def test_says_in_the_background_go_on_as_more_come(tokenizer_dir, codec):  # noqa: F811
+    """On the assist thread (the server): a say that comes after the speech of the ones before is all made, but before
+    the turn is over, is spoken after them in the same turn."""
+    model = assisted(tokenizer_dir, codec, mute=True, background=True, speech_lm=AnySpeech())
+    state = model.say_rows(model.init_state(1), {0: [("One.", 1)]})
+    quiet = torch.zeros(1, N)
+    levels, got = [], {}
+    for t in range(30):
+        if t == 1:
+            job = state.rows[0].job
+            assert job.done.wait(10)  # the first say's speech is all made
+            state = model.say_rows(state, {0: [("Two three.", 2)]})
+        if t > 1:
+            for _ in range(100):  # let the thread make the next frames
+                if state.rows[0].job is None or state.rows[0].job.frames or state.rows[0].job.done.is_set():
+                    break
+                time.sleep(0.01)
+        out, pieces, state = model.step(quiet, state)
+        levels.append(round(float(out[0, 0]), 3))
+        if isinstance(pieces[0], dict):
+            got.update({e["id"]: got.get(e["id"], []) + [e["event"]] for e in pieces[0].get("events", [])})
+    model.close()
+    assert got == {1: ["started", "done"], 2: ["started", "done"]} and model.turns == 1
+    assert levels[:2] == [0.1, 0.1] and levels[2:6] == [0.0] * 4 and levels[6:10] == [0.2] * 4 and max(levels[10:]) == 0
