@@ -19,9 +19,12 @@ import contextlib
 import itertools
 import json
 import logging
+import shlex
+import shutil
+import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -182,6 +185,13 @@ class DuplexClient:
         the server acknowledges with METADATA ``{"type": "config", "voice": ...}`` or answers ERROR ``bad_message``)."""
         await self.send_control("config", voice=voice)
 
+    async def say(self, text: str, say_id: Any = None) -> None:
+        """Have the model say ``text`` in this session's voice at its next turn (CONTROL ``say``; the server needs its
+        answer assist): once the user is quiet, after what it is saying; a text sent while the session's says are being
+        said follows them in the same turn. METADATA ``{"type": "say", "id": say_id, "event": ...}`` says what became
+        of it: ``queued``, ``started``, ``done``, ``interrupted`` (the user talked over it) or ``dropped``."""
+        await self.send_control("say", text=text, **({} if say_id is None else {"id": say_id}))
+
     async def ping(self) -> None:
         """Send a ping; its round trip lands in :attr:`round_trips` when the pong comes back."""
         ping_id = next(self._ping_ids)
@@ -248,6 +258,7 @@ class Conversation:
     stats: dict[str, Any] = field(default_factory=dict)  # the server's last METADATA stats
     server: dict[str, Any] = field(default_factory=dict)  # the server's HANDSHAKE
     round_trips: list[float] = field(default_factory=list)  # ping round trips, seconds
+    says: list[dict[str, Any]] = field(default_factory=list)  # the server's say events ({"id", "event"}), in order
     complete: bool = True  # False when the reply stopped short of the audio sent (timed out)
 
     def transcript(self, speaker: str) -> str:
@@ -264,9 +275,46 @@ class Conversation:
                 on_text(message)
         elif isinstance(message, Metadata) and message.data.get("type") == "stats":
             self.stats = message.data
+        elif isinstance(message, Metadata) and message.data.get("type") == "say":
+            self.says.append({"id": message.data.get("id"), "event": message.data.get("event")})
         elif isinstance(message, Error):
             self.errors.append(message)
         return None
+
+
+class ClientReplies:
+    """The client's side of ``replies: client``: each question's transcript (the user's TEXT) goes to ``reply`` in a
+    worker thread (it may take its time: an LLM's call), and what it returns, unless None or blank, is said (CONTROL
+    ``say``). ``reply=None``: nothing is answered (the server's model writes the replies)."""
+
+    def __init__(self, client: DuplexClient, reply: Callable[[str], str | None] | None):
+        self.client, self.reply = client, reply
+        self._tasks: set[asyncio.Task] = set()
+
+    @staticmethod
+    def options(reply: Callable[[str], str | None] | None) -> dict[str, str]:
+        """The HANDSHAKE options for ``reply``."""
+        return {"replies": "client"} if reply is not None else {}
+
+    def take(self, message: protocol.Message) -> None:
+        if self.reply is not None and isinstance(message, Text) and message.speaker == "user" and message.text.strip():
+            task = asyncio.create_task(self._answer(message.text.strip()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, question: str) -> None:
+        try:
+            text = await asyncio.to_thread(self.reply, question)
+        except Exception as e:  # noqa: BLE001 - the reply function's failure costs that reply, not the session
+            log.warning("the reply to %r failed: %s", question[:80], e)
+            return
+        if text and text.strip():
+            await self.client.say(text.strip())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def stream_file(
@@ -281,14 +329,19 @@ async def stream_file(
     grace_seconds: float = 5.0,
     voice: str | None = None,
     wait_seconds: float = 0.0,
+    says: Sequence[str] = (),
+    reply: Callable[[str], str | None] | None = None,
 ) -> Conversation:
     """Stream ``audio`` (float32, 16 kHz) like a microphone would, then ``listen_seconds`` of silence,
     and collect the model's reply until as much audio came back as went out.
 
     ``realtime=False`` sends as fast as the server accepts (its jitter buffer paces us). ``voice``: the server's
     voice to reply in (its HANDSHAKE reply lists them). ``wait_seconds``: see :meth:`DuplexClient.connect`.
+    ``says``: texts the model says first (CONTROL ``say``, sent before the audio). ``reply``: the client writes the
+    replies (:class:`ClientReplies`).
     """
-    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds) as client:
+    options = ClientReplies.options(reply)
+    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds, **options) as client:
         frame = client.frame_length
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
         listen = np.zeros(round(listen_seconds * client.sample_rate), dtype=np.float32)
@@ -298,6 +351,9 @@ async def stream_file(
         result = Conversation(np.zeros(0, np.float32), client.sample_rate, server=client.server_config)
         received: list[np.ndarray] = []
         got = 0
+        replies = ClientReplies(client, reply)
+        for text in says:
+            await client.say(text)
 
         async def send() -> None:
             start = time.perf_counter()
@@ -315,6 +371,7 @@ async def stream_file(
             nonlocal got
             async for message in client.messages():
                 pcm = result.take(message, client, on_text)
+                replies.take(message)
                 if pcm is not None:
                     received.append(pcm)
                     got += len(pcm)
@@ -337,6 +394,7 @@ async def stream_file(
             for task in (sender, receiver):
                 task.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)
+            await replies.close()
         result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
         result.round_trips = list(client.round_trips)
         return result
@@ -428,23 +486,29 @@ def echo_canceller(echo_cancel: bool | None, sample_rate: int):
 
 async def stream_microphone(
     url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
-    voice: str | None = None, wait_seconds: float = 0.0, echo_cancel: bool | None = None,
+    voice: str | None = None, wait_seconds: float = 0.0, echo_cancel: bool | None = None, says: Sequence[str] = (),
+    reply: Callable[[str], str | None] | None = None,
 ) -> Conversation:
     """Full duplex with the sound card: microphone to the server, the server to the speakers.
 
     Runs for ``seconds`` (None: until cancelled, e.g. Ctrl-C). Returns the model audio heard. ``echo_cancel``: clean
     the speakers' sound out of the microphone's (:class:`speechlm.streaming.echo.EchoCanceller`; True = required,
-    None = when the ``livekit`` package is there, else a warning: use headphones; False = off).
+    None = when the ``livekit`` package is there, else a warning: use headphones; False = off). ``says``, ``reply``: as
+    for :func:`stream_file`.
     """
     sd = import_sounddevice()
     loop = asyncio.get_running_loop()
-    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds) as client:
+    options = ClientReplies.options(reply)
+    async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds, **options) as client:
         rate, frame = client.sample_rate, client.frame_length
         canceller = echo_canceller(echo_cancel, rate)
         captured: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
         playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate)
         result = Conversation(np.zeros(0, np.float32), rate, server=client.server_config)
         received: list[np.ndarray] = []
+        replies = ClientReplies(client, reply)
+        for text in says:
+            await client.say(text)
 
         def on_capture(indata, frames, time_info, status) -> None:  # sound card thread
             chunk = indata[:, 0].copy() if canceller is None else canceller.clean(indata[:, 0])
@@ -464,6 +528,7 @@ async def stream_microphone(
         async def receive() -> None:
             async for message in client.messages():
                 pcm = result.take(message, client, on_text)
+                replies.take(message)
                 if pcm is not None:
                     playback.push(pcm)
                     received.append(pcm)
@@ -483,6 +548,7 @@ async def stream_microphone(
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await replies.close()
         result.audio = np.concatenate(received) if received else np.zeros(0, np.float32)
         result.round_trips = list(client.round_trips)
         return result
@@ -508,8 +574,38 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", help="the voice the server replies in, one of those its handshake lists (default: the server's)")
     parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus needs sphn)")
     parser.add_argument("--json", action="store_true", help="print transcripts and stats as one JSON object")
+    parser.add_argument("--say", action="append", default=[], metavar="TEXT",
+                        help="have the model say TEXT first, e.g. a greeting (repeatable: said one after another; needs the server's answer assist)")
+    parser.add_argument("--reply-command", metavar="CMD",
+                        help="write the replies here instead of the server's model: each question's transcript goes to CMD's standard input "
+                             "and what CMD prints is said (e.g. a script that asks your own LLM); needs the server's answer assist")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="while the server is busy (server_full), try again every 2 s for up to this long (default 0: give up at once)")
+
+
+REPLY_COMMAND_SECONDS = 60.0
+
+
+def command_reply(command: str) -> Callable[[str], str | None]:
+    """``--reply-command CMD``: a reply function that runs CMD (split as a shell would, not run by one) with the
+    question's transcript on its standard input and returns what it prints. A command that fails, or runs past
+    ``REPLY_COMMAND_SECONDS``, answers nothing (a warning); one that cannot start is an error now."""
+    argv = shlex.split(command)
+    if not argv or shutil.which(argv[0]) is None:
+        raise ClientError(f"--reply-command: cannot run {command!r} (no such program)")
+
+    def reply(question: str) -> str | None:
+        try:
+            done = subprocess.run(argv, input=question, capture_output=True, text=True, timeout=REPLY_COMMAND_SECONDS)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("--reply-command failed: %s", e)
+            return None
+        if done.returncode != 0:
+            log.warning("--reply-command exited with %d: %s", done.returncode, done.stderr.strip()[-200:])
+            return None
+        return done.stdout.strip() or None
+
+    return reply
 
 
 def client_main(args: argparse.Namespace) -> int:
@@ -533,11 +629,14 @@ def client_main(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"[{text.start:7.2f}s] {text.speaker}: {text.text}", flush=True)
 
+    reply = command_reply(args.reply_command) if args.reply_command else None
+    extra = {"says": args.say, "reply": reply}
+
     sent_seconds = None
     if args.mic:
         try:
             result = asyncio.run(stream_microphone(args.url, token=args.token, seconds=args.seconds, codec=args.codec, on_text=show, voice=args.voice,
-                                                   wait_seconds=args.wait, echo_cancel=args.echo_cancel))
+                                                   wait_seconds=args.wait, echo_cancel=args.echo_cancel, **extra))
         except KeyboardInterrupt:
             return 0
     else:
@@ -554,6 +653,7 @@ def client_main(args: argparse.Namespace) -> int:
                 on_text=show,
                 voice=args.voice,
                 wait_seconds=args.wait,
+                **extra,
             )
         )
     if args.output:
@@ -568,6 +668,7 @@ def client_main(args: argparse.Namespace) -> int:
         "dropped_frames": result.stats.get("dropped_frames"),
         "underruns": result.stats.get("underruns"),
         "errors": [f"{e.code}: {e.message}" for e in result.errors],
+        "says": result.says,
     }
     if args.json:
         print(json.dumps(summary))

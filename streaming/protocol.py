@@ -33,7 +33,10 @@ MAX_JSON_DEPTH = 8
 MAX_TEXT_CHARS = 2_000
 CODECS = ("pcm16", "opus")
 SPEAKERS = ("model", "user")
-ACTIONS = ("start", "stop", "interrupt", "config", "ping", "pong")
+ACTIONS = ("start", "stop", "interrupt", "config", "ping", "pong", "say")
+REPLIES = ("model", "client")  # who writes a session's replies: the server's model, or the client (CONTROL say)
+MAX_SAY_CHARS = 2_000
+SAY_EVENTS = ("queued", "started", "done", "interrupted", "dropped")  # METADATA {"type": "say"}: what became of a say
 
 
 class Kind(IntEnum):
@@ -280,6 +283,7 @@ class SessionConfig:
     send_text: bool = True
     metadata_interval: float = 1.0  # seconds between METADATA stats; 0 turns them off
     voice: str | None = None  # the voice the model's replies are said in (one of the server's; None: its default)
+    replies: str = "model"  # who writes the replies: the server's model, or "client" (the session's CONTROL say)
 
     @classmethod
     def from_handshake(cls, message: Handshake, server_sample_rate: int = SAMPLE_RATE) -> SessionConfig:
@@ -311,7 +315,9 @@ class SessionConfig:
         voice = config.get("voice")
         if voice is not None:
             voice = _voice(voice, ErrorCode.BAD_HANDSHAKE)
-        return cls(sample_rate=sample_rate, codec=codec, client=client[:200], token=token, metadata_interval=interval, voice=voice, **flags)
+        replies = _replies(config.get("replies", cls.replies), ErrorCode.BAD_HANDSHAKE)
+        return cls(sample_rate=sample_rate, codec=codec, client=client[:200], token=token, metadata_interval=interval, voice=voice,
+                   replies=replies, **flags)  # fmt: skip
 
 
 def _metadata_interval(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> float:
@@ -326,9 +332,15 @@ def _voice(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> str:
     return value
 
 
+def _replies(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> str:
+    if value not in REPLIES:
+        raise ProtocolError(f"'replies' must be one of {', '.join(REPLIES)}, got {str(value)[:40]!r}", code)
+    return value
+
+
 def parse_config_control(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate the fields of CONTROL ``config``: ``send_text`` (bool), ``metadata_interval`` (s), ``voice`` (a name;
-    whether the server has it is the server's to check)."""
+    whether the server has it is the server's to check), ``replies`` (``model`` or ``client``)."""
     out: dict[str, Any] = {}
     for name, value in fields.items():
         if name == "send_text":
@@ -339,9 +351,29 @@ def parse_config_control(fields: dict[str, Any]) -> dict[str, Any]:
             out[name] = _metadata_interval(value)
         elif name == "voice":
             out[name] = _voice(value)
+        elif name == "replies":
+            out[name] = _replies(value)
         elif name != "id":
-            raise ProtocolError(f"unknown config option {name[:40]!r} (known: send_text, metadata_interval, voice)")
+            raise ProtocolError(f"unknown config option {name[:40]!r} (known: send_text, metadata_interval, voice, replies)")
     return out
+
+
+def parse_say_control(fields: dict[str, Any]) -> tuple[str, Any]:
+    """Validate the fields of CONTROL ``say``: ``text`` (1 to MAX_SAY_CHARS characters, not only spaces) and an optional
+    ``id`` (any JSON value, echoed in the say's METADATA events). Returns (text, id)."""
+    unknown = sorted(set(fields) - {"text", "id"})
+    if unknown:
+        raise ProtocolError(f"unknown say field {unknown[0][:40]!r} (known: text, id)")
+    text = fields.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ProtocolError("say needs a non-empty string 'text'")
+    if len(text) > MAX_SAY_CHARS:
+        raise ProtocolError(f"say text is longer than {MAX_SAY_CHARS} characters ({len(text)}): send it in parts, one say each")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("say text holds a lone surrogate (not valid Unicode)") from None
+    return text.strip(), fields.get("id")
 
 
 # -- audio on the wire ---------------------------------------------------------------------

@@ -148,6 +148,7 @@ class StreamSession:
         self.generation = 0  # bumped at every join: output of a step from before a re-join is stale
         self.closed = False
         self.options: dict[str, Any] = {}  # the session's settings for its row of the model (e.g. "voice"), set at every join
+        self.says: list[tuple[str, Any]] = []  # texts for the model to say, (text, id), handed to it at the next tick in the batch
 
     @property
     def frame_seconds(self) -> float:
@@ -280,6 +281,13 @@ class Scheduler:
         if session.live:
             self._pending_config[session.id] = session
 
+    def say(self, session: StreamSession, text: str, say_id: Any = None) -> None:
+        """Ask the model to say ``text`` in ``session``'s row (its ``say_rows``): handed over at the next tick while the
+        session is in the batch, else at its join (a say before the first AUDIO waits for it)."""
+        session.says.append((text, say_id))
+        if session.live:
+            self._pending_config[session.id] = session
+
     def close_session(self, session: StreamSession) -> None:
         self.leave(session)
         session.closed = True
@@ -406,10 +414,14 @@ class Scheduler:
             self._state = self.model.reset_rows(self._state, new_rows)
         elif self.capacity > self.initial_capacity and len(self._rows) <= self.capacity // 4:
             self._compact()
-        if joining or self._pending_config:  # the sessions' settings for their rows (most ticks: none)
-            changed = {s.id: s for s in joining if s.options} | self._pending_config
+        if joining or self._pending_config:  # the sessions' settings and says for their rows (most ticks: none)
+            changed = {s.id: s for s in joining if s.options or s.says} | self._pending_config
             self._pending_config = {}
-            self._configure({s.row: s.options for s in changed.values() if s.live and s.row is not None and s.options})
+            live = [s for s in changed.values() if s.live and s.row is not None]
+            self._configure({s.row: s.options for s in live if s.options})
+            self._say({s.row: s.says for s in live if s.says})
+            for s in live:
+                s.says = []
 
     def _configure(self, options: dict[int, dict[str, Any]]) -> None:
         """The model's per-row settings (``configure_rows``, where it has them); a model that refuses them keeps its
@@ -421,6 +433,17 @@ class Scheduler:
             self._state = configure(self._state, options)
         except Exception as e:  # noqa: BLE001 - a setting the model refuses costs the setting, not the batch
             log.warning("the model refused the sessions' settings %s: %s", options, e)
+
+    def _say(self, says: dict[int, list[tuple[str, Any]]]) -> None:
+        """The sessions' texts for the model to say (``say_rows``); a model that cannot, or refuses, loses them (the
+        server checks ``can_say`` first)."""
+        say_rows = getattr(self.model, "say_rows", None)
+        if say_rows is None or not says:
+            return
+        try:
+            self._state = say_rows(self._state, says)
+        except Exception as e:  # noqa: BLE001 - a say the model refuses costs the say, not the batch
+            log.warning("the model refused the sessions' says: %s", e)
 
     def _ensure_capacity(self, needed: int) -> None:
         if self._state is None:

@@ -51,6 +51,7 @@ from .settings import LOOPBACK_NAMES, WEB_DIR, ServerConfig, add_serve_arguments
 
 log = logging.getLogger(__name__)
 
+CANNOT_SAY = "this server cannot say texts or take replies from the client: it needs the answer assist (speechlm serve --assist NAME) speaking in the speech LM's voice"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 
 # Load-based admission (ServerConfig.admit_load): the reading needs this many ticks with a step (2 s of 40 ms
@@ -109,6 +110,12 @@ class DuplexServer:
         (``voices()``, e.g. the answer assist's speech LM voices), else only ``default``."""
         voices = getattr(self.model, "voices", None)
         return list(voices()) if voices is not None else ["default"]
+
+    def can_say(self) -> bool:
+        """Whether sessions may ask the model to say texts (CONTROL ``say``) and write its replies (``replies: client``):
+        the model has ``say_rows`` and can (the answer assist, speaking in the speech LM's voice)."""
+        can = getattr(self.model, "can_say", None)
+        return hasattr(self.model, "say_rows") and (can is None or bool(can()))
 
     def voice_error(self, voice: str) -> str | None:
         """Why a session cannot ask for ``voice`` (None: it can)."""
@@ -404,6 +411,8 @@ class _Connection:
                 self.fail(ErrorCode.UNAUTHORIZED, "this server needs a token: pass ?token=... in the URL or 'token' in the HANDSHAKE")
                 return False
         error = self.server.voice_error(config.voice) if config.voice is not None else None
+        if config.replies == "client" and not self.server.can_say():
+            error = CANNOT_SAY
         if error:
             self.server.counters["bad_handshakes"] += 1
             self.fail(ErrorCode.BAD_HANDSHAKE, error)
@@ -413,6 +422,8 @@ class _Connection:
         self.session = self.scheduler.open_session()
         if config.voice is not None:
             self.session.options = {"voice": config.voice}
+        if config.replies != "model":
+            self.session.options["replies"] = config.replies
         voices = self.server.voices()
         reply = {
             "version": protocol.VERSION,
@@ -422,6 +433,8 @@ class _Connection:
             "codec": config.codec,
             "voice": config.voice or voices[0],
             "voices": voices,
+            "replies": config.replies,
+            "say": self.server.can_say(),
             "server": "speechlm",
             "model": type(self.server.model).__name__,
             "max_message_bytes": self.config.max_message_bytes,
@@ -483,6 +496,13 @@ class _Connection:
             self.paused = True
             self.scheduler.leave(session)
             session.input.clear()
+            session.says.clear()  # not handed to the model yet: dropped with the rest of the session's turn
+        elif action == "say":
+            text, say_id = protocol.parse_say_control(fields)
+            if not self.server.can_say():
+                raise ProtocolError(CANNOT_SAY)
+            self.scheduler.say(session, text, say_id)
+            self.queue(Metadata({"type": "say", "id": say_id, "event": "queued"}))
         elif action == "interrupt":
             flushed = session.output.clear()
             self.queue(Metadata({"type": "interrupted", "flushed_frames": flushed}))
@@ -493,6 +513,10 @@ class _Connection:
                 if error:
                     raise ProtocolError(error)
                 self.scheduler.configure(session, {"voice": changes["voice"]})  # the session's next reply is said in it
+            if "replies" in changes:
+                if changes["replies"] == "client" and not self.server.can_say():
+                    raise ProtocolError(CANNOT_SAY)
+                self.scheduler.configure(session, {"replies": changes["replies"]})  # from the next question on
             self.session_config = dataclasses.replace(self.session_config, **changes)
             self.queue(Metadata({"type": "config", **changes}))
         # "pong": nothing to do
@@ -530,6 +554,8 @@ class _Connection:
                     for speaker, text in _text_pieces(frame.text):
                         start = frame.index * frame_seconds
                         await self.ws.send(protocol.encode(Text(text, start, start + frame_seconds, speaker)))
+                for event in _say_events(frame.text):  # what became of the session's says, with the frame they happened in
+                    await self.ws.send(protocol.encode(Metadata({"type": "say", **event})))
                 while self.events:  # pongs do not wait behind a backlog of audio
                     await self.ws.send(self.events.popleft())
             interval = self.session_config.metadata_interval
@@ -550,6 +576,12 @@ class _Connection:
             "server_step_ms_p50": snapshot["step_ms_p50"],
             "server_late_ticks": snapshot["late_ticks"],
         }
+
+
+def _say_events(text: Any) -> list[dict[str, Any]]:
+    """The say events a model's text piece carries (``{"events": [{"id": ..., "event": ...}]}``; see the assist)."""
+    events = text.get("events") if isinstance(text, dict) else None
+    return [{"id": e.get("id"), "event": e["event"]} for e in events if isinstance(e, dict) and e.get("event") in protocol.SAY_EVENTS] if events else []
 
 
 def _text_pieces(text: Any) -> list[tuple[str, str]]:

@@ -135,6 +135,24 @@ def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
 
             heard = WhisperJudge(threads=1)(reply)
             assert "five" in words_for_scoring(heard), heard
+        # the client writes the replies (its own program: here a script that answers every question alike) and has
+        # the model greet first; the server's speech LM hears the question and says what the client wrote
+        agent = tmp_path / "agent.py"
+        agent.write_text("import sys\nquestion = sys.stdin.read().strip()\nprint('The answer is eleven.')\n")
+        r = cli("client", url, "--input", str(question), "-o", str(tmp_path / "agent.wav"), "--fast", "--json", "--listen-seconds", "6",
+                "--say", "Hello.", "--reply-command", f"{sys.executable} {agent}")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout.strip().splitlines()[-1])
+        assert report["errors"] == [] and "two plus three" in report["user"].lower(), report
+        assert "eleven" in report["model"].lower() and "five" not in report["model"].lower(), report  # the client's reply
+        events = [e["event"] for e in report["says"]]
+        assert events.count("queued") == 2 and events.count("started") == 2 and events.count("done") == 2, report["says"]
+        said = load_audio(tmp_path / "agent.wav")
+        loud = np.sqrt(np.mean(said[: len(said) // 640 * 640].reshape(-1, 640) ** 2, axis=1)) > 0.01
+        assert np.count_nonzero(loud[1:] & ~loud[:-1]) >= 2  # two utterances: the greeting (once the user was quiet), the reply
+        if importlib.util.find_spec("faster_whisper") is not None:
+            heard = words_for_scoring(WhisperJudge(threads=1)(said))
+            assert "eleven" in heard, heard
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0

@@ -707,3 +707,88 @@ def test_a_live_session_changes_its_voice_with_a_config_control():
     assert ack.data == {"type": "config", "voice": "joe"}
     assert bad.code == "bad_message" and "no voice 'anna'; it speaks: default, joe" in bad.message and live == 1
     assert [list(c.values()) for c in configured] == [[{"voice": "joe"}], [{"voice": "default"}], [{"voice": "default"}]]
+
+
+class Sayer(Voiced, SilenceModel):
+    """Silence that says texts: a say handed to a row sounds at 0.25 the next frame, with its "started" event, and the
+    frame after is silent again with its "done"."""
+
+    def __init__(self):
+        super().__init__()
+        self.said: list[tuple[int, str]] = []
+        self._due: dict[int, list] = {}
+
+    def can_say(self):
+        return True
+
+    def say_rows(self, state, says):
+        for row, items in says.items():
+            self.said.extend((row, text) for text, _ in items)
+            self._due.setdefault(row, []).extend(("started", say_id) for _, say_id in items)
+        return state
+
+    def step(self, user_pcm, state):
+        pcm, texts, state = super().step(user_pcm, state)
+        for row in list(self._due):
+            events = self._due.pop(row)
+            pcm[row] = 0.25 if events[0][0] == "started" else 0.0
+            texts[row] = {"model": " hi" if events[0][0] == "started" else "", "events": [{"id": i, "event": e} for e, i in events]}
+            if events[0][0] == "started":
+                self._due[row] = [("done", i) for _, i in events]
+        return pcm, texts, state
+
+
+def test_a_client_asks_the_model_to_say_texts_and_hears_what_became_of_them():
+    async def main():
+        model = Sayer()
+        async with server(model) as srv:
+            client = await DuplexClient.connect(srv.url, metadata_interval=0, send_text=False)
+            assert client.server_config["say"] is True and client.server_config["replies"] == "model"
+            await client.say("Hello! How can I help?", say_id="greet")  # before its first AUDIO: said once it joins
+            await client.send_control("say", text="  ")  # malformed ones: bad_message, the session lives on
+            await client.send_control("say", text="x" * (protocol.MAX_SAY_CHARS + 1))
+            await client.send_control("say", text="hi", voice="joe")
+            await client.send_control("config", replies="everyone")
+            await client.send_control("config", replies="client")  # from now on the client writes the replies
+            await client.send_audio(np.zeros(4 * FRAME, np.float32))
+            says, errors, config, audio = [], [], [], []
+            async for message in client.messages():
+                if isinstance(message, Metadata) and message.data["type"] == "say":
+                    says.append((message.data["id"], message.data["event"]))
+                elif isinstance(message, Metadata) and message.data["type"] == "config":
+                    config.append(message.data)
+                elif isinstance(message, Error):
+                    errors.append(message.message)
+                elif isinstance(message, Audio):
+                    audio.append(client.pcm(message))
+                if len(says) == 3 and len(audio) >= 4:
+                    break
+            await client.close()
+            # a server whose model cannot say: a say is a bad_message, and a session cannot ask to write the replies
+            async with server(SilenceModel()) as plain:
+                other = await DuplexClient.connect(plain.url, metadata_interval=0)
+                assert other.server_config["say"] is False
+                await other.say("hello")
+                cannot = await anext(errors_of(other))
+                await other.close()
+                with pytest.raises(ClientError, match="cannot say texts or take replies from the client"):
+                    await DuplexClient.connect(plain.url, replies="client")
+            with pytest.raises(ClientError, match="'replies' must be one of model, client"):
+                async with server(model) as srv2:
+                    await DuplexClient.connect(srv2.url, replies="robot")
+            return model, says, errors, config, audio, cannot
+
+    model, says, errors, config, audio, cannot = run(main(), timeout=30)
+    assert model.said == [(0, "Hello! How can I help?")]  # trimmed of nothing, handed to the session's row at its join
+    assert says == [("greet", "queued"), ("greet", "started"), ("greet", "done")]
+    assert any(np.allclose(a, 0.25, atol=1e-4) for a in audio)  # the say's frame (PCM16 on the wire)
+    assert len(errors) == 4 and "say needs a non-empty string 'text'" in errors[0] and "longer than 2000 characters" in errors[1]
+    assert "unknown say field 'voice'" in errors[2] and "'replies' must be one of model, client" in errors[3]
+    assert config == [{"type": "config", "replies": "client"}] and {"replies": "client"} in [o for c in model.configured for o in c.values()]
+    assert isinstance(cannot, Error) and cannot.code == "bad_message" and "cannot say texts" in cannot.message
+
+
+async def errors_of(client):
+    async for message in client.messages():
+        if isinstance(message, Error):
+            yield message
