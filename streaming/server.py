@@ -260,8 +260,8 @@ class DuplexServer:
 
     def _busy(self, load: dict[str, Any] | None, speech: dict[str, Any] | None) -> tuple[str, str] | None:
         """(what is at capacity: "step" or "speech", why) or None, from :meth:`_readings`; see :meth:`capacity_error`."""
-        if self.config.admit_load is None:
-            return None
+        if self.config.admit_load is None or not self.connections:
+            return None  # (with no session open the reading is of sessions gone: the first is always let in)
         sessions = self.scheduler.live_sessions
         if load is not None and load["ticks"] >= ADMIT_MIN_TICKS and (
             load["step_p90_share"] > self.config.admit_load or load["late_share"] > ADMIT_LATE_SHARE

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 import torch
 
+from speechlm.codec.audio import save_audio
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.errors import SpeechLMError
 from speechlm.codec.model import Codec
 from speechlm.streaming.client import ClientError, DuplexClient, import_sounddevice, stream_microphone
-from speechlm.streaming.models import EchoCodecModel
+from speechlm.streaming.models import EchoCodecModel, SilenceModel
 from speechlm.streaming.server import DuplexServer, ServerConfig, add_serve_arguments, serve_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,3 +204,66 @@ def test_serve_main_serves_until_sigint_and_says_goodbye():
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+class Listener(SilenceModel):
+    """A model that hears every session ask "What is two plus three?" once it has sent 10 frames, and says the texts
+    it is asked to (recorded; each "started", then "done" the frame after)."""
+
+    def __init__(self):
+        super().__init__()
+        self.said: list[str] = []
+        self._due: dict[int, list] = {}
+
+    def can_say(self):
+        return True
+
+    def configure_rows(self, state, options):
+        return state
+
+    def say_rows(self, state, says):
+        for row, items in says.items():
+            self.said.extend(text for text, _ in items)
+            self._due.setdefault(row, []).extend(("started", i) for _, i in items)
+        return state
+
+    def step(self, user_pcm, state):
+        pcm, texts, state = super().step(user_pcm, state)
+        for row in range(len(texts)):
+            events = self._due.pop(row, [])
+            if events and events[0][0] == "started":
+                self._due[row] = [("done", i) for _, i in events]
+            texts[row] = {"model": "", **({"user": "What is two plus three?"} if int(state[row]) == 10 else {}),
+                          **({"events": [{"id": i, "event": e} for e, i in events]} if events else {})}  # fmt: skip
+        return pcm, texts, state
+
+
+def test_example_voice_agent_writes_the_replies(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("voice_agent", ROOT / "examples" / "voice_agent.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    model = Listener()
+    save_audio(tmp_path / "q.wav", np.zeros(16_000, np.float32))
+    ready, done = threading.Event(), threading.Event()
+    url = {}
+
+    def serve():
+        async def main():
+            async with DuplexServer(model, ServerConfig(port=0)) as server:
+                url["url"] = server.url
+                ready.set()
+                while not done.is_set():
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        example.main(url["url"], str(tmp_path / "q.wav"), str(tmp_path / "reply.wav"))
+    finally:
+        done.set()
+        thread.join(10)
+    assert model.said == ["Hello!", "Two plus three is five."]  # the greeting, then the reply the example wrote
+    assert "user:  What is two plus three?" in capsys.readouterr().out and (tmp_path / "reply.wav").exists()
