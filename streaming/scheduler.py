@@ -243,6 +243,7 @@ class Scheduler:
         self._pending_join: list[StreamSession] = []
         self._pending_leave: list[StreamSession] = []
         self._pending_config: dict[int, StreamSession] = {}  # session id -> a live session whose options changed
+        self._pending_says: dict[int, StreamSession] = {}  # session id -> a live session with texts to say
         self._state: Any = None
         self.capacity = 0
         self._task: asyncio.Task | None = None
@@ -286,7 +287,7 @@ class Scheduler:
         session is in the batch, else at its join (a say before the first AUDIO waits for it)."""
         session.says.append((text, say_id))
         if session.live:
-            self._pending_config[session.id] = session
+            self._pending_says[session.id] = session
 
     def close_session(self, session: StreamSession) -> None:
         self.leave(session)
@@ -414,13 +415,14 @@ class Scheduler:
             self._state = self.model.reset_rows(self._state, new_rows)
         elif self.capacity > self.initial_capacity and len(self._rows) <= self.capacity // 4:
             self._compact()
-        if joining or self._pending_config:  # the sessions' settings and says for their rows (most ticks: none)
-            changed = {s.id: s for s in joining if s.options or s.says} | self._pending_config
-            self._pending_config = {}
-            live = [s for s in changed.values() if s.live and s.row is not None]
-            self._configure({s.row: s.options for s in live if s.options})
-            self._say({s.row: s.says for s in live if s.says})
-            for s in live:
+        if joining or self._pending_config or self._pending_says:  # the sessions' settings and says for their rows (most ticks: none)
+            changed = {s.id: s for s in joining if s.options} | self._pending_config
+            saying = {s.id: s for s in joining if s.says} | self._pending_says
+            self._pending_config, self._pending_says = {}, {}
+            self._configure({s.row: s.options for s in changed.values() if s.live and s.row is not None and s.options})
+            saying = [s for s in saying.values() if s.live and s.row is not None and s.says]
+            self._say({s.row: s.says for s in saying})
+            for s in saying:
                 s.says = []
 
     def _configure(self, options: dict[int, dict[str, Any]]) -> None:

@@ -33,7 +33,7 @@ from speechlm.streaming.client import DuplexClient
 from speechlm.streaming.models import EchoCodecModel
 from speechlm.streaming.server import DuplexServer, ServerConfig
 
-from .test_streaming_server import Voiced
+from .test_streaming_server import Saying, Voiced
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TINY = {**TINY_ARCHITECTURE, "groups": 2, "num_quantizers": 2, "codebook_size": 32}
@@ -74,8 +74,8 @@ def _devtools_port(process: subprocess.Popen, timeout: float = 30) -> int:
     raise RuntimeError("chromium did not start its DevTools server")
 
 
-class VoicedEcho(Voiced, EchoCodecModel):
-    """The codec loopback with two voices."""
+class VoicedEcho(Saying, Voiced, EchoCodecModel):
+    """The codec loopback with two voices, that says texts."""
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -126,15 +126,22 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
                         if await tools.evaluate("window.speechlm.voice") == "joe" and model.configured:
                             break
                     chosen = await tools.evaluate("window.speechlm.voice")
+                    # the say box: CONTROL say, and the say's events back
+                    await tools.evaluate("(() => { document.getElementById('say-text').value = 'Hello there.'; document.getElementById('say').click(); })()")
+                    for _ in range(40):
+                        await asyncio.sleep(0.25)
+                        if len(await tools.evaluate("window.speechlm.says") or []) >= 3:
+                            break
+                    says = await tools.evaluate("window.speechlm.says")
                     shot = await tools.call("Page.captureScreenshot", format="png")
                     screenshot.parent.mkdir(parents=True, exist_ok=True)
                     screenshot.write_bytes(base64.b64decode(shot["data"]))
-                    return stats, live, voices, chosen, model.configured, refused, busy_status
+                    return stats, live, voices, chosen, model.configured, refused, busy_status, says, model.said
             finally:
                 process.terminate()
                 process.wait(timeout=10)
 
-    stats, live, voices, chosen, configured, refused, busy_status = asyncio.run(asyncio.wait_for(scenario(), 90))
+    stats, live, voices, chosen, configured, refused, busy_status, says, said = asyncio.run(asyncio.wait_for(scenario(), 90))
     assert refused >= 1 and busy_status.startswith("server busy"), (refused, busy_status)  # refused, and said so
     assert stats.get("connected") and stats.get("session"), stats
     assert stats["framesSent"] >= 25, stats  # one second of fake-mic audio went up
@@ -142,3 +149,5 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
     assert not stats.get("errors"), stats["errors"]
     assert screenshot.read_bytes()[:4] == b"\x89PNG"
     assert voices == "default,joe" and chosen == "joe" and [list(c.values()) for c in configured] == [[{"voice": "joe"}]]
+    assert stats["canSay"] and [text for _, text in said] == ["Hello there."]
+    assert [(s["id"], s["event"]) for s in says] == [(1, "queued"), (1, "started"), (1, "done")], says

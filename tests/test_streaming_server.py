@@ -712,12 +712,12 @@ def test_a_live_session_changes_its_voice_with_a_config_control():
     assert [list(c.values()) for c in configured] == [[{"voice": "joe"}], [{"voice": "default"}], [{"voice": "default"}]]
 
 
-class Sayer(Voiced, SilenceModel):
-    """Silence that says texts: a say handed to a row sounds at 0.25 the next frame, with its "started" event, and the
-    frame after is silent again with its "done"."""
+class Saying:
+    """A model mixin that says texts: a say handed to a row sounds at 0.25 the next frame, with its "started" event, and
+    the frame after is silent again with its "done"."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *args):
+        super().__init__(*args)
         self.said: list[tuple[int, str]] = []
         self._due: dict[int, list] = {}
 
@@ -732,6 +732,7 @@ class Sayer(Voiced, SilenceModel):
 
     def step(self, user_pcm, state):
         pcm, texts, state = super().step(user_pcm, state)
+        pcm, texts = pcm.clone(), list(texts)  # (an inference tensor from the codec's step)
         for row in list(self._due):
             events = self._due.pop(row)
             pcm[row] = 0.25 if events[0][0] == "started" else 0.0
@@ -739,6 +740,10 @@ class Sayer(Voiced, SilenceModel):
             if events[0][0] == "started":
                 self._due[row] = [("done", i) for _, i in events]
         return pcm, texts, state
+
+
+class Sayer(Saying, Voiced, SilenceModel):
+    """Silence, with voices, that says texts."""
 
 
 def test_a_client_asks_the_model_to_say_texts_and_hears_what_became_of_them():

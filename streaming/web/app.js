@@ -2,7 +2,7 @@
 // through audio-worklet.js, transcripts and a latency readout. Plain JS, no build step.
 //
 // URL options: ?token=SECRET fills the token box; ?voice=NAME asks for that voice at connect;
-// ?autoconnect=1 connects on load (tests);
+// ?autoconnect=1 connects on load (tests); ?say=TEXT has the model say TEXT once connected (tests);
 // window.speechlm exposes the live numbers for automated checks.
 //
 // A busy server (ERROR server_full: too many sessions, or the load too high for another) is tried again
@@ -45,6 +45,8 @@ const state = {
     transcripts: { user: "", model: "" },
     errors: [],
     busyRefusals: 0,
+    canSay: false, // the server's HANDSHAKE reply: CONTROL say works here
+    says: [], // the server's say events: {id, event}
   },
 };
 window.speechlm = state.stats;
@@ -192,6 +194,10 @@ function onMessage(data) {
     showVoices(body.voices || [], body.voice);
     $("disconnect").disabled = false;
     $("interrupt").disabled = false;
+    state.stats.canSay = body.say === true;
+    $("say").disabled = $("say-text").disabled = !state.stats.canSay;
+    const greeting = new URLSearchParams(location.search).get("say");
+    if (greeting && state.stats.canSay) say(greeting);
     startMicrophone();
     state.pingTimer = setInterval(ping, 1000);
   } else if (kind === KIND.TEXT) {
@@ -204,6 +210,9 @@ function onMessage(data) {
     }
   } else if (kind === KIND.METADATA && body.type === "stats") {
     state.stats.server = body;
+  } else if (kind === KIND.METADATA && body.type === "say") {
+    state.stats.says.push({ id: body.id, event: body.event });
+    $("say-state").textContent = `say ${body.id}: ${body.event}`;
   } else if (kind === KIND.METADATA && body.type === "config" && body.voice) {
     state.stats.voice = body.voice;
   } else if (kind === KIND.ERROR && body.code === "server_full") {
@@ -243,6 +252,15 @@ function ping() {
   send(KIND.CONTROL, { action: "ping", id, t: Date.now() / 1000 });
 }
 
+// CONTROL say: the model says the text at its next turn; METADATA say events tell what became of it
+let nextSay = 1;
+function say(text) {
+  text = (text ?? $("say-text").value).trim();
+  if (!text) return;
+  send(KIND.CONTROL, { action: "say", text, id: nextSay++ });
+  $("say-text").value = "";
+}
+
 function interrupt() {
   send(KIND.CONTROL, { action: "interrupt" });
   if (state.playback) state.playback.port.postMessage({ type: "clear" });
@@ -277,6 +295,7 @@ function teardown() {
   $("disconnect").disabled = true;
   $("interrupt").disabled = true;
   $("voice").disabled = true;
+  $("say").disabled = $("say-text").disabled = true;
 }
 
 window.addEventListener("DOMContentLoaded", () => {
@@ -290,6 +309,8 @@ window.addEventListener("DOMContentLoaded", () => {
   };
   $("interrupt").onclick = interrupt;
   $("voice").onchange = chooseVoice;
+  $("say").onclick = () => say();
+  $("say-text").onkeydown = (event) => event.key === "Enter" && say();
   render();
   if (params.get("autoconnect") === "1") connect();
 });
