@@ -874,3 +874,18 @@ def test_says_in_the_background_go_on_as_more_come(tokenizer_dir, codec):  # noq
     model.close()
     assert got == {1: ["started", "done"], 2: ["started", "done"]} and model.turns == 1
     assert levels[:2] == [0.1, 0.1] and levels[2:6] == [0.0] * 4 and levels[6:10] == [0.2] * 4 and max(levels[10:]) == 0
+
+
+class FailingSpeech(AnySpeech):
+    """Its speech fails on a text with "boom" in it."""
+
+    def tts(self, text, stream=True, generation=None):
+        if "boom" in text:
+            raise SpeechLMError("text too long for the speech LM")
+        return super().tts(text, stream, generation)
+
+
+def test_a_say_whose_speech_fails_is_dropped_and_the_next_is_said(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, mute=True, speech_lm=FailingSpeech())
+    levels, _, events, _ = ticks(model, model.init_state(1), np.zeros(20 * N, np.float32), {0: [("boom boom.", "a"), ("Fine.", "b")]})
+    assert events == {0: [("a", "dropped"), ("b", "started")], 2: [("b", "done")]} and levels[:3] == [0.1, 0.1, 0.0]
