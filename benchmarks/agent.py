@@ -44,7 +44,10 @@ RATE = 16_000
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     """``speechlm serve`` on a free port; its websocket URL once it listens."""
-    command = [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--threads", str(args.threads), "--dtype", args.dtype, *args.serve_args]
+    # sessions come one at a time, the next as the last closes: the load-based admission is off (it would judge the next
+    # on the load of the one still closing)
+    command = [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--threads", str(args.threads), "--dtype", args.dtype,
+               "--admit-load", "off", *args.serve_args]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:

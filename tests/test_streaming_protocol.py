@@ -143,6 +143,7 @@ def test_session_config_validation():
         ({"autostart": "yes"}, ErrorCode.BAD_HANDSHAKE),
         ({"metadata_interval": -1}, ErrorCode.BAD_HANDSHAKE),
         ({"token": 5}, ErrorCode.BAD_HANDSHAKE),
+        ({"replies": "everyone"}, ErrorCode.BAD_HANDSHAKE),
     ]:
         with pytest.raises(ProtocolError) as info:
             SessionConfig.from_handshake(Handshake(config))
@@ -154,8 +155,23 @@ def test_session_config_validation():
 
 def test_config_control_options():
     assert protocol.parse_config_control({"send_text": False, "metadata_interval": 0}) == {"send_text": False, "metadata_interval": 0.0}
+    assert protocol.parse_config_control({"replies": "client"}) == {"replies": "client"}
+    assert SessionConfig.from_handshake(Handshake({"replies": "client"})).replies == "client"
     with pytest.raises(ProtocolError, match="unknown config option"):
         protocol.parse_config_control({"volume": 3})
+
+
+@given(st.dictionaries(st.sampled_from(["text", "id", "voice"]), st.one_of(st.text(max_size=2100), st.integers(), st.none(), st.lists(st.integers()))))
+@SETTINGS
+def test_say_fields_are_taken_or_refused_with_a_reason(fields):
+    """CONTROL say: a non-blank text of at most MAX_SAY_CHARS (kept stripped) and any id; anything else a ProtocolError."""
+    try:
+        text, say_id = protocol.parse_say_control(fields)
+    except ProtocolError as e:
+        assert str(e)
+        return
+    assert set(fields) <= {"text", "id"} and text == fields["text"].strip() and 0 < len(text) <= protocol.MAX_SAY_CHARS
+    assert say_id == fields.get("id")
 
 
 def test_pcm16_wire_rejects_odd_lengths():
