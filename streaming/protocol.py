@@ -36,6 +36,7 @@ SPEAKERS = ("model", "user")
 ACTIONS = ("start", "stop", "interrupt", "config", "ping", "pong", "say")
 REPLIES = ("model", "client")  # who writes a session's replies: the server's model, or the client (CONTROL say)
 MAX_SAY_CHARS = 2_000
+MAX_OPEN_SAYS = 64  # says a session may have asked for whose end (done, interrupted, dropped) has not come yet
 SAY_EVENTS = ("queued", "started", "done", "interrupted", "dropped")  # METADATA {"type": "say"}: what became of a say
 
 

@@ -38,6 +38,8 @@ from .window import TimedWindow
 
 log = logging.getLogger(__name__)
 
+SAY_ENDS = ("done", "interrupted", "dropped")  # the say events after which the model holds nothing of it
+
 
 class InputBuffer:
     """Bounded FIFO of user pcm (float32 samples) with an async wait for room."""
@@ -149,6 +151,7 @@ class StreamSession:
         self.closed = False
         self.options: dict[str, Any] = {}  # the session's settings for its row of the model (e.g. "voice"), set at every join
         self.says: list[tuple[str, Any]] = []  # texts for the model to say, (text, id), handed to it at the next tick in the batch
+        self.says_open = 0  # says asked for whose end (done, interrupted, dropped) the model has not reported yet
 
     @property
     def frame_seconds(self) -> float:
@@ -270,6 +273,7 @@ class Scheduler:
         if not session.live:
             return
         session.live = False
+        session.says_open = len(session.says)  # the model forgets a row's says when it leaves; those not handed over wait
         if session in self._pending_join:
             self._pending_join.remove(session)
         else:
@@ -286,8 +290,14 @@ class Scheduler:
         """Ask the model to say ``text`` in ``session``'s row (its ``say_rows``): handed over at the next tick while the
         session is in the batch, else at its join (a say before the first AUDIO waits for it)."""
         session.says.append((text, say_id))
+        session.says_open += 1
         if session.live:
             self._pending_says[session.id] = session
+
+    def drop_says(self, session: StreamSession) -> None:
+        """Forget ``session``'s says not yet handed to the model (a stop; the model forgets the rest with the row)."""
+        session.says_open = max(0, session.says_open - len(session.says))
+        session.says.clear()
 
     def close_session(self, session: StreamSession) -> None:
         self.leave(session)
@@ -373,6 +383,7 @@ class Scheduler:
             for session in dropped:
                 session.live = False
                 session.row = None
+                session.says_open = len(session.says)
             self._rows.clear()
             self._free_rows.clear()
             if self.on_error is not None:
@@ -384,7 +395,11 @@ class Scheduler:
         for row, session, generation in rows:
             if session.closed or session.generation != generation:
                 continue
-            session.output.push(OutputFrame(session.frames, pcm[row], texts[row]))
+            text = texts[row]
+            if session.says_open and isinstance(text, dict) and text.get("events"):
+                ended = sum(1 for e in text["events"] if isinstance(e, dict) and e.get("event") in SAY_ENDS)
+                session.says_open = max(0, session.says_open - ended)
+            session.output.push(OutputFrame(session.frames, pcm[row], text))
             session.frames += 1
 
     def _step(self, batch: np.ndarray, state: Any) -> tuple[np.ndarray, list[TextPiece], Any]:

@@ -496,11 +496,13 @@ class _Connection:
             self.paused = True
             self.scheduler.leave(session)
             session.input.clear()
-            session.says.clear()  # not handed to the model yet: dropped with the rest of the session's turn
+            self.scheduler.drop_says(session)  # not handed to the model yet: dropped with the rest of the session's turn
         elif action == "say":
             text, say_id = protocol.parse_say_control(fields)
             if not self.server.can_say():
                 raise ProtocolError(CANNOT_SAY)
+            if session.says_open >= protocol.MAX_OPEN_SAYS:
+                raise ProtocolError(f"{session.says_open} says are not yet said (at most {protocol.MAX_OPEN_SAYS}): wait for their events")
             self.scheduler.say(session, text, say_id)
             self.queue(Metadata({"type": "say", "id": say_id, "event": "queued"}))
         elif action == "interrupt":

@@ -800,3 +800,44 @@ async def errors_of(client):
     async for message in client.messages():
         if isinstance(message, Error):
             yield message
+
+
+class Mute(Saying, SilenceModel):
+    """Takes says and never gets to them (a user who never stops talking)."""
+
+    def say_rows(self, state, says):
+        self.said.extend((row, text) for row, items in says.items() for text, _ in items)
+        return state
+
+
+def test_a_session_cannot_pile_up_says_the_model_has_not_said():
+    async def main():
+        model = Mute()
+        async with server(model) as srv:
+            client = await DuplexClient.connect(srv.url, metadata_interval=0)
+            await client.send_audio(np.zeros(FRAME, np.float32))
+            for i in range(protocol.MAX_OPEN_SAYS + 2):
+                await client.say(f"number {i}", say_id=i)
+            errors, queued = [], 0
+            async for message in client.messages():
+                if isinstance(message, Error):
+                    errors.append(message.message)
+                elif isinstance(message, Metadata) and message.data.get("type") == "say":
+                    queued += 1
+                if len(errors) + queued == protocol.MAX_OPEN_SAYS + 2:
+                    break
+            await client.send_control("stop")  # the model forgets the session's says: it may ask again
+            await wait_until(lambda: srv.scheduler.live_sessions == 0)
+            await client.send_control("start")
+            await client.say("again")
+            again = None
+            async for message in client.messages():
+                if isinstance(message, (Error, Metadata)):
+                    again = message
+                    break
+            await client.close()
+            return errors, queued, again
+
+    errors, queued, again = run(main(), timeout=20)
+    assert queued == protocol.MAX_OPEN_SAYS and len(errors) == 2 and "64 says are not yet said" in errors[0]
+    assert isinstance(again, Metadata) and again.data == {"type": "say", "id": None, "event": "queued"}
