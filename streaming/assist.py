@@ -492,6 +492,21 @@ class AssistedDuplexModel:
                 row.says.append(say)
         return state
 
+    def hush_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
+        """Rows stop what they are saying (CONTROL ``interrupt`` with ``reply``; the scheduler's ``hush``): the turn ends
+        (its says ``interrupted`` or ``dropped``), a reply planned to a question is dropped, and so are the says
+        waiting; a question heard for the client to answer (``replies: client``) still goes out."""
+        for r in rows:
+            row = state.rows[r]
+            if row.in_turn:
+                row.plan, row.free, row.word = None, False, []
+            if row.job is not None and not row.job.client_reply:
+                row.drop_job()
+            for say in row.says:
+                row.say_event(say, "dropped")
+            row.says.clear()
+        return state
+
     def select_rows(self, state: AssistedState, rows: list[int]) -> AssistedState:
         for i in set(range(len(state.rows))) - set(rows):
             state.rows[i].drop_job()  # a session that left: its speech LM work stops

@@ -192,6 +192,11 @@ class DuplexClient:
         of it: ``queued``, ``started``, ``done``, ``interrupted`` (the user talked over it) or ``dropped``."""
         await self.send_control("say", text=text, **({} if say_id is None else {"id": say_id}))
 
+    async def interrupt(self, reply: bool = False) -> None:
+        """Drop the model audio queued for this session (CONTROL ``interrupt``); ``reply``: the model also stops what it
+        is saying, a reply planned and the says waiting (a server with the answer assist)."""
+        await self.send_control("interrupt", **({"reply": True} if reply else {}))
+
     async def ping(self) -> None:
         """Send a ping; its round trip lands in :attr:`round_trips` when the pong comes back."""
         ping_id = next(self._ping_ids)

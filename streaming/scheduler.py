@@ -247,6 +247,7 @@ class Scheduler:
         self._pending_leave: list[StreamSession] = []
         self._pending_config: dict[int, StreamSession] = {}  # session id -> a live session whose options changed
         self._pending_says: dict[int, StreamSession] = {}  # session id -> a live session with texts to say
+        self._pending_hush: dict[int, StreamSession] = {}  # session id -> a live session whose row stops what it says
         self._state: Any = None
         self.capacity = 0
         self._task: asyncio.Task | None = None
@@ -293,6 +294,15 @@ class Scheduler:
         session.says_open += 1
         if session.live:
             self._pending_says[session.id] = session
+
+    def hush(self, session: StreamSession) -> list[tuple[str, Any]]:
+        """``session``'s row stops what it is saying and forgets its says (the model's ``hush_rows``, at the next tick
+        while the session is in the batch). Returns the says it had not handed to the model yet (dropped here)."""
+        dropped = list(session.says)
+        self.drop_says(session)
+        if session.live:
+            self._pending_hush[session.id] = session
+        return dropped
 
     def drop_says(self, session: StreamSession) -> None:
         """Forget ``session``'s says not yet handed to the model (a stop; the model forgets the rest with the row)."""
@@ -430,11 +440,13 @@ class Scheduler:
             self._state = self.model.reset_rows(self._state, new_rows)
         elif self.capacity > self.initial_capacity and len(self._rows) <= self.capacity // 4:
             self._compact()
-        if joining or self._pending_config or self._pending_says:  # the sessions' settings and says for their rows (most ticks: none)
+        if joining or self._pending_config or self._pending_says or self._pending_hush:  # the sessions' settings and says (most ticks: none)
             changed = {s.id: s for s in joining if s.options} | self._pending_config
             saying = {s.id: s for s in joining if s.says} | self._pending_says
-            self._pending_config, self._pending_says = {}, {}
+            hushed = [s.row for s in self._pending_hush.values() if s.live and s.row is not None]
+            self._pending_config, self._pending_says, self._pending_hush = {}, {}, {}
             self._configure({s.row: s.options for s in changed.values() if s.live and s.row is not None and s.options})
+            self._hush(hushed)  # (before the says that came after it)
             saying = [s for s in saying.values() if s.live and s.row is not None and s.says]
             self._say({s.row: s.says for s in saying})
             for s in saying:
@@ -450,6 +462,15 @@ class Scheduler:
             self._state = configure(self._state, options)
         except Exception as e:  # noqa: BLE001 - a setting the model refuses costs the setting, not the batch
             log.warning("the model refused the sessions' settings %s: %s", options, e)
+
+    def _hush(self, rows: list[int]) -> None:
+        hush_rows = getattr(self.model, "hush_rows", None)
+        if hush_rows is None or not rows:
+            return
+        try:
+            self._state = hush_rows(self._state, rows)
+        except Exception as e:  # noqa: BLE001 - costs the hush, not the batch
+            log.warning("the model could not stop rows %s: %s", rows, e)
 
     def _say(self, says: dict[int, list[tuple[str, Any]]]) -> None:
         """The sessions' texts for the model to say (``say_rows``); a model that cannot, or refuses, loses them (the

@@ -112,10 +112,11 @@ class DuplexServer:
         return list(voices()) if voices is not None else ["default"]
 
     def can_say(self) -> bool:
-        """Whether sessions may ask the model to say texts (CONTROL ``say``) and write its replies (``replies: client``):
-        the model has ``say_rows`` and can (the answer assist, speaking in the speech LM's voice)."""
+        """Whether sessions may ask the model to say texts (CONTROL ``say``), write its replies (``replies: client``) and
+        stop its reply (CONTROL ``interrupt`` ``reply``): the model has ``say_rows`` and ``hush_rows`` and can (the
+        answer assist, speaking in the speech LM's voice)."""
         can = getattr(self.model, "can_say", None)
-        return hasattr(self.model, "say_rows") and (can is None or bool(can()))
+        return hasattr(self.model, "say_rows") and hasattr(self.model, "hush_rows") and (can is None or bool(can()))
 
     def voice_error(self, voice: str) -> str | None:
         """Why a session cannot ask for ``voice`` (None: it can)."""
@@ -506,8 +507,15 @@ class _Connection:
             self.scheduler.say(session, text, say_id)
             self.queue(Metadata({"type": "say", "id": say_id, "event": "queued"}))
         elif action == "interrupt":
+            reply = fields.get("reply", False)
+            if not isinstance(reply, bool):
+                raise ProtocolError("interrupt's 'reply' must be true or false")
             flushed = session.output.clear()
-            self.queue(Metadata({"type": "interrupted", "flushed_frames": flushed}))
+            stopped = reply and self.server.can_say()  # the model stops its reply too (a model with the answer assist)
+            if stopped:
+                for _, say_id in self.scheduler.hush(session):  # says the model never got: their end is said here
+                    self.queue(Metadata({"type": "say", "id": say_id, "event": "dropped"}))
+            self.queue(Metadata({"type": "interrupted", "flushed_frames": flushed, "reply": stopped}))
         elif action == "config":
             changes = protocol.parse_config_control(fields)
             if "voice" in changes:

@@ -19,7 +19,7 @@ from speechlm.codec.errors import SpeechLMError
 from speechlm.lm import GREEDY
 from speechlm.lm.adapters import AdapterConfig
 from speechlm.speech import fast_dtype
-from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState, _Job
+from speechlm.streaming.assist import AssistConfig, AssistedDuplexModel, AssistedState, _Job, _Say
 from speechlm.streaming.duplex_model import DuplexSpeechModel
 from speechlm.streaming.models import DuplexModel
 from speechlm.streaming.scheduler import Scheduler
@@ -889,3 +889,17 @@ def test_a_say_whose_speech_fails_is_dropped_and_the_next_is_said(tokenizer_dir,
     model = assisted(tokenizer_dir, codec, mute=True, speech_lm=FailingSpeech())
     levels, _, events, _ = ticks(model, model.init_state(1), np.zeros(20 * N, np.float32), {0: [("boom boom.", "a"), ("Fine.", "b")]})
     assert events == {0: [("a", "dropped"), ("b", "started")], 2: [("b", "done")]} and levels[:3] == [0.1, 0.1, 0.0]
+
+
+def test_the_client_stops_the_reply_and_the_says_waiting(tokenizer_dir, codec):  # noqa: F811
+    """hush_rows (CONTROL interrupt with reply): the turn ends at once, its say interrupted, the ones waiting dropped."""
+    model = assisted(tokenizer_dir, codec, mute=True, speech_lm=AnySpeech())
+    state = model.say_rows(model.init_state(1), {0: [("one two three four five.", "a")]})
+    quiet = np.zeros(N, np.float32)
+    levels, _, events, state = ticks(model, state, np.tile(quiet, 3))
+    state = model.say_rows(state, {0: [("six.", "b")]})  # joins the turn
+    state.rows[0].says.append(_Say("seven.", "later"))  # one waiting for a turn of its own
+    state = model.hush_rows(state, [0])
+    more, _, after, state = ticks(model, state, np.tile(quiet, 15))
+    assert levels == [0.1] * 3 and max(more) == 0 and state.rows[0].job is None and not state.rows[0].in_turn
+    assert events == {0: [("a", "started")]} and after == {0: [("a", "interrupted"), ("b", "dropped"), ("later", "dropped")]}

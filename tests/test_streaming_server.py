@@ -730,6 +730,10 @@ class Saying:
             self._due.setdefault(row, []).extend(("started", say_id) for _, say_id in items)
         return state
 
+    def hush_rows(self, state, rows):
+        self.hushed = [*getattr(self, "hushed", []), *rows]
+        return state
+
     def step(self, user_pcm, state):
         pcm, texts, state = super().step(user_pcm, state)
         pcm, texts = pcm.clone(), list(texts)  # (an inference tensor from the codec's step)
@@ -841,3 +845,36 @@ def test_a_session_cannot_pile_up_says_the_model_has_not_said():
     errors, queued, again = run(main(), timeout=20)
     assert queued == protocol.MAX_OPEN_SAYS and len(errors) == 2 and "64 says are not yet said" in errors[0]
     assert isinstance(again, Metadata) and again.data == {"type": "say", "id": None, "event": "queued"}
+
+
+def test_interrupt_with_reply_stops_the_models_reply():
+    async def main():
+        model = Sayer()
+        async with server(model) as srv:
+            client = await DuplexClient.connect(srv.url, metadata_interval=0, autostart=False)
+            await client.say("Not yet said.", say_id=1)  # waits for the session's first start
+            await client.interrupt(reply=True)  # the model never got it: dropped here
+            await client.send_control("interrupt", reply="yes")
+            await client.send_control("start")
+            await wait_until(lambda: srv.scheduler.live_sessions == 1)
+            await client.interrupt(reply=True)
+            await wait_until(lambda: getattr(model, "hushed", None))
+            got = []
+            async for message in client.messages():
+                if isinstance(message, (Metadata, Error)):
+                    got.append(message.data if isinstance(message, Metadata) else message.message)
+                if len(got) == 5:
+                    break
+            await client.close()
+            async with server(SilenceModel()) as plain:  # a model that cannot: the queue is flushed, the reply goes on
+                other = await DuplexClient.connect(plain.url, metadata_interval=0)
+                await other.interrupt(reply=True)
+                plain_ack = await anext(m.data async for m in other.messages() if isinstance(m, Metadata))
+                await other.close()
+            return got, model.hushed, model.said, plain_ack
+
+    got, hushed, said, plain_ack = run(main(), timeout=20)
+    assert got[:3] == [{"type": "say", "id": 1, "event": "queued"}, {"type": "say", "id": 1, "event": "dropped"},
+                       {"type": "interrupted", "flushed_frames": 0, "reply": True}]
+    assert got[3] == "interrupt's 'reply' must be true or false" and got[4]["type"] == "interrupted" and got[4]["reply"] is True
+    assert hushed == [0] and said == [] and plain_ack == {"type": "interrupted", "flushed_frames": 0, "reply": False}

@@ -262,7 +262,7 @@ function say(text) {
 }
 
 function interrupt() {
-  send(KIND.CONTROL, { action: "interrupt" });
+  send(KIND.CONTROL, state.stats.canSay ? { action: "interrupt", reply: true } : { action: "interrupt" });
   if (state.playback) state.playback.port.postMessage({ type: "clear" });
 }
 
