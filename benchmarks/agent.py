@@ -15,6 +15,7 @@ Timed on the client's clock, from the moment the frame after the question's last
   agent's own time.
 
     python benchmarks/agent.py --count 20 --out docs/results/agent_replies.json
+    python benchmarks/agent.py --count 20 --client-check-rounds 3 --out docs/results/agent_replies_client_checked.json
 """
 
 from __future__ import annotations
@@ -65,9 +66,10 @@ def voiced_frames(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     return np.sqrt((frames**2).mean(axis=1)) > threshold
 
 
-async def session(url: str, audio: np.ndarray, question_end: int, replies: str) -> dict:
-    """One session: ``audio`` (whole frames) in real time; the times after frame ``question_end`` was sent."""
-    options = {"replies": "client"} if replies == "client" else {}
+async def session(url: str, audio: np.ndarray, question_end: int, replies: str, check_rounds: int | None = None) -> dict:
+    """One session: ``audio`` (whole frames) in real time; the times after frame ``question_end`` was sent.
+    ``check_rounds``: the client's sessions ask for this transcript check (HANDSHAKE ``check_rounds``)."""
+    options = {"replies": "client", "check_rounds": check_rounds} if replies == "client" else {}
     times: dict[str, float | None] = {"end": None, "heard": None, "say": None, "started": None, "audio": None}
     row: dict = {"replies": replies, "transcript": "", "model_text": ""}
     async with await DuplexClient.connect(url, metadata_interval=0, **options) as client:
@@ -131,6 +133,7 @@ def main() -> None:
     ap.add_argument("--listen-seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--dtype", default="auto", help="the server's --dtype")
+    ap.add_argument("--client-check-rounds", type=int, help="the client's sessions ask for this many rounds of the transcript check")
     ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `speechlm serve` options (last on the line)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -148,7 +151,7 @@ def main() -> None:
             audio = np.pad(audio, (0, -len(audio) % FRAME))
             question_end = int(np.nonzero(voiced_frames(audio))[0][-1]) + 1
             for replies in ("model", "client") if i % 2 == 0 else ("client", "model"):
-                row = asyncio.run(session(url, audio, question_end, replies))
+                row = asyncio.run(session(url, audio, question_end, replies, args.client_check_rounds))
                 row.update(question=item["text"], exact=words_for_scoring(row["transcript"]) == words_for_scoring(item["text"]))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -157,7 +160,7 @@ def main() -> None:
         server.wait(timeout=30)
     by = {mode: [r for r in rows if r["replies"] == mode] for mode in ("model", "client")}
     report = {
-        "count": args.count, "threads": args.threads, "dtype": args.dtype, "serve_args": args.serve_args,
+        "count": args.count, "threads": args.threads, "dtype": args.dtype, "serve_args": args.serve_args, "client_check_rounds": args.client_check_rounds,
         "summary": {mode: {"heard_ms": summary(rs, "heard_ms"), "onset_ms": summary(rs, "onset_ms"), "transcripts_exact": sum(r["exact"] for r in rs),
                            **({"say_to_audio_ms": summary(rs, "say_to_audio_ms"), "say_to_started_ms": summary(rs, "say_to_started_ms")} if mode == "client" else {})}
                     for mode, rs in by.items()},

@@ -72,6 +72,7 @@ from ..training.textnorm import normalize_text, word_spans
 from .duplex_model import DuplexSpeechModel, DuplexSpeechState
 from .gate import GateConfig
 from .models import TextPiece
+from .protocol import MAX_CHECK_ROUNDS
 from .window import TimedWindow
 
 log = logging.getLogger(__name__)
@@ -213,11 +214,12 @@ class _Job:
     joining while it speaks. Runs inline or on the assist thread; the tick reads it without waiting."""
 
     def __init__(self, question: np.ndarray | None, heard_at: int, voice: str | None = None, *,
-                 says: list[_Say] | None = None, client_reply: bool = False):  # fmt: skip
+                 says: list[_Say] | None = None, client_reply: bool = False, check_rounds: int | None = None):  # fmt: skip
         self.question = question
         self.heard_at = heard_at  # the row's count of heard frames when the question was taken
         self.voice = voice  # the speech LM voice the reply is said in (None: the assist's tts_voice)
         self.client_reply = client_reply  # hear the question only: the session's client writes the reply
+        self.check_rounds = check_rounds  # the transcript check's rounds for this question (None: the assist's)
         self.transcript = ""
         self.reply = ""
         self.planned = threading.Event()  # transcript and reply are set
@@ -290,6 +292,7 @@ class _Row:
     gate: float = 0.01  # a frame with an RMS above this is speech (the speech gate's threshold, speechlm.streaming.gate)
     voice: str | None = None  # the session's voice for the replies (``configure_rows``); None: the config's tts_voice
     replies: str = "model"  # who writes the replies: "model" (the speech LM) or "client" (the session's, by ``say``)
+    check_rounds: int | None = None  # the session's transcript check (``Generation.asr_check_rounds``); None: the assist's
     says: deque = field(default_factory=deque)  # texts to say (_Say) waiting for the model's next turn
     events: list = field(default_factory=list)  # what became of the says since the last tick's output
 
@@ -447,7 +450,9 @@ class AssistedDuplexModel:
         that session's replies in NAME from its next reply on (a reply being said goes on in its voice);
         ``{"replies": "client"}``: the speech LM hears the session's questions (their transcripts go out as the user's
         text when the duplex model would take its turn) but writes no reply: the session's client does, with
-        :meth:`say_rows` (``"model"``: the speech LM answers, the default)."""
+        :meth:`say_rows` (``"model"``: the speech LM answers, the default); ``{"check_rounds": N}``: the session's
+        questions are heard with N rounds of the transcript check (``AssistConfig.asr_check_rounds`` for the others:
+        an agent's LLM sees nothing but the transcript, and may trade time for it)."""
         voices = self.voices()
         for opts in options.values():
             voice, replies = opts.get("voice"), opts.get("replies")
@@ -457,6 +462,9 @@ class AssistedDuplexModel:
                 raise SpeechLMError(f"replies must be one of {', '.join(REPLIES)}, got {replies!r}")
             if replies == "client" and not self.can_say():
                 raise SpeechLMError("replies written by the client need the assist to speak in the speech LM's voice")
+            rounds = opts.get("check_rounds")
+            if rounds is not None and (isinstance(rounds, bool) or not isinstance(rounds, int) or not 0 <= rounds <= MAX_CHECK_ROUNDS):
+                raise SpeechLMError(f"check_rounds must be an integer from 0 to {MAX_CHECK_ROUNDS}, got {rounds!r}")
         for r, opts in options.items():
             row = state.rows[r]
             if "voice" in opts:
@@ -464,6 +472,8 @@ class AssistedDuplexModel:
                 row.voice = None if voice in (None, self.config.tts_voice) else voice  # None: the assist's own (one batch)
             if opts.get("replies") is not None:
                 row.replies = opts["replies"]
+            if "check_rounds" in opts:
+                row.check_rounds = opts["check_rounds"]
         return state
 
     def can_say(self) -> bool:
@@ -606,7 +616,7 @@ class AssistedDuplexModel:
             question = self.question_audio(row)
             if question is not None:
                 log.debug("assist: turn asked (question %.2f s)", len(question) / self.sample_rate)
-                row.job = self._submit(question, row.heard_total, row.voice, client_reply=row.replies == "client")
+                row.job = self._submit(question, row.heard_total, row.voice, client_reply=row.replies == "client", check_rounds=row.check_rounds)
         if talking:
             return  # the turn waits for talk_frames of quiet
         if row.job is None and row.turn_wanted and self.config.voice == "duplex":
@@ -715,8 +725,9 @@ class AssistedDuplexModel:
 
     # -- the speech LM's work -----------------------------------------------------------------
 
-    def _submit(self, question: np.ndarray | None, heard_at: int, voice: str | None = None, client_reply: bool = False) -> _Job:
-        job = _Job(question, heard_at, voice, client_reply=client_reply)
+    def _submit(self, question: np.ndarray | None, heard_at: int, voice: str | None = None, client_reply: bool = False,
+                check_rounds: int | None = None) -> _Job:  # fmt: skip
+        job = _Job(question, heard_at, voice, client_reply=client_reply, check_rounds=check_rounds)
         self._jobs.add(job)
         if question is None:  # nothing to hear: planned at once, with nothing to say
             job.planned.set()
@@ -790,7 +801,7 @@ class AssistedDuplexModel:
         try:
             with self._int8():
                 live = [job for job in jobs if not job.cancelled and not job.planned.is_set()]  # (a say job is planned)
-                for job, transcript in zip(live, self._hear([job.question for job in live])):
+                for job, transcript in zip(live, self._hear(live)):
                     job.transcript = transcript
                 asked = [job for job in live if job.transcript and not job.cancelled and not job.client_reply]
                 for job, reply in zip(asked, self._replies([job.transcript for job in asked])):
@@ -808,11 +819,17 @@ class AssistedDuplexModel:
         for job in jobs:
             job.planned.set()
 
-    def _hear(self, questions: list[np.ndarray]) -> list[str]:
-        many = getattr(self.speech, "asr_many", None)
-        if many is not None:
-            return many(questions, self.sample_rate, self.generation) if questions else []
-        return [self.speech.asr(q, self.sample_rate, self.generation) for q in questions]
+    def _hear(self, jobs: list[_Job]) -> list[str]:
+        """The jobs' questions heard, those of one transcript check (``_Job.check_rounds``) as one batch."""
+        heard: dict[int, str] = {}
+        for rounds in dict.fromkeys(job.check_rounds for job in jobs):
+            group = [i for i, job in enumerate(jobs) if job.check_rounds == rounds]
+            g = self.generation if rounds is None else dataclasses.replace(self.generation, asr_check_rounds=rounds)
+            many = getattr(self.speech, "asr_many", None)
+            questions = [jobs[i].question for i in group]
+            texts = many(questions, self.sample_rate, g) if many is not None else [self.speech.asr(q, self.sample_rate, g) for q in questions]
+            heard.update(zip(group, texts))
+        return [heard[i] for i in range(len(jobs))]
 
     def _replies(self, transcripts: list[str]) -> list[str]:
         many = getattr(self.speech, "reply_texts", None)

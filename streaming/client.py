@@ -96,7 +96,7 @@ class DuplexClient:
         **options: Any,
     ) -> DuplexClient:
         """Open ``url``, send the HANDSHAKE, wait for the server's. ``options`` go into the handshake
-        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``; None values are left out).
+        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``, ``replies``, ``check_rounds``; None values are left out).
         ``wait_seconds``: while the server is busy (:class:`ServerBusy`), try again every ``RETRY_SECONDS`` for up to
         this long before giving up (0: at once)."""
         deadline = time.monotonic() + wait_seconds
@@ -336,6 +336,7 @@ async def stream_file(
     wait_seconds: float = 0.0,
     says: Sequence[str] = (),
     reply: Callable[[str], str | None] | None = None,
+    check_rounds: int | None = None,
 ) -> Conversation:
     """Stream ``audio`` (float32, 16 kHz) like a microphone would, then ``listen_seconds`` of silence,
     and collect the model's reply until as much audio came back as went out.
@@ -343,9 +344,9 @@ async def stream_file(
     ``realtime=False`` sends as fast as the server accepts (its jitter buffer paces us). ``voice``: the server's
     voice to reply in (its HANDSHAKE reply lists them). ``wait_seconds``: see :meth:`DuplexClient.connect`.
     ``says``: texts the model says first (CONTROL ``say``, sent before the audio). ``reply``: the client writes the
-    replies (:class:`ClientReplies`).
+    replies (:class:`ClientReplies`). ``check_rounds``: the server checks each question's transcript this many rounds.
     """
-    options = ClientReplies.options(reply)
+    options = {**ClientReplies.options(reply), "check_rounds": check_rounds}
     async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds, **options) as client:
         frame = client.frame_length
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)
@@ -492,18 +493,18 @@ def echo_canceller(echo_cancel: bool | None, sample_rate: int):
 async def stream_microphone(
     url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
     voice: str | None = None, wait_seconds: float = 0.0, echo_cancel: bool | None = None, says: Sequence[str] = (),
-    reply: Callable[[str], str | None] | None = None,
+    reply: Callable[[str], str | None] | None = None, check_rounds: int | None = None,
 ) -> Conversation:
     """Full duplex with the sound card: microphone to the server, the server to the speakers.
 
     Runs for ``seconds`` (None: until cancelled, e.g. Ctrl-C). Returns the model audio heard. ``echo_cancel``: clean
     the speakers' sound out of the microphone's (:class:`speechlm.streaming.echo.EchoCanceller`; True = required,
-    None = when the ``livekit`` package is there, else a warning: use headphones; False = off). ``says``, ``reply``: as
-    for :func:`stream_file`.
+    None = when the ``livekit`` package is there, else a warning: use headphones; False = off). ``says``, ``reply``,
+    ``check_rounds``: as for :func:`stream_file`.
     """
     sd = import_sounddevice()
     loop = asyncio.get_running_loop()
-    options = ClientReplies.options(reply)
+    options = {**ClientReplies.options(reply), "check_rounds": check_rounds}
     async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds, **options) as client:
         rate, frame = client.sample_rate, client.frame_length
         canceller = echo_canceller(echo_cancel, rate)
@@ -584,6 +585,9 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reply-command", metavar="CMD",
                         help="write the replies here instead of the server's model: each question's transcript goes to CMD's standard input "
                              "and what CMD prints is said (e.g. a script that asks your own LLM); needs the server's answer assist")
+    parser.add_argument("--check-rounds", type=int, metavar="N",
+                        help="the server checks each question's transcript against its sounds N rounds (0-5; default: the server's): "
+                             "more often exactly right, later (for --reply-command)")
     parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="while the server is busy (server_full), try again every 2 s for up to this long (default 0: give up at once)")
 
@@ -635,7 +639,7 @@ def client_main(args: argparse.Namespace) -> int:
             print(f"[{text.start:7.2f}s] {text.speaker}: {text.text}", flush=True)
 
     reply = command_reply(args.reply_command) if args.reply_command else None
-    extra = {"says": args.say, "reply": reply}
+    extra = {"says": args.say, "reply": reply, "check_rounds": args.check_rounds}
 
     sent_seconds = None
     if args.mic:

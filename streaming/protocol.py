@@ -36,6 +36,7 @@ SPEAKERS = ("model", "user")
 ACTIONS = ("start", "stop", "interrupt", "config", "ping", "pong", "say")
 REPLIES = ("model", "client")  # who writes a session's replies: the server's model, or the client (CONTROL say)
 MAX_SAY_CHARS = 2_000
+MAX_CHECK_ROUNDS = 5  # a session's transcript check ("check_rounds"), with the answer assist
 MAX_OPEN_SAYS = 64  # says a session may have asked for whose end (done, interrupted, dropped) has not come yet
 SAY_EVENTS = ("queued", "started", "done", "interrupted", "dropped")  # METADATA {"type": "say"}: what became of a say
 
@@ -285,6 +286,7 @@ class SessionConfig:
     metadata_interval: float = 1.0  # seconds between METADATA stats; 0 turns them off
     voice: str | None = None  # the voice the model's replies are said in (one of the server's; None: its default)
     replies: str = "model"  # who writes the replies: the server's model, or "client" (the session's CONTROL say)
+    check_rounds: int | None = None  # rounds of the transcript check on this session's questions (None: the server's)
 
     @classmethod
     def from_handshake(cls, message: Handshake, server_sample_rate: int = SAMPLE_RATE) -> SessionConfig:
@@ -317,8 +319,10 @@ class SessionConfig:
         if voice is not None:
             voice = _voice(voice, ErrorCode.BAD_HANDSHAKE)
         replies = _replies(config.get("replies", cls.replies), ErrorCode.BAD_HANDSHAKE)
+        rounds = config.get("check_rounds")
+        rounds = None if rounds is None else _check_rounds(rounds, ErrorCode.BAD_HANDSHAKE)
         return cls(sample_rate=sample_rate, codec=codec, client=client[:200], token=token, metadata_interval=interval, voice=voice,
-                   replies=replies, **flags)  # fmt: skip
+                   replies=replies, check_rounds=rounds, **flags)  # fmt: skip
 
 
 def _metadata_interval(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> float:
@@ -339,9 +343,16 @@ def _replies(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> str:
     return value
 
 
+def _check_rounds(value: Any, code: str = ErrorCode.BAD_MESSAGE) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_CHECK_ROUNDS:
+        raise ProtocolError(f"'check_rounds' must be an integer from 0 to {MAX_CHECK_ROUNDS}, got {str(value)[:40]}", code)
+    return value
+
+
 def parse_config_control(fields: dict[str, Any]) -> dict[str, Any]:
     """Validate the fields of CONTROL ``config``: ``send_text`` (bool), ``metadata_interval`` (s), ``voice`` (a name;
-    whether the server has it is the server's to check), ``replies`` (``model`` or ``client``)."""
+    whether the server has it is the server's to check), ``replies`` (``model`` or ``client``), ``check_rounds`` (0 to
+    MAX_CHECK_ROUNDS)."""
     out: dict[str, Any] = {}
     for name, value in fields.items():
         if name == "send_text":
@@ -354,8 +365,10 @@ def parse_config_control(fields: dict[str, Any]) -> dict[str, Any]:
             out[name] = _voice(value)
         elif name == "replies":
             out[name] = _replies(value)
+        elif name == "check_rounds":
+            out[name] = _check_rounds(value)
         elif name != "id":
-            raise ProtocolError(f"unknown config option {name[:40]!r} (known: send_text, metadata_interval, voice, replies)")
+            raise ProtocolError(f"unknown config option {name[:40]!r} (known: send_text, metadata_interval, voice, replies, check_rounds)")
     return out
 
 

@@ -118,6 +118,11 @@ class DuplexServer:
         can = getattr(self.model, "can_say", None)
         return hasattr(self.model, "say_rows") and hasattr(self.model, "hush_rows") and (can is None or bool(can()))
 
+    def check_rounds(self) -> int | None:
+        """The rounds of the transcript check the model's answer assist gives a session's questions by default (None:
+        a model that hears no questions)."""
+        return getattr(getattr(self.model, "config", None), "asr_check_rounds", None)
+
     def voice_error(self, voice: str) -> str | None:
         """Why a session cannot ask for ``voice`` (None: it can)."""
         voices = self.voices()
@@ -425,6 +430,8 @@ class _Connection:
             self.session.options = {"voice": config.voice}
         if config.replies != "model":
             self.session.options["replies"] = config.replies
+        if config.check_rounds is not None:
+            self.session.options["check_rounds"] = config.check_rounds
         voices = self.server.voices()
         reply = {
             "version": protocol.VERSION,
@@ -436,6 +443,7 @@ class _Connection:
             "voices": voices,
             "replies": config.replies,
             "say": self.server.can_say(),
+            "check_rounds": config.check_rounds if config.check_rounds is not None else self.server.check_rounds(),
             "server": "speechlm",
             "model": type(self.server.model).__name__,
             "max_message_bytes": self.config.max_message_bytes,
@@ -527,6 +535,8 @@ class _Connection:
                 if changes["replies"] == "client" and not self.server.can_say():
                     raise ProtocolError(CANNOT_SAY)
                 self.scheduler.configure(session, {"replies": changes["replies"]})  # from the next question on
+            if "check_rounds" in changes:
+                self.scheduler.configure(session, {"check_rounds": changes["check_rounds"]})  # from the next question on
             self.session_config = dataclasses.replace(self.session_config, **changes)
             self.queue(Metadata({"type": "config", **changes}))
         # "pong": nothing to do

@@ -903,3 +903,29 @@ def test_the_client_stops_the_reply_and_the_says_waiting(tokenizer_dir, codec): 
     more, _, after, state = ticks(model, state, np.tile(quiet, 15))
     assert levels == [0.1] * 3 and max(more) == 0 and state.rows[0].job is None and not state.rows[0].in_turn
     assert events == {0: [("a", "started")]} and after == {0: [("a", "interrupted"), ("b", "dropped"), ("later", "dropped")]}
+
+
+class RoundsSpeech(BatchedSpeech):
+    """Records each batch's size and the transcript check's rounds it was heard with."""
+
+    def __init__(self):
+        super().__init__()
+        self.go.set()
+        self.heard_with: list[tuple[int, int]] = []
+
+    def asr_many(self, audios, sample_rate=16_000, generation=None):
+        self.heard_with.append((len(audios), generation.asr_check_rounds))
+        return super().asr_many(audios, sample_rate, generation)
+
+
+def test_a_session_chooses_its_transcript_check_and_questions_are_heard_in_batches_by_it(tokenizer_dir, codec):  # noqa: F811
+    voice = RoundsSpeech()
+    model = assisted(tokenizer_dir, codec, speech_lm=voice)
+    state = model.configure_rows(model.init_state(3), {1: {"check_rounds": 3, "replies": "client"}})
+    jobs = [model._submit(speech(8, k), 0, check_rounds=state.rows[k].check_rounds) for k in range(3)]  # inline: one each
+    assert voice.heard_with == [(1, 0), (1, 3), (1, 0)] and [j.transcript for j in jobs] == ["hello world"] * 3
+    voice.heard_with.clear()
+    model._plan([_Job(speech(8, k), 0, check_rounds=r) for k, r in ((0, None), (1, 3), (2, None), (3, 3))])
+    assert voice.heard_with == [(2, 0), (2, 3)]  # questions waiting together: one batch per check
+    with pytest.raises(SpeechLMError, match="check_rounds must be an integer from 0 to 5"):
+        model.configure_rows(state, {0: {"check_rounds": 9}})

@@ -157,6 +157,11 @@ def test_config_control_options():
     assert protocol.parse_config_control({"send_text": False, "metadata_interval": 0}) == {"send_text": False, "metadata_interval": 0.0}
     assert protocol.parse_config_control({"replies": "client"}) == {"replies": "client"}
     assert SessionConfig.from_handshake(Handshake({"replies": "client"})).replies == "client"
+    assert SessionConfig.from_handshake(Handshake({"check_rounds": 3})).check_rounds == 3
+    assert protocol.parse_config_control({"check_rounds": 0}) == {"check_rounds": 0}
+    for bad in (True, -1, 6, 2.5, "3"):
+        with pytest.raises(ProtocolError, match="'check_rounds' must be an integer from 0 to 5"):
+            protocol.parse_config_control({"check_rounds": bad})
     with pytest.raises(ProtocolError, match="unknown config option"):
         protocol.parse_config_control({"volume": 3})
 

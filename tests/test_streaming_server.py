@@ -754,8 +754,9 @@ def test_a_client_asks_the_model_to_say_texts_and_hears_what_became_of_them():
     async def main():
         model = Sayer()
         async with server(model) as srv:
-            client = await DuplexClient.connect(srv.url, metadata_interval=0, send_text=False)
+            client = await DuplexClient.connect(srv.url, metadata_interval=0, send_text=False, check_rounds=2)
             assert client.server_config["say"] is True and client.server_config["replies"] == "model"
+            assert client.server_config["check_rounds"] == 2
             await client.say("Hello! How can I help?", say_id="greet")  # before its first AUDIO: said once it joins
             await client.send_control("say", text="  ")  # malformed ones: bad_message, the session lives on
             await client.send_control("say", text="x" * (protocol.MAX_SAY_CHARS + 1))
@@ -796,7 +797,7 @@ def test_a_client_asks_the_model_to_say_texts_and_hears_what_became_of_them():
     assert any(np.allclose(a, 0.25, atol=1e-4) for a in audio)  # the say's frame (PCM16 on the wire)
     assert len(errors) == 4 and "say needs a non-empty string 'text'" in errors[0] and "longer than 2000 characters" in errors[1]
     assert "unknown say field 'voice'" in errors[2] and "'replies' must be one of model, client" in errors[3]
-    assert config == [{"type": "config", "replies": "client"}] and {"replies": "client"} in [o for c in model.configured for o in c.values()]
+    assert config == [{"type": "config", "replies": "client"}] and {"check_rounds": 2, "replies": "client"} in [o for c in model.configured for o in c.values()]
     assert isinstance(cannot, Error) and cannot.code == "bad_message" and "cannot say texts" in cannot.message
 
 
