@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -287,17 +287,22 @@ class Conversation:
         return None
 
 
+Reply = Callable[[str], "str | Iterable[str] | None"]  # a question's transcript -> the reply, whole or in parts
+
+
 class ClientReplies:
     """The client's side of ``replies: client``: each question's transcript (the user's TEXT) goes to ``reply`` in a
     worker thread (it may take its time: an LLM's call), and what it returns, unless None or blank, is said (CONTROL
-    ``say``). ``reply=None``: nothing is answered (the server's model writes the replies)."""
+    ``say``); a reply that is an iterable of texts (a generator: an LLM's reply streamed sentence by sentence) has each
+    said as it comes, the model speaking the first while the next are written. ``reply=None``: nothing is answered
+    (the server's model writes the replies)."""
 
-    def __init__(self, client: DuplexClient, reply: Callable[[str], str | None] | None):
+    def __init__(self, client: DuplexClient, reply: Reply | None):
         self.client, self.reply = client, reply
         self._tasks: set[asyncio.Task] = set()
 
     @staticmethod
-    def options(reply: Callable[[str], str | None] | None) -> dict[str, str]:
+    def options(reply: Reply | None) -> dict[str, str]:
         """The HANDSHAKE options for ``reply``."""
         return {"replies": "client"} if reply is not None else {}
 
@@ -308,13 +313,30 @@ class ClientReplies:
             task.add_done_callback(self._tasks.discard)
 
     async def _answer(self, question: str) -> None:
+        loop = asyncio.get_running_loop()
+        parts: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def put(part: str | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the session ended (its loop closed) while the reply was written
+                loop.call_soon_threadsafe(parts.put_nowait, part)
+
+        def write() -> None:  # the worker thread: the reply, part by part as it comes
+            try:
+                reply = self.reply(question)
+                for part in [reply] if reply is None or isinstance(reply, str) else reply:
+                    if part and part.strip():
+                        put(part.strip())
+            except Exception as e:  # noqa: BLE001 - the reply function's failure costs that reply, not the session
+                log.warning("the reply to %r failed: %s", question[:80], e)
+            finally:
+                put(None)
+
+        writer = asyncio.ensure_future(asyncio.to_thread(write))
         try:
-            text = await asyncio.to_thread(self.reply, question)
-        except Exception as e:  # noqa: BLE001 - the reply function's failure costs that reply, not the session
-            log.warning("the reply to %r failed: %s", question[:80], e)
-            return
-        if text and text.strip():
-            await self.client.say(text.strip())
+            while (part := await parts.get()) is not None:
+                await self.client.say(part)
+        finally:
+            await asyncio.gather(writer, return_exceptions=True)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -335,7 +357,7 @@ async def stream_file(
     voice: str | None = None,
     wait_seconds: float = 0.0,
     says: Sequence[str] = (),
-    reply: Callable[[str], str | None] | None = None,
+    reply: Reply | None = None,
     check_rounds: int | None = None,
 ) -> Conversation:
     """Stream ``audio`` (float32, 16 kHz) like a microphone would, then ``listen_seconds`` of silence,
@@ -493,7 +515,7 @@ def echo_canceller(echo_cancel: bool | None, sample_rate: int):
 async def stream_microphone(
     url: str, *, token: str | None = None, seconds: float | None = None, codec: str = "pcm16", on_text: Callable[[Text], None] | None = None,
     voice: str | None = None, wait_seconds: float = 0.0, echo_cancel: bool | None = None, says: Sequence[str] = (),
-    reply: Callable[[str], str | None] | None = None, check_rounds: int | None = None,
+    reply: Reply | None = None, check_rounds: int | None = None,
 ) -> Conversation:
     """Full duplex with the sound card: microphone to the server, the server to the speakers.
 
@@ -584,7 +606,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                         help="have the model say TEXT first, e.g. a greeting (repeatable: said one after another; needs the server's answer assist)")
     parser.add_argument("--reply-command", metavar="CMD",
                         help="write the replies here instead of the server's model: each question's transcript goes to CMD's standard input "
-                             "and what CMD prints is said (e.g. a script that asks your own LLM); needs the server's answer assist")
+                             "and what CMD prints is said, line by line as it prints (e.g. a script that streams your own LLM's reply); "
+                             "needs the server's answer assist")
     parser.add_argument("--check-rounds", type=int, metavar="N",
                         help="the server checks each question's transcript against its sounds N rounds (0-5; default: the server's): "
                              "more often exactly right, later (for --reply-command)")
@@ -595,24 +618,36 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
 REPLY_COMMAND_SECONDS = 60.0
 
 
-def command_reply(command: str) -> Callable[[str], str | None]:
+def command_reply(command: str) -> Reply:
     """``--reply-command CMD``: a reply function that runs CMD (split as a shell would, not run by one) with the
-    question's transcript on its standard input and returns what it prints. A command that fails, or runs past
-    ``REPLY_COMMAND_SECONDS``, answers nothing (a warning); one that cannot start is an error now."""
+    question's transcript on its standard input, and yields each line it prints as the line comes (a command that
+    streams an LLM's reply line by line is heard while it writes). A command that fails says what it printed before
+    (a warning); one that runs past ``REPLY_COMMAND_SECONDS`` is stopped; one that cannot start is an error now."""
     argv = shlex.split(command)
     if not argv or shutil.which(argv[0]) is None:
         raise ClientError(f"--reply-command: cannot run {command!r} (no such program)")
 
-    def reply(question: str) -> str | None:
+    def reply(question: str) -> Iterator[str]:
         try:
-            done = subprocess.run(argv, input=question, capture_output=True, text=True, timeout=REPLY_COMMAND_SECONDS)
-        except (OSError, subprocess.TimeoutExpired) as e:
+            process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        except OSError as e:
             log.warning("--reply-command failed: %s", e)
-            return None
-        if done.returncode != 0:
-            log.warning("--reply-command exited with %d: %s", done.returncode, done.stderr.strip()[-200:])
-            return None
-        return done.stdout.strip() or None
+            return
+        timer = threading.Timer(REPLY_COMMAND_SECONDS, process.kill)
+        timer.start()
+        try:
+            with contextlib.suppress(BrokenPipeError):  # a command that does not read its input
+                process.stdin.write(question)
+                process.stdin.close()
+            yield from process.stdout  # line by line, as the command flushes them
+            code = process.wait()
+        finally:
+            timer.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if code != 0:
+            log.warning("--reply-command exited with %d: %s", code, process.stderr.read().strip()[-200:])
 
     return reply
 

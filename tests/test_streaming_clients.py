@@ -221,6 +221,9 @@ class Listener(SilenceModel):
     def configure_rows(self, state, options):
         return state
 
+    def hush_rows(self, state, rows):
+        return state
+
     def say_rows(self, state, says):
         for row, items in says.items():
             self.said.extend(text for text, _ in items)
@@ -267,3 +270,38 @@ def test_example_voice_agent_writes_the_replies(tmp_path, capsys):
         thread.join(10)
     assert model.said == ["Hello!", "Two plus three is five."]  # the greeting, then the reply the example wrote
     assert "user:  What is two plus three?" in capsys.readouterr().out and (tmp_path / "reply.wav").exists()
+
+
+def test_a_reply_written_in_parts_is_said_as_they_come(tmp_path):
+    """A reply function that yields texts (an LLM streamed sentence by sentence) has each said as it is written; so does
+    a --reply-command line by line as the command prints."""
+    from speechlm.streaming.client import command_reply, stream_file
+
+    written: list[float] = []
+
+    def reply(question):
+        yield "One."
+        written.append(time.monotonic())
+        time.sleep(0.3)
+        yield "Two."
+
+    async def main():
+        model = Listener()
+        async with DuplexServer(model, ServerConfig(port=0)) as server:
+            result = await stream_file(server.url, np.zeros(16_000, np.float32), reply=reply, realtime=False, listen_seconds=2)
+        return model.said, result.says
+
+    said, says = asyncio.run(asyncio.wait_for(main(), 20))
+    assert said == ["One.", "Two."] and [e["event"] for e in says].count("queued") == 2
+    # the command's lines, as it prints them: the first comes before the command has written the second
+    script = tmp_path / "agent.py"
+    script.write_text("import sys, time\nq = sys.stdin.read()\nprint('You asked: ' + q.strip(), flush=True)\ntime.sleep(0.5)\nprint('Bye.')\n")
+    start, got = time.monotonic(), []
+    for line in command_reply(f"{sys.executable} {script}")("what is two plus three"):
+        got.append((line.strip(), time.monotonic() - start))
+    assert [g for g, _ in got] == ["You asked: what is two plus three", "Bye."] and got[1][1] - got[0][1] > 0.3
+    with pytest.raises(ClientError, match="no such program"):
+        command_reply("no-such-program-here --x")
+    failing = tmp_path / "fails.py"
+    failing.write_text("print('Partly.', flush=True)\nraise SystemExit(3)\n")
+    assert [line.strip() for line in command_reply(f"{sys.executable} {failing}")("q")] == ["Partly."]
