@@ -16,6 +16,7 @@ Timed on the client's clock, from the moment the frame after the question's last
 
     python benchmarks/agent.py --count 20 --out docs/results/agent_replies.json
     python benchmarks/agent.py --count 20 --client-check-rounds 3 --out docs/results/agent_replies_client_checked.json
+    python benchmarks/agent.py --count 10 --second-after 0.5 --out docs/results/agent_replies_parts.json
 """
 
 from __future__ import annotations
@@ -66,11 +67,16 @@ def voiced_frames(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     return np.sqrt((frames**2).mean(axis=1)) > threshold
 
 
-async def session(url: str, audio: np.ndarray, question_end: int, replies: str, check_rounds: int | None = None) -> dict:
+async def session(url: str, audio: np.ndarray, question_end: int, replies: str, check_rounds: int | None = None,
+                  second_after: float | None = None) -> dict:  # fmt: skip
     """One session: ``audio`` (whole frames) in real time; the times after frame ``question_end`` was sent.
-    ``check_rounds``: the client's sessions ask for this transcript check (HANDSHAKE ``check_rounds``)."""
+    ``check_rounds``: the client's sessions ask for this transcript check (HANDSHAKE ``check_rounds``).
+    ``second_after``: the client's agent says a second sentence this many seconds after its first (an LLM's reply
+    streamed in parts): the gap between the first's last frame and the second's first (their ``done`` and
+    ``started`` events) is timed."""
     options = {"replies": "client", "check_rounds": check_rounds} if replies == "client" else {}
-    times: dict[str, float | None] = {"end": None, "heard": None, "say": None, "started": None, "audio": None}
+    times: dict[str, float | None] = {"end": None, "heard": None, "say": None, "started": None, "audio": None, "done1": None, "started2": None}
+    later: list[asyncio.Task] = []
     row: dict = {"replies": replies, "transcript": "", "model_text": ""}
     async with await DuplexClient.connect(url, metadata_interval=0, **options) as client:
         frames = audio.reshape(-1, FRAME)
@@ -98,17 +104,33 @@ async def session(url: str, audio: np.ndarray, question_end: int, replies: str, 
                         times["heard"] = now
                         if replies == "client":  # an instant agent: it says back what it heard
                             times["say"] = time.perf_counter()
-                            await client.say(f"You said: {message.text.strip()}")
+                            await client.say(f"You said: {message.text.strip()}", say_id=1)
+                            if second_after is not None:
+                                later.append(asyncio.create_task(say_later(second_after)))
                 elif isinstance(message, Text):
                     row["model_text"] += message.text
-                elif isinstance(message, Metadata) and message.data.get("type") == "say" and message.data.get("event") == "started":
-                    times["started"] = times["started"] or now
+                elif isinstance(message, Metadata) and message.data.get("type") == "say":
+                    event, say_id = message.data.get("event"), message.data.get("id")
+                    if event == "started" and say_id == 1:
+                        times["started"] = times["started"] or now
+                    elif event == "done" and say_id == 1:
+                        times["done1"] = now
+                    elif event == "started" and say_id == 2:
+                        times["started2"] = now
+                    if event in ("interrupted", "dropped"):
+                        row.setdefault("say_ends", []).append(event)
+
+        async def say_later(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+            await client.say("That is all I know.", say_id=2)
 
         receiver = asyncio.create_task(receive())
         await send()
         await asyncio.sleep(0.3)
         receiver.cancel()
-        await asyncio.gather(receiver, return_exceptions=True)
+        for task in later:
+            task.cancel()
+        await asyncio.gather(receiver, *later, return_exceptions=True)
     end = times["end"]
 
     def ms(key: str, since: float | None = end) -> float | None:
@@ -117,6 +139,8 @@ async def session(url: str, audio: np.ndarray, question_end: int, replies: str, 
     row.update(heard_ms=ms("heard"), onset_ms=ms("audio"))
     if replies == "client":
         row.update(say_to_audio_ms=ms("audio", times["say"]), say_to_started_ms=ms("started", times["say"]))
+        if second_after is not None:
+            row.update(part_gap_ms=ms("started2", times["done1"]))
     return row
 
 
@@ -134,6 +158,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="the server's torch threads")
     ap.add_argument("--dtype", default="auto", help="the server's --dtype")
     ap.add_argument("--client-check-rounds", type=int, help="the client's sessions ask for this many rounds of the transcript check")
+    ap.add_argument("--second-after", type=float, help="the client's agent says a second sentence this many seconds after its first")
     ap.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `speechlm serve` options (last on the line)")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -151,7 +176,7 @@ def main() -> None:
             audio = np.pad(audio, (0, -len(audio) % FRAME))
             question_end = int(np.nonzero(voiced_frames(audio))[0][-1]) + 1
             for replies in ("model", "client") if i % 2 == 0 else ("client", "model"):
-                row = asyncio.run(session(url, audio, question_end, replies, args.client_check_rounds))
+                row = asyncio.run(session(url, audio, question_end, replies, args.client_check_rounds, args.second_after))
                 row.update(question=item["text"], exact=words_for_scoring(row["transcript"]) == words_for_scoring(item["text"]))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -160,9 +185,10 @@ def main() -> None:
         server.wait(timeout=30)
     by = {mode: [r for r in rows if r["replies"] == mode] for mode in ("model", "client")}
     report = {
-        "count": args.count, "threads": args.threads, "dtype": args.dtype, "serve_args": args.serve_args, "client_check_rounds": args.client_check_rounds,
+        "count": args.count, "threads": args.threads, "dtype": args.dtype, "serve_args": args.serve_args, "client_check_rounds": args.client_check_rounds, "second_after": args.second_after,
         "summary": {mode: {"heard_ms": summary(rs, "heard_ms"), "onset_ms": summary(rs, "onset_ms"), "transcripts_exact": sum(r["exact"] for r in rs),
-                           **({"say_to_audio_ms": summary(rs, "say_to_audio_ms"), "say_to_started_ms": summary(rs, "say_to_started_ms")} if mode == "client" else {})}
+                           **({"say_to_audio_ms": summary(rs, "say_to_audio_ms"), "say_to_started_ms": summary(rs, "say_to_started_ms"),
+                               "part_gap_ms": summary(rs, "part_gap_ms")} if mode == "client" else {})}
                     for mode, rs in by.items()},
         "rows": rows,
     }  # fmt: skip
