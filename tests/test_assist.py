@@ -929,3 +929,14 @@ def test_a_session_chooses_its_transcript_check_and_questions_are_heard_in_batch
     assert voice.heard_with == [(2, 0), (2, 3)]  # questions waiting together: one batch per check
     with pytest.raises(SpeechLMError, match="check_rounds must be an integer from 0 to 5"):
         model.configure_rows(state, {0: {"check_rounds": 9}})
+
+
+def test_the_clients_question_goes_out_even_if_the_duplex_model_never_takes_the_turn(tokenizer_dir, codec):  # noqa: F811
+    model = assisted(tokenizer_dir, codec, talkative=False, mute=True)
+    model.duplex.lm.allowed_text[:] = False
+    model.duplex.lm.allowed_text[model.pad] = True  # this duplex model never wants to speak
+    state = model.configure_rows(model.init_state(1), {0: {"replies": "client"}})
+    _, texts, _, _ = ticks(model, state, np.concatenate([speech(8, 11), np.zeros(15 * N, np.float32)]))
+    sent = [t for t, piece in enumerate(texts) if isinstance(piece, dict) and "user" in piece]
+    assert sent == [17] and texts[17]["user"] == "hello world"  # after end_frames (10) quiet frames
+    assert model.speech.asked == [] and model.turns == 0
