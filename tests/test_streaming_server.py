@@ -879,3 +879,50 @@ def test_interrupt_with_reply_stops_the_models_reply():
                        {"type": "interrupted", "flushed_frames": 0, "reply": True}]
     assert got[3] == "interrupt's 'reply' must be true or false" and got[4]["type"] == "interrupted" and got[4]["reply"] is True
     assert hushed == [0] and said == [] and plain_ack == {"type": "interrupted", "flushed_frames": 0, "reply": False}
+
+
+def random_control(rng: np.random.Generator) -> bytes:
+    """A well-formed CONTROL with an action (some unknown) and fields of random names, types and sizes."""
+    values = [None, True, 7, -1, 2.5, "", "x" * int(rng.integers(0, 2500)), "Hello there.", ["a"], {"deep": [1, {"x": 2}]},
+              "model", "client", "joe", 3]
+    action = str(rng.choice(["say", "say", "say", "interrupt", "config", "start", "stop", "ping", "bogus"]))
+    names = ["text", "id", "reply", "replies", "check_rounds", "voice", "send_text", "metadata_interval", "volume"]
+    fields = {str(rng.choice(names)): values[int(rng.integers(0, len(values)))] for _ in range(int(rng.integers(0, 4)))}
+    if action == "say" and rng.random() < 0.7:  # mostly a text (of any type or size) and an id
+        fields = {"text": values[int(rng.integers(0, len(values)))], "id": int(rng.integers(0, 1000))}
+    return b"\x03" + json.dumps({**fields, "action": action}).encode()
+
+
+def test_random_controls_to_a_model_that_says_texts_leave_every_session_alive_and_bounded():
+    rng = np.random.default_rng(7)
+
+    async def fuzz(url: str) -> tuple[int, int]:
+        ws = await handshaken(url)
+        await ws.send(protocol.encode(Audio(bytes(2 * FRAME))))  # in the batch: its says reach the model
+        for _ in range(150):
+            await ws.send(random_control(rng))
+        await ws.send(protocol.encode(Control("ping", {"id": "after"})))
+        errors = other = 0
+        async for data in ws:
+            message = protocol.decode(data, max_bytes=2**20)
+            if isinstance(message, Error):
+                assert message.code == protocol.ErrorCode.BAD_MESSAGE, message
+                errors += 1
+            elif isinstance(message, Control) and message.action == "pong" and message.fields.get("id") == "after":
+                break
+            else:
+                other += 1
+        await ws.close()
+        return errors, other
+
+    async def main():
+        model = Sayer()
+        async with server(model, max_sessions=8) as srv:
+            outcomes = await asyncio.gather(*(fuzz(srv.url) for _ in range(3)))
+            bounded = all(s.says_open <= protocol.MAX_OPEN_SAYS and len(s.says) <= protocol.MAX_OPEN_SAYS for s in srv.scheduler.sessions.values())
+            await wait_until(lambda: not srv.connections)
+            return outcomes, bounded, srv.stats(), len(model.said)
+
+    outcomes, bounded, stats, said = run(main(), timeout=40)
+    assert all(errors > 20 and other > 20 for errors, other in outcomes), outcomes  # refused and taken, both
+    assert bounded and said > 0 and stats["errors"] == 0 and stats["live_sessions"] == 0
