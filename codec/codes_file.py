@@ -1,6 +1,7 @@
 """The ``.npz`` codes file written by ``speechlm codec encode``.
 
-Arrays: ``codes`` (F, G*R) integers, one row per frame; ``sample_rate``, ``frame_rate``,
+Arrays: ``codes`` (F, G*R) integers, one row per frame (or (F, G*k): the first k residual levels of each
+group, a lower bitrate); ``sample_rate``, ``frame_rate``,
 ``codebook_size``, ``num_samples`` (length of the original audio, to trim the padded
 last frame) and ``codec_id`` (the architecture that made the codes).  Decoding codes
 made by another codec architecture is refused with a clear error.
@@ -69,8 +70,11 @@ class CodesFile:
             raise SpeechLMError(f"{p}: codes outside [0, {f.codebook_size})")
         return f
 
-    def check_compatible(self, codec_id: str, codes_per_frame: int) -> None:
+    def check_compatible(self, codec_id: str, codes_per_frame: int, groups: int = 1) -> None:
+        """Codes this codec can decode: its id, and ``codes_per_frame`` (G*R) codes a frame or the first levels of each
+        of its ``groups`` (a multiple of G below G*R)."""
         if self.codec_id != codec_id:
             raise SpeechLMError(f"these codes were made by codec {self.codec_id!r}; this model is {codec_id!r}: decode with the codec that encoded them")
-        if self.codes.shape[1] != codes_per_frame:
-            raise SpeechLMError(f"codes have {self.codes.shape[1]} codebooks per frame; this codec uses {codes_per_frame}")
+        width = self.codes.shape[1]
+        if width != codes_per_frame and (width % groups or not 0 < width < codes_per_frame):
+            raise SpeechLMError(f"codes have {width} codebooks per frame; this codec uses {codes_per_frame} (or a multiple of {groups} below)")

@@ -139,6 +139,19 @@ class CodecConfig:
         """Bits per second: frame_rate * G * R * log2(C)."""
         return self.frame_rate * self.codes_per_frame * math.log2(self.codebook_size)
 
+    def bitrate_at(self, levels: int) -> float:
+        """Bits per second with the first ``levels`` residual levels of each group (of R)."""
+        return self.bitrate * levels / self.num_quantizers
+
+    def levels_for(self, kbps: float) -> int:
+        """The residual levels per group that make ``kbps`` kbit/s (a whole number of levels, 1 to R), else an error
+        that lists the bitrates this codec has."""
+        rates = [self.bitrate_at(k) / 1000 for k in range(1, self.num_quantizers + 1)]
+        for k, rate in enumerate(rates, 1):
+            if abs(rate - kbps) < 1e-6:
+                return k
+        raise SpeechLMError(f"this codec codes {', '.join(f'{r:g}' for r in rates)} kbit/s (residual levels 1-{self.num_quantizers}), not {kbps:g}")
+
     @property
     def codec_id(self) -> str:
         """Short, stable name of the architecture, e.g. ``grvq2x4x1024-25hz-3f9c0a1b``.

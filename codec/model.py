@@ -210,17 +210,20 @@ class Codec(nn.Module):
     # -- offline inference --------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode(self, wav: Tensor) -> Tensor:
+    def encode(self, wav: Tensor, levels: int | None = None) -> Tensor:
         """wav: (B, T) float at ``sample_rate`` -> codes (B, ceil(T/frame_length), G*R) int64.
 
-        The end is zero-padded to a whole frame.
+        The end is zero-padded to a whole frame. ``levels``: keep the first ``levels`` residual levels of each group
+        (G*levels codes a frame: a lower bitrate, ``config.bitrate_at(levels)``); :meth:`decode` takes either.
         """
         latent, _ = self.encoder(self._pad_to_frames(wav))
-        return self.quantizer.quantize_codes(latent)
+        codes = self.quantizer.quantize_codes(latent)
+        return codes if levels is None else self.quantizer.keep_levels(codes, levels)
 
     @torch.inference_mode()
     def decode(self, codes: Tensor) -> Tensor:
-        """codes: (B, F, G*R) int -> wav (B, F*frame_length) float32."""
+        """codes: (B, F, G*R) int -> wav (B, F*frame_length) float32; or (B, F, G*k): the first k residual levels of
+        each group (:meth:`encode` with ``levels``)."""
         self.quantizer.check_codes(codes, frames_axis=True)
         if codes.shape[1] == 0:
             return torch.zeros(codes.shape[0], 0, device=self._device)
@@ -256,7 +259,7 @@ class Codec(nn.Module):
 
     @torch.inference_mode()
     def decode_step(self, codes: Tensor, state: CodecState) -> tuple[Tensor, CodecState]:
-        """One frame of codes per row -> its audio. codes: (B, G*R) -> pcm (B, frame_length).
+        """One frame of codes per row -> its audio. codes: (B, G*R) (or (B, G*k): the first k levels) -> pcm (B, frame_length).
 
         Equal to the matching frame of :meth:`decode`.
         """

@@ -158,11 +158,20 @@ class GroupResidualQuantizer(nn.Module):
         return torch.stack(codes, dim=-1).permute(1, 0, 2).reshape(batch, steps, -1)  # g (b t) r -> b t (g r)
 
     def lookup(self, codes: Tensor) -> Tensor:
-        """codes (B, T, G*R) -> latent (B, T, D) channels-last: per group, the sum of its R chosen entries."""
+        """codes (B, T, G*k) -> latent (B, T, D) channels-last: per group, the sum of its chosen entries. k = R, or
+        fewer: the first k residual levels of each group (a lower bitrate, :meth:`keep_levels`; the rest count 0)."""
         cache = self._codebooks()
-        batch, steps, _ = codes.shape
-        vectors = nn.functional.embedding(codes + cache["offsets"], cache["flat"])  # (B, T, G*R, d)
-        return vectors.view(batch, steps, self.groups, self.num_quantizers, self.dim // self.groups).sum(dim=3).view(batch, steps, self.dim)
+        batch, steps, width = codes.shape
+        levels = width // self.groups
+        offsets = cache["offsets"].view(self.groups, self.num_quantizers)[:, :levels].reshape(-1)
+        vectors = nn.functional.embedding(codes + offsets, cache["flat"])  # (B, T, G*k, d)
+        return vectors.view(batch, steps, self.groups, levels, self.dim // self.groups).sum(dim=3).view(batch, steps, self.dim)
+
+    def keep_levels(self, codes: Tensor, levels: int) -> Tensor:
+        """codes (..., G*R) -> (..., G*levels): the first ``levels`` residual levels of each group (coarse to fine)."""
+        if not 1 <= levels <= self.num_quantizers:
+            raise SpeechLMError(f"levels must be 1 to {self.num_quantizers}, got {levels}")
+        return codes.unflatten(-1, (self.groups, self.num_quantizers))[..., :levels].flatten(-2)
 
     def decode_codes(self, codes: Tensor) -> Tensor:
         """codes (B, T, G*R) int64 -> latent (B, D, T), equal to the library's ``get_output_from_indices``."""
@@ -170,15 +179,18 @@ class GroupResidualQuantizer(nn.Module):
         return rearrange(self.lookup(codes), "b t d -> b d t")
 
     def check_codes(self, codes: Tensor, frames_axis: bool) -> None:
-        """Raise SpeechLMError unless ``codes`` is (B, T, G*R) (or (B, G*R)) of ints in [0, C)."""
+        """Raise SpeechLMError unless ``codes`` is (B, T, G*k) (or (B, G*k)) of ints in [0, C), k = 1 .. R (fewer than
+        R: the first k residual levels of each group)."""
         expected = (
             f"(batch, frames, {self.groups * self.num_quantizers})" if frames_axis else f"(batch, {self.groups * self.num_quantizers})"
         )
         if not isinstance(codes, Tensor):
             raise SpeechLMError(f"codes must be a torch tensor of shape {expected}, got {type(codes).__name__}")
-        if codes.ndim != (3 if frames_axis else 2) or codes.shape[-1] != self.groups * self.num_quantizers:
+        width = codes.shape[-1] if codes.ndim else 0
+        if codes.ndim != (3 if frames_axis else 2) or width % self.groups or not 1 <= width // self.groups <= self.num_quantizers:
             raise SpeechLMError(
-                f"codes must have shape {expected} ({self.groups} groups x {self.num_quantizers} quantizers), got {tuple(codes.shape)}"
+                f"codes must have shape {expected} ({self.groups} groups x {self.num_quantizers} quantizers; or fewer levels a group), "
+                f"got {tuple(codes.shape)}"
             )
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise SpeechLMError(f"codes must be integers, got dtype {codes.dtype}")

@@ -563,12 +563,19 @@ def _load_codec(name: str):
     return Codec.from_pretrained(name).eval()
 
 
+def _levels(codec, kbps: float | None) -> int | None:
+    """``--bandwidth KBPS`` -> the codec's residual levels per group (None: all)."""
+    return None if kbps is None else codec.config.levels_for(kbps)
+
+
 def cmd_codec_encode(args: argparse.Namespace) -> int:
     from .codec.compress import encode_file
 
     codec = _load_codec(args.model)
-    codes = encode_file(codec, args.input, args.output)
-    print(f"{args.input}: {codes.codes.shape[0]} frames x {codes.codes.shape[1]} codes ({codec.config.bitrate:.0f} bit/s) -> {args.output}")
+    levels = _levels(codec, args.bandwidth)
+    codes = encode_file(codec, args.input, args.output, levels)
+    rate = codec.config.bitrate_at(levels or codec.config.num_quantizers)
+    print(f"{args.input}: {codes.codes.shape[0]} frames x {codes.codes.shape[1]} codes ({rate:.0f} bit/s) -> {args.output}")
     return 0
 
 
@@ -583,7 +590,8 @@ def cmd_codec_decode(args: argparse.Namespace) -> int:
 def cmd_codec_roundtrip(args: argparse.Namespace) -> int:
     from .codec.compress import roundtrip_file
 
-    roundtrip_file(_load_codec(args.model), args.input, args.output)
+    codec = _load_codec(args.model)
+    roundtrip_file(codec, args.input, args.output, _levels(codec, args.bandwidth))
     print(f"{args.input} -> {args.output}")
     return 0
 
@@ -604,11 +612,12 @@ def cmd_codec_eval(args: argparse.Namespace) -> int:
     if not files:
         raise SpeechLMError(f"no audio files ({', '.join(WRITE_FORMATS)}) in {folder}")
     codec = _load_codec(args.model)
+    levels = _levels(codec, args.bandwidth)
     rows = []
     for f in files:
         audio = load_audio(f, sample_rate=codec.sample_rate)
-        rows.append({"file": str(f), **all_metrics(audio, decode_codes(codec, encode_audio(codec, audio)), codec.sample_rate)})
-    summary = {"files": len(rows), "bitrate": codec.config.bitrate, "codec_id": codec.codec_id}
+        rows.append({"file": str(f), **all_metrics(audio, decode_codes(codec, encode_audio(codec, audio, levels)), codec.sample_rate)})
+    summary = {"files": len(rows), "bitrate": codec.config.bitrate_at(levels or codec.config.num_quantizers), "codec_id": codec.codec_id}
     for key in ("stoi", "pesq_wb", "si_sdr", "log_mel"):
         values = [r[key] for r in rows if r[key] is not None]
         summary[key] = round(float(np.mean(values)), 4) if values else None
@@ -895,6 +904,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     codec = sub.add_parser("codec", help="the GRVQ speech codec: encode, decode, roundtrip, eval").add_subparsers(dest="codec_command", metavar="SUBCOMMAND", required=True)
     model_help = f"codec directory or shipped name (default {DEFAULT_CODEC})"
+    bandwidth_help = ("a lower bitrate: the first residual levels of each group only (codec-16k: 0.5, 1, 1.5 or 2 kbit/s; "
+                      "default: all, 2)")
     for name, help_text, func in (
         ("encode", "audio file -> codes .npz", cmd_codec_encode),
         ("decode", "codes .npz -> audio file", cmd_codec_decode),
@@ -904,12 +915,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("input")
         p.add_argument("-o", "--output", required=True)
         p.add_argument("--model", default=DEFAULT_CODEC, help=model_help)
+        if name != "decode":  # (decoding reads the bitrate from the codes)
+            p.add_argument("--bandwidth", type=float, metavar="KBPS", help=bandwidth_help)
         p.set_defaults(func=func)
     p = codec.add_parser("eval", help="SI-SDR, log-mel distance (and STOI, PESQ-WB with the [eval] extra) over a folder")
     p.add_argument("input", help="folder of audio files")
     p.add_argument("--model", default=DEFAULT_CODEC, help=model_help)
     p.add_argument("--limit", type=_positive_int, default=1000, help="at most this many files")
     p.add_argument("--json", action="store_true", help="per-file results too")
+    p.add_argument("--bandwidth", type=float, metavar="KBPS", help=bandwidth_help)
     p.set_defaults(func=cmd_codec_eval)
 
     train = sub.add_parser("train", help="training: codec, lm, checker, vad").add_subparsers(dest="train_command", metavar="SUBCOMMAND", required=True)

@@ -42,6 +42,21 @@ def test_encode_decode_roundtrip(cli_here, model_dir, speech, tmp_path):
     assert r.returncode == 0 and np.allclose(sf.read(tmp_path / "r.flac")[0], audio, atol=2e-4)
 
 
+def test_a_lower_bandwidth(cli_here, model_dir, speech, tmp_path):
+    """--bandwidth: the first residual levels of each group (the tiny codec: 2 x 2 x 64 at 25 Hz = 600 bit/s, so
+    0.3 kbit/s is one level); decode reads the bitrate from the codes; a rate the codec has not is a one-line error."""
+    model = str(model_dir / "tiny")
+    r = cli_here("codec", "encode", str(speech), "-o", str(tmp_path / "c.npz"), "--model", model, "--bandwidth", "0.3")
+    assert r.returncode == 0 and "(300 bit/s)" in r.stdout, r.stdout + r.stderr
+    assert np.load(tmp_path / "c.npz")["codes"].shape == (25, 2)
+    r = cli_here("codec", "decode", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.wav"), "--model", model)
+    assert r.returncode == 0 and len(sf.read(tmp_path / "d.wav")[0]) == 16000, r.stderr
+    r = cli_here("codec", "roundtrip", str(speech), "-o", str(tmp_path / "r.wav"), "--model", model, "--bandwidth", "0.3")
+    assert r.returncode == 0 and np.allclose(sf.read(tmp_path / "r.wav")[0], sf.read(tmp_path / "d.wav")[0], atol=2e-4)
+    _one_line_error(cli_here("codec", "encode", str(speech), "-o", str(tmp_path / "x.npz"), "--model", model, "--bandwidth", "1"),
+                    "this codec codes 0.3, 0.6 kbit/s")
+
+
 def _one_line_error(r, message):
     assert r.returncode == 2, r.stdout + r.stderr
     assert message in r.stderr, r.stderr

@@ -310,3 +310,32 @@ def test_envelope_correlation_loss():
     assert value.item() > 0 and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     assert loss(target[:, :6000], target[:, :6000]).item() < 1e-4  # shorter than one 30-frame segment
     assert loss(target[:, :300], target[:, :300]).item() == 0.0  # not even two frames
+
+
+def test_a_lower_bitrate_keeps_the_first_residual_levels_of_each_group(codec):
+    """encode(levels=k): the first k of each group's R residual codes (coarse to fine) — G*k codes a frame at
+    k/R of the bitrate; decode and decode_step take them (the finer levels count 0), frame by frame as offline."""
+    config, G, R = codec.config, codec.config.groups, codec.config.num_quantizers
+    wav = speechlike(2, 6)
+    full = codec.encode(wav)
+    coarse = codec.encode(wav, levels=1)
+    assert coarse.shape == (2, 6, G) and torch.equal(coarse, full.view(2, 6, G, R)[..., 0])
+    assert torch.equal(codec.quantizer.keep_levels(full, R), full)
+    # the latent of k levels is the sum of each group's first k entries: the full latent less the finer levels'
+    books = codec.quantizer._codebooks()
+    entries = torch.nn.functional.embedding(full + books["offsets"], books["flat"]).view(2, 6, G, R, -1)
+    expected = entries[:, :, :, :1].sum(dim=3).flatten(2)
+    torch.testing.assert_close(codec.quantizer.lookup(coarse), expected)
+    audio = codec.decode(coarse)
+    state, frames = codec.init_state(2), []
+    for f in range(6):
+        pcm, state = codec.decode_step(coarse[:, f], state)
+        frames.append(pcm)
+    torch.testing.assert_close(torch.cat(frames, dim=1), audio, atol=ATOL, rtol=0)
+    assert not torch.allclose(audio, codec.decode(full), atol=1e-3)  # coarser codes, other audio
+    # bitrates: R levels = the whole rate; a bitrate that is not a whole number of levels is refused with the choices
+    assert config.bitrate_at(R) == config.bitrate and config.levels_for(config.bitrate_at(1) / 1000) == 1
+    with pytest.raises(SpeechLMError, match="kbit/s"):
+        config.levels_for(config.bitrate_at(1) / 1000 * 0.7)
+    with pytest.raises(SpeechLMError, match="levels must be 1 to"):
+        codec.encode(wav, levels=R + 1)
