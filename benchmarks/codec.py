@@ -15,6 +15,9 @@ per-file figures under ``files``). The JSON is written after every test set.
 
     python benchmarks/codec.py --model codec-16k --librispeech ../shared/data/librispeech-251 \\
         --synthetic data/synth-test --limit 48 --out docs/results/codec.json
+    # lower bitrates of the same codes (the first residual levels of each group) beside the low-rate anchors
+    python benchmarks/codec.py --bandwidths 1.5,1,0.5 --anchors codec2-1600,codec2-1200,codec2-700C --no-speed \\
+        --out docs/results/codec_bandwidths.json
 """
 
 from __future__ import annotations
@@ -67,9 +70,9 @@ def opus(audio: np.ndarray, kbps: int) -> np.ndarray:
     return y if y.ndim == 1 else y.mean(axis=1)
 
 
-def roundtrip(codec: Codec):
-    """Audio -> our codec's codes -> audio."""
-    return lambda audio: decode_codes(codec, encode_audio(codec, audio))
+def roundtrip(codec: Codec, levels: int | None = None):
+    """Audio -> our codec's codes (``levels``: the first residual levels of each group only) -> audio."""
+    return lambda audio: decode_codes(codec, encode_audio(codec, audio, levels))
 
 
 # --- quality -----------------------------------------------------------------------------
@@ -166,7 +169,10 @@ def main() -> None:
     ap.add_argument("--librispeech", default="../shared/data/librispeech-251")
     ap.add_argument("--synthetic", help="a synth corpus of held-out voices (speechlm data synth ... test voices)")
     ap.add_argument("--limit", type=int, default=48, help="files per test set")
-    ap.add_argument("--anchors", default="all", help="comma-separated subset of codec2-3200,codec2-2400,codec2-1600,opus-6,opus-8 (default all)")
+    ap.add_argument("--bandwidths", default="", help="our codec at lower bitrates too (kbit/s, comma-separated, e.g. 1.5,1,0.5: "
+                    "the first residual levels of each group)")
+    ap.add_argument("--anchors", default="all", help="comma-separated, of codec2-3200,codec2-2400,codec2-1600,opus-6,opus-8 (all: these five) "
+                    "and codec2-1200, codec2-700C (the low-rate modes)")
     ap.add_argument("--no-judge", action="store_true", help="skip the Whisper WER")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed rounds (quality only)")
     ap.add_argument("--out")
@@ -179,13 +185,17 @@ def main() -> None:
         "codec2-1600": ("codec2 1.6 kbps", lambda a: codec2(a, "1600")),
         "opus-6": ("opus 6 kbps", lambda a: opus(a, 6)),
         "opus-8": ("opus 8 kbps", lambda a: opus(a, 8)),
+        "codec2-1200": ("codec2 1.2 kbps", lambda a: codec2(a, "1200")),
+        "codec2-700C": ("codec2 0.7 kbps", lambda a: codec2(a, "700C")),
     }
-    chosen = list(anchors) if args.anchors == "all" else [a.strip() for a in args.anchors.split(",") if a.strip()]
+    five = ["codec2-3200", "codec2-2400", "codec2-1600", "opus-6", "opus-8"]
+    chosen = five if args.anchors == "all" else [a.strip() for a in args.anchors.split(",") if a.strip()]
     unknown = sorted(set(chosen) - set(anchors))
     if unknown:
         raise SystemExit(f"unknown anchors {unknown}; choose from {', '.join(anchors)}")
     systems = {
         f"speechlm {codec.config.bitrate / 1000:.1f} kbps": roundtrip(codec),
+        **{f"speechlm {float(kbps):.1f} kbps": roundtrip(codec, codec.config.levels_for(float(kbps))) for kbps in args.bandwidths.split(",") if kbps.strip()},
         **{f"speechlm {path}": roundtrip(Codec.from_pretrained(path).eval()) for path in args.also},
         **dict(anchors[a] for a in chosen),
     }
