@@ -1,5 +1,7 @@
 """`speechlm codec ...` on a small untrained model saved to disk: formats and bad input."""
 
+import json
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -55,6 +57,17 @@ def test_a_lower_bandwidth(cli_here, model_dir, speech, tmp_path):
     assert r.returncode == 0 and np.allclose(sf.read(tmp_path / "r.wav")[0], sf.read(tmp_path / "d.wav")[0], atol=2e-4)
     _one_line_error(cli_here("codec", "encode", str(speech), "-o", str(tmp_path / "x.npz"), "--model", model, "--bandwidth", "1"),
                     "this codec codes 0.3, 0.6 kbit/s")
+
+
+def test_eval_a_folder_at_each_bandwidth(cli_here, model_dir, speech, tmp_path):
+    model = str(model_dir / "tiny")
+    full = cli_here("codec", "eval", str(speech.parent), "--model", model)
+    low = cli_here("codec", "eval", str(speech.parent), "--model", model, "--bandwidth", "0.3")
+    assert full.returncode == 0 and low.returncode == 0, full.stderr + low.stderr
+    full, low = json.loads(full.stdout), json.loads(low.stdout)
+    assert full["files"] == low["files"] == 1 and full["bitrate"] == 600 and low["bitrate"] == 300
+    assert full["log_mel"] is not None and full["log_mel"] != low["log_mel"]  # other codes, other audio
+    _one_line_error(cli_here("codec", "eval", str(tmp_path), "--model", model), "no audio files")
 
 
 def _one_line_error(r, message):
