@@ -157,15 +157,20 @@ class GroupResidualQuantizer(nn.Module):
             residual = residual - nn.functional.embedding(index + cache["group_offsets"], stage_flat)  # (G, N, d)
         return torch.stack(codes, dim=-1).permute(1, 0, 2).reshape(batch, steps, -1)  # g (b t) r -> b t (g r)
 
-    def lookup(self, codes: Tensor) -> Tensor:
+    def lookup(self, codes: Tensor, row_levels: Tensor | None = None) -> Tensor:
         """codes (B, T, G*k) -> latent (B, T, D) channels-last: per group, the sum of its chosen entries. k = R, or
-        fewer: the first k residual levels of each group (a lower bitrate, :meth:`keep_levels`; the rest count 0)."""
+        fewer: the first k residual levels of each group (a lower bitrate, :meth:`keep_levels`; the rest count 0).
+        ``row_levels`` (B,): row b sums only its first ``row_levels[b]`` levels (training the decoder for every rate)."""
         cache = self._codebooks()
         batch, steps, width = codes.shape
         levels = width // self.groups
         offsets = cache["offsets"].view(self.groups, self.num_quantizers)[:, :levels].reshape(-1)
         vectors = nn.functional.embedding(codes + offsets, cache["flat"])  # (B, T, G*k, d)
-        return vectors.view(batch, steps, self.groups, levels, self.dim // self.groups).sum(dim=3).view(batch, steps, self.dim)
+        vectors = vectors.view(batch, steps, self.groups, levels, self.dim // self.groups)
+        if row_levels is not None:
+            keep = torch.arange(levels, device=codes.device) < row_levels.to(codes.device)[:, None]  # (B, k)
+            vectors = vectors * keep[:, None, None, :, None].to(vectors.dtype)
+        return vectors.sum(dim=3).view(batch, steps, self.dim)
 
     def keep_levels(self, codes: Tensor, levels: int) -> Tensor:
         """codes (..., G*R) -> (..., G*levels): the first ``levels`` residual levels of each group (coarse to fine)."""

@@ -646,7 +646,7 @@ def cmd_train_codec(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, crop_seconds=args.crop_seconds, lr=args.lr,
         unquantized_steps=args.unquantized_steps, disc_start=args.disc_start, phase_weight=args.phase_weight,
         envelope_weight=args.envelope_weight, init_from=args.init_from,
-        decoder_only=args.decoder_only, checkpoint_every=args.checkpoint_every,
+        decoder_only=args.decoder_only, level_dropout=args.level_dropout, checkpoint_every=args.checkpoint_every,
         checkpoint_minutes=args.checkpoint_minutes, seed=args.seed, threads=args.threads, codec=overrides,
     )
     trainer = CodecTrainer(config)
@@ -945,6 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", help="start from these codec weights (directory or shipped name), e.g. to continue codec-16k")
     p.add_argument("--decoder-only", action="store_true",
                    help="train only the decoder of --init-from: encoder and codebooks frozen, so its codes (and the LMs trained on them) stay valid")
+    p.add_argument("--level-dropout", type=float, default=0.0, metavar="SHARE",
+                   help="with --decoder-only: decode this share of each batch from the first residual levels only (a random "
+                        "number of them), so that the decoder learns the lower bitrates (--bandwidth) too (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive_int, default=1, help="torch threads per process")
     p.add_argument("--quiet", action="store_true")

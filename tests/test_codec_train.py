@@ -136,3 +136,22 @@ def test_ship_codec_run_from_a_shipped_codec_keeps_its_history(tmp_path):
     assert [s["run"] for s in provenance["stages"]] == ["runs/base", str(run)]
     assert provenance["stages"][0]["step"] == 5 and provenance["train_config"]["decoder_only"] is True
     assert (dst / "config.json").is_file()
+
+
+def test_level_dropout_decodes_rows_from_their_first_levels(audio_dir, tmp_path):
+    """--level-dropout (decoder-only): that share of a step's rows is decoded from the first k < R levels of each
+    group, drawn from (seed, step) so that a resumed run draws the same; the latent is the sum of those levels."""
+    CodecTrainer(_config(audio_dir, tmp_path / "a", steps=3)).train(progress=False)
+    trainer = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=2, init_from=str(tmp_path / "a" / "model"), decoder_only=True,
+                                   level_dropout=1.0))
+    R = trainer.codec.config.num_quantizers
+    levels = trainer._levels(8)
+    assert levels.shape == (8,) and bool(((levels >= 1) & (levels < R)).all()) and torch.equal(levels, trainer._levels(8))
+    codes = trainer.codec.encode(torch.randn(2, 1280) * 0.1)
+    one = trainer.codec.quantizer.lookup(codes, torch.tensor([1, R]))
+    torch.testing.assert_close(one[0], trainer.codec.quantizer.lookup(trainer.codec.quantizer.keep_levels(codes, 1))[0])
+    torch.testing.assert_close(one[1], trainer.codec.quantizer.lookup(codes)[1])
+    trainer.train(progress=False)  # trains
+    assert CodecTrainer(_config(audio_dir, tmp_path / "c", steps=2, init_from=str(tmp_path / "a" / "model"), decoder_only=True))._levels(8) is None
+    with pytest.raises(Exception, match="--level-dropout .* needs --decoder-only"):
+        CodecTrainer(_config(audio_dir, tmp_path / "d", level_dropout=0.5))

@@ -72,6 +72,9 @@ class CodecTrainConfig:
     codec: dict = field(default_factory=dict)  # CodecConfig overrides
     init_from: str | None = None  # start a new run from these codec weights (a directory or shipped name)
     decoder_only: bool = False  # freeze encoder and codebooks (codes unchanged), train the decoder (needs init_from)
+    # decoder-only: this share of the batch's rows is decoded from the first k < R residual levels of each group only
+    # (k uniform; SoundStream's quantizer dropout), so that the decoder learns the lower bitrates too; 0 = off
+    level_dropout: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -119,6 +122,10 @@ class CodecTrainer:
         self.pool = pool if pool is not None else AudioPool(config.data)
         if config.decoder_only and not config.init_from:
             raise SpeechLMError("--decoder-only trains the decoder of an existing codec: give --init-from CODEC")
+        if config.level_dropout and not config.decoder_only:
+            raise SpeechLMError("--level-dropout trains the decoder for lower bitrates: it needs --decoder-only")
+        if not 0.0 <= config.level_dropout <= 1.0:
+            raise SpeechLMError(f"--level-dropout must be in [0, 1], got {config.level_dropout}")
         self.codec = Codec(CodecConfig(**config.codec))
         self.disc = MultiResolutionSTFTDiscriminator()
         if config.decoder_only:
@@ -250,9 +257,19 @@ class CodecTrainer:
         self.codec.encoder.eval()
         self.codec.quantizer.eval()
         codes = self.codec.encode(wav).clone()  # inference mode inside; clone: a normal tensor for autograd
-        latent = self.codec.quantizer.lookup(codes)  # (B, F, D), no gradient
+        latent = self.codec.quantizer.lookup(codes, self._levels(codes.shape[0]))  # (B, F, D), no gradient
         recon, _ = self.codec_ddp(latent)
         return recon, codes, {"commitment": wav.new_zeros(())}
+
+    def _levels(self, rows: int) -> torch.Tensor | None:
+        """``level_dropout``: the residual levels each row of this step's batch is decoded from (R for most; k < R,
+        uniform, for that share), a function of (seed, step, rank) so that a resumed run draws the same; None = all."""
+        c, R = self.config, self.codec.config.num_quantizers
+        if not c.level_dropout or R < 2:
+            return None
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step * 101 + self.rank)
+        dropped = torch.rand(rows, generator=g) < c.level_dropout
+        return torch.where(dropped, torch.randint(1, R, (rows,), generator=g), R)
 
     # -- the loop --------------------------------------------------------------------------
 
