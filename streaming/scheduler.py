@@ -453,35 +453,27 @@ class Scheduler:
                 s.says = []
 
     def _configure(self, options: dict[int, dict[str, Any]]) -> None:
-        """The model's per-row settings (``configure_rows``, where it has them); a model that refuses them keeps its
-        rows as they were (the server checks what sessions ask for first)."""
-        configure = getattr(self.model, "configure_rows", None)
-        if configure is None or not options:
-            return
-        try:
-            self._state = configure(self._state, options)
-        except Exception as e:  # noqa: BLE001 - a setting the model refuses costs the setting, not the batch
-            log.warning("the model refused the sessions' settings %s: %s", options, e)
+        """The model's per-row settings (``configure_rows``); the server checks what sessions ask for first."""
+        self._model_rows("configure_rows", options, "the sessions' settings")
 
     def _hush(self, rows: list[int]) -> None:
-        hush_rows = getattr(self.model, "hush_rows", None)
-        if hush_rows is None or not rows:
-            return
-        try:
-            self._state = hush_rows(self._state, rows)
-        except Exception as e:  # noqa: BLE001 - costs the hush, not the batch
-            log.warning("the model could not stop rows %s: %s", rows, e)
+        """Rows stop what they are saying (``hush_rows``)."""
+        self._model_rows("hush_rows", rows, "stopping rows")
 
     def _say(self, says: dict[int, list[tuple[str, Any]]]) -> None:
-        """The sessions' texts for the model to say (``say_rows``); a model that cannot, or refuses, loses them (the
-        server checks ``can_say`` first)."""
-        say_rows = getattr(self.model, "say_rows", None)
-        if say_rows is None or not says:
+        """The sessions' texts for the model to say (``say_rows``; the server checks ``can_say`` first)."""
+        self._model_rows("say_rows", says, "the sessions' says")
+
+    def _model_rows(self, method: str, rows: Any, what: str) -> None:
+        """Hand ``rows`` (per-row options, says, or row indices) to the model's ``method`` where it has one. A model
+        without it, or one that refuses, keeps its rows as they were: it costs that request, not the batch."""
+        call = getattr(self.model, method, None)
+        if call is None or not rows:
             return
         try:
-            self._state = say_rows(self._state, says)
-        except Exception as e:  # noqa: BLE001 - a say the model refuses costs the say, not the batch
-            log.warning("the model refused the sessions' says: %s", e)
+            self._state = call(self._state, rows)
+        except Exception as e:  # noqa: BLE001
+            log.warning("the model refused %s %s: %s", what, rows, e)
 
     def _ensure_capacity(self, needed: int) -> None:
         if self._state is None:
