@@ -164,7 +164,9 @@ class GroupResidualQuantizer(nn.Module):
         cache = self._codebooks()
         batch, steps, width = codes.shape
         levels = width // self.groups
-        offsets = cache["offsets"].view(self.groups, self.num_quantizers)[:, :levels].reshape(-1)
+        offsets = cache["offsets"]
+        if levels < self.num_quantizers:  # (the full width, every frame of the streaming decode, as it was)
+            offsets = offsets.view(self.groups, self.num_quantizers)[:, :levels].reshape(-1)
         vectors = nn.functional.embedding(codes + offsets, cache["flat"])  # (B, T, G*k, d)
         vectors = vectors.view(batch, steps, self.groups, levels, self.dim // self.groups)
         if row_levels is not None:
