@@ -233,8 +233,7 @@ class _Job:
         self.speaking_part = -1  # the index of the text being spoken
         self.lock = threading.Lock()  # parts and done, between the tick (extend) and the speech (next_part)
         if self.says:
-            self.reply = " ".join(s.text for s in self.says)
-            self.planned.set()
+            self.planned.set()  # nothing to hear or write: its texts are the reply
 
     def cancel(self) -> None:
         with self.lock:
