@@ -48,10 +48,14 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     """``speechlm serve`` on a free port; its websocket URL once it listens."""
     # sessions come one at a time, the next as the last closes: the load-based admission is off (it would judge the next
     # on the load of the one still closing)
-    command = [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--threads", str(args.threads), "--dtype", args.dtype,
-               "--admit-load", "off", *args.serve_args]
+    return serve_child(["--threads", str(args.threads), "--dtype", args.dtype, *args.serve_args])
+
+
+def serve_child(options: list[str], timeout: float = 300) -> tuple[subprocess.Popen, str]:
+    """``speechlm serve --port 0 --admit-load off OPTIONS`` as a child process -> (it, its base URL ws://HOST:PORT)."""
+    command = [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--admit-load", "off", *options]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         line = server.stdout.readline()
         if not line and server.poll() is not None:

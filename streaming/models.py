@@ -190,6 +190,27 @@ class EchoCodecModel:
         return pcm, [None] * batch, new_state
 
 
+class LoopbackModel:
+    """The user's audio back, untouched, one frame later; no text (``speechlm serve --model loopback``: for trying
+    clients, microphones and the wire's codec without a model). Its state is each row's last frame."""
+
+    def __init__(self, frame_length: int = 640, sample_rate: int = 16_000):
+        self.frame_length = frame_length
+        self.sample_rate = sample_rate
+        self.max_batch_seen = 0
+
+    def init_state(self, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, self.frame_length)  # (B, frame_length): the frame heard last
+
+    def reset_rows(self, state: Tensor, rows: list[int]) -> Tensor:
+        return state.index_fill(0, torch.as_tensor(rows, dtype=torch.long), 0.0) if rows else state
+
+    def step(self, user_pcm: Tensor, state: Tensor) -> tuple[Tensor, list[TextPiece], Tensor]:
+        batch = user_pcm.shape[0]
+        self.max_batch_seen = max(self.max_batch_seen, batch)
+        return state, [None] * batch, user_pcm.detach().clone()
+
+
 class SilenceModel:
     """Returns silence and no text; its state is one tensor of frame counters."""
 

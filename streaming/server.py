@@ -626,12 +626,14 @@ def build_model(config: ServerConfig) -> DuplexModel:
     """The model named by ``config.model`` on ``config.device``."""
     import torch
 
-    from .models import EchoCodecModel, SilenceModel, with_compiled_codec
+    from .models import EchoCodecModel, LoopbackModel, SilenceModel, with_compiled_codec
 
     if config.threads:
         torch.set_num_threads(config.threads)
     if config.model == "silence":
         return SilenceModel()
+    if config.model == "loopback":
+        return LoopbackModel()
     if config.model in ("echo", "duplex"):
         from ..codec.model import Codec
 
@@ -664,7 +666,7 @@ def build_model(config: ServerConfig) -> DuplexModel:
                 **({} if config.assist_speech_detector is None else
                    {"speech_detector": None if config.assist_speech_detector == "none" else config.assist_speech_detector})))
         return model
-    raise SpeechLMError(f"unknown model {config.model!r} (known: echo, silence, duplex)")
+    raise SpeechLMError(f"unknown model {config.model!r} (known: duplex, echo, loopback, silence)")
 
 
 async def run_server(config: ServerConfig, model: DuplexModel | None = None, on_ready: Callable[[DuplexServer], Any] | None = None) -> None:

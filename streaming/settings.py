@@ -41,7 +41,7 @@ class ServerConfig:
     max_bad_messages: int = 100  # malformed messages before the session is closed
     max_pending_events: int = 256  # queued replies (ERROR, pong, METADATA) per session
     # Model selection for the command line (run_server builds it when no model is passed).
-    model: str = "duplex"  # "duplex" (a trained duplex LM, see lm), "echo" (codec loopback) or "silence"
+    model: str = "duplex"  # "duplex" (a trained duplex LM, see lm), "echo" (codec loopback), "loopback" (the audio as it came) or "silence"
     codec: str = "codec-16k"  # codec name or directory for the echo and duplex models
     lm: str | None = "duplex-default"  # duplex LM directory or shipped name (speechlm train lm --stage duplex)
     # answer assist (speechlm.streaming.assist): this speech LM hears the question and writes the duplex
@@ -109,7 +109,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="extra browser origin allowed to connect (repeatable; '*' for any)",
     )
     parser.add_argument(
-        "--model", choices=("echo", "silence", "duplex"), default=d.model, help="duplex: the duplex LM named by --lm (default); echo: codec loopback; silence: answers nothing"
+        "--model", choices=("duplex", "echo", "loopback", "silence"), default=d.model,
+        help="duplex: the duplex LM named by --lm (default); echo: codec loopback; loopback: your audio back as it came, a frame "
+             "later (try a client or the wire's codec); silence: answers nothing"
     )
     parser.add_argument("--codec", default=d.codec, help=f"codec name or directory for the echo and duplex models (default {d.codec})")
     parser.add_argument("--lm", default=d.lm, help=f"--model duplex: the duplex LM, a directory or shipped name (default {d.lm})")

@@ -579,6 +579,35 @@ def test_opus_session(codec):
     assert np.abs(result.audio).max() > 1e-3
 
 
+def test_loopback_model_returns_the_audio_a_frame_later():
+    """``--model loopback``: PCM16 comes back bit for bit, one frame late; through Opus both ways, the same sound
+    (after the two coders' delay)."""
+    from speechlm.streaming.models import LoopbackModel
+    from speechlm.streaming.server import build_model
+
+    assert isinstance(build_model(ServerConfig(model="loopback")), LoopbackModel)
+    audio = speech(1.0)
+
+    async def main(codec_name):
+        async with server(LoopbackModel()) as srv:
+            return await stream_file(srv.url, audio, realtime=False, listen_seconds=0.3, codec=codec_name)
+
+    plain = run(main("pcm16"))
+    assert plain.complete and not plain.errors
+    np.testing.assert_array_equal(plain.audio[FRAME : FRAME + len(audio)], audio)
+    assert not plain.audio[:FRAME].any()
+    if protocol.opus_available():
+        opus = run(main("opus"))
+        assert opus.complete and not opus.errors and opus.server["codec"] == "opus"
+        got, want = opus.audio[: len(audio) + 2 * FRAME], np.concatenate([np.zeros(FRAME), audio])
+        lags = range(0, 2 * FRAME)  # the encoder's and decoder's delays
+        scores = [np.dot(got[lag : lag + 12_000], want[:12_000]) for lag in lags]
+        lag = lags[int(np.argmax(scores))]
+        match = got[lag : lag + 12_000]  # coded twice (up and down): the waveform near, not equal
+        assert np.corrcoef(match, want[:12_000])[0, 1] > 0.6 and 0 < lag < FRAME, lag  # (at a wrong lag: |r| < 0.2)
+        assert abs(20 * np.log10(np.std(match) / np.std(want[:12_000]))) < 2
+
+
 def test_load_test_spreads_clients_over_processes_and_adds_their_counts():
     """benchmarks/server.py's measure_load with several client processes: every session joins,
     the counts of all processes are added up, and the load is held by a trivial model."""

@@ -1,7 +1,8 @@
 // The speechlm voice page: websocket protocol (docs/protocol.md), mic capture and playback
 // through audio-worklet.js, transcripts and a latency readout. Plain JS, no build step.
 //
-// URL options: ?token=SECRET fills the token box; ?voice=NAME asks for that voice at connect;
+// URL options: ?token=SECRET fills the token box; ?voice=NAME asks for that voice at connect; ?codec=opus chooses
+// Opus on the wire (opus.js; PCM16 by default);
 // ?autoconnect=1 connects on load (tests); ?say=TEXT has the model say TEXT once connected (tests);
 // window.speechlm exposes the live numbers for automated checks.
 //
@@ -31,9 +32,17 @@ const state = {
   retryTimer: null,
   pings: new Map(),
   nextPing: 1,
+  uplink: null, // OpusUplink / OpusDownlink when the wire is Opus
+  downlink: null,
+  connectedAt: null,
   stats: {
     connected: false,
     session: null,
+    codec: null, // the wire's audio codec, as the server accepted it
+    bytesSent: 0, // AUDIO payload bytes each way
+    bytesReceived: 0,
+    samplesReceived: 0,
+    receivedLevelDb: null, // the model audio's level (dBFS RMS) over the last 0.2 s
     voice: null,
     voices: [],
     framesSent: 0,
@@ -92,15 +101,24 @@ async function connect() {
     teardown();
     return;
   }
+  let codec = $("codec").value;
+  $("codec").disabled = true;
+  if (codec === "opus" && !(await opusSupported())) {
+    codec = "pcm16"; // WebCodecs is missing, or the page is not in a secure context (https or localhost)
+    $("codec").value = codec;
+    setStatus("this browser cannot code Opus here (needs WebCodecs over https or on localhost): using PCM16", "error");
+    if (!state.context) return; // Disconnect while it was asked
+  } else {
+    setStatus("connecting…");
+  }
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const token = $("token").value.trim();
   const url = `${scheme}://${location.host}/ws` + (token ? `?token=${encodeURIComponent(token)}` : "");
-  setStatus("connecting…");
   const ws = new WebSocket(url);
   ws.binaryType = "arraybuffer";
   state.ws = ws;
   ws.onopen = () => {
-    const config = { version: VERSION, sample_rate: WIRE_RATE, codec: "pcm16", client: "speechlm-web/1" };
+    const config = { version: VERSION, sample_rate: WIRE_RATE, codec, client: "speechlm-web/1" };
     const voice = new URLSearchParams(location.search).get("voice");
     if (voice) config.voice = voice;
     send(KIND.HANDSHAKE, config, VERSION);
@@ -156,11 +174,8 @@ async function startMicrophone() {
   });
   state.capture.port.onmessage = (event) => {
     if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
-    const pcm = new Uint8Array(event.data);
-    const out = new Uint8Array(1 + pcm.length);
-    out[0] = KIND.AUDIO;
-    out.set(pcm, 1);
-    state.ws.send(out);
+    if (state.uplink) state.uplink.encode(new Int16Array(event.data)); // its pages go out through sendAudio
+    else sendAudio(new Uint8Array(event.data));
     state.stats.framesSent++;
   };
   const mute = state.context.createGain();
@@ -168,16 +183,58 @@ async function startMicrophone() {
   source.connect(state.capture).connect(mute).connect(state.context.destination);
 }
 
+function sendAudio(payload) {
+  if (!state.ws || state.ws.readyState !== WebSocket.OPEN) return;
+  const out = new Uint8Array(1 + payload.length);
+  out[0] = KIND.AUDIO;
+  out.set(payload, 1);
+  state.ws.send(out);
+  state.stats.bytesSent += payload.length;
+}
+
+// the wire is Opus (the server's HANDSHAKE reply said so): the microphone's frames and the model's audio go
+// through WebCodecs (opus.js)
+function startOpus() {
+  const failed = (error) => {
+    setStatus(`Opus failed: ${error.message || error}`, "error");
+    teardown();
+  };
+  state.uplink = new OpusUplink(sendAudio, failed);
+  state.downlink = new OpusDownlink(play, failed);
+}
+
+function play(pcm) {
+  if (!state.playback || pcm.length === 0) return;
+  const s = state.stats;
+  s.samplesReceived += pcm.length;
+  s.framesReceived = Math.floor(s.samplesReceived / FRAME_LENGTH);
+  let power = 0;
+  for (let i = 0; i < pcm.length; i++) power += pcm[i] * pcm[i];
+  const db = 10 * Math.log10(power / pcm.length + 1e-10);
+  const keep = Math.exp(-pcm.length / (0.2 * WIRE_RATE)); // a level over about the last 0.2 s
+  s.receivedLevelDb = s.receivedLevelDb === null ? db : 10 * Math.log10(keep * 10 ** (s.receivedLevelDb / 10) + (1 - keep) * 10 ** (db / 10));
+  state.playback.port.postMessage({ type: "audio", pcm }, [pcm.buffer]);
+}
+
 function onMessage(data) {
   const bytes = new Uint8Array(data);
   if (bytes.length === 0) return;
   const kind = bytes[0];
   if (kind === KIND.AUDIO) {
+    state.stats.bytesReceived += bytes.length - 1;
+    if (state.downlink) {
+      try {
+        state.downlink.push(bytes.subarray(1));
+      } catch (error) {
+        setStatus(`bad Opus from the server: ${error.message || error}`, "error");
+        teardown();
+      }
+      return;
+    }
     const samples = new Int16Array(data.slice(1));
     const pcm = new Float32Array(samples.length);
     for (let i = 0; i < samples.length; i++) pcm[i] = samples[i] / 32768;
-    state.playback.port.postMessage({ type: "audio", pcm }, [pcm.buffer]);
-    state.stats.framesReceived++;
+    play(pcm);
     return;
   }
   let body;
@@ -190,7 +247,10 @@ function onMessage(data) {
     stopRetrying();
     state.stats.connected = true;
     state.stats.session = body.session;
-    setStatus(`connected: session ${body.session}, ${body.model}`, "ok");
+    state.stats.codec = body.codec;
+    state.connectedAt = performance.now();
+    setStatus(`connected: session ${body.session}, ${body.model}, ${body.codec}`, "ok");
+    if (body.codec === "opus") startOpus();
     showVoices(body.voices || [], body.voice);
     $("disconnect").disabled = false;
     $("interrupt").disabled = false;
@@ -221,6 +281,7 @@ function onMessage(data) {
     setStatus(`server busy: ${body.message}`, "error");
   } else if (kind === KIND.ERROR) {
     state.stats.errors.push(body);
+    if (body.code === "unsupported_codec") $("codec").value = "pcm16"; // the next Connect uses what the server has
     setStatus(`server error ${body.code}: ${body.message}`, "error");
   }
   render();
@@ -277,10 +338,16 @@ function render() {
   $("server-input").textContent = `${server.input_ms ?? "–"} ms, underruns ${server.underruns ?? "–"}`;
   $("server-step").textContent = server.server_step_ms_p50 == null ? "–" : `${server.server_step_ms_p50} ms (batch ${server.server_batch})`;
   // mouth-to-ear: one-way network + server input buffer + one frame of model delay + output queue + playback buffer
+  // (+ with Opus, the packets' length each way: 40 ms up, the server's 60 ms down)
   const oneWay = s.rttMs === null ? 0 : s.rttMs / 2;
-  const total = 2 * oneWay + (server.input_ms || 0) + frameMs + queueMs + s.playbackMs;
+  const opusMs = s.codec === "opus" ? 100 : 0;
+  const total = 2 * oneWay + (server.input_ms || 0) + frameMs + queueMs + s.playbackMs + opusMs;
   $("total").textContent = `≈ ${total.toFixed(0)} ms`;
   $("frames").textContent = `${s.framesSent} sent / ${s.framesReceived} received`;
+  const seconds = state.connectedAt === null ? 0 : (performance.now() - state.connectedAt) / 1000;
+  const kbps = (bytes) => (seconds > 0 ? ((8 * bytes) / seconds / 1000).toFixed(1) : "–");
+  $("wire").textContent = s.codec ? `${s.codec}: ${kbps(s.bytesSent)} kbit/s up, ${kbps(s.bytesReceived)} down` : "–";
+  $("level").textContent = s.receivedLevelDb === null ? "–" : `${s.receivedLevelDb.toFixed(1)} dBFS`;
 }
 
 function teardown() {
@@ -289,18 +356,22 @@ function teardown() {
   if (state.mic) state.mic.getTracks().forEach((track) => track.stop());
   if (state.context) state.context.close();
   if (state.ws && state.ws.readyState <= WebSocket.OPEN) state.ws.close(1000, "bye");
-  Object.assign(state, { ws: null, context: null, capture: null, playback: null, mic: null, busy: false });
+  if (state.uplink) state.uplink.close();
+  if (state.downlink) state.downlink.close();
+  Object.assign(state, { ws: null, context: null, capture: null, playback: null, mic: null, busy: false, uplink: null, downlink: null });
   state.stats.connected = false;
   $("connect").disabled = false;
   $("disconnect").disabled = true;
   $("interrupt").disabled = true;
   $("voice").disabled = true;
+  $("codec").disabled = false;
   $("say").disabled = $("say-text").disabled = true;
 }
 
 window.addEventListener("DOMContentLoaded", () => {
   const params = new URLSearchParams(location.search);
   if (params.get("token")) $("token").value = params.get("token");
+  if (params.get("codec") === "opus") $("codec").value = "opus";
   $("connect").onclick = connect;
   $("disconnect").onclick = () => {
     stopRetrying();

@@ -1,0 +1,170 @@
+"""Audio on the wire: PCM16 against Opus through the real server, what each costs in bytes and in delay.
+
+``speechlm serve --model loopback`` (the user's audio back as it came, one frame later: no model time) runs as a
+child process; clients stream at real-time pace, one session at a time, the codecs alternating. Each session sends
+0.2 s tone bursts (440 Hz at 0.3) one second apart over silence, and times every burst: from sending the frame
+it starts in to the earliest moment its first sample could be played at the client (the arrival of the AUDIO
+message holding it, plus its place in that message's samples). The server's path alone (PCM16) is the input
+buffer's wait for the next tick, the loopback's one frame and the write; Opus adds its coders' frames both ways
+(``sphn``'s stream writer makes 60 ms packets). Bytes are the AUDIO messages' payloads each way, per second of audio.
+
+    python benchmarks/wire.py --sessions 4 --seconds 10 --out docs/results/wire.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+import numpy as np
+from agent import serve_child
+
+from speechlm.streaming.client import DuplexClient
+from speechlm.streaming.protocol import Audio
+
+FRAME = 640
+RATE = 16_000
+BURST_FRAMES = 5  # 0.2 s
+PERIOD_FRAMES = 25  # a burst a second
+
+
+def bursts(seconds: float) -> np.ndarray:
+    """(frames, FRAME) float32: silence with a 440 Hz burst at the start of every PERIOD_FRAMES frames (the first after 1 s)."""
+    frames = int(seconds * RATE / FRAME)
+    t = np.arange(BURST_FRAMES * FRAME) / RATE
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32).reshape(BURST_FRAMES, FRAME)
+    out = np.zeros((frames, FRAME), np.float32)
+    for start in range(PERIOD_FRAMES, frames - BURST_FRAMES, PERIOD_FRAMES):
+        out[start : start + BURST_FRAMES] = tone
+    return out
+
+
+async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0.05) -> tuple[dict, np.ndarray]:
+    """Stream ``frames`` (n, FRAME) at real-time pace -> (the figures, the audio that came back)."""
+    starts = [i for i in range(len(frames)) if frames[i].any() and not frames[i - 1].any()]
+    sent_at: dict[int, float] = {}
+    delays: list[float] = []
+    counts = {"up": 0, "down": 0}
+    received: list[np.ndarray] = []
+    async with await DuplexClient.connect(url, codec=codec, metadata_interval=0, send_text=False) as client:
+        original_send = client.ws.send
+
+        async def counted_send(data):
+            if data[:1] == b"\x01":  # AUDIO
+                counts["up"] += len(data) - 1
+            await original_send(data)
+
+        client.ws.send = counted_send
+        begin = time.perf_counter()
+
+        async def send() -> None:
+            for i, frame in enumerate(frames):
+                delay = begin + i * FRAME / RATE - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                if i in starts:
+                    sent_at[i] = time.perf_counter()
+                await client.send_audio(frame)
+            await client.send_audio(np.zeros(FRAME * 10, np.float32))  # flush the coders
+            await asyncio.sleep(0.5)
+            await client.close()
+
+        async def receive() -> None:
+            quiet = 10 * RATE  # quiet samples since the last loud one: a burst starts after 0.4 s of them
+            async for message in client.messages():
+                if not isinstance(message, Audio):
+                    continue
+                arrived = time.perf_counter()
+                counts["down"] += len(message.payload)
+                pcm = client.pcm(message)
+                received.append(pcm)
+                above = np.flatnonzero(np.abs(pcm) > threshold)
+                if not len(above):
+                    quiet += len(pcm)
+                    continue
+                burst = len(delays)
+                if quiet + above[0] >= 0.4 * RATE and burst < len(starts) and starts[burst] in sent_at:
+                    delays.append(arrived + above[0] / RATE - sent_at[starts[burst]])
+                quiet = len(pcm) - 1 - above[-1]
+
+        await asyncio.gather(send(), receive())
+    audio_seconds = (len(frames) + 10) * FRAME / RATE  # with the flush
+    figures = {"codec": codec, "bursts": len(starts), "timed": len(delays), "delay_ms": [round(1000 * d, 1) for d in delays],
+               "up_kbps": round(8 * counts["up"] / audio_seconds / 1000, 2), "down_kbps": round(8 * counts["down"] / audio_seconds / 1000, 2)}
+    return figures, np.concatenate(received) if received else np.zeros(0, np.float32)
+
+
+def speech_figures(url: str, codec: str, audio: np.ndarray) -> dict:
+    """Real speech through the loopback: the bytes each way, and STOI of what came back (coded twice with Opus)."""
+    frames = np.pad(audio, (0, -len(audio) % FRAME)).reshape(-1, FRAME)
+    figures, back = asyncio.run(session(url, codec, frames))
+    out = {"codec": codec, "seconds": round(len(audio) / RATE, 1), "up_kbps": figures["up_kbps"], "down_kbps": figures["down_kbps"]}
+    try:
+        from pystoi import stoi
+
+        from speechlm.codec.metrics import align
+    except ImportError:
+        return out  # (STOI needs the [eval] extra)
+    ref, deg, lag = align(audio, back[: len(audio) + 4 * FRAME], max_lag=4 * FRAME)
+    out["stoi"] = round(float(stoi(ref, deg, RATE, extended=False)), 4)
+    out["lag_ms"] = round(1000 * lag / RATE, 1)  # one frame is the loopback's; the rest, the coders'
+    return out
+
+
+def summarize(rows: list[dict]) -> dict:
+    out = {}
+    for codec in dict.fromkeys(r["codec"] for r in rows):
+        mine = [r for r in rows if r["codec"] == codec]
+        delays = np.array([d for r in mine for d in r["delay_ms"]])
+        out[codec] = {
+            "sessions": len(mine), "bursts": sum(r["bursts"] for r in mine), "timed": len(delays),
+            "delay_ms_p50": round(float(np.median(delays)), 1) if len(delays) else None,
+            "delay_ms_p90": round(float(np.percentile(delays, 90)), 1) if len(delays) else None,
+            "up_kbps": round(float(np.mean([r["up_kbps"] for r in mine])), 2),
+            "down_kbps": round(float(np.mean([r["down_kbps"] for r in mine])), 2),
+        }
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=4, help="sessions per codec, alternating (default 4)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio per session (default 10)")
+    ap.add_argument("--codecs", default="pcm16,opus")
+    ap.add_argument("--speech", nargs="*", default=[], help="speech files: streamed once per codec for its bytes and STOI")
+    ap.add_argument("--out", help="write the results here (JSON)")
+    args = ap.parse_args()
+    server, url = serve_child(["--model", "loopback"], timeout=120)
+    url += "/ws"
+    rows = []
+    try:
+        for i in range(args.sessions):
+            for codec in args.codecs.split(","):
+                row, _ = asyncio.run(session(url, codec, bursts(args.seconds)))
+                print(json.dumps({"round": i, **{k: v for k, v in row.items() if k != "delay_ms"},
+                                  "delay_ms_p50": float(np.median(row["delay_ms"])) if row["delay_ms"] else None}), flush=True)
+                rows.append(row)
+        speech = []
+        if args.speech:
+            from speechlm.codec.audio import load_audio
+
+            audio = np.concatenate([load_audio(path) for path in args.speech])
+            for codec in args.codecs.split(","):
+                speech.append(speech_figures(url, codec, audio))
+                print(json.dumps(speech[-1]), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    result = {"command": " ".join(sys.argv), "sessions": args.sessions, "seconds": args.seconds, "summary": summarize(rows), "speech": speech,
+              "rows": rows}
+    print(json.dumps(result["summary"], indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
