@@ -102,11 +102,19 @@ class OutputFrame:
 
 
 class OutputQueue:
-    """Bounded FIFO of output frames; when full the oldest frame is dropped and counted."""
+    """Bounded FIFO of output frames; when full the oldest frame is dropped and counted.
+
+    A frame's say events (its text piece's ``"events"``) outlive the frame: those of frames dropped or cleared are kept,
+    in order, for :meth:`take_kept_events` (they are older than every frame still queued), so that a client always
+    hears how each of its says ended, however slowly it reads (up to ``MAX_KEPT_EVENTS``: a client that reads nothing
+    while it asks for says without end cannot grow them without bound; past that the oldest go)."""
+
+    MAX_KEPT_EVENTS = 1024
 
     def __init__(self, capacity_frames: int):
         self.capacity = max(1, int(capacity_frames))
         self._frames: collections.deque[OutputFrame] = collections.deque()
+        self._kept_events: list[dict] = []
         self.dropped = 0
         self.ready = asyncio.Event()
 
@@ -115,7 +123,7 @@ class OutputQueue:
 
     def push(self, frame: OutputFrame) -> None:
         if len(self._frames) >= self.capacity:
-            self._frames.popleft()
+            self._keep_events(self._frames.popleft())
             self.dropped += 1
         self._frames.append(frame)
         self.ready.set()
@@ -127,8 +135,31 @@ class OutputQueue:
     def clear(self) -> int:
         """Drop everything queued (an interrupt); returns how many frames went."""
         n = len(self._frames)
+        for frame in self._frames:
+            self._keep_events(frame)
         self._frames.clear()
         return n
+
+    def take_kept_events(self) -> list[dict]:
+        """The say events of the frames dropped or cleared since the last call, oldest first."""
+        events, self._kept_events = self._kept_events, []
+        return events
+
+    def forget_says(self, ids: list[Any]) -> None:
+        """Take the events of the says ``ids`` out of the queued frames (the says were dropped: a CONTROL stop)."""
+        if not ids:
+            return
+        for frame in self._frames:
+            events = frame.text.get("events") if isinstance(frame.text, dict) else None
+            if events:
+                kept = [e for e in events if not (isinstance(e, dict) and e.get("id") in ids and e.get("event") not in SAY_ENDS)]
+                frame.text = {**frame.text, "events": kept}
+
+    def _keep_events(self, frame: OutputFrame) -> None:
+        events = frame.text.get("events") if isinstance(frame.text, dict) else None
+        if events:
+            self._kept_events.extend(e for e in events if isinstance(e, dict))
+            del self._kept_events[: -self.MAX_KEPT_EVENTS]
 
 
 class StreamSession:
@@ -151,7 +182,12 @@ class StreamSession:
         self.closed = False
         self.options: dict[str, Any] = {}  # the session's settings for its row of the model (e.g. "voice"), set at every join
         self.says: list[tuple[str, Any]] = []  # texts for the model to say, (text, id), handed to it at the next tick in the batch
-        self.says_open = 0  # says asked for whose end (done, interrupted, dropped) the model has not reported yet
+        self.says_handed: list[Any] = []  # the ids of says handed to the model whose end (done, interrupted, dropped) it has not reported
+
+    @property
+    def says_open(self) -> int:
+        """Says asked for whose end has not been reported yet."""
+        return len(self.says) + len(self.says_handed)
 
     @property
     def frame_seconds(self) -> float:
@@ -274,7 +310,7 @@ class Scheduler:
         if not session.live:
             return
         session.live = False
-        session.says_open = len(session.says)  # the model forgets a row's says when it leaves; those not handed over wait
+        session.says_handed.clear()  # the model forgets a row's says when it leaves (a CONTROL stop reports them: drop_says)
         if session in self._pending_join:
             self._pending_join.remove(session)
         else:
@@ -291,7 +327,6 @@ class Scheduler:
         """Ask the model to say ``text`` in ``session``'s row (its ``say_rows``): handed over at the next tick while the
         session is in the batch, else at its join (a say before the first AUDIO waits for it)."""
         session.says.append((text, say_id))
-        session.says_open += 1
         if session.live:
             self._pending_says[session.id] = session
 
@@ -299,15 +334,19 @@ class Scheduler:
         """``session``'s row stops what it is saying and forgets its says (the model's ``hush_rows``, at the next tick
         while the session is in the batch). Returns the says it had not handed to the model yet (dropped here)."""
         dropped = list(session.says)
-        self.drop_says(session)
+        session.says.clear()  # (those handed over end with the model's own events)
         if session.live:
             self._pending_hush[session.id] = session
         return dropped
 
-    def drop_says(self, session: StreamSession) -> None:
-        """Forget ``session``'s says not yet handed to the model (a stop; the model forgets the rest with the row)."""
-        session.says_open = max(0, session.says_open - len(session.says))
+    def drop_says(self, session: StreamSession) -> list[Any]:
+        """Forget ``session``'s says: those not yet handed to the model, and those handed over whose end it has not
+        reported (a CONTROL stop: the row leaves the batch, and the model forgets its says with it; the say events of
+        the frames it still makes are dropped). Returns their ids, for their ``dropped`` events."""
+        ids = [*session.says_handed, *(say_id for _, say_id in session.says)]
         session.says.clear()
+        session.says_handed.clear()
+        return ids
 
     def close_session(self, session: StreamSession) -> None:
         self.leave(session)
@@ -393,7 +432,7 @@ class Scheduler:
             for session in dropped:
                 session.live = False
                 session.row = None
-                session.says_open = len(session.says)
+                session.says_handed.clear()
             self._rows.clear()
             self._free_rows.clear()
             if self.on_error is not None:
@@ -406,9 +445,8 @@ class Scheduler:
             if session.closed or session.generation != generation:
                 continue
             text = texts[row]
-            if session.says_open and isinstance(text, dict) and text.get("events"):
-                ended = sum(1 for e in text["events"] if isinstance(e, dict) and e.get("event") in SAY_ENDS)
-                session.says_open = max(0, session.says_open - ended)
+            if isinstance(text, dict) and text.get("events"):
+                text = _count_say_ends(session, text)
             session.output.push(OutputFrame(session.frames, pcm[row], text))
             session.frames += 1
 
@@ -450,6 +488,7 @@ class Scheduler:
             saying = [s for s in saying.values() if s.live and s.row is not None and s.says]
             self._say({s.row: s.says for s in saying})
             for s in saying:
+                s.says_handed.extend(say_id for _, say_id in s.says)
                 s.says = []
 
     def _configure(self, options: dict[int, dict[str, Any]]) -> None:
@@ -533,3 +572,16 @@ class Scheduler:
 
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _count_say_ends(session: StreamSession, text: dict) -> dict:
+    """A row's text piece with say events: the says that ended leave ``session.says_handed``. A session that has left the
+    batch (its says reported dropped by ``drop_says``) gets the piece without its say events."""
+    if not session.live:
+        return {key: value for key, value in text.items() if key != "events"}
+    for event in text["events"]:
+        if isinstance(event, dict) and event.get("event") in SAY_ENDS:
+            say_id = event.get("id")
+            if say_id in session.says_handed:
+                session.says_handed.remove(say_id)
+    return text

@@ -505,7 +505,12 @@ class _Connection:
             self.paused = True
             self.scheduler.leave(session)
             session.input.clear()
-            self.scheduler.drop_says(session)  # not handed to the model yet: dropped with the rest of the session's turn
+            # the model forgets the says with the row: their end is said here (and the frames still queued, or that the
+            # row still makes, say nothing more of them)
+            dropped = self.scheduler.drop_says(session)
+            session.output.forget_says(dropped)
+            for say_id in dropped:
+                self.queue(Metadata({"type": "say", "id": say_id, "event": "dropped"}))
         elif action == "say":
             text, say_id = protocol.parse_say_control(fields)
             if not self.server.can_say():
@@ -565,7 +570,11 @@ class _Connection:
                 await self.ws.send(self.events.popleft())
             if self.closing.is_set():
                 return
-            while len(session.output):
+            while True:
+                for event in _say_events({"events": session.output.take_kept_events()}):  # of frames dropped or flushed
+                    await self.ws.send(protocol.encode(Metadata({"type": "say", **event})))
+                if not len(session.output):
+                    break
                 frame = session.output.pop()
                 payload = wire.encode(frame.pcm)
                 if payload:

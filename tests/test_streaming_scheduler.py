@@ -61,6 +61,25 @@ def test_output_queue_drops_oldest_and_counts():
     assert [queue.pop().index for _ in range(3)] == [2, 3, 4]
 
 
+def test_output_queue_keeps_the_say_events_of_frames_it_drops_or_clears():
+    """A slow reader loses audio, not how its says ended: the events of dropped and flushed frames are kept, in order."""
+    queue = OutputQueue(2)
+
+    def frame(i, *events):
+        return OutputFrame(i, np.zeros(4, np.float32), {"model": "", "events": [{"id": e[0], "event": e[1]} for e in events]})
+
+    queue.push(frame(0, (1, "started")))
+    queue.push(frame(1))
+    queue.push(frame(2, (1, "done"), (2, "started")))  # frame 0 dropped: its event kept
+    assert queue.take_kept_events() == [{"id": 1, "event": "started"}] and queue.take_kept_events() == []
+    queue.forget_says([2])  # say 2 dropped (a stop): its "started" leaves the queued frame; say 1's "done" stays
+    assert queue.clear() == 2
+    assert queue.take_kept_events() == [{"id": 1, "event": "done"}]
+    for i in range(OutputQueue.MAX_KEPT_EVENTS + 5):  # bounded: a reader that never reads
+        queue.push(frame(i, (i, "done")))
+    assert len(queue.take_kept_events()) == OutputQueue.MAX_KEPT_EVENTS
+
+
 def test_state_surgery_roundtrip(codec):
     model = EchoCodecModel(codec)
     a, b = model.init_state(2), model.init_state(3)

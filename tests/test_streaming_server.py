@@ -860,21 +860,26 @@ def test_a_session_cannot_pile_up_says_the_model_has_not_said():
                     queued += 1
                 if len(errors) + queued == protocol.MAX_OPEN_SAYS + 2:
                     break
-            await client.send_control("stop")  # the model forgets the session's says: it may ask again
+            await client.send_control("stop")  # the model forgets the session's says, each one "dropped": it may ask again
             await wait_until(lambda: srv.scheduler.live_sessions == 0)
+            await client.say("while stopped", say_id="held")  # not handed to the model (no row): dropped by the next stop
+            await client.send_control("stop")
             await client.send_control("start")
             await client.say("again")
-            again = None
+            events = []
             async for message in client.messages():
                 if isinstance(message, (Error, Metadata)):
-                    again = message
+                    events.append(message.data if isinstance(message, Metadata) else message.message)
+                if events[-1:] == [{"type": "say", "id": None, "event": "queued"}]:
                     break
             await client.close()
-            return errors, queued, again
+            return errors, queued, events
 
-    errors, queued, again = run(main(), timeout=20)
+    errors, queued, events = run(main(), timeout=20)
     assert queued == protocol.MAX_OPEN_SAYS and len(errors) == 2 and "64 says are not yet said" in errors[0]
-    assert isinstance(again, Metadata) and again.data == {"type": "say", "id": None, "event": "queued"}
+    assert events == [*({"type": "say", "id": i, "event": "dropped"} for i in range(protocol.MAX_OPEN_SAYS)),
+                      {"type": "say", "id": "held", "event": "queued"}, {"type": "say", "id": "held", "event": "dropped"},
+                      {"type": "say", "id": None, "event": "queued"}], events
 
 
 def test_interrupt_with_reply_stops_the_models_reply():
