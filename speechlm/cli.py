@@ -35,6 +35,13 @@ def _nonnegative_float(value: str) -> float:
     return x
 
 
+def _positive_float(value: str) -> float:
+    x = _nonnegative_float(value)
+    if x == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return x
+
+
 def _probability(value: str) -> float:
     x = _nonnegative_float(value)
     if x > 1:
@@ -168,6 +175,18 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         + (f"; {summary.shards_done_before} shards already done" if summary.shards_done_before else "")
         + f") -> {Path(args.out) / 'manifest.jsonl'}"
     )
+    return 0
+
+
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from .training.recordings import ImportConfig, import_recordings, recording_items
+
+    items = recording_items(args.source, args.path_column, args.text_column, args.speaker_column)
+    config = ImportConfig(checker=args.checker, shard_size=args.shard_size, max_seconds=args.max_seconds, max_score=args.max_score)
+    summary = import_recordings(items, args.out, config, workers=args.workers, progress=not args.quiet)
+    print(f"{summary.utterances} recordings aligned ({summary.failed} failed: {Path(args.out) / 'failed.jsonl'}), {summary.hours:.4f} h "
+          f"in {summary.wall_seconds:.1f} s" + (f"; {summary.shards_done_before} shards already done" if summary.shards_done_before else "")
+          + f" -> {Path(args.out) / 'manifest.jsonl'}")
     return 0
 
 
@@ -847,6 +866,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_data_synth)
 
+    p = data.add_parser("import", help="recordings with transcripts -> a corpus with word timestamps (forced alignment; resumable)")
+    p.add_argument("source", help="a table (.tsv, or .csv) of audio paths and transcripts with a header row, or a folder of audio files "
+                                  "each with NAME.txt (or .lab) beside it")
+    p.add_argument("--out", required=True, help="output directory (re-run to resume)")
+    p.add_argument("--path-column", default="path", help="the table's column of audio paths, relative to the table (default path)")
+    p.add_argument("--text-column", default="text", help="the table's column of transcripts (default text)")
+    p.add_argument("--speaker-column", help="the table's column of speakers (voice import:SPEAKER; default: the table's name)")
+    p.add_argument("--checker", default="checker-en", help="pronunciation checker that aligns (default checker-en)")
+    p.add_argument("--max-seconds", type=_positive_float, default=60.0, help="longer recordings are failed (default 60)")
+    p.add_argument("--max-score", type=_nonnegative_float, default=7.0,
+                   help="fail alignments scoring above this, nats per phoneme over the checker's own reading: a transcript that does not "
+                        "match its audio (default 7; the score is in each row)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default 1)")
+    p.add_argument("--shard-size", type=_positive_int, default=50, help="recordings per shard (default 50)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_import)
+
     p = data.add_parser("dialogues", help="two-voice, two-channel dialogues with overlaps, interruptions and backchannels")
     _add_text_args(p)
     p.set_defaults(builtin=None)
@@ -1009,6 +1045,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("speechlm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output's reader went away (`speechlm data voices | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the interpreter's final flush would fail too)
+        return 141
 
 
 if __name__ == "__main__":

@@ -91,20 +91,26 @@ def synth_row(job: Job, shard: str, out: Path, seed: int) -> dict:
     from .teachers import get_teacher
 
     syn = get_teacher(job.voice).synthesize(job.text, random.Random(f"{seed}:synth:{job.id}"))
+    return write_row(job, shard, out, syn.audio, syn.words, syn.params, job.extra)
+
+
+def write_row(job: Job, shard: str, out: Path, audio, words: list, teacher: dict, extra: dict) -> dict:
+    """Write one utterance's audio (T,) at 16 kHz into the corpus ``out`` and return its manifest row (``words``: objects
+    with ``to_json``; ``teacher``: how it was made; ``extra``: more fields)."""
     rel = Path("audio") / shard / f"{job.id}.flac"
-    save_audio(out / rel, syn.audio, SAMPLE_RATE)
+    save_audio(out / rel, audio, SAMPLE_RATE)
     return {
         "id": job.id,
         "text": job.text,
         "normalized_text": normalize_text(job.text),
         "audio": rel.as_posix(),
         "sample_rate": SAMPLE_RATE,
-        "duration": round(syn.duration, 4),
+        "duration": round(len(audio) / SAMPLE_RATE, 4),
         "voice": job.voice,
         "voice_split": voice_split(job.voice),
-        "words": [w.to_json() for w in syn.words],
-        "teacher": syn.params,
-        **job.extra,
+        "words": [w.to_json() for w in words],
+        "teacher": teacher,
+        **extra,
     }
 
 
