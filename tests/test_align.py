@@ -108,3 +108,20 @@ def test_import_tables_and_their_errors(tmp_path, capsys):
                      "--quiet"]) == 0
     assert "1 recordings aligned (0 failed" in capsys.readouterr().out
     assert read_manifest(tmp_path / "c")[0]["voice"] == "import:list"  # the table's name, without a speaker column
+
+
+def test_import_reads_librispeech_and_libritts_layouts(tmp_path):
+    chapter = tmp_path / "LibriSpeech" / "103" / "1240"  # speaker / chapter / ID.flac, transcripts in one *.trans.txt
+    chapter.mkdir(parents=True)
+    for name in ("103-1240-0000", "103-1240-0001", "103-1240-0002"):
+        (chapter / f"{name}.flac").write_bytes(b"")
+    (chapter / "103-1240.trans.txt").write_text("103-1240-0000 CHAPTER ONE\n103-1240-0001 MISSUS RACHEL LYNDE IS SURPRISED\n")
+    libritts = tmp_path / "LibriTTS" / "19" / "198"
+    libritts.mkdir(parents=True)
+    (libritts / "19_198_000000_000000.wav").write_bytes(b"")
+    (libritts / "19_198_000000_000000.normalized.txt").write_text("Northanger Abbey.")
+    items = recording_items(tmp_path / "LibriSpeech")
+    assert [(i["id"], i["text"], i["speaker"]) for i in items] == [("103-1240-0000", "CHAPTER ONE", "103"),
+                                                                   ("103-1240-0001", "MISSUS RACHEL LYNDE IS SURPRISED", "103")]
+    assert [(i["id"], i["text"], i["speaker"]) for i in recording_items(tmp_path / "LibriTTS")] == [
+        ("19_198_000000_000000", "Northanger Abbey.", "19")]

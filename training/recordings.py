@@ -11,8 +11,10 @@ Sources:
 
 * a table (``.tsv``; ``.csv`` by its extension) with a header row: a column of audio paths (relative to the table's
   folder), one of transcripts, and optionally one of speakers;
-* a folder of audio files (``.wav``, ``.flac``, ``.ogg``, ``.mp3``, ``.opus``), each with its transcript beside it in
-  ``NAME.txt`` or ``NAME.lab`` (the speaker: the folder's name).
+* a folder (searched through its subfolders) of audio files (``.wav``, ``.flac``, ``.ogg``, ``.mp3``, ``.opus``), each
+  with its transcript beside it in ``NAME.txt`` or ``NAME.lab`` — the speaker: the file's folder — or
+  ``NAME.normalized.txt`` (LibriTTS) — the speaker: the name's first underscore-separated field — or listed in a ``*.trans.txt`` of its folder, a line ``NAME TEXT`` each (LibriSpeech) — the speaker:
+  the name's first dash-separated field (``103-1240-0000``: 103).
 
 A recording that cannot be read, is longer than ``max_seconds``, has no words, or whose transcript the audio cannot
 hold (or, with ``max_score``, does not match well enough) goes to ``failed.jsonl`` with the reason.
@@ -32,7 +34,7 @@ from .synth import Job, SynthSummary, run_shards, write_row
 from .textnorm import normalize_text, spoken_words
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
-TRANSCRIPT_SUFFIXES = (".txt", ".lab")
+TRANSCRIPT_SUFFIXES = (".txt", ".lab", ".normalized.txt")
 MAX_TEXT_CHARS = 2000
 _ID_RE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -79,16 +81,38 @@ def _recording_id(path: Path) -> str:
 
 def _folder_items(folder: Path) -> list[dict]:
     items = []
+    listed: dict[Path, dict[str, str]] = {}  # a folder's *.trans.txt lines: name -> text
     for audio in sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()):
         transcript = next((audio.with_suffix(s) for s in TRANSCRIPT_SUFFIXES if audio.with_suffix(s).is_file()), None)
-        if transcript is None:
-            continue
-        try:
-            text = transcript.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise SpeechLMError(f"transcript is not UTF-8 text: {transcript}") from None
-        items.append({"id": _recording_id(audio), "text": text, "source": str(audio.resolve()), "speaker": audio.parent.name})
+        if transcript is not None:
+            libritts = transcript.name.endswith(".normalized.txt")
+            text, speaker = _read_text(transcript).strip(), audio.stem.split("_")[0] if libritts else audio.parent.name
+        else:
+            if audio.parent not in listed:
+                listed[audio.parent] = _listed_texts(audio.parent)
+            if audio.stem not in listed[audio.parent]:
+                continue
+            text, speaker = listed[audio.parent][audio.stem], audio.stem.split("-")[0]
+        items.append({"id": _recording_id(audio), "text": text, "source": str(audio.resolve()), "speaker": speaker})
     return items
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpeechLMError(f"transcript is not UTF-8 text: {path}") from None
+
+
+def _listed_texts(folder: Path) -> dict[str, str]:
+    """The lines ``NAME TEXT`` of the folder's ``*.trans.txt`` files (LibriSpeech's layout)."""
+    texts = {}
+    for listing in sorted(folder.glob("*.trans.txt")):
+        for line in _read_text(listing).splitlines():
+            name, _, text = line.strip().partition(" ")
+            if name and text.strip():
+                texts[name] = text.strip()
+    return texts
 
 
 def _table_items(table: Path, path_column: str, text_column: str, speaker_column: str | None) -> list[dict]:
