@@ -293,7 +293,8 @@ class _Row:
     replies: str = "model"  # who writes the replies: "model" (the speech LM) or "client" (the session's, by ``say``)
     check_rounds: int | None = None  # the session's transcript check (``Generation.asr_check_rounds``); None: the assist's
     says: deque = field(default_factory=deque)  # texts to say (_Say) waiting for the model's next turn
-    events: list = field(default_factory=list)  # what became of the says since the last tick's output
+    events: list = field(default_factory=list)  # what became of the says since the last tick's output, and the user's talking
+    talking: bool = False  # the user's talking as last told (a {"user": "started"/"stopped"} event at each change)
 
     @property
     def in_turn(self) -> bool:
@@ -921,6 +922,9 @@ class AssistedDuplexModel:
         for row, frame, *heard, threshold in zip(state.rows, frames, voiced.tolist(), loud, speech, ruled_out, thresholds):
             row.gate = threshold
             row.hear(frame, *heard)
+            if self.user_talking(row) != row.talking:
+                row.talking = not row.talking
+                row.events.append({"user": "started" if row.talking else "stopped"})
         return gated
 
     def user_talking(self, row: _Row) -> bool:

@@ -264,6 +264,7 @@ class Conversation:
     server: dict[str, Any] = field(default_factory=dict)  # the server's HANDSHAKE
     round_trips: list[float] = field(default_factory=list)  # ping round trips, seconds
     says: list[dict[str, Any]] = field(default_factory=list)  # the server's say events ({"id", "event"}), in order
+    user_events: list[dict[str, Any]] = field(default_factory=list)  # the user's talking: {"event": "started"/"stopped", "time"}
     complete: bool = True  # False when the reply stopped short of the audio sent (timed out)
 
     def transcript(self, speaker: str) -> str:
@@ -282,6 +283,8 @@ class Conversation:
             self.stats = message.data
         elif isinstance(message, Metadata) and message.data.get("type") == "say":
             self.says.append({"id": message.data.get("id"), "event": message.data.get("event")})
+        elif isinstance(message, Metadata) and message.data.get("type") == "user":
+            self.user_events.append({"event": message.data.get("event"), "time": message.data.get("time")})
         elif isinstance(message, Error):
             self.errors.append(message)
         return None
@@ -295,11 +298,17 @@ class ClientReplies:
     worker thread (it may take its time: an LLM's call), and what it returns, unless None or blank, is said (CONTROL
     ``say``); a reply that is an iterable of texts (a generator: an LLM's reply streamed sentence by sentence) has each
     said as it comes, the model speaking the first while the next are written. ``reply=None``: nothing is answered
-    (the server's model writes the replies)."""
+    (the server's model writes the replies).
+
+    A new question supersedes the reply to the one before: that reply's parts not yet said are not sent, and if some
+    of its says are still waiting at the server (not yet ``done``, ``interrupted`` or ``dropped``), CONTROL
+    ``interrupt`` with ``"reply": true`` drops them before the new reply is said."""
 
     def __init__(self, client: DuplexClient, reply: Reply | None):
         self.client, self.reply = client, reply
         self._tasks: set[asyncio.Task] = set()
+        self._turn = 0  # the questions so far: a reply goes on only while its question is the last
+        self._open: set[str] = set()  # the ids of this object's says whose end has not come
 
     @staticmethod
     def options(reply: Reply | None) -> dict[str, str]:
@@ -307,12 +316,18 @@ class ClientReplies:
         return {"replies": "client"} if reply is not None else {}
 
     def take(self, message: protocol.Message) -> None:
+        if isinstance(message, Metadata) and message.data.get("type") == "say" and message.data.get("event") in protocol.SAY_ENDS:
+            self._open.discard(message.data.get("id"))
         if self.reply is not None and isinstance(message, Text) and message.speaker == "user" and message.text.strip():
-            task = asyncio.create_task(self._answer(message.text.strip()))
+            self._turn += 1
+            task = asyncio.create_task(self._answer(message.text.strip(), self._turn, stale=bool(self._open)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, question: str) -> None:
+    async def _answer(self, question: str, turn: int, stale: bool = False) -> None:
+        if stale:  # the reply before is still to be said (or being said): not now
+            self._open.clear()
+            await self.client.interrupt(reply=True)
         loop = asyncio.get_running_loop()
         parts: asyncio.Queue[str | None] = asyncio.Queue()
 
@@ -333,8 +348,14 @@ class ClientReplies:
 
         writer = asyncio.ensure_future(asyncio.to_thread(write))
         try:
+            said = 0
             while (part := await parts.get()) is not None:
-                await self.client.say(part)
+                if turn != self._turn:
+                    continue  # superseded by a newer question: the rest of this reply is not said
+                said += 1
+                say_id = f"reply-{turn}-{said}"
+                self._open.add(say_id)
+                await self.client.say(part, say_id=say_id)
         finally:
             await asyncio.gather(writer, return_exceptions=True)
 
@@ -713,6 +734,7 @@ def client_main(args: argparse.Namespace) -> int:
         "underruns": result.stats.get("underruns"),
         "errors": [f"{e.code}: {e.message}" for e in result.errors],
         "says": result.says,
+        "user_events": result.user_events,
     }
     if args.json:
         print(json.dumps(summary))

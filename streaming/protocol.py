@@ -39,6 +39,8 @@ MAX_SAY_CHARS = 2_000
 MAX_CHECK_ROUNDS = 5  # a session's transcript check ("check_rounds"), with the answer assist
 MAX_OPEN_SAYS = 64  # says a session may have asked for whose end (done, interrupted, dropped) has not come yet
 SAY_EVENTS = ("queued", "started", "done", "interrupted", "dropped")  # METADATA {"type": "say"}: what became of a say
+SAY_ENDS = ("done", "interrupted", "dropped")  # the say events after which the model holds nothing of it (exactly one per say)
+USER_EVENTS = ("started", "stopped")  # METADATA {"type": "user"}: the user began talking, or fell quiet (the answer assist's ear)
 
 
 class Kind(IntEnum):

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from .models import DuplexModel, TextPiece, grow_state, shrink_state
+from .protocol import SAY_ENDS
 from .window import TimedWindow
 
 log = logging.getLogger(__name__)
 
-SAY_ENDS = ("done", "interrupted", "dropped")  # the say events after which the model holds nothing of it
 
 
 class InputBuffer:
@@ -104,7 +104,7 @@ class OutputFrame:
 class OutputQueue:
     """Bounded FIFO of output frames; when full the oldest frame is dropped and counted.
 
-    A frame's say events (its text piece's ``"events"``) outlive the frame: those of frames dropped or cleared are kept,
+    A frame's events (its text piece's ``"events"``: what became of says, the user's talking) outlive the frame: those of frames dropped or cleared are kept,
     in order, for :meth:`take_kept_events` (they are older than every frame still queued), so that a client always
     hears how each of its says ended, however slowly it reads (up to ``MAX_KEPT_EVENTS``: a client that reads nothing
     while it asks for says without end cannot grow them without bound; past that the oldest go)."""
@@ -114,7 +114,7 @@ class OutputQueue:
     def __init__(self, capacity_frames: int):
         self.capacity = max(1, int(capacity_frames))
         self._frames: collections.deque[OutputFrame] = collections.deque()
-        self._kept_events: list[dict] = []
+        self._kept_events: list[tuple[int, dict]] = []
         self.dropped = 0
         self.ready = asyncio.Event()
 
@@ -140,8 +140,8 @@ class OutputQueue:
         self._frames.clear()
         return n
 
-    def take_kept_events(self) -> list[dict]:
-        """The say events of the frames dropped or cleared since the last call, oldest first."""
+    def take_kept_events(self) -> list[tuple[int, dict]]:
+        """The events of the frames dropped or cleared since the last call, oldest first, with their frames' index."""
         events, self._kept_events = self._kept_events, []
         return events
 
@@ -158,7 +158,7 @@ class OutputQueue:
     def _keep_events(self, frame: OutputFrame) -> None:
         events = frame.text.get("events") if isinstance(frame.text, dict) else None
         if events:
-            self._kept_events.extend(e for e in events if isinstance(e, dict))
+            self._kept_events.extend((frame.index, e) for e in events if isinstance(e, dict))
             del self._kept_events[: -self.MAX_KEPT_EVENTS]
 
 

@@ -571,8 +571,9 @@ class _Connection:
             if self.closing.is_set():
                 return
             while True:
-                for event in _say_events({"events": session.output.take_kept_events()}):  # of frames dropped or flushed
-                    await self.ws.send(protocol.encode(Metadata({"type": "say", **event})))
+                for index, event in session.output.take_kept_events():  # of frames dropped or flushed
+                    for data in _frame_events({"events": [event]}, index * frame_seconds):
+                        await self.ws.send(protocol.encode(Metadata(data)))
                 if not len(session.output):
                     break
                 frame = session.output.pop()
@@ -583,8 +584,8 @@ class _Connection:
                     for speaker, text in _text_pieces(frame.text):
                         start = frame.index * frame_seconds
                         await self.ws.send(protocol.encode(Text(text, start, start + frame_seconds, speaker)))
-                for event in _say_events(frame.text):  # what became of the session's says, with the frame they happened in
-                    await self.ws.send(protocol.encode(Metadata({"type": "say", **event})))
+                for data in _frame_events(frame.text, frame.index * frame_seconds):  # the says' fate, the user's talking
+                    await self.ws.send(protocol.encode(Metadata(data)))
                 while self.events:  # pongs do not wait behind a backlog of audio
                     await self.ws.send(self.events.popleft())
             interval = self.session_config.metadata_interval
@@ -607,10 +608,18 @@ class _Connection:
         }
 
 
-def _say_events(text: Any) -> list[dict[str, Any]]:
-    """The say events a model's text piece carries (``{"events": [{"id": ..., "event": ...}]}``; see the assist)."""
+def _frame_events(text: Any, time: float) -> list[dict[str, Any]]:
+    """The METADATA a model's text piece carries in its ``"events"`` (see the assist): what became of says
+    (``{"id": ..., "event": ...}`` -> ``{"type": "say", ...}``) and the user's talking (``{"user": "started"}`` ->
+    ``{"type": "user", "event": "started", "time": ...}``, ``time`` the frame's, seconds since the session joined)."""
     events = text.get("events") if isinstance(text, dict) else None
-    return [{"id": e.get("id"), "event": e["event"]} for e in events if isinstance(e, dict) and e.get("event") in protocol.SAY_EVENTS] if events else []
+    out = []
+    for e in events or []:
+        if isinstance(e, dict) and e.get("event") in protocol.SAY_EVENTS:
+            out.append({"type": "say", "id": e.get("id"), "event": e["event"]})
+        elif isinstance(e, dict) and e.get("user") in protocol.USER_EVENTS:
+            out.append({"type": "user", "event": e["user"], "time": round(time, 3)})
+    return out
 
 
 def _text_pieces(text: Any) -> list[tuple[str, str]]:

@@ -111,7 +111,10 @@ def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
     question = tmp_path / "q.wav"
     save_audio(question, get_teacher("espeak:en-us").synthesize("What is two plus three?", random.Random(0)).audio)
     server = subprocess.Popen(
-        [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--threads", "1"],
+        # float32: the replies' speech, made as rows of one running batch, is each row's own whatever the timing of the
+        # rows (bfloat16 rounds a batch's rows otherwise than alone: the rendering, and what the judge hears, would
+        # depend on when the greeting and the reply were made)
+        [sys.executable, "-m", "speechlm", "serve", "--port", "0", "--threads", "1", "--dtype", "float32"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
@@ -130,6 +133,9 @@ def test_serve_and_client_end_to_end_on_the_shipped_duplex_model(cli, tmp_path):
         assert np.sqrt(np.mean(reply**2)) > 1e-3  # it spoke
         # answer assist (the default): the speech LM heard the question and wrote the reply
         assert "two plus three" in report["user"].lower() and "five" in report["model"].lower(), report
+        # the server heard the user start and stop talking (METADATA "user"), in that order, once the question was over
+        talk = report["user_events"]
+        assert [e["event"] for e in talk[:2]] == ["started", "stopped"] and 1.0 < talk[1]["time"] - talk[0]["time"] < 2.5, talk
         if importlib.util.find_spec("faster_whisper") is not None:  # the [eval] extra: the judge hears the answer
             from speechlm.judge import WhisperJudge
 

@@ -75,8 +75,27 @@ def _devtools_port(process: subprocess.Popen, timeout: float = 30) -> int:
     raise RuntimeError("chromium did not start its DevTools server")
 
 
-class VoicedEcho(Saying, Voiced, EchoCodecModel):
-    """The codec loopback with two voices, that says texts."""
+class Hearing:
+    """A model mixin that says when a row's user starts talking (METADATA user events): a loud frame after quiet ones."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._loud: dict[int, bool] = {}
+
+    def step(self, user_pcm, state):
+        pcm, texts, state = super().step(user_pcm, state)
+        texts = list(texts)
+        for row, frame in enumerate(user_pcm):
+            loud = float(frame.abs().max()) > 0.05
+            if loud and not self._loud.get(row):
+                piece = texts[row] if isinstance(texts[row], dict) else {"model": texts[row] or ""}
+                texts[row] = {**piece, "events": [*piece.get("events", []), {"user": "started"}]}
+            self._loud[row] = loud
+        return pcm, texts, state
+
+
+class VoicedEcho(Hearing, Saying, Voiced, EchoCodecModel):
+    """The codec loopback with two voices, that says texts and hears the user start talking."""
 
 
 @contextlib.asynccontextmanager
@@ -152,12 +171,14 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
                     if len(await tools.evaluate("window.speechlm.says") or []) >= 3:
                         break
                 says = await tools.evaluate("window.speechlm.says")
+                talking = await tools.evaluate("[window.speechlm.userTalking, document.getElementById('user-state').textContent]")
                 shot = await tools.call("Page.captureScreenshot", format="png")
                 screenshot.parent.mkdir(parents=True, exist_ok=True)
                 screenshot.write_bytes(base64.b64decode(shot["data"]))
-                return stats, live, voices, chosen, model.configured, refused, busy_status, says, model.said
+                return stats, live, voices, chosen, model.configured, refused, busy_status, says, model.said, talking
 
-    stats, live, voices, chosen, configured, refused, busy_status, says, said = asyncio.run(asyncio.wait_for(scenario(), 90))
+    stats, live, voices, chosen, configured, refused, busy_status, says, said, talking = asyncio.run(asyncio.wait_for(scenario(), 90))
+    assert talking == [True, "· talking"]  # METADATA user "started": the page shows the user is heard
     assert refused >= 1 and busy_status.startswith("server busy"), (refused, busy_status)  # refused, and said so
     assert stats.get("connected") and stats.get("session"), stats
     assert stats["framesSent"] >= 25, stats  # one second of fake-mic audio went up

@@ -241,6 +241,65 @@ class Listener(SilenceModel):
         return pcm, texts, state
 
 
+class TwoQuestions(Listener):
+    """Asks at frames 10 and 40; with ``slow``, a say starts only once asked 3 times (it stays open: waiting at the server)."""
+
+    def __init__(self, slow: bool = False):
+        super().__init__()
+        self.slow, self.hushed = slow, []
+
+    def hush_rows(self, state, rows):
+        self.hushed.extend(rows)
+        self._due.clear()
+        return state
+
+    def say_rows(self, state, says):
+        if self.slow:
+            self.said.extend(text for items in says.values() for text, _ in items)
+            return state  # never said: its end never comes
+        return super().say_rows(state, says)
+
+    def step(self, user_pcm, state):
+        pcm, texts, state = super().step(user_pcm, state)
+        for row in range(len(texts)):
+            if int(state[row]) == 40:
+                texts[row] = {**texts[row], "user": "And what is four plus four?"}
+        return pcm, texts, state
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_a_new_question_supersedes_the_reply_to_the_one_before(slow):
+    """The reply to the first question is written slowly: its part after the second question is not said; with says
+    still waiting at the server when the second question comes, CONTROL interrupt (reply) drops them first."""
+    from speechlm.streaming.client import stream_file
+
+    second = threading.Event()
+
+    def first(question):
+        yield "Five."
+        second.wait(10)
+        time.sleep(0.2)  # written after the next question came
+        yield "And that is all."
+
+    def reply(question):
+        if "four" in question:
+            second.set()
+            return "Eight."
+        return first(question)
+
+    async def main():
+        model = TwoQuestions(slow)
+        async with DuplexServer(model, ServerConfig(port=0)) as server:
+            # (at real-time pace: a flood of audio would hold the says behind it, in the socket)
+            result = await stream_file(server.url, np.zeros(16_000 * 2, np.float32), reply=reply, listen_seconds=1)
+        return model.said, model.hushed, result.says
+
+    said, hushed, says = asyncio.run(asyncio.wait_for(main(), 30))
+    assert said == ["Five.", "Eight."], said
+    assert hushed == ([0] if slow else []), hushed  # the first reply's say was still waiting: dropped before "Eight."
+    assert [e["id"] for e in says if e["event"] == "queued"] == ["reply-1-1", "reply-2-1"]
+
+
 def test_example_voice_agent_writes_the_replies(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("voice_agent", ROOT / "examples" / "voice_agent.py")
     example = importlib.util.module_from_spec(spec)

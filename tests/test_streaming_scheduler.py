@@ -71,10 +71,10 @@ def test_output_queue_keeps_the_say_events_of_frames_it_drops_or_clears():
     queue.push(frame(0, (1, "started")))
     queue.push(frame(1))
     queue.push(frame(2, (1, "done"), (2, "started")))  # frame 0 dropped: its event kept
-    assert queue.take_kept_events() == [{"id": 1, "event": "started"}] and queue.take_kept_events() == []
+    assert queue.take_kept_events() == [(0, {"id": 1, "event": "started"})] and queue.take_kept_events() == []
     queue.forget_says([2])  # say 2 dropped (a stop): its "started" leaves the queued frame; say 1's "done" stays
     assert queue.clear() == 2
-    assert queue.take_kept_events() == [{"id": 1, "event": "done"}]
+    assert queue.take_kept_events() == [(2, {"id": 1, "event": "done"})]
     for i in range(OutputQueue.MAX_KEPT_EVENTS + 5):  # bounded: a reader that never reads
         queue.push(frame(i, (i, "done")))
     assert len(queue.take_kept_events()) == OutputQueue.MAX_KEPT_EVENTS

@@ -935,17 +935,23 @@ def test_random_controls_to_a_model_that_says_texts_leave_every_session_alive_an
         await ws.send(protocol.encode(Audio(bytes(2 * FRAME))))  # in the batch: its says reach the model
         for _ in range(150):
             await ws.send(random_control(rng))
-        await ws.send(protocol.encode(Control("ping", {"id": "after"})))
+        # then a stop (whatever the controls left), a start and a say, which the model must get
+        for action, fields in (("stop", {}), ("start", {}), ("say", {"text": "Last.", "id": "last"}), ("ping", {"id": "after"})):
+            await ws.send(protocol.encode(Control(action, fields)))
         errors = other = 0
+        ponged = last_said = False
         async for data in ws:
             message = protocol.decode(data, max_bytes=2**20)
             if isinstance(message, Error):
                 assert message.code == protocol.ErrorCode.BAD_MESSAGE, message
                 errors += 1
             elif isinstance(message, Control) and message.action == "pong" and message.fields.get("id") == "after":
-                break
+                ponged = True
             else:
                 other += 1
+                last_said |= isinstance(message, Metadata) and message.data.get("id") == "last" and message.data.get("event") == "started"
+            if ponged and last_said:
+                break
         await ws.close()
         return errors, other
 

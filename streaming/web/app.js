@@ -56,6 +56,7 @@ const state = {
     busyRefusals: 0,
     canSay: false, // the server's HANDSHAKE reply: CONTROL say works here
     says: [], // the server's say events: {id, event}
+    userTalking: false, // the server hears the user talking (METADATA user events, with the answer assist)
   },
 };
 window.speechlm = state.stats;
@@ -273,6 +274,9 @@ function onMessage(data) {
   } else if (kind === KIND.METADATA && body.type === "say") {
     state.stats.says.push({ id: body.id, event: body.event });
     $("say-state").textContent = `say ${body.id}: ${body.event}`;
+  } else if (kind === KIND.METADATA && body.type === "user") {
+    state.stats.userTalking = body.event === "started";
+    $("user-state").textContent = state.stats.userTalking ? "· talking" : "";
   } else if (kind === KIND.METADATA && body.type === "config" && body.voice) {
     state.stats.voice = body.voice;
   } else if (kind === KIND.ERROR && body.code === "server_full") {
