@@ -10,6 +10,8 @@ Each question is sent in real time after a short lead of silence, then silence w
 Timed on the client's clock, from the moment the frame after the question's last voiced frame was sent:
 
 * ``heard_ms``: the user's transcript (TEXT ``user``) arrives: when a client's LLM can start;
+* ``user_stopped_ms``: METADATA ``user`` ``stopped`` arrives (the server's end of the user's talking, before the
+  transcript); ``user_started_ms``: ``started``, from the question's first voiced frame being sent;
 * ``onset_ms``: the first audible frame of the reply arrives;
 * ``say_to_audio_ms`` (client replies): from sending the say to its first audible frame: what the server adds to the
   agent's own time.
@@ -72,14 +74,15 @@ def voiced_frames(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
 
 
 async def session(url: str, audio: np.ndarray, question_end: int, replies: str, check_rounds: int | None = None,
-                  second_after: float | None = None) -> dict:  # fmt: skip
+                  second_after: float | None = None, question_begin: int | None = None) -> dict:  # fmt: skip
     """One session: ``audio`` (whole frames) in real time; the times after frame ``question_end`` was sent.
     ``check_rounds``: the client's sessions ask for this transcript check (HANDSHAKE ``check_rounds``).
     ``second_after``: the client's agent says a second sentence this many seconds after its first (an LLM's reply
     streamed in parts): the gap between the first's last frame and the second's first (their ``done`` and
     ``started`` events) is timed."""
     options = {"replies": "client", "check_rounds": check_rounds} if replies == "client" else {}
-    times: dict[str, float | None] = {"end": None, "heard": None, "say": None, "started": None, "audio": None, "done1": None, "started2": None}
+    times: dict[str, float | None] = {"end": None, "heard": None, "say": None, "started": None, "audio": None, "done1": None, "started2": None,
+                                      "begin": None, "user_started": None, "user_stopped": None}
     later: list[asyncio.Task] = []
     row: dict = {"replies": replies, "transcript": "", "model_text": ""}
     async with await DuplexClient.connect(url, metadata_interval=0, **options) as client:
@@ -92,6 +95,8 @@ async def session(url: str, audio: np.ndarray, question_end: int, replies: str, 
                 if delay > 0:
                     await asyncio.sleep(delay)
                 await client.send_audio(frame)
+                if i == question_begin:
+                    times["begin"] = time.perf_counter()
                 if i == question_end:
                     times["end"] = time.perf_counter()
 
@@ -113,6 +118,12 @@ async def session(url: str, audio: np.ndarray, question_end: int, replies: str, 
                                 later.append(asyncio.create_task(say_later(second_after)))
                 elif isinstance(message, Text):
                     row["model_text"] += message.text
+                elif isinstance(message, Metadata) and message.data.get("type") == "user":
+                    key = "user_" + str(message.data.get("event"))
+                    if key == "user_started" and times["begin"] is not None and times[key] is None:
+                        times[key] = now
+                    elif key == "user_stopped" and times["end"] is not None and times[key] is None:
+                        times[key] = now
                 elif isinstance(message, Metadata) and message.data.get("type") == "say":
                     event, say_id = message.data.get("event"), message.data.get("id")
                     if event == "started" and say_id == 1:
@@ -140,7 +151,7 @@ async def session(url: str, audio: np.ndarray, question_end: int, replies: str, 
     def ms(key: str, since: float | None = end) -> float | None:
         return None if times[key] is None or since is None else round(1000 * (times[key] - since), 1)
 
-    row.update(heard_ms=ms("heard"), onset_ms=ms("audio"))
+    row.update(heard_ms=ms("heard"), onset_ms=ms("audio"), user_stopped_ms=ms("user_stopped"), user_started_ms=ms("user_started", times["begin"]))
     if replies == "client":
         row.update(say_to_audio_ms=ms("audio", times["say"]), say_to_started_ms=ms("started", times["say"]))
         if second_after is not None:
@@ -178,9 +189,10 @@ def main() -> None:
             speech = get_teacher(voices[i % len(voices)]).synthesize(item["text"], rng).audio
             audio = np.concatenate([np.zeros(int(args.lead_seconds * RATE), np.float32), speech, np.zeros(int(args.listen_seconds * RATE), np.float32)])
             audio = np.pad(audio, (0, -len(audio) % FRAME))
-            question_end = int(np.nonzero(voiced_frames(audio))[0][-1]) + 1
+            voiced = np.nonzero(voiced_frames(audio))[0]
+            question_begin, question_end = int(voiced[0]), int(voiced[-1]) + 1
             for replies in ("model", "client") if i % 2 == 0 else ("client", "model"):
-                row = asyncio.run(session(url, audio, question_end, replies, args.client_check_rounds, args.second_after))
+                row = asyncio.run(session(url, audio, question_end, replies, args.client_check_rounds, args.second_after, question_begin))
                 row.update(question=item["text"], exact=words_for_scoring(row["transcript"]) == words_for_scoring(item["text"]))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -191,6 +203,7 @@ def main() -> None:
     report = {
         "count": args.count, "threads": args.threads, "dtype": args.dtype, "serve_args": args.serve_args, "client_check_rounds": args.client_check_rounds, "second_after": args.second_after,
         "summary": {mode: {"heard_ms": summary(rs, "heard_ms"), "onset_ms": summary(rs, "onset_ms"), "transcripts_exact": sum(r["exact"] for r in rs),
+                           "user_started_ms": summary(rs, "user_started_ms"), "user_stopped_ms": summary(rs, "user_stopped_ms"),
                            **({"say_to_audio_ms": summary(rs, "say_to_audio_ms"), "say_to_started_ms": summary(rs, "say_to_started_ms"),
                                "part_gap_ms": summary(rs, "part_gap_ms")} if mode == "client" else {})}
                     for mode, rs in by.items()},
