@@ -104,10 +104,11 @@ class OutputFrame:
 class OutputQueue:
     """Bounded FIFO of output frames; when full the oldest frame is dropped and counted.
 
-    A frame's events (its text piece's ``"events"``: what became of says, the user's talking) outlive the frame: those of frames dropped or cleared are kept,
-    in order, for :meth:`take_kept_events` (they are older than every frame still queued), so that a client always
-    hears how each of its says ended, however slowly it reads (up to ``MAX_KEPT_EVENTS``: a client that reads nothing
-    while it asks for says without end cannot grow them without bound; past that the oldest go)."""
+    A frame's events (its text piece's ``"events"``: what became of says, the user's talking) outlive the frame: those
+    of frames dropped or cleared are kept, in order, for :meth:`take_kept_events` (they are older than every frame still
+    queued), so that a client always hears how each of its says ended, however slowly it reads (up to
+    ``MAX_KEPT_EVENTS``: a client that reads nothing while it asks for says without end cannot grow them without bound;
+    past that the oldest go)."""
 
     MAX_KEPT_EVENTS = 1024
 
@@ -575,8 +576,8 @@ def _next_power_of_two(n: int) -> int:
 
 
 def _count_say_ends(session: StreamSession, text: dict) -> dict:
-    """A row's text piece with say events: the says that ended leave ``session.says_handed``. A session that has left the
-    batch (its says reported dropped by ``drop_says``) gets the piece without its say events."""
+    """A row's text piece with events: the says that ended leave ``session.says_handed``. A session that has left the
+    batch (its says reported dropped by ``drop_says``) gets the piece without its events."""
     if not session.live:
         return {key: value for key, value in text.items() if key != "events"}
     for event in text["events"]:
