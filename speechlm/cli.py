@@ -438,6 +438,8 @@ def cmd_asr(args: argparse.Namespace) -> int:
 
     if args.subtitles and args.json:
         raise SpeechLMError("--subtitles and --json do not go together: pick one")
+    if args.words and args.subtitles:
+        raise SpeechLMError("--words and --subtitles do not go together: pick one")
     if args.subtitles and len(args.inputs) > 1 and args.output_dir is None:
         raise SpeechLMError("subtitles of several files need --output-dir DIR (each written there as NAME.srt or NAME.vtt)")
     pipeline = _load_pipeline(args)
@@ -451,7 +453,8 @@ def cmd_asr(args: argparse.Namespace) -> int:
         segments = pipeline.asr_segments(audio, generation=g, progress=sys.stderr.isatty())
         if not segments:
             print(f"no speech heard in {args.inputs[0]} {NO_SPEECH_WHY}", file=sys.stderr)
-        _print_transcript(args, args.inputs[0], audio, segments, pipeline.sample_rate)
+        words = pipeline.asr_words(audio, segments, generation=g) if args.words else None
+        _print_transcript(args, args.inputs[0], audio, segments, pipeline.sample_rate, words)
         return 0
     failed = 0
     for k in range(0, len(args.inputs), args.batch_size):
@@ -469,16 +472,18 @@ def cmd_asr(args: argparse.Namespace) -> int:
         for (path, audio), segments in zip(loaded, heard):
             try:
                 segments = pipeline.asr_segments(audio, generation=g) if segments is None else segments
+                words = pipeline.asr_words(audio, segments, generation=g) if args.words else None
             except SpeechLMError as e:
                 print(f"speechlm: error: {path}: {e}", file=sys.stderr)
                 failed += 1
                 continue
-            _print_transcript(args, path, audio, segments, pipeline.sample_rate)
+            _print_transcript(args, path, audio, segments, pipeline.sample_rate, words)
     return 1 if failed else 0
 
 
-def _print_transcript(args: argparse.Namespace, path: str, audio, segments: list, sample_rate: int) -> None:
-    """``speechlm asr``'s output for one file: its transcript (several files: ``FILE<TAB>TEXT``), or with ``--json`` an object."""
+def _print_transcript(args: argparse.Namespace, path: str, audio, segments: list, sample_rate: int, words: list | None = None) -> None:
+    """``speechlm asr``'s output for one file: its transcript (several files: ``FILE<TAB>TEXT``), or with ``--json`` an object;
+    ``words`` (``--words``): a line ``START<TAB>END<TAB>WORD`` each (several files: ``FILE<TAB>`` first), or ``words`` in the object."""
     import dataclasses
     import json
 
@@ -496,7 +501,11 @@ def _print_transcript(args: argparse.Namespace, path: str, audio, segments: list
             print(f"{path}\t{target}", flush=True)
     elif args.json:
         print(json.dumps({"file": path, "text": text, "duration": round(len(audio) / sample_rate, 3),
-                          "segments": [dataclasses.asdict(s) for s in segments]}), flush=True)  # fmt: skip
+                          "segments": [dataclasses.asdict(s) for s in segments],
+                          **({"words": [dataclasses.asdict(w) for w in words]} if words is not None else {})}), flush=True)  # fmt: skip
+    elif words is not None:
+        prefix = "" if len(args.inputs) == 1 else f"{path}\t"
+        print("".join(f"{prefix}{w.start:.3f}\t{w.end:.3f}\t{w.word}\n" for w in words), end="", flush=True)
     else:
         print(text if len(args.inputs) == 1 else f"{path}\t{' '.join(text.split())}", flush=True)  # one line per file
 
@@ -815,6 +824,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subtitles", choices=("srt", "vtt"),
                    help="print subtitles instead: SubRip or WebVTT cues of the pieces heard (with several files: --output-dir)")
     p.add_argument("--output-dir", metavar="DIR", help="--subtitles: write each file's as DIR/NAME.srt (or .vtt) instead of printing them")
+    p.add_argument("--words", action="store_true",
+                   help="word timestamps: a line 'START<TAB>END<TAB>WORD' a word (with --json: 'words' in the object), by forced alignment of "
+                        "the transcript with the pronunciation checker (needs espeak-ng)")
     p.add_argument("--int8", action="store_true",
                    help="products of at most 4 rows read the backbone's weights as int8 (bfloat16 on a CPU: faster, rounded differently; "
                         "the same WER on 80 held-out-voice utterances)")

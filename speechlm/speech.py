@@ -414,6 +414,36 @@ class SpeechPipeline:
         found = iter(self.detector(g.speech_detector).has_speech(heard, level=g.asr_level or PEAK_LEVEL))
         return [s and next(found) for s in sounding]
 
+    def asr_words(self, audio: np.ndarray, segments: list[Segment], sample_rate: int = SAMPLE_RATE,
+                  generation: Generation | None = None) -> list[Word]:
+        """Word timestamps of a transcript: each segment's text (:meth:`asr_segments`) aligned to its span of ``audio``
+        (T,) by the pronunciation checker ``generation.checker`` (CTC forced alignment, :func:`speechlm.align.align_words`;
+        needs espeak-ng for the words' phonemes). The words are the normalized transcript's (numbers spelled out); a
+        segment that cannot be aligned (its text holds more phonemes than its audio can) gives its words its own span,
+        shared out by their letters, ``aligned`` False."""
+        from .align import AlignError, align_words
+
+        audio = self._checked(audio, sample_rate)
+        checker = self.checker((generation or Generation()).checker)
+        words: list[Word] = []
+        for seg in segments:
+            if not seg.text.strip():
+                continue
+            a, b = int(seg.start * sample_rate), int(seg.end * sample_rate)
+            try:
+                aligned = align_words(audio[a:b], seg.text, checker).words
+                words += [Word(w.word, round(seg.start + w.start, 3), round(seg.start + w.end, 3), True) for w in aligned]
+            except AlignError as e:
+                log.warning("segment %.2f-%.2f s not aligned (%s): its words share its span", seg.start, seg.end, e)
+                from .training.textnorm import spoken_words
+
+                tokens = spoken_words(normalize_text(seg.text))
+                edges = np.cumsum([0, *(len(t) for t in tokens)]) / max(1, sum(len(t) for t in tokens))
+                span = seg.end - seg.start
+                words += [Word(t, round(seg.start + span * x, 3), round(seg.start + span * y, 3), False)
+                          for t, x, y in zip(tokens, edges[:-1], edges[1:])]
+        return words
+
     def checker(self, name: str) -> PronunciationChecker:
         """The pronunciation checker ``name`` (a directory or shipped name), loaded once."""
         if name not in self._checkers:
@@ -790,6 +820,16 @@ class Segment:
     start: float
     end: float
     text: str
+
+
+@dataclass
+class Word:
+    """A word of a transcript and its span in the audio (seconds; :meth:`SpeechPipeline.asr_words`)."""
+
+    word: str
+    start: float
+    end: float
+    aligned: bool = True  # False: its segment could not be aligned, the span is its share of the segment's
 
 
 # The levels of the views ASR listens to, relative to the training level (the first is the audio

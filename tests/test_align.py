@@ -125,3 +125,26 @@ def test_import_reads_librispeech_and_libritts_layouts(tmp_path):
                                                                    ("103-1240-0001", "MISSUS RACHEL LYNDE IS SURPRISED", "103")]
     assert [(i["id"], i["text"], i["speaker"]) for i in recording_items(tmp_path / "LibriTTS")] == [
         ("19_198_000000_000000", "Northanger Abbey.", "19")]
+
+
+def test_asr_words_align_each_segment_and_share_out_one_that_cannot_be(checker):
+    """``SpeechPipeline.asr_words``: a segment's words where the checker hears them, offset by the segment's start; a
+    segment whose text the audio cannot hold gives its words its span by their letters, marked not aligned."""
+    from speechlm.speech import Segment, SpeechPipeline
+
+    class Pipeline:  # what asr_words uses of a pipeline
+        def _checked(self, audio, sample_rate):
+            return audio
+
+        def checker(self, name):
+            return checker
+
+    syn = get_teacher("espeak:en-us").synthesize("Good morning.", random.Random(0))
+    audio = np.concatenate([np.zeros(16000, np.float32), syn.audio, np.zeros(4000, np.float32)])
+    end = 1 + len(syn.audio) / 16000
+    segments = [Segment(1.0, end, "Good morning."), Segment(end, end + 0.1, "ten twenty")]
+    words = SpeechPipeline.asr_words(Pipeline(), audio, segments)
+    assert [(w.word, w.aligned) for w in words] == [("Good", True), ("morning", True), ("ten", False), ("twenty", False)]
+    assert abs(words[0].start - (1 + syn.words[0].start)) < 0.04 and abs(words[1].start - (1 + syn.words[1].start)) < 0.06
+    assert words[2].start == pytest.approx(end, abs=1e-3) and words[3].end == pytest.approx(end + 0.1, abs=1e-3)
+    assert words[2].end == pytest.approx(end + 0.1 * 3 / 9, abs=1e-3)  # "ten" has 3 of the 9 letters

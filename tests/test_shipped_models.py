@@ -198,6 +198,14 @@ def test_default_asr_hears_a_recording_of_several_sentences_piece_by_piece(cli, 
     assert "snake" in words_for_scoring(first["text"]) and "dollars" in words_for_scoring(second["text"])
     assert 0 <= first["start"] < first["end"] < second["start"] < second["end"] < third["start"] < third["end"] <= out["duration"]
     assert abs(second["start"] - (len(parts[0]) + len(pause)) / SAMPLE_RATE) < 0.05
+    # word timestamps (--words: the transcript aligned by the pronunciation checker): "dollars" where espeak said it
+    timed = cli("asr", str(tmp_path / "three.wav"), "--json", "--words")
+    assert timed.returncode == 0, timed.stderr
+    words = json.loads(timed.stdout)["words"]
+    assert [w["word"].lower() for w in words] == heard and all(w["aligned"] for w in words)
+    assert all(0 <= a["start"] < a["end"] <= b["start"] < b["end"] <= out["duration"] for a, b in zip(words, words[1:])), words
+    truth = (len(parts[0]) + len(pause) + espeak.synthesize(said[1], "en-us+f4").words[3].start) / SAMPLE_RATE
+    assert abs(next(w["start"] for w in words if w["word"] == "dollars") - truth) < 0.06, (words, truth)
     # two sentences (4 s: short enough to be heard whole too): the checker keeps the pieces' transcript
     save_audio(tmp_path / "two.wav", np.concatenate([parts[0], pause, parts[1]]))
     two = cli("asr", str(tmp_path / "two.wav"))
