@@ -319,6 +319,8 @@ def cmd_tts(args: argparse.Namespace) -> int:
     if args.output is None:
         raise SpeechLMError("give the output: -o OUT.wav (with --lines: a directory)")
     if args.lines is not None:
+        if args.words:
+            raise SpeechLMError("--words goes with one text, not --lines")
         return _tts_lines(args)
     from .codec.audio import audio_format, open_audio_writer
 
@@ -341,12 +343,15 @@ def cmd_tts(args: argparse.Namespace) -> int:
 
     report = sys.stderr if raw else sys.stdout
     sink = _StdoutPCM() if raw else open_audio_writer(out, pipeline.sample_rate)
+    spoken = []  # (--words) the speech, to align the text to
     try:
         with sink as f:
             for chunk in chunks():
                 first = first if first is not None else time.perf_counter() - start
                 f.write(chunk)
                 samples += len(chunk)
+                if args.words:
+                    spoken.append(chunk)
                 if args.stream:
                     f.flush()
     except BrokenPipeError:  # the player reading stdout went away: nothing more to say
@@ -364,6 +369,11 @@ def cmd_tts(args: argparse.Namespace) -> int:
         return 0
     msg = f"{seconds:.2f} s of speech -> {where} (real-time factor {wall / seconds:.2f}"
     print(msg + (f", first audio after {first * 1000:.0f} ms)" if first is not None else ")"), file=report)
+    if args.words:
+        import numpy as np
+
+        words = pipeline.tts_words(np.concatenate(spoken), args.text, generation=g)
+        print("".join(f"{w.start:.3f}\t{w.end:.3f}\t{w.word}\n" for w in words), end="", file=report, flush=True)
     return 0
 
 
@@ -812,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-words", type=int, default=None, metavar="N",
                    help="a sentence longer than N spoken words is spoken clause by clause (default: the Generation default, 14; "
                         "0 = each sentence whole)")
+    p.add_argument("--words", action="store_true",
+                   help="after the speech, print a line 'START<TAB>END<TAB>WORD' a word: where each word was said (the text aligned "
+                        "to the speech by the pronunciation checker; needs espeak-ng)")
     _add_voice_arguments(p)
     _add_model_arguments(p)
     _add_candidate_arguments(p)

@@ -444,6 +444,12 @@ class SpeechPipeline:
                           for t, x, y in zip(tokens, edges[:-1], edges[1:])]
         return words
 
+    def tts_words(self, audio: np.ndarray, text: str, generation: Generation | None = None) -> list[Word]:
+        """Where each word of ``text`` was said in ``audio``, the speech :meth:`tts` made of it (its pauses between
+        sentences included): :meth:`asr_words` of the whole as one segment (for captions, or a face's lips)."""
+        audio = self._checked(audio, SAMPLE_RATE)
+        return self.asr_words(audio, [Segment(0.0, len(audio) / SAMPLE_RATE, text)], generation=generation)
+
     def checker(self, name: str) -> PronunciationChecker:
         """The pronunciation checker ``name`` (a directory or shipped name), loaded once."""
         if name not in self._checkers:

@@ -89,9 +89,14 @@ def test_default_asr_and_chat_give_nothing_for_noise(default_pipeline, cli_here,
 
 def test_readme_main_job_runs_without_a_model_argument(cli, tmp_path):
     out = tmp_path / "hello.wav"
-    r = cli("tts", "The capital of France is Paris.", "-o", str(out), "--stream", "--max-seconds", "4")
+    r = cli("tts", "The capital of France is Paris.", "-o", str(out), "--stream", "--max-seconds", "4", "--words")
     assert r.returncode == 0, r.stderr
     assert len(load_audio(out)) > 0.2 * SAMPLE_RATE
+    # --words: where each word was said, in order, inside the speech
+    timed = [line.split("\t") for line in r.stdout.splitlines()[1:]]
+    assert [w for _, _, w in timed] == ["The", "capital", "of", "France", "is", "Paris"], r.stdout
+    times = [(float(a), float(b)) for a, b, _ in timed]
+    assert all(0 <= a < b <= c < d for (a, b), (c, d) in zip(times, times[1:])) and times[-1][1] <= len(load_audio(out)) / SAMPLE_RATE + 0.02
     r = cli("asr", str(out))
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
 
