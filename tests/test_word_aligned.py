@@ -128,6 +128,10 @@ def test_aligned_decoding_cached_equals_uncached_and_limits(model):
     assert [bool(s.finished[0]) for s in cached].count(True) >= 1 and bool(cached[-1].finished[0])
     assert not any(bool(s.finished[0]) for s in cached[: -model.config.max_delay - 1]), "finished only at the last word's end"
     assert cached[0].backbone_forwards == 1, "audio from the first backbone forward"
+    # each frame says the word it belongs to: every word in order, at least one frame each, at most the cap
+    words = [s.words[0] for s in cached for _ in s.frames[0]]
+    assert words == sorted(words) and sorted(set(words)) == list(range(len(chunks)))
+    assert all(1 <= words.count(k) <= 6 for k in range(len(chunks)))
     assert all(((f >= 0) & (f < C)).all() for f in a)
     # MCTP: fewer backbone forwards than frames; the whole utterance cap holds
     assert cached[-1].backbone_forwards < len(a)

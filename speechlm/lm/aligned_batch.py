@@ -39,6 +39,7 @@ class AudioPosition:
     frames: dict[int, Tensor]  # row key -> frames (n, Q) completed here (often none), for the rows running now
     finished: dict[int, bool]  # row key -> whether it has spoken its last chunk (it leaves after this step)
     backbone_forwards: int  # backbone forwards of the batch so far
+    words: dict[int, int] = field(default_factory=dict)  # row key -> the chunk (word) its frames here belong to
 
 
 @dataclass
@@ -187,7 +188,7 @@ class AlignedSpeechBatch:
                         r.left -= len(frames[r.key])
                         r.ended = bool(r.segment.finished.all())
                 finished = {r.key: r.ended and (r.word == len(r.chunks) - 1 or r.left <= 0) for r in rows if not r.removed}
-                yield AudioPosition(frames, finished, self.backbone_forwards)
+                yield AudioPosition(frames, finished, self.backbone_forwards, {r.key: r.word for r in rows if not r.removed})
                 if all(r.ended or r.removed or j + 1 >= r.positions for r in rows):
                     break
             for r in rows:
@@ -272,4 +273,5 @@ def iter_aligned_audio_batch(
     for position in batch.run():
         finished.update(position.finished)
         yield AudioStep(frames=[position.frames.get(k, none) for k in keys], positions=1, backbone_forwards=position.backbone_forwards,
-                        finished=torch.tensor([finished[k] for k in keys], device=model.device))  # fmt: skip
+                        finished=torch.tensor([finished[k] for k in keys], device=model.device),
+                        words=[position.words.get(k) for k in keys])  # fmt: skip

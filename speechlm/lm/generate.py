@@ -552,6 +552,7 @@ class AudioStep:
     positions: int  # audio positions predicted in this step: 1 (backbone) + MCTP modules run
     backbone_forwards: int  # backbone forwards so far, this one included (the prompt's is the first)
     finished: Tensor  # (B,) bool
+    words: list[int | None] | None = None  # word-aligned speech: per row, the chunk (word) its frames here belong to
 
 
 class _Segment:
