@@ -124,7 +124,7 @@ def run(model: DuplexSpeechModel, user: np.ndarray, heard: list[str] | None = No
         playing = pcm[0].cpu().numpy()
         out.append(playing)
         piece = pieces[0]["model"] if isinstance(pieces[0], dict) else pieces[0]
-        if isinstance(pieces[0], dict) and heard is not None:
+        if isinstance(pieces[0], dict) and heard is not None and "user" in pieces[0]:  # (a piece may carry events alone)
             heard.append(pieces[0]["user"])
         texts.append(piece or None)
     return np.stack(out), texts
