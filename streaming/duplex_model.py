@@ -43,7 +43,7 @@ from ..codec.model import Codec, CodecState
 from ..lm.duplex import DuplexLM, DuplexState
 from ..lm.generate import Sampling
 from ..vad import STREAM_HOP, SpeechDetector
-from .gate import GateConfig, GateState, noise_gate
+from .gate import GateConfig, GateState, noise_gate, talking
 from .models import TextPiece, concat_states, select_rows
 
 TEXT_SAMPLING = Sampling(temperature=0.7, top_k=25)
@@ -166,9 +166,17 @@ class DuplexSpeechModel:
     # -- the step --------------------------------------------------------------------------
 
     def step(self, user_pcm: Tensor, state: DuplexSpeechState) -> tuple[Tensor, list[TextPiece], DuplexSpeechState]:
-        """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces (None = no new text), state."""
+        """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces (None = no new text), state.
+        With a noise gate, a row's piece says when its user starts or stops talking (``{"model": piece, "events":
+        [{"user": "started"}]}``, as the answer assist's do: the server's METADATA ``user``)."""
+        before = talking(state.gate, self.noise_gate).tolist() if self.noise_gate is not None else None
         tick = self.tick(user_pcm, state)
-        return tick.pcm, [self.piece(int(t)) for t in tick.text.tolist()], tick.state
+        pieces: list[TextPiece] = [self.piece(int(t)) for t in tick.text.tolist()]
+        if before is not None:
+            for b, (was, now) in enumerate(zip(before, talking(tick.state.gate, self.noise_gate).tolist())):
+                if was != now:
+                    pieces[b] = {"model": pieces[b] or "", "events": [{"user": "started" if now else "stopped"}]}
+        return tick.pcm, pieces, tick.state
 
     @torch.inference_mode()
     def listen(self, user_pcm: Tensor, state: DuplexSpeechState, config: GateConfig | None = None) -> tuple[Tensor, Tensor]:
