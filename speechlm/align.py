@@ -132,8 +132,9 @@ def align_words(audio: np.ndarray, text: str, checker, config: AlignConfig | Non
     frame_seconds = len(audio) / 16_000 / max(1, log_probs.shape[0])  # 0.02 s
     spans = _word_frames(frame_of, [len(ph) for _, ph in words])
     frames = log_probs.shape[0]
-    loud = _loud_frames(audio, frames, config.quiet_rms, config.quiet_share)
-    sounding = _loud_frames(audio, frames, config.tail_rms, config.tail_share)
+    rms, level = _frame_levels(audio, frames)
+    loud = rms > max(config.quiet_rms, config.quiet_share * level)
+    sounding = rms > max(config.tail_rms, config.tail_share * level)
     spans = _spread(spans, loud, sounding, config.max_extend_frames)
     aligned = [AlignedWord(w, a * frame_seconds, b * frame_seconds, len(ph)) for (w, ph), (a, b) in zip(words, spans)]
     best = float(log_probs.max(-1).sum())
@@ -157,13 +158,13 @@ def _word_frames(frame_of: np.ndarray, sizes: list[int]) -> list[tuple[int, int]
     return spans
 
 
-def _loud_frames(audio: np.ndarray, frames: int, floor: float, share: float) -> np.ndarray:
-    """(frames,) bool: the 20 ms frame's RMS is over ``floor`` and ``share`` of the utterance's loud level."""
-    hop = max(1, len(audio) // max(1, frames))
-    x = np.asarray(audio[: hop * frames], np.float64).reshape(frames, hop) if frames else np.zeros((0, 1))
-    rms = np.sqrt((x**2).mean(1)) if frames else np.zeros(0)
-    level = float(np.percentile(rms, 90)) if frames else 0.0
-    return rms > max(floor, share * level)
+def _frame_levels(audio: np.ndarray, frames: int) -> tuple[np.ndarray, float]:
+    """Each 20 ms frame's RMS (frames,), and the utterance's loud level (its 90th-percentile frame RMS)."""
+    if not frames:
+        return np.zeros(0), 0.0
+    hop = max(1, len(audio) // frames)
+    rms = np.sqrt((np.asarray(audio[: hop * frames], np.float64).reshape(frames, hop) ** 2).mean(1))
+    return rms, float(np.percentile(rms, 90))
 
 
 def _spread(spans: list[tuple[int, int]], loud: np.ndarray, sounding: np.ndarray, most: int) -> list[tuple[int, int]]:

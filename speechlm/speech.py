@@ -38,7 +38,7 @@ from .lm.generate import AudioStep, PromptBatch, Sampling, iter_aligned_audio, i
 from .lm.model import SpeechLM
 from .lm.prompts import aligned_tts_prompt, asr_prompt, chat_prompt, chunk_ids, tts_prompt, word_chunks
 from .speech_streams import BatchedSpeechStreams, SpeechStreams
-from .training.textnorm import normalize_text, split_clauses, split_sentences
+from .training.textnorm import normalize_text, split_clauses, split_sentences, spoken_words
 from .transcript_check import LEXICON_FILE, Lexicon, check_transcript
 from .vad import SpeechDetector
 
@@ -435,8 +435,6 @@ class SpeechPipeline:
                 words += [Word(w.word, round(seg.start + w.start, 3), round(seg.start + w.end, 3), True) for w in aligned]
             except AlignError as e:
                 log.warning("segment %.2f-%.2f s not aligned (%s): its words share its span", seg.start, seg.end, e)
-                from .training.textnorm import spoken_words
-
                 tokens = spoken_words(normalize_text(seg.text))
                 edges = np.cumsum([0, *(len(t) for t in tokens)]) / max(1, sum(len(t) for t in tokens))
                 span = seg.end - seg.start
@@ -447,7 +445,6 @@ class SpeechPipeline:
     def tts_words(self, audio: np.ndarray, text: str, generation: Generation | None = None) -> list[Word]:
         """Where each word of ``text`` was said in ``audio``, the speech :meth:`tts` made of it (its pauses between
         sentences included): :meth:`asr_words` of the whole as one segment (for captions, or a face's lips)."""
-        audio = self._checked(audio, SAMPLE_RATE)
         return self.asr_words(audio, [Segment(0.0, len(audio) / SAMPLE_RATE, text)], generation=generation)
 
     def checker(self, name: str) -> PronunciationChecker:

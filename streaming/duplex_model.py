@@ -169,13 +169,14 @@ class DuplexSpeechModel:
         """user_pcm (B, frame_length) -> model pcm (B, frame_length), B text pieces (None = no new text), state.
         With a noise gate, a row's piece says when its user starts or stops talking (``{"model": piece, "events":
         [{"user": "started"}]}``, as the answer assist's do: the server's METADATA ``user``)."""
-        before = talking(state.gate, self.noise_gate).tolist() if self.noise_gate is not None else None
+        before = talking(state.gate, self.noise_gate) if self.noise_gate is not None else None
         tick = self.tick(user_pcm, state)
         pieces: list[TextPiece] = [self.piece(int(t)) for t in tick.text.tolist()]
-        if before is not None:
-            for b, (was, now) in enumerate(zip(before, talking(tick.state.gate, self.noise_gate).tolist())):
-                if was != now:
-                    pieces[b] = {"model": pieces[b] or "", "events": [{"user": "started" if now else "stopped"}]}
+        if before is not None:  # per row 2 * talking before + talking now: 1 = started, 2 = stopped (one read of the device)
+            change = (2 * before.long() + talking(tick.state.gate, self.noise_gate).long()).tolist()
+            for b, c in enumerate(change):
+                if c in (1, 2):
+                    pieces[b] = {"model": pieces[b] or "", "events": [{"user": "started" if c == 1 else "stopped"}]}
         return tick.pcm, pieces, tick.state
 
     @torch.inference_mode()
