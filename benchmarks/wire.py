@@ -5,10 +5,12 @@ child process; clients stream at real-time pace, one session at a time, the code
 0.2 s tone bursts (440 Hz at 0.3) one second apart over silence, and times every burst: from sending the frame
 it starts in to the earliest moment its first sample could be played at the client (the arrival of the AUDIO
 message holding it, plus its place in that message's samples). The server's path alone (PCM16) is the input
-buffer's wait for the next tick, the loopback's one frame and the write; Opus adds its coders' frames both ways
-(``sphn``'s stream writer makes 60 ms packets). Bytes are the AUDIO messages' payloads each way, per second of audio.
+buffer's wait for the next tick, the loopback's one frame and the write; Opus adds its coders' delay both ways.
+``opus`` codes with libopus (streaming/opus.py: one page per 40 ms packet, sent at once), ``opus-sphn`` with ``sphn``'s
+stream writer (60 ms packets, pages when full) on both sides: a second server child runs with
+SPEECHLM_OPUS_BACKEND=sphn. Bytes are the AUDIO messages' payloads each way, per second of audio.
 
-    python benchmarks/wire.py --sessions 4 --seconds 10 --out docs/results/wire.json
+    python benchmarks/wire.py --sessions 20 --seconds 6 --out docs/results/wire.json
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -23,12 +26,14 @@ import numpy as np
 from agent import serve_child
 
 from speechlm.streaming.client import DuplexClient
-from speechlm.streaming.protocol import Audio
+from speechlm.streaming.protocol import OPUS_BACKEND_ENV, Audio
 
 FRAME = 640
 RATE = 16_000
 BURST_FRAMES = 5  # 0.2 s
 PERIOD_FRAMES = 25  # a burst a second
+WINDOW = 4 * RATE  # STOI of the speech back, 4 s at a time
+PHASES = np.random.default_rng(0)  # each session's start against the server's clock
 
 
 def bursts(seconds: float) -> np.ndarray:
@@ -49,7 +54,9 @@ async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0
     delays: list[float] = []
     counts = {"up": 0, "down": 0}
     received: list[np.ndarray] = []
-    async with await DuplexClient.connect(url, codec=codec, metadata_interval=0, send_text=False) as client:
+    wire, _, backend = codec.partition("-")  # "opus-sphn": Opus through sphn on both sides
+    os.environ[OPUS_BACKEND_ENV] = backend
+    async with await DuplexClient.connect(url, codec=wire, metadata_interval=0, send_text=False) as client:
         original_send = client.ws.send
 
         async def counted_send(data):
@@ -58,6 +65,9 @@ async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0
             await original_send(data)
 
         client.ws.send = counted_send
+        # a random phase against the server's 40 ms clock: a frame sent just before a tick waits less than one sent
+        # just after it, and sessions started one after another would otherwise keep one phase per codec
+        await asyncio.sleep(float(PHASES.uniform(0, FRAME / RATE)))
         begin = time.perf_counter()
 
         async def send() -> None:
@@ -108,9 +118,20 @@ def speech_figures(url: str, codec: str, audio: np.ndarray) -> dict:
         from speechlm.codec.metrics import align
     except ImportError:
         return out  # (STOI needs the [eval] extra)
-    ref, deg, lag = align(audio, back[: len(audio) + 4 * FRAME], max_lag=4 * FRAME)
-    out["stoi"] = round(float(stoi(ref, deg, RATE, extended=False)), 4)
-    out["lag_ms"] = round(1000 * lag / RATE, 1)  # one frame is the loopback's; the rest, the coders'
+    # STOI window by window, each aligned on its own: a frame that arrives after its tick is heard as silence and
+    # every later sample comes back a frame later (the server keeps late audio), which one global lag would count
+    # against the codec
+    scores, lags = [], []
+    for start in range(0, len(audio) - WINDOW // 2, WINDOW):
+        piece = audio[start : start + WINDOW]
+        ref, deg, lag = align(piece, back[start : start + len(piece) + 6 * FRAME], max_lag=6 * FRAME)
+        scores.append(float(stoi(ref, deg, RATE, extended=False)) * len(piece))
+        lags.append(lag)
+    out["stoi"] = round(sum(scores) / len(audio), 4)
+    out["stoi_windows"] = [round(score / min(WINDOW, len(audio) - i * WINDOW), 3) for i, score in enumerate(scores)]
+    out["lag_ms_windows"] = [round(1000 * lag / RATE, 1) for lag in lags]
+    out["lag_ms"] = round(1000 * float(np.median(lags)) / RATE, 1)  # one frame is the loopback's; the rest, the coders'
+    out["lag_ms_max"] = round(1000 * max(lags) / RATE, 1)  # above the median: frames late at the server
     return out
 
 
@@ -133,17 +154,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=4, help="sessions per codec, alternating (default 4)")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio per session (default 10)")
-    ap.add_argument("--codecs", default="pcm16,opus")
+    ap.add_argument("--codecs", default="pcm16,opus,opus-sphn", help="pcm16, opus (libopus), opus-sphn (default all three)")
     ap.add_argument("--speech", nargs="*", default=[], help="speech files: streamed once per codec for its bytes and STOI")
     ap.add_argument("--out", help="write the results here (JSON)")
     args = ap.parse_args()
-    server, url = serve_child(["--model", "loopback"], timeout=120)
-    url += "/ws"
+    codecs = args.codecs.split(",")
+    servers = {}  # Opus backend ("" = the default) -> (child process, /ws URL)
+    for backend in dict.fromkeys(codec.partition("-")[2] for codec in codecs):
+        os.environ[OPUS_BACKEND_ENV] = backend
+        server, url = serve_child(["--model", "loopback"], timeout=120)
+        servers[backend] = (server, url + "/ws")
+
+    def url_for(codec: str) -> str:
+        return servers[codec.partition("-")[2]][1]
+
     rows = []
     try:
         for i in range(args.sessions):
-            for codec in args.codecs.split(","):
-                row, _ = asyncio.run(session(url, codec, bursts(args.seconds)))
+            for codec in codecs:
+                row, _ = asyncio.run(session(url_for(codec), codec, bursts(args.seconds)))
                 print(json.dumps({"round": i, **{k: v for k, v in row.items() if k != "delay_ms"},
                                   "delay_ms_p50": float(np.median(row["delay_ms"])) if row["delay_ms"] else None}), flush=True)
                 rows.append(row)
@@ -152,12 +181,13 @@ def main() -> None:
             from speechlm.codec.audio import load_audio
 
             audio = np.concatenate([load_audio(path) for path in args.speech])
-            for codec in args.codecs.split(","):
-                speech.append(speech_figures(url, codec, audio))
+            for codec in codecs:
+                speech.append(speech_figures(url_for(codec), codec, audio))
                 print(json.dumps(speech[-1]), flush=True)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(timeout=30)
     result = {"command": " ".join(sys.argv), "sessions": args.sessions, "seconds": args.seconds, "summary": summarize(rows), "speech": speech,
               "rows": rows}
     print(json.dumps(result["summary"], indent=1))

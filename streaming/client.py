@@ -112,7 +112,7 @@ class DuplexClient:
     async def _connect_once(cls, url: str, *, token: str | None, codec: str, client: str, open_timeout: float, **options: Any) -> DuplexClient:
         url = normalize_url(url)
         if codec == "opus" and not protocol.opus_available():
-            raise ClientError("--codec opus needs the sphn package (pip install sphn)")
+            raise ClientError("--codec opus needs libopus (Debian: libopus0) or the sphn package (pip install sphn)")
         try:
             ws = await connect(url, open_timeout=open_timeout, max_size=2**20, compression=None, close_timeout=2, proxy=None)
         except InvalidStatus as e:
@@ -621,7 +621,7 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
                              "canceller cleans it out when the livekit package is there (pip install 'speechlm[mic]')")
     parser.add_argument("--token", help="the server's token, if it has one")
     parser.add_argument("--voice", help="the voice the server replies in, one of those its handshake lists (default: the server's)")
-    parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus needs sphn)")
+    parser.add_argument("--codec", choices=protocol.CODECS, default="pcm16", help="audio on the wire (default pcm16; opus: libopus, or sphn without it)")
     parser.add_argument("--json", action="store_true", help="print transcripts and stats as one JSON object")
     parser.add_argument("--say", action="append", default=[], metavar="TEXT",
                         help="have the model say TEXT first, e.g. a greeting (repeatable: said one after another; needs the server's answer assist)")

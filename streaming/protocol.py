@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -305,7 +306,7 @@ class SessionConfig:
         if codec not in CODECS:
             raise ProtocolError(f"codec must be one of {', '.join(CODECS)}, got {str(codec)[:40]!r}", ErrorCode.UNSUPPORTED_CODEC)
         if codec == "opus" and not opus_available():
-            raise ProtocolError("this server cannot speak Opus (the sphn package is not installed): use pcm16", ErrorCode.UNSUPPORTED_CODEC)
+            raise ProtocolError("this server cannot speak Opus (neither libopus nor sphn is installed): use pcm16", ErrorCode.UNSUPPORTED_CODEC)
         client = config.get("client", "")
         token = config.get("token")
         if not isinstance(client, str) or (token is not None and not isinstance(token, str)):
@@ -395,12 +396,31 @@ def parse_say_control(fields: dict[str, Any]) -> tuple[str, Any]:
 # -- audio on the wire ---------------------------------------------------------------------
 
 
+OPUS_BACKENDS = ("libopus", "sphn")
+OPUS_BACKEND_ENV = "SPEECHLM_OPUS_BACKEND"  # force one (benchmarks compare them); by default libopus when it loads
+
+
+def opus_backend() -> str | None:
+    """Which Opus coder this process uses: ``libopus`` (one page per 40 ms packet, no waiting), ``sphn``
+    (60 ms packets, pages when full: up to ~50 ms more delay each way), or None (no Opus here)."""
+    from .opus import libopus_available
+
+    wanted = os.environ.get(OPUS_BACKEND_ENV, "").strip().lower()
+    if wanted and wanted not in OPUS_BACKENDS:
+        raise ProtocolError(f"{OPUS_BACKEND_ENV} must be one of {', '.join(OPUS_BACKENDS)}, got {wanted!r}", ErrorCode.UNSUPPORTED_CODEC)
+    if wanted in ("", "libopus") and libopus_available():
+        return "libopus"
+    if wanted in ("", "sphn"):
+        try:
+            import sphn  # noqa: F401
+        except ImportError:
+            return None
+        return "sphn"
+    return None
+
+
 def opus_available() -> bool:
-    try:
-        import sphn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return opus_backend() is not None
 
 
 class Pcm16Wire:
@@ -418,29 +438,41 @@ class Pcm16Wire:
 
 
 class OpusWire:
-    """An Ogg/Opus stream cut into AUDIO payloads (``sphn``); one encoder and one decoder per session.
+    """An Ogg/Opus stream cut into AUDIO payloads; one encoder and one decoder per session.
 
-    The encoder takes whole 40 ms frames; payloads may be empty while Opus fills a page
-    (those are not sent). Decoding returns whatever pcm the stream has completed so far.
+    With libopus (``streaming.opus``) each whole 40 ms of pcm given to :meth:`encode` leaves at once as one
+    packet on one Ogg page; with ``sphn`` (the fallback) packets are 60 ms and pages go when full, so
+    payloads may be empty (those are not sent). Either reads any Ogg/Opus stream. Decoding returns whatever
+    pcm the stream has completed so far.
     """
 
     name = "opus"
 
     def __init__(self, sample_rate: int = SAMPLE_RATE):
-        try:
+        self.backend = opus_backend()
+        if self.backend is None:
+            raise ProtocolError("Opus needs libopus (Debian: libopus0) or the sphn package (pip install sphn)", ErrorCode.UNSUPPORTED_CODEC)
+        if self.backend == "libopus":
+            from .opus import OggOpusReader, OggOpusWriter
+
+            writer, reader = OggOpusWriter(sample_rate), OggOpusReader(sample_rate, drop_pre_skip=False)
+            self.packet_ms = writer.encoder.packet_samples * 1000 // sample_rate
+            self._write, self._read = writer.write, reader.read
+        else:
             import sphn
-        except ImportError:
-            raise ProtocolError("Opus needs the sphn package (pip install sphn)", ErrorCode.UNSUPPORTED_CODEC) from None
-        self._writer = sphn.OpusStreamWriter(sample_rate)
-        self._reader = sphn.OpusStreamReader(sample_rate)
+
+            writer, reader = sphn.OpusStreamWriter(sample_rate), sphn.OpusStreamReader(sample_rate)
+            self.packet_ms = 60  # sphn's writer
+            self._write = lambda pcm: writer.append_pcm(np.ascontiguousarray(pcm, dtype=np.float32))
+            self._read = lambda payload: np.asarray(reader.append_bytes(payload), dtype=np.float32)
 
     def encode(self, pcm: np.ndarray) -> bytes:
-        return self._writer.append_pcm(np.ascontiguousarray(pcm, dtype=np.float32))
+        return self._write(pcm)
 
     def decode(self, payload: bytes) -> np.ndarray:
         try:
-            return np.asarray(self._reader.append_bytes(payload), dtype=np.float32)
-        except Exception as e:  # sphn raises its own errors for a corrupt stream
+            return self._read(payload)
+        except Exception as e:  # either coder's errors for a corrupt stream
             raise ProtocolError(f"bad Opus data: {str(e)[:120]}") from None
 
 

@@ -451,6 +451,8 @@ class _Connection:
             "input_seconds": self.config.input_seconds,
             "output_seconds": self.config.output_seconds,
         }
+        if config.codec == "opus":
+            reply["opus_packet_ms"] = self.wire.packet_ms
         await self.ws.send(protocol.encode(Handshake(reply)))
         return True
 

@@ -30,8 +30,10 @@ from websockets.asyncio.client import connect
 
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
+from speechlm.streaming import protocol
 from speechlm.streaming.client import DuplexClient
 from speechlm.streaming.models import EchoCodecModel, LoopbackModel
+from speechlm.streaming.opus import ogg_crc
 from speechlm.streaming.server import DuplexServer, ServerConfig
 
 from .test_streaming_server import Saying, Voiced
@@ -190,17 +192,6 @@ def test_page_streams_fake_microphone_and_plays_the_reply(tmp_path):
     assert [(s["id"], s["event"]) for s in says] == [(1, "queued"), (1, "started"), (1, "done")], says
 
 
-def _ogg_crc(data: bytes) -> int:
-    """Ogg's CRC-32 (polynomial 0x04c11db7, not reflected, initial 0), bit by bit."""
-    crc = 0
-    for byte in data:
-        crc ^= byte << 24
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
-            crc &= 0xFFFFFFFF
-    return crc
-
-
 class HearingLoopback(LoopbackModel):
     """The loopback (the user's frame back a frame later, as it came) that keeps what it heard."""
 
@@ -243,12 +234,14 @@ def test_page_speaks_opus_both_ways(tmp_path):
                 return stats, heard, wire, framing
 
     stats, heard, wire, framing = asyncio.run(asyncio.wait_for(scenario(), 90))
+    server_packet_ms = protocol.OpusWire().packet_ms
     page = bytes(framing.pop("page"))
     assert framing == {"lengths": [0, 255, 600], "same": True, "refused": True}, framing
     assert page[:4] == b"OggS" and page[26] == 3 and list(page[27:30]) == [255, 255, 90]  # 600 = 255 + 255 + 90
-    assert int.from_bytes(page[22:26], "little") == _ogg_crc(page[:22] + bytes(4) + page[26:])  # RFC 3533's checksum
+    assert int.from_bytes(page[22:26], "little") == ogg_crc(page[:22] + bytes(4) + page[26:])  # RFC 3533's checksum
     assert not stats.get("errors"), stats["errors"]
     assert stats["codec"] == "opus" and wire.startswith("opus:"), (stats, wire)
+    assert stats["opusPacketMs"] == server_packet_ms, stats  # the readout knows the server's packets
     assert stats["framesSent"] >= 75 and stats["framesReceived"] >= 75, stats
     assert stats["bytesSent"] < 250 * stats["framesSent"], stats  # PCM16 is 1280 bytes a frame
     assert stats["bytesReceived"] < 250 * stats["framesReceived"], stats

@@ -24,6 +24,7 @@ from speechlm.codec.model import Codec
 from speechlm.streaming import protocol
 from speechlm.streaming.client import ClientError, DuplexClient, ServerBusy, add_client_arguments, client_main, stream_file
 from speechlm.streaming.models import EchoCodecModel, SilenceModel
+from speechlm.streaming.opus import OpusEncoder
 from speechlm.streaming.protocol import Audio, Control, Error, Handshake, Metadata
 from speechlm.streaming.server import DuplexServer, ServerConfig, run_server
 
@@ -575,6 +576,7 @@ def test_opus_session(codec):
 
     result = run(main())
     assert result.complete and not result.errors and result.server["codec"] == "opus"
+    assert result.server["opus_packet_ms"] == (40 if protocol.opus_backend() == "libopus" else 60)
     assert len(result.audio) >= 16_000 + 4800 - 3 * 960
     assert np.abs(result.audio).max() > 1e-3
 
@@ -605,6 +607,8 @@ def test_loopback_model_returns_the_audio_a_frame_later():
         lag = lags[int(np.argmax(scores))]
         match = got[lag : lag + 12_000]  # coded twice (up and down): the waveform near, not equal
         assert np.corrcoef(match, want[:12_000])[0, 1] > 0.6 and 0 < lag < FRAME, lag  # (at a wrong lag: |r| < 0.2)
+        if protocol.opus_backend() == "libopus":  # each way only the coder's look-ahead (kept, not dropped as pre-skip)
+            assert abs(lag - 2 * OpusEncoder().lookahead) <= 24, lag  # (within 1.5 ms: a lossy coder's peak)
         assert abs(20 * np.log10(np.std(match) / np.std(want[:12_000]))) < 2
 
 

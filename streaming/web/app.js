@@ -39,6 +39,7 @@ const state = {
     connected: false,
     session: null,
     codec: null, // the wire's audio codec, as the server accepted it
+    opusPacketMs: null, // the server's Opus packet length (HANDSHAKE reply opus_packet_ms)
     bytesSent: 0, // AUDIO payload bytes each way
     bytesReceived: 0,
     samplesReceived: 0,
@@ -249,6 +250,7 @@ function onMessage(data) {
     state.stats.connected = true;
     state.stats.session = body.session;
     state.stats.codec = body.codec;
+    state.stats.opusPacketMs = body.opus_packet_ms || 60; // the server's Opus packets (older servers: sphn's 60 ms)
     state.connectedAt = performance.now();
     setStatus(`connected: session ${body.session}, ${body.model}, ${body.codec}`, "ok");
     if (body.codec === "opus") startOpus();
@@ -342,9 +344,10 @@ function render() {
   $("server-input").textContent = `${server.input_ms ?? "–"} ms, underruns ${server.underruns ?? "–"}`;
   $("server-step").textContent = server.server_step_ms_p50 == null ? "–" : `${server.server_step_ms_p50} ms (batch ${server.server_batch})`;
   // mouth-to-ear: one-way network + server input buffer + one frame of model delay + output queue + playback buffer
-  // (+ with Opus, the packets' length each way: 40 ms up, the server's 60 ms down)
+  // (+ with Opus, the coders' look-ahead both ways, ~13 ms, and, where the server's packets are longer than a frame
+  // (sphn's 60 ms), their wait: ~90 ms more in all)
   const oneWay = s.rttMs === null ? 0 : s.rttMs / 2;
-  const opusMs = s.codec === "opus" ? 100 : 0;
+  const opusMs = s.codec === "opus" ? (s.opusPacketMs > frameMs ? 100 : 13) : 0;
   const total = 2 * oneWay + (server.input_ms || 0) + frameMs + queueMs + s.playbackMs + opusMs;
   $("total").textContent = `≈ ${total.toFixed(0)} ms`;
   $("frames").textContent = `${s.framesSent} sent / ${s.framesReceived} received`;
