@@ -33,14 +33,15 @@ def decode_codes(codec: Codec, codes: CodesFile) -> np.ndarray:
 
 
 def encode_file(codec: Codec, wav_path: str | os.PathLike, codes_path: str | os.PathLike, levels: int | None = None) -> CodesFile:
+    """Audio file -> ``.npz`` or ``.slc`` (entropy-coded with the codec's code prior) codes file."""
     audio = load_audio(wav_path, sample_rate=codec.sample_rate)
     codes = encode_audio(codec, audio, levels)
-    codes.save(codes_path)
+    codes.save(codes_path, prior=codec.code_prior)
     return codes
 
 
 def decode_file(codec: Codec, codes_path: str | os.PathLike, wav_path: str | os.PathLike) -> Path:
-    audio = decode_codes(codec, CodesFile.load(codes_path))
+    audio = decode_codes(codec, CodesFile.load(codes_path, prior=codec.code_prior))
     return save_audio(wav_path, audio, codec.sample_rate)
 
 

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .config import CodecConfig
+from .entropy import CodePrior
 from .errors import SpeechLMError
 from .modules import CausalISTFT, CausalSTFT, ConvNeXtStack, Downsample, Upsample, he_init_
 from .quantizer import GroupResidualQuantizer
@@ -169,6 +170,8 @@ class Codec(nn.Module):
             commitment_weight=config.commitment_weight,
         )
         self.decoder = Decoder(config)
+        # how often each codebook uses each code (``code_prior.safetensors`` beside the weights): entropy-coded .slc files
+        self.code_prior: CodePrior | None = None
 
     # -- sizes -------------------------------------------------------------------------
 
@@ -281,6 +284,8 @@ class Codec(nn.Module):
         tensors = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items() if not name.endswith(derived)}
         _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"codec_id": self.codec_id}))
         _write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+        if self.code_prior is not None and self.code_prior.codec_id == self.codec_id:
+            self.code_prior.save(directory)
         return directory
 
     @classmethod
@@ -309,6 +314,9 @@ class Codec(nn.Module):
             raise SpeechLMError(f"codec weights {weights} do not match its config ({config.codec_id}): {str(e).splitlines()[0]}") from None
         if left_out:
             model.quantizer.restore_derived()
+        prior = CodePrior.load(directory)
+        if prior is not None and prior.codec_id == model.codec_id:  # (a prior of other codes is ignored: fit it again)
+            model.code_prior = prior
         return model.to(device).eval()
 
     # -- helpers ------------------------------------------------------------------------

@@ -613,7 +613,48 @@ def cmd_codec_encode(args: argparse.Namespace) -> int:
     levels = _levels(codec, args.bandwidth)
     codes = encode_file(codec, args.input, args.output, levels)
     rate = codec.config.bitrate_at(levels or codec.config.num_quantizers)
-    print(f"{args.input}: {codes.codes.shape[0]} frames x {codes.codes.shape[1]} codes ({rate:.0f} bit/s) -> {args.output}")
+    in_file = ""
+    if Path(args.output).suffix == ".slc":  # entropy-coded: what the file really spends
+        seconds = max(codes.num_samples, 1) / codec.sample_rate
+        in_file = f"; {8 * Path(args.output).stat().st_size / seconds:.0f} bit/s in the file"
+    print(f"{args.input}: {codes.codes.shape[0]} frames x {codes.codes.shape[1]} codes ({rate:.0f} bit/s{in_file}) -> {args.output}")
+    return 0
+
+
+def cmd_codec_fit_prior(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .codec.audio import load_audio
+    from .codec.compress import encode_audio
+    from .codec.entropy import CodePrior
+    from .training.audio_data import list_source_files
+
+    codec = _load_codec(args.model)
+    out = Path(args.out) if args.out else Path(args.model)
+    if not args.out and not (out / "config.json").is_file():
+        raise SpeechLMError("--out is needed: --model is a shipped name, not a codec directory")
+    files = [f for spec in args.data for f in list_source_files(spec)[0]][: args.limit]
+    c = codec.config
+
+    def codes():
+        from tqdm import tqdm
+
+        for f in tqdm(files, desc="fit-prior", disable=args.quiet, file=sys.stderr):
+            try:
+                audio = load_audio(f, sample_rate=codec.sample_rate)
+            except SpeechLMError as e:
+                print(f"skipped: {e}", file=sys.stderr)
+                continue
+            if len(audio):
+                yield encode_audio(codec, audio).codes
+
+    prior = CodePrior.fit(codes(), codec.codec_id, c.groups, c.codes_per_frame, c.codebook_size)
+    out.mkdir(parents=True, exist_ok=True)
+    path = prior.save(out)
+    bits = prior.bits_per_code()
+    frames = int(prior.counts[0].sum())
+    print(f"{len(files)} files, {frames} frames: {np.mean(bits):.2f} bits a code of {np.log2(c.codebook_size):.0f} "
+          f"(~{np.sum(bits) * c.frame_rate:.0f} bit/s instead of {c.bitrate_at(c.num_quantizers):.0f}) -> {path}")
     return 0
 
 
@@ -968,8 +1009,8 @@ def build_parser() -> argparse.ArgumentParser:
     bandwidth_help = ("a lower bitrate: the first residual levels of each group only (codec-16k: 0.5, 1, 1.5 or 2 kbit/s; "
                       "default: all, 2)")
     for name, help_text, func in (
-        ("encode", "audio file -> codes .npz", cmd_codec_encode),
-        ("decode", "codes .npz -> audio file", cmd_codec_decode),
+        ("encode", "audio file -> codes .npz, or .slc (entropy-coded with the codec's code prior: smaller)", cmd_codec_encode),
+        ("decode", "codes .npz or .slc -> audio file", cmd_codec_decode),
         ("roundtrip", "audio -> codes -> audio", cmd_codec_roundtrip),
     ):
         p = codec.add_parser(name, help=help_text)
@@ -979,6 +1020,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name != "decode":  # (decoding reads the bitrate from the codes)
             p.add_argument("--bandwidth", type=float, metavar="KBPS", help=bandwidth_help)
         p.set_defaults(func=func)
+    p = codec.add_parser("fit-prior", help="count how often each codebook uses each code, for entropy-coded .slc files")
+    p.add_argument("--data", nargs="+", required=True, help="sources: manifest:DIR, librispeech:DIR[:train], dir:DIR (as train codec; weights ignored)")
+    p.add_argument("--model", default=DEFAULT_CODEC, help=model_help)
+    p.add_argument("--out", help="the codec directory to write code_prior.safetensors into (default: --model, when it is a directory)")
+    p.add_argument("--limit", type=_positive_int, help="at most this many files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_codec_fit_prior)
     p = codec.add_parser("eval", help="SI-SDR, log-mel distance (and STOI, PESQ-WB with the [eval] extra) over a folder")
     p.add_argument("input", help="folder of audio files")
     p.add_argument("--model", default=DEFAULT_CODEC, help=model_help)
