@@ -47,8 +47,11 @@ def bursts(seconds: float) -> np.ndarray:
     return out
 
 
-async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0.05) -> tuple[dict, np.ndarray]:
-    """Stream ``frames`` (n, FRAME) at real-time pace -> (the figures, the audio that came back)."""
+async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0.05, stall: tuple[float, float] | None = None,
+                  catch_up: bool | None = None) -> tuple[dict, np.ndarray]:
+    """Stream ``frames`` (n, FRAME) at real-time pace -> (the figures, the audio that came back). ``stall``: (at, for)
+    seconds: the sending stops once, as on a network stall, and the frames it held back go at once when it ends.
+    ``catch_up``: the HANDSHAKE's (None: the server's default)."""
     starts = [i for i in range(len(frames)) if frames[i].any() and not frames[i - 1].any()]
     sent_at: dict[int, float] = {}
     delays: list[float] = []
@@ -56,7 +59,7 @@ async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0
     received: list[np.ndarray] = []
     wire, _, backend = codec.partition("-")  # "opus-sphn": Opus through sphn on both sides
     os.environ[OPUS_BACKEND_ENV] = backend
-    async with await DuplexClient.connect(url, codec=wire, metadata_interval=0, send_text=False) as client:
+    async with await DuplexClient.connect(url, codec=wire, metadata_interval=0, send_text=False, catch_up=catch_up) as client:
         original_send = client.ws.send
 
         async def counted_send(data):
@@ -72,6 +75,8 @@ async def session(url: str, codec: str, frames: np.ndarray, threshold: float = 0
 
         async def send() -> None:
             for i, frame in enumerate(frames):
+                if stall is not None and i == round(stall[0] * RATE / FRAME):
+                    await asyncio.sleep(stall[1])
                 delay = begin + i * FRAME / RATE - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
@@ -150,14 +155,44 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def stall_runs(url: str, sessions: int, seconds: float, stall: tuple[float, float]) -> dict:
+    """PCM16 sessions with one stall each, the server's catch-up on and off alternating: each burst's delay by its
+    place (bursts a second apart from 1 s on; the stall between two of them)."""
+    out = {}
+    for catch_up in (True, False) * sessions:
+        row, _ = asyncio.run(session(url, "pcm16", bursts(seconds), stall=stall, catch_up=catch_up))
+        out.setdefault(str(catch_up), []).append(row["delay_ms"])
+        print(json.dumps({"catch_up": catch_up, "delay_ms": row["delay_ms"]}), flush=True)
+    summary = {}
+    for key, runs in out.items():
+        width = min(len(r) for r in runs)
+        summary[key] = {"delay_ms_by_burst_mean": [round(float(np.mean([r[k] for r in runs])), 1) for k in range(width)]}
+    return {"stall": {"at_s": stall[0], "for_s": stall[1]}, "bursts_at_s": list(range(1, 1 + width)), "summary": summary, "runs": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=4, help="sessions per codec, alternating (default 4)")
     ap.add_argument("--seconds", type=float, default=10.0, help="audio per session (default 10)")
     ap.add_argument("--codecs", default="pcm16,opus,opus-sphn", help="pcm16, opus (libopus), opus-sphn (default all three)")
     ap.add_argument("--speech", nargs="*", default=[], help="speech files: streamed once per codec for its bytes and STOI")
+    ap.add_argument("--stall", metavar="AT,FOR", help="instead: PCM16 sessions whose sending stalls once (seconds), "
+                    "the server's catch-up on and off alternating (--sessions pairs, --seconds each)")
     ap.add_argument("--out", help="write the results here (JSON)")
     args = ap.parse_args()
+    if args.stall:
+        at, length = (float(x) for x in args.stall.split(","))
+        server, url = serve_child(["--model", "loopback"], timeout=120)
+        try:
+            result = {"command": " ".join(sys.argv), **stall_runs(url + "/ws", args.sessions, args.seconds, (at, length))}
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        print(json.dumps(result["summary"], indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     codecs = args.codecs.split(",")
     servers = {}  # Opus backend ("" = the default) -> (child process, /ws URL)
     for backend in dict.fromkeys(codec.partition("-")[2] for codec in codecs):

@@ -96,7 +96,8 @@ class DuplexClient:
         **options: Any,
     ) -> DuplexClient:
         """Open ``url``, send the HANDSHAKE, wait for the server's. ``options`` go into the handshake
-        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``, ``replies``, ``check_rounds``; None values are left out).
+        (``autostart``, ``send_text``, ``metadata_interval``, ``voice``, ``replies``, ``check_rounds``, ``catch_up``; None values
+        are left out).
         ``wait_seconds``: while the server is busy (:class:`ServerBusy`), try again every ``RETRY_SECONDS`` for up to
         this long before giving up (0: at once)."""
         deadline = time.monotonic() + wait_seconds
@@ -390,6 +391,8 @@ async def stream_file(
     replies (:class:`ClientReplies`). ``check_rounds``: the server checks each question's transcript this many rounds.
     """
     options = {**ClientReplies.options(reply), "check_rounds": check_rounds}
+    if not realtime:
+        options["catch_up"] = False  # sent ahead of time on purpose: the server must not skip any of it
     async with await DuplexClient.connect(url, token=token, codec=codec, voice=voice, wait_seconds=wait_seconds, **options) as client:
         frame = client.frame_length
         audio = np.asarray(audio, dtype=np.float32).reshape(-1)

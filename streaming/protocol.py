@@ -290,6 +290,7 @@ class SessionConfig:
     voice: str | None = None  # the voice the model's replies are said in (one of the server's; None: its default)
     replies: str = "model"  # who writes the replies: the server's model, or "client" (the session's CONTROL say)
     check_rounds: int | None = None  # rounds of the transcript check on this session's questions (None: the server's)
+    catch_up: bool = True  # drain a lasting input backlog (a network stall's) by skipping quiet frames; off for files sent fast
 
     @classmethod
     def from_handshake(cls, message: Handshake, server_sample_rate: int = SAMPLE_RATE) -> SessionConfig:
@@ -312,7 +313,7 @@ class SessionConfig:
         if not isinstance(client, str) or (token is not None and not isinstance(token, str)):
             raise ProtocolError("'client' and 'token' must be strings", ErrorCode.BAD_HANDSHAKE)
         flags = {}
-        for name in ("autostart", "send_text"):
+        for name in ("autostart", "send_text", "catch_up"):
             value = config.get(name, getattr(cls, name))
             if not isinstance(value, bool):
                 raise ProtocolError(f"{name!r} must be true or false", ErrorCode.BAD_HANDSHAKE)

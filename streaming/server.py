@@ -426,6 +426,7 @@ class _Connection:
         self.session_config = config
         self.paused = not config.autostart
         self.session = self.scheduler.open_session()
+        self.session.catch_up = config.catch_up
         if config.voice is not None:
             self.session.options = {"voice": config.voice}
         if config.replies != "model":

@@ -136,11 +136,14 @@ def test_session_config_validation():
     config = SessionConfig.from_handshake(Handshake({"sample_rate": 16000, "codec": "pcm16", "client": "t", "autostart": False}))
     assert config.codec == "pcm16" and config.autostart is False and config.metadata_interval == 1.0
     assert SessionConfig.from_handshake(Handshake({})).codec == "pcm16"  # everything has a default
+    assert SessionConfig.from_handshake(Handshake({})).catch_up is True
+    assert SessionConfig.from_handshake(Handshake({"catch_up": False})).catch_up is False
     for config, code in [
         ({"sample_rate": 8000}, ErrorCode.BAD_HANDSHAKE),
         ({"codec": "mp3"}, ErrorCode.UNSUPPORTED_CODEC),
         ({"version": 2}, ErrorCode.UNSUPPORTED_VERSION),
         ({"autostart": "yes"}, ErrorCode.BAD_HANDSHAKE),
+        ({"catch_up": 1}, ErrorCode.BAD_HANDSHAKE),
         ({"metadata_interval": -1}, ErrorCode.BAD_HANDSHAKE),
         ({"token": 5}, ErrorCode.BAD_HANDSHAKE),
         ({"replies": "everyone"}, ErrorCode.BAD_HANDSHAKE),

@@ -173,6 +173,82 @@ def test_underruns_are_counted_and_filled_with_silence():
     assert session.frames == 5 and session.underruns == 3 and len(session.output) == 5
 
 
+def _talk(frames: int, seed: int = 0) -> np.ndarray:
+    """(frames, 640): half a second of a voice-like tone, then half a second of room noise (-54 dBFS), over and over."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(640) / 16_000
+    out = 0.002 * rng.standard_normal((frames, 640))
+    for i in range(frames):
+        if i % 25 < 12:
+            out[i] += 0.2 * np.sin(2 * np.pi * 180 * (t + i * 0.04))
+    return out.astype(np.float32)
+
+
+class Hearing(SilenceModel):
+    """Silence out; keeps each frame it heard."""
+
+    def __init__(self):
+        super().__init__()
+        self.heard: list[np.ndarray] = []
+
+    def step(self, user_pcm, state):
+        self.heard.append(user_pcm[0].numpy().copy())
+        return super().step(user_pcm, state)
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_a_stalls_backlog_drains_in_the_pauses(catch_up):
+    """The user's audio arrives a frame a tick, but a stall left 10 frames waiting: with catch_up the backlog is drained
+    by skipping quiet frames (the noise between the talk), never a loud one, down to CATCH_UP_FRAMES; without it the
+    10 frames of delay stay."""
+    model = Hearing()
+    scheduler = Scheduler(model, use_thread=False)
+    session = scheduler.open_session()
+    session.catch_up = catch_up
+    scheduler.join(session)
+    audio = _talk(300)
+    levels = np.sqrt((audio**2).mean(axis=1))
+
+    async def main():
+        await session.input.put(audio[:10].reshape(-1))  # the stall: 10 frames more than the ticks take
+        backlogs = []
+        for i in range(10, 300):
+            await session.input.put(audio[i])
+            await scheduler.tick()
+            backlogs.append(len(session.input) // 640)
+        return backlogs
+
+    backlogs = asyncio.run(main())
+    heard = np.sqrt((np.stack(model.heard) ** 2).mean(axis=1))
+    if not catch_up:
+        assert session.input_skipped == 0 and backlogs[-1] == 10
+        np.testing.assert_allclose(heard, levels[: len(heard)], rtol=1e-5)
+        return
+    assert session.input_skipped == 10 - session.CATCH_UP_FRAMES and backlogs[-1] == session.CATCH_UP_FRAMES, backlogs
+    assert session.stats()["input_skipped"] == session.input_skipped
+    loud = levels > 0.05
+    assert (heard > 0.05).sum() == loud[: len(heard) + session.input_skipped].sum()  # every loud frame heard
+    assert backlogs[: session.CATCH_UP_WINDOW - 1] == [10] * (session.CATCH_UP_WINDOW - 1)  # a second's patience first
+
+
+def test_nothing_is_quiet_in_a_steady_sound():
+    """A steady tone (or a long stretch of talk without a pause) has no quiet frames: a backlog under it stays."""
+    scheduler = Scheduler(SilenceModel(), use_thread=False)
+    session = scheduler.open_session()
+    scheduler.join(session)
+    t = np.arange(640 * 200) / 16_000
+    tone = (0.2 * np.sin(2 * np.pi * 220 * t)).astype(np.float32).reshape(200, 640)
+
+    async def main():
+        await session.input.put(tone[:8].reshape(-1))
+        for i in range(8, 200):
+            await session.input.put(tone[i])
+            await scheduler.tick()
+
+    asyncio.run(main())
+    assert session.input_skipped == 0 and len(session.input) == 8 * 640
+
+
 class SlowOnce(SilenceModel):
     """Stalls once for ``stall`` seconds at step ``at``."""
 
