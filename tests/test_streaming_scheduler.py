@@ -13,6 +13,8 @@ from speechlm.codec.model import Codec
 from speechlm.streaming.models import EchoCodecModel, SilenceModel, concat_states, select_rows, state_batch_size
 from speechlm.streaming.scheduler import InputBuffer, OutputFrame, OutputQueue, Scheduler
 
+from .test_streaming_browser import HearingLoopback
+
 TINY = {**TINY_ARCHITECTURE, "num_quantizers": 2, "codebook_size": 32}
 
 
@@ -184,24 +186,12 @@ def _talk(frames: int, seed: int = 0) -> np.ndarray:
     return out.astype(np.float32)
 
 
-class Hearing(SilenceModel):
-    """Silence out; keeps each frame it heard."""
-
-    def __init__(self):
-        super().__init__()
-        self.heard: list[np.ndarray] = []
-
-    def step(self, user_pcm, state):
-        self.heard.append(user_pcm[0].numpy().copy())
-        return super().step(user_pcm, state)
-
-
 @pytest.mark.parametrize("catch_up", [True, False])
 def test_a_stalls_backlog_drains_in_the_pauses(catch_up):
     """The user's audio arrives a frame a tick, but a stall left 10 frames waiting: with catch_up the backlog is drained
     by skipping quiet frames (the noise between the talk), never a loud one, down to CATCH_UP_FRAMES; without it the
     10 frames of delay stay."""
-    model = Hearing()
+    model = HearingLoopback()
     scheduler = Scheduler(model, use_thread=False)
     session = scheduler.open_session()
     session.catch_up = catch_up
