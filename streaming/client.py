@@ -35,6 +35,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from ..codec.errors import SpeechLMError
 from . import protocol
+from .catchup import CatchUp, rms
 from .protocol import Audio, Control, Error, ErrorCode, Handshake, Metadata, Text
 
 log = logging.getLogger(__name__)
@@ -456,23 +457,34 @@ class PlaybackBuffer:
     """Thread-safe jitter buffer between network frames and a sound card callback.
 
     Playback starts once ``prebuffer`` samples are queued; on underrun it plays silence
-    and waits for ``prebuffer`` again; beyond ``max_samples`` the oldest samples go.
+    and waits for ``prebuffer`` again; beyond ``max_samples`` the oldest samples go. With ``catch_up``
+    (the default) a backlog beyond the prebuffer that lasts a second — the model's audio
+    held back by a network stall, then delivered at once — is drained by dropping quiet frames as they come
+    (:class:`~speechlm.streaming.catchup.CatchUp`), so that the stall's delay does not stay.
     """
 
-    def __init__(self, prebuffer: int = 1280, max_samples: int = 16_000):
-        self.prebuffer, self.max_samples = prebuffer, max_samples
+    def __init__(self, prebuffer: int = 1280, max_samples: int = 16_000, catch_up: bool = True, frame_length: int = 640):
+        self.prebuffer, self.max_samples, self.frame_length = prebuffer, max_samples, frame_length
         self._chunks: collections.deque[np.ndarray] = collections.deque()
         self._size = 0
         self._playing = False
         self._lock = threading.Lock()
+        self._drain = CatchUp(cushion=-(-prebuffer // frame_length)) if catch_up else None  # drained to the prebuffer
         self.underruns = 0
         self.dropped = 0
 
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def skipped(self) -> int:
+        """Quiet frames dropped to drain a backlog."""
+        return self._drain.skipped if self._drain is not None else 0
+
     def push(self, pcm: np.ndarray) -> None:
         with self._lock:
+            if self._playing and self._drain is not None and self._drain.skip(rms(pcm), self._size // self.frame_length):
+                return
             self._chunks.append(np.asarray(pcm, dtype=np.float32))
             self._size += len(pcm)
             while self._size > self.max_samples:
@@ -506,6 +518,8 @@ class PlaybackBuffer:
             if filled < n:
                 self.underruns += 1
                 self._playing = False
+                if self._drain is not None:
+                    self._drain.underrun()
         return out
 
 
@@ -555,7 +569,7 @@ async def stream_microphone(
         rate, frame = client.sample_rate, client.frame_length
         canceller = echo_canceller(echo_cancel, rate)
         captured: asyncio.Queue[np.ndarray] = asyncio.Queue(maxsize=50)
-        playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate)
+        playback = PlaybackBuffer(prebuffer=2 * frame, max_samples=rate, frame_length=frame)
         result = Conversation(np.zeros(0, np.float32), rate, server=client.server_config)
         received: list[np.ndarray] = []
         replies = ClientReplies(client, reply)

@@ -17,7 +17,8 @@ Memory per session is bounded on both sides:
   tick is kept (the model hears silence for that tick, then the audio a frame late),
   so a network stall leaves a backlog: with ``catch_up`` (the default) a backlog that
   lasts (more than ``CATCH_UP_FRAMES`` frames through a whole second) is drained by
-  skipping quiet frames, one a tick, so that the delay a stall added does not stay;
+  skipping quiet frames, one a tick (``catchup.CatchUp``), so that the delay a stall
+  added does not stay;
 * output: :class:`OutputQueue` holds at most ``output_seconds`` of frames; when a
   reader is slower than real time the **oldest** frames are dropped and counted
   (late audio is worthless in a conversation; the newest is what the user should hear).
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .catchup import CatchUp, rms
 from .models import DuplexModel, TextPiece, grow_state, shrink_state
 from .protocol import SAY_ENDS
 from .window import TimedWindow
@@ -171,11 +173,7 @@ class StreamSession:
     """One user's place in the scheduler: jitter buffer in, bounded queue out, counters."""
 
     _ids = itertools.count(1)
-    CATCH_UP_FRAMES = 1  # a backlog above this many frames through a whole window is drained (to this: 40 ms of cushion)
-    CATCH_UP_WINDOW = 25  # ticks (1 s at 40 ms)
-    LEVEL_FRAMES = 250  # recent frames whose levels give the session's noise floor (10 s)
-    QUIET_OVER_FLOOR = 2.0  # a frame at most this many times the noise floor's RMS is quiet (skippable) ...
-    CONTRAST = 4.0  # ... when the recent frames' loud end (90th percentile) is this many times the floor (else nothing is)
+    CATCH_UP_FRAMES = 1  # a lasting input backlog is drained to this many frames (40 ms of cushion)
 
     def __init__(self, frame_length: int, sample_rate: int, input_seconds: float = 2.0, output_seconds: float = 2.0):
         self.id = next(self._ids)
@@ -194,36 +192,24 @@ class StreamSession:
         self.says: list[tuple[str, Any]] = []  # texts for the model to say, (text, id), handed to it at the next tick in the batch
         self.says_handed: list[Any] = []  # the ids of says handed to the model whose end (done, interrupted, dropped) it has not reported
         self.catch_up = True  # drain a lasting input backlog in quiet frames (HANDSHAKE "catch_up")
-        self.input_skipped = 0  # quiet frames skipped to drain a backlog
-        self._backlogs: collections.deque[int] = collections.deque(maxlen=self.CATCH_UP_WINDOW)  # frames buffered at each tick
-        self._levels: collections.deque[float] = collections.deque(maxlen=self.LEVEL_FRAMES)  # RMS of recent frames
+        self._drain = CatchUp(cushion=self.CATCH_UP_FRAMES)
 
     def next_frame(self) -> np.ndarray | None:
-        """The user's next frame for this tick (None: it has not arrived). With ``catch_up``, when more than
-        CATCH_UP_FRAMES frames have stayed buffered through the last CATCH_UP_WINDOW ticks and the next frame is quiet
-        (:meth:`is_quiet`), it is skipped and the one after it taken: a stall's backlog drains in the user's pauses."""
+        """The user's next frame for this tick (None: it has not arrived). With ``catch_up``, a quiet frame is skipped
+        (the one after it taken) while a backlog of more than CATCH_UP_FRAMES has lasted a second
+        (:class:`~speechlm.streaming.catchup.CatchUp`): a stall's backlog drains in the user's pauses."""
         frame = self.input.read(self.frame_length)
         if frame is None:
-            self._backlogs.clear()  # an underrun: no backlog to drain
+            self._drain.underrun()
             return None
-        level = float(np.sqrt(np.mean(frame * frame)))
-        self._levels.append(level)
-        backlog = len(self.input) // self.frame_length
-        self._backlogs.append(backlog)
-        if (self.catch_up and len(self._backlogs) == self.CATCH_UP_WINDOW and min(self._backlogs) > self.CATCH_UP_FRAMES
-                and self.is_quiet(level)):  # fmt: skip
-            self.input_skipped += 1
-            self._backlogs = collections.deque((b - 1 for b in self._backlogs), maxlen=self.CATCH_UP_WINDOW)
+        if self.catch_up and self._drain.skip(rms(frame), len(self.input) // self.frame_length):
             return self.input.read(self.frame_length)
         return frame
 
-    def is_quiet(self, level: float) -> bool:
-        """Whether a frame of RMS ``level`` is quiet for this session: near the noise floor of its recent frames (their
-        5th percentile, at least 1e-4), where the recent frames have contrast (their 90th percentile well above that
-        floor: a steady sound, a tone or a long stretch of talk without a pause, has nothing quiet in it)."""
-        floor, loud = np.percentile(self._levels, [5, 90])
-        floor = max(1e-4, float(floor))
-        return level <= self.QUIET_OVER_FLOOR * floor and loud >= self.CONTRAST * floor
+    @property
+    def input_skipped(self) -> int:
+        """Quiet frames skipped to drain a backlog."""
+        return self._drain.skipped
 
     @property
     def says_open(self) -> int:

@@ -144,8 +144,33 @@ const out = [];
 for (let q = 0; q < 48000 / 128; q++) { const o = new Float32Array(128); playback.process([], [[o]]); out.push(...o); }
 let playedPeak = 0, playedCrossings = 0, nonzero = 0;
 for (let i = 1; i < out.length; i++) { if (out[i - 1] < 0 && out[i] >= 0) playedCrossings++; playedPeak = Math.max(playedPeak, Math.abs(out[i])); if (out[i] !== 0) nonzero++; }
+// a stall: 12 s of talk (0.2, 12 frames) and room noise (13 frames) in real time, frames 100-109 held back and
+// delivered with frame 110; with the catch-up on and off
+function stalled(catchUp) {
+  const p = new registry["playback-processor"]({ processorOptions: { prebufferMs: 80, maxBufferMs: 2000, catchUp } });
+  const skippedLevels = [];
+  if (p.catchUp) {
+    const skip = p.catchUp.skip.bind(p.catchUp);
+    p.catchUp.skip = (level, backlog) => { const s = skip(level, backlog); if (s) skippedLevels.push(level); return s; };
+  }
+  let seed = 1;
+  const rand = () => (seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648 - 0.5;
+  const deliver = (pcm) => p.port.onmessage({ data: { type: "audio", pcm } });
+  const held = [], backlogMs = [];
+  for (let k = 0; k < 300; k++) {
+    const chunk = new Float32Array(640);
+    for (let i = 0; i < 640; i++) chunk[i] = 0.004 * rand() + (k % 25 < 12 ? 0.2 * Math.sin((2 * Math.PI * 180 * (k * 640 + i)) / 16000) : 0);
+    if (k >= 100 && k < 110) held.push(chunk);
+    else { held.splice(0).forEach(deliver); deliver(chunk); }
+    for (let q = 0; q < 15; q++) p.process([], [[new Float32Array(128)]]); // 40 ms at 48 kHz
+    backlogMs.push((1000 * p.size) / 16000);
+  }
+  return { before: backlogMs[99], after: backlogMs[111], end: backlogMs[299], skipped: skippedLevels.length,
+           loudestSkipped: Math.max(0, ...skippedLevels), underruns: p.underruns };
+}
 console.log(JSON.stringify({ frames: frames.length, frameLength: frames[0].length, crossingsPerSecond: crossings / (pcm.length / 16000), peak,
-  playedPeak, playedCrossings, playedSeconds: nonzero / 48000, underruns: playback.underruns }));
+  playedPeak, playedCrossings, playedSeconds: nonzero / 48000, underruns: playback.underruns,
+  stall: stalled(true), stallOff: stalled(false) }));
 """
 
 
@@ -161,6 +186,41 @@ def test_page_scripts_parse_and_worklets_resample(tmp_path):
     assert abs(r["crossingsPerSecond"] - 440) < 5 and 0.45 * 32767 < r["peak"] < 0.52 * 32767
     assert 0.45 < r["playedSeconds"] < 0.5 and r["underruns"] == 1  # 0.48 s played, then it ran dry once
     assert 140 <= r["playedCrossings"] <= 146 and 0.23 < r["playedPeak"] <= 0.25  # 300 Hz at 48 kHz
+    # a 0.4 s stall's backlog: drained in the room noise between the talk down to the prebuffer (the
+    # server's rule, streaming/catchup.py), no loud frame dropped; without the catch-up it stays
+    stall, off = r["stall"], r["stallOff"]
+    assert stall["before"] <= 80 and stall["after"] >= 400 and stall["end"] <= 80 + 40, stall
+    assert stall["skipped"] == round((stall["after"] - stall["end"]) / 40) and stall["loudestSkipped"] < 0.01, stall
+    assert off["end"] >= 400 and off["skipped"] == 0 and stall["underruns"] == off["underruns"], off
+
+
+@pytest.mark.parametrize("catch_up", [True, False])
+def test_playback_buffer_drains_a_stalls_backlog_in_the_quiet(catch_up):
+    """The Python client's playback (``--mic``): the model's audio held back 0.4 s by a stall, then delivered at once,
+    is drained in its quiet frames down to the prebuffer (the server's rule), no loud frame dropped; off, it stays."""
+    from speechlm.streaming.client import PlaybackBuffer
+
+    rng = np.random.default_rng(0)
+    t = np.arange(640) / 16_000
+    buffer = PlaybackBuffer(prebuffer=1280, max_samples=32_000, catch_up=catch_up)
+    held, backlog_ms, played = [], [], []
+    for k in range(300):
+        chunk = (0.004 * rng.standard_normal(640) + (0.2 * np.sin(2 * np.pi * 180 * (t + k * 0.04)) if k % 25 < 12 else 0)).astype(np.float32)
+        if 100 <= k < 110:
+            held.append(chunk)
+        else:
+            for c in [*held, chunk]:
+                buffer.push(c)
+            held.clear()
+        played.append(buffer.pull(640))
+        backlog_ms.append(1000 * len(buffer) / 16_000)
+    loud_played = sum(float(np.sqrt(np.mean(p**2))) > 0.05 for p in played)
+    assert backlog_ms[99] <= 40 and backlog_ms[111] >= 400
+    assert loud_played == sum(k % 25 < 12 for k in range(300))  # every loud frame played (those still queued are quiet)
+    if catch_up:
+        assert backlog_ms[-1] == 80 and buffer.skipped == 8
+    else:
+        assert backlog_ms[-1] >= 400 and buffer.skipped == 0
 
 
 def test_serve_main_refuses_an_open_bind_without_token():

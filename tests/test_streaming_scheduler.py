@@ -10,6 +10,7 @@ import torch
 
 from speechlm.codec.config import TINY_ARCHITECTURE, CodecConfig
 from speechlm.codec.model import Codec
+from speechlm.streaming.catchup import WINDOW
 from speechlm.streaming.models import EchoCodecModel, SilenceModel, concat_states, select_rows, state_batch_size
 from speechlm.streaming.scheduler import InputBuffer, OutputFrame, OutputQueue, Scheduler
 
@@ -218,7 +219,7 @@ def test_a_stalls_backlog_drains_in_the_pauses(catch_up):
     assert session.stats()["input_skipped"] == session.input_skipped
     loud = levels > 0.05
     assert (heard > 0.05).sum() == loud[: len(heard) + session.input_skipped].sum()  # every loud frame heard
-    assert backlogs[: session.CATCH_UP_WINDOW - 1] == [10] * (session.CATCH_UP_WINDOW - 1)  # a second's patience first
+    assert backlogs[: WINDOW - 1] == [10] * (WINDOW - 1)  # a second's patience first
 
 
 def test_nothing_is_quiet_in_a_steady_sound():

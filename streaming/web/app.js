@@ -51,6 +51,7 @@ const state = {
     rttMs: null,
     playbackMs: 0,
     playbackUnderruns: 0,
+    playbackSkippedMs: 0, // quiet model audio dropped to drain a stall's backlog (the worklet's catch-up)
     server: {},
     transcripts: { user: "", model: "" },
     errors: [],
@@ -95,6 +96,7 @@ async function connect() {
     state.playback.port.onmessage = (event) => {
       state.stats.playbackMs = event.data.bufferedMs;
       state.stats.playbackUnderruns = event.data.underruns;
+      state.stats.playbackSkippedMs = event.data.skippedMs || 0;
       render();
     };
     state.playback.connect(state.context.destination);
@@ -339,7 +341,7 @@ function render() {
   const frameMs = (1000 * FRAME_LENGTH) / WIRE_RATE;
   const queueMs = (server.output_queue_frames || 0) * frameMs;
   $("rtt").textContent = s.rttMs === null ? "–" : `${s.rttMs.toFixed(1)} ms`;
-  $("playback").textContent = `${s.playbackMs.toFixed(0)} ms (underruns ${s.playbackUnderruns})`;
+  $("playback").textContent = `${s.playbackMs.toFixed(0)} ms (underruns ${s.playbackUnderruns}, caught up ${s.playbackSkippedMs.toFixed(0)} ms)`;
   $("server-queue").textContent = `${queueMs.toFixed(0)} ms, dropped ${server.dropped_frames || 0} frames`;
   $("server-input").textContent = `${server.input_ms ?? "–"} ms, underruns ${server.underruns ?? "–"}`;
   $("server-step").textContent = server.server_step_ms_p50 == null ? "–" : `${server.server_step_ms_p50} ms (batch ${server.server_batch})`;

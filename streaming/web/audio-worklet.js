@@ -4,9 +4,61 @@
 //                     -> Int16 frames of `frameLength` samples, posted to the page (transferred).
 // playback-processor: 16 kHz Float32 chunks from the page -> jitter buffer -> linear upsampling
 //                     to the context rate. Starts after `prebufferMs`, plays silence and
-//                     re-buffers on underrun, drops the oldest audio beyond `maxBufferMs`.
+//                     re-buffers on underrun, drops the oldest audio beyond `maxBufferMs`, and
+//                     drains a lasting backlog (a network stall's) by dropping quiet frames as
+//                     they come (`catchUp`, on unless false: CatchUp below).
 
 const WIRE_RATE = 16000;
+const FRAME = 640; // the wire's 40 ms frame
+
+// numpy's percentile (linear interpolation) of an ascending array
+function percentile(sorted, p) {
+  const at = (p / 100) * (sorted.length - 1);
+  const low = Math.floor(at);
+  const high = Math.min(low + 1, sorted.length - 1);
+  return sorted[low] + (sorted[high] - sorted[low]) * (at - low);
+}
+
+// Drains a lasting backlog in the quiet, the same rule as the server's (streaming/catchup.py): when more than
+// `cushion` frames have stayed queued through `window` frames (a second), a quiet frame may go, one a frame. Quiet:
+// at most twice the noise floor (5th percentile of the last 250 frames' RMS, at least 1e-4), where their 90th
+// percentile is at least four times the floor (a steady sound has nothing quiet in it).
+class CatchUp {
+  constructor(cushion, window = 25) {
+    this.cushion = cushion;
+    this.window = window;
+    this.backlogs = [];
+    this.levels = [];
+    this.skipped = 0;
+  }
+
+  skip(level, backlog) {
+    this.levels.push(level);
+    if (this.levels.length > 250) this.levels.shift();
+    this.backlogs.push(backlog);
+    if (this.backlogs.length > this.window) this.backlogs.shift();
+    if (this.backlogs.length < this.window || Math.min(...this.backlogs) <= this.cushion || !this.isQuiet(level)) return false;
+    this.skipped++;
+    this.backlogs = this.backlogs.map((b) => b - 1); // one frame less now
+    return true;
+  }
+
+  underrun() {
+    this.backlogs = [];
+  }
+
+  isQuiet(level) {
+    const sorted = Float64Array.from(this.levels).sort();
+    const floor = Math.max(1e-4, percentile(sorted, 5));
+    return level <= 2 * floor && percentile(sorted, 90) >= 4 * floor;
+  }
+}
+
+function rms(pcm) {
+  let sum = 0;
+  for (let i = 0; i < pcm.length; i++) sum += pcm[i] * pcm[i];
+  return pcm.length ? Math.sqrt(sum / pcm.length) : 0;
+}
 
 // Windowed-sinc low-pass (Hamming), cutoff as a fraction of the sample rate.
 function lowpass(cutoff, taps) {
@@ -98,10 +150,16 @@ class PlaybackProcessor extends AudioWorkletProcessor {
     this.position = 1;
     this.underruns = 0;
     this.dropped = 0;
+    this.skippedSamples = 0;
+    this.catchUp = o.catchUp === false ? null : new CatchUp(Math.ceil(this.prebuffer / FRAME)); // to the prebuffer
     this.lastReport = 0;
     this.port.onmessage = (event) => {
       const data = event.data;
       if (data.type === "audio") {
+        if (this.playing && this.catchUp && this.catchUp.skip(rms(data.pcm), Math.floor(this.size / FRAME))) {
+          this.skippedSamples += data.pcm.length;
+          return;
+        }
         this.chunks.push(data.pcm);
         this.size += data.pcm.length;
         while (this.size > this.maxBuffer && this.chunks.length > 1) {
@@ -146,6 +204,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         if (sample === null) {
           this.underruns++;
           this.playing = false;
+          if (this.catchUp) this.catchUp.underrun();
           break;
         }
         this.previous = this.current;
@@ -163,6 +222,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         bufferedMs: (1000 * this.size) / WIRE_RATE,
         underruns: this.underruns,
         droppedMs: (1000 * this.dropped) / WIRE_RATE,
+        skippedMs: (1000 * this.skippedSamples) / WIRE_RATE,
       });
     }
     return true;
