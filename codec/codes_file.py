@@ -96,6 +96,8 @@ class CodesFile:
             raise SpeechLMError(f"{name} was coded with code prior {fingerprint.hex()}; this codec's is {prior.fingerprint[:8]}: decode with the codec that encoded it")
         if width < 1 or codebook_size != prior.codebook_size:
             raise SpeechLMError(f"{name} has a corrupt header: {width} codes a frame of {codebook_size}")
+        if frames * width > 64 * (8 * (len(data) - start) + 64):  # no code costs under 1/64 bit with 16-bit tables
+            raise SpeechLMError(f"{name} has a corrupt header: {frames} frames in {len(data) - start} bytes")
         codes = decompress_codes(data[start:], frames, width, prior)
         if _codes_crc(codes) != crc:
             raise SpeechLMError(f"{name} is corrupt: its codes do not match their checksum")

@@ -323,7 +323,7 @@ class OggOpusReader:
                 if not packet.startswith(b"OpusTags"):
                     raise OpusError("an OpusHead must be followed by OpusTags")
                 self._headers = 2
-            else:
+            elif packet:  # (an empty packet would be decoded as a lost one: 120 ms of made-up sound)
                 pcm = self._decoder.decode(packet)
                 if self._skip:
                     dropped = min(self._skip, len(pcm))

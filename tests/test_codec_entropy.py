@@ -73,6 +73,16 @@ def test_codec_keeps_its_prior_and_slc_round_trips(tmp_path):
         CodesFile.load(tmp_path / "bad.slc", prior=loaded.code_prior)
     with pytest.raises(SpeechLMError, match="no code prior"):
         f.save(tmp_path / "x.slc", prior=None)
+    # a header that claims far more frames than its bytes can hold is refused at once (no endless decoding)
+    good = (tmp_path / "c.slc").read_bytes()
+    size = good[4]
+    fields = good[5 + size :]
+    lying = good[: 5 + size] + fields[:8] + (4_000_000_000).to_bytes(4, "little") + fields[12:]
+    with pytest.raises(SpeechLMError, match="corrupt header"):
+        CodesFile.from_slc(lying, loaded.code_prior)
+    for cut in (3, 10, 5 + size + 5):
+        with pytest.raises(SpeechLMError):
+            CodesFile.from_slc(good[:cut], loaded.code_prior)
 
 
 def test_cli_fit_prior_then_encode_slc(cli_here, tmp_path):

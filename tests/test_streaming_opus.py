@@ -4,6 +4,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from speechlm.streaming import opus, protocol
 from speechlm.streaming.protocol import ProtocolError
@@ -146,3 +148,34 @@ def test_wire_uses_libopus_and_sphn_when_asked(monkeypatch):
     monkeypatch.setenv(protocol.OPUS_BACKEND_ENV, "vorbis")
     with pytest.raises(ProtocolError, match="must be one of libopus, sphn"):
         protocol.OpusWire()
+
+
+_STREAM = opus.OggOpusWriter(16_000, serial=3).write(_speechlike(0.4, seed=5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, len(_STREAM) - 1), st.integers(0, 255), st.booleans())
+def test_fuzzed_streams_are_read_or_refused_never_crash(noise, at, value, recrc):
+    """Random bytes, and a valid stream with one byte changed (its page's CRC made right again, so that the change
+    reaches the parser and libopus): pcm or an OpusError, nothing else."""
+    for data in (noise, b"OggS" + noise):
+        try:
+            opus.OggOpusReader(16_000).read(data)
+        except opus.OpusError:
+            pass
+    mutated = bytearray(_STREAM)
+    mutated[at] = value
+    if recrc:  # the page holding the change gets its checksum recomputed
+        start = bytes(mutated).rfind(b"OggS", 0, at + 1)
+        if start >= 0 and len(mutated) >= start + 27:
+            end = start + 27 + mutated[start + 26] + sum(mutated[start + 27 : start + 27 + mutated[start + 26]])
+            page = bytearray(mutated[start:end])
+            if len(page) >= 27:
+                page[22:26] = bytes(4)
+                page[22:26] = opus.ogg_crc(bytes(page)).to_bytes(4, "little")
+                mutated[start:end] = page
+    try:
+        pcm = opus.OggOpusReader(16_000).read(bytes(mutated))
+        assert pcm.dtype == np.float32 and np.isfinite(pcm).all()
+    except opus.OpusError:
+        pass
