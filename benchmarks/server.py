@@ -63,6 +63,7 @@ def main() -> None:
                     help="clients connect one every this many seconds (with --admit-load: each admitted or refused on the load before it)")
     ap.add_argument("--gate-detector", default="vad-en",
                     help="--model duplex: the noise gate's speech detector (speechlm serve --gate-detector; 'none' = the level alone, as before 2026-12-07)")
+    ap.add_argument("--no-catch-up", action="store_true", help="the clients' HANDSHAKE turns the input backlog's catch-up off")
     ap.add_argument("--out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -95,7 +96,8 @@ def main() -> None:
     loads = []
     for n in [int(x) for x in args.sessions.split(",")]:
         result = asyncio.run(measure_load(model, n, seconds=args.seconds, clients_per_process=args.clients_per_process, speech=speech,
-                                          stagger=args.stagger, admit_load=args.admit_load))
+                                          stagger=args.stagger, admit_load=args.admit_load,
+                                          handshake={"catch_up": False} if args.no_catch_up else None))
         print("load", result, flush=True)
         loads.append(result)
     held = [r["sessions"] for r in loads if r["held"]]

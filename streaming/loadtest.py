@@ -83,19 +83,20 @@ LISTS = ("first_audio_ms", "reply_onset_ms")
 
 
 async def _one_client(
-    url: str, seconds: float, frame_seconds: float, payloads: list[bytes], stats: dict, offset: int = 0, question_end: int | None = None
+    url: str, seconds: float, frame_seconds: float, payloads: list[bytes], stats: dict, offset: int = 0, question_end: int | None = None,
+    handshake: dict | None = None,
 ) -> None:
     """One session: send ``payloads`` on a loop at real-time pace from ``offset``. With ``question_end``
     (the loop index of the first frame after the spoken question), time each reply: from sending
     that frame to the first audible frame back (``reply_onset_ms``; none before the next question
-    starts = ``no_reply``)."""
+    starts = ``no_reply``). ``handshake``: more HANDSHAKE fields (e.g. ``catch_up``)."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
-    handshake = protocol.encode(protocol.Handshake({"version": protocol.VERSION, "client": "loadtest", "metadata_interval": 0}))
+    hello = protocol.encode(protocol.Handshake({"version": protocol.VERSION, "client": "loadtest", "metadata_interval": 0, **(handshake or {})}))
     async with connect(url, compression=None, max_queue=64) as ws:
         try:
-            await ws.send(handshake)
+            await ws.send(hello)
         except ConnectionClosed:
             pass  # a server that refuses a session says why first, and closes: its ERROR is still to be read
         reply = protocol.decode(await ws.recv())
@@ -147,7 +148,7 @@ async def _one_client(
 
 
 def _generator(url: str, sessions: int, seconds: float, frame_length: int, sample_rate: int, out, speech: np.ndarray | None = None, seed: int = 0,
-               stagger: float = 0.0, first: int = 0) -> None:
+               stagger: float = 0.0, first: int = 0, handshake: dict | None = None) -> None:
     """``sessions`` clients for ``seconds``; with ``stagger``, client k (counted from ``first``, this process's first
     client among all processes') connects k * stagger seconds after the first of all (and all end together)."""
     async def main() -> dict:
@@ -166,7 +167,7 @@ def _generator(url: str, sessions: int, seconds: float, frame_length: int, sampl
         async def guarded(offset: int, k: int) -> None:
             await asyncio.sleep(k * stagger)
             try:
-                await _one_client(url, seconds - k * stagger, frame_length / sample_rate, payloads, stats, offset, question_end)
+                await _one_client(url, seconds - k * stagger, frame_length / sample_rate, payloads, stats, offset, question_end, handshake)
             except Exception:
                 stats["failed"] += 1
 
@@ -189,7 +190,7 @@ def _merge(parts: list[dict]) -> dict:
 
 async def measure_load(
     model: DuplexModel, sessions: int, seconds: float = 5.0, warmup: float = 1.0, clients_per_process: int = 64,
-    speech: np.ndarray | None = None, stagger: float = 0.0, admit_load: float | None = None,
+    speech: np.ndarray | None = None, stagger: float = 0.0, admit_load: float | None = None, handshake: dict | None = None,
 ) -> dict[str, Any]:
     """Hold ``sessions`` clients for ``warmup + seconds``; the numbers cover the last ``seconds``.
 
@@ -198,7 +199,8 @@ async def measure_load(
     (16 kHz float32) on a loop, each client from a random point in it. ``admit_load``: the server's load-based
     admission (``ServerConfig.admit_load``; default off: a load test overloads on purpose); with ``stagger`` the
     clients connect one every ``stagger`` seconds, so that each is admitted or refused on the load of those
-    before it (``admitted``, ``refused``), and the window starts ``warmup`` after the last."""
+    before it (``admitted``, ``refused``), and the window starts ``warmup`` after the last. ``handshake``: more
+    HANDSHAKE fields for every client (e.g. ``{"catch_up": False}``)."""
     config = ServerConfig(port=0, max_sessions=sessions, idle_timeout=60, admit_load=admit_load)
     async with DuplexServer(model, config) as server:
         rss_before = _rss_mb()
@@ -209,7 +211,8 @@ async def measure_load(
         processes = [
             context.Process(
                 target=_generator,
-                args=(server.url, n, ramp + warmup + seconds, model.frame_length, model.sample_rate, queue, speech, k, stagger, sum(counts[:k])),
+                args=(server.url, n, ramp + warmup + seconds, model.frame_length, model.sample_rate, queue, speech, k, stagger, sum(counts[:k]),
+                      handshake),
                 daemon=True,
             )
             for k, n in enumerate(counts)
@@ -235,6 +238,7 @@ async def measure_load(
         steps_ms = np.asarray(stats.step_seconds) * 1000
         sessions_now = [c.session for c in server.connections if c.session is not None]
         underruns = sum(s.underruns for s in sessions_now)
+        input_skipped = sum(s.input_skipped for s in sessions_now)
         dropped = sum(s.output.dropped for s in sessions_now)
         rss_after = _rss_mb()
         refusals = {key: n for key, n in server.counters.items() if key.startswith("rejected")}
@@ -252,6 +256,7 @@ async def measure_load(
         "step_ms_p99": round(float(np.percentile(steps_ms, 99)), 2) if len(steps_ms) else None,
         "step_budget_used_p50": round(float(np.percentile(steps_ms, 50)) / frame_ms, 3) if len(steps_ms) else None,
         "server_underruns": underruns,
+        "server_input_skipped": input_skipped,  # quiet frames skipped to drain backlogs (the sessions' catch-up)
         "server_dropped": dropped,
         "client_late_sends": clients["client_late_sends"],
         "client_failed": clients["failed"],
