@@ -7,9 +7,9 @@ last frame) and ``codec_id`` (the architecture that made the codes).  Decoding c
 made by another codec architecture is refused with a clear error.
 
 ``.slc`` holds the same, the codes arithmetic-coded with the codec's code prior (``codec.entropy``): ``SLC\x01``,
-a u32 length and a JSON header (the fields above, ``frames``, ``width``, ``prior``: the table's fingerprint, and
-``crc32`` of the codes), then the coded codes. It is the size the bitrate says, or less: the codes' real
-information, not 16 bits each.
+the codec id (u8 length, UTF-8), then little-endian ``sample_rate`` u32, ``frame_rate`` u16, ``codebook_size`` u16,
+frames u32, codes a frame u8, ``num_samples`` u32, the prior's fingerprint (4 bytes) and a CRC-32 of the codes (u32)
+— 57 bytes for ``codec-16k`` — then the coded codes: about the codes' information, not 16 bits each.
 """
 
 from __future__ import annotations

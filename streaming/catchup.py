@@ -53,4 +53,6 @@ class CatchUp:
 
 
 def rms(pcm: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(np.square(pcm, dtype=np.float64)))) if len(pcm) else 0.0
+    """RMS of a 1-D frame (a dot product: ~1 us for 640 samples, paid per session per tick)."""
+    pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+    return float(np.sqrt(np.dot(pcm, pcm) / len(pcm))) if len(pcm) else 0.0

@@ -11,6 +11,7 @@ import torch
 
 from speechlm.codec.audio import save_audio
 from speechlm.codec.config import TINY_ARCHITECTURE
+from speechlm.codec.entropy import CodePrior
 from speechlm.codec.model import Codec
 from speechlm.training.codec_train import CodecTrainConfig, CodecTrainer
 
@@ -98,6 +99,10 @@ def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
     """--decoder-only: encoder and codebooks frozen (the codes, and the LMs trained on them, stay valid), decoder trained."""
     CodecTrainer(_config(audio_dir, tmp_path / "a", steps=3)).train(progress=False)
     start = Codec.from_pretrained(tmp_path / "a" / "model")
+    assert start.code_prior is None  # (a codec trained from scratch has none until fitted)
+    start.code_prior = CodePrior(np.arange(start.config.codes_per_frame * start.config.codebook_size).reshape(start.config.codes_per_frame, -1) % 7,
+                                 start.codec_id, start.config.groups)
+    start.save_pretrained(tmp_path / "a" / "model")
     trainer = CodecTrainer(_config(audio_dir, tmp_path / "b", steps=4, disc_start=2, init_from=str(tmp_path / "a" / "model"), decoder_only=True,
                                    envelope_weight=1.0))
     trainer.train(progress=False)
@@ -109,6 +114,7 @@ def test_decoder_only_keeps_the_codes(audio_dir, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder.")), "the decoder trains"
     wav = torch.from_numpy(np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1)[None]
     assert torch.equal(start.encode(wav), tuned.encode(wav))
+    assert tuned.code_prior.fingerprint == start.code_prior.fingerprint  # the same codes: the code prior (.slc) carried over
     rows = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and "adv" in rows[-1] and 0 < rows[-1]["envelope"] < 2
 

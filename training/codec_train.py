@@ -147,6 +147,8 @@ class CodecTrainer:
             if start.codec_id != self.codec.codec_id:
                 raise SpeechLMError(f"--init-from {config.init_from} is codec {start.codec_id}, but this run builds {self.codec.codec_id}")
             self.codec.load_state_dict(start.state_dict())
+        if config.decoder_only:  # the same codes: the starting codec's code prior (.slc files) stays valid for the new model
+            self.codec.code_prior = Codec.from_pretrained(config.init_from).code_prior
         if self.world_size > 1:
             self.codec_ddp = DistributedDataParallel(self.trained)
             self.disc_ddp = DistributedDataParallel(self.disc)
