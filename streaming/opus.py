@@ -23,6 +23,7 @@ import numpy as np
 
 OPUS_RATE = 48_000  # Ogg/Opus counts granule positions and pre-skip at 48 kHz whatever the coded rate
 PACKET_MS = 40
+DEFAULT_COMPLEXITY = 5  # of 10: a third less encoding time than 10 (0.30 vs 0.46 ms a frame), STOI 0.988 vs 0.990
 DEFAULT_BITRATE = 16_000  # bits/s of Opus packets; Ogg's pages add ~5.6 kbit/s at 25 a second (~21 kbit/s on speech)
 MAX_PAGE_BYTES = 27 + 255 + 255 * 255  # header, segment table, body
 VENDOR = b"speechlm"
@@ -32,6 +33,7 @@ _APPLICATION_VOIP = 2048
 _SET_BITRATE = 4002
 _GET_LOOKAHEAD = 4027
 _SET_SIGNAL = 4024
+_SET_COMPLEXITY = 4010
 _SIGNAL_VOICE = 3001
 _MAX_PACKET_BYTES = 4000  # libopus's recommended output buffer
 
@@ -85,7 +87,8 @@ def _check(lib: ctypes.CDLL, code: int, what: str) -> int:
 class OpusEncoder:
     """libopus encoder (VOIP, voice): :meth:`encode` takes exactly one packet's samples, float32 in [-1, 1]."""
 
-    def __init__(self, sample_rate: int = 16_000, bitrate: int = DEFAULT_BITRATE, packet_ms: int = PACKET_MS):
+    def __init__(self, sample_rate: int = 16_000, bitrate: int = DEFAULT_BITRATE, packet_ms: int = PACKET_MS,
+                 complexity: int = DEFAULT_COMPLEXITY):
         lib = _libopus()
         if lib is None:
             raise OpusError("libopus is not installed (Debian: apt-get install libopus0)")
@@ -98,6 +101,7 @@ class OpusEncoder:
         # opus_encoder_ctl is variadic: its int arguments go as C ints
         _check(lib, lib.opus_encoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(_SET_BITRATE), ctypes.c_int32(bitrate)), "set bitrate")
         _check(lib, lib.opus_encoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(_SET_SIGNAL), ctypes.c_int32(_SIGNAL_VOICE)), "set signal")
+        _check(lib, lib.opus_encoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(_SET_COMPLEXITY), ctypes.c_int32(complexity)), "set complexity")
         lookahead = ctypes.c_int32(0)
         _check(lib, lib.opus_encoder_ctl(ctypes.c_void_p(self._state), ctypes.c_int(_GET_LOOKAHEAD), ctypes.byref(lookahead)), "get lookahead")
         self.sample_rate = sample_rate
