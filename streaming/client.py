@@ -749,6 +749,7 @@ def client_main(args: argparse.Namespace) -> int:
         "round_trip_ms": None if rtt_ms is None else round(rtt_ms, 2),
         "dropped_frames": result.stats.get("dropped_frames"),
         "underruns": result.stats.get("underruns"),
+        "input_skipped": result.stats.get("input_skipped"),  # quiet frames the server skipped to drain a backlog
         "errors": [f"{e.code}: {e.message}" for e in result.errors],
         "says": result.says,
         "user_events": result.user_events,

@@ -498,7 +498,7 @@ def test_controls_ping_interrupt_config_stop_start(codec):
     round_trips, config, stats, interrupted, bad = run(main(), timeout=15)
     assert len(round_trips) == 1 and 0 < round_trips[0] < 1.0
     assert config.data == {"type": "config", "metadata_interval": 0.2, "send_text": False}
-    assert {"underruns", "dropped_frames", "output_queue_frames", "server_step_ms_p50"} <= set(stats.data)
+    assert {"underruns", "input_skipped", "dropped_frames", "output_queue_frames", "server_step_ms_p50"} <= set(stats.data)
     assert interrupted.data["flushed_frames"] >= 0
     assert bad.code == "bad_message" and "unknown config option" in bad.message
 
