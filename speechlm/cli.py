@@ -692,11 +692,19 @@ def cmd_codec_eval(args: argparse.Namespace) -> int:
         raise SpeechLMError(f"no audio files ({', '.join(WRITE_FORMATS)}) in {folder}")
     codec = _load_codec(args.model)
     levels = _levels(codec, args.bandwidth)
-    rows = []
+    rows, seconds, slc_bytes = [], 0.0, 0
     for f in files:
         audio = load_audio(f, sample_rate=codec.sample_rate)
-        rows.append({"file": str(f), **all_metrics(audio, decode_codes(codec, encode_audio(codec, audio, levels)), codec.sample_rate)})
+        codes = encode_audio(codec, audio, levels)
+        row = {"file": str(f)}
+        if codec.code_prior is not None:  # what an entropy-coded .slc file of these codes spends
+            row["slc_bytes"] = len(codes.to_slc(codec.code_prior))
+            slc_bytes += row["slc_bytes"]
+            seconds += len(audio) / codec.sample_rate
+        rows.append({**row, **all_metrics(audio, decode_codes(codec, codes), codec.sample_rate)})
     summary = {"files": len(rows), "bitrate": codec.config.bitrate_at(levels or codec.config.num_quantizers), "codec_id": codec.codec_id}
+    if seconds:
+        summary["slc_bitrate"] = round(8 * slc_bytes / seconds)  # the .slc files' real rate (header included)
     for key in ("stoi", "pesq_wb", "si_sdr", "log_mel"):
         values = [r[key] for r in rows if r[key] is not None]
         summary[key] = round(float(np.mean(values)), 4) if values else None

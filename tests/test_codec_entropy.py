@@ -1,5 +1,7 @@
 """Entropy-coded codes (.slc): lossless, as small as the codes' information, bound to the codec and its prior."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,6 @@ def test_cli_fit_prior_then_encode_slc(cli_here, tmp_path):
 
     np.testing.assert_array_equal(load_audio(tmp_path / "c.slc.wav"), load_audio(tmp_path / "c.npz.wav"))
     _one_line_error(cli_here("codec", "fit-prior", "--data", f"dir:{tmp_path / 'audio'}", "--quiet"), "--out is needed")
+    r = cli_here("codec", "eval", str(tmp_path / "audio"), "--model", model)  # eval says what .slc files of the codes spend
+    summary = json.loads(r.stdout)
+    assert r.returncode == 0 and summary["files"] == 3 and 0 < summary["slc_bitrate"] < 2 * summary["bitrate"], r.stdout + r.stderr
