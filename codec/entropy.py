@@ -44,7 +44,9 @@ class CodePrior:
         self.counts = np.asarray(self.counts, dtype=np.int64)
         if self.counts.ndim != 2 or self.counts.shape[0] % self.groups or (self.counts < 0).any():
             raise SpeechLMError(f"a code prior needs non-negative counts (G*R, C) with G = {self.groups}, got {self.counts.shape}")
-        self._cumulative = np.concatenate([np.zeros((len(self.counts), 1), np.int64), np.cumsum(self.frequencies(), axis=1)], axis=1)
+        self._table = self._quantized()  # the counts are fixed from here on: the table, its sums and fingerprint with them
+        self._cumulative = np.concatenate([np.zeros((len(self.counts), 1), np.int64), np.cumsum(self._table, axis=1)], axis=1)
+        self._fingerprint = hashlib.sha256(self._table.astype("<u4").tobytes()).hexdigest()[:12]
 
     @property
     def codebook_size(self) -> int:
@@ -68,6 +70,9 @@ class CodePrior:
 
     def frequencies(self) -> np.ndarray:
         """(codebooks, C) integers >= 1 summing to TOTAL per row, proportional to the counts (add-one smoothed)."""
+        return self._table.copy()
+
+    def _quantized(self) -> np.ndarray:
         smoothed = self.counts.astype(np.float64) + 1.0
         spare = TOTAL - self.codebook_size  # every code gets 1, the rest is shared by count
         if spare < 0:
@@ -81,14 +86,14 @@ class CodePrior:
 
     def bits_per_code(self) -> np.ndarray:
         """(codebooks,) the prior's cross-entropy on its own counts: about what a code of each codebook costs."""
-        f = self.frequencies()
+        f = self._table
         p = self.counts / np.maximum(self.counts.sum(axis=1, keepdims=True), 1)
         return -(p * np.log2(f / TOTAL)).sum(axis=1)
 
     @property
     def fingerprint(self) -> str:
         """12 hex digits of the frequency table: a file names the table it was coded with."""
-        return hashlib.sha256(self.frequencies().astype("<u4").tobytes()).hexdigest()[:12]
+        return self._fingerprint
 
     def columns(self, width: int) -> np.ndarray:
         """The full-width codebook of each of ``width`` columns: all G*R, or the first k levels of each group (G*k)."""
